@@ -1,0 +1,770 @@
+"""Image processor for few-shot semantic segmentation.
+
+Geometry follows the PFENet test protocol (`util/transform.py::test_Resize` and `ori_resize` in `test.py` of
+dvlab-research/PFENet), shared by the PFENet-derived code bases:
+
+1. an image whose longer side exceeds `image_size` is scaled (OpenCV, bilinear) so that its longer side becomes
+   `image_size`, the shorter side `int(short * image_size / long)`, and both sides are then floored to multiples of
+   `size_divisor` (473 -> 472); smaller images keep their size;
+2. the result is placed at the top-left corner of an `image_size x image_size` canvas; masks are scaled with nearest
+   neighbour and padded with the ignore value 255;
+3. pixels are normalised with the ImageNet mean and standard deviation.
+
+Post-processing maps the `image_size x image_size` logits back to the original image: for a resized image the
+logits are scaled to `L x L`, `L = max(h, w)` (bilinear, `align_corners=True`) and cropped to `h x w`, as PFENet's
+`ori_resize` evaluation does; for an image that kept its size the `h x w` corner is cropped directly.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.processing_utils import ImagesKwargs
+
+__all__ = ["FewShotSegmentationImageProcessor", "FewShotSegmentationImageProcessorKwargs", "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255
+"""Mask value of pixels that are neither target nor background (padding, object borders)."""
+
+_CV2_INTERPOLATION = {
+    PILImageResampling.NEAREST: cv2.INTER_NEAREST,
+    PILImageResampling.BILINEAR: cv2.INTER_LINEAR,
+    PILImageResampling.BICUBIC: cv2.INTER_CUBIC,
+    PILImageResampling.LANCZOS: cv2.INTER_LANCZOS4,
+    PILImageResampling.BOX: cv2.INTER_AREA,
+}
+
+
+class FewShotSegmentationImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    image_size (`int`, *optional*, defaults to `self.image_size`):
+        Side of the square canvas every image is placed on.
+    size_divisor (`int`, *optional*, defaults to `self.size_divisor`):
+        Both sides of a resized image are floored to a multiple of this value.
+    upscale_small_images (`bool`, *optional*, defaults to `self.upscale_small_images`):
+        Whether images smaller than `image_size` are scaled up as well.
+    pad_with_mean (`bool`, *optional*, defaults to `self.pad_with_mean`):
+        Fill the canvas with the mean colour (0 after normalisation) instead of black.
+    """
+
+    image_size: int
+    size_divisor: int
+    upscale_small_images: bool
+    pad_with_mean: bool
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _is_box(value: Any) -> bool:
+    """`(x0, y0, x1, y1)` given as a tuple / list of four numbers or a 1-D array / tensor of four numbers."""
+    if isinstance(value, list | tuple):
+        return len(value) == 4 and all(_is_number(v) for v in value)
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.ndim == 1 and value.shape[0] == 4
+    return False
+
+
+def _is_leaf(value: Any) -> bool:
+    """A single image / annotation rather than a list of them."""
+    return not isinstance(value, list | tuple) or _is_box(value)
+
+
+def _is_class_id(value: Any) -> bool:
+    return value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, Image.Image):
+        return f"PIL image of mode {value.mode!r} and size {value.width}x{value.height} (w x h)"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
+
+
+def _preview_values(values: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit].tolist())
+    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} distinct values)"
+
+
+def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
+    source = os.fspath(path)
+    try:
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            from transformers.image_utils import load_image
+
+            return load_image(source)
+        image = Image.open(source)
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except Exception as err:  # any reader failure becomes one ValueError naming the argument and the path
+        raise ValueError(f"`{name}`: could not read image file {source!r} ({type(err).__name__}: {err})") from err
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    """Move a leading channel axis (C, H, W) with C in 1..4 to the end; (H, W, C) arrays pass unchanged."""
+    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    return array
+
+
+class FewShotSegmentationImageProcessor(BaseImageProcessor):
+    r"""
+    Constructs an image processor for few-shot semantic segmentation: query images, support images with their
+    annotations (binary masks, label maps plus a class id, or boxes) and optional query labels become fixed-size
+    tensors following the PFENet test protocol, and model logits are mapped back to the original images.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 473):
+            Side `S` of the square canvas. An image whose longer side exceeds `S` is scaled so its longer side
+            becomes `S` (keeping the aspect ratio, the shorter side computed as `int(short * S / long)`); smaller
+            images keep their size unless `upscale_small_images=True`. The (resized) image sits at the top-left
+            corner of the canvas.
+        size_divisor (`int`, *optional*, defaults to 8):
+            Both sides of a resized image are floored to a multiple of this value (PFENet turns 473 into 472).
+            Images that are not resized are not floored.
+        upscale_small_images (`bool`, *optional*, defaults to `False`):
+            Whether images whose longer side is smaller than `image_size` are scaled up to it as well (same
+            formula as for large images). PFENet keeps them at their size.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalise pixels as `(x / 255 - image_mean) / image_std`. When `False`, pixel values are
+            only rescaled to `[0, 1]`.
+        image_mean (`list[float]`, *optional*, defaults to `[0.485, 0.456, 0.406]`):
+            Per-channel RGB mean (ImageNet).
+        image_std (`list[float]`, *optional*, defaults to `[0.229, 0.224, 0.225]`):
+            Per-channel RGB standard deviation (ImageNet).
+        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BILINEAR`):
+            Filter for resizing images, applied with OpenCV as in the reference code (`NEAREST`, `BILINEAR`,
+            `BICUBIC`, `LANCZOS` or `BOX` -> `cv2.INTER_NEAREST`, `INTER_LINEAR`, `INTER_CUBIC`, `INTER_LANCZOS4`,
+            `INTER_AREA`). Masks are always resized with nearest neighbour.
+        pad_with_mean (`bool`, *optional*, defaults to `False`):
+            Fill the canvas around the image with the mean colour, so the padding is exactly 0 after
+            normalisation. By default the canvas is black before normalisation (i.e. `-mean / std` after it), which
+            is what the official PFENet / NTRENet `test_Resize` does, so official checkpoints see what they were
+            evaluated on.
+
+    Inputs accepted as images: `PIL.Image.Image`, `np.ndarray` or `torch.Tensor` of shape `(H, W)`, `(H, W, 1)`,
+    `(H, W, 3)` or `(H, W, 4)` (channels-first `(C, H, W)` is recognised too), uint8 in `[0, 255]` or float in
+    `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
+    an `http(s)://` URL). Grayscale is repeated to RGB; for RGBA the alpha channel is dropped (the RGB channels are
+    kept as they are, *not* composited onto a background).
+
+    Annotations (`support_masks`, `segmentation_maps`), each one of:
+
+    - a binary mask (PIL image, array, tensor or file path) of the image's size: boolean, `{0, 1}`, `{0, 255}`
+      (255 = target, "white is target") or `{0, 1, 255}` (1 = target, 255 = ignore). An RGB mask image is target
+      wherever the pixel is not black; an RGBA (or grayscale + alpha) mask with a non-constant alpha channel is
+      target where alpha > 0;
+    - a label map together with a class id (`support_class_ids` / `class_ids`): target where `label == class_id`,
+      ignore where `label == 255`, background elsewhere. PIL palette (`"P"`) images are read as palette indices;
+    - a box `(x0, y0, x1, y1)` in pixel coordinates of its image (rounded to integers): target on rows `y0..y1-1`
+      and columns `x0..x1-1`, background elsewhere. Class ids do not apply to boxes.
+    """
+
+    model_input_names = ["pixel_values", "support_pixel_values", "support_masks"]
+    valid_kwargs = FewShotSegmentationImageProcessorKwargs
+
+    def __init__(
+        self,
+        image_size: int = 473,
+        size_divisor: int = 8,
+        upscale_small_images: bool = False,
+        do_normalize: bool = True,
+        image_mean: list[float] | tuple[float, ...] | None = None,
+        image_std: list[float] | tuple[float, ...] | None = None,
+        resample: PILImageResampling | int = PILImageResampling.BILINEAR,
+        pad_with_mean: bool = False,
+        **kwargs,
+    ):
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        if not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool) or image_size < 1:
+            raise ValueError(f"`image_size` must be a positive int, got {image_size!r}")
+        if size_divisor is None:
+            size_divisor = 1
+        if not isinstance(size_divisor, numbers.Integral) or isinstance(size_divisor, bool) or size_divisor < 1:
+            raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor!r}")
+        if size_divisor > image_size:
+            raise ValueError(f"`size_divisor` ({size_divisor}) must not exceed `image_size` ({image_size})")
+        image_mean = list(IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean)
+        image_std = list(IMAGENET_DEFAULT_STD if image_std is None else image_std)
+        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+            raise ValueError(
+                f"`image_mean` and `image_std` need 3 values (RGB) and a positive std, got {image_mean} and {image_std}"
+            )
+        try:
+            resample = PILImageResampling(resample)
+        except ValueError as err:
+            raise ValueError(f"`resample` must be a PILImageResampling value, got {resample!r}") from err
+        if resample not in _CV2_INTERPOLATION:
+            raise ValueError(
+                f"`resample`={resample!r} has no OpenCV counterpart; use one of {[r.name for r in _CV2_INTERPOLATION]}"
+            )
+        self.image_size = int(image_size)
+        self.size_divisor = int(size_divisor)
+        self.upscale_small_images = bool(upscale_small_images)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        self.resample = resample
+        self.pad_with_mean = bool(pad_with_mean)
+
+    # ------------------------------------------------------------------------------------------------ geometry
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """
+        Size `(new_height, new_width)` an image of size `(height, width)` takes on the canvas.
+
+        PFENet's `find_new_hw`: when `max(height, width) > image_size` (or it is smaller and
+        `upscale_small_images=True`) the longer side becomes `image_size` and the shorter one
+        `int(short * image_size / long)`; both are then floored to multiples of `size_divisor` (a side that would
+        floor to 0, possible only for extreme aspect ratios, keeps its unfloored length, at least 1). Otherwise the
+        size is returned unchanged.
+
+        Example: with the defaults, `(375, 500) -> (352, 472)` and `(100, 120) -> (100, 120)`.
+        """
+        height, width = int(height), int(width)
+        if height < 1 or width < 1:
+            raise ValueError(f"image size must be positive, got {height}x{width} (h x w)")
+        size = self.image_size
+        longer = max(height, width)
+        if longer == size or (longer < size and not self.upscale_small_images):
+            return height, width
+        if height >= width:
+            ratio = size * 1.0 / height
+            new_height, new_width = size, int(width * ratio)
+        else:
+            ratio = size * 1.0 / width
+            new_height, new_width = int(height * ratio), size
+        divisor = self.size_divisor
+        new_height = (new_height // divisor) * divisor or max(new_height, 1)
+        new_width = (new_width // divisor) * divisor or max(new_width, 1)
+        return new_height, new_width
+
+    def _fill_value(self) -> np.ndarray:
+        if self.pad_with_mean:
+            return (np.asarray(self.image_mean, dtype=np.float64) * 255).astype(np.float32)
+        return np.zeros(3, dtype=np.float32)
+
+    def resize_and_pad_image(self, image: Any, name: str = "images") -> np.ndarray:
+        """
+        Resize one image as PFENet does, place it on the canvas and normalise it.
+
+        Args:
+            image: any accepted image input (PIL image, array, tensor or path).
+            name: argument name used in error messages.
+
+        Returns:
+            `np.ndarray` of shape `(3, image_size, image_size)` and dtype float32.
+        """
+        return self._resize_and_pad_rgb(self._image_to_rgb(image, name))
+
+    def _resize_and_pad_rgb(self, rgb: np.ndarray) -> np.ndarray:
+        """float32 (H, W, 3) array in [0, 255] -> normalised (3, S, S) canvas."""
+        height, width = rgb.shape[:2]
+        new_height, new_width = self.resized_size(height, width)
+        if (new_height, new_width) != (height, width):
+            rgb = cv2.resize(rgb, dsize=(new_width, new_height), interpolation=_CV2_INTERPOLATION[self.resample])
+        size = self.image_size
+        canvas = np.empty((size, size, 3), dtype=np.float32)
+        canvas[:] = self._fill_value()
+        canvas[:new_height, :new_width] = rgb
+        if self.do_normalize:
+            # PFENet subtracts mean * 255 and divides by std * 255 (computed in float64, applied in float32).
+            mean = (np.asarray(self.image_mean, dtype=np.float64) * 255).astype(np.float32)
+            std = (np.asarray(self.image_std, dtype=np.float64) * 255).astype(np.float32)
+            canvas = (canvas - mean) / std
+        else:
+            canvas = canvas / np.float32(255)
+        return np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32)
+
+    def resize_and_pad_mask(self, mask: np.ndarray) -> np.ndarray:
+        """
+        Resize a `{0, 1, 255}` mask with nearest neighbour as PFENet does and pad it with 255.
+
+        Args:
+            mask (`np.ndarray` of shape `(height, width)`): values 0 (background), 1 (target), 255 (ignore), e.g.
+                from [`~FewShotSegmentationImageProcessor.annotation_to_mask`].
+
+        Returns:
+            `np.ndarray` of shape `(image_size, image_size)` and dtype int64.
+        """
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be 2-D (height, width), got shape {mask.shape}")
+        height, width = mask.shape
+        new_height, new_width = self.resized_size(height, width)
+        if (new_height, new_width) != (height, width):
+            mask = cv2.resize(mask.astype(np.float32), dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST)
+        size = self.image_size
+        canvas = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
+        canvas[:new_height, :new_width] = mask
+        return canvas
+
+    # -------------------------------------------------------------------------------------------------- inputs
+
+    def _image_to_rgb(self, image: Any, name: str) -> np.ndarray:
+        """Any accepted image input -> float32 array (H, W, 3) with values in [0, 255]."""
+        if isinstance(image, str | os.PathLike):
+            image = _open_image(image, name)
+        if isinstance(image, Image.Image):
+            if image.mode != "RGB":
+                # PIL's RGBA -> RGB conversion drops the alpha channel; grayscale is repeated.
+                image = image.convert("RGB")
+            return np.asarray(image, dtype=np.float32)
+        image = _to_numpy(image)
+        if not isinstance(image, np.ndarray):
+            raise ValueError(
+                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a file path, got {_describe(image)}"
+            )
+        array = _channels_last(image)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        elif array.ndim == 3 and array.shape[-1] in (3, 4):
+            array = array[..., :3]
+        else:
+            raise ValueError(f"`{name}` must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
+        if array.shape[0] < 1 or array.shape[1] < 1:
+            raise ValueError(f"`{name}` is empty: shape {array.shape}")
+        if array.dtype == np.bool_:
+            return array.astype(np.float32) * 255
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+            if not np.isfinite(array).all():
+                raise ValueError(f"`{name}` contains NaN or infinite values")
+            low, high = float(array.min()), float(array.max())
+            if low < 0 or high > 255:
+                raise ValueError(f"`{name}`: float images must lie in [0, 1] (or [0, 255]), got [{low}, {high}]")
+            return array * 255 if high <= 1.0 else array
+        if np.issubdtype(array.dtype, np.integer):
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high > 255:
+                raise ValueError(f"`{name}`: integer images must lie in [0, 255], got [{low}, {high}]")
+            return array.astype(np.float32)
+        raise ValueError(f"`{name}` has unsupported dtype {array.dtype}")
+
+    @staticmethod
+    def _annotation_to_array(annotation: Any, name: str) -> np.ndarray:
+        """Raw annotation values: palette images give indices, RGB(A) images give their channels."""
+        if isinstance(annotation, str | os.PathLike):
+            annotation = _open_image(annotation, name)
+        if isinstance(annotation, Image.Image):
+            if annotation.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                annotation = annotation.convert("RGB")
+            # np.array keeps palette ("P") images as indices; never a luminance conversion.
+            return np.array(annotation)
+        annotation = _to_numpy(annotation)
+        if not isinstance(annotation, np.ndarray):
+            raise ValueError(
+                f"`{name}` must be a mask (PIL image, numpy array, torch tensor or file path) or a box "
+                f"(x0, y0, x1, y1), got {_describe(annotation)}"
+            )
+        array = _channels_last(annotation)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+            raise ValueError(
+                f"`{name}` must have shape (H, W) or (H, W, C) with C in 1..4, got {tuple(annotation.shape)}"
+            )
+        return array
+
+    def annotation_to_mask(
+        self,
+        annotation: Any,
+        size: tuple[int, int],
+        class_id: int | None = None,
+        name: str = "support_masks",
+        class_ids_name: str = "support_class_ids",
+        allow_empty: bool = False,
+    ) -> np.ndarray:
+        """
+        Turn one annotation (binary mask, label map with `class_id`, or box) into a `{0, 1, 255}` mask.
+
+        Args:
+            annotation: binary mask, label map or box `(x0, y0, x1, y1)`; see the class docstring for the rules.
+            size (`tuple[int, int]`): `(height, width)` of the annotated image, which the mask must match.
+            class_id (`int`, *optional*): class of a label map to segment.
+            name / class_ids_name (`str`): argument names used in error messages.
+            allow_empty (`bool`, *optional*, defaults to `False`): accept a mask without target pixel.
+
+        Returns:
+            `np.ndarray` of shape `(height, width)`, dtype uint8, values 0 (background), 1 (target), 255 (ignore).
+        """
+        height, width = (int(v) for v in size)
+        if _is_box(annotation):
+            values = annotation if isinstance(annotation, list | tuple) else _to_numpy(annotation).tolist()
+            coords = [float(v) for v in values]
+            if not all(np.isfinite(coords)):
+                raise ValueError(f"`{name}`: box {tuple(coords)} has non-finite coordinates")
+            x0, y0, x1, y1 = (int(round(v)) for v in coords)
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(f"`{name}`: box (x0, y0, x1, y1) = {tuple(coords)} needs x0 < x1 and y0 < y1")
+            mask = np.zeros((height, width), dtype=np.uint8)
+            mask[max(y0, 0) : max(min(y1, height), 0), max(x0, 0) : max(min(x1, width), 0)] = 1
+        else:
+            array = self._annotation_to_array(annotation, name)
+            if array.shape[:2] != (height, width):
+                raise ValueError(
+                    f"`{name}` has size {array.shape[0]}x{array.shape[1]} (h x w) but its image has size "
+                    f"{height}x{width}; masks must match their image"
+                )
+            if class_id is not None:
+                mask = self._label_map_to_mask(array, int(class_id), name)
+            else:
+                mask = self._binary_to_mask(array, name, class_ids_name)
+        if not allow_empty and not (mask == 1).any():
+            if _is_box(annotation):
+                detail = f" (the box lies outside the {width}x{height} (w x h) image)"
+            else:
+                detail = f" of class {class_id}" if class_id is not None else ""
+            raise ValueError(f"`{name}` has no target pixel{detail}; every support annotation must mark the target")
+        return mask
+
+    @staticmethod
+    def _label_map_to_mask(array: np.ndarray, class_id: int, name: str) -> np.ndarray:
+        if array.ndim == 3:
+            channels = array[..., :3] if array.shape[-1] == 4 else array[..., :1]
+            if not (channels == channels[..., :1]).all():
+                raise ValueError(
+                    f"`{name}`: a label map used with a class id must be single-channel (e.g. a PIL 'L' or 'P' "
+                    f"image), got a colour image of shape {array.shape}"
+                )
+            array = channels[..., 0]
+        mask = np.zeros(array.shape, dtype=np.uint8)
+        mask[array == IGNORE_INDEX] = IGNORE_INDEX
+        mask[array == class_id] = 1
+        return mask
+
+    @staticmethod
+    def _binary_to_mask(array: np.ndarray, name: str, class_ids_name: str) -> np.ndarray:
+        if array.ndim == 3:
+            alpha = array[..., -1] if array.shape[-1] in (2, 4) else None
+            if alpha is not None and alpha.min() != alpha.max():
+                return (alpha > 0).astype(np.uint8)
+            if array.shape[-1] == 2:
+                array = array[..., 0]
+            else:
+                return (array[..., :3] != 0).any(axis=-1).astype(np.uint8)
+        if array.dtype == np.bool_:
+            return array.astype(np.uint8)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values")
+        values = np.unique(array)
+        present = set(values.tolist())
+        mask = np.zeros(array.shape, dtype=np.uint8)
+        if present <= {0, 1}:
+            mask[array == 1] = 1
+        elif present <= {0, 255}:
+            mask[array == 255] = 1
+        elif present <= {0, 1, 255}:
+            mask[array == 1] = 1
+            mask[array == 255] = IGNORE_INDEX
+        else:
+            raise ValueError(
+                f"`{name}` has values {_preview_values(values)}, more than a binary mask ({{0, 1}}, {{0, 255}} or "
+                f"{{0, 1, 255}}); if it is a label map, pass `{class_ids_name}` with the class to segment (a soft or JPEG "
+                "mask must be thresholded first)"
+            )
+        return mask
+
+    # ----------------------------------------------------------------------------------------------- structure
+
+    @staticmethod
+    def _nest(value: Any, name: str, batch_size: int | None) -> list[list[Any]]:
+        """One item, a flat list (one query) or a list of lists (one per query) -> list of `batch_size` lists."""
+        if _is_leaf(value):
+            value = [value]
+        if len(value) == 0:
+            raise ValueError(f"`{name}` is empty")
+        leaves = [_is_leaf(v) for v in value]
+        if all(leaves):
+            nested = [list(value)]
+            if batch_size is not None and batch_size != 1:
+                raise ValueError(
+                    f"`{name}` is a flat list of {len(value)} items but there are {batch_size} query images; "
+                    f"pass one list per query ({batch_size} lists)"
+                )
+        elif not any(leaves):
+            nested = [list(v) for v in value]
+            if batch_size is not None and len(nested) != batch_size:
+                raise ValueError(
+                    f"`{name}` has {len(nested)} lists but there are {batch_size} query images; pass one list per query"
+                )
+        else:
+            raise ValueError(f"`{name}` mixes single items and lists; pass a list per query (a list of lists)")
+        return nested
+
+    @staticmethod
+    def _nest_class_ids(value: Any, name: str, counts: list[int]) -> list[list[int | None]]:
+        """`None`, one int, one int (or `None`) per query, or one list per query -> one id per annotation."""
+        batch_size = len(counts)
+        if _is_class_id(value):
+            return [[value] * count for count in counts]
+        if isinstance(value, np.ndarray | torch.Tensor):
+            value = value.tolist()
+        if not isinstance(value, list | tuple):
+            raise ValueError(
+                f"`{name}` must be an int, a list of ints or a list of lists of ints, got {_describe(value)}"
+            )
+        value = list(value)
+        if batch_size == 1 and counts[0] > 1 and len(value) == counts[0] and all(_is_class_id(v) for v in value):
+            value = [value]  # a flat list with one id per support image of the single query
+        if len(value) != batch_size:
+            raise ValueError(f"`{name}` has {len(value)} entries but there are {batch_size} queries: {value!r}")
+        nested = []
+        for index, (item, count) in enumerate(zip(value, counts)):
+            if _is_class_id(item):
+                nested.append([item] * count)
+            elif isinstance(item, list | tuple) and len(item) == count and all(_is_class_id(v) for v in item):
+                nested.append(list(item))
+            else:
+                raise ValueError(f"`{name}[{index}]` must be an int or a list of {count} ints, got {item!r}")
+        return nested
+
+    # ---------------------------------------------------------------------------------------------- preprocess
+
+    def __call__(self, images: Any = None, *args, **kwargs) -> BatchFeature:
+        """Preprocess query images, support images and annotations; see [`~FewShotSegmentationImageProcessor.preprocess`]."""
+        return self.preprocess(images, *args, **kwargs)
+
+    def preprocess(
+        self,
+        images: Any = None,
+        support_images: Any = None,
+        support_masks: Any = None,
+        support_class_ids: Any = None,
+        segmentation_maps: Any = None,
+        class_ids: Any = None,
+        return_tensors: str | None = None,
+    ) -> BatchFeature:
+        r"""
+        Preprocess an episode (or a batch of episodes).
+
+        Args:
+            images (`ImageInput` or `list[ImageInput]`):
+                One query image or a list of `B` query images. May be left out when only supports are given.
+            support_images (`list[ImageInput]` or `list[list[ImageInput]]`, *optional*):
+                For a single query a list of `K` support images (or one image for `K=1`); for `B` queries a list of
+                `B` lists, each with the same `K`.
+            support_masks (same nesting as `support_images`, *optional*):
+                One annotation per support image: binary mask, label map (with `support_class_ids`) or box
+                `(x0, y0, x1, y1)`. Every annotation must mark at least one target pixel.
+            support_class_ids (`int`, `list[int]` or `list[list[int]]`, *optional*):
+                Class to segment when support annotations are label maps: one int for everything, one per query,
+                or one per support image (nested like `support_images`).
+            segmentation_maps (`ImageInput` or `list[ImageInput]`, *optional*):
+                Ground-truth annotation per query image (same rules as `support_masks`, empty allowed), returned
+                as `labels`.
+            class_ids (`int` or `list[int]`, *optional*):
+                Class to segment when `segmentation_maps` are label maps (one int, or one per query).
+            return_tensors (`str` or [`~utils.TensorType`], *optional*):
+                `"pt"` for PyTorch tensors, `"np"` or `None` for NumPy arrays.
+
+        Returns:
+            [`BatchFeature`] with (`S = image_size`):
+
+            - **pixel_values** -- `(B, 3, S, S)` float32, normalised query images (when `images` is given).
+            - **support_pixel_values** -- `(B, K, 3, S, S)` float32 support images.
+            - **support_masks** -- `(B, K, S, S)` int64, 1 target, 0 background, 255 ignore / padding.
+            - **labels** -- `(B, S, S)` int64 in `{0, 1, 255}` (only with `segmentation_maps`).
+        """
+        if images is None and support_images is None:
+            raise ValueError("`images` is required (a query image or a list of them), got None")
+        data: dict[str, np.ndarray] = {}
+        batch_size = None
+
+        if images is not None:
+            if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+                images = list(images)
+            single = _is_leaf(images)
+            queries = [images] if single else list(images)
+            if len(queries) == 0:
+                raise ValueError("`images` is an empty list")
+            names = ["images" if single else f"images[{i}]" for i in range(len(queries))]
+            batch_size = len(queries)
+            query_rgb = [self._image_to_rgb(image, n) for image, n in zip(queries, names)]
+            data["pixel_values"] = np.stack([self._resize_and_pad_rgb(rgb) for rgb in query_rgb])
+
+            if segmentation_maps is not None:
+                maps = [segmentation_maps] if _is_leaf(segmentation_maps) else list(segmentation_maps)
+                if len(maps) != batch_size:
+                    raise ValueError(
+                        f"`segmentation_maps` has {len(maps)} annotations but `images` has {batch_size} images"
+                    )
+                map_ids = [row[0] for row in self._nest_class_ids(class_ids, "class_ids", [1] * batch_size)]
+                labels = []
+                for index, (annotation, rgb, class_id) in enumerate(zip(maps, query_rgb, map_ids)):
+                    mask = self.annotation_to_mask(
+                        annotation,
+                        rgb.shape[:2],
+                        class_id,
+                        name="segmentation_maps" if single else f"segmentation_maps[{index}]",
+                        class_ids_name="class_ids",
+                        allow_empty=True,
+                    )
+                    labels.append(self.resize_and_pad_mask(mask))
+                data["labels"] = np.stack(labels)
+            elif class_ids is not None:
+                raise ValueError("`class_ids` was given without `segmentation_maps`")
+        elif segmentation_maps is not None:
+            raise ValueError("`segmentation_maps` was given without `images`")
+
+        if support_images is not None:
+            if support_masks is None:
+                raise ValueError(
+                    "`support_masks` is required with `support_images` (one annotation per support image)"
+                )
+            support_nested = self._nest(support_images, "support_images", batch_size)
+            shots = [len(row) for row in support_nested]
+            if len(set(shots)) != 1:
+                raise ValueError(
+                    f"`support_images`: every query needs the same number of support images K, got {shots}"
+                )
+            if shots[0] == 0:
+                raise ValueError("`support_images` has no support image (K=0)")
+            masks_nested = self._nest(support_masks, "support_masks", len(support_nested))
+            for index, (image_row, mask_row) in enumerate(zip(support_nested, masks_nested)):
+                if len(mask_row) != len(image_row):
+                    raise ValueError(
+                        f"`support_masks` has {len(mask_row)} masks for query {index} but `support_images` has "
+                        f"{len(image_row)} images; pass one annotation per support image"
+                    )
+            ids_nested = self._nest_class_ids(support_class_ids, "support_class_ids", shots)
+
+            support_pixels, support_labels = [], []
+            for q, (image_row, mask_row, id_row) in enumerate(zip(support_nested, masks_nested, ids_nested)):
+                row_pixels, row_labels = [], []
+                for k, (image, annotation, class_id) in enumerate(zip(image_row, mask_row, id_row)):
+                    rgb = self._image_to_rgb(image, f"support_images[{q}][{k}]")
+                    mask = self.annotation_to_mask(
+                        annotation,
+                        rgb.shape[:2],
+                        class_id,
+                        name=f"support_masks[{q}][{k}] (query {q}, shot {k})",
+                        class_ids_name="support_class_ids",
+                        allow_empty=False,
+                    )
+                    row_pixels.append(self._resize_and_pad_rgb(rgb))
+                    row_labels.append(self.resize_and_pad_mask(mask))
+                support_pixels.append(np.stack(row_pixels))
+                support_labels.append(np.stack(row_labels))
+            data["support_pixel_values"] = np.stack(support_pixels)
+            data["support_masks"] = np.stack(support_labels)
+        elif support_masks is not None:
+            raise ValueError("`support_masks` was given without `support_images`")
+        elif support_class_ids is not None:
+            raise ValueError("`support_class_ids` was given without `support_images` and `support_masks`")
+
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------------------------------ post-process
+
+    def _logits_to_mask(self, logits: torch.Tensor, target_size: Any, threshold: float | None) -> torch.Tensor:
+        """`(C, S, S)` logits -> `(h, w)` long mask following the PFENet protocol."""
+        if target_size is not None:
+            if isinstance(target_size, torch.Tensor | np.ndarray):
+                target_size = target_size.tolist()
+            if not isinstance(target_size, list | tuple) or len(target_size) != 2:
+                raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
+            height, width = (int(v) for v in target_size)
+            size = self.image_size
+            if tuple(logits.shape[-2:]) != (size, size):
+                # Logits at another resolution (e.g. a stride-8 head) are first brought to the canvas size.
+                logits = F.interpolate(logits[None], size=(size, size), mode="bilinear", align_corners=True)[0]
+            new_height, new_width = self.resized_size(height, width)
+            if (new_height, new_width) == (height, width):
+                logits = logits[:, :height, :width]
+            else:
+                longer = max(height, width)
+                logits = F.interpolate(logits[None], size=(longer, longer), mode="bilinear", align_corners=True)[0]
+                logits = logits[:, :height, :width]
+        if threshold is not None:
+            return (logits.softmax(dim=0)[1] > threshold).long()
+        return logits.argmax(dim=0).long()
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: Any = None,
+        threshold: float | None = None,
+    ) -> list[torch.Tensor] | list[list[torch.Tensor]]:
+        r"""
+        Turn model logits into binary masks at the original image sizes.
+
+        Args:
+            outputs ([`~utils.ModelOutput`] with `.logits`, or `torch.Tensor`):
+                Query logits of shape `(B, 2, S, S)` (channel 1 = target), or support logits of shape
+                `(B, K, 2, S, S)`.
+            target_sizes (`list[tuple[int, int]]` or `list[list[tuple[int, int]]]`, *optional*):
+                Original `(height, width)` of every query image (`B` sizes), or for support logits `B` lists of `K`
+                sizes. A resized image gets the PFENet treatment (logits scaled to `L x L`, `L = max(h, w)`, with
+                bilinear `align_corners=True`, then cropped to `h x w`); an image that kept its size is cropped
+                from the top-left corner of the canvas. If `None`, the `S x S` maps are returned.
+            threshold (`float`, *optional*):
+                If given, target where the softmax probability of channel 1 exceeds it, instead of the argmax.
+
+        Returns:
+            `list[torch.Tensor]`: `B` long tensors of shape `(height, width)` with values in `{0, 1}` (for support
+            logits, a list of `B` lists of `K` such tensors).
+        """
+        if isinstance(outputs, torch.Tensor | np.ndarray):
+            logits = outputs
+        elif isinstance(outputs, dict) and "logits" in outputs:
+            logits = outputs["logits"]
+        elif hasattr(outputs, "logits"):
+            logits = outputs.logits
+        else:
+            raise ValueError(
+                f"`outputs` must be a model output with `.logits` or a logits tensor, got {_describe(outputs)}"
+            )
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        if not isinstance(logits, torch.Tensor) or logits.ndim not in (4, 5) or logits.shape[-3] < 2:
+            raise ValueError(
+                f"`outputs` logits must have shape (B, 2, S, S) or (B, K, 2, S, S), got {_describe(logits)}"
+            )
+        logits = logits.detach().float()
+
+        if logits.ndim == 4:
+            if target_sizes is None:
+                return [self._logits_to_mask(item, None, threshold) for item in logits]
+            if len(target_sizes) != logits.shape[0]:
+                raise ValueError(
+                    f"`target_sizes` has {len(target_sizes)} sizes but the logits have batch size {logits.shape[0]}"
+                )
+            return [self._logits_to_mask(item, size, threshold) for item, size in zip(logits, target_sizes)]
+
+        batch_size, shots = logits.shape[:2]
+        if target_sizes is None:
+            return [[self._logits_to_mask(item, None, threshold) for item in row] for row in logits]
+        if len(target_sizes) != batch_size:
+            raise ValueError(
+                f"`target_sizes` has {len(target_sizes)} lists but the support logits have batch size {batch_size}"
+            )
+        results = []
+        for index, (row, sizes) in enumerate(zip(logits, target_sizes)):
+            if len(sizes) != shots:
+                raise ValueError(
+                    f"`target_sizes[{index}]` has {len(sizes)} sizes but the support logits have K={shots} shots"
+                )
+            results.append([self._logits_to_mask(item, size, threshold) for item, size in zip(row, sizes)])
+        return results

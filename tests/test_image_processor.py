@@ -1,0 +1,306 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
+
+S = 473
+
+
+@pytest.fixture
+def processor():
+    return FewShotSegmentationImageProcessor()
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _ellipse(height, width, cy, cx, ry, rx):
+    yy, xx = np.mgrid[:height, :width]
+    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+
+
+def _logits_from_mask(mask):
+    """Two-channel logits whose argmax is the target (1) wherever mask == 1, background elsewhere (ignore too)."""
+    target = (mask == 1).float()
+    return torch.stack([1 - target, target], dim=-3)
+
+
+# ------------------------------------------------------------------------------------------------------- geometry
+
+
+def test_resized_size_follows_pfenet(processor):
+    # 500 -> 473 (ratio 0.946), 375 * 0.946 = 354.75 -> 354 -> floored to 352; 473 -> 472.
+    assert processor.resized_size(375, 500) == (352, 472)
+    assert processor.resized_size(500, 375) == (472, 352)
+    assert processor.resized_size(300, 500) == (280, 472)
+    # Not larger than the canvas: kept as is, no flooring.
+    assert processor.resized_size(100, 120) == (100, 120)
+    assert processor.resized_size(473, 301) == (473, 301)
+    upscaling = FewShotSegmentationImageProcessor(upscale_small_images=True)
+    assert upscaling.resized_size(100, 120) == (392, 472)
+    assert upscaling.resized_size(473, 301) == (473, 301)
+
+
+def test_rgba_query_and_grayscale_support(processor):
+    rng = _rng()
+    query = rng.integers(0, 256, (300, 500, 4), dtype=np.uint8)
+    support = rng.integers(0, 256, (200, 320), dtype=np.uint8)
+    mask = np.zeros((200, 320), dtype=np.uint8)
+    mask[40:120, 60:250] = 255  # white = target
+    inputs = processor(
+        images=Image.fromarray(query, mode="RGBA"),
+        support_images=[Image.fromarray(support, mode="L")],
+        support_masks=[mask],
+        return_tensors="pt",
+    )
+    assert inputs["pixel_values"].shape == (1, 3, S, S)
+    assert inputs["support_pixel_values"].shape == (1, 1, 3, S, S)
+    assert inputs["support_masks"].shape == (1, 1, S, S)
+    assert inputs["pixel_values"].dtype == torch.float32
+    assert inputs["support_masks"].dtype == torch.int64
+    assert "labels" not in inputs
+
+    # Query 300x500 is resized to 280x472; the grayscale support keeps its 200x320 size. The padding is black
+    # before normalisation, as in PFENet's test_Resize.
+    black = (-torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])).view(3, 1, 1)
+    pixels = inputs["pixel_values"][0]
+    assert torch.allclose(pixels[:, 280:, :], black.expand(3, S - 280, S))
+    assert torch.allclose(pixels[:, :, 472:], black.expand(3, S, S - 472))
+    assert pixels[:, :280, :472].abs().sum() > 0
+    support_pixels = inputs["support_pixel_values"][0, 0]
+    assert torch.allclose(support_pixels[:, 200:, :], black.expand(3, S - 200, S))
+    # Grayscale becomes three equal channels before normalisation.
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    raw = (support_pixels[:, :200, :320] * std + mean) * 255
+    assert torch.allclose(raw, torch.from_numpy(support).float().expand(3, -1, -1), atol=1e-3)
+
+    support_masks = inputs["support_masks"][0, 0]
+    assert set(support_masks.unique().tolist()) == {0, 1, 255}
+    assert (support_masks[200:, :] == 255).all() and (support_masks[:, 320:] == 255).all()
+    assert torch.equal(support_masks[:200, :320], torch.from_numpy(mask // 255).long())
+
+    # RGBA: alpha is dropped (no compositing), so it equals the RGB channels alone.
+    rgb_only = processor(images=query[..., :3], return_tensors="pt")["pixel_values"]
+    assert torch.equal(rgb_only, inputs["pixel_values"])
+
+
+def test_pixels_match_reference_normalisation(processor):
+    rng = _rng()
+    image = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    pixels = processor(images=image, return_tensors="np")["pixel_values"][0]
+    expected = (image.astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(pixels[:, :100, :120], expected.transpose(2, 0, 1), atol=1e-5)
+    # Float input in [0, 1] gives the same result as uint8.
+    as_float = processor(images=image.astype(np.float32) / 255, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(as_float, pixels, atol=1e-4)
+    # PFENet pads with black before normalisation (the default); `pad_with_mean=True` makes the padding 0.
+    np.testing.assert_allclose(pixels[0, 200, 200], -0.485 / 0.229, rtol=1e-5)
+    mean_padded = FewShotSegmentationImageProcessor(pad_with_mean=True)(images=image, return_tensors="np")
+    np.testing.assert_allclose(mean_padded["pixel_values"][0, :, 200, 200], 0, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- annotations
+
+
+def test_box_annotation(processor):
+    image = np.zeros((100, 120, 3), dtype=np.uint8)
+    box = (10, 20, 50, 60)  # x0, y0, x1, y1
+    expected = np.zeros((100, 120), dtype=np.uint8)
+    expected[20:60, 10:50] = 1
+    np.testing.assert_array_equal(processor.annotation_to_mask(box, (100, 120)), expected)
+
+    inputs = processor(images=image, support_images=[image], support_masks=[box], return_tensors="pt")
+    support_masks = inputs["support_masks"][0, 0]
+    assert torch.equal(support_masks[:100, :120], torch.from_numpy(expected).long())
+    assert (support_masks[100:] == 255).all() and (support_masks[:, 120:] == 255).all()
+
+
+def test_palette_label_map_with_class_ids(processor, tmp_path):
+    rng = _rng()
+    label = rng.integers(0, 4, (90, 110), dtype=np.uint8)
+    label[:5] = 255
+    # Index 1 is white and index 2 almost black: luminance order differs from index order.
+    colours = {0: (0, 0, 0), 1: (255, 255, 255), 2: (10, 0, 0), 3: (0, 128, 0), 255: (224, 224, 192)}
+    palette = [0] * 768
+    for index, colour in colours.items():
+        palette[3 * index : 3 * index + 3] = colour
+    image = Image.fromarray(label, mode="P")
+    image.putpalette(palette)
+    path = tmp_path / "label.png"
+    image.save(path)
+    assert not np.array_equal(np.array(Image.open(path).convert("L")), label)
+
+    support = rng.integers(0, 256, (90, 110, 3), dtype=np.uint8)
+    inputs = processor(
+        images=support, support_images=[support], support_masks=[path], support_class_ids=[2], return_tensors="pt"
+    )
+    expected = np.where(label == 255, 255, (label == 2).astype(np.int64))
+    assert torch.equal(inputs["support_masks"][0, 0, :90, :110], torch.from_numpy(expected))
+
+    # Query labels from the same label map, as a string path, with `class_ids`.
+    labelled = processor(images=support, segmentation_maps=str(path), class_ids=3, return_tensors="pt")
+    expected = np.where(label == 255, 255, (label == 3).astype(np.int64))
+    assert torch.equal(labelled["labels"][0, :90, :110], torch.from_numpy(expected))
+    assert (labelled["labels"][0, 90:] == 255).all()
+
+
+def test_other_mask_formats(processor):
+    target = _ellipse(40, 50, 20, 25, 10, 15)
+    with_ignore = target.copy()
+    with_ignore[:3] = 255
+    rgb_drawing = np.zeros((40, 50, 3), dtype=np.uint8)
+    rgb_drawing[target == 1] = (200, 30, 0)
+    rgba_drawing = np.full((40, 50, 4), 255, dtype=np.uint8)
+    rgba_drawing[..., 3] = target * 128
+    annotations = [target.astype(bool), target, Image.fromarray(target * 255), with_ignore, rgb_drawing, rgba_drawing]
+    expected = [target, target, target, with_ignore, target, target]
+    masks = [processor.annotation_to_mask(a, (40, 50)) for a in annotations]
+    for mask, wanted in zip(masks, expected):
+        np.testing.assert_array_equal(mask, wanted)
+
+
+def test_k_shot_batch(processor, tmp_path):
+    rng = _rng()
+    path = tmp_path / "support.jpg"
+    Image.fromarray(rng.integers(0, 256, (500, 375, 3), dtype=np.uint8)).save(path)
+    queries = [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for _ in range(2)]
+    supports = [[rng.integers(0, 256, (60 + k, 70, 3), dtype=np.uint8) for k in range(5)] for _ in range(2)]
+    supports[1][4] = path
+    masks = [[(5, 5, 30, 30)] * 5 for _ in range(2)]
+    masks[1][4] = (100, 100, 200, 300)
+    class_ids = [[None] * 5, [None] * 5]
+    inputs = processor(
+        images=queries, support_images=supports, support_masks=masks, support_class_ids=class_ids, return_tensors="pt"
+    )
+    assert inputs["pixel_values"].shape == (2, 3, S, S)
+    assert inputs["support_pixel_values"].shape == (2, 5, 3, S, S)
+    assert inputs["support_masks"].shape == (2, 5, S, S)
+    # The 500x375 support file is resized to 472x352.
+    assert (inputs["support_masks"][1, 4, 472:] == 255).all() and (
+        inputs["support_masks"][1, 4, :472, 352:] == 255
+    ).all()
+    assert (inputs["support_masks"][1, 4, :472, :352] != 255).all()
+
+    only_images = processor(images=queries, return_tensors="np")
+    assert set(only_images) == {"pixel_values"} and only_images["pixel_values"].shape == (2, 3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------- post-processing
+
+
+def test_post_process_round_trips(processor):
+    rng = _rng()
+    query = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    label = _ellipse(300, 500, 150, 260, 90, 170)
+    support = rng.integers(0, 256, (200, 320), dtype=np.uint8)
+    support_mask = _ellipse(200, 320, 100, 150, 60, 90)
+    inputs = processor(
+        images=query,
+        segmentation_maps=label,
+        support_images=support,
+        support_masks=support_mask,
+        return_tensors="pt",
+    )
+    assert inputs["labels"].shape == (1, S, S) and inputs["labels"].dtype == torch.int64
+
+    # Query: resized 300x500 -> 280x472 and back with PFENet's L x L protocol: nearest/bilinear round trip,
+    # so we require >= 99% pixel agreement rather than exactness.
+    logits = _logits_from_mask(inputs["labels"])
+    (query_mask,) = processor.post_process_semantic_segmentation(logits, target_sizes=[(300, 500)])
+    assert query_mask.shape == (300, 500) and query_mask.dtype == torch.long
+    assert set(query_mask.unique().tolist()) <= {0, 1}
+    agreement = (query_mask.numpy() == label).mean()
+    assert agreement >= 0.99, agreement
+
+    # The same through a model-output-like object and a probability threshold.
+    class Output:
+        pass
+
+    output = Output()
+    output.logits = logits * 10
+    (thresholded,) = processor.post_process_semantic_segmentation(output, target_sizes=[(300, 500)], threshold=0.5)
+    assert torch.equal(thresholded, query_mask)
+
+    # Support: 200x320 is not resized, so cropping gives the original mask exactly.
+    support_logits = _logits_from_mask(inputs["support_masks"])  # (1, 1, 2, S, S)
+    (row,) = processor.post_process_semantic_segmentation(support_logits, target_sizes=[[(200, 320)]])
+    assert len(row) == 1 and row[0].shape == (200, 320)
+    np.testing.assert_array_equal(row[0].numpy(), support_mask)
+
+    # No target sizes: canvas-sized maps.
+    (canvas,) = processor.post_process_semantic_segmentation(logits)
+    assert canvas.shape == (S, S)
+
+    with pytest.raises(ValueError, match="target_sizes"):
+        processor.post_process_semantic_segmentation(logits, target_sizes=[(300, 500), (10, 10)])
+    with pytest.raises(ValueError, match="target_sizes"):
+        processor.post_process_semantic_segmentation(support_logits, target_sizes=[[(200, 320), (200, 320)]])
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument(processor, tmp_path):
+    rng = _rng()
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mask = _ellipse(40, 50, 20, 25, 10, 15)
+
+    with pytest.raises(ValueError, match=r"support_masks.*2 masks.*support_images.*3 images"):
+        processor(images=image, support_images=[image] * 3, support_masks=[mask] * 2)
+    with pytest.raises(ValueError, match=r"support_masks\[0\]\[1\].*shot 1.*no target"):
+        processor(images=image, support_images=[image] * 2, support_masks=[mask, np.zeros_like(mask)])
+    with pytest.raises(ValueError, match=r"support_masks.*30x50.*40x50"):
+        processor(images=image, support_images=[image], support_masks=[mask[:30]])
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ValueError, match=r"support_images.*could not read.*missing\.png"):
+        processor(images=image, support_images=[missing], support_masks=[mask])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    with pytest.raises(ValueError, match=r"images.*could not read.*notes\.png"):
+        processor(images=str(not_an_image))
+    with pytest.raises(ValueError, match=r"support_images.*same number.*\[2, 1\]"):
+        processor(
+            images=[image, image], support_images=[[image, image], [image]], support_masks=[[mask, mask], [mask]]
+        )
+    label_map = mask * 7
+    label_map[:2] = 3
+    with pytest.raises(ValueError, match=r"support_masks.*support_class_ids"):
+        processor(images=image, support_images=[image], support_masks=[label_map])
+    with pytest.raises(ValueError, match=r"support_class_ids"):
+        processor(images=image, support_images=[image], support_masks=[label_map], support_class_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"support_images.*2 query images"):
+        processor(images=[image, image], support_images=[image], support_masks=[mask])
+    with pytest.raises(ValueError, match=r"support_masks"):
+        processor(images=image, support_images=[image])
+    with pytest.raises(ValueError, match=r"images"):
+        processor(images=np.zeros((4, 5, 6, 7, 8)))
+    with pytest.raises(ValueError, match=r"segmentation_maps.*class_ids"):
+        processor(images=image, segmentation_maps=label_map)
+
+
+# -------------------------------------------------------------------------------------------------- persistence
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = FewShotSegmentationImageProcessor(
+        image_size=321, size_divisor=16, upscale_small_images=True, do_normalize=False, pad_with_mean=False
+    )
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "FewShotSegmentationImageProcessor"
+    assert saved["image_size"] == 321 and saved["size_divisor"] == 16
+
+    loaded = FewShotSegmentationImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    for key in ("image_size", "size_divisor", "upscale_small_images", "do_normalize", "pad_with_mean", "resample"):
+        assert getattr(loaded, key) == getattr(processor, key), key
+    assert loaded.image_mean == processor.image_mean and loaded.image_std == processor.image_std
+    assert loaded.resized_size(100, 120) == (256, 320)
+    assert FewShotSegmentationImageProcessor.from_pretrained(tmp_path, image_size=473).image_size == 473
