@@ -1,0 +1,43 @@
+"""hf_fss: few-shot semantic segmentation models for the Hugging Face ecosystem.
+
+Importing the package registers every model, its configuration and the image processor with transformers'
+`AutoConfig`, `AutoModel` and `AutoImageProcessor`, so `AutoModel.from_pretrained(repo_or_dir)` returns the
+right class.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_fss import FewShotSegmentationConfig
+from .image_processing_fss import FewShotSegmentationImageProcessor
+from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
+from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
+
+__version__ = "0.1.0"
+
+# (config, model) of every registered method; each gets the shared image processor.
+MODEL_CLASSES = {
+    CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
+}
+
+
+def _register_auto_classes() -> None:
+    for model_type, (config_class, model_class) in MODEL_CLASSES.items():
+        AutoConfig.register(model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoImageProcessor.register(
+            config_class, image_processor_classes={"pil": FewShotSegmentationImageProcessor}, exist_ok=True
+        )
+
+
+_register_auto_classes()
+
+__all__ = [
+    "MODEL_CLASSES",
+    "CosinePriorConfig",
+    "CosinePriorModel",
+    "FewShotSegmentationConfig",
+    "FewShotSegmentationImageProcessor",
+    "FewShotSegmentationOutput",
+    "FewShotSegmentationPreTrainedModel",
+    "SupportEncoding",
+]

@@ -1,0 +1,82 @@
+"""Configuration shared by every few-shot segmentation model of hf_fss."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# ImageNet weights each backbone starts from when `use_pretrained_backbone=True` and no path is given, keyed by
+# (backbone, ResNet stem). Hub repos in safetensors: transformers' ResNet layout (7x7 stem only) for ResNets,
+# torchvision's layout (as kept by timm) for VGG. PSPNet's deep-stem ImageNet ResNets have no Hub release, so the
+# deep stem needs an explicit `pretrained_backbone_name_or_path`.
+DEFAULT_BACKBONE_WEIGHTS = {
+    ("resnet50", "7x7"): "microsoft/resnet-50",
+    ("resnet101", "7x7"): "microsoft/resnet-101",
+    ("resnet50", "deep"): None,
+    ("resnet101", "deep"): None,
+    ("vgg16_bn", None): "timm/vgg16_bn.tv_in1k",
+    ("vgg16_dilated", None): "timm/vgg16.tv_in1k",
+}
+BACKBONES = ("resnet50", "resnet101", "vgg16_bn", "vgg16_dilated")
+
+
+@strict(accept_kwargs=True)
+class FewShotSegmentationConfig(PreTrainedConfig):
+    r"""
+    Fields every hf_fss method shares. Method configs subclass it and add their own.
+
+    backbone (`str`, *optional*, defaults to `"resnet50"`):
+        Feature extractor: `"resnet50"`, `"resnet101"` (dilated, output stride 8), `"vgg16_bn"` (PFENet's five
+        stages) or `"vgg16_dilated"` (SMCP's DeepLab-LargeFOV encoder).
+    backbone_kwargs (`dict`, *optional*):
+        Architecture overrides passed to the backbone constructor, e.g. `{"stem": "7x7"}` for the torchvision-style
+        ResNet stem instead of PSPNet's deep 3x3 stem, or `{"base_width": 8, "depths": [1, 1, 1, 1]}` for a tiny
+        test model.
+    use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
+        Load ImageNet weights into the backbone when the model is built from this config. Never done by
+        `from_pretrained`, whose checkpoint already holds the backbone.
+    pretrained_backbone_name_or_path (`str`, *optional*):
+        Hub repo id or local folder / safetensors file of those ImageNet weights; defaults per backbone
+        (`microsoft/resnet-50`, `microsoft/resnet-101`, ...).
+    freeze_backbone (`bool`, *optional*, defaults to `True`):
+        Keep backbone weights fixed (no gradients), as all four papers do.
+    freeze_backbone_batchnorm (`bool`, *optional*, defaults to `True`):
+        Keep the backbone's batch-norm layers in eval mode during training so their running statistics stay fixed.
+    image_size (`int`, *optional*, defaults to 473):
+        Side of the square inputs the model is trained and evaluated on.
+    ignore_index (`int`, *optional*, defaults to 255):
+        Label value excluded from losses and metrics.
+    """
+
+    model_type = "few_shot_segmentation"
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict | None = None
+    use_pretrained_backbone: bool = False
+    pretrained_backbone_name_or_path: str | None = None
+    freeze_backbone: bool = True
+    freeze_backbone_batchnorm: bool = True
+    image_size: int = 473
+    ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r} is not supported; choose one of {list(BACKBONES)}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def backbone_weights(self) -> str:
+        """Where ImageNet weights for the backbone come from."""
+        if self.pretrained_backbone_name_or_path:
+            return self.pretrained_backbone_name_or_path
+        stem = (self.backbone_kwargs or {}).get("stem", "deep") if self.backbone.startswith("resnet") else None
+        default = DEFAULT_BACKBONE_WEIGHTS.get((self.backbone, stem))
+        if default is None:
+            raise ValueError(
+                f"no Hub ImageNet weights are known for backbone={self.backbone!r} with stem={stem!r}: set "
+                "pretrained_backbone_name_or_path to a folder or safetensors file of PSPNet's deep-stem ResNet "
+                'weights, or use backbone_kwargs={"stem": "7x7"} to start from microsoft/resnet-50 / -101'
+            )
+        return default

@@ -1,0 +1,299 @@
+"""The API every hf_fss method shares: outputs, support encodings, input checks and the base model class."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbones import build_backbone, load_backbone_weights
+from .configuration_fss import FewShotSegmentationConfig
+
+# Set while `from_pretrained` builds a model: its checkpoint already holds the backbone.
+_LOADING_CHECKPOINT = contextvars.ContextVar("hf_fss_loading_checkpoint", default=False)
+
+
+@dataclass
+class FewShotSegmentationOutput(ModelOutput):
+    """
+    Output of every hf_fss model.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Total training loss, set when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, 2, height, width)`):
+            Background / target scores for each query at the input resolution.
+        losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Named loss terms (`main`, `aux`, ...) for logging; their weighted sum is `loss`.
+        support_logits (`torch.FloatTensor` of shape `(batch_size, shot, 2, height, width)`, *optional*):
+            Scores for the support images, for methods that also segment the supports.
+        maps (`dict[str, torch.FloatTensor]`, *optional*):
+            Intermediate maps worth looking at (`prior`, `background`, `distractor`, ...), each
+            `(batch_size, 1, h, w)` at the resolution the method computes them.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    support_logits: torch.FloatTensor | None = None
+    maps: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class SupportEncoding(ModelOutput):
+    """
+    What a method keeps of a support set so that it can segment many queries without re-encoding it.
+
+    Methods subclass it with their own fields; every tensor field has the batch dimension first, so an encoding
+    of one support set (batch 1) serves a batch of queries by broadcasting.
+
+    Args:
+        shot (`int`): number of support images K per query.
+    """
+
+    shot: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        for value in self.values():
+            if isinstance(value, torch.Tensor):
+                return value.shape[0]
+        raise ValueError("support encoding holds no tensor")
+
+    def expand_batch(self, batch_size: int) -> SupportEncoding:
+        """Repeat an encoding of one support set for `batch_size` queries (views, no copy)."""
+        if self.batch_size == batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(
+                f"support_encoding was computed for a batch of {self.batch_size} support sets but pixel_values "
+                f"holds {batch_size} queries; encode one support set (batch 1) or one per query"
+            )
+        expanded = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.expand(batch_size, *value.shape[1:])
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                value = type(value)(v.expand(batch_size, *v.shape[1:]) for v in value)
+            expanded[f.name] = value
+        return type(self)(**expanded)
+
+
+def _shape(x) -> str:
+    return tuple(x.shape).__repr__() if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_query_inputs(pixel_values, labels=None) -> None:
+    """Raise a `ValueError` naming the argument when the query images or labels are malformed."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {_shape(pixel_values)}")
+    if labels is not None:
+        expected = (pixel_values.shape[0], *pixel_values.shape[2:])
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
+            raise ValueError(
+                f"labels must have shape (batch, height, width) = {expected} to match pixel_values "
+                f"{tuple(pixel_values.shape)}, got {_shape(labels)}"
+            )
+
+
+def check_support_inputs(support_pixel_values, support_masks, batch_size=None, require_target=True) -> None:
+    """Raise a `ValueError` naming the argument when the support images or masks are malformed."""
+    if support_pixel_values is None or support_masks is None:
+        raise ValueError(
+            "support_pixel_values and support_masks are required unless a support_encoding from "
+            "model.encode_support(...) is given"
+        )
+    if (
+        not isinstance(support_pixel_values, torch.Tensor)
+        or support_pixel_values.dim() != 5
+        or support_pixel_values.shape[2] != 3
+    ):
+        raise ValueError(
+            "support_pixel_values must be a (batch, shot, 3, height, width) tensor, "
+            f"got {_shape(support_pixel_values)}"
+        )
+    if not isinstance(support_masks, torch.Tensor) or support_masks.dim() != 4:
+        raise ValueError(f"support_masks must be a (batch, shot, height, width) tensor, got {_shape(support_masks)}")
+    if support_masks.shape[:2] != support_pixel_values.shape[:2]:
+        raise ValueError(
+            f"support_masks {tuple(support_masks.shape)} and support_pixel_values "
+            f"{tuple(support_pixel_values.shape)} disagree on batch size or shot"
+        )
+    if support_masks.shape[2:] != support_pixel_values.shape[3:]:
+        raise ValueError(
+            f"support_masks size {tuple(support_masks.shape[2:])} differs from the support image size "
+            f"{tuple(support_pixel_values.shape[3:])}"
+        )
+    if batch_size is not None and support_pixel_values.shape[0] != batch_size:
+        raise ValueError(
+            f"support_pixel_values holds {support_pixel_values.shape[0]} support sets but pixel_values holds "
+            f"{batch_size} queries"
+        )
+    if require_target:
+        has_target = (support_masks == 1).flatten(2).any(-1)
+        if not bool(has_target.all()):
+            empty = [tuple(i) for i in (~has_target).nonzero().tolist()]
+            raise ValueError(
+                f"support_masks has no target pixel (value 1) for (batch, shot) index {empty}; every support "
+                "image needs at least one pixel of the class"
+            )
+
+
+class FewShotSegmentationPreTrainedModel(PreTrainedModel):
+    """
+    Base class of the hf_fss models.
+
+    A method implements `_encode_support` (support images and masks to a `SupportEncoding`) and `_segment`
+    (queries and an encoding to a `FewShotSegmentationOutput`); this class checks inputs, splits the two so
+    that one support set can serve many queries, keeps the backbone frozen as configured and loads its
+    ImageNet weights when asked.
+    """
+
+    config_class = FewShotSegmentationConfig
+    base_model_prefix = "fss"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False
+    _no_split_modules = []
+
+    def __init__(self, config: FewShotSegmentationConfig):
+        super().__init__(config)
+
+    # --- construction -------------------------------------------------------------------------------------
+    def build_backbone(self) -> nn.Module:
+        """The configured backbone, frozen if `config.freeze_backbone`."""
+        backbone = build_backbone(self.config.backbone, **(self.config.backbone_kwargs or {}))
+        if self.config.freeze_backbone:
+            backbone.requires_grad_(False)
+        return backbone
+
+    def post_init(self):
+        super().post_init()
+        # post_init re-initialises every module, so ImageNet weights can only be loaded after it.
+        if self.config.use_pretrained_backbone and not _LOADING_CHECKPOINT.get():
+            self.load_pretrained_backbone()
+
+    def load_pretrained_backbone(self, name_or_path: str | None = None) -> None:
+        """Load ImageNet weights into `self.backbone` from a Hub repo id, a folder or a safetensors file."""
+        load_backbone_weights(self.backbone, name_or_path or self.config.backbone_weights)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # The checkpoint already holds the backbone: never fetch ImageNet weights, never unpickle.
+        kwargs.setdefault("use_safetensors", True)
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+        model.config.use_pretrained_backbone = False
+        return model
+
+    def _init_weights(self, module):
+        # torch's own defaults, which the reference implementations train from, for every non-backbone layer.
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+
+    # --- training behaviour --------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        backbone = getattr(self, "backbone", None)
+        if mode and backbone is not None and self.config.freeze_backbone_batchnorm:
+            backbone.eval()
+        return self
+
+    def convert_sync_batchnorm(self, process_group=None):
+        """Replace the batch norms that train (not those of a frozen backbone) by `SyncBatchNorm` for multi-GPU runs."""
+        frozen = self.config.freeze_backbone and self.config.freeze_backbone_batchnorm
+        for name, child in self.named_children():
+            if name == "backbone" and frozen:
+                continue
+            setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group))
+        return self
+
+    def backbone_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The five stage features of the backbone, without autograd when it is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            return self.backbone(pixel_values)
+
+    # --- the few-shot API ----------------------------------------------------------------------------------
+    def encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
+        """
+        Encode a support set once to segment many queries with `model(pixel_values, support_encoding=...)`.
+
+        Args:
+            support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`)
+            support_masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
+                1 = target class, 0 = background, 255 = ignore.
+        """
+        check_support_inputs(support_pixel_values, support_masks, require_target=not self.training)
+        return self._encode_support(support_pixel_values, support_masks)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        support_pixel_values: torch.Tensor | None = None,
+        support_masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        support_encoding: SupportEncoding | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FewShotSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised query images.
+            support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`):
+                normalised support images.
+            support_masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
+                1 = target class, 0 = background, 255 = ignore (padding).
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                query target masks in {0, 1, 255}; when given, `loss` is computed.
+            support_encoding (`SupportEncoding`, *optional*):
+                the result of `encode_support`, used instead of support images and masks.
+            kwargs: method-specific training inputs (e.g. `class_ids`).
+
+        Returns:
+            `FewShotSegmentationOutput` (or a tuple if `return_dict=False`).
+        """
+        check_query_inputs(pixel_values, labels)
+        batch_size = pixel_values.shape[0]
+        if support_encoding is None:
+            check_support_inputs(
+                support_pixel_values, support_masks, batch_size=batch_size, require_target=not self.training
+            )
+            support_encoding = self._encode_support(support_pixel_values, support_masks)
+        else:
+            if support_pixel_values is not None or support_masks is not None:
+                raise ValueError("give either support_encoding or support_pixel_values/support_masks, not both")
+            if not isinstance(support_encoding, SupportEncoding):
+                raise ValueError(
+                    f"support_encoding must come from model.encode_support(...), got {type(support_encoding).__name__}"
+                )
+            support_encoding = support_encoding.expand_batch(batch_size)
+        outputs = self._segment(pixel_values, support_encoding, labels=labels, **kwargs)
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return outputs if return_dict else outputs.to_tuple()
+
+    def _encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
+        raise NotImplementedError(f"{type(self).__name__} must implement _encode_support")
+
+    def _segment(self, pixel_values, support_encoding, labels=None, **kwargs) -> FewShotSegmentationOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement _segment")

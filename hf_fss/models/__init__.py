@@ -1,0 +1,1 @@
+"""The few-shot segmentation methods of hf_fss, one folder each."""

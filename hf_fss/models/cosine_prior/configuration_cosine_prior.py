@@ -1,0 +1,33 @@
+"""Configuration of the training-free cosine prior baseline."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+
+from ...configuration_fss import FewShotSegmentationConfig
+
+
+@strict(accept_kwargs=True)
+class CosinePriorConfig(FewShotSegmentationConfig):
+    r"""
+    The training-free baseline of the PFENet lineage: the cosine prior mask of the query's layer-4 features against
+    the masked support's, thresholded. It has no trained layers; its numbers are the floor every method must beat.
+
+    threshold (`float`, *optional*, defaults to 0.5):
+        A pixel is predicted as target where the prior exceeds it.
+
+    Example:
+    ```python
+    >>> from hf_fss import CosinePriorConfig, CosinePriorModel
+    >>> model = CosinePriorModel(CosinePriorConfig(backbone="resnet50", use_pretrained_backbone=True))
+    ```
+    """
+
+    model_type = "cosine_prior"
+
+    threshold: float = 0.5
+
+    def __post_init__(self, **kwargs):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        super().__post_init__(**kwargs)

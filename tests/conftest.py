@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Tests never reach the network: Hub look-ups must be answered from the local cache or fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TINY_RESNET = {"base_width": 8, "depths": [1, 1, 1, 1]}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_episode(batch_size=2, shot=1, size=65, generator=None):
+    """Random normalised images and masks with a target square in every support."""
+    g = generator or torch.Generator().manual_seed(0)
+    query = torch.randn(batch_size, 3, size, size, generator=g)
+    support = torch.randn(batch_size, shot, 3, size, size, generator=g)
+    masks = torch.zeros(batch_size, shot, size, size, dtype=torch.long)
+    masks[..., size // 4 : size // 2, size // 4 : 3 * size // 4] = 1
+    masks[..., -3:, :] = 255
+    labels = torch.zeros(batch_size, size, size, dtype=torch.long)
+    labels[:, size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 1
+    return query, support, masks, labels

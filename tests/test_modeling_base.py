@@ -1,0 +1,252 @@
+"""The shared model API: Auto classes, safetensors-only save/load, support encoding, input checks, freezing."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_RESNET, random_episode
+from huggingface_hub.dataclasses import strict
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+import hf_fss
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationConfig,
+    FewShotSegmentationImageProcessor,
+    FewShotSegmentationOutput,
+    FewShotSegmentationPreTrainedModel,
+    SupportEncoding,
+)
+
+
+def tiny_prior_model(**kwargs):
+    config = CosinePriorConfig(backbone="resnet50", backbone_kwargs=dict(TINY_RESNET), image_size=65, **kwargs)
+    return CosinePriorModel(config).eval()
+
+
+def test_auto_classes_resolve_a_saved_tiny_model(tmp_path):
+    model = tiny_prior_model()
+    processor = FewShotSegmentationImageProcessor(image_size=65)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "cosine_prior"
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(config) is CosinePriorConfig
+    assert type(loaded) is CosinePriorModel
+    assert type(loaded_processor) is FewShotSegmentationImageProcessor
+    assert loaded_processor.image_size == 65
+
+    query, support, masks, _ = random_episode()
+    with torch.no_grad():
+        expected = model(query, support, masks).logits
+        got = loaded(query, support, masks).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_from_pretrained_refuses_pickle_and_never_fetches_imagenet_weights(tmp_path, monkeypatch):
+    model = tiny_prior_model()
+    model.save_pretrained(tmp_path / "ok")
+    # A saved model whose config asks for ImageNet weights must not fetch them again on load.
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg["use_pretrained_backbone"] = True
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("from_pretrained tried to load ImageNet backbone weights")
+
+    monkeypatch.setattr(hf_fss.modeling_fss, "load_backbone_weights", fail)
+    loaded = AutoModel.from_pretrained(tmp_path / "ok")
+    assert loaded.config.use_pretrained_backbone is False
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(cfg))
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        AutoModel.from_pretrained(pickled)
+
+
+def test_use_pretrained_backbone_loads_weights_after_init(tmp_path):
+    donor = tiny_prior_model().backbone
+    for p in donor.parameters():
+        p.data.normal_()
+    state = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    # Our own layout is not an ImageNet layout; write it as PSPNet's (conv1/bn1/... stem, layerN blocks).
+    stem = {"layer0.conv1": "conv1", "layer0.bn1": "bn1", "layer0.conv2": "conv2", "layer0.bn2": "bn2"}
+    stem.update({"layer0.conv3": "conv3", "layer0.bn3": "bn3"})
+    renamed = {}
+    for key, value in state.items():
+        prefix, _, rest = key.rpartition(".")
+        renamed[f"{stem.get(prefix, prefix)}.{rest}"] = value
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+
+    model = tiny_prior_model(use_pretrained_backbone=True, pretrained_backbone_name_or_path=str(tmp_path))
+    for key, value in donor.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_encode_support_equals_plain_call_and_serves_many_queries():
+    model = tiny_prior_model()
+    query, support, masks, _ = random_episode(batch_size=3, shot=2)
+    with torch.no_grad():
+        plain = model(query, support, masks)
+        encoding = model.encode_support(support, masks)
+        reused = model(query, support_encoding=encoding)
+        torch.testing.assert_close(reused.logits, plain.logits, rtol=0, atol=0)
+
+        one_set = model.encode_support(support[:1], masks[:1])
+        assert isinstance(one_set, SupportEncoding) and one_set.shot == 2
+        broadcast = model(query, support_encoding=one_set).logits
+        each = model(query, support[:1].expand(3, -1, -1, -1, -1), masks[:1].expand(3, -1, -1, -1)).logits
+        torch.testing.assert_close(broadcast, each, rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_follow_the_contract():
+    model = tiny_prior_model()
+    query, support, masks, labels = random_episode(batch_size=2, shot=3)
+    out = model(query, support, masks, labels=labels)
+    assert isinstance(out, FewShotSegmentationOutput)
+    assert out.logits.shape == (2, 2, 65, 65)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    assert set(out.losses) == {"main"}
+    prior = out.maps["prior"]
+    assert prior.shape[:2] == (2, 1) and prior.min() >= 0 and prior.max() <= 1
+    # argmax of the logits is exactly "prior > threshold"
+    up = F.interpolate(prior, size=(65, 65), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.equal(out.logits.argmax(1), (up > 0.5).long())
+    as_tuple = model(query, support, masks, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, q, s, k: m(q[0], s, k), r"pixel_values must be a \(batch, 3, height, width\)"),
+        (lambda m, q, s, k: m(q[:, :1], s, k), "pixel_values"),
+        (lambda m, q, s, k: m(q, s[:, 0], k), "support_pixel_values must be a"),
+        (lambda m, q, s, k: m(q, s, k[:, :, None]), "support_masks must be a"),
+        (lambda m, q, s, k: m(q, s[:1], k[:1]), "holds 1 support sets but pixel_values holds 2"),
+        (lambda m, q, s, k: m(q, s, k[:, :1]), "disagree on batch size or shot"),
+        (lambda m, q, s, k: m(q, s, k[..., :-1]), "differs from the support image size"),
+        (lambda m, q, s, k: m(q, s, torch.zeros_like(k)), r"no target pixel .* \[\(0, 0\), \(0, 1\)"),
+        (lambda m, q, s, k: m(q, s), "support_pixel_values and support_masks are required"),
+        (lambda m, q, s, k: m(q, s, k, labels=torch.zeros(2, 5, 5)), "labels must have shape"),
+        (lambda m, q, s, k: m(q, s, k, support_encoding=m.encode_support(s, k)), "not both"),
+        (
+            lambda m, q, s, k: m(
+                q, support_encoding=m.encode_support(s[:1].repeat(3, 1, 1, 1, 1), k[:1].repeat(3, 1, 1, 1))
+            ),
+            "batch of 3",
+        ),
+        (lambda m, q, s, k: m(q, support_encoding={"features": s}), "must come from model.encode_support"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(call, message):
+    model = tiny_prior_model()
+    query, support, masks, _ = random_episode(batch_size=2, shot=2)
+    with pytest.raises(ValueError, match=message):
+        call(model, query, support, masks)
+
+
+def test_config_rejects_unknown_backbone():
+    with pytest.raises(ValueError, match="backbone='resnet18' is not supported"):
+        CosinePriorConfig(backbone="resnet18")
+    with pytest.raises(ValueError, match="threshold"):
+        CosinePriorConfig(threshold=2.0)
+
+
+# A trainable head on top of the shared base, to exercise freezing through a real optimisation step.
+@strict(accept_kwargs=True)
+class HeadConfig(FewShotSegmentationConfig):
+    model_type = "test_head"
+
+
+@dataclass
+class HeadEncoding(SupportEncoding):
+    prototype: torch.Tensor | None = None
+
+
+class HeadModel(FewShotSegmentationPreTrainedModel):
+    config_class = HeadConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = self.build_backbone()
+        self.head = nn.Sequential(
+            nn.Conv2d(self.backbone.channels[4] * 2, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+        )
+        self.post_init()
+
+    def _encode_support(self, support_pixel_values, support_masks):
+        feats = self.backbone_features(support_pixel_values[:, 0])[-1]
+        mask = F.interpolate((support_masks[:, :1] == 1).float(), size=feats.shape[-2:], mode="bilinear")
+        return HeadEncoding(
+            shot=1, prototype=(feats * mask).sum((2, 3), keepdim=True) / (mask.sum((2, 3), keepdim=True) + 1e-5)
+        )
+
+    def _segment(self, pixel_values, support_encoding, labels=None, **kwargs):
+        feats = self.backbone_features(pixel_values)[-1]
+        proto = support_encoding.prototype.expand_as(feats)
+        logits = F.interpolate(self.head(torch.cat([feats, proto], 1)), size=pixel_values.shape[-2:], mode="bilinear")
+        loss = F.cross_entropy(logits, labels, ignore_index=255) if labels is not None else None
+        return FewShotSegmentationOutput(loss=loss, logits=logits)
+
+
+def _train_step(model):
+    query, support, masks, labels = random_episode(batch_size=2)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(query, support, masks, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+@pytest.mark.parametrize("freeze_batchnorm", [True, False])
+def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(freeze_batchnorm):
+    config = HeadConfig(backbone_kwargs=dict(TINY_RESNET), freeze_backbone_batchnorm=freeze_batchnorm)
+    model = HeadModel(config)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    assert torch.isfinite(_train_step(model))
+
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    after = model.backbone.state_dict()
+    stats = [k for k in before if "running_" in k or "num_batches_tracked" in k]
+    assert stats
+    weights_same = all(torch.equal(before[k], after[k]) for k in before if k not in stats)
+    stats_same = all(torch.equal(before[k], after[k]) for k in stats)
+    assert weights_same
+    # With frozen batch norm the statistics stay; without, the same step moves them (so the check can fail).
+    assert stats_same is freeze_batchnorm
+    # The trainable head's own batch norm does update.
+    assert not torch.equal(head_before["1.running_mean"], model.head.state_dict()["1.running_mean"])
+
+
+def test_convert_sync_batchnorm_leaves_frozen_backbone_alone():
+    model = HeadModel(HeadConfig(backbone_kwargs=dict(TINY_RESNET))).convert_sync_batchnorm()
+    assert isinstance(model.head[1], nn.SyncBatchNorm)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.backbone.modules())
+    unfrozen = HeadModel(HeadConfig(backbone_kwargs=dict(TINY_RESNET), freeze_backbone=False)).convert_sync_batchnorm()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in unfrozen.backbone.modules())
+    assert all(p.requires_grad for p in unfrozen.backbone.parameters())
+
+
+def test_every_method_is_registered():
+    for model_type, (config_class, model_class) in hf_fss.MODEL_CLASSES.items():
+        assert type(AutoConfig.for_model(model_type)) is config_class
+        assert model_class.config_class is config_class
