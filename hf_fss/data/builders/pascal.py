@@ -1,0 +1,209 @@
+"""PASCAL-5i from the raw PASCAL VOC 2012 release plus SBD (or a ready SegmentationClassAug folder)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from datasets import DatasetDict
+
+from ..schema import VOC_CLASSES
+from ._common import (
+    build_split,
+    check_ids,
+    file_signature,
+    make_row,
+    read_id_list,
+    read_index_png,
+    require_dir,
+    require_file,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_voc_root(voc_root: str | os.PathLike) -> Path:
+    """The VOC2012 folder (holding JPEGImages/), given it or the VOCdevkit folder above it."""
+    root = require_dir(voc_root, "PASCAL VOC 2012 root")
+    if not (root / "JPEGImages").is_dir() and (root / "VOC2012" / "JPEGImages").is_dir():
+        root = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        require_dir(root / sub, "PASCAL VOC 2012 folder")
+    return root
+
+
+def resolve_sbd_root(sbd_root: str | os.PathLike) -> Path:
+    """The SBD `dataset` folder (holding cls/, train.txt, val.txt), given it or benchmark_RELEASE/ above it."""
+    root = require_dir(sbd_root, "SBD root")
+    if not (root / "cls").is_dir() and (root / "dataset" / "cls").is_dir():
+        root = root / "dataset"
+    require_dir(root / "cls", "SBD folder")
+    require_file(root / "train.txt", "SBD list")
+    require_file(root / "val.txt", "SBD list")
+    return root
+
+
+def _struct_field(struct, name: str):
+    """
+    Field `name` of a MATLAB struct as scipy.io.loadmat returns it: a `mat_struct` (struct_as_record=False), a
+    record ndarray (struct_as_record=True, possibly wrapped in 1x1 object arrays when squeeze_me=False), or a
+    dict (simplify_cells=True).
+    """
+    while isinstance(struct, np.ndarray) and struct.dtype == object and struct.size == 1:
+        struct = struct.item()
+    if isinstance(struct, dict):
+        value = struct[name]
+    elif isinstance(struct, np.ndarray) and struct.dtype.names is not None:
+        if name not in struct.dtype.names:
+            raise KeyError(name)
+        value = struct[name].reshape(-1)[0] if struct.size == 1 else struct[name]
+    elif hasattr(struct, "_fieldnames") or hasattr(struct, name):
+        value = getattr(struct, name)
+    else:
+        raise KeyError(name)
+    while isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
+        value = value.item()
+    return value
+
+
+def read_sbd_segmentation(path: Path) -> np.ndarray:
+    """The class-id map (`GTcls.Segmentation`, uint8 HxW) of an SBD `cls/{id}.mat` file."""
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except (OSError, ValueError, TypeError, NotImplementedError) as err:
+        raise ValueError(f"cannot read SBD annotation {path}: {err}") from err
+    if "GTcls" not in mat:
+        raise ValueError(
+            f"SBD annotation {path} has no GTcls struct (variables: {sorted(k for k in mat if k[0] != '_')})"
+        )
+    try:
+        segmentation = np.asarray(_struct_field(mat["GTcls"], "Segmentation"))
+    except KeyError as err:
+        raise ValueError(f"SBD annotation {path}: GTcls has no Segmentation field") from err
+    if segmentation.ndim != 2 or not np.issubdtype(segmentation.dtype, np.integer):
+        raise ValueError(f"SBD annotation {path}: GTcls.Segmentation is {segmentation.dtype} {segmentation.shape}")
+    if segmentation.size and (segmentation.min() < 0 or segmentation.max() > 255):
+        raise ValueError(f"SBD annotation {path}: ids outside 0..255")
+    return segmentation.astype(np.uint8)
+
+
+def _pascal_rows(items):
+    """Rows of (image_id, image_path, label_path, label_format) items; label_format is "png" or "mat"."""
+    for image_id, image_path, label_path, label_format in items:
+        image_path, label_path = Path(image_path), Path(label_path)
+        label = read_sbd_segmentation(label_path) if label_format == "mat" else read_index_png(label_path)
+        check_ids(label, len(VOC_CLASSES), label_path)
+        yield make_row(image_id, image_path, label, label_path)
+
+
+def _image_path(image_id: str, voc: Path, sbd: Path | None) -> Path:
+    path = voc / "JPEGImages" / f"{image_id}.jpg"
+    if not path.is_file() and sbd is not None and (sbd / "img" / f"{image_id}.jpg").is_file():
+        path = sbd / "img" / f"{image_id}.jpg"
+    return require_file(path, f"image of {image_id}")
+
+
+def build_pascal5i(
+    voc_root: str | os.PathLike,
+    sbd_root: str | os.PathLike | None = None,
+    aug_label_dir: str | os.PathLike | None = None,
+    *,
+    train_list: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+) -> DatasetDict:
+    """
+    PASCAL-5i (all 20 VOC classes; folds are chosen at sampling time) from the raw releases.
+
+    `voc_root` is VOC2012/ (or VOCdevkit/): `JPEGImages/{id}.jpg`, `SegmentationClass/{id}.png` (palette PNGs,
+    255 = boundary / ignore) and `ImageSets/Segmentation/{train,val}.txt`. Pass exactly one training source:
+
+    - `sbd_root`: SBD's benchmark_RELEASE/dataset (or benchmark_RELEASE/): `cls/{id}.mat`, `img/{id}.jpg`,
+      `train.txt`, `val.txt`. train = (SBD train + SBD val + VOC train) minus VOC val, the 10582 "aug" images.
+      Labels come from VOC's SegmentationClass for ids in VOC's segmentation lists and from SBD otherwise, which
+      is how SegmentationClassAug was made (so SBD-only images have no 255 boundary).
+    - `aug_label_dir`: a ready SegmentationClassAug/ folder of single-channel `{id}.png` maps. train = the ids of
+      `train_list` (e.g. train_aug.txt; bare ids or DeepLab "image label" path lines) if given, else every
+      `{id}.png` in the folder, minus VOC val in both cases; labels from that folder.
+
+    validation = VOC val (1449 images) with VOC's own labels. Images come from VOC's JPEGImages (SBD's img/ when
+    an SBD-only id is missing there). Rows are in sorted id order; ids survive exactly (palette PNGs are read as
+    indices). FileNotFoundError / ValueError name the missing or bad path.
+    """
+    if (sbd_root is None) == (aug_label_dir is None):
+        raise ValueError("pass exactly one of sbd_root (SBD benchmark_RELEASE/dataset) and aug_label_dir")
+    if train_list is not None and aug_label_dir is None:
+        raise ValueError("train_list only applies with aug_label_dir")
+    voc = resolve_voc_root(voc_root)
+    voc_sets = voc / "ImageSets" / "Segmentation"
+    voc_train = read_id_list(require_file(voc_sets / "train.txt", "VOC segmentation list"))
+    voc_val = read_id_list(require_file(voc_sets / "val.txt", "VOC segmentation list"))
+    val_set = set(voc_val)
+
+    def voc_item(image_id: str, sbd: Path | None = None) -> tuple:
+        label = require_file(voc / "SegmentationClass" / f"{image_id}.png", f"VOC label of {image_id}")
+        return image_id, str(_image_path(image_id, voc, sbd)), str(label), "png"
+
+    sbd = None
+    if sbd_root is not None:
+        sbd = resolve_sbd_root(sbd_root)
+        sbd_ids = read_id_list(sbd / "train.txt") + read_id_list(sbd / "val.txt")
+        train_ids = sorted((set(sbd_ids) | set(voc_train)) - val_set)
+        voc_labelled = set(voc_train)  # VOC val ids never reach train
+        train_items = []
+        for image_id in train_ids:
+            if image_id in voc_labelled:
+                train_items.append(voc_item(image_id, sbd))
+            else:
+                label = require_file(sbd / "cls" / f"{image_id}.mat", f"SBD label of {image_id}")
+                train_items.append((image_id, str(_image_path(image_id, voc, sbd)), str(label), "mat"))
+        source = (
+            f"train = (SBD train + SBD val + VOC train) - VOC val from {sbd} and {voc} "
+            "(labels: VOC SegmentationClass where VOC has them, else SBD cls/*.mat)"
+        )
+    else:
+        aug = require_dir(aug_label_dir, "SegmentationClassAug folder")
+        if train_list is not None:
+            listed = read_id_list(train_list)
+            dropped = sorted(set(listed) & val_set)
+            if dropped:
+                logger.warning("dropping %d VOC val ids listed in %s from train", len(dropped), train_list)
+            train_ids = sorted(set(listed) - val_set)
+            origin = f"the ids of {Path(train_list)}"
+        else:
+            train_ids = sorted({p.stem for p in aug.glob("*.png")} - val_set)
+            origin = f"every label in {aug}"
+        train_items = []
+        for image_id in train_ids:
+            label = require_file(aug / f"{image_id}.png", f"SegmentationClassAug label of {image_id}")
+            train_items.append((image_id, str(_image_path(image_id, voc, None)), str(label), "png"))
+        source = f"train = {origin} minus VOC val, labels from {aug}, images from {voc}"
+
+    val_items = [voc_item(image_id) for image_id in sorted(val_set)]
+
+    def signature(items):
+        return [[i, file_signature(Path(im)), file_signature(Path(lb)), fmt] for i, im, lb, fmt in items]
+
+    header = "PASCAL-5i (PASCAL VOC 2012 + SBD augmentation, 20 classes, 255 = ignore), built by hf_fss: "
+    splits = {
+        "train": (train_items, header + source),
+        "validation": (val_items, header + f"validation = VOC2012 val from {voc} with VOC SegmentationClass labels"),
+    }
+    return DatasetDict(
+        {
+            name: build_split(
+                _pascal_rows,
+                items,
+                VOC_CLASSES,
+                split=name,
+                signature=["pascal5i", signature(items)],
+                description=description,
+                cache_dir=cache_dir,
+                num_proc=num_proc,
+            )
+            for name, (items, description) in splits.items()
+        }
+    )

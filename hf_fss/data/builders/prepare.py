@@ -1,0 +1,150 @@
+"""
+Command line of `scripts/prepare_dataset.py`: build a benchmark from its raw release (or the synthetic one),
+save it with `save_to_disk` and optionally push it to the Hub.
+
+The dataset is written into a temporary sibling folder of `--output-dir` and renamed into place only when
+complete, so an interrupted run never leaves a half-written output; a non-empty `--output-dir` is refused unless
+`--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.compute as pc
+from datasets import DatasetDict, load_from_disk
+from datasets.exceptions import DatasetGenerationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser: one subcommand per benchmark, common output options on each."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output-dir", required=True, type=Path, help="where save_to_disk writes the DatasetDict")
+    common.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    common.add_argument("--push-to-hub", metavar="REPO", help="also push the DatasetDict to this Hub dataset repo")
+    common.add_argument("--private", action="store_true", help="make a newly created Hub repo private")
+    common.add_argument("--num-proc", type=int, default=None, help="worker processes for building and saving")
+
+    parser = argparse.ArgumentParser(
+        prog="prepare_dataset.py", description="Build a few-shot segmentation benchmark as a Hugging Face dataset."
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{pascal5i,coco20i,fss1000,synthetic}")
+
+    pascal = sub.add_parser("pascal5i", parents=[common], help="PASCAL-5i from VOC 2012 + SBD")
+    pascal.add_argument("--voc-root", required=True, type=Path, help="VOC2012/ (or VOCdevkit/)")
+    source = pascal.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--sbd-root", type=Path, help="SBD benchmark_RELEASE/dataset/ (cls/, img/, train.txt, val.txt)"
+    )
+    source.add_argument("--aug-label-dir", type=Path, help="a ready SegmentationClassAug/ folder of {id}.png labels")
+    pascal.add_argument(
+        "--train-list", type=Path, help="with --aug-label-dir: train ids (e.g. train_aug.txt) instead of all labels"
+    )
+
+    coco = sub.add_parser("coco20i", parents=[common], help="COCO-20i from COCO 2014")
+    coco.add_argument("--coco-root", required=True, type=Path, help="holds train2014/, val2014/, annotations/")
+
+    fss = sub.add_parser("fss1000", parents=[common], help="FSS-1000")
+    fss.add_argument("--fss-root", required=True, type=Path, help="one folder per class of N.jpg + N.png")
+    fss.add_argument("--split-dir", type=Path, help="folder with trn.txt, val.txt, test.txt (HSNet data/splits/fss)")
+    fss.add_argument("--seed", type=int, default=0, help="seed of the fallback class split (without --split-dir)")
+
+    synthetic = sub.add_parser("synthetic", parents=[common], help="the synthetic benchmark (no download)")
+    synthetic.add_argument("--seed", type=int)
+    synthetic.add_argument("--num-train", type=int)
+    synthetic.add_argument("--num-val", type=int)
+    synthetic.add_argument("--image-size", type=int)
+    return parser
+
+
+def build(args: argparse.Namespace, cache_dir: Path | None = None) -> DatasetDict:
+    """The DatasetDict the parsed `args` ask for; builder caches go to `cache_dir`."""
+    if args.benchmark == "pascal5i":
+        from .pascal import build_pascal5i
+
+        if args.train_list is not None and args.aug_label_dir is None:
+            raise ValueError("--train-list only applies with --aug-label-dir")
+        return build_pascal5i(
+            args.voc_root,
+            sbd_root=args.sbd_root,
+            aug_label_dir=args.aug_label_dir,
+            train_list=args.train_list,
+            cache_dir=cache_dir,
+            num_proc=args.num_proc,
+        )
+    if args.benchmark == "coco20i":
+        from .coco import build_coco20i
+
+        return build_coco20i(args.coco_root, cache_dir=cache_dir, num_proc=args.num_proc)
+    if args.benchmark == "fss1000":
+        from .fss import build_fss1000
+
+        return build_fss1000(
+            args.fss_root, split_dir=args.split_dir, seed=args.seed, cache_dir=cache_dir, num_proc=args.num_proc
+        )
+    if args.benchmark == "synthetic":
+        from hf_fss.data.synthetic import build_synthetic  # written separately; imported only when asked for
+
+        options = {
+            "seed": args.seed,
+            "num_train": args.num_train,
+            "num_val": args.num_val,
+            "image_size": args.image_size,
+            "num_proc": args.num_proc,
+        }
+        return build_synthetic(**{k: v for k, v in options.items() if v is not None})
+    raise ValueError(f"unknown benchmark {args.benchmark!r}")
+
+
+def split_summary(name: str, dataset) -> str:
+    """One line: split name, rows, and how many distinct classes (background and ignore excluded) it holds."""
+    if "class_ids" not in dataset.column_names:
+        return f"{name}: {dataset.num_rows} rows"
+    ids = pc.unique(pc.list_flatten(dataset.data.column("class_ids")))
+    return f"{name}: {dataset.num_rows} rows, {len(ids)} classes"
+
+
+def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_proc: int | None = None) -> None:
+    """save_to_disk into `staging`, then swap it in for `output_dir` (whose old content, if any, is dropped)."""
+    written = staging / "dataset"
+    dataset.save_to_disk(str(written), num_proc=num_proc)
+    if output_dir.exists():
+        output_dir.rename(staging / "replaced")  # removed with the staging folder
+    written.rename(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 build error, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output_dir: Path = args.output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output-dir {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
+        parser.error(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        dataset = build(args, cache_dir=staging / "cache")
+        save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
+    except (FileNotFoundError, NotADirectoryError, ValueError, DatasetGenerationError, ImportError) as err:
+        # Errors raised while generating rows arrive wrapped in DatasetGenerationError; report the cause.
+        cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ is not None else err
+        print(f"{parser.prog}: error: {cause}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    saved = load_from_disk(str(output_dir))
+    print(f"saved {args.benchmark} to {output_dir}")
+    for name, split in saved.items():
+        print(split_summary(name, split))
+    if args.push_to_hub:
+        saved.push_to_hub(args.push_to_hub, private=args.private or None)
+        print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
+    return 0

@@ -1,0 +1,27 @@
+"""
+Build a few-shot segmentation benchmark from its raw release and save it as a Hugging Face dataset.
+
+    python scripts/prepare_dataset.py pascal5i --voc-root VOC2012 --sbd-root benchmark_RELEASE/dataset --output-dir data/pascal5i
+    python scripts/prepare_dataset.py pascal5i --voc-root VOC2012 --aug-label-dir SegmentationClassAug \
+        [--train-list train_aug.txt] --output-dir data/pascal5i
+    python scripts/prepare_dataset.py coco20i --coco-root coco --output-dir data/coco20i
+    python scripts/prepare_dataset.py fss1000 --fss-root FSS-1000 [--split-dir hsnet/data/splits/fss] --output-dir data/fss1000
+    python scripts/prepare_dataset.py synthetic --seed 0 --num-train 200 --num-val 50 --image-size 128 --output-dir data/synthetic
+
+Add `--push-to-hub ORG/NAME` to upload the result, `--overwrite` to replace a non-empty output folder. The logic
+lives in `hf_fss.data.builders`.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from hf_fss.data.builders.prepare import main
+except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
+    if err.name != "hf_fss":
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hf_fss.data.builders.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""
+scripts/prepare_dataset.py and the raw-release builders on tiny releases written in the real on-disk layouts:
+PASCAL VOC 2012 + SBD (or SegmentationClassAug), COCO 2014 and FSS-1000. Every check reads the saved dataset back
+with `datasets.load_from_disk`, so ids are proven to survive build, save, load and decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.io
+import scipy.sparse
+
+datasets = pytest.importorskip("datasets")
+mask_utils = pytest.importorskip("pycocotools.mask")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "prepare_dataset.py"
+
+
+# ----------------------------------------------------------------------------------------------- raw writers
+
+
+def _rgb(rng, height, width):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_jpeg(path: Path, pixels: np.ndarray, exif_orientation: int | None = None) -> np.ndarray:
+    """Write a JPEG; return the pixels a decoder reads back (what the dataset must hold)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = PIL.Image.fromarray(pixels)
+    kwargs = {"quality": 90}
+    if exif_orientation is not None:
+        exif = PIL.Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    image.save(path, format="JPEG", **kwargs)
+    with PIL.Image.open(path) as written:
+        return np.array(written.convert("RGB"))  # raw pixel grid, EXIF orientation not applied
+
+
+# Luminance of a palette entry is not monotone in its index, so `.convert("L")` would scramble the ids.
+PALETTE = [(i * 97 + c * 61) % 256 for i in range(256) for c in range(3)]
+
+
+def write_palette_png(path: Path, ids: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = PIL.Image.fromarray(ids.astype(np.uint8))
+    image.putpalette(PALETTE)  # makes it a "P" image whose indices are the ids
+    image.save(path)
+
+
+def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:
+    """The real SBD cls/*.mat layout: struct GTcls with Boundaries (20x1 cell of sparse), Segmentation,
+    CategoriesPresent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    boundaries = np.empty((20, 1), dtype=object)
+    for i in range(20):
+        boundaries[i, 0] = scipy.sparse.csc_matrix(segmentation.shape, dtype=bool)
+    present = np.array([c for c in np.unique(segmentation) if c not in (0, 255)], dtype=np.uint8)
+    gtcls = {"Boundaries": boundaries, "Segmentation": segmentation.astype(np.uint8), "CategoriesPresent": present}
+    scipy.io.savemat(path, {"GTcls": gtcls})
+
+
+def _label(rng, height, width, classes, boundary=True):
+    ids = np.zeros((height, width), dtype=np.uint8)
+    for k, c in enumerate(classes):
+        y, x = 2 + 3 * k, 1 + 4 * k
+        ids[y : y + 5, x : x + 6] = c
+    if boundary:
+        ids[0, :] = 255
+    return ids
+
+
+def write_voc_sbd(root: Path) -> dict:
+    """VOC2012 + SBD. VOC train {01,02}, VOC val {03,04}; SBD train {01,03,10}, SBD val {11,12}.
+    01 is in both (VOC's label must win), 03 is VOC val (never in train), 12 has no VOC JPEG (SBD img/ is used)."""
+    rng = np.random.default_rng(0)
+    voc, sbd = root / "VOCdevkit" / "VOC2012", root / "benchmark_RELEASE" / "dataset"
+    sizes = {"2007_000001": (18, 22), "2007_000002": (20, 16), "2007_000003": (17, 23), "2007_000004": (21, 19)}
+    sizes.update({"2008_000010": (19, 24), "2008_000011": (16, 16), "2008_000012": (22, 18)})
+    classes = {"2007_000001": [15, 1], "2007_000002": [20], "2007_000003": [7, 12], "2007_000004": [3]}
+    classes.update({"2008_000010": [9, 2], "2008_000011": [], "2008_000012": [18, 4, 11]})
+    images, labels = {}, {}
+    for image_id, (h, w) in sizes.items():
+        folder = sbd / "img" if image_id == "2008_000012" else voc / "JPEGImages"
+        images[image_id] = write_jpeg(folder / f"{image_id}.jpg", _rgb(rng, h, w))
+        if image_id.startswith("2007"):  # in VOC's segmentation set: palette PNG with 255 boundary
+            labels[image_id] = _label(rng, h, w, classes[image_id])
+            write_palette_png(voc / "SegmentationClass" / f"{image_id}.png", labels[image_id])
+        else:  # SBD only: no boundary
+            labels[image_id] = _label(rng, h, w, classes[image_id], boundary=False)
+            write_sbd_mat(sbd / "cls" / f"{image_id}.mat", labels[image_id])
+    # SBD also annotates 01 (differently) and 03; neither may be used.
+    write_sbd_mat(sbd / "cls" / "2007_000001.mat", np.full(sizes["2007_000001"], 5, np.uint8))
+    write_sbd_mat(sbd / "cls" / "2007_000003.mat", np.full(sizes["2007_000003"], 6, np.uint8))
+    lists = voc / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("2007_000002\n2007_000001\n")
+    (lists / "val.txt").write_text("2007_000003\n2007_000004\n")
+    (sbd / "train.txt").write_text("2007_000001\n2007_000003\n2008_000010\n")
+    (sbd / "val.txt").write_text("2008_000011\n2008_000012\n")
+    return {"voc": voc, "sbd": sbd.parent, "images": images, "labels": labels}
+
+
+def write_aug_dir(root: Path, voc: dict) -> Path:
+    """A SegmentationClassAug folder (single-channel L PNGs) for 01, 02, 03 (VOC val) and 10."""
+    aug = root / "SegmentationClassAug"
+    aug.mkdir()
+    for image_id in ("2007_000001", "2007_000002", "2007_000003", "2008_000010"):
+        ids = voc["labels"][image_id].copy()
+        ids[-1, -1] = 13  # differs from the VOC / SBD labels, so the test sees where labels came from
+        voc["labels"]["aug:" + image_id] = ids
+        PIL.Image.fromarray(ids).save(aug / f"{image_id}.png")
+    return aug
+
+
+# COCO category ids (with the real gaps) of the 80 classes, in ascending order.
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def _rle_counts(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) run of zeros."""
+    flat, counts, current, run = mask.flatten(order="F"), [], 0, 0
+    for value in flat:
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def _box(h, w, y0, y1, x0, x1):
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def write_coco(root: Path) -> dict:
+    """COCO 2014: train images 9 (overlaps, crowd, all segmentation formats), 25 (no annotation), 30 (grayscale
+    JPEG); val image 42 (EXIF-rotated JPEG). Returns the expected label maps, computed here from the rules."""
+    from hf_fss.data.schema import COCO_CLASSES
+
+    rng = np.random.default_rng(1)
+    categories = [{"id": c, "name": n, "supercategory": "x"} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]
+    cls = {c: i + 1 for i, c in enumerate(COCO_CATEGORY_IDS)}
+    expected, images = {}, {}
+
+    h, w = 30, 40
+    table_poly = [0.0, 0.0, 30.0, 0.0, 30.0, 20.0, 0.0, 20.0]
+    person_poly = [5.0, 5.0, 10.0, 5.0, 10.0, 10.0, 5.0, 10.0]
+    poly_mask = {
+        k: mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([p], h, w))).astype(bool)
+        for k, p in (("table", table_poly), ("person", person_poly))
+    }
+    crowd = _box(h, w, 15, 30, 25, 40)
+    brush = _box(h, w, 22, 26, 2, 8)
+    dog, cat = _box(h, w, 24, 28, 10, 14), _box(h, w, 26, 30, 12, 16)  # equal areas, overlapping
+    bike = _box(h, w, 2, 6, 33, 38)
+    bike_rle = mask_utils.encode(np.asfortranarray(bike.astype(np.uint8)))
+    anns = [
+        # The small person has the lower id: annotation-id painting would let the table erase it.
+        {"id": 100, "category_id": 1, "iscrowd": 0, "segmentation": [person_poly]},
+        {"id": 101, "category_id": 67, "iscrowd": 0, "segmentation": [[1.0, 1.0, 2.0, 2.0], table_poly]},
+        {"id": 103, "category_id": 1, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": _rle_counts(crowd)}},
+        {"id": 104, "category_id": 90, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": _rle_counts(brush)}},
+        {"id": 106, "category_id": 17, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": _rle_counts(cat)}},
+        {"id": 105, "category_id": 18, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": _rle_counts(dog)}},
+        {"id": 107, "category_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": bike_rle["counts"].decode()}},
+    ]  # fmt: skip
+    label = np.zeros((h, w), np.uint8)
+    label[crowd] = 255
+    label[poly_mask["table"]] = cls[67]
+    label[poly_mask["person"]] = cls[1]
+    label[brush], label[cat], label[dog], label[bike] = cls[90], cls[17], cls[18], cls[2]  # tie: lower id (dog) on top
+    expected["9"] = label
+    train_images = [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": h, "width": w}]
+    images["9"] = write_jpeg(root / "train2014" / train_images[0]["file_name"], _rgb(rng, h, w))
+
+    train_images.append({"id": 25, "file_name": "COCO_train2014_000000000025.jpg", "height": 12, "width": 14})
+    images["25"] = write_jpeg(root / "train2014" / train_images[1]["file_name"], _rgb(rng, 12, 14))
+    expected["25"] = np.zeros((12, 14), np.uint8)
+
+    gray_path = root / "train2014" / "COCO_train2014_000000000030.jpg"
+    PIL.Image.fromarray(rng.integers(0, 256, (16, 10), dtype=np.uint8)).save(gray_path, format="JPEG")
+    with PIL.Image.open(gray_path) as gray:
+        assert gray.mode == "L"
+        images["30"] = np.array(gray.convert("RGB"))
+    train_images.append({"id": 30, "file_name": gray_path.name, "height": 16, "width": 10})
+    anns.append({"id": 200, "category_id": 44, "iscrowd": 0, "segmentation": [[1.0, 1.0, 8.0, 1.0, 8.0, 9.0]]})
+    anns[-1]["image_id"] = 30
+    tri = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([[1.0, 1.0, 8.0, 1.0, 8.0, 9.0]], 16, 10)))
+    expected["30"] = tri.astype(np.uint8) * cls[44]
+    for ann in anns[:-1]:
+        ann["image_id"] = 9
+
+    vh, vw = 10, 16  # stored grid; EXIF orientation 6 would show it as 16 x 10
+    val_images = [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": vh, "width": vw}]
+    images["42"] = write_jpeg(root / "val2014" / val_images[0]["file_name"], _rgb(rng, vh, vw), exif_orientation=6)
+    val_anns = [{"id": 300, "image_id": 42, "category_id": 18, "iscrowd": 0, "segmentation": {"size": [vh, vw], "counts": _rle_counts(_box(vh, vw, 1, 4, 2, 12))}}]  # fmt: skip
+    expected["42"] = _box(vh, vw, 1, 4, 2, 12).astype(np.uint8) * cls[18]
+
+    (root / "annotations").mkdir(parents=True)
+    for tag, imgs, image_anns in (("train2014", train_images, anns), ("val2014", val_images, val_anns)):
+        data = {"info": {}, "licenses": [], "images": imgs, "annotations": image_anns, "categories": categories}
+        (root / "annotations" / f"instances_{tag}.json").write_text(json.dumps(data))
+    return {"root": root, "labels": expected, "images": images}
+
+
+FSS_CLASSES = ["abe's_flyingfish", "apple", "bus", "cat", "dog", "zebra"]
+
+
+def write_fss(root: Path) -> dict:
+    """FSS-1000 class folders of N.jpg + N.png (images 1, 2, 10 so that numeric order matters), RGB and L masks
+    with values around the 128 threshold, a stray __MACOSX folder, and HSNet-style split lists."""
+    rng = np.random.default_rng(2)
+    data = root / "FSS-1000"
+    masks, images = {}, {}
+    for k, name in enumerate(FSS_CLASSES):
+        for n in (1, 2, 10):
+            h, w = 12 + k, 14
+            images[f"{name}/{n}"] = write_jpeg(data / name / f"{n}.jpg", _rgb(rng, h, w))
+            gray = np.zeros((h, w), np.uint8)
+            gray[2 : 6 + n % 3, 3:9] = 255
+            gray[0, 0], gray[0, 1] = 128, 127  # JPEG-ish noise: 128 is foreground, 127 is not
+            masks[f"{name}/{n}"] = (gray >= 128).astype(np.uint8)
+            mask = PIL.Image.fromarray(gray)
+            (mask.convert("RGB") if k % 2 else mask).save(data / name / f"{n}.png")
+    (data / "__MACOSX").mkdir()
+    splits = root / "splits"
+    splits.mkdir()
+    (splits / "trn.txt").write_text("bus\napple\ncat\n")
+    (splits / "val.txt").write_text("dog\n")
+    (splits / "test.txt").write_text("zebra\nabe's_flyingfish\n")  # HSNet's files end with a newline
+    return {"root": data, "splits": splits, "masks": masks, "images": images}
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    voc = write_voc_sbd(root / "pascal")
+    return {"root": root, "voc": voc, "coco": write_coco(root / "coco"), "fss": write_fss(root / "fss")}
+
+
+@pytest.fixture(scope="module")
+def script_runs(raw, tmp_path_factory):
+    """The script as subprocesses, started together so that their start-up (imports) overlaps."""
+    out = tmp_path_factory.mktemp("out")
+    voc, coco, fss = raw["voc"], raw["coco"], raw["fss"]
+    commands = {
+        "pascal5i": ["pascal5i", "--voc-root", str(voc["voc"].parent), "--sbd-root", str(voc["sbd"])],
+        "coco20i": ["coco20i", "--coco-root", str(coco["root"])],
+        "fss1000": ["fss1000", "--fss-root", str(fss["root"]), "--split-dir", str(fss["splits"])],
+        "missing": ["pascal5i", "--voc-root", str(out / "no_such_voc"), "--sbd-root", str(voc["sbd"])],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args, "--output-dir", str(out / name)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        results[name] = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "dir": out / name}
+    return results
+
+
+def _loaded(run):
+    assert run["rc"] == 0, run["stdout"] + run["stderr"]
+    return datasets.load_from_disk(str(run["dir"]))
+
+
+def _rows(split):
+    return {row["image_id"]: row for row in split}
+
+
+def _check_row(row, label, image=None):
+    decoded = np.array(row["label"])
+    assert row["label"].mode == "L"
+    np.testing.assert_array_equal(decoded, label)
+    ids = [int(c) for c in np.unique(label) if c not in (0, 255)]
+    assert row["class_ids"] == ids
+    assert row["class_areas"] == [int((label == c).sum()) for c in ids]
+    if image is not None:
+        assert row["image"].mode == "RGB"
+        np.testing.assert_array_equal(np.array(row["image"]), image)
+
+
+def _no_leftovers(output_dir: Path):
+    assert not [p.name for p in output_dir.parent.iterdir() if p.name.startswith(f".{output_dir.name}.")]
+
+
+# ------------------------------------------------------------------------------------------------ PASCAL-5i
+
+
+def test_palette_fixture_would_be_scrambled_by_convert_l(raw):
+    path = raw["voc"]["voc"] / "SegmentationClass" / "2007_000001.png"
+    with PIL.Image.open(path) as image:
+        assert image.mode == "P"
+        assert not np.array_equal(np.array(image.convert("L")), raw["voc"]["labels"]["2007_000001"])
+
+
+def test_pascal5i_sbd(raw, script_runs):
+    run = script_runs["pascal5i"]
+    dd = _loaded(run)
+    voc = raw["voc"]
+    assert set(dd) == {"train", "validation"}
+    train, val = _rows(dd["train"]), _rows(dd["validation"])
+    # (SBD train + SBD val + VOC train) - VOC val, sorted; 2007_000003 is in SBD train but is VOC val.
+    assert list(train) == ["2007_000001", "2007_000002", "2008_000010", "2008_000011", "2008_000012"]
+    assert list(val) == ["2007_000003", "2007_000004"]
+    for image_id, row in {**train, **val}.items():
+        _check_row(row, voc["labels"][image_id], voc["images"][image_id])
+    assert train["2007_000001"]["class_ids"] == [1, 15]  # VOC's label, not SBD's all-5 map
+    assert (np.array(train["2007_000001"]["label"]) == 255).any()  # VOC boundary kept
+    assert train["2008_000011"]["class_ids"] == [] and train["2008_000011"]["class_areas"] == []
+    names = dd["train"].features["class_ids"].feature.names
+    assert names[15] == "person" and len(names) == 21
+    assert "SBD" in dd["train"].info.description and "VOC" in dd["validation"].info.description
+    assert "train: 5 rows, 8 classes" in run["stdout"] and "validation: 2 rows, 3 classes" in run["stdout"]
+    _no_leftovers(run["dir"])
+
+
+def _main(argv):
+    from hf_fss.data.builders.prepare import main
+
+    return main([str(a) for a in argv])
+
+
+def test_pascal5i_aug_label_dir(raw, tmp_path):
+    voc = raw["voc"]
+    aug = write_aug_dir(tmp_path, voc)
+    out = tmp_path / "all"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", aug, "--output-dir", out]) == 0
+    dd = datasets.load_from_disk(str(out))
+    train = _rows(dd["train"])
+    assert list(train) == ["2007_000001", "2007_000002", "2008_000010"]  # every label in the folder but VOC val
+    for image_id, row in train.items():
+        _check_row(row, voc["labels"]["aug:" + image_id], voc["images"][image_id])
+    for image_id, row in _rows(dd["validation"]).items():
+        _check_row(row, voc["labels"][image_id])
+
+    # DeepLab-format list; its VOC val id is dropped; 2007_000002 is not listed.
+    listed = tmp_path / "train_aug.txt"
+    lines = ["2007_000001", "2008_000010", "2007_000004"]
+    listed.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in lines))
+    out = tmp_path / "listed"
+    argv = ["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", aug, "--train-list", listed, "--output-dir", out]
+    assert _main(argv) == 0
+    assert datasets.load_from_disk(str(out))["train"]["image_id"][:] == ["2007_000001", "2008_000010"]
+
+
+def test_sbd_struct_access_styles(raw):
+    from hf_fss.data.builders.pascal import _struct_field
+
+    path = raw["voc"]["sbd"] / "dataset" / "cls" / "2008_000010.mat"
+    expected = raw["voc"]["labels"]["2008_000010"]
+    for kwargs in ({"squeeze_me": True, "struct_as_record": False}, {"squeeze_me": True, "struct_as_record": True},
+                   {"squeeze_me": False, "struct_as_record": True}, {"squeeze_me": False, "struct_as_record": False},
+                   {"simplify_cells": True}):  # fmt: skip
+        gtcls = scipy.io.loadmat(path, **kwargs)["GTcls"]
+        np.testing.assert_array_equal(np.asarray(_struct_field(gtcls, "Segmentation")), expected)
+
+
+def test_pascal5i_missing_listed_file(raw, tmp_path, capsys):
+    # A copy of the SBD folder without one listed .mat: the error names that file.
+    import shutil
+
+    sbd = tmp_path / "sbd"
+    shutil.copytree(raw["voc"]["sbd"] / "dataset", sbd)
+    (sbd / "cls" / "2008_000011.mat").unlink()
+    out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 1
+    assert str(sbd / "cls" / "2008_000011.mat") in capsys.readouterr().err
+    assert not out.exists()
+    _no_leftovers(out)
+
+
+def test_missing_folder_exits_with_clear_error(script_runs):
+    run = script_runs["missing"]
+    assert run["rc"] == 1
+    assert "no_such_voc" in run["stderr"] and "not found" in run["stderr"]
+    assert "Traceback" not in run["stderr"]
+    assert not run["dir"].exists()
+    _no_leftovers(run["dir"])
+
+
+# ------------------------------------------------------------------------------------------------ COCO-20i
+
+
+def test_coco20i(raw, script_runs):
+    from hf_fss.data.schema import COCO_CLASSES
+
+    run = script_runs["coco20i"]
+    dd = _loaded(run)
+    coco = raw["coco"]
+    train, val = _rows(dd["train"]), _rows(dd["validation"])
+    assert list(train) == ["9", "25", "30"] and list(val) == ["42"]
+    for image_id, row in {**train, **val}.items():
+        _check_row(row, coco["labels"][image_id], coco["images"][image_id])
+    label = np.array(train["9"]["label"])
+    assert label[7, 7] == 1  # the small person stays on the large dining table
+    assert label[18, 28] == 61 and label[25, 35] == 255  # table over crowd; uncovered crowd is ignore
+    assert label[26, 12] == 17  # equal-area dog (id 105) and cat (id 106): the lower id wins
+    assert train["9"]["class_ids"] == [1, 2, 16, 17, 61, 80]
+    assert train["25"]["class_ids"] == [] and not np.array(train["25"]["label"]).any()  # kept, all background
+    assert val["42"]["image"].size == (16, 10)  # EXIF orientation not applied: image stays on the label's grid
+    assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
+    assert "instances_train2014.json" in dd["train"].info.description
+    assert "train: 3 rows, 7 classes" in run["stdout"]
+
+
+# ------------------------------------------------------------------------------------------------ FSS-1000
+
+
+def _check_fss(dd, fss, expected_splits):
+    names = sorted(FSS_CLASSES)
+    assert set(dd) == {"train", "validation", "test"}
+    for split, classes in expected_splits.items():
+        rows = _rows(dd[split])
+        expected_ids = [f"{c}/{n}" for c in sorted(classes) for n in (1, 2, 10)]
+        assert list(rows) == expected_ids
+        for image_id, row in rows.items():
+            np.testing.assert_array_equal(np.array(row["label"]), fss["masks"][image_id])
+            np.testing.assert_array_equal(np.array(row["image"]), fss["images"][image_id])
+            assert row["class_ids"] == [1 + names.index(image_id.split("/")[0])]
+            assert row["class_areas"] == [int(fss["masks"][image_id].sum())]
+        assert dd[split].features["class_ids"].feature.names == ["background", *names]
+
+
+def test_fss1000_split_lists(raw, script_runs):
+    run = script_runs["fss1000"]
+    dd = _loaded(run)
+    splits = {"train": ["apple", "bus", "cat"], "validation": ["dog"], "test": ["abe's_flyingfish", "zebra"]}
+    _check_fss(dd, raw["fss"], splits)
+    assert "test: 6 rows, 2 classes" in run["stdout"]
+
+
+def test_fss1000_fallback_split_and_overwrite(raw, tmp_path, capsys):
+    from hf_fss.data.builders.fss import fallback_split
+
+    out = tmp_path / "fss"
+    assert _main(["fss1000", "--fss-root", raw["fss"]["root"], "--output-dir", out]) == 0
+    names = sorted(FSS_CLASSES)
+    order = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
+    expected = {"train": order[:4], "validation": order[4:5], "test": order[5:]}  # 6 classes: 4 / 1 / 1
+    _check_fss(datasets.load_from_disk(str(out)), raw["fss"], expected)
+
+    # An existing non-empty output is refused (usage error), and replaced with --overwrite.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _main(["fss1000", "--fss-root", raw["fss"]["root"], "--output-dir", out])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    argv = ["fss1000", "--fss-root", raw["fss"]["root"], "--split-dir", raw["fss"]["splits"], "--output-dir", out]
+    assert _main([*argv, "--overwrite"]) == 0
+    assert datasets.load_from_disk(str(out))["validation"]["image_id"][:] == ["dog/1", "dog/2", "dog/10"]
+    _no_leftovers(out)
+
+    sizes = {k: len(v) for k, v in fallback_split([f"c{i:04d}" for i in range(1000)]).items()}
+    assert sizes == {"train": 520, "validation": 240, "test": 240}
+    classes = [f"c{i}" for i in range(7)]
+    split = fallback_split(classes, seed=3)
+    assert sorted(sum(split.values(), [])) == classes  # a partition of the classes
+    assert split == fallback_split(classes[::-1], seed=3)  # independent of listing order
+
+
+def test_synthetic_subcommand(tmp_path, capsys):
+    pytest.importorskip("hf_fss.data.synthetic")
+    out = tmp_path / "synthetic"
+    sizes = ["--num-train", "3", "--num-val", "2", "--image-size", "32"]
+    assert _main(["synthetic", "--seed", "1", *sizes, "--output-dir", out]) == 0
+    dd = datasets.load_from_disk(str(out))
+    assert (dd["train"].num_rows, dd["validation"].num_rows) == (3, 2)
+    assert "train: 3 rows" in capsys.readouterr().out
+
+
+def test_label_png_round_trip_is_exact():
+    from hf_fss.data.builders._common import encode_label
+
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    with PIL.Image.open(io.BytesIO(encode_label(ids)["bytes"])) as image:
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.array(image), ids)
