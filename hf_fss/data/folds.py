@@ -1,0 +1,166 @@
+"""
+Class splits of the few-shot segmentation benchmarks: which classes a fold tests (novel) and trains on (base).
+
+- PASCAL-5i (20 classes, 4 folds): fold i tests classes 5i+1..5i+5 and trains on the other 15 (PFENet, HSNet).
+- COCO-20i (80 classes, 4 folds), two conventions exist in the literature:
+  `"interleaved"` (default): fold i tests {4k + i + 1 : k = 0..19}, i.e. 1, 5, 9, ... for fold 0. This is PFENet's
+  `use_split_coco=True` and HSNet's split, which later work reports on.
+  `"contiguous"`: fold i tests 20i+1..20i+20 (PFENet's `use_split_coco=False`; PANet's and SMCP's COCO label
+  sets in `util/utils.py::CLASS_LABELS`).
+- synthetic (the embedded benchmark of `hf_fss.data.synthetic`, 20 classes, 4 folds): the PASCAL-5i rule.
+- FSS-1000 has no folds but fixed class splits: its novel classes are those of the `test` split of the DatasetDict
+  and its base classes those of the `train` split, so `fold_classes("fss1000", dataset=dataset_dict)` reads them
+  from the `class_ids` column (no image is decoded) and ignores `fold`.
+
+Class ids are the values of the label maps (1-based; 0 is background), as stored by `hf_fss.data.schema`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BENCHMARKS",
+    "COCO_CONVENTIONS",
+    "FoldSplit",
+    "fold_classes",
+    "normalize_benchmark_name",
+    "num_folds",
+]
+
+BENCHMARKS = ("pascal5i", "coco20i", "synthetic", "fss1000")
+COCO_CONVENTIONS = ("interleaved", "contiguous")
+
+# (number of classes, number of folds) of the benchmarks with folds.
+_FOLDED = {"pascal5i": (20, 4), "coco20i": (80, 4), "synthetic": (20, 4)}
+
+_ALIASES = {
+    "pascal": "pascal5i",
+    "pascal5i": "pascal5i",
+    "pascal5": "pascal5i",
+    "voc": "pascal5i",
+    "coco": "coco20i",
+    "coco20i": "coco20i",
+    "coco20": "coco20i",
+    "synthetic": "synthetic",
+    "fss": "fss1000",
+    "fss1000": "fss1000",
+}
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """
+    Class ids of one fold.
+
+    Attributes:
+        novel: classes the fold is tested on (never seen in training), ascending.
+        base: classes the fold is trained on, ascending.
+    """
+
+    novel: tuple[int, ...]
+    base: tuple[int, ...]
+
+    def __post_init__(self):
+        overlap = set(self.novel) & set(self.base)
+        if overlap:
+            raise ValueError(f"novel and base classes overlap: {sorted(overlap)}")
+
+
+def normalize_benchmark_name(benchmark: str) -> str:
+    """`"PASCAL-5i"`, `"pascal"`, `"coco-20i"`, `"FSS-1000"`, ... -> one of `BENCHMARKS`; ValueError otherwise."""
+    if not isinstance(benchmark, str):
+        raise ValueError(f"benchmark must be a string, one of {BENCHMARKS}; got {benchmark!r}")
+    key = benchmark.lower().replace("-", "").replace("_", "").replace(" ", "")
+    if key not in _ALIASES:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+    return _ALIASES[key]
+
+
+def num_folds(benchmark: str) -> int:
+    """Number of folds of a benchmark (1 for FSS-1000, whose class split is fixed)."""
+    name = normalize_benchmark_name(benchmark)
+    return _FOLDED[name][1] if name in _FOLDED else 1
+
+
+def _classes_of_split(split: Any, name: str) -> tuple[int, ...]:
+    """Sorted union of the `class_ids` column of a `datasets.Dataset` (read without decoding images)."""
+    try:
+        column = split.select_columns(["class_ids"])[:]["class_ids"]
+    except (AttributeError, KeyError) as err:
+        raise ValueError(f"split {name!r} must be a datasets.Dataset with a `class_ids` column") from err
+    return tuple(sorted({int(c) for ids in column for c in ids if int(c) != 0}))
+
+
+def fold_classes(
+    benchmark: str,
+    fold: int | None = 0,
+    convention: str | None = None,
+    *,
+    dataset: Mapping[str, Any] | None = None,
+    novel_split: str = "test",
+    base_split: str = "train",
+) -> FoldSplit:
+    """
+    Novel (test) and base (train) classes of a fold.
+
+    Args:
+        benchmark: `"pascal5i"`, `"coco20i"`, `"synthetic"` or `"fss1000"` (spellings such as `"PASCAL-5i"`,
+            `"coco"`, `"FSS-1000"` are accepted).
+        fold: fold index, 0..3 for the folded benchmarks; ignored for FSS-1000.
+        convention: COCO-20i only, `"interleaved"` (default, PFENet `use_split_coco` / HSNet) or `"contiguous"`.
+            Must be `None` for the other benchmarks.
+        dataset: FSS-1000 only: its `DatasetDict` (or any mapping of split name -> `datasets.Dataset`); the novel
+            classes are the union of the `class_ids` of `dataset[novel_split]`, the base classes that of
+            `dataset[base_split]`.
+        novel_split / base_split: FSS-1000 split names (e.g. `novel_split="validation"` for model selection).
+
+    Returns:
+        `FoldSplit(novel, base)` with ascending class ids.
+
+    Raises:
+        ValueError: unknown benchmark, fold out of range, bad convention, or FSS-1000 without `dataset`.
+    """
+    name = normalize_benchmark_name(benchmark)
+    if name == "fss1000":
+        if convention is not None:
+            raise ValueError(f"convention={convention!r} applies to coco20i only, not to {benchmark!r}")
+        if dataset is None:
+            raise ValueError(
+                "fss1000 has class splits instead of folds: pass its DatasetDict, "
+                "e.g. fold_classes('fss1000', dataset=dataset_dict)"
+            )
+        for split in (novel_split, base_split):
+            if split not in dataset:
+                raise ValueError(f"fss1000: the DatasetDict has no {split!r} split (has {sorted(dataset)})")
+        novel = _classes_of_split(dataset[novel_split], novel_split)
+        base = tuple(c for c in _classes_of_split(dataset[base_split], base_split) if c not in set(novel))
+        return FoldSplit(novel=novel, base=base)
+
+    num_classes, folds = _FOLDED[name]
+    if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or not 0 <= fold < folds:
+        raise ValueError(f"fold must be an int in 0..{folds - 1} for {benchmark!r}, got {fold!r}")
+    fold = int(fold)
+    per_fold = num_classes // folds
+    if name == "coco20i":
+        convention = "interleaved" if convention is None else convention
+        if convention == "interleaved":
+            novel = tuple(folds * k + fold + 1 for k in range(per_fold))
+        elif convention == "contiguous":
+            novel = tuple(range(per_fold * fold + 1, per_fold * (fold + 1) + 1))
+        else:
+            raise ValueError(f"unknown coco20i convention {convention!r}; expected one of {COCO_CONVENTIONS}")
+    else:
+        if convention is not None:
+            raise ValueError(f"convention={convention!r} applies to coco20i only, not to {benchmark!r}")
+        novel = tuple(range(per_fold * fold + 1, per_fold * (fold + 1) + 1))
+    base = tuple(c for c in range(1, num_classes + 1) if c not in set(novel))
+    return FoldSplit(novel=novel, base=base)
+
+
+def _as_class_tuple(classes: Iterable[int]) -> tuple[int, ...]:
+    """Sorted, de-duplicated tuple of int class ids (helper shared with `episodes`)."""
+    return tuple(sorted({int(c) for c in classes}))
