@@ -11,12 +11,14 @@ from .configuration_fss import FewShotSegmentationConfig
 from .image_processing_fss import FewShotSegmentationImageProcessor
 from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
+from .models.ntrenet import NTRENetConfig, NTRENetModel
 
 __version__ = "0.1.0"
 
 # (config, model) of every registered method; each gets the shared image processor.
 MODEL_CLASSES = {
     CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
+    NTRENetConfig.model_type: (NTRENetConfig, NTRENetModel),
 }
 
 
@@ -39,5 +41,7 @@ __all__ = [
     "FewShotSegmentationImageProcessor",
     "FewShotSegmentationOutput",
     "FewShotSegmentationPreTrainedModel",
+    "NTRENetConfig",
+    "NTRENetModel",
     "SupportEncoding",
 ]

@@ -289,7 +289,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
         outputs = self._segment(pixel_values, support_encoding, labels=labels, **kwargs)
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
 
     def _encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:

@@ -1,0 +1,84 @@
+"""
+Convert an official checkpoint of a supported method to an hf_fss `save_pretrained` folder (safetensors weights,
+`config.json` inferred from the weights, and the image processor's `preprocessor_config.json`).
+
+    python scripts/convert_original_checkpoint.py --model-type ntrenet --checkpoint train_epoch_200.pth \
+        --output-dir ntrenet-pascal5i-fold0-resnet50 [--image-size 473 --shot 1 --pyramid-bins 60 30 15 8]
+
+The checkpoint may be a bare state dict or a dict holding one under `state_dict`, with or without the `module.`
+prefixes of `DataParallel`. It is read with `torch.load(..., weights_only=True)`: tensors only, no arbitrary objects.
+A checkpoint that does not match the inferred architecture stops with a ValueError listing the missing and
+unexpected keys.
+
+Methods are looked up in `CONVERTERS` (model type -> "module:function"); a converter takes
+`(checkpoint, output_dir, image_size=..., shot=..., **options)` and writes the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# model type -> "module:function"; add QGNet, SMCP, ... here as their converters land.
+CONVERTERS = {
+    "ntrenet": "hf_fss.models.ntrenet.convert_ntrenet:convert_ntrenet_checkpoint",
+}
+
+
+def _load_converter(model_type: str):
+    module_name, function_name = CONVERTERS[model_type].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
+        if err.name != "hf_fss":
+            raise
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        module = importlib.import_module(module_name)
+    return getattr(module, function_name)
+
+
+def _bin(value: str) -> int | float:
+    number = float(value)
+    return int(number) if number > 1 and number.is_integer() else number
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model-type", required=True, choices=sorted(CONVERTERS), help="method of the checkpoint")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pt file")
+    parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
+    parser.add_argument("--image-size", type=int, default=473, help="test image size for the config and processor")
+    parser.add_argument("--shot", type=int, default=1, help="K the checkpoint was trained with (metadata)")
+    parser.add_argument(
+        "--pyramid-bins",
+        type=_bin,
+        nargs="+",
+        default=None,
+        help="NTRENet: pyramid scale sizes when the checkpoint does not use the official 60 30 15 8",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint} does not exist")
+    converter = _load_converter(args.model_type)
+    options = {}
+    if args.pyramid_bins is not None:
+        options["pyramid_bins"] = tuple(args.pyramid_bins)
+    model = converter(args.checkpoint, args.output_dir, image_size=args.image_size, shot=args.shot, **options)
+    config = model.config
+    print(
+        f"converted {args.checkpoint} -> {args.output_dir} ({args.model_type}, backbone={config.backbone}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
