@@ -274,9 +274,9 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         Returns:
             `np.ndarray` of shape `(3, image_size, image_size)` and dtype float32.
         """
-        return self._resize_and_pad_rgb(self._image_to_rgb(image, name))
+        return self.resize_and_pad_rgb(self.to_rgb_array(image, name))
 
-    def _resize_and_pad_rgb(self, rgb: np.ndarray) -> np.ndarray:
+    def resize_and_pad_rgb(self, rgb: np.ndarray) -> np.ndarray:
         """float32 (H, W, 3) array in [0, 255] -> normalised (3, S, S) canvas."""
         height, width = rgb.shape[:2]
         new_height, new_width = self.resized_size(height, width)
@@ -320,7 +320,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     # -------------------------------------------------------------------------------------------------- inputs
 
-    def _image_to_rgb(self, image: Any, name: str) -> np.ndarray:
+    def to_rgb_array(self, image: Any, name: str) -> np.ndarray:
         """Any accepted image input -> float32 array (H, W, 3) with values in [0, 255]."""
         if isinstance(image, str | os.PathLike):
             image = _open_image(image, name)
@@ -601,8 +601,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 raise ValueError("`images` is an empty list")
             names = ["images" if single else f"images[{i}]" for i in range(len(queries))]
             batch_size = len(queries)
-            query_rgb = [self._image_to_rgb(image, n) for image, n in zip(queries, names)]
-            data["pixel_values"] = np.stack([self._resize_and_pad_rgb(rgb) for rgb in query_rgb])
+            query_rgb = [self.to_rgb_array(image, n) for image, n in zip(queries, names)]
+            data["pixel_values"] = np.stack([self.resize_and_pad_rgb(rgb) for rgb in query_rgb])
 
             if segmentation_maps is not None:
                 maps = [segmentation_maps] if _is_leaf(segmentation_maps) else list(segmentation_maps)
@@ -654,7 +654,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             for q, (image_row, mask_row, id_row) in enumerate(zip(support_nested, masks_nested, ids_nested)):
                 row_pixels, row_labels = [], []
                 for k, (image, annotation, class_id) in enumerate(zip(image_row, mask_row, id_row)):
-                    rgb = self._image_to_rgb(image, f"support_images[{q}][{k}]")
+                    rgb = self.to_rgb_array(image, f"support_images[{q}][{k}]")
                     mask = self.annotation_to_mask(
                         annotation,
                         rgb.shape[:2],
@@ -663,7 +663,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                         class_ids_name="support_class_ids",
                         allow_empty=False,
                     )
-                    row_pixels.append(self._resize_and_pad_rgb(rgb))
+                    row_pixels.append(self.resize_and_pad_rgb(rgb))
                     row_labels.append(self.resize_and_pad_mask(mask))
                 support_pixels.append(np.stack(row_pixels))
                 support_labels.append(np.stack(row_labels))
@@ -678,25 +678,40 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     # ------------------------------------------------------------------------------------------ post-process
 
+    def resize_logits(self, logits: torch.Tensor, target_size: Any) -> torch.Tensor:
+        """
+        Bring logits on the `S x S` canvas back to an image's original size, following the PFENet protocol: a
+        resized image's logits are scaled to `L x L` (`L = max(h, w)`, bilinear, `align_corners=True`) and cropped
+        to `h x w`; an image that kept its size is cropped from the canvas.
+
+        Args:
+            logits (`torch.Tensor` of shape `(..., C, s, s)`): scores on the canvas (any `s`; other than `S`
+                they are first scaled to `S x S`).
+            target_size (`tuple[int, int]`): original `(height, width)`.
+
+        Returns:
+            `torch.Tensor` of shape `(..., C, height, width)`.
+        """
+        if isinstance(target_size, torch.Tensor | np.ndarray):
+            target_size = target_size.tolist()
+        if not isinstance(target_size, list | tuple) or len(target_size) != 2:
+            raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
+        height, width = (int(v) for v in target_size)
+        lead = logits.shape[:-2]
+        logits = logits.reshape(-1, *logits.shape[-3:]) if logits.ndim >= 3 else logits[None, None]
+        size = self.image_size
+        if tuple(logits.shape[-2:]) != (size, size):
+            # Logits at another resolution (e.g. a stride-8 head) are first brought to the canvas size.
+            logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
+        if self.resized_size(height, width) != (height, width):
+            longer = max(height, width)
+            logits = F.interpolate(logits, size=(longer, longer), mode="bilinear", align_corners=True)
+        return logits[..., :height, :width].reshape(*lead, height, width)
+
     def _logits_to_mask(self, logits: torch.Tensor, target_size: Any, threshold: float | None) -> torch.Tensor:
         """`(C, S, S)` logits -> `(h, w)` long mask following the PFENet protocol."""
         if target_size is not None:
-            if isinstance(target_size, torch.Tensor | np.ndarray):
-                target_size = target_size.tolist()
-            if not isinstance(target_size, list | tuple) or len(target_size) != 2:
-                raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
-            height, width = (int(v) for v in target_size)
-            size = self.image_size
-            if tuple(logits.shape[-2:]) != (size, size):
-                # Logits at another resolution (e.g. a stride-8 head) are first brought to the canvas size.
-                logits = F.interpolate(logits[None], size=(size, size), mode="bilinear", align_corners=True)[0]
-            new_height, new_width = self.resized_size(height, width)
-            if (new_height, new_width) == (height, width):
-                logits = logits[:, :height, :width]
-            else:
-                longer = max(height, width)
-                logits = F.interpolate(logits[None], size=(longer, longer), mode="bilinear", align_corners=True)[0]
-                logits = logits[:, :height, :width]
+            logits = self.resize_logits(logits, target_size)
         if threshold is not None:
             return (logits.softmax(dim=0)[1] > threshold).long()
         return logits.argmax(dim=0).long()
