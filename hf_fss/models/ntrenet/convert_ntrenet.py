@@ -241,7 +241,8 @@ def convert_ntrenet_checkpoint(
     pyramid_bins: Sequence[int | float] | None = None,
 ) -> NTRENetModel:
     """
-    Convert an official `.pth` into `output_dir` (`config.json`, `model.safetensors`, `preprocessor_config.json`).
+    Convert an official `.pth` into `output_dir` (`config.json`, `model.safetensors`, `preprocessor_config.json` and
+    a model card saying where the weights come from), written atomically.
 
     Args:
         checkpoint: path of the official checkpoint.
@@ -250,10 +251,17 @@ def convert_ntrenet_checkpoint(
         shot (`int`, *optional*, defaults to 1): K the checkpoint was trained with (metadata).
         pyramid_bins: scale sizes when the checkpoint does not use the official four.
     """
+    from ...hub import save_pretrained_with_card
     from ...image_processing_fss import FewShotSegmentationImageProcessor
 
     state_dict = load_original_state_dict(checkpoint)
     model, _ = convert_ntrenet_state_dict(state_dict, pyramid_bins=pyramid_bins, image_size=image_size, shot=shot)
-    model.save_pretrained(output_dir)
-    FewShotSegmentationImageProcessor(image_size=image_size).save_pretrained(output_dir)
+    record = {
+        "converted_from": os.path.basename(checkpoint),
+        "shot": shot,
+        "source": "github.com/LIUYUANWEI98/NERTNet",
+    }
+    save_pretrained_with_card(
+        model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
+    )
     return model
