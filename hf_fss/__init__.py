@@ -12,6 +12,7 @@ from .image_processing_fss import FewShotSegmentationImageProcessor
 from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
 from .models.ntrenet import NTRENetConfig, NTRENetModel
+from .pipelines import FewShotSegmentationPipeline, register_pipeline
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
+register_pipeline()  # pipeline("few-shot-segmentation", model=...)
 
 __all__ = [
     "MODEL_CLASSES",
@@ -40,6 +42,7 @@ __all__ = [
     "FewShotSegmentationConfig",
     "FewShotSegmentationImageProcessor",
     "FewShotSegmentationOutput",
+    "FewShotSegmentationPipeline",
     "FewShotSegmentationPreTrainedModel",
     "NTRENetConfig",
     "NTRENetModel",

@@ -1,0 +1,334 @@
+"""
+The `"few-shot-segmentation"` pipeline: segment in query images the class shown by annotated support images.
+
+`import hf_fss` registers it, so that
+
+```python
+from transformers import pipeline
+
+segmenter = pipeline("few-shot-segmentation", model="org/ntrenet-r50-fold0")  # or a folder, or a model instance
+result = segmenter(query, support_image=[s1, s2], support_mask=[m1, m2])   # K = 2 supports
+result = segmenter(query, support_image=s1, support_box=(10, 20, 200, 180))  # a box instead of a mask
+results = segmenter([q1, q2, q3], support_image=s1, support_mask=m1)       # the supports are encoded once
+result = segmenter(query, supports={"cat": ([c1, c2], [cm1, cm2]), "dog": (d1, dm1)})  # several classes
+```
+
+Each result is a dict: `mask` (PIL "L" image, or with `output_type="numpy"` a `(h, w)` uint8 array, at the query's
+size: 1 = target; with several classes 0 = background and i = the i-th class), `scores` (`(h, w)` float32
+probability of the target, `(C, h, w)` with C classes) and `labels` (`labels[v]` names the mask value v).
+
+Several classes are independent binary episodes, one per support set, combined per pixel: the class with the highest
+target probability wins where that probability exceeds `threshold` (default 0.5), background elsewhere. With one class
+the mask is `scores > threshold`, the model's own argmax at 0.5.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .image_processing_fss import FewShotSegmentationImageProcessor
+from .modeling_fss import SupportEncoding
+
+__all__ = ["DEFAULT_THRESHOLD", "PIPELINE_TASK", "FewShotSegmentationPipeline", "SupportSets", "register_pipeline"]
+
+PIPELINE_TASK = "few-shot-segmentation"
+DEFAULT_THRESHOLD = 0.5
+"""Background threshold on the softmax target probability."""
+
+
+@dataclass
+class SupportSets:
+    """Encoded support sets, one per class, reusable across pipeline calls (`support_encoding=`)."""
+
+    labels: list[str]
+    encodings: list[SupportEncoding]
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+
+def _is_box(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim == 1 and value.shape[0] == 4
+    return False
+
+
+def _as_list(value: Any, *, boxes: bool = False) -> list[Any]:
+    """One item or a list / tuple of items (a box is one item)."""
+    if boxes and _is_box(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+class FewShotSegmentationPipeline(Pipeline):
+    """
+    Few-shot segmentation of query images given annotated supports; see the module docstring for the call forms.
+
+    Call arguments:
+        images: a query image (PIL image, array, tensor, path or URL) or a list of them.
+        support_image: a support image or a list of K of them.
+        support_mask: one annotation per support image (binary mask, or label map with `support_class_id`).
+        support_box: `(x0, y0, x1, y1)` per support image, instead of `support_mask`.
+        support_class_id: class id(s) of label-map annotations.
+        supports: several classes at once: `{name: (images, masks)}` or a list of `(images, masks)` pairs (names
+            `"class_1"`, ...); a pair may be a dict with the keys `support_image`, `support_mask` / `support_box`,
+            `support_class_id`.
+        support_encoding: a `SupportSets` from `pipeline.encode_supports(...)`, instead of the support arguments.
+        threshold (`float`, defaults to 0.5): background threshold on the target probability.
+        output_type (`"pil"` or `"numpy"`, defaults to `"pil"`): type of `mask`.
+    """
+
+    _load_processor = False
+    _load_image_processor = None  # loaded from the model path when it has one, else built from config.image_size
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, model, *args, image_processor=None, **kwargs):
+        if image_processor is None:
+            image_processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
+        super().__init__(model, *args, image_processor=image_processor, **kwargs)
+        self.model.eval()
+
+    # -------------------------------------------------------------------------------------------- parameters
+
+    def _sanitize_parameters(self, support_sets=None, threshold=None, output_type=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for the {PIPELINE_TASK} pipeline")
+        forward_params, postprocess_params = {}, {}
+        if support_sets is not None:
+            forward_params["support_sets"] = support_sets
+            postprocess_params["labels"] = support_sets.labels
+        if threshold is not None:
+            if not isinstance(threshold, numbers.Real) or not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError(f"`threshold` must be a number in [0, 1], got {threshold!r}")
+            postprocess_params["threshold"] = float(threshold)
+        if output_type is not None:
+            if output_type not in ("pil", "numpy"):
+                raise ValueError(f"`output_type` must be 'pil' or 'numpy', got {output_type!r}")
+            postprocess_params["output_type"] = output_type
+        return {}, forward_params, postprocess_params
+
+    # --------------------------------------------------------------------------------------------- supports
+
+    def _support_set(
+        self, images: Any, masks: Any, boxes: Any, class_ids: Any, names: tuple[str, str, str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocess one support set, shot by shot, with errors naming the pipeline's argument."""
+        image_name, mask_name, box_name = names
+        if images is None:
+            raise ValueError(f"`{image_name}` is required: the support image(s) showing the class")
+        if masks is None and boxes is None:
+            raise ValueError(
+                f"`{mask_name}` (or `{box_name}`) is required with `{image_name}`: one mask or box per support image"
+            )
+        if masks is not None and boxes is not None:
+            raise ValueError(f"give either `{mask_name}` or `{box_name}` for `{image_name}`, not both")
+        image_list = _as_list(images)
+        if boxes is not None:
+            flat_numbers = isinstance(boxes, (list, tuple)) and all(isinstance(v, numbers.Real) for v in boxes)
+            if flat_numbers and not _is_box(boxes):
+                raise ValueError(f"`{box_name}` must be a box (x0, y0, x1, y1) or a list of boxes, got {boxes!r}")
+            annotations, annotation_name = _as_list(boxes, boxes=True), box_name
+            for index, box in enumerate(annotations):
+                if not _is_box(box):
+                    label = annotation_name if len(annotations) == 1 else f"{annotation_name}[{index}]"
+                    raise ValueError(f"`{label}` must be a box (x0, y0, x1, y1), got {box!r}")
+        else:
+            annotations, annotation_name = _as_list(masks), mask_name
+        if len(image_list) == 0:
+            raise ValueError(f"`{image_name}` is empty")
+        if len(annotations) != len(image_list):
+            raise ValueError(
+                f"`{annotation_name}` has {len(annotations)} annotation(s) but `{image_name}` has {len(image_list)} "
+                "image(s); give one per support image"
+            )
+        if class_ids is None or isinstance(class_ids, numbers.Integral):
+            id_list = [class_ids] * len(image_list)
+        else:
+            id_list = list(class_ids)
+            if len(id_list) != len(image_list):
+                raise ValueError(f"support_class_id has {len(id_list)} ids for {len(image_list)} support images")
+        if boxes is not None and any(c is not None for c in id_list):
+            raise ValueError(f"support_class_id does not apply to `{box_name}`")
+        single = len(image_list) == 1 and not isinstance(images, (list, tuple))
+        pixels, labels = [], []
+        for k, (image, annotation, class_id) in enumerate(zip(image_list, annotations, id_list)):
+            shot_image = image_name if single else f"{image_name}[{k}]"
+            shot_annotation = annotation_name if single else f"{annotation_name}[{k}]"
+            try:
+                batch = self.image_processor(
+                    support_images=[image],
+                    support_masks=[annotation],
+                    support_class_ids=class_id,
+                    return_tensors="pt",
+                )
+            except ValueError as err:
+                message = str(err)
+                message = message.replace("`support_masks[0][0] (query 0, shot 0)`", f"`{shot_annotation}`")
+                message = message.replace("`support_images[0][0]`", f"`{shot_image}`")
+                message = message.replace("`support_class_ids`", "`support_class_id`")
+                if f"`{shot_annotation}`" not in message and f"`{shot_image}`" not in message:
+                    message = f"`{shot_annotation}` / `{shot_image}`: {message}"
+                raise ValueError(message) from err
+            pixels.append(batch["support_pixel_values"][0, 0])
+            labels.append(batch["support_masks"][0, 0])
+        return torch.stack(pixels)[None], torch.stack(labels)[None]
+
+    def _parse_support_sets(self, supports, support_image, support_mask, support_box, support_class_id):
+        single = any(v is not None for v in (support_image, support_mask, support_box, support_class_id))
+        if supports is not None and single:
+            raise ValueError("give either `supports` (several classes) or `support_image` / `support_mask`, not both")
+        if supports is None:
+            if support_image is None and support_mask is None and support_box is None:
+                raise ValueError(
+                    "`support_image` and `support_mask` (or `support_box`) are required: the support image(s) "
+                    "showing the class to segment, with one annotation each (or `supports` for several classes)"
+                )
+            names = ("support_image", "support_mask", "support_box")
+            return [("target", (support_image, support_mask, support_box, support_class_id, names))]
+        if isinstance(supports, Mapping):
+            items = [(str(name), value) for name, value in supports.items()]
+        elif isinstance(supports, Sequence) and not isinstance(supports, (str, bytes)):
+            items = [(f"class_{i + 1}", value) for i, value in enumerate(supports)]
+        else:
+            raise ValueError(f"`supports` must be a dict {{name: (images, masks)}} or a list, got {type(supports)}")
+        if not items:
+            raise ValueError("`supports` is empty")
+        sets = []
+        for name, value in items:
+            arg = f"supports[{name!r}]"
+            if isinstance(value, Mapping):
+                unknown = set(value) - {"support_image", "support_mask", "support_box", "support_class_id"}
+                if unknown:
+                    raise ValueError(f"`{arg}` has unknown keys {sorted(unknown)}")
+                images, masks = value.get("support_image"), value.get("support_mask")
+                boxes, class_ids = value.get("support_box"), value.get("support_class_id")
+            elif isinstance(value, (list, tuple)) and len(value) in (2, 3):
+                images, annotations = value[0], value[1]
+                class_ids = value[2] if len(value) == 3 else None
+                as_boxes = all(_is_box(a) for a in _as_list(annotations, boxes=True))
+                masks, boxes = (None, annotations) if as_boxes else (annotations, None)
+            else:
+                raise ValueError(
+                    f"`{arg}` must be an (images, masks) pair, an (images, masks, class_ids) triple or a dict, got "
+                    f"{type(value).__name__}"
+                )
+            names = (f"{arg} image", f"{arg} mask", f"{arg} box")
+            sets.append((name, (images, masks, boxes, class_ids, names)))
+        return sets
+
+    def encode_supports(
+        self,
+        support_image: Any = None,
+        support_mask: Any = None,
+        support_box: Any = None,
+        support_class_id: Any = None,
+        supports: Any = None,
+    ) -> SupportSets:
+        """
+        Preprocess and encode support sets once (`model.encode_support`), to segment many queries:
+        `pipe(queries, support_encoding=pipe.encode_supports(...))`. Arguments as in the call.
+        """
+        sets = self._parse_support_sets(supports, support_image, support_mask, support_box, support_class_id)
+        labels, encodings = [], []
+        for name, (images, masks, boxes, class_ids, names) in sets:
+            pixel_values, mask_values = self._support_set(images, masks, boxes, class_ids, names)
+            with self.device_placement(), torch.no_grad():
+                encoding = self.model.encode_support(
+                    pixel_values.to(self.device, dtype=self.model.dtype), mask_values.to(self.device)
+                )
+            labels.append(name)
+            encodings.append(encoding)
+        return SupportSets(labels=labels, encodings=encodings)
+
+    # ---------------------------------------------------------------------------------------------- calling
+
+    def __call__(
+        self,
+        images: Any,
+        support_image: Any = None,
+        support_mask: Any = None,
+        support_box: Any = None,
+        support_class_id: Any = None,
+        supports: Any = None,
+        support_encoding: SupportSets | None = None,
+        **kwargs,
+    ):
+        """Segment `images`; see the class docstring. Returns a dict, or a list of dicts for a list of images."""
+        if images is None:
+            raise ValueError("`images` is required: the query image (or a list of them) to segment")
+        if support_encoding is not None:
+            if not isinstance(support_encoding, SupportSets):
+                raise ValueError(
+                    "`support_encoding` must come from pipeline.encode_supports(...), got "
+                    f"{type(support_encoding).__name__}"
+                )
+            if any(v is not None for v in (support_image, support_mask, support_box, support_class_id, supports)):
+                raise ValueError("give either `support_encoding` or the support images and annotations, not both")
+            support_sets = support_encoding
+        else:
+            support_sets = self.encode_supports(support_image, support_mask, support_box, support_class_id, supports)
+        if isinstance(images, tuple):
+            images = list(images)
+        if isinstance(images, list) and not images:
+            raise ValueError("`images` is an empty list")
+        if isinstance(images, list):
+            images = [(f"images[{i}]", image) for i, image in enumerate(images)]
+        else:
+            images = ("images", images)
+        return super().__call__(images, support_sets=support_sets, **kwargs)
+
+    def preprocess(self, inputs) -> dict[str, Any]:
+        name, image = inputs if isinstance(inputs, tuple) and len(inputs) == 2 else ("images", inputs)
+        processor = self.image_processor
+        rgb = processor.to_rgb_array(image, name)  # raises a ValueError naming the argument
+        pixel_values = torch.from_numpy(processor.resize_and_pad_rgb(rgb))[None]
+        return {"pixel_values": pixel_values.to(self.model.dtype), "original_size": tuple(rgb.shape[:2])}
+
+    def _forward(self, model_inputs, support_sets: SupportSets | None = None):
+        if support_sets is None:
+            raise ValueError("no support set: call the pipeline with `support_image` and `support_mask`")
+        pixel_values = model_inputs["pixel_values"]
+        logits = [self.model(pixel_values=pixel_values, support_encoding=enc).logits for enc in support_sets.encodings]
+        return {"logits": torch.cat(logits), "original_size": model_inputs["original_size"]}
+
+    def postprocess(self, model_outputs, labels=None, threshold=DEFAULT_THRESHOLD, output_type="pil"):
+        logits = self.image_processor.resize_logits(model_outputs["logits"].float(), model_outputs["original_size"])
+        scores = logits.softmax(dim=1)[:, 1]  # (C, h, w) target probabilities
+        if scores.shape[0] == 1:
+            mask = (scores[0] > threshold).to(torch.uint8)
+            scores_out = scores[0]
+        else:
+            best, index = scores.max(dim=0)
+            mask = torch.where(best > threshold, index + 1, torch.zeros_like(index)).to(torch.uint8)
+            scores_out = scores
+        mask = mask.numpy()
+        names = list(labels) if labels is not None else [f"class_{i + 1}" for i in range(scores.shape[0])]
+        return {
+            "mask": Image.fromarray(mask) if output_type == "pil" else mask,  # uint8 (h, w): mode "L"
+            "scores": scores_out.numpy().astype(np.float32),
+            "labels": ["background", *names],
+        }
+
+
+def register_pipeline() -> None:
+    """Register the `"few-shot-segmentation"` task with transformers' `pipeline()` (done by `import hf_fss`)."""
+    if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is FewShotSegmentationPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=FewShotSegmentationPipeline, pt_model=AutoModel, type="image"
+    )

@@ -1,0 +1,278 @@
+"""The "few-shot-segmentation" pipeline: single class, boxes, K shots, several classes, support reuse, errors."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RESNET
+from PIL import Image
+from transformers import pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+import hf_fss
+from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, FewShotSegmentationPipeline
+from hf_fss.modeling_fss import FewShotSegmentationOutput
+from hf_fss.models.cosine_prior.modeling_cosine_prior import CosinePriorSupportEncoding
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=SIZE)).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return pipeline("few-shot-segmentation", model=model)
+
+
+def _image(height, width, seed):
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def _mask(height, width, box):
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def _direct_masks(model, processor, query, supports, masks):
+    """What model + image processor give without the pipeline (the reference)."""
+    inputs = processor(images=query, support_images=supports, support_masks=masks, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    height, width = np.asarray(query).shape[:2]
+    return processor.post_process_semantic_segmentation(outputs, target_sizes=[(height, width)])[0].numpy()
+
+
+# ------------------------------------------------------------------------------------------------- registration
+
+
+def test_import_registers_the_task():
+    assert "few-shot-segmentation" in PIPELINE_REGISTRY.get_supported_tasks()
+    assert PIPELINE_REGISTRY.supported_tasks["few-shot-segmentation"]["impl"] is FewShotSegmentationPipeline
+    hf_fss.pipelines.register_pipeline()  # idempotent
+    assert PIPELINE_REGISTRY.supported_tasks["few-shot-segmentation"]["impl"] is FewShotSegmentationPipeline
+
+
+def test_pipeline_loads_model_and_processor_from_a_folder(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    FewShotSegmentationImageProcessor(image_size=SIZE, pad_with_mean=True).save_pretrained(tmp_path)
+    pipe = pipeline("few-shot-segmentation", model=str(tmp_path))
+    assert isinstance(pipe, FewShotSegmentationPipeline) and isinstance(pipe.model, CosinePriorModel)
+    assert pipe.image_processor.image_size == SIZE and pipe.image_processor.pad_with_mean
+
+
+# ------------------------------------------------------------------------------------------------ single class
+
+
+@pytest.mark.parametrize("query_size", [(40, 56), (90, 130)])  # kept as is / resized by the processor
+def test_single_class_matches_model_and_processor(pipe, model, query_size):
+    query, support = _image(*query_size, seed=1), _image(60, 50, seed=2)
+    mask = _mask(60, 50, (5, 10, 30, 40))
+    result = pipe(query, support_image=support, support_mask=mask)
+    assert set(result) == {"mask", "scores", "labels"}
+    assert isinstance(result["mask"], Image.Image) and result["mask"].mode == "L"
+    assert result["mask"].size == (query_size[1], query_size[0])
+    scores = result["scores"]
+    assert scores.shape == query_size and scores.dtype == np.float32
+    assert float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+    array = np.array(result["mask"])
+    assert set(np.unique(array)) <= {0, 1}
+    np.testing.assert_array_equal(array, (scores > 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(array, _direct_masks(model, pipe.image_processor, query, [support], [mask]))
+    assert result["labels"] == ["background", "target"]
+
+    numpy_result = pipe(query, support_image=support, support_mask=mask, output_type="numpy")
+    assert numpy_result["mask"].dtype == np.uint8 and numpy_result["mask"].shape == query_size
+    np.testing.assert_array_equal(numpy_result["mask"], array)
+
+
+def test_box_support_equals_the_mask_of_the_box(pipe):
+    query, support = _image(48, 48, seed=3), _image(48, 48, seed=4)
+    box = (8, 6, 30, 40)
+    from_box = pipe(query, support_image=support, support_box=box, output_type="numpy")
+    from_mask = pipe(query, support_image=support, support_mask=_mask(48, 48, box), output_type="numpy")
+    np.testing.assert_array_equal(from_box["mask"], from_mask["mask"])
+    np.testing.assert_allclose(from_box["scores"], from_mask["scores"])
+
+
+def test_two_shots_match_the_direct_k2_call(pipe, model):
+    query = _image(50, 50, seed=5)
+    supports = [_image(50, 50, seed=6), _image(44, 52, seed=7)]
+    masks = [_mask(50, 50, (0, 0, 20, 20)), _mask(44, 52, (10, 10, 40, 30))]
+    result = pipe(query, support_image=supports, support_mask=masks, output_type="numpy")
+    np.testing.assert_array_equal(result["mask"], _direct_masks(model, pipe.image_processor, query, supports, masks))
+    one_shot = pipe(query, support_image=supports[0], support_mask=masks[0], output_type="numpy")
+    assert not np.allclose(result["scores"], one_shot["scores"])  # the second shot matters
+
+
+def test_supports_are_encoded_once_for_many_queries(pipe, monkeypatch):
+    calls = []
+    encode = pipe.model.encode_support
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "encode_support", counting)
+    queries = [_image(40, 40, seed=s) for s in (8, 9, 10)]
+    support, mask = _image(40, 40, seed=11), _mask(40, 40, (5, 5, 25, 25))
+    results = pipe(queries, support_image=support, support_mask=mask, output_type="numpy")
+    assert len(results) == 3 and len(calls) == 1 and tuple(calls[0][:2]) == (1, 1)
+    for query, result in zip(queries, results):
+        single = pipe(query, support_image=support, support_mask=mask, output_type="numpy")
+        np.testing.assert_array_equal(result["mask"], single["mask"])
+
+    calls.clear()
+    encoded = pipe.encode_supports(supports={"a": (support, mask), "b": ([support, support], [mask, mask])})
+    assert len(calls) == 2 and encoded.labels == ["a", "b"]
+    reused = pipe(queries, support_encoding=encoded, output_type="numpy")
+    assert len(calls) == 2 and len(reused) == 3 and reused[0]["scores"].shape == (2, 40, 40)
+
+
+# ------------------------------------------------------------------------------------------------ several classes
+
+
+class _OracleEncoding(CosinePriorSupportEncoding):
+    pass
+
+
+@pytest.fixture
+def oracle_pipe(monkeypatch):
+    """
+    A pipeline whose model 'finds' the support mask at the same place in the query, with a confidence set by the
+    support image's brightness: logits = (0, 4 * mean support pixel * support mask). With `do_normalize=False` a white
+    support gives confidence 4 (target probability sigmoid(4) = 0.982), a grey (128) one 2.008 (0.882).
+    """
+    torch.manual_seed(0)
+    model = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=SIZE)).eval()
+
+    def encode(support_pixel_values, support_masks):
+        confidence = 4 * support_pixel_values.mean(dim=(1, 2, 3, 4))  # (B,)
+        masks = (support_masks == 1).float().mean(dim=1, keepdim=True)  # (B, 1, H, W), averaged over shots
+        return _OracleEncoding(shot=support_masks.shape[1], features=confidence[:, None], masks=masks)
+
+    def segment(pixel_values, support_encoding, labels=None, **kwargs):
+        target = support_encoding.features[:, :, None, None] * support_encoding.masks
+        return FewShotSegmentationOutput(logits=torch.cat([torch.zeros_like(target), target], dim=1))
+
+    monkeypatch.setattr(model, "_encode_support", encode)
+    monkeypatch.setattr(model, "_segment", segment)
+    processor = FewShotSegmentationImageProcessor(image_size=SIZE, do_normalize=False)
+    return pipeline("few-shot-segmentation", model=model, image_processor=processor)
+
+
+def test_several_classes_give_a_labelled_map_by_argmax_with_a_background_threshold(oracle_pipe):
+    white, grey = np.full((SIZE, SIZE, 3), 255, np.uint8), np.full((SIZE, SIZE, 3), 128, np.uint8)
+    left = _mask(SIZE, SIZE, (0, 0, 40, 32))  # rows 0..31, columns 0..39
+    right = _mask(SIZE, SIZE, (24, 0, SIZE, SIZE))  # columns 24..63, all rows
+    query = _image(SIZE, SIZE, seed=12)
+    supports = {"left": (white, left), "right": (grey, right)}
+
+    result = oracle_pipe(query, supports=supports, output_type="numpy")
+    expected = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    expected[right == 1] = 2
+    expected[left == 1] = 1  # the overlap (rows 0..31, columns 24..39) goes to the more confident class
+    np.testing.assert_array_equal(result["mask"], expected)
+    assert result["labels"] == ["background", "left", "right"]
+    assert result["scores"].shape == (2, SIZE, SIZE)
+    np.testing.assert_allclose(result["scores"][0][left == 1], 1 / (1 + np.exp(-4.0)), rtol=1e-5)
+    np.testing.assert_allclose(result["scores"][1][right == 1], 1 / (1 + np.exp(-4 * 128 / 255)), rtol=1e-5)
+    np.testing.assert_allclose(result["scores"][1][right == 0], 0.5, rtol=1e-6)  # logits (0, 0)
+
+    # A stricter background threshold drops the class whose probability (0.882) stays below it.
+    strict = oracle_pipe(query, supports=supports, threshold=0.9, output_type="numpy")
+    np.testing.assert_array_equal(strict["mask"], left)
+
+    # A list of support sets: classes named by position; the PIL mask holds the same labels.
+    listed = oracle_pipe(query, supports=[(white, left), (grey, right)])
+    np.testing.assert_array_equal(np.array(listed["mask"]), expected)
+    assert listed["labels"] == ["background", "class_1", "class_2"]
+
+    # One class: the mask is its target probability above the threshold.
+    single = oracle_pipe(query, support_image=grey, support_mask=right, output_type="numpy")
+    np.testing.assert_array_equal(single["mask"], right)
+    assert single["scores"].shape == (SIZE, SIZE)
+
+
+def test_several_classes_accept_boxes_and_dicts(pipe):
+    query, support = _image(40, 40, seed=13), _image(40, 40, seed=14)
+    result = pipe(
+        query,
+        supports={
+            "boxed": (support, (2, 2, 20, 20)),
+            "masked": {"support_image": [support, support], "support_mask": [_mask(40, 40, (10, 10, 30, 30))] * 2},
+        },
+        output_type="numpy",
+    )
+    assert result["scores"].shape == (2, 40, 40) and set(np.unique(result["mask"])) <= {0, 1, 2}
+    best = result["scores"].argmax(0) + 1
+    expected = np.where(result["scores"].max(0) > 0.5, best, 0)
+    np.testing.assert_array_equal(result["mask"], expected)
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "`support_image` and `support_mask` (or `support_box`) are required"),
+        ({"support_image": "IMG"}, "`support_mask` (or `support_box`) is required"),
+        ({"support_image": "IMG", "support_mask": "EMPTY"}, "`support_mask` has no target pixel"),
+        ({"support_image": "/no/such/file.png", "support_mask": "MASK"}, "`support_image`: could not read image file"),
+        (
+            {"support_image": ["IMG", "IMG"], "support_mask": ["MASK", "EMPTY"]},
+            "`support_mask[1]` has no target pixel",
+        ),
+        ({"support_image": ["IMG", "IMG"], "support_mask": ["MASK"]}, "`support_mask` has 1 annotation(s)"),
+        ({"support_image": "IMG", "support_mask": "MASK", "support_box": (0, 0, 4, 4)}, "not both"),
+        ({"support_image": "IMG", "support_box": (0, 0, 4)}, "`support_box` must be a box"),
+        ({"support_image": "IMG", "support_box": (50, 50, 60, 60)}, "`support_box` has no target pixel"),
+        ({"support_image": "IMG", "support_mask": "SMALL"}, "`support_mask` has size 10x10"),
+        ({"supports": {"cat": ("IMG", "EMPTY")}}, "`supports['cat'] mask` has no target pixel"),
+        ({"supports": {"cat": "IMG"}}, "`supports['cat']` must be an (images, masks) pair"),
+        ({"supports": {"cat": ("IMG", "MASK")}, "support_image": "IMG"}, "either `supports`"),
+        ({"supports": {}}, "`supports` is empty"),
+        ({"support_image": "IMG", "support_mask": "MASK", "threshold": 2}, "`threshold` must be a number in [0, 1]"),
+        ({"support_image": "IMG", "support_mask": "MASK", "output_type": "tensor"}, "`output_type` must be"),
+        ({"support_encoding": "nope"}, "`support_encoding` must come from pipeline.encode_supports"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(pipe, kwargs, message):
+    values = {
+        "IMG": _image(32, 32, seed=15),
+        "MASK": _mask(32, 32, (4, 4, 20, 20)),
+        "EMPTY": np.zeros((32, 32), dtype=np.uint8),
+        "SMALL": _mask(10, 10, (0, 0, 5, 5)),
+    }
+
+    def resolve(value):
+        if isinstance(value, str):
+            return values.get(value, value)
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, tuple) and not all(isinstance(v, int) for v in value):
+            return tuple(resolve(v) for v in value)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        return value
+
+    with pytest.raises(ValueError) as info:
+        pipe(values["IMG"], **{k: resolve(v) for k, v in kwargs.items()})
+    assert message in str(info.value)
+
+
+def test_unreadable_or_missing_query_raises_value_errors(pipe):
+    support, mask = _image(32, 32, seed=16), _mask(32, 32, (4, 4, 20, 20))
+    with pytest.raises(ValueError, match=r"`images`: could not read image file"):
+        pipe("/no/such/query.jpg", support_image=support, support_mask=mask)
+    with pytest.raises(ValueError, match=r"`images\[1\]`: could not read image file"):
+        pipe([support, "/no/such/query.jpg"], support_image=support, support_mask=mask)
+    with pytest.raises(ValueError, match="`images` is required"):
+        pipe(None, support_image=support, support_mask=mask)
+    with pytest.raises(ValueError, match="`images` is an empty list"):
+        pipe([], support_image=support, support_mask=mask)
