@@ -1,0 +1,158 @@
+"""
+Speed and memory of the hf_fss methods: episodes per second, latency, and the gain from encoding a support set once.
+
+For every method and size it times, on the same random inputs in one run:
+- `full`: `model(pixel_values, support_pixel_values, support_masks)`, one episode per call;
+- `query_only`: `model(pixel_values, support_encoding=enc)` with `enc = model.encode_support(...)` computed once,
+  what a support set costs when it serves many queries (the Space, the pipeline).
+Ratios between rows of one run are what to compare; absolute numbers depend on the machine and its load.
+
+    python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
+    python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hf_fss  # noqa: E402
+
+# Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
+SIZES = {
+    "base": {},
+    "tiny": {"backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]}, "reduce_dim": 16},
+}
+
+
+def build_model(model_type: str, size: str, image_size: int) -> torch.nn.Module:
+    config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    overrides = {k: v for k, v in SIZES[size].items() if k in known}
+    return model_class(config_class(image_size=image_size, **overrides)).eval()
+
+
+def random_episode(batch_size: int, shot: int, image_size: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(batch_size, 3, image_size, image_size, generator=g)
+    support = torch.randn(batch_size, shot, 3, image_size, image_size, generator=g)
+    masks = torch.zeros(batch_size, shot, image_size, image_size, dtype=torch.long)
+    masks[..., image_size // 4 : 3 * image_size // 4, image_size // 4 : 3 * image_size // 4] = 1
+    return query.to(device), support.to(device), masks.to(device)
+
+
+def time_calls(fn, iterations: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Process-wide peak resident memory (Linux reports KiB): an upper bound for the CPU runs so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(model_type, size, shot, args, device) -> dict:
+    model = build_model(model_type, size, args.image_size).to(device)
+    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        full = time_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
+        encoding = model.encode_support(support, masks)
+        query_only = time_calls(lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device)
+    full_s, query_s = statistics.median(full), statistics.median(query_only)
+    return {
+        "model_type": model_type,
+        "size": size,
+        "shot": shot,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "full_latency_ms": 1000 * full_s,
+        "full_episodes_per_s": args.batch_size / full_s,
+        "query_only_latency_ms": 1000 * query_s,
+        "query_only_episodes_per_s": args.batch_size / query_s,
+        "support_reuse_speedup": full_s / query_s,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
+    )
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SIZES))
+    parser.add_argument("--shots", nargs="+", type=int, default=[1])
+    parser.add_argument("--image-size", type=int, default=473)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--output", type=Path, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
+        parser.error("--shots, --iterations and --batch-size must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    rows = [
+        benchmark(model_type, size, shot, args, device)
+        for model_type in args.model_types
+        for size in args.sizes
+        for shot in args.shots
+    ]
+    header = f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'ep/s':>8}{'query ms':>10}{'reuse x':>9}{'peak MB':>9}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['model_type']:<14}{r['size']:<6}{r['shot']:>3}{r['parameters']:>12,}{r['full_latency_ms']:>10.1f}"
+            f"{r['full_episodes_per_s']:>8.2f}{r['query_only_latency_ms']:>10.1f}{r['support_reuse_speedup']:>9.2f}"
+            f"{r['peak_memory_mb']:>9.0f}"
+        )
+    if args.output:
+        record = {
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "load_average": os.getloadavg(),
+            "results": rows,
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=args.output.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(record, tmp, indent=2)
+        os.replace(tmp.name, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""scripts/benchmark.py times every method on the same inputs and writes its record."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+import hf_fss  # noqa: E402
+
+
+def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    argv = ["--sizes", "tiny", "--shots", "1", "2", "--image-size", "65", "--iterations", "1", "--warmup", "0"]
+    assert benchmark.main([*argv, "--output", str(output)]) == 0
+    record = json.loads(output.read_text())
+    rows = record["results"]
+    assert {(r["model_type"], r["shot"]) for r in rows} == {(m, k) for m in hf_fss.MODEL_CLASSES for k in (1, 2)}
+    for row in rows:
+        assert row["full_latency_ms"] > 0 and row["query_only_latency_ms"] > 0 and row["parameters"] > 0
+        assert abs(row["support_reuse_speedup"] - row["full_latency_ms"] / row["query_only_latency_ms"]) < 1e-9
+    assert "reuse x" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
