@@ -1,15 +1,16 @@
 """scripts/benchmark.py times every method on the same inputs and writes its record."""
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import hf_fss
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import benchmark  # noqa: E402
-
-import hf_fss  # noqa: E402
+# Loaded from its path: putting scripts/ on sys.path would let scripts/evaluate.py shadow the `evaluate` library.
+_spec = importlib.util.spec_from_file_location("hf_fss_benchmark_script", ROOT / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
 
 
 def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
