@@ -20,6 +20,7 @@ from hf_fss.evaluation.protocols import (
     EvaluationProtocol,
     get_protocol,
 )
+from hf_fss.evaluation.runner import evaluate_model
 
 # The folder of the `evaluate` metric script (few_shot_iou/few_shot_iou.py): `evaluate.load(FEW_SHOT_IOU_PATH)`.
 FEW_SHOT_IOU_PATH = str(Path(__file__).resolve().parent / "few_shot_iou")
@@ -33,6 +34,7 @@ __all__ = [
     "EvaluationProtocol",
     "FewShotSegmentationMetric",
     "aggregate_seeds",
+    "evaluate_model",
     "get_protocol",
     "intersection_and_union",
     "resize_label",

@@ -1,0 +1,415 @@
+"""
+The few-shot evaluation loop shared by `scripts/evaluate.py` and the validation of `scripts/train.py`.
+
+`evaluate_model` runs a model over a fixed list of test episodes and returns the metric dict of `metrics.json`.
+Under N processes (an `accelerate.Accelerator` with `num_processes > 1`) every process takes one contiguous shard
+of the list (`hf_fss.data.episodes.shard_bounds`, with `episode_offset` so annotations and episode indices match
+the unsharded run) and the per-class counts are summed across processes, so the numbers equal those of one process
+that saw every episode.
+
+Predictions follow the PFENet protocol: logits -> `processor.post_process_semantic_segmentation(outputs,
+target_sizes=original sizes)` -> metric at the original label resolution. Protocols with a fixed `label_size`
+(HSNet: 400) resize both the prediction and the label with `resize_label` (nearest neighbour) before counting.
+
+`main(argv)` is the command line of `scripts/evaluate.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hf_fss.data.episodes import (
+    ANNOTATION_KINDS,
+    Episode,
+    EpisodicTestDataset,
+    collate_test_batch,
+    load_episodes_jsonl,
+    make_test_episodes,
+    save_episodes_jsonl,
+    shard_bounds,
+)
+from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
+from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
+
+__all__ = [
+    "class_names_of",
+    "default_test_split",
+    "evaluate_model",
+    "main",
+    "needs_cpu_fallback",
+    "protocol_for",
+    "write_json_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+# The inputs every model takes; the other keys of a test batch (targets, sizes, ids) stay on the host.
+_MODEL_INPUTS = ("pixel_values", "support_pixel_values", "support_masks")
+
+
+def needs_cpu_fallback() -> bool:
+    """
+    Whether this process was launched as one of several (`WORLD_SIZE > 1`) on a machine without accelerator.
+
+    `accelerate launch --multi_gpu --num_processes N` on such a machine starts N processes, but Accelerate only
+    joins them in a (gloo) process group when told to run on CPU; otherwise each process silently trains alone.
+    Passing `cpu=True` to the `Accelerator` in that case makes the same command work on a laptop and on a GPU node.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return world_size > 1 and not has_accelerator
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` as indented JSON to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # NaN (an undefined IoU) is written as NaN, which Python's json reads back.
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def class_names_of(split: Any) -> list[str] | None:
+    """Class names indexed by class id (entry 0 = background) from a split's `class_ids` ClassLabel, if any."""
+    feature = split.features.get("class_ids") if hasattr(split, "features") else None
+    feature = getattr(feature, "feature", feature)
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def default_test_split(dataset: Mapping[str, Any], benchmark: str) -> str:
+    """The split test episodes come from: `test` for FSS-1000 (when present), `validation` otherwise."""
+    if benchmark == "fss1000" and "test" in dataset:
+        return "test"
+    if "validation" in dataset:
+        return "validation"
+    raise ValueError(f"the dataset has no 'validation' split to draw test episodes from (splits: {sorted(dataset)})")
+
+
+def protocol_for(
+    name: str | EvaluationProtocol,
+    benchmark: str,
+    *,
+    num_episodes: int | None = None,
+    seeds: Sequence[int] | None = None,
+    fold_convention: str | None = None,
+) -> EvaluationProtocol:
+    """A protocol preset for `benchmark` with the episode count, seeds and fold convention actually used."""
+    protocol = get_protocol(name, benchmark=benchmark)
+    overrides: dict[str, Any] = {}
+    if num_episodes is not None:
+        overrides["num_episodes"] = int(num_episodes)
+    if seeds is not None:
+        overrides["seeds"] = tuple(int(s) for s in seeds)
+    if fold_convention is not None and protocol.benchmark == "coco20i":
+        overrides["fold_convention"] = fold_convention
+    return get_protocol(protocol, **overrides) if overrides else protocol
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: torch.nn.Module,
+    processor: Any,
+    split: Any,
+    episodes: Sequence[Episode],
+    *,
+    class_ids: Sequence[int],
+    class_names: Mapping[int, str] | Sequence[str] | None = None,
+    protocol: EvaluationProtocol | str = "pfenet",
+    annotation: str = "mask",
+    seed: int = 0,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    accelerator: Any = None,
+    progress: bool = True,
+    description: str = "evaluating",
+) -> dict[str, Any]:
+    """
+    Evaluate `model` on fixed `episodes` of `split`; returns `FewShotSegmentationMetric.compute()`.
+
+    Args:
+        model: an hf_fss model (unwrapped: not inside DistributedDataParallel). Put in eval mode for the loop and
+            restored to its previous mode afterwards.
+        processor: the model's `FewShotSegmentationImageProcessor` (test geometry and post-processing).
+        split: the `datasets.Dataset` the episodes were drawn from.
+        episodes: the full episode list, identical on every process (each process evaluates its shard).
+        class_ids: classes of the metric, usually `fold.novel` (`fold.base` for base-class validation).
+        class_names: names for `per_class_iou` (a sequence indexed by class id, or a dict).
+        protocol: `EvaluationProtocol` or preset name; its `label_size` is applied here.
+        annotation: support annotation, `"mask"`, `"bbox"` or `"scribble"`.
+        seed: the episodes' seed: seeds the weak annotations and is written into the result.
+        batch_size: episodes per forward pass. With 1 (the default, as PFENet tests) every episode is computed
+            alone, so results are bit-identical whatever the number of processes.
+        num_workers: DataLoader workers decoding and preprocessing episodes.
+        accelerator: an `accelerate.Accelerator`; with several processes the episodes are sharded and the counts
+            summed with `accelerator.reduce`. Its `autocast()` applies the run's mixed precision.
+        progress: show a tqdm bar (on the local main process only).
+    """
+    if isinstance(protocol, str):
+        protocol = get_protocol(protocol)
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    process_index = accelerator.process_index if accelerator is not None else 0
+    start, stop = shard_bounds(len(episodes), num_processes, process_index)
+    dataset = EpisodicTestDataset(
+        split, list(episodes[start:stop]), processor, annotation=annotation, seed=seed, episode_offset=start
+    )
+    # A private generator: creating the loader's iterator must not draw from the global RNG, which training
+    # (dropout) consumes and checkpoints restore.
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_test_batch,
+        generator=torch.Generator().manual_seed(0),
+    )
+    device = accelerator.device if accelerator is not None else _model_device(model)
+    metric = FewShotSegmentationMetric(class_ids, class_names, protocol, device=device, seed=seed)
+    label_size = protocol.label_size
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            for batch in tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True):
+                inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS}
+                outputs = model(**inputs)
+                sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
+                predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+                targets = batch["target"]
+                if isinstance(label_size, int):
+                    predictions = [resize_label(p.cpu(), label_size) for p in predictions]
+                    targets = [resize_label(t, label_size) for t in targets]
+                metric.update(predictions, targets, batch["class_ids"])
+    finally:
+        model.train(was_training)
+    if num_processes > 1:
+        metric.reduce(accelerator.reduce)
+    return metric.compute()
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=(
+            "Evaluate a few-shot segmentation model on fixed, seeded test episodes and write metrics.json. "
+            "Run with `python scripts/evaluate.py ...` or `accelerate launch [--multi_gpu --num_processes N] "
+            "scripts/evaluate.py ...`: the numbers are the same with 1 or N processes."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub model id")
+    parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or a Hub id")
+    parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic (default: inferred)")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
+    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument(
+        "--split", default=None, help="split of the test episodes (default: validation; fss1000: test)"
+    )
+    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
+    parser.add_argument("--num-episodes", type=int, default=None, help="episodes per seed (default: the protocol's)")
+    parser.add_argument("--seed", type=int, default=None, help="episode seed (default: the protocol's seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean and std over runs")
+    parser.add_argument("--episodes-file", default=None, help="JSON Lines episode list to evaluate instead")
+    parser.add_argument("--save-episodes", default=None, help="export the episode list (JSON Lines) to this file")
+    parser.add_argument("--annotation", default="mask", choices=ANNOTATION_KINDS, help="support annotation")
+    parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
+    parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
+    parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
+    parser.add_argument("--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
+    parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
+    return parser
+
+
+def _synthetic_kwargs(args: Any) -> dict[str, Any]:
+    kwargs = {"synthetic_seed": args.synthetic_seed}
+    for name in ("num_train", "num_val", "image_size"):
+        value = getattr(args, f"synthetic_{name}")
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def _load_model_and_processor(name_or_path: str) -> tuple[Any, Any]:
+    # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
+    from transformers import AutoImageProcessor, AutoModel
+
+    from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
+
+    model = AutoModel.from_pretrained(name_or_path)
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        # A converted checkpoint may come without preprocessor_config.json: the test geometry of its config.
+        logger.warning(
+            "no image processor in %s (%s); using image_size=%d", name_or_path, err, model.config.image_size
+        )
+        processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
+    return model, processor
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`)."""
+    from accelerate import Accelerator
+
+    from hf_fss.data import fold_classes, load_benchmark
+    from hf_fss.data.folds import normalize_benchmark_name
+
+    if args.seed is not None and args.seeds is not None:
+        raise ValueError("give either --seed or --seeds, not both")
+    benchmark = args.benchmark or ("synthetic" if args.dataset == "synthetic" else None)
+    if benchmark is None:
+        raise ValueError(f"--benchmark is required for --dataset {args.dataset!r} (pascal5i, coco20i or fss1000)")
+    benchmark = normalize_benchmark_name(benchmark)
+    if args.shot < 1:
+        raise ValueError(f"--shot must be >= 1, got {args.shot}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
+    dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
+    split_name = args.split or default_test_split(dataset, benchmark)
+    if split_name not in dataset:
+        raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
+    split = dataset[split_name]
+    convention = args.fold_convention if benchmark == "coco20i" else None
+    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if benchmark == "fss1000" else None)
+
+    model, processor = _load_model_and_processor(args.model)
+    model.to(accelerator.device)
+
+    base = get_protocol(args.protocol, benchmark=benchmark)
+    if args.episodes_file is not None:
+        fixed = load_episodes_jsonl(args.episodes_file)
+        if not fixed:
+            raise ValueError(f"--episodes-file {args.episodes_file!r} holds no episode")
+        unknown = sorted({e.class_id for e in fixed} - set(fold.novel))
+        if unknown:
+            raise ValueError(
+                f"--episodes-file has class ids {unknown} outside fold {args.fold}'s classes {fold.novel}"
+            )
+        shots = {len(e.supports) for e in fixed}
+        if shots != {args.shot}:
+            raise ValueError(f"--episodes-file has episodes with {sorted(shots)} supports but --shot is {args.shot}")
+        seeds = [args.seed if args.seed is not None else base.seeds[0]]
+        num_episodes = len(fixed)
+    else:
+        fixed = None
+        # Default: every seed of the protocol (PANet's five runs), one run for PFENet / HSNet.
+        seeds = args.seeds or ([args.seed] if args.seed is not None else list(base.seeds))
+        num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
+    if args.save_episodes and len(seeds) > 1:
+        raise ValueError("--save-episodes exports one episode list: give a single --seed")
+    protocol = protocol_for(
+        base, benchmark, num_episodes=num_episodes, seeds=seeds, fold_convention=args.fold_convention
+    )
+    names = class_names_of(split)
+
+    runs = []
+    for seed in seeds:
+        episodes = fixed or make_test_episodes(split, fold.novel, num_episodes, args.shot, seed)
+        if args.save_episodes and accelerator.is_main_process:
+            save_episodes_jsonl(episodes, args.save_episodes)
+        result = evaluate_model(
+            model,
+            processor,
+            split,
+            episodes,
+            class_ids=fold.novel,
+            class_names=names,
+            protocol=protocol,
+            annotation=args.annotation,
+            seed=seed,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            accelerator=accelerator,
+            description=f"seed {seed}",
+        )
+        accelerator.print(
+            f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
+            f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes)"
+        )
+        runs.append(result)
+
+    if len(runs) == 1:
+        metrics = dict(runs[0])
+    else:
+        metrics = aggregate_seeds(runs)
+        metrics["runs"] = runs
+    metrics.update(
+        {
+            "model": args.model,
+            "dataset": args.dataset,
+            "benchmark": benchmark,
+            "split": split_name,
+            "fold": args.fold,
+            "shot": args.shot,
+            "annotation": args.annotation,
+            "episodes_file": args.episodes_file,
+            "num_processes": accelerator.num_processes,
+        }
+    )
+    if accelerator.is_main_process:
+        write_json_atomic(metrics, args.output)
+        std = f" ± {100 * metrics['miou_std']:.2f}" if "miou_std" in metrics else ""
+        print(
+            f"{benchmark} fold {args.fold} {args.shot}-shot ({protocol.name} protocol, {len(seeds)} seed(s)): "
+            f"mIoU {100 * metrics['miou']:.2f}{std}, FB-IoU {100 * metrics['fbiou']:.2f} -> {args.output}"
+        )
+    accelerator.end_training()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `scripts/evaluate.py`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_evaluation(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

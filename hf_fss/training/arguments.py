@@ -1,0 +1,317 @@
+"""
+Arguments of `scripts/train.py`: one dataclass, filled from library defaults, then a YAML recipe (`--config`), then
+command-line flags, each overriding the previous one.
+
+The command line is generated from the dataclass by transformers' `HfArgumentParser` (`--learning-rate` and
+`--learning_rate` both work, booleans take `--flag` / `--no-flag`). A recipe uses the field names as keys, plus
+`model:`, a mapping of model-config fields (`model_kwargs`); `--model-kwargs '{"reduce_dim": 64}'` updates that
+mapping key by key instead of replacing it.
+
+With no `--config` and none of `--model-type`, `--dataset`, `--benchmark`, the run is the embedded quickstart:
+`recipes/ntrenet/quickstart_synthetic.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+__all__ = ["QUICKSTART_RECIPE", "RECIPES_DIR", "TrainingArguments", "build_parser", "load_recipe", "parse_args"]
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+QUICKSTART_RECIPE = RECIPES_DIR / "ntrenet" / "quickstart_synthetic.yaml"
+
+# Flags that pick the experiment: when one is given, the quickstart recipe is not applied underneath.
+_SELECTION_FLAGS = ("--config", "--model-type", "--model_type", "--dataset", "--benchmark")
+# Recipe keys that are spelt differently from the field they set.
+_RECIPE_ALIASES = {"model": "model_kwargs"}
+_SCHEDULERS = ("poly", "polynomial", "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
+
+
+@dataclass
+class TrainingArguments:
+    """Everything a training run depends on; the resolved values are written into the run record and model card."""
+
+    # --- experiment ----------------------------------------------------------------------------------------------
+    config: str | None = field(
+        default=None, metadata={"help": "YAML recipe (e.g. recipes/ntrenet/pascal5i_resnet50.yaml); flags override it"}
+    )
+    model_type: str = field(default="ntrenet", metadata={"help": "registered method (hf_fss.MODEL_CLASSES)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "start from a saved model (folder or Hub id) instead of a fresh config"}
+    )
+    model_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "model config fields, JSON (the recipe's `model:` mapping, updated per key)"}
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "run folder (default outputs/<model_type>-<benchmark>-fold<F>-<K>shot)"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "allow writing into a folder that already holds a run"}
+    )
+    seed: int = field(default=321, metadata={"help": "seed of weights, data order, augmentation and dropout"})
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    dataset: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a prepare_dataset.py folder, or a Hub dataset id"}
+    )
+    benchmark: str | None = field(
+        default=None, metadata={"help": "pascal5i, coco20i, fss1000 or synthetic (default: synthetic for synthetic)"}
+    )
+    fold: int = field(default=0, metadata={"help": "fold whose novel classes are held out"})
+    fold_convention: str | None = field(
+        default=None, metadata={"help": "COCO-20i folds: interleaved (default) or contiguous"}
+    )
+    shot: int = field(default=1, metadata={"help": "K, support images per training episode"})
+    image_size: int = field(default=473, metadata={"help": "training crop side and the model's test image size"})
+    novel_class_policy: Literal["background", "ignore", "exclude"] = field(
+        default="background", metadata={"help": "novel-class pixels in training images: background / ignore / drop"}
+    )
+    scale_min: float = field(default=0.9, metadata={"help": "augmentation: smallest random scale"})
+    scale_max: float = field(default=1.1, metadata={"help": "augmentation: largest random scale"})
+    rotate_min: float = field(default=-10.0, metadata={"help": "augmentation: rotation range, degrees (symmetric)"})
+    rotate_max: float = field(default=10.0, metadata={"help": "augmentation: rotation range, degrees (symmetric)"})
+    horizontal_flip: bool = field(default=True, metadata={"help": "augmentation: random horizontal flips"})
+    gaussian_blur: bool = field(default=True, metadata={"help": "augmentation: random 5x5 Gaussian blur"})
+    synthetic_num_train: int | None = field(default=None, metadata={"help": "synthetic benchmark: train images"})
+    synthetic_num_val: int | None = field(default=None, metadata={"help": "synthetic benchmark: validation images"})
+    synthetic_image_size: int | None = field(default=None, metadata={"help": "synthetic benchmark: image side"})
+    synthetic_seed: int = field(default=0, metadata={"help": "synthetic benchmark: generation seed"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process"})
+
+    # --- optimisation --------------------------------------------------------------------------------------------
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (the papers) or adamw"})
+    learning_rate: float = field(default=0.01, metadata={"help": "initial learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    lr_scheduler: str = field(
+        default="poly",
+        metadata={"help": "poly: lr * (1 - step / max_steps) ** lr_power (the papers); or a transformers schedule"},
+    )
+    lr_power: float = field(default=0.9, metadata={"help": "power of the poly schedule"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    batch_size: int = field(default=8, metadata={"help": "episodes per process per forward pass"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
+    epochs: int = field(default=50, metadata={"help": "passes over the training images (unless --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "clip gradients to this norm"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no / fp16 / bf16 (default: what `accelerate launch` was given)"}
+    )
+    sync_batchnorm: bool = field(
+        default=False, metadata={"help": "multi-GPU: SyncBatchNorm for the trainable batch norms"}
+    )
+    ddp_find_unused_parameters: bool = field(
+        default=False, metadata={"help": "DistributedDataParallel(find_unused_parameters=True)"}
+    )
+    cpu: bool = field(default=False, metadata={"help": "train on CPU even when an accelerator is available"})
+
+    # --- validation (model selection) and final evaluation -------------------------------------------------------
+    validation_every_epochs: int = field(
+        default=1,
+        metadata={"help": "validate every N epochs (0: never)", "aliases": ["--eval-every-epochs"]},
+    )
+    validation_steps: int | None = field(default=None, metadata={"help": "also validate every N optimizer steps"})
+    num_validation_episodes: int = field(default=1000, metadata={"help": "validation episodes (base classes)"})
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "share of the training images held out for validation"}
+    )
+    validation_min_images: int = field(default=100, metadata={"help": "hold out at least this many images"})
+    select_on_test_fold: bool = field(
+        default=False,
+        metadata={"help": "select the best model on the test fold's novel classes, as the papers did (not advised)"},
+    )
+    eval_protocol: str = field(default="pfenet", metadata={"help": "pfenet, hsnet or panet"})
+    num_eval_episodes: int | None = field(
+        default=None, metadata={"help": "final novel-class test episodes (default: the protocol's count)"}
+    )
+    eval_seed: int | None = field(default=None, metadata={"help": "test episode seed (default: the protocol's)"})
+    eval_batch_size: int = field(default=1, metadata={"help": "episodes per forward pass in evaluation"})
+    evaluate_at_end: bool = field(default=True, metadata={"help": "test the final (and best) model on novel classes"})
+    compare_baseline: bool = field(
+        default=False,
+        metadata={"help": "also test the training-free cosine prior with the initial backbone on the same episodes"},
+    )
+
+    # --- checkpoints, logging, hub -------------------------------------------------------------------------------
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "save the training state (accelerator.save_state) every N steps"}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir"}
+    )
+    stop_after_steps: int | None = field(
+        default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "log loss terms and learning rate every N steps"})
+    report_to: str = field(
+        default="auto",
+        metadata={
+            "help": "trackers, comma-separated (tensorboard, wandb, ...), 'all', 'none'; auto: tensorboard "
+            "if installed"
+        },
+    )
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the selected model to this Hub repo"})
+
+    def __post_init__(self):
+        import hf_fss
+        from hf_fss.data.folds import COCO_CONVENTIONS, normalize_benchmark_name
+        from hf_fss.evaluation.protocols import PROTOCOLS
+
+        if self.model_type not in hf_fss.MODEL_CLASSES:
+            raise ValueError(f"unknown model type {self.model_type!r}; registered: {sorted(hf_fss.MODEL_CLASSES)}")
+        if isinstance(self.model_kwargs, str):
+            try:
+                self.model_kwargs = json.loads(self.model_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r} ({err})") from err
+        self.model_kwargs = dict(self.model_kwargs or {})
+        if not all(isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError(f"model_kwargs keys must be config field names, got {list(self.model_kwargs)}")
+        if self.benchmark is None:
+            if self.dataset != "synthetic":
+                raise ValueError(
+                    f"--benchmark is required with --dataset {self.dataset!r} (pascal5i, coco20i, fss1000)"
+                )
+            self.benchmark = "synthetic"
+        self.benchmark = normalize_benchmark_name(self.benchmark)
+        if self.fold_convention is not None:
+            if self.benchmark != "coco20i":
+                raise ValueError(f"fold_convention applies to coco20i only, not to {self.benchmark}")
+            if self.fold_convention not in COCO_CONVENTIONS:
+                raise ValueError(f"fold_convention must be one of {COCO_CONVENTIONS}, got {self.fold_convention!r}")
+        if self.eval_protocol.lower() not in PROTOCOLS:
+            raise ValueError(f"unknown eval_protocol {self.eval_protocol!r}; presets are {sorted(PROTOCOLS)}")
+        self.eval_protocol = self.eval_protocol.lower()
+        # argparse checks `choices` on the command line only, not on values that come from a recipe.
+        for name, allowed in (
+            ("optimizer", ("sgd", "adamw")),
+            ("novel_class_policy", ("background", "ignore", "exclude")),
+            ("mixed_precision", (None, "no", "fp16", "bf16")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.lr_scheduler not in _SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {list(_SCHEDULERS)}")
+        positive = (
+            "shot",
+            "image_size",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        optional_positive = (
+            "max_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "stop_after_steps",
+            "validation_steps",
+            "num_eval_episodes",
+        )
+        for name in optional_positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        for name in ("epochs", "num_workers", "validation_every_epochs", "warmup_steps", "num_validation_episodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError("give --epochs >= 1 or --max-steps")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        if not math.isclose(-self.rotate_min, self.rotate_max) or self.rotate_max < 0:
+            raise ValueError(
+                f"the rotation range must be symmetric, [-r, r]; got [{self.rotate_min}, {self.rotate_max}]"
+            )
+        if self.output_dir is None:
+            self.output_dir = f"outputs/{self.model_type}-{self.benchmark}-fold{self.fold}-{self.shot}shot"
+
+    @property
+    def wants_validation(self) -> bool:
+        return (self.validation_every_epochs > 0 or self.validation_steps is not None) and (
+            self.num_validation_episodes > 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved arguments as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into `TrainingArguments` field values; unknown keys raise a `ValueError` naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of argument names to values")
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _RECIPE_ALIASES.get(key, str(key).replace("-", "_"))
+        if name == "warmup":  # the recipes' `warmup: false` (PFENet's flag); a number is a step count
+            if value is True:
+                raise ValueError(f"{path}: `warmup: true` is ambiguous; set `warmup_steps: N`")
+            name, value = "warmup_steps", int(value or 0)
+        if name not in names or name == "config":
+            raise ValueError(f"config file {str(path)!r}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(TrainingArguments)
+    parser.prog = "train.py"
+    parser.description = (
+        "Train a few-shot segmentation model episodically. `accelerate launch scripts/train.py` with no argument "
+        "runs the quickstart (recipes/ntrenet/quickstart_synthetic.yaml); precedence: defaults < --config < flags."
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, quickstart_recipe: str | Path | None = None) -> TrainingArguments:
+    """
+    Arguments from the command line `argv` (default `sys.argv[1:]`) over the recipe of `--config` (or the quickstart
+    recipe when no experiment-selecting flag is given) over the dataclass defaults.
+
+    `quickstart_recipe` defaults to `QUICKSTART_RECIPE` (the checkout's `recipes/ntrenet/quickstart_synthetic.yaml`);
+    `scripts/train.py` passes the one next to it.
+
+    Raises:
+        ValueError / FileNotFoundError: a missing or malformed config file, an unknown key or model type, a bad value.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # A first pass only to find the recipe; the full parse below reports unknown flags.
+    pre, _ = parser.parse_known_args(argv)
+    config = pre.config
+    if config is None and not any(a.split("=", 1)[0] in _SELECTION_FLAGS for a in argv):
+        config = str(quickstart_recipe or QUICKSTART_RECIPE)
+    recipe = load_recipe(config) if config is not None else {}
+    recipe_model = dict(recipe.pop("model_kwargs", None) or {})
+    parser.set_defaults(**recipe, config=config)
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    # --model-kwargs updates the recipe's model mapping instead of replacing it.
+    args.model_kwargs = {**recipe_model, **args.model_kwargs}
+    return args

@@ -1,0 +1,112 @@
+"""
+scripts/evaluate.py (hf_fss.evaluation.runner): metrics.json in the contract's format, written atomically; fixed
+episode lists exported and re-read; several seeds; protocols and weak annotations; bad input. The 1-vs-2-process
+equality is checked in test_training.py, on a model trained by a 2-process launch.
+"""
+
+import json
+
+import pytest
+import torch
+
+from hf_fss import FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss.data import load_episodes_jsonl
+from hf_fss.evaluation.runner import main
+
+# Evaluation reads only the validation split: no training images are generated.
+DATA_FLAGS = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+              "--synthetic-image-size", "128"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads slow them down a
+    lot; one thread is also what `accelerate launch` gives each process (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = NTRENetConfig(
+        backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]},
+        reduce_dim=16,
+        background_prototype_dim=16,
+        pyramid_bins=[1.0, 0.5],
+        image_size=65,
+    )
+    folder = tmp_path_factory.mktemp("model") / "tiny-ntrenet"
+    NTRENetModel(config).save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
+    return folder
+
+
+def _evaluate(model, out, *flags):
+    return main(["--model", str(model), *DATA_FLAGS, "--fold", "0", "--shot", "1", "--output", str(out), *flags])
+
+
+def test_metrics_json_format_and_episode_files(tiny_model, tmp_path):
+    out, episodes = tmp_path / "metrics.json", tmp_path / "episodes.jsonl"
+    assert _evaluate(tiny_model, out, "--num-episodes", "10", "--seed", "7", "--save-episodes", str(episodes)) == 0
+    metrics = json.loads(out.read_text())
+    for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes", "seed", "protocol"):
+        assert key in metrics, key
+    assert metrics["num_episodes"] == 10 and metrics["seed"] == 7
+    assert set(metrics["per_class_iou"]) <= {"striped_disc", "checkered_square", "dotted_triangle", "shaded_star",
+                                             "striped_ring"}  # fmt: skip
+    assert metrics["protocol"]["name"] == "pfenet" and metrics["protocol"]["label_size"] == "original"
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["episodes.jsonl", "metrics.json"]  # no temp file left
+
+    listed = load_episodes_jsonl(episodes)
+    assert len(listed) == 10 and all(len(e.supports) == 1 for e in listed)
+    again = tmp_path / "again.json"
+    assert _evaluate(tiny_model, again, "--episodes-file", str(episodes), "--seed", "7") == 0
+    again = json.loads(again.read_text())
+    assert (again["miou"], again["per_class_iou"]) == (metrics["miou"], metrics["per_class_iou"])
+
+
+def test_several_seeds_give_mean_and_std(tiny_model, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert _evaluate(tiny_model, out, "--num-episodes", "5", "--seeds", "1", "2") == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["seeds"] == [1, 2] and metrics["num_runs"] == 2 and len(metrics["runs"]) == 2
+    assert metrics["miou"] == pytest.approx(sum(r["miou"] for r in metrics["runs"]) / 2)
+    assert metrics["miou_std"] >= 0.0
+    assert metrics["protocol"]["seeds"] == [1, 2]
+
+
+def test_panet_protocol_runs_its_five_seeds(tiny_model, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert _evaluate(tiny_model, out, "--protocol", "panet", "--num-episodes", "2") == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["seeds"] == [1234, 1235, 1236, 1237, 1238] and "miou_std" in metrics
+    assert metrics["protocol"]["label_size"] == 417
+
+
+def test_hsnet_protocol_and_box_supports(tiny_model, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert _evaluate(tiny_model, out, "--protocol", "hsnet", "--num-episodes", "4", "--annotation", "bbox") == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["protocol"]["name"] == "hsnet" and metrics["protocol"]["label_size"] == 400
+    assert metrics["seed"] == 0  # the preset's seed
+    assert metrics["annotation"] == "bbox"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "no/such/model-folder"], "no/such/model-folder"),
+        (["--benchmark", "voc2099"], "voc2099"),
+        (["--fold", "7"], "fold"),
+    ],
+)
+def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, flags, message):
+    out = tmp_path / "metrics.json"
+    arguments = ["--model", str(tiny_model), *DATA_FLAGS, "--output", str(out), "--num-episodes", "2"]
+    assert main([*arguments, *flags]) != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists()
