@@ -113,6 +113,8 @@ def test_card_from_a_real_model_and_metrics_reads_back_with_model_index(tmp_path
     assert miou.dataset_config == "fold0-1shot-pfenet" and miou.dataset_args["shot"] == 1
     assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "transformers"
     assert "ntrenet" in card.data.tags and "pascal5i" in card.data.tags
+    # A tiny test backbone is not passed off as the published ResNet-50.
+    assert "ResNet-50 (resized: base_width=8, depths=[1, 1, 1, 1])" in card.text
 
     text = card.text
     assert PLACEHOLDERS.search(card.content) is None, PLACEHOLDERS.search(card.content)

@@ -377,8 +377,17 @@ def _as_metrics_list(metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]] | 
     raise ValueError(f"metrics must be a dict (a metrics.json) or a list of them, got {type(metrics).__name__}")
 
 
+def _backbone_name(config) -> str:
+    """The backbone's published name, marked as modified when `backbone_kwargs` change its widths or depths."""
+    name = _BACKBONE_NAMES.get(config.backbone, config.backbone)
+    resized = {k: v for k, v in (config.backbone_kwargs or {}).items() if k in ("base_width", "depths", "fc_channels")}
+    if resized:
+        name += " (resized: " + ", ".join(f"{k}={v}" for k, v in sorted(resized.items())) + ")"
+    return name
+
+
 def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
-    backbone = _BACKBONE_NAMES.get(config.backbone, config.backbone)
+    backbone = _backbone_name(config)
     text = f"{method} with a {backbone} backbone"
     benchmark = _benchmark_key(_lookup(training, "benchmark"))
     fold, shot = _lookup(training, "fold"), _lookup(training, "shot")
@@ -491,7 +500,7 @@ def render_model_card(
         model_id=model_id,
         repo_id=repo_id,
         summary=_summary(config, training, method),
-        backbone=_BACKBONE_NAMES.get(config.backbone, config.backbone),
+        backbone=_backbone_name(config),
         image_size=config.image_size,
         num_parameters=f"{num_parameters:,}" if num_parameters else None,
         config_table=_table(config_rows, ("field", "value")),
