@@ -21,7 +21,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import hf_fss  # noqa: E402
+from hf_fss.file_utils import atomic_write_text  # noqa: E402
 
 # Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
 SIZES = {
@@ -147,10 +147,7 @@ def main(argv=None) -> int:
             "load_average": os.getloadavg(),
             "results": rows,
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.output.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump(record, tmp, indent=2)
-        os.replace(tmp.name, args.output)
+        atomic_write_text(args.output, json.dumps(record, indent=2))
     return 0
 
 

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from torch.utils.data import Dataset
 from hf_fss.data.augmentation import TrainAugmentation
 from hf_fss.data.folds import FoldSplit, _as_class_tuple
 from hf_fss.data.schema import IGNORE_INDEX
+from hf_fss.file_utils import atomic_write_text
 
 __all__ = [
     "ANNOTATION_KINDS",
@@ -544,21 +544,7 @@ def make_test_episodes(
 
 def save_episodes_jsonl(episodes: Iterable[Episode], path: str | os.PathLike) -> None:
     """Write one JSON object per line, `{"query": id, "supports": [ids], "class_id": c}`, atomically."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Temp file in the same directory, then rename: readers never see a half-written list.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".episodes-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for episode in episodes:
-                f.write(json.dumps(episode.to_json()) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; episode lists are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes))
 
 
 def load_episodes_jsonl(path: str | os.PathLike) -> list[Episode]:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from hf_fss.data.episodes import (
 )
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
+from hf_fss.file_utils import atomic_write_text
 
 __all__ = [
     "class_names_of",
@@ -74,22 +74,9 @@ def needs_cpu_fallback() -> bool:
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as indented JSON to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # NaN (an undefined IoU) is written as NaN, which Python's json reads back.
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write `data` as indented JSON to `path` atomically (temporary file in the same folder, then a rename)."""
+    # NaN (an undefined IoU) is written as NaN, which Python's json reads back.
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def class_names_of(split: Any) -> list[str] | None:
