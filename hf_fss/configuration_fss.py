@@ -1,6 +1,6 @@
 """Configuration shared by every few-shot segmentation model of hf_fss."""
 
-from __future__ import annotations
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -17,7 +17,8 @@ DEFAULT_BACKBONE_WEIGHTS = {
     ("vgg16_bn", None): "timm/vgg16_bn.tv_in1k",
     ("vgg16_dilated", None): "timm/vgg16.tv_in1k",
 }
-BACKBONES = ("resnet50", "resnet101", "vgg16_bn", "vgg16_dilated")
+Backbone = Literal["resnet50", "resnet101", "vgg16_bn", "vgg16_dilated"]
+BACKBONES = get_args(Backbone)
 
 
 @strict(accept_kwargs=True)
@@ -42,6 +43,10 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         Keep backbone weights fixed (no gradients), as all four papers do.
     freeze_backbone_batchnorm (`bool`, *optional*, defaults to `True`):
         Keep the backbone's batch-norm layers in eval mode during training so their running statistics stay fixed.
+    chunk_extractors_on_cpu (`bool`, *optional*, defaults to `True`):
+        On CPU, run frozen extractors over a stack of images (supports of a K-shot episode, a batch in evaluation)
+        in chunks whose activations stay under glibc's mmap threshold (bit-identical results, no page-fault storm;
+        see `hf_fss.backbones.StagedBackbone.max_chunk`). No effect on GPU or with gradients.
     image_size (`int`, *optional*, defaults to 473):
         Side of the square inputs the model is trained and evaluated on.
     ignore_index (`int`, *optional*, defaults to 255):
@@ -50,21 +55,20 @@ class FewShotSegmentationConfig(PreTrainedConfig):
 
     model_type = "few_shot_segmentation"
 
-    backbone: str = "resnet50"
+    backbone: Backbone = "resnet50"
     backbone_kwargs: dict | None = None
     use_pretrained_backbone: bool = False
     pretrained_backbone_name_or_path: str | None = None
     freeze_backbone: bool = True
     freeze_backbone_batchnorm: bool = True
+    chunk_extractors_on_cpu: bool = True
     image_size: int = 473
     ignore_index: int = 255
 
-    def __post_init__(self, **kwargs):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is not supported; choose one of {list(BACKBONES)}")
+    def validate_image_size(self):
+        """Part of `@strict` validation."""
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
-        super().__post_init__(**kwargs)
 
     @property
     def backbone_weights(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import math
 from dataclasses import dataclass, fields
 
@@ -12,11 +11,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbones import build_backbone, load_backbone_weights
+from .backbones import StagedBackbone, build_backbone
 from .configuration_fss import FewShotSegmentationConfig
 
-# Set while `from_pretrained` builds a model: its checkpoint already holds the backbone.
-_LOADING_CHECKPOINT = contextvars.ContextVar("hf_fss_loading_checkpoint", default=False)
+# Arguments of `forward` every method takes; anything else must be declared by the model.
+_STANDARD_INPUTS = ("pixel_values", "support_pixel_values", "support_masks", "labels", "support_encoding")
 
 
 @dataclass
@@ -150,10 +149,23 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     """
     Base class of the hf_fss models.
 
-    A method implements `_encode_support` (support images and masks to a `SupportEncoding`) and `_segment`
-    (queries and an encoding to a `FewShotSegmentationOutput`); this class checks inputs, splits the two so
-    that one support set can serve many queries, keeps the backbone frozen as configured and loads its
-    ImageNet weights when asked.
+    A method implements `_encode_support` (support images and masks, plus the support-side inputs it declares, to a
+    `SupportEncoding`) and `_segment` (queries, an encoding and the query-side inputs it declares to a
+    `FewShotSegmentationOutput`); this class checks inputs, routes the declared extra inputs, and splits the two so
+    that one support set can serve many queries.
+
+    Class attributes a method sets:
+        query_inputs (`tuple[str, ...]`): extra keyword inputs of `forward` passed to `_segment` (e.g.
+            `("class_ids",)`, `("semantic_labels",)`).
+        support_inputs (`tuple[str, ...]`): extra keyword inputs passed to `_encode_support` (e.g.
+            `("support_semantic_labels",)`); `encode_support` takes them too. The episodic training dataset emits
+            the inputs a model declares.
+
+    Feature extractors (`StagedBackbone` children such as `backbone`) own their frozen / batch-norm policy and their
+    initialisation; `load_pretrained_extractors()` loads their pretrained weights when a training run starts from a
+    config (never `from_pretrained`, whose checkpoint holds them). A model may adapt to its support set inside
+    `_encode_support` (with `torch.enable_grad()`, on a copy of its weights held in the encoding): evaluation and the
+    pipeline run under `torch.no_grad()`, not `torch.inference_mode()`, to allow it.
     """
 
     config_class = FewShotSegmentationConfig
@@ -161,42 +173,62 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False
     _no_split_modules = []
+    query_inputs: tuple[str, ...] = ()
+    support_inputs: tuple[str, ...] = ()
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)
 
     # --- construction -------------------------------------------------------------------------------------
-    def build_backbone(self) -> nn.Module:
-        """The configured backbone, frozen if `config.freeze_backbone`."""
+    def build_backbone(self) -> StagedBackbone:
+        """The configured backbone, frozen if `config.freeze_backbone`, BN kept in eval if configured."""
         backbone = build_backbone(self.config.backbone, **(self.config.backbone_kwargs or {}))
+        backbone.chunk_on_cpu = self.config.chunk_extractors_on_cpu
         if self.config.freeze_backbone:
-            backbone.requires_grad_(False)
+            return backbone.freeze(batchnorm_eval=self.config.freeze_backbone_batchnorm)
+        backbone.batchnorm_eval = self.config.freeze_backbone_batchnorm
         return backbone
 
+    def feature_extractors(self) -> dict[str, StagedBackbone]:
+        """Every feature extractor of the model by its module name (`{"backbone": ...}`, QGNet adds more)."""
+        return {name: module for name, module in self.named_modules() if isinstance(module, StagedBackbone)}
+
     def post_init(self):
+        # Extractors keep their own documented initialisation: mark them so `_init_weights` never redraws them.
+        for extractor in self.feature_extractors().values():
+            for module in extractor.modules():
+                module._is_hf_initialized = True
         super().post_init()
-        # post_init re-initialises every module, so ImageNet weights can only be loaded after it.
-        if self.config.use_pretrained_backbone and not _LOADING_CHECKPOINT.get():
-            self.load_pretrained_backbone()
+
+    def pretrained_weight_sources(self) -> dict[str, str]:
+        """Extractor name -> weights to start training from (Hub id, folder or safetensors file); empty if none."""
+        return {"backbone": self.config.backbone_weights} if self.config.use_pretrained_backbone else {}
+
+    def load_pretrained_extractors(self) -> dict[str, str]:
+        """
+        Load every extractor's pretrained weights (`pretrained_weight_sources()`), as a training run or a converter
+        does once after building the model from its config. Returns what was loaded from where.
+
+        Raises:
+            `ValueError` / `FileNotFoundError`: see `hf_fss.backbones.load_backbone_weights` (a missing key is named).
+        """
+        sources = self.pretrained_weight_sources()
+        for name, source in sources.items():
+            self.get_submodule(name).load_weights(source)
+        return sources
 
     def load_pretrained_backbone(self, name_or_path: str | None = None) -> None:
         """Load ImageNet weights into `self.backbone` from a Hub repo id, a folder or a safetensors file."""
-        load_backbone_weights(self.backbone, name_or_path or self.config.backbone_weights)
+        self.backbone.load_weights(name_or_path or self.config.backbone_weights)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # The checkpoint already holds the backbone: never fetch ImageNet weights, never unpickle.
+        # Weights are read from safetensors only: a pickled `pytorch_model.bin` is refused, never unpickled.
         kwargs.setdefault("use_safetensors", True)
-        token = _LOADING_CHECKPOINT.set(True)
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        finally:
-            _LOADING_CHECKPOINT.reset(token)
-        model.config.use_pretrained_backbone = False
-        return model
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
-        # torch's own defaults, which the reference implementations train from, for every non-backbone layer.
+        # torch's own defaults, which the reference implementations train from, for every non-extractor layer.
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -213,29 +245,54 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
     # --- training behaviour --------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        backbone = getattr(self, "backbone", None)
-        if mode and backbone is not None and self.config.freeze_backbone_batchnorm:
-            backbone.eval()
-        return self
+    def training_state_objects(self) -> dict[str, object]:
+        """
+        Training state that is not weights (e.g. NTRENet's contrastive bank), by name, each with `state_dict()` /
+        `load_state_dict()`; the trainer checkpoints and restores them. Empty by default.
+        """
+        return {}
 
     def convert_sync_batchnorm(self, process_group=None):
-        """Replace the batch norms that train (not those of a frozen backbone) by `SyncBatchNorm` for multi-GPU runs."""
-        frozen = self.config.freeze_backbone and self.config.freeze_backbone_batchnorm
-        for name, child in self.named_children():
-            if name == "backbone" and frozen:
-                continue
-            setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group))
+        """Replace the batch norms that train (not those of a frozen extractor) by `SyncBatchNorm` for multi-GPU runs."""
+
+        def convert(parent: nn.Module) -> None:
+            for name, child in parent.named_children():
+                if isinstance(child, StagedBackbone) and child.frozen and child.batchnorm_eval:
+                    continue
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group))
+                else:
+                    convert(child)
+
+        convert(self)
         return self
 
     def backbone_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The five stage features of the backbone, without autograd when it is frozen."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            return self.backbone(pixel_values)
+        """The five stage features of the backbone (without autograd when it is frozen)."""
+        return self.backbone(pixel_values)
 
     # --- the few-shot API ----------------------------------------------------------------------------------
-    def encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
+    def _route_inputs(self, kwargs: dict, encoding_given: bool) -> tuple[dict, dict]:
+        """Split extra keyword inputs into the declared query-side and support-side ones; refuse anything else."""
+        unknown = sorted(set(kwargs) - set(self.query_inputs) - set(self.support_inputs))
+        if unknown:
+            declared = list(self.query_inputs + self.support_inputs) or "none"
+            raise ValueError(
+                f"{type(self).__name__} got unexpected input(s) {unknown}; besides {list(_STANDARD_INPUTS)} it "
+                f"accepts: {declared}"
+            )
+        query = {k: v for k, v in kwargs.items() if k in self.query_inputs}
+        support = {k: v for k, v in kwargs.items() if k in self.support_inputs and k not in query}
+        if encoding_given and support:
+            raise ValueError(
+                f"{sorted(support)} belong to the support set: pass them to model.encode_support(...), not together "
+                "with support_encoding"
+            )
+        return query, support
+
+    def encode_support(
+        self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor, **support_inputs
+    ) -> SupportEncoding:
         """
         Encode a support set once to segment many queries with `model(pixel_values, support_encoding=...)`.
 
@@ -243,9 +300,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`)
             support_masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
                 1 = target class, 0 = background, 255 = ignore.
+            support_inputs: the support-side inputs the model declares (`support_inputs`).
+
+        Raises:
+            `ValueError`: malformed supports, or an input the model does not declare for the support side.
         """
+        query, support = self._route_inputs(support_inputs, encoding_given=False)
+        if query:
+            raise ValueError(f"{sorted(query)} are query-side inputs: pass them to model(...), not encode_support")
         check_support_inputs(support_pixel_values, support_masks, require_target=not self.training)
-        return self._encode_support(support_pixel_values, support_masks)
+        return self._encode_support(support_pixel_values, support_masks, **support)
 
     def forward(
         self,
@@ -268,18 +332,22 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 query target masks in {0, 1, 255}; when given, `loss` is computed.
             support_encoding (`SupportEncoding`, *optional*):
                 the result of `encode_support`, used instead of support images and masks.
-            kwargs: method-specific training inputs (e.g. `class_ids`).
+            kwargs: the extra inputs the model declares in `query_inputs` / `support_inputs` (e.g. `class_ids`).
 
         Returns:
             `FewShotSegmentationOutput` (or a tuple if `return_dict=False`).
+
+        Raises:
+            `ValueError`: malformed inputs (naming the argument), or a keyword input the model does not declare.
         """
         check_query_inputs(pixel_values, labels)
+        query_inputs, support_inputs = self._route_inputs(kwargs, encoding_given=support_encoding is not None)
         batch_size = pixel_values.shape[0]
         if support_encoding is None:
             check_support_inputs(
                 support_pixel_values, support_masks, batch_size=batch_size, require_target=not self.training
             )
-            support_encoding = self._encode_support(support_pixel_values, support_masks)
+            support_encoding = self._encode_support(support_pixel_values, support_masks, **support_inputs)
         else:
             if support_pixel_values is not None or support_masks is not None:
                 raise ValueError("give either support_encoding or support_pixel_values/support_masks, not both")
@@ -288,12 +356,12 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                     f"support_encoding must come from model.encode_support(...), got {type(support_encoding).__name__}"
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
-        outputs = self._segment(pixel_values, support_encoding, labels=labels, **kwargs)
+        outputs = self._segment(pixel_values, support_encoding, labels=labels, **query_inputs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
 
     def _encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
         raise NotImplementedError(f"{type(self).__name__} must implement _encode_support")
 
-    def _segment(self, pixel_values, support_encoding, labels=None, **kwargs) -> FewShotSegmentationOutput:
+    def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement _segment")

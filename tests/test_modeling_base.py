@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_RESNET, random_episode
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -61,14 +62,18 @@ def test_from_pretrained_refuses_pickle_and_never_fetches_imagenet_weights(tmp_p
     # A saved model whose config asks for ImageNet weights must not fetch them again on load.
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     cfg["use_pretrained_backbone"] = True
+    cfg["pretrained_backbone_name_or_path"] = str(tmp_path / "imagenet")
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
 
     def fail(*args, **kwargs):
         raise AssertionError("from_pretrained tried to load ImageNet backbone weights")
 
-    monkeypatch.setattr(hf_fss.modeling_fss, "load_backbone_weights", fail)
+    monkeypatch.setattr(hf_fss.backbones.weights, "load_backbone_weights", fail)
     loaded = AutoModel.from_pretrained(tmp_path / "ok")
-    assert loaded.config.use_pretrained_backbone is False
+    # The flag stays as a record of where the backbone started; only an explicit call loads weights.
+    assert loaded.config.use_pretrained_backbone is True
+    with pytest.raises(AssertionError, match="tried to load"):
+        loaded.load_pretrained_extractors()
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -78,7 +83,7 @@ def test_from_pretrained_refuses_pickle_and_never_fetches_imagenet_weights(tmp_p
         AutoModel.from_pretrained(pickled)
 
 
-def test_use_pretrained_backbone_loads_weights_after_init(tmp_path):
+def test_load_pretrained_extractors_loads_the_configured_weights(tmp_path):
     donor = tiny_prior_model().backbone
     for p in donor.parameters():
         p.data.normal_()
@@ -93,6 +98,10 @@ def test_use_pretrained_backbone_loads_weights_after_init(tmp_path):
     save_file(renamed, str(tmp_path / "model.safetensors"))
 
     model = tiny_prior_model(use_pretrained_backbone=True, pretrained_backbone_name_or_path=str(tmp_path))
+    # Building from the config never loads weights: the trainer / converter asks for them explicitly.
+    assert not torch.equal(model.backbone.layer0.conv1.weight, donor.layer0.conv1.weight)
+    assert model.load_pretrained_extractors() == {"backbone": str(tmp_path)}
+    assert model.backbone.weights_source == str(tmp_path)
     for key, value in donor.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=0)
 
@@ -161,9 +170,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(call, message):
 
 
 def test_config_rejects_unknown_backbone():
-    with pytest.raises(ValueError, match="backbone='resnet18' is not supported"):
+    # huggingface_hub's strict validation names the field and the allowed values.
+    with pytest.raises(StrictDataclassError, match="backbone.*expected one of .*resnet50.*got resnet18"):
         CosinePriorConfig(backbone="resnet18")
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(StrictDataclassError, match="threshold"):
         CosinePriorConfig(threshold=2.0)
 
 

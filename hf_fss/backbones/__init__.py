@@ -11,12 +11,14 @@ import inspect
 
 from torch import nn
 
-from .resnet import Bottleneck, DilatedResNet, StagedBackbone
+from .resnet import Bottleneck, DilatedResNet
+from .staged import CPU_CHUNK_BYTES, StagedBackbone
 from .vgg import DILATED_VGG16_STAGE_BOUNDS, VGG16_BN_STAGE_BOUNDS, VGG16BN, DilatedVGG16
 from .weights import (
     convert_backbone_state_dict,
     load_backbone_weights,
     pfenet_backbone_key_map,
+    select_moco_encoder,
     smcp_backbone_key_map,
 )
 
@@ -55,6 +57,7 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
 
 __all__ = [
     "BACKBONE_NAMES",
+    "CPU_CHUNK_BYTES",
     "DILATED_VGG16_STAGE_BOUNDS",
     "VGG16_BN_STAGE_BOUNDS",
     "Bottleneck",
@@ -66,5 +69,6 @@ __all__ = [
     "convert_backbone_state_dict",
     "load_backbone_weights",
     "pfenet_backbone_key_map",
+    "select_moco_encoder",
     "smcp_backbone_key_map",
 ]

@@ -5,58 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .staged import StagedBackbone
+
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STEMS = ("deep", "7x7")
 # Per output stride: (stride, dilation) of layer3 and layer4.
 _DILATION_PLAN = {8: ((1, 2), (1, 4)), 16: ((2, 1), (1, 2)), 32: ((2, 1), (2, 1))}
-
-
-class StagedBackbone(nn.Module):
-    """
-    Base class of every hf_fss backbone: five child stages `layer0` ... `layer4` run one after the other.
-
-    Subclasses set `channels` (output channels of each stage) and `strides` (output stride of each stage with
-    respect to the input image).
-    """
-
-    num_stages = 5
-    channels: tuple[int, ...]
-    strides: tuple[int, ...]
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """
-        Args:
-            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
-                Normalised images.
-
-        Returns:
-            `tuple[torch.Tensor, ...]`: the five stage outputs; stage `i` has shape
-            `(batch_size, channels[i], ~height / strides[i], ~width / strides[i])`.
-        """
-        return tuple(self.forward_stages(pixel_values, 0, self.num_stages))
-
-    def forward_stages(self, x: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:
-        """
-        Run stages `start .. end - 1` only.
-
-        PFENet-style methods need this to run `layer4` on masked `layer3` support features.
-
-        Args:
-            x (`torch.Tensor` of shape `(batch_size, channels, height, width)`):
-                Input of stage `start`: the image for `start=0`, else the output of stage `start - 1`.
-            start (`int`): first stage to run, `0 <= start <= end`.
-            end (`int`): one past the last stage to run, `end <= 5`.
-
-        Returns:
-            `list[torch.Tensor]`: the outputs of stages `start .. end - 1` (empty when `start == end`).
-        """
-        if not 0 <= start <= end <= self.num_stages:
-            raise ValueError(f"Need 0 <= start <= end <= {self.num_stages}, got start={start}, end={end}.")
-        outputs = []
-        for index in range(start, end):
-            x = getattr(self, f"layer{index}")(x)
-            outputs.append(x)
-        return outputs
 
 
 class Bottleneck(nn.Module):

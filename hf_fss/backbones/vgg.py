@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .resnet import StagedBackbone
+from .staged import StagedBackbone
 
 # VGG-16 (configuration "D") as multiples of base_width; "M" is a 2x2 max pool.
 _VGG16_CFG = (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M")

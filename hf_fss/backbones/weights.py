@@ -16,8 +16,13 @@ Supported key layouts, detected from the checkpoint's keys:
 - `smcp_vgg`: SMCP's encoder `features.{i}` (recognised by a parameter at index 23, which is pool4 in
   torchvision), see `smcp_backbone_key_map`.
 - `stages`: our own names, or a PFENet-lineage backbone (`layer0..4.*`), see `pfenet_backbone_key_map`.
+- `moco`: a MoCo (v1/v2) training checkpoint, `[module.]encoder_q.*` and `[module.]encoder_k.*` (torchvision
+  ResNets), `queue` and `queue_ptr`: one encoder is taken (`moco_encoder`, the key encoder `encoder_k` by default,
+  as QGNet's official loader does), its `fc.*` projection head, the other encoder and the queues are dropped, and
+  the rest is read as `torchvision_resnet`.
 
-A leading `module.` (left by `DataParallel`) on every key is dropped.
+A leading `module.` (left by `DataParallel`) on every key is dropped. Every key the backbone expects must be
+matched: a checkpoint that would load only partly raises a `ValueError` naming the missing keys.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ _HF_LAYER_RE = re.compile(
 )
 _HF_SHORTCUT_RE = re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(convolution|normalization)\.(\w+)$")
 _TV_RESNET_STEM_RE = re.compile(r"^(conv[1-3]|bn[1-3])\.(\w+)$")
+MOCO_ENCODERS = ("encoder_k", "encoder_q")
 
 # Sentinel of the internal key maps: the checkpoint key is a classifier head, not part of the backbone.
 _IGNORED = None
@@ -251,8 +257,44 @@ def _format_keys(keys: list[str], limit: int = 10) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+def _is_moco(keys: list[str]) -> bool:
+    return any(k.removeprefix(_MODULE_PREFIX).startswith(tuple(f"{e}." for e in MOCO_ENCODERS)) for k in keys)
+
+
+def select_moco_encoder(
+    state_dict: Mapping[str, torch.Tensor], encoder: str = "encoder_k", source: str = "<state dict>"
+) -> dict[str, torch.Tensor]:
+    """
+    The tensors of one encoder of a MoCo checkpoint, with the `[module.]{encoder}.` prefix removed.
+
+    Args:
+        state_dict (`Mapping[str, torch.Tensor]`): keys `[module.]encoder_q.*`, `[module.]encoder_k.*`,
+            `[module.]queue`, `[module.]queue_ptr` (MoCo's `main_moco.py` layout, with or without `module.`).
+        encoder (`str`, *optional*, defaults to `"encoder_k"`): `"encoder_k"` (key, momentum encoder) or
+            `"encoder_q"` (query encoder).
+        source (`str`, *optional*): where it came from, for error messages.
+
+    Raises:
+        `ValueError`: an unknown `encoder`, or no key of that encoder in the checkpoint.
+    """
+    if encoder not in MOCO_ENCODERS:
+        raise ValueError(f"moco_encoder must be one of {list(MOCO_ENCODERS)}, got {encoder!r}")
+    prefix = f"{encoder}."
+    selected = {}
+    for key, tensor in state_dict.items():
+        name = key.removeprefix(_MODULE_PREFIX)
+        if name.startswith(prefix):
+            selected[name.removeprefix(prefix)] = tensor
+    if not selected:
+        raise ValueError(f"MoCo checkpoint {source} holds no {encoder}.* keys; first keys: {list(state_dict)[:10]}")
+    return selected
+
+
 def convert_backbone_state_dict(
-    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>"
+    backbone: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "<state dict>",
+    moco_encoder: str = "encoder_k",
 ) -> dict[str, torch.Tensor]:
     """
     Rename a checkpoint's tensors to `backbone`'s parameter names, checking that they fit exactly.
@@ -261,6 +303,7 @@ def convert_backbone_state_dict(
         backbone (`nn.Module`): a backbone from `build_backbone`.
         state_dict (`Mapping[str, torch.Tensor]`): the checkpoint, in any layout listed in this module's docstring.
         source (`str`, *optional*): where it came from, for error messages.
+        moco_encoder (`str`, *optional*, defaults to `"encoder_k"`): the encoder taken from a MoCo checkpoint.
 
     Returns:
         `dict[str, torch.Tensor]`: tensors keyed by `backbone.state_dict()` names (classifier heads dropped).
@@ -269,6 +312,8 @@ def convert_backbone_state_dict(
         `ValueError`: unknown layout, backbone keys left unfilled (other than `num_batches_tracked` and, from
         ImageNet VGG, `DilatedVGG16`'s fc6 / fc7), unexpected checkpoint keys, or shape mismatches.
     """
+    if _is_moco(list(state_dict)):
+        state_dict = select_moco_encoder(state_dict, moco_encoder, source)
     keys = list(state_dict)
     strip = bool(keys) and all(k.startswith(_MODULE_PREFIX) for k in keys)
     try:
@@ -337,7 +382,9 @@ def _resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None) -
     return hf_hub_download(repo_id=name_or_path, filename=WEIGHTS_NAME, revision=revision)
 
 
-def load_backbone_weights(backbone: nn.Module, name_or_path: str, revision: str | None = None) -> None:
+def load_backbone_weights(
+    backbone: nn.Module, name_or_path: str, revision: str | None = None, moco_encoder: str = "encoder_k"
+) -> None:
     """
     Load pretrained (typically ImageNet) weights into a backbone built by `build_backbone`, in place.
 
@@ -347,12 +394,13 @@ def load_backbone_weights(backbone: nn.Module, name_or_path: str, revision: str 
             A Hub repo id holding `model.safetensors` (e.g. `"microsoft/resnet-50"`, `"timm/vgg16_bn.tv_in1k"`),
             a local folder holding `model.safetensors`, or a `.safetensors` file. Pickled checkpoints are refused.
         revision (`str`, *optional*): Hub revision (branch, tag or commit) for repo ids.
+        moco_encoder (`str`, *optional*, defaults to `"encoder_k"`): the encoder taken from a MoCo checkpoint.
 
     Raises:
         `ValueError`: see `convert_backbone_state_dict`; messages name the offending keys and the file.
     """
     path = _resolve_checkpoint(name_or_path, revision)
-    state_dict = convert_backbone_state_dict(backbone, load_file(path), source=path)
+    state_dict = convert_backbone_state_dict(backbone, load_file(path), source=path, moco_encoder=moco_encoder)
     # Copying into meta tensors would silently do nothing: take the loaded tensors instead.
     current = backbone.state_dict()
     on_meta = any(tensor.is_meta for tensor in current.values())

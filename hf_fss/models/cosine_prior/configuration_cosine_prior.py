@@ -27,7 +27,7 @@ class CosinePriorConfig(FewShotSegmentationConfig):
 
     threshold: float = 0.5
 
-    def __post_init__(self, **kwargs):
+    def validate_threshold(self):
+        """Part of `@strict` validation."""
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
-        super().__post_init__(**kwargs)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import multi_shot_prior_mask
+from ...modules import multi_shot_prior_mask, pfenet_support_features
 from .configuration_cosine_prior import CosinePriorConfig
 
 
@@ -40,20 +40,16 @@ class CosinePriorModel(FewShotSegmentationPreTrainedModel):
 
     def _encode_support(self, support_pixel_values, support_masks) -> CosinePriorSupportEncoding:
         batch_size, shot = support_pixel_values.shape[:2]
-        images = support_pixel_values.flatten(0, 1)
-        masks = (support_masks.flatten(0, 1) == 1).unsqueeze(1).to(images.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            layer3 = self.backbone.forward_stages(images, 0, 4)[-1]
-            mask3 = F.interpolate(masks, size=layer3.shape[-2:], mode="bilinear", align_corners=True)
-            # PFENet: the support's layer-4 features see only the target region.
-            layer4 = self.backbone.forward_stages(layer3 * mask3, 4, 5)[-1]
+        support = pfenet_support_features(
+            self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
+        )
         return CosinePriorSupportEncoding(
             shot=shot,
-            features=layer4.unflatten(0, (batch_size, shot)),
-            masks=masks.unflatten(0, (batch_size, shot)),
+            features=support.masked_layer4.unflatten(0, (batch_size, shot)),
+            masks=support.masks.unflatten(0, (batch_size, shot)),
         )
 
-    def _segment(self, pixel_values, support_encoding, labels=None, **kwargs) -> FewShotSegmentationOutput:
+    def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         query_layer4 = self.backbone_features(pixel_values)[-1]
         prior = multi_shot_prior_mask(query_layer4, support_encoding.features, support_encoding.masks)
         prior_full = F.interpolate(prior, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)

@@ -1,14 +1,16 @@
 """Configuration of NTRENet (Liu et al., "Learning Non-target Knowledge for Few-shot Semantic Segmentation", CVPR 2022)."""
 
-from __future__ import annotations
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 
 from ...configuration_fss import FewShotSegmentationConfig
 
-DISTRACTOR_POOLING_MODES = ("global_average", "masked_average")
+DistractorPooling = Literal["global_average", "masked_average"]
+NTRENetBackbone = Literal["resnet50", "resnet101", "vgg16_bn"]
+DISTRACTOR_POOLING_MODES = get_args(DistractorPooling)
 SHOT_FUSION_MODES = ("mean",)
-NTRENET_BACKBONES = ("resnet50", "resnet101", "vgg16_bn")
+NTRENET_BACKBONES = get_args(NTRENetBackbone)
 
 
 @strict(accept_kwargs=True)
@@ -82,14 +84,15 @@ class NTRENetConfig(FewShotSegmentationConfig):
 
     model_type = "ntrenet"
 
+    backbone: NTRENetBackbone = "resnet50"
     reduce_dim: int = 256
     background_prototype_dim: int = 256
     background_prototype_init_std: float = 0.0
     pyramid_bins: list[int | float] | tuple[int | float, ...] = (60, 30, 15, 8)
-    distractor_pooling: str = "global_average"
+    distractor_pooling: DistractorPooling = "global_average"
     feature_dropout: float = 0.5
     classifier_dropout: float = 0.1
-    shot_fusion: str = "mean"
+    shot_fusion: Literal["mean"] = "mean"
     shot: int = 1
 
     final_aux_loss_weight: float = 0.4
@@ -103,24 +106,23 @@ class NTRENetConfig(FewShotSegmentationConfig):
     contrastive_seed: int = 0
 
     def __post_init__(self, **kwargs):
-        if self.backbone not in NTRENET_BACKBONES:
-            raise ValueError(f"NTRENet supports the backbones {list(NTRENET_BACKBONES)}, got {self.backbone!r}")
         self.pyramid_bins = tuple(self.pyramid_bins)
+        super().__post_init__(**kwargs)
+
+    def validate_pyramid_bins(self):
+        """Part of `@strict` validation."""
         if not self.pyramid_bins or any(b <= 0 for b in self.pyramid_bins):
             raise ValueError(f"pyramid_bins must be a non-empty sequence of positive values, got {self.pyramid_bins}")
         if any(b > 1 and b != int(b) for b in self.pyramid_bins):
             raise ValueError(f"pyramid_bins above 1 are pool sizes and must be whole numbers, got {self.pyramid_bins}")
+
+    def validate_ranges(self):
+        """Part of `@strict` validation: sizes positive, probabilities in [0, 1), temperatures positive."""
         for name in ("reduce_dim", "background_prototype_dim", "shot", "contrastive_bank_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.contrastive_num_negatives < 1:
             raise ValueError(f"contrastive_num_negatives must be positive, got {self.contrastive_num_negatives}")
-        if self.distractor_pooling not in DISTRACTOR_POOLING_MODES:
-            raise ValueError(
-                f"distractor_pooling must be one of {list(DISTRACTOR_POOLING_MODES)}, got {self.distractor_pooling!r}"
-            )
-        if self.shot_fusion not in SHOT_FUSION_MODES:
-            raise ValueError(f"shot_fusion must be one of {list(SHOT_FUSION_MODES)}, got {self.shot_fusion!r}")
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}")
         if self.background_prototype_init_std < 0:
@@ -130,4 +132,3 @@ class NTRENetConfig(FewShotSegmentationConfig):
         for name in ("feature_dropout", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        super().__post_init__(**kwargs)

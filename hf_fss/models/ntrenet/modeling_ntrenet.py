@@ -23,7 +23,15 @@ from transformers import initialization as init
 from transformers.utils import logging
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import FeatureEnrichmentModule, masked_average_pooling, multi_shot_prior_mask, resize_mask
+from ...modules import (
+    FeatureEnrichmentModule,
+    MemoryBank,
+    masked_average_pooling,
+    memory_bank,
+    multi_shot_prior_mask,
+    pfenet_support_features,
+    resize_mask,
+)
 from .configuration_ntrenet import NTRENetConfig
 
 logger = logging.get_logger(__name__)
@@ -170,41 +178,15 @@ def prototype_contrastive_loss(
     return torch.stack(losses).mean()
 
 
-def _distributed_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _all_gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate `rows` `(n, d)` of every process in rank order; returns them and the offset of ours."""
-    world_size, rank = _distributed_world()
-    if world_size == 1:
-        return rows, 0
-    # Processes may hold different batch sizes (last batch): gather the sizes, pad to the largest, trim.
-    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    torch.distributed.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
-    padded = rows.new_zeros((max(counts), rows.shape[1]))
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)]), sum(counts[:rank])
-
-
-class NTRENetContrastiveBank:
+class NTRENetContrastiveBank(MemoryBank):
     """
-    Bank of distracting-object (DO) prototypes per class, the negatives of the prototypical contrastive loss.
+    Bank of distracting-object (DO) prototypes per class, the negatives of the prototypical contrastive loss: a
+    `hf_fss.modules.MemoryBank` keyed by class id, with the official code's insertion order and negative draws.
 
-    Training state, not model weights: it is a plain object (no `nn.Module`, no buffers), so it is absent from
-    `model.state_dict()` and from released checkpoints. It has `state_dict()` / `load_state_dict()` for
-    `accelerator.register_for_checkpointing(model.contrastive_bank)`; that state holds the prototypes and the state of
-    the generator drawing the negatives, so a resumed run continues exactly.
-
-    Under `torch.distributed`, `update` gathers the new prototypes of every process (in rank order) before inserting
-    them, and negatives are drawn for every process's queries in the same order, so all processes keep identical
-    banks and generators; without an initialised process group it is purely local.
+    Training state, not model weights (see `MemoryBank`); the model declares it in `training_state_objects()` so the
+    trainer checkpoints it. Under `torch.distributed`, `update` gathers the new prototypes of every process (in rank
+    order) before inserting them, and negatives are drawn for every process's queries in the same order, so all
+    processes keep identical banks and generators; without an initialised process group it is purely local.
 
     Args:
         size (`int`, *optional*, defaults to 2000): prototypes kept per class (newest first, FIFO).
@@ -213,50 +195,28 @@ class NTRENetContrastiveBank:
     """
 
     def __init__(self, size: int = 2000, num_negatives: int = 1000, seed: int = 0):
-        self.size = int(size)
+        super().__init__(size=size, seed=seed)
         self.num_negatives = int(num_negatives)
-        self.seed = int(seed)
-        self.prototypes: dict[int, torch.Tensor] = {}
-        self.generator = torch.Generator().manual_seed(self.seed)
 
-    def __len__(self) -> int:
-        return sum(v.shape[0] for v in self.prototypes.values())
+    @property
+    def prototypes(self) -> dict[int, torch.Tensor]:
+        """The stored DO prototypes, `{class_id: (n, channels)}`, newest first."""
+        return self.rows
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(size={self.size}, num_negatives={self.num_negatives}, seed={self.seed}, "
-            f"classes={len(self.prototypes)}, entries={len(self)})"
-        )
+        return f"{super().__repr__()[:-1]}, num_negatives={self.num_negatives})"
 
     def num_entries(self, class_id: int) -> int:
         """Number of prototypes stored for `class_id`."""
-        entries = self.prototypes.get(int(class_id))
+        entries = self.entries(class_id)
         return 0 if entries is None else entries.shape[0]
 
-    def reset(self) -> None:
-        """Empty the bank and reseed its generator."""
-        self.prototypes = {}
-        self.generator = torch.Generator().manual_seed(self.seed)
-
     def state_dict(self) -> dict:
-        return {
-            "size": self.size,
-            "num_negatives": self.num_negatives,
-            "seed": self.seed,
-            "class_ids": sorted(self.prototypes),
-            "prototypes": [self.prototypes[c].detach().cpu().clone() for c in sorted(self.prototypes)],
-            "generator_state": self.generator.get_state(),
-        }
+        return {**super().state_dict(), "num_negatives": self.num_negatives}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.size = int(state_dict["size"])
+        super().load_state_dict(state_dict)
         self.num_negatives = int(state_dict["num_negatives"])
-        self.seed = int(state_dict["seed"])
-        self.prototypes = {
-            int(c): p.detach().clone() for c, p in zip(state_dict["class_ids"], state_dict["prototypes"])
-        }
-        self.generator = torch.Generator()
-        self.generator.set_state(state_dict["generator_state"])
 
     @torch.no_grad()
     def update(
@@ -286,17 +246,13 @@ class NTRENetContrastiveBank:
             ],
             dim=1,
         )
-        rows, offset = _all_gather_rows(rows)
+        rows, offset = memory_bank.gather_rows(rows)
         all_class_ids = rows[:, 0].round().long()
         all_queries = rows[:, 1 : 1 + channels]
         all_supports = rows[:, 1 + channels :].reshape(-1, shot, channels)
         for class_id in torch.unique(all_class_ids).tolist():
             selected = all_class_ids == class_id
-            new = torch.cat([all_queries[selected], all_supports[selected].flatten(0, 1)])
-            old = self.prototypes.get(class_id)
-            if old is not None:
-                new = torch.cat([new, old.to(new.device)])
-            self.prototypes[class_id] = new[: self.size].clone()
+            self.push(class_id, torch.cat([all_queries[selected], all_supports[selected].flatten(0, 1)]))
         return all_class_ids, offset
 
     def draw_negatives(self, all_class_ids: torch.Tensor, offset: int, batch_size: int) -> list[torch.Tensor]:
@@ -304,15 +260,8 @@ class NTRENetContrastiveBank:
         Draw up to `num_negatives` bank entries for every query of the gathered batch (keeping the generator in step
         on all processes) and return those of this process's `batch_size` queries starting at `offset`.
         """
-        negatives = []
-        for index, class_id in enumerate(all_class_ids.tolist()):
-            entries = self.prototypes[class_id]
-            if entries.shape[0] > self.num_negatives:
-                chosen = torch.randperm(entries.shape[0], generator=self.generator)[: self.num_negatives]
-                entries = entries[chosen.to(entries.device)]
-            if offset <= index < offset + batch_size:
-                negatives.append(entries)
-        return negatives
+        negatives = [self.sample(class_id, self.num_negatives) for class_id in all_class_ids.tolist()]
+        return negatives[offset : offset + batch_size]
 
     def step(
         self, class_ids: torch.Tensor, query_prototypes: torch.Tensor, support_prototypes: torch.Tensor
@@ -391,6 +340,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = NTRENetConfig
+    query_inputs = ("class_ids",)
 
     def __init__(self, config: NTRENetConfig):
         super().__init__(config)
@@ -447,6 +397,10 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
             else:
                 init.zeros_(module.bg_prototype)
 
+    def training_state_objects(self) -> dict[str, object]:
+        """The contrastive bank: training state the trainer checkpoints, never part of the weights."""
+        return {"contrastive_bank": self.contrastive_bank}
+
     # --- features ------------------------------------------------------------------------------------------------
     @staticmethod
     def _mid_level(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
@@ -465,21 +419,17 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
 
     def _encode_support(self, support_pixel_values, support_masks) -> NTRENetSupportEncoding:
         batch_size, shot = support_pixel_values.shape[:2]
-        images = support_pixel_values.flatten(0, 1)
-        masks = (support_masks.flatten(0, 1) == 1).unsqueeze(1).to(images.dtype)  # (batch * shot, 1, H, W)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            _, _, layer2, layer3 = self.backbone.forward_stages(images, 0, 4)
-            mask3 = resize_mask(masks, layer3.shape[-2:])
-            # PFENet: the support's stage-4 features (for the prior) see only the target region.
-            layer4 = self.backbone.forward_stages(layer3 * mask3, 4, 5)[-1]
-        features = self.down_supp(self._mid_level(layer2, layer3))
-        prototypes = masked_average_pooling(features, mask3)  # (batch * shot, reduce_dim, 1, 1)
+        support = pfenet_support_features(
+            self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
+        )
+        features = self.down_supp(self._mid_level(support.stages[2], support.stages[3]))
+        prototypes = masked_average_pooling(features, support.stage3_masks)  # (batch * shot, reduce_dim, 1, 1)
         return NTRENetSupportEncoding(
             shot=shot,
             prototype=prototypes.unflatten(0, (batch_size, shot)).mean(dim=1),
             features=features.unflatten(0, (batch_size, shot)),
-            high_level_features=layer4.unflatten(0, (batch_size, shot)),
-            masks=masks.unflatten(0, (batch_size, shot)),
+            high_level_features=support.masked_layer4.unflatten(0, (batch_size, shot)),
+            masks=support.masks.unflatten(0, (batch_size, shot)),
         )
 
     # --- decoder -------------------------------------------------------------------------------------------------
@@ -549,7 +499,6 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         support_encoding: NTRENetSupportEncoding,
         labels: torch.Tensor | None = None,
         class_ids: torch.Tensor | None = None,
-        **kwargs,
     ) -> FewShotSegmentationOutput:
         r"""
         Args:
@@ -559,7 +508,6 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
             class_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Episode class of each query, needed in training for the contrastive loss (its bank is per class);
                 without it that term is skipped. Ignored outside training.
-            kwargs: other inputs meant for other methods are ignored.
         """
         encoding = support_encoding
         if not isinstance(encoding, NTRENetSupportEncoding):

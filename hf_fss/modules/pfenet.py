@@ -1,0 +1,51 @@
+"""PFENet's support path, shared by every PFENet-lineage method (NTRENet, QGNet, the cosine prior)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .prototypes import resize_mask
+
+
+@dataclass
+class PFENetSupportFeatures:
+    """
+    Backbone features of a flattened support batch (`n = batch_size * shot` images).
+
+    Args:
+        stages (`list[torch.FloatTensor]`): `layer0 .. layer3` outputs, each `(n, channels_i, h_i, w_i)`.
+        masks (`torch.FloatTensor` of shape `(n, 1, height, width)`): 1 on the target, else 0 (ignore is 0), at the
+            image resolution.
+        stage3_masks (`torch.FloatTensor` of shape `(n, 1, h_3, w_3)`): `masks` resized bilinearly
+            (`align_corners=True`) to `layer3`'s size, values in [0, 1].
+        masked_layer4 (`torch.FloatTensor` of shape `(n, channels_4, h_4, w_4)`): `layer4` computed on
+            `layer3 * stage3_masks`, the support side of the cosine prior mask.
+    """
+
+    stages: list[torch.Tensor]
+    masks: torch.Tensor
+    stage3_masks: torch.Tensor
+    masked_layer4: torch.Tensor
+
+
+def pfenet_support_features(backbone, support_pixel_values: torch.Tensor, support_masks: torch.Tensor):
+    """
+    Stage features of the supports and PFENet's masked stage-4 features (PFENet, `model/PFENet.py`, `forward`:
+    `mask = F.interpolate(mask, size=layer3 size, bilinear, align_corners=True)`, `layer4(layer3 * mask)`).
+
+    Args:
+        backbone (`StagedBackbone`): the extractor; it applies its own no-grad / chunking policy.
+        support_pixel_values (`torch.FloatTensor` of shape `(n, 3, height, width)`): normalised support images
+            (batch and shot flattened).
+        support_masks (`torch.Tensor` of shape `(n, height, width)`): 1 = target, 0 = background, 255 = ignore.
+
+    Returns:
+        `PFENetSupportFeatures`.
+    """
+    masks = (support_masks == 1).unsqueeze(1).to(support_pixel_values.dtype)
+    stages = backbone.forward_stages(support_pixel_values, 0, 4)
+    stage3_masks = resize_mask(masks, stages[3].shape[-2:])
+    masked_layer4 = backbone.forward_stages(stages[3] * stage3_masks, 4, 5)[-1]
+    return PFENetSupportFeatures(stages, masks, stage3_masks, masked_layer4)
