@@ -535,3 +535,44 @@ def test_vgg_native_layout_roundtrip_and_wrong_variant(tmp_path):
     with pytest.raises(ValueError, match=r"layer\d\.\d+\."):
         load_backbone_weights(build_backbone("vgg16_dilated", base_width=W), str(tmp_path))
     assert isinstance(backbone, VGG16BN) and isinstance(build_backbone("vgg16_dilated", base_width=W), DilatedVGG16)
+
+
+# --- MoCo checkpoints (the prior extractor's pretraining layout) -----------------------------------------------------
+def _moco_checkpoint(key_encoder: nn.Module, query_encoder: nn.Module, prefix: str) -> dict:
+    """MoCo v2's `main_moco.py` state dict: two torchvision ResNets with a 2-layer MLP `fc`, and the queue."""
+    state = {}
+    for name, encoder in (("encoder_k", key_encoder), ("encoder_q", query_encoder)):
+        for key, value in _to_torchvision_resnet_keys(encoder.state_dict()).items():
+            state[f"{prefix}{name}.{key}"] = value.contiguous()
+        for layer, shape in (("fc.0", (32 * W, 32 * W)), ("fc.2", (16, 32 * W))):
+            state[f"{prefix}{name}.{layer}.weight"] = torch.randn(shape)
+            state[f"{prefix}{name}.{layer}.bias"] = torch.randn(shape[0])
+    state[f"{prefix}queue"] = torch.randn(16, 64)
+    state[f"{prefix}queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_moco_checkpoint_loads_its_key_encoder_into_a_7x7_backbone(tmp_path, prefix):
+    key_encoder = randomize(tiny_resnet(stem="7x7"), seed=3)
+    query_encoder = randomize(tiny_resnet(stem="7x7"), seed=4)
+    path = tmp_path / "moco.safetensors"
+    save_file(_moco_checkpoint(key_encoder, query_encoder, prefix), str(path))
+    x = torch.randn(1, 3, 41, 41)
+    for encoder, source in (("encoder_k", key_encoder), ("encoder_q", query_encoder)):
+        loaded = tiny_resnet(stem="7x7").eval()
+        loaded.load_weights(str(path), moco_encoder=encoder)
+        with torch.no_grad():
+            for got, expected in zip(loaded(x), source.eval()(x)):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_moco_checkpoint_missing_one_key_is_refused_naming_it(tmp_path):
+    state = _moco_checkpoint(tiny_resnet(stem="7x7"), tiny_resnet(stem="7x7"), "module.")
+    del state["module.encoder_k.layer3.0.bn2.running_var"]
+    path = tmp_path / "moco.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: layer3\.0\.bn2\.running_var"):
+        tiny_resnet(stem="7x7").load_weights(str(path))
+    with pytest.raises(ValueError, match="moco_encoder must be one of"):
+        tiny_resnet(stem="7x7").load_weights(str(path), moco_encoder="encoder")

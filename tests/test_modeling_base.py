@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_RESNET, random_episode
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
+from modeling_common import FewShotModelTesterMixin
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -260,3 +261,8 @@ def test_every_method_is_registered():
     for model_type, (config_class, model_class) in hf_fss.MODEL_CLASSES.items():
         assert type(AutoConfig.for_model(model_type)) is config_class
         assert model_class.config_class is config_class
+
+
+class TestCosinePriorModel(FewShotModelTesterMixin):
+    model_class = CosinePriorModel
+    config_kwargs = {"backbone_kwargs": dict(TINY_RESNET), "image_size": 65}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_RESNET, random_episode
 from huggingface_hub.errors import StrictDataclassError
+from modeling_common import FewShotModelTesterMixin
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel
 
@@ -391,3 +392,16 @@ def test_converter_reports_missing_unexpected_and_uninferable_checkpoints(tmp_pa
 
 class _Unpicklable:
     pass
+
+
+# --- the shared tester mixin ---------------------------------------------------------------------------------------
+class TestNTRENetModel(FewShotModelTesterMixin):
+    model_class = NTRENetModel
+    config_kwargs = {"backbone_kwargs": dict(TINY_RESNET), **TINY}
+
+    def training_inputs(self, batch_size):
+        return {"class_ids": torch.arange(1, batch_size + 1)}
+
+
+class TestNTRENetVGGModel(TestNTRENetModel):
+    config_kwargs = {"backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 8}, **TINY}

@@ -138,7 +138,7 @@ class StagedBackbone(nn.Module):
             or any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
         ):
             return batch_size
-        return max(1, CPU_CHUNK_BYTES // max(1, self.activation_bytes(x, start, end)))
+        return min(batch_size, max(1, CPU_CHUNK_BYTES // max(1, self.activation_bytes(x, start, end))))
 
     def activation_bytes(self, x: torch.Tensor, start: int, end: int) -> int:
         """Bytes of the largest stage activation for one image of `x` (stages `start .. end - 1`)."""
