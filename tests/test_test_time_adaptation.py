@@ -1,0 +1,100 @@
+"""
+Test-time adaptation through the shared API (issue 9, point 3): a model that finetunes on its support set inside
+`encode_support` works under evaluation's and the pipeline's `torch.no_grad()`, never changes its own weights,
+finetunes once per support set however many queries it segments, and gives reproducible metrics with 1 and 2
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RESNET, random_episode
+from tta_model import AdaptingConfig, AdaptingModel
+
+from hf_fss import FewShotSegmentationImageProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return AdaptingModel(AdaptingConfig(backbone_kwargs=dict(TINY_RESNET), image_size=65)).eval()
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_adaptation_under_no_grad_changes_predictions_but_never_the_weights():
+    model = _model()
+    before = _weights(model)
+    query, support, masks, _ = random_episode(batch_size=2, shot=2)
+    with torch.no_grad():
+        adapted = model(query, support, masks).logits
+        again = model(query, support, masks).logits
+        unadapted = model.classifier(model.backbone(query)[-1])
+    torch.testing.assert_close(adapted, again, rtol=0, atol=0)  # reproducible
+    unadapted = torch.nn.functional.interpolate(unadapted, size=query.shape[-2:], mode="bilinear", align_corners=True)
+    assert not torch.allclose(adapted, unadapted)  # the finetuning did something
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_encoding_finetunes_once_for_many_queries():
+    model = _model()
+    query, support, masks, _ = random_episode(batch_size=1, shot=3)
+    start = AdaptingModel.adaptation_count
+    with torch.no_grad():
+        encoding = model.encode_support(support, masks)
+        outputs = [model(torch.roll(query, i, dims=-1), support_encoding=encoding).logits for i in range(4)]
+    assert AdaptingModel.adaptation_count - start == 1
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_the_pipeline_runs_a_model_that_adapts(tmp_path):
+    from transformers import pipeline
+
+    model = _model()
+    before = _weights(model)
+    segmenter = pipeline("few-shot-segmentation", model=model, image_processor=FewShotSegmentationImageProcessor(65))
+    rng = torch.Generator().manual_seed(1)
+    image = (torch.rand(50, 60, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    mask = torch.zeros(50, 60, dtype=torch.uint8)
+    mask[10:30, 15:40] = 1
+    first = segmenter(image, support_image=[image], support_mask=[mask.numpy()])
+    second = segmenter(image, support_image=[image], support_mask=[mask.numpy()])
+    assert first["mask"].size == (60, 50)
+    assert list(first["mask"].getdata()) == list(second["mask"].getdata())
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), key
+
+
+@pytest.mark.slow
+def test_evaluate_script_with_one_and_two_processes_gives_the_same_metrics(tmp_path):
+    folder = tmp_path / "adapting"
+    model = _model()
+    model.save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    common = ["tests/tta_evaluate.py", "--model", str(folder), "--dataset", "synthetic", "--synthetic-num-train", "0",
+              "--synthetic-num-val", "60", "--synthetic-image-size", "128", "--fold", "0", "--shot", "2",
+              "--num-episodes", "12"]  # fmt: skip
+    results = []
+    for processes in (1, 2):
+        out = tmp_path / f"metrics-{processes}.json"
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        launch += ["--multi_gpu"] if processes > 1 else ["--cpu"]
+        subprocess.run([*launch, *common, "--output", str(out)], cwd=ROOT, env=env, check=True, timeout=600)
+        results.append(json.loads(out.read_text()))
+    for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes"):
+        assert results[0][key] == results[1][key], key
+    assert (folder / "model.safetensors").read_bytes() == weights
