@@ -34,8 +34,10 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         ResNet stem instead of PSPNet's deep 3x3 stem, or `{"base_width": 8, "depths": [1, 1, 1, 1]}` for a tiny
         test model.
     use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
-        Load ImageNet weights into the backbone when the model is built from this config. Never done by
-        `from_pretrained`, whose checkpoint already holds the backbone.
+        The backbone starts from ImageNet weights: `model.load_pretrained_extractors()` loads them (the trainer calls
+        it once when it builds a model from a config). Building a model never loads them and `from_pretrained` never
+        does (its checkpoint holds the backbone); the flag stays in a saved config as the record of where the
+        backbone came from.
     pretrained_backbone_name_or_path (`str`, *optional*):
         Hub repo id or local folder / safetensors file of those ImageNet weights; defaults per backbone
         (`microsoft/resnet-50`, `microsoft/resnet-101`, ...).

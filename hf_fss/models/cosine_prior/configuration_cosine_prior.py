@@ -19,7 +19,9 @@ class CosinePriorConfig(FewShotSegmentationConfig):
     Example:
     ```python
     >>> from hf_fss import CosinePriorConfig, CosinePriorModel
-    >>> model = CosinePriorModel(CosinePriorConfig(backbone="resnet50", use_pretrained_backbone=True))
+    >>> config = CosinePriorConfig(backbone="resnet50", backbone_kwargs={"stem": "7x7"}, use_pretrained_backbone=True)
+    >>> model = CosinePriorModel(config)
+    >>> model.load_pretrained_extractors()  # ImageNet weights from microsoft/resnet-50
     ```
     """
 

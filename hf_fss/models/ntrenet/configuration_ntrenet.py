@@ -77,8 +77,9 @@ class NTRENetConfig(FewShotSegmentationConfig):
     Example:
     ```python
     >>> from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
-    >>> config = NTRENetConfig(backbone="resnet50", use_pretrained_backbone=True)
+    >>> config = NTRENetConfig(backbone="resnet50", backbone_kwargs={"stem": "7x7"}, use_pretrained_backbone=True)
     >>> model = NTRENetModel(config)
+    >>> model.load_pretrained_extractors()  # ImageNet weights from microsoft/resnet-50, once, before training
     ```
     """
 
