@@ -177,7 +177,7 @@ def test_error_messages_name_the_problem(registry, episode, tmp_path):
         ((support, str(broken), support), "`support_mask`: could not read image file"),
         ((None, mask, support), "`support_image` is required"),
         ((support, mask, str(broken)), "`query_image`: could not read image file"),
-        ((support, mask, None), "`query_image` is missing"),
+        ((support, mask, None), "`query_image` is required"),
     ]
     for args, message in cases:
         with pytest.raises(gr.Error, match=re.escape(message)):
