@@ -197,7 +197,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
     `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
     an `http(s)://` URL). Grayscale is repeated to RGB. An image with transparency (RGBA, grayscale + alpha, a
     palette with a transparent colour, an `(H, W, 4)` array) is composited onto white: `rgb * a + 255 * (1 - a)`
-    with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels.
+    with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels. Integer images must lie in
+    [0, 255]: a 16-bit image with larger values is refused with a `ValueError`, never clipped silently.
 
     Annotations (`support_masks`, `segmentation_maps`), each one of:
 
@@ -364,7 +365,9 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         if isinstance(image, str | os.PathLike):
             image = _open_image(image, name)
         if isinstance(image, Image.Image):
-            if image.mode not in ("RGB", "RGBA"):
+            if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: checked as an array below
+                image = np.asarray(image)
+            elif image.mode not in ("RGB", "RGBA"):
                 transparent = "A" in image.getbands() or "transparency" in image.info
                 image = image.convert("RGBA" if transparent else "RGB")
             image = np.asarray(image)

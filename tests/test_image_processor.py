@@ -201,6 +201,12 @@ def test_grayscale_masks_are_thresholded_and_label_maps_need_a_class_id(processo
         processor.annotation_to_mask(label_map, (40, 50))
 
 
+def test_16_bit_images_are_refused_clearly(processor, tmp_path):
+    Image.fromarray(np.full((20, 30), 4000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match=r"`images`: integer images must lie in \[0, 255\], got \[4000, 4000\]"):
+        processor(images=tmp_path / "deep.png")
+
+
 def test_per_call_options(processor):
     image = _rng().integers(0, 256, (100, 120, 3), dtype=np.uint8)
     small = processor(images=image, image_size=64, return_tensors="pt")
