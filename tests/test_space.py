@@ -237,9 +237,10 @@ def test_examples_are_rendered_into_a_cache_not_the_source_tree(tmp_path, monkey
     assert app.examples_dir() == tmp_path / "xdg" / "hf_fss" / "space_examples"
     monkeypatch.setenv("FSS_EXAMPLES_DIR", str(tmp_path / "examples"))
     assert app.examples_dir() == tmp_path / "examples"
+    before = sorted((ROOT / "spaces_app").rglob("*"))
     demo = app.build_demo(specs=[])
     assert demo.examples_dir == tmp_path / "examples" and len(list((tmp_path / "examples").glob("*.png"))) >= 10
-    assert not (ROOT / "spaces_app" / "examples").exists()
+    assert sorted((ROOT / "spaces_app").rglob("*")) == before  # nothing written into the source tree
 
 
 # --------------------------------------------------------------------------------------------------------- API
