@@ -27,13 +27,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
-__all__ = ["FewShotSegmentationImageProcessor", "FewShotSegmentationImageProcessorKwargs", "IGNORE_INDEX"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FewShotSegmentationImageProcessor",
+    "FewShotSegmentationImageProcessorKwargs",
+]
 
 IGNORE_INDEX = 255
 """Mask value of pixels that are neither target nor background (padding, object borders)."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The ImageNet RGB mean and standard deviation, in [0, 1]: hf_fss's one normalisation (also used in training)."""
+MASK_THRESHOLD = 128
+"""A grayscale mask (other than {0, 1}, {0, 255} or {0, 1, 255}) is target where its value is at least this."""
+_OPTION_NAMES = (
+    "image_size",
+    "size_divisor",
+    "upscale_small_images",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "resample",
+    "pad_with_mean",
+)
 
 _CV2_INTERPOLATION = {
     PILImageResampling.NEAREST: cv2.INTER_NEAREST,
@@ -54,6 +75,9 @@ class FewShotSegmentationImageProcessorKwargs(ImagesKwargs, total=False):
         Whether images smaller than `image_size` are scaled up as well.
     pad_with_mean (`bool`, *optional*, defaults to `self.pad_with_mean`):
         Fill the canvas with the mean colour (0 after normalisation) instead of black.
+
+    These, and `do_normalize`, `image_mean`, `image_std` and `resample`, can be passed to a call
+    (`processor(images=..., image_size=321)`) and then apply to that call only.
     """
 
     image_size: int
@@ -96,6 +120,14 @@ def _describe(value: Any) -> str:
 def _preview_values(values: np.ndarray, limit: int = 8) -> str:
     shown = ", ".join(str(v) for v in values[:limit].tolist())
     return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} distinct values)"
+
+
+def _looks_like_label_map(values: np.ndarray) -> bool:
+    """Sorted distinct mask values that are class ids (integers below 128, maybe 255), not a grayscale mask."""
+    if not np.all(np.mod(values, 1) == 0) or values[0] < 0:
+        return False
+    mid = values[(values >= MASK_THRESHOLD) & (values < IGNORE_INDEX)]
+    return mid.size == 0 and bool(np.any((values > 1) & (values < MASK_THRESHOLD)))
 
 
 def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
@@ -163,15 +195,20 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
     Inputs accepted as images: `PIL.Image.Image`, `np.ndarray` or `torch.Tensor` of shape `(H, W)`, `(H, W, 1)`,
     `(H, W, 3)` or `(H, W, 4)` (channels-first `(C, H, W)` is recognised too), uint8 in `[0, 255]` or float in
     `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
-    an `http(s)://` URL). Grayscale is repeated to RGB; for RGBA the alpha channel is dropped (the RGB channels are
-    kept as they are, *not* composited onto a background).
+    an `http(s)://` URL). Grayscale is repeated to RGB. An image with transparency (RGBA, grayscale + alpha, a
+    palette with a transparent colour, an `(H, W, 4)` array) is composited onto white: `rgb * a + 255 * (1 - a)`
+    with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels. Integer images must lie in
+    [0, 255]: a 16-bit image with larger values is refused with a `ValueError`, never clipped silently.
 
     Annotations (`support_masks`, `segmentation_maps`), each one of:
 
-    - a binary mask (PIL image, array, tensor or file path) of the image's size: boolean, `{0, 1}`, `{0, 255}`
-      (255 = target, "white is target") or `{0, 1, 255}` (1 = target, 255 = ignore). An RGB mask image is target
-      wherever the pixel is not black; an RGBA (or grayscale + alpha) mask with a non-constant alpha channel is
-      target where alpha > 0;
+    - a mask (PIL image, array, tensor or file path) of exactly the image's size (another size is a `ValueError`
+      naming both sizes), white = target: boolean, `{0, 1}` (1 = target), `{0, 255}` (255 = target) or
+      `{0, 1, 255}` (1 = target, 255 = ignore); any other grayscale mask (anti-aliased, JPEG) is thresholded,
+      target where the value is at least 128 (at least 0.5 for a float mask in [0, 1]). Integer values that are
+      all below 128 or 255 (e.g. `{0, 3, 7}`) are taken for a label map and need a class id. An RGB mask counts by
+      its brightest channel (the same rules); an RGBA (or grayscale + alpha) mask whose alpha varies is target where
+      alpha > 0, one with constant alpha counts by its colour;
     - a label map together with a class id (`support_class_ids` / `class_ids`): target where `label == class_id`,
       ignore where `label == 255`, background elsewhere. PIL palette (`"P"`) images are read as palette indices;
     - a box `(x0, y0, x1, y1)` in pixel coordinates of its image (rounded to integers): target on rows `y0..y1-1`
@@ -203,8 +240,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor!r}")
         if size_divisor > image_size:
             raise ValueError(f"`size_divisor` ({size_divisor}) must not exceed `image_size` ({image_size})")
-        image_mean = list(IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean)
-        image_std = list(IMAGENET_DEFAULT_STD if image_std is None else image_std)
+        image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
+        image_std = list(IMAGENET_STD if image_std is None else image_std)
         if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
             raise ValueError(
                 f"`image_mean` and `image_std` need 3 values (RGB) and a positive std, got {image_mean} and {image_std}"
@@ -321,14 +358,19 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
     # -------------------------------------------------------------------------------------------------- inputs
 
     def to_rgb_array(self, image: Any, name: str) -> np.ndarray:
-        """Any accepted image input -> float32 array (H, W, 3) with values in [0, 255]."""
+        """
+        Any accepted image input -> float32 array (H, W, 3) with values in [0, 255]. Grayscale is repeated to RGB;
+        an image with an alpha channel is composited onto white (`rgb * alpha + 255 * (1 - alpha)`).
+        """
         if isinstance(image, str | os.PathLike):
             image = _open_image(image, name)
         if isinstance(image, Image.Image):
-            if image.mode != "RGB":
-                # PIL's RGBA -> RGB conversion drops the alpha channel; grayscale is repeated.
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.float32)
+            if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: checked as an array below
+                image = np.asarray(image)
+            elif image.mode not in ("RGB", "RGBA"):
+                transparent = "A" in image.getbands() or "transparency" in image.info
+                image = image.convert("RGBA" if transparent else "RGB")
+            image = np.asarray(image)
         image = _to_numpy(image)
         if not isinstance(image, np.ndarray):
             raise ValueError(
@@ -339,12 +381,19 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             array = array[..., 0]
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=-1)
-        elif array.ndim == 3 and array.shape[-1] in (3, 4):
-            array = array[..., :3]
-        else:
+        elif array.ndim != 3 or array.shape[-1] not in (3, 4):
             raise ValueError(f"`{name}` must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
         if array.shape[0] < 1 or array.shape[1] < 1:
             raise ValueError(f"`{name}` is empty: shape {array.shape}")
+        rgb = self._to_0_255(array, name)
+        if rgb.shape[-1] == 4:  # transparent pixels show white, whatever the input type
+            alpha = rgb[..., 3:] / np.float32(255)
+            rgb = rgb[..., :3] * alpha + np.float32(255) * (1 - alpha)
+        return np.ascontiguousarray(rgb, dtype=np.float32)
+
+    @staticmethod
+    def _to_0_255(array: np.ndarray, name: str) -> np.ndarray:
+        """bool, uint8 / integer in [0, 255] or float in [0, 1] (or [0, 255]) -> float32 in [0, 255]."""
         if array.dtype == np.bool_:
             return array.astype(np.float32) * 255
         if np.issubdtype(array.dtype, np.floating):
@@ -425,7 +474,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             if array.shape[:2] != (height, width):
                 raise ValueError(
                     f"`{name}` has size {array.shape[0]}x{array.shape[1]} (h x w) but its image has size "
-                    f"{height}x{width}; masks must match their image"
+                    f"{height}x{width} (h x w); a mask must have the image's size"
                 )
             if class_id is not None:
                 mask = self._label_map_to_mask(array, int(class_id), name)
@@ -456,14 +505,13 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _binary_to_mask(array: np.ndarray, name: str, class_ids_name: str) -> np.ndarray:
+        """A binary or grayscale mask (white = target) -> `{0, 1, 255}`; see the class docstring for the rules."""
         if array.ndim == 3:
             alpha = array[..., -1] if array.shape[-1] in (2, 4) else None
             if alpha is not None and alpha.min() != alpha.max():
                 return (alpha > 0).astype(np.uint8)
-            if array.shape[-1] == 2:
-                array = array[..., 0]
-            else:
-                return (array[..., :3] != 0).any(axis=-1).astype(np.uint8)
+            colour = array[..., :1] if array.shape[-1] == 2 else array[..., :3]
+            array = colour.max(axis=-1)  # an RGB mask counts by its brightest channel
         if array.dtype == np.bool_:
             return array.astype(np.uint8)
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -478,12 +526,15 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         elif present <= {0, 1, 255}:
             mask[array == 1] = 1
             mask[array == 255] = IGNORE_INDEX
-        else:
+        elif np.issubdtype(array.dtype, np.floating) and values[0] >= 0 and values[-1] <= 1:
+            mask[array >= 0.5] = 1  # a soft mask in [0, 1]
+        elif _looks_like_label_map(values):
             raise ValueError(
-                f"`{name}` has values {_preview_values(values)}, more than a binary mask ({{0, 1}}, {{0, 255}} or "
-                f"{{0, 1, 255}}); if it is a label map, pass `{class_ids_name}` with the class to segment (a soft or JPEG "
-                "mask must be thresholded first)"
+                f"`{name}` has values {_preview_values(values)}: a label map rather than a mask (white = target); "
+                f"pass `{class_ids_name}` with the class to segment"
             )
+        else:
+            mask[array >= MASK_THRESHOLD] = 1  # a grayscale mask: white = target
         return mask
 
     # ----------------------------------------------------------------------------------------------- structure
@@ -555,6 +606,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         segmentation_maps: Any = None,
         class_ids: Any = None,
         return_tensors: str | None = None,
+        **options: Any,
     ) -> BatchFeature:
         r"""
         Preprocess an episode (or a batch of episodes).
@@ -578,6 +630,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 Class to segment when `segmentation_maps` are label maps (one int, or one per query).
             return_tensors (`str` or [`~utils.TensorType`], *optional*):
                 `"pt"` for PyTorch tensors, `"np"` or `None` for NumPy arrays.
+            options:
+                Per-call values of the processor's settings (`image_size`, `size_divisor`, `upscale_small_images`,
+                `pad_with_mean`, `do_normalize`, `image_mean`, `image_std`, `resample`), for this call only; any
+                other keyword raises a `TypeError`.
 
         Returns:
             [`BatchFeature`] with (`S = image_size`):
@@ -587,94 +643,114 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             - **support_masks** -- `(B, K, S, S)` int64, 1 target, 0 background, 255 ignore / padding.
             - **labels** -- `(B, S, S)` int64 in `{0, 1, 255}` (only with `segmentation_maps`).
         """
+        processor = self.with_options(**options)
         if images is None and support_images is None:
             raise ValueError("`images` is required (a query image or a list of them), got None")
         data: dict[str, np.ndarray] = {}
         batch_size = None
-
         if images is not None:
-            if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-                images = list(images)
-            single = _is_leaf(images)
-            queries = [images] if single else list(images)
-            if len(queries) == 0:
-                raise ValueError("`images` is an empty list")
-            names = ["images" if single else f"images[{i}]" for i in range(len(queries))]
-            batch_size = len(queries)
-            query_rgb = [self.to_rgb_array(image, n) for image, n in zip(queries, names)]
-            data["pixel_values"] = np.stack([self.resize_and_pad_rgb(rgb) for rgb in query_rgb])
-
-            if segmentation_maps is not None:
-                maps = [segmentation_maps] if _is_leaf(segmentation_maps) else list(segmentation_maps)
-                if len(maps) != batch_size:
-                    raise ValueError(
-                        f"`segmentation_maps` has {len(maps)} annotations but `images` has {batch_size} images"
-                    )
-                map_ids = [row[0] for row in self._nest_class_ids(class_ids, "class_ids", [1] * batch_size)]
-                labels = []
-                for index, (annotation, rgb, class_id) in enumerate(zip(maps, query_rgb, map_ids)):
-                    mask = self.annotation_to_mask(
-                        annotation,
-                        rgb.shape[:2],
-                        class_id,
-                        name="segmentation_maps" if single else f"segmentation_maps[{index}]",
-                        class_ids_name="class_ids",
-                        allow_empty=True,
-                    )
-                    labels.append(self.resize_and_pad_mask(mask))
-                data["labels"] = np.stack(labels)
-            elif class_ids is not None:
-                raise ValueError("`class_ids` was given without `segmentation_maps`")
+            batch_size = processor._preprocess_queries(images, segmentation_maps, class_ids, data)
         elif segmentation_maps is not None:
             raise ValueError("`segmentation_maps` was given without `images`")
-
+        elif class_ids is not None:
+            raise ValueError("`class_ids` was given without `images` and `segmentation_maps`")
         if support_images is not None:
-            if support_masks is None:
-                raise ValueError(
-                    "`support_masks` is required with `support_images` (one annotation per support image)"
-                )
-            support_nested = self._nest(support_images, "support_images", batch_size)
-            shots = [len(row) for row in support_nested]
-            if len(set(shots)) != 1:
-                raise ValueError(
-                    f"`support_images`: every query needs the same number of support images K, got {shots}"
-                )
-            if shots[0] == 0:
-                raise ValueError("`support_images` has no support image (K=0)")
-            masks_nested = self._nest(support_masks, "support_masks", len(support_nested))
-            for index, (image_row, mask_row) in enumerate(zip(support_nested, masks_nested)):
-                if len(mask_row) != len(image_row):
-                    raise ValueError(
-                        f"`support_masks` has {len(mask_row)} masks for query {index} but `support_images` has "
-                        f"{len(image_row)} images; pass one annotation per support image"
-                    )
-            ids_nested = self._nest_class_ids(support_class_ids, "support_class_ids", shots)
-
-            support_pixels, support_labels = [], []
-            for q, (image_row, mask_row, id_row) in enumerate(zip(support_nested, masks_nested, ids_nested)):
-                row_pixels, row_labels = [], []
-                for k, (image, annotation, class_id) in enumerate(zip(image_row, mask_row, id_row)):
-                    rgb = self.to_rgb_array(image, f"support_images[{q}][{k}]")
-                    mask = self.annotation_to_mask(
-                        annotation,
-                        rgb.shape[:2],
-                        class_id,
-                        name=f"support_masks[{q}][{k}] (query {q}, shot {k})",
-                        class_ids_name="support_class_ids",
-                        allow_empty=False,
-                    )
-                    row_pixels.append(self.resize_and_pad_rgb(rgb))
-                    row_labels.append(self.resize_and_pad_mask(mask))
-                support_pixels.append(np.stack(row_pixels))
-                support_labels.append(np.stack(row_labels))
-            data["support_pixel_values"] = np.stack(support_pixels)
-            data["support_masks"] = np.stack(support_labels)
+            processor._preprocess_supports(support_images, support_masks, support_class_ids, batch_size, data)
         elif support_masks is not None:
             raise ValueError("`support_masks` was given without `support_images`")
         elif support_class_ids is not None:
             raise ValueError("`support_class_ids` was given without `support_images` and `support_masks`")
-
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def with_options(self, **options: Any) -> FewShotSegmentationImageProcessor:
+        """
+        This processor, or a copy with some settings replaced (`image_size=...`, ...; `None` keeps a setting).
+        Unknown names raise a `TypeError`, invalid values the constructor's `ValueError`.
+        """
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; per-call options are "
+                f"{list(_OPTION_NAMES)}"
+            )
+        changes = {name: value for name, value in options.items() if value is not None}
+        if not changes:
+            return self
+        return type(self)(**{**{name: getattr(self, name) for name in _OPTION_NAMES}, **changes})
+
+    def _preprocess_queries(self, images: Any, segmentation_maps: Any, class_ids: Any, data: dict) -> int:
+        """Query images (and their annotations) into `data["pixel_values"]` (and `data["labels"]`); returns B."""
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        single = _is_leaf(images)
+        queries = [images] if single else list(images)
+        if len(queries) == 0:
+            raise ValueError("`images` is an empty list")
+        names = ["images" if single else f"images[{i}]" for i in range(len(queries))]
+        batch_size = len(queries)
+        query_rgb = [self.to_rgb_array(image, n) for image, n in zip(queries, names)]
+        data["pixel_values"] = np.stack([self.resize_and_pad_rgb(rgb) for rgb in query_rgb])
+        if segmentation_maps is None:
+            if class_ids is not None:
+                raise ValueError("`class_ids` was given without `segmentation_maps`")
+            return batch_size
+        maps = [segmentation_maps] if _is_leaf(segmentation_maps) else list(segmentation_maps)
+        if len(maps) != batch_size:
+            raise ValueError(f"`segmentation_maps` has {len(maps)} annotations but `images` has {batch_size} images")
+        map_ids = [row[0] for row in self._nest_class_ids(class_ids, "class_ids", [1] * batch_size)]
+        labels = []
+        for index, (annotation, rgb, class_id) in enumerate(zip(maps, query_rgb, map_ids)):
+            mask = self.annotation_to_mask(
+                annotation,
+                rgb.shape[:2],
+                class_id,
+                name="segmentation_maps" if single else f"segmentation_maps[{index}]",
+                class_ids_name="class_ids",
+                allow_empty=True,
+            )
+            labels.append(self.resize_and_pad_mask(mask))
+        data["labels"] = np.stack(labels)
+        return batch_size
+
+    def _preprocess_supports(
+        self, support_images: Any, support_masks: Any, support_class_ids: Any, batch_size: int | None, data: dict
+    ) -> None:
+        """Support images and annotations into `data["support_pixel_values"]` and `data["support_masks"]`."""
+        if support_masks is None:
+            raise ValueError("`support_masks` is required with `support_images` (one annotation per support image)")
+        support_nested = self._nest(support_images, "support_images", batch_size)
+        shots = [len(row) for row in support_nested]
+        if len(set(shots)) != 1:
+            raise ValueError(f"`support_images`: every query needs the same number of support images K, got {shots}")
+        if shots[0] == 0:
+            raise ValueError("`support_images` has no support image (K=0)")
+        masks_nested = self._nest(support_masks, "support_masks", len(support_nested))
+        for index, (image_row, mask_row) in enumerate(zip(support_nested, masks_nested)):
+            if len(mask_row) != len(image_row):
+                raise ValueError(
+                    f"`support_masks` has {len(mask_row)} masks for query {index} but `support_images` has "
+                    f"{len(image_row)} images; pass one annotation per support image"
+                )
+        ids_nested = self._nest_class_ids(support_class_ids, "support_class_ids", shots)
+        support_pixels, support_labels = [], []
+        for q, (image_row, mask_row, id_row) in enumerate(zip(support_nested, masks_nested, ids_nested)):
+            row_pixels, row_labels = [], []
+            for k, (image, annotation, class_id) in enumerate(zip(image_row, mask_row, id_row)):
+                rgb = self.to_rgb_array(image, f"support_images[{q}][{k}]")
+                mask = self.annotation_to_mask(
+                    annotation,
+                    rgb.shape[:2],
+                    class_id,
+                    name=f"support_masks[{q}][{k}] (query {q}, shot {k})",
+                    class_ids_name="support_class_ids",
+                    allow_empty=False,
+                )
+                row_pixels.append(self.resize_and_pad_rgb(rgb))
+                row_labels.append(self.resize_and_pad_mask(mask))
+            support_pixels.append(np.stack(row_pixels))
+            support_labels.append(np.stack(row_labels))
+        data["support_pixel_values"] = np.stack(support_pixels)
+        data["support_masks"] = np.stack(support_labels)
 
     # ------------------------------------------------------------------------------------------ post-process
 

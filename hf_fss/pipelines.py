@@ -14,8 +14,10 @@ result = segmenter(query, supports={"cat": ([c1, c2], [cm1, cm2]), "dog": (d1, d
 ```
 
 Each result is a dict: `mask` (PIL "L" image, or with `output_type="numpy"` a `(h, w)` uint8 array, at the query's
-size: 1 = target; with several classes 0 = background and i = the i-th class), `scores` (`(h, w)` float32
-probability of the target, `(C, h, w)` with C classes) and `labels` (`labels[v]` names the mask value v).
+size: values 0 / 1, 1 = target; with several classes 0 = background and i = the i-th class), `scores` (`(h, w)`
+float32 probability of the target, `(C, h, w)` with C classes) and `labels` (`labels[v]` names the mask value v).
+With `return_maps=True` it also holds `maps`: the method's intermediate maps (`outputs.maps`, e.g. `prior`), each
+brought to the query's size like the logits and with values in [0, 1], `(h, w)` float32, `(C, h, w)` with C classes.
 
 Several classes are independent binary episodes, one per support set, combined per pixel: the class with the highest
 target probability wins where that probability exceeds `threshold` (default 0.5), background elsewhere. With one class
@@ -88,7 +90,11 @@ class FewShotSegmentationPipeline(Pipeline):
             `support_class_id`.
         support_encoding: a `SupportSets` from `pipeline.encode_supports(...)`, instead of the support arguments.
         threshold (`float`, defaults to 0.5): background threshold on the target probability.
-        output_type (`"pil"` or `"numpy"`, defaults to `"pil"`): type of `mask`.
+        output_type (`"pil"` or `"numpy"`, defaults to `"pil"`): type of `mask` (values 0 / 1, or class indices).
+        return_maps (`bool`, defaults to `False`): also return `maps`, the method's intermediate maps
+            (`outputs.maps`) by name, each resized to the original query size (bilinear, the PFENet geometry of
+            the logits) with values in [0, 1] (a map outside [0, 1] is min-max scaled): `(h, w)` float32 arrays,
+            `(C, h, w)` with C classes.
     """
 
     _load_processor = False
@@ -105,10 +111,12 @@ class FewShotSegmentationPipeline(Pipeline):
 
     # -------------------------------------------------------------------------------------------- parameters
 
-    def _sanitize_parameters(self, support_sets=None, threshold=None, output_type=None, **kwargs):
+    def _sanitize_parameters(self, support_sets=None, threshold=None, output_type=None, return_maps=None, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for the {PIPELINE_TASK} pipeline")
         forward_params, postprocess_params = {}, {}
+        if return_maps is not None:
+            forward_params["return_maps"] = postprocess_params["return_maps"] = bool(return_maps)
         if support_sets is not None:
             forward_params["support_sets"] = support_sets
             postprocess_params["labels"] = support_sets.labels
@@ -299,14 +307,31 @@ class FewShotSegmentationPipeline(Pipeline):
         pixel_values = torch.from_numpy(processor.resize_and_pad_rgb(rgb))[None]
         return {"pixel_values": pixel_values.to(self.model.dtype), "original_size": tuple(rgb.shape[:2])}
 
-    def _forward(self, model_inputs, support_sets: SupportSets | None = None):
+    def _forward(self, model_inputs, support_sets: SupportSets | None = None, return_maps: bool = False):
         if support_sets is None:
             raise ValueError("no support set: call the pipeline with `support_image` and `support_mask`")
         pixel_values = model_inputs["pixel_values"]
-        logits = [self.model(pixel_values=pixel_values, support_encoding=enc).logits for enc in support_sets.encodings]
-        return {"logits": torch.cat(logits), "original_size": model_inputs["original_size"]}
+        outputs = [self.model(pixel_values=pixel_values, support_encoding=enc) for enc in support_sets.encodings]
+        result = {"logits": torch.cat([o.logits for o in outputs]), "original_size": model_inputs["original_size"]}
+        if return_maps:  # name -> (C, 1, h, w), the names every class's output has
+            names = [name for name in (outputs[0].maps or {}) if all(name in (o.maps or {}) for o in outputs)]
+            result["maps"] = {name: torch.cat([o.maps[name][:1, :1] for o in outputs]) for name in names}
+        return result
 
-    def postprocess(self, model_outputs, labels=None, threshold=DEFAULT_THRESHOLD, output_type="pil"):
+    def _resize_maps(self, maps: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """(C, 1, h, w) maps -> (C, height, width) float32 in [0, 1] (min-max scaled when outside [0, 1])."""
+        resized = {}
+        for name, value in maps.items():
+            value = self.image_processor.resize_logits(value.float(), size)[:, 0]
+            low, high = float(value.min()), float(value.max())
+            if low < 0 or high > 1:
+                value = (value - low) / (high - low) if high > low else torch.zeros_like(value)
+            resized[name] = value.clamp(0, 1).numpy().astype(np.float32)
+        return resized
+
+    def postprocess(
+        self, model_outputs, labels=None, threshold=DEFAULT_THRESHOLD, output_type="pil", return_maps=False
+    ):
         logits = self.image_processor.resize_logits(model_outputs["logits"].float(), model_outputs["original_size"])
         scores = logits.softmax(dim=1)[:, 1]  # (C, h, w) target probabilities
         if scores.shape[0] == 1:
@@ -318,11 +343,15 @@ class FewShotSegmentationPipeline(Pipeline):
             scores_out = scores
         mask = mask.numpy()
         names = list(labels) if labels is not None else [f"class_{i + 1}" for i in range(scores.shape[0])]
-        return {
+        result = {
             "mask": Image.fromarray(mask) if output_type == "pil" else mask,  # uint8 (h, w): mode "L"
             "scores": scores_out.numpy().astype(np.float32),
             "labels": ["background", *names],
         }
+        if return_maps:
+            maps = self._resize_maps(model_outputs.get("maps", {}), model_outputs["original_size"])
+            result["maps"] = {name: value[0] if scores.shape[0] == 1 else value for name, value in maps.items()}
+        return result
 
 
 def register_pipeline() -> None:

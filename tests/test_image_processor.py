@@ -85,9 +85,19 @@ def test_rgba_query_and_grayscale_support(processor):
     assert (support_masks[200:, :] == 255).all() and (support_masks[:, 320:] == 255).all()
     assert torch.equal(support_masks[:200, :320], torch.from_numpy(mask // 255).long())
 
-    # RGBA: alpha is dropped (no compositing), so it equals the RGB channels alone.
+    # RGBA: transparent pixels are composited onto white (policy shared with the pipeline and the Space), for a
+    # PIL image and an array alike; a fully opaque RGBA image equals its RGB channels.
+    alpha = query[..., 3:].astype(np.float32) / 255
+    composited = query[..., :3].astype(np.float32) * alpha + 255 * (1 - alpha)
+    expected = processor(images=composited, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(expected, inputs["pixel_values"], atol=1e-5)
+    assert torch.equal(processor(images=query, return_tensors="pt")["pixel_values"], inputs["pixel_values"])
+    opaque = query.copy()
+    opaque[..., 3] = 255
     rgb_only = processor(images=query[..., :3], return_tensors="pt")["pixel_values"]
-    assert torch.equal(rgb_only, inputs["pixel_values"])
+    assert torch.equal(
+        processor(images=Image.fromarray(opaque, mode="RGBA"), return_tensors="pt")["pixel_values"], rgb_only
+    )
 
 
 def test_pixels_match_reference_normalisation(processor):
@@ -163,6 +173,68 @@ def test_other_mask_formats(processor):
     masks = [processor.annotation_to_mask(a, (40, 50)) for a in annotations]
     for mask, wanted in zip(masks, expected):
         np.testing.assert_array_equal(mask, wanted)
+
+
+def test_grayscale_masks_are_thresholded_and_label_maps_need_a_class_id(processor, tmp_path):
+    target = _ellipse(40, 50, 20, 25, 10, 15)
+    # An anti-aliased grayscale mask (values between 0 and 255): white = target, thresholded at 128.
+    soft = (target * 200 + 20).astype(np.uint8)
+    soft[0, :5] = (100, 127, 128, 129, 250)
+    expected = target.copy()
+    expected[0, :5] = (0, 0, 1, 1, 1)
+    np.testing.assert_array_equal(processor.annotation_to_mask(soft, (40, 50)), expected)
+    path = tmp_path / "soft.jpg"
+    Image.fromarray((target * 255).astype(np.uint8)).save(path, quality=60)  # JPEG noise around 0 and 255
+    assert len(np.unique(np.asarray(Image.open(path)))) > 3
+    from_jpeg = processor.annotation_to_mask(path, (40, 50))
+    assert (from_jpeg == target).mean() > 0.97 and set(np.unique(from_jpeg)) <= {0, 1}
+    # RGB and grayscale + alpha (constant alpha) versions of the same mask, and a soft float mask.
+    rgb = np.repeat(soft[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(processor.annotation_to_mask(Image.fromarray(rgb), (40, 50)), expected)
+    la = Image.fromarray(np.dstack([soft, np.full_like(soft, 255)]), mode="LA")
+    np.testing.assert_array_equal(processor.annotation_to_mask(la, (40, 50)), expected)
+    np.testing.assert_array_equal(processor.annotation_to_mask(soft / 255.0, (40, 50)), expected)
+    # Small integer values (and 255) are a label map: an error asking for the class id, not a threshold.
+    label_map = target * 7
+    label_map[:2] = 255
+    with pytest.raises(ValueError, match=r"label map.*support_class_ids"):
+        processor.annotation_to_mask(label_map, (40, 50))
+
+
+def test_16_bit_images_are_refused_clearly(processor, tmp_path):
+    Image.fromarray(np.full((20, 30), 4000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match=r"`images`: integer images must lie in \[0, 255\], got \[4000, 4000\]"):
+        processor(images=tmp_path / "deep.png")
+
+
+def test_per_call_options(processor):
+    image = _rng().integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    small = processor(images=image, image_size=64, return_tensors="pt")
+    assert small["pixel_values"].shape == (1, 3, 64, 64)
+    assert torch.equal(
+        small["pixel_values"],
+        FewShotSegmentationImageProcessor(image_size=64)(images=image, return_tensors="pt")["pixel_values"],
+    )
+    padded = processor(images=image, pad_with_mean=True, do_normalize=True, size_divisor=None, return_tensors="np")
+    np.testing.assert_allclose(padded["pixel_values"][0, :, 200, 200], 0, atol=1e-6)
+    upscaled = processor(
+        images=image, support_images=[image], support_masks=[(0, 0, 10, 10)], upscale_small_images=True
+    )
+    assert (upscaled["support_masks"][0, 0, :392, :472] != 255).all()
+    assert processor.image_size == S and not processor.pad_with_mean  # the processor itself is unchanged
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        processor(images=image, colour="blue")
+    with pytest.raises(ValueError, match="image_size"):
+        processor(images=image, image_size=0)
+
+
+def test_one_imagenet_normalisation():
+    from hf_fss.data import augmentation
+    from hf_fss.image_processing_fss import IMAGENET_MEAN, IMAGENET_STD
+
+    assert augmentation.IMAGENET_MEAN is IMAGENET_MEAN and augmentation.IMAGENET_STD is IMAGENET_STD
+    processor = FewShotSegmentationImageProcessor()
+    assert tuple(processor.image_mean) == IMAGENET_MEAN and tuple(processor.image_std) == IMAGENET_STD
 
 
 def test_k_shot_batch(processor, tmp_path):

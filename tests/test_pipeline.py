@@ -133,6 +133,42 @@ def test_supports_are_encoded_once_for_many_queries(pipe, monkeypatch):
     assert len(calls) == 2 and len(reused) == 3 and reused[0]["scores"].shape == (2, 40, 40)
 
 
+def test_return_maps_gives_the_methods_maps_at_the_query_size(pipe, model):
+    query, support = _image(90, 130, seed=20), _image(60, 50, seed=21)
+    mask = _mask(60, 50, (5, 10, 30, 40))
+    result = pipe(query, support_image=support, support_mask=mask, return_maps=True, output_type="numpy")
+    assert set(result) == {"mask", "scores", "labels", "maps"} and set(result["maps"]) == {"prior"}
+    prior = result["maps"]["prior"]
+    assert prior.shape == (90, 130) and prior.dtype == np.float32
+    assert float(prior.min()) >= 0.0 and float(prior.max()) <= 1.0
+    processor = pipe.image_processor
+    inputs = processor(images=query, support_images=[support], support_masks=[mask], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    expected = processor.resize_logits(outputs.maps["prior"][0].float(), (90, 130))[0].clamp(0, 1)
+    np.testing.assert_allclose(prior, expected.numpy(), atol=1e-5)
+    assert "maps" not in pipe(query, support_image=support, support_mask=mask)  # only when asked for
+    several = pipe(query, supports=[(support, mask), (support, (0, 0, 20, 20))], return_maps=True)
+    assert several["maps"]["prior"].shape == (2, 90, 130)
+    np.testing.assert_allclose(several["maps"]["prior"][0], prior, atol=1e-6)
+
+
+def test_grayscale_and_rgba_files_follow_the_processor_policy(pipe, tmp_path):
+    """A grayscale mask is thresholded (white = target), an RGBA query composited onto white, as in the processor."""
+    query = np.dstack([_image(40, 48, seed=22), np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (40, 1))])
+    Image.fromarray(query, mode="RGBA").save(tmp_path / "query.png")
+    support = _image(40, 40, seed=23)
+    target = _mask(40, 40, (5, 5, 25, 30))
+    soft = (target * 180 + 40).astype(np.uint8)  # 40 / 220: neither {0, 1} nor {0, 255}
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    from_files = pipe(str(tmp_path / "query.png"), support_image=support, support_mask=str(tmp_path / "soft.png"))
+    alpha = query[..., 3:] / 255.0
+    white = (query[..., :3] * alpha + 255 * (1 - alpha)).astype(np.float32) / 255
+    direct = pipe(white, support_image=support, support_mask=target, output_type="numpy")
+    np.testing.assert_array_equal(np.array(from_files["mask"]), direct["mask"])
+    np.testing.assert_allclose(from_files["scores"], direct["scores"], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ several classes
 
 
@@ -232,7 +268,10 @@ def test_several_classes_accept_boxes_and_dicts(pipe):
         ({"support_image": "IMG", "support_mask": "MASK", "support_box": (0, 0, 4, 4)}, "not both"),
         ({"support_image": "IMG", "support_box": (0, 0, 4)}, "`support_box` must be a box"),
         ({"support_image": "IMG", "support_box": (50, 50, 60, 60)}, "`support_box` has no target pixel"),
-        ({"support_image": "IMG", "support_mask": "SMALL"}, "`support_mask` has size 10x10"),
+        (
+            {"support_image": "IMG", "support_mask": "SMALL"},
+            "`support_mask` has size 10x10 (h x w) but its image has size 32x32 (h x w)",
+        ),
         ({"supports": {"cat": ("IMG", "EMPTY")}}, "`supports['cat'] mask` has no target pixel"),
         ({"supports": {"cat": "IMG"}}, "`supports['cat']` must be an (images, masks) pair"),
         ({"supports": {"cat": ("IMG", "MASK")}, "support_image": "IMG"}, "either `supports`"),

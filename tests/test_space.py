@@ -1,7 +1,8 @@
-"""The Gradio Space (spaces_app/app.py): the core `segment`, its error messages, the `/segment` API and the page."""
+"""The Gradio Space (spaces_app/app.py) on the pipeline: `/segment` equals it, errors, brush strokes, the page."""
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import sys
@@ -64,19 +65,25 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return app.load_model(str(model_dir))
+def registry(model_dir):
+    return app.ModelRegistry([str(model_dir)])
 
 
 @pytest.fixture(scope="module")
 def episode(tmp_path_factory):
-    """A synthetic image, its primary class's mask and the files of both (white = target)."""
+    """A synthetic image, its primary class's mask and files: support, masks (0/255, 0/1, anti-aliased), RGBA query."""
     folder = tmp_path_factory.mktemp("episode")
     image, label = render_synthetic_example(0, 1, 4, image_size=120, ignore_boundary=0)
     target = label == 5
     assert target.mean() > 0.05
     Image.fromarray(image).save(folder / "support.png")
     Image.fromarray((target * 255).astype(np.uint8)).save(folder / "mask.png")
+    Image.fromarray(target.astype(np.uint8)).save(folder / "mask01.png")
+    Image.fromarray((target * 200 + 30).astype(np.uint8)).save(folder / "mask_soft.png")
+    Image.fromarray((target[:60, :60] * 255).astype(np.uint8)).save(folder / "mask_small.png")
+    query = np.asarray(Image.fromarray(image).resize((150, 90)))
+    alpha = np.tile(np.linspace(0, 255, 150).astype(np.uint8), (90, 1))
+    Image.fromarray(np.dstack([query, alpha]), mode="RGBA").save(folder / "query_rgba.png")
     return {"image": image, "target": target, "dir": folder}
 
 
@@ -88,7 +95,7 @@ def server(model_dir, tmp_path_factory):
         patch.setenv("NO_PROXY", "127.0.0.1,localhost")
         patch.setenv("no_proxy", "127.0.0.1,localhost")
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        demo = app.build_demo(examples_dir=tmp_path_factory.mktemp("examples"))
+        demo = app.build_demo(examples=tmp_path_factory.mktemp("examples"))
         assert demo.registry.specs == [str(model_dir)]
         port = _free_port()
         app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -98,54 +105,85 @@ def server(model_dir, tmp_path_factory):
             demo.close()
 
 
-# ------------------------------------------------------------------------------------------------ core function
+def _editor(image, layer=None):
+    return {"background": image, "layers": [] if layer is None else [layer], "composite": None}
 
 
-def test_segment_returns_masks_maps_and_reuses_the_support_encoding(loaded, episode):
-    cache = app.SupportEncodingCache()
+# ----------------------------------------------------------------------------------------- the pipeline behind it
+
+
+@pytest.mark.parametrize("mask_file", ["mask.png", "mask01.png", "mask_soft.png"])
+def test_segment_equals_the_pipeline_on_the_same_files(registry, episode, mask_file):
+    folder = episode["dir"]
+    support, mask, query = (str(folder / name) for name in ("support.png", mask_file, "query_rgba.png"))
+    mask_path, overlay, info = app.segment_api(registry, support, mask, query)
+    expected = registry.get(None)(query, support_image=support, support_mask=mask, output_type="numpy")["mask"]
+    with Image.open(mask_path) as opened:
+        assert opened.format == "PNG" and opened.mode == "L"
+        np.testing.assert_array_equal(np.asarray(opened), expected * 255)  # the pipeline's 0/1 mask as 0/255
+    assert overlay.size == (150, 90) and info["query_size"] == [150, 90] and info["maps"] == ["prior"]
+    assert expected.any() and info["target_fraction"] == round(float(expected.mean()), 6)
+    again = app.segment_api(registry, support, str(folder / "mask.png"), query)[2]  # 0/255, 0/1, soft: one mask
+    assert again["support_encoding_cached"] is True
+
+
+def test_a_mask_of_another_size_is_the_same_error_in_processor_pipeline_and_space(registry, episode):
+    folder = episode["dir"]
+    support, small = str(folder / "support.png"), str(folder / "mask_small.png")
+    sizes = "has size 60x60 (h x w) but its image has size 120x120 (h x w)"
+    pipe = registry.get(None)
+    with pytest.raises(ValueError, match=re.escape(f"`support_masks[0][0] (query 0, shot 0)` {sizes}")):
+        pipe.image_processor(support_images=[support], support_masks=[small])
+    with pytest.raises(ValueError, match=re.escape(f"`support_mask` {sizes}")):
+        pipe(support, support_image=support, support_mask=small)
+    with pytest.raises(gr.Error, match=re.escape(f"`support_mask` {sizes}")):
+        app.segment_api(registry, support, small, support)
+
+
+def test_run_ui_segments_every_query_with_maps_and_reuses_the_encoding(registry, episode):
     image, target = episode["image"], episode["target"]
-    query = Image.fromarray(image).resize((150, 90))
-    result = app.segment(loaded, [image], [target], [image, query], cache=cache)
-    assert not result.cache_hit and cache.misses == 1
-    assert [r.mask.shape for r in result.queries] == [(120, 120), (90, 150)]
-    assert set(np.unique(result.queries[0].mask)) <= {0, 1}
-    assert set(result.queries[0].maps) == {"prior"} and result.queries[0].maps["prior"].shape == (120, 120)
-    again = app.segment(loaded, [image], [target], [query], cache=cache)
-    assert again.cache_hit and cache.hits == 1
-    np.testing.assert_array_equal(again.queries[0].mask, result.queries[1].mask)
-    # A box annotation and two shots work too.
-    boxed = app.segment(loaded, [image, image], [(10, 10, 80, 90), target], [image], cache=None)
-    assert boxed.queries[0].mask.shape == (120, 120)
+    layer = np.zeros((*target.shape, 4), np.uint8)
+    layer[target] = (*app.CLASS_COLORS["blue"], 150)
+    queries = [str(episode["dir"] / "support.png"), str(episode["dir"] / "query_rgba.png")]
+    editors = [_editor(image, layer)] + [None] * (app.MAX_SUPPORTS - 1)
+    gallery, maps, files, details = app.run_ui(registry, None, "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
+    assert [picture.size for picture, _ in gallery] == [(120, 120), (150, 90)]
+    assert [caption.split(". ")[1] for _, caption in maps] == ["prior", "prior"]
+    assert "cosine_prior" in details and "blue: 1-shot" in details and "2 queries" in details
+    expected = registry.get(None)(queries[1], support_image=image, support_mask=target, output_type="numpy")["mask"]
+    np.testing.assert_array_equal(np.asarray(Image.open(files[1])), expected * 255)
+    hits = registry.hits
+    assert "reused from cache" in app.run_ui(registry, None, "brush", queries, *editors, *[""] * 5)[3]
+    assert registry.hits == hits + 1
+    # Two shots in box mode (the box around the strokes, and a typed box), then two classes by brush colour.
+    boxed = app.run_ui(registry, None, "box", queries[:1], *editors[:1], *editors[:1], *[None] * 3, "", "4, 5, 60, 70")
+    assert "blue: 2-shot" in boxed[3] and len(boxed[0]) == 1
+    layer[:20, :20] = (*app.CLASS_COLORS["magenta"], 150)
+    two = app.run_ui(registry, None, "brush", queries[:1], _editor(image, layer), *[None] * 4, *[""] * 5)
+    assert "blue: 1-shot, magenta: 1-shot" in two[3] and len(two[1]) == 2 and len(two[2]) == 2
+    with pytest.raises(gr.Error, match="has no target pixel"):
+        app.run_ui(registry, None, "box", queries, _editor(image), *[None] * 4, "500, 500, 600, 600", *[""] * 4)
 
 
-def test_error_messages_name_the_problem(loaded, episode, tmp_path):
-    image, target = episode["image"], episode["target"]
-    with pytest.raises(gr.Error, match="Support mask is missing"):
-        app.segment(loaded, [image], [None], [image])
-    with pytest.raises(gr.Error, match="Support mask is empty"):
-        app.segment(loaded, [image], [np.zeros_like(target)], [image])
-    with pytest.raises(gr.Error, match="Support mask 2 is empty"):
-        app.segment(loaded, [image, image], [target, np.zeros_like(target)], [image])
-    broken = tmp_path / "broken.png"
+def test_error_messages_name_the_problem(registry, episode, tmp_path):
+    folder = episode["dir"]
+    support, mask = str(folder / "support.png"), str(folder / "mask.png")
+    empty, broken = tmp_path / "empty.png", tmp_path / "broken.png"
+    Image.new("L", (120, 120), 0).save(empty)
     broken.write_bytes(b"this is not a PNG")
-    with pytest.raises(gr.Error, match=r"Query image: could not read 'broken.png' as an image"):
-        app.segment(loaded, [image], [target], [str(broken)])
-    with pytest.raises(gr.Error, match=r"Support mask: could not read 'broken.png'"):
-        app.segment(loaded, [image], [str(broken)], [image])
-    with pytest.raises(gr.Error, match="Support image is missing"):
-        app.segment(loaded, [None], [target], [image])
-    with pytest.raises(gr.Error, match="No query image"):
-        app.segment(loaded, [image], [target], [])
-    with pytest.raises(gr.Error, match="must have the image's size"):
-        app.segment(loaded, [image], [target[:, :60]], [image])
-    with pytest.raises(gr.Error, match="Support mask has no target pixel"):
-        app.segment(loaded, [image], [(500, 500, 600, 600)], [image])  # a box outside the image
+    cases = [
+        ((support, None, support), "`support_mask` (or `support_box`) is required"),
+        ((support, str(empty), support), "`support_mask` has no target pixel"),
+        ((support, str(broken), support), "`support_mask`: could not read image file"),
+        ((None, mask, support), "`support_image` is required"),
+        ((support, mask, str(broken)), "`query_image`: could not read image file"),
+        ((support, mask, None), "`query_image` is required"),
+    ]
+    for args, message in cases:
+        with pytest.raises(gr.Error, match=re.escape(message)):
+            app.segment_api(registry, *args)
     # The UI: an uploaded support without strokes, strokes without an image, no model at all.
-    editor = {
-        "background": np.dstack([image, np.full(image.shape[:2], 255, np.uint8)]),
-        "layers": [],
-        "composite": None,
-    }
+    editor = _editor(np.dstack([episode["image"], np.full((120, 120), 255, np.uint8)]))
     with pytest.raises(gr.Error, match="Support 1 has an image but no target marked"):
         app.collect_episodes("brush", [editor, None], ["", ""])
     with pytest.raises(gr.Error, match="No support image"):
@@ -167,18 +205,16 @@ def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "missing")
     monkeypatch.delenv("FSS_MODELS", raising=False)
     assert app.resolve_model_specs() == []
-    assert app.load_model(str(run)).model.config.model_type == "cosine_prior"
+    assert app.load_pipeline(str(run)).model.config.model_type == "cosine_prior"
 
 
-def test_huge_images_are_scaled_down_with_a_note(loaded, episode):
-    image, target = episode["image"], episode["target"]
-    huge = np.asarray(Image.fromarray(image).resize((1500, 1200), Image.Resampling.NEAREST))
-    result = app.segment(loaded, [image], [target], [huge], cache=None)
-    assert result.queries[0].mask.shape == (819, 1024)
-    assert any("1500x1200; resized to 1024x819 (longest side limit 1024)" in note for note in result.notes)
-    # A box on a huge support is given in its original pixels: the bottom-right corner stays inside.
-    boxed = app.segment(loaded, [huge], [(1400, 1100, 1500, 1200)], [image], cache=None)
-    assert boxed.notes == ["Support image is 1500x1200; resized to 1024x819 (longest side limit 1024)."]
+def test_large_images_keep_their_size(registry, episode):
+    """The pipeline takes any size (the processor scales to its canvas); the mask comes back at the query's size."""
+    huge = Image.fromarray(episode["image"]).resize((1500, 1200), Image.Resampling.NEAREST)
+    huge.save(episode["dir"] / "huge.png")
+    support, mask = str(episode["dir"] / "support.png"), str(episode["dir"] / "mask.png")
+    mask_path, _, info = app.segment_api(registry, support, mask, str(episode["dir"] / "huge.png"))
+    assert Image.open(mask_path).size == (1500, 1200) and info["query_size"] == [1500, 1200]
 
 
 def test_brush_colours_become_classes(episode):
@@ -195,59 +231,55 @@ def test_brush_colours_become_classes(episode):
     assert boxed == {0: ([image], [(4.0, 5.0, 60.0, 70.0)])}
 
 
+def test_examples_are_rendered_into_a_cache_not_the_source_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSS_EXAMPLES_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert app.examples_dir() == tmp_path / "xdg" / "hf_fss" / "space_examples"
+    monkeypatch.setenv("FSS_EXAMPLES_DIR", str(tmp_path / "examples"))
+    assert app.examples_dir() == tmp_path / "examples"
+    before = sorted((ROOT / "spaces_app").rglob("*"))
+    demo = app.build_demo(specs=[])
+    assert demo.examples_dir == tmp_path / "examples" and len(list((tmp_path / "examples").glob("*.png"))) >= 10
+    assert sorted((ROOT / "spaces_app").rglob("*")) == before  # nothing written into the source tree
+
+
 # --------------------------------------------------------------------------------------------------------- API
 
 
-def test_segment_api_returns_a_mask_png_of_the_query_size(server, episode, tmp_path):
+def test_segment_api_through_gradio_client(server, registry, episode, tmp_path):
     from gradio_client import Client, handle_file
 
-    folder, target = episode["dir"], episode["target"]
+    folder = episode["dir"]
     client = Client(server, verbose=False)
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/segment"]
-    assert [p["parameter_name"] for p in endpoint["parameters"]][:3] == [
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == [
         "support_image",
         "support_mask",
         "query_image",
+        "model",
     ]
-
+    files = {name: str(folder / f) for name, f in (("s", "support.png"), ("m", "mask01.png"), ("q", "query_rgba.png"))}
     mask_path, overlay_path, info = client.predict(
-        support_image=handle_file(folder / "support.png"),
-        support_mask=handle_file(folder / "mask.png"),
-        query_image=handle_file(folder / "support.png"),  # the query is the support: its target must be found
+        support_image=handle_file(files["s"]),
+        support_mask=handle_file(files["m"]),
+        query_image=handle_file(files["q"]),
         api_name="/segment",
     )
+    expected = registry.get(None)(files["q"], support_image=files["s"], support_mask=files["m"], output_type="numpy")
     with Image.open(mask_path) as opened:
         assert opened.format == "PNG"
-        mask = np.asarray(opened)
-    assert mask.shape == target.shape and set(np.unique(mask)) <= {0, 255}
-    found = mask == 255
-    assert found[target].mean() > 0.5 and found[target].mean() > found[~target].mean()
-    assert Image.open(overlay_path).size == (120, 120)
-    assert info["maps"] == ["prior"] and info["query_size"] == [120, 120]
+        np.testing.assert_array_equal(np.asarray(opened), expected["mask"] * 255)
+    assert Image.open(overlay_path).size == (150, 90)
+    assert info["maps"] == ["prior"] and info["query_size"] == [150, 90]
 
-    query = tmp_path / "query.jpg"
-    Image.open(folder / "support.png").resize((150, 90)).save(query)
-    mask_path, _, info = client.predict(
-        support_image=handle_file(folder / "support.png"),
-        support_mask=handle_file(folder / "mask.png"),
-        query_image=handle_file(query),
-        api_name="/segment",
-    )
-    assert Image.open(mask_path).size == (150, 90)
-    assert info["support_encoding_cached"] is True
-
-    # Errors reach the client with the app's message.
-    empty, broken = tmp_path / "empty.png", tmp_path / "broken.png"
-    Image.new("L", (120, 120), 0).save(empty)
-    broken.write_bytes(b"this is not a PNG")
-    for mask, message in ((empty, "support_mask is empty"), (broken, "support_mask: could not read 'broken.png'")):
-        with pytest.raises(Exception, match=message):
-            client.predict(
-                support_image=handle_file(folder / "support.png"),
-                support_mask=handle_file(mask),
-                query_image=handle_file(query),
-                api_name="/segment",
-            )
+    # Errors reach the client with the pipeline's message.
+    with pytest.raises(Exception, match=re.escape("has size 60x60 (h x w) but its image has size 120x120")):
+        client.predict(
+            support_image=handle_file(files["s"]),
+            support_mask=handle_file(folder / "mask_small.png"),
+            query_image=handle_file(files["q"]),
+            api_name="/segment",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- browser
@@ -260,6 +292,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_page_runs_an_example_in_headless_chromium(server):
     executable = _chromium()
     if executable is None:

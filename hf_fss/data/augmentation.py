@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 from hf_fss.data.schema import IGNORE_INDEX
+from hf_fss.image_processing_fss import IMAGENET_MEAN, IMAGENET_STD  # the one ImageNet normalisation
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainAugmentation", "normalize_image"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_image(
