@@ -77,6 +77,32 @@ def test_the_pipeline_runs_a_model_that_adapts(tmp_path):
         assert torch.equal(before[key], value), key
 
 
+def test_the_space_runs_a_model_that_adapts(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("hf_fss_space_app_tta", ROOT / "spaces_app" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    folder = tmp_path / "adapting"
+    model = _model()
+    model.save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
+    rng = torch.Generator().manual_seed(2)
+    Image.fromarray((torch.rand(50, 60, 3, generator=rng) * 255).to(torch.uint8).numpy()).save(tmp_path / "s.png")
+    mask = torch.zeros(50, 60, dtype=torch.uint8)
+    mask[10:30, 15:40] = 255
+    Image.fromarray(mask.numpy()).save(tmp_path / "m.png")
+    registry = app.ModelRegistry([str(folder)])
+    files = (str(tmp_path / "s.png"), str(tmp_path / "m.png"), str(tmp_path / "s.png"))
+    first, second = app.segment_api(registry, *files), app.segment_api(registry, *files)
+    assert first[2]["model_type"] == "adapting_test" and second[2]["support_encoding_cached"]
+    assert (Image.open(first[0]).tobytes()) == Image.open(second[0]).tobytes()
+    for key, value in registry.get(None).model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 @pytest.mark.slow
 def test_evaluate_script_with_one_and_two_processes_gives_the_same_metrics(tmp_path):
     folder = tmp_path / "adapting"
