@@ -89,10 +89,28 @@ def _shape(x) -> str:
     return tuple(x.shape).__repr__() if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def _check_finite(name: str, values: torch.Tensor) -> None:
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} holds NaN or infinite values; normalise real images with the image processor")
+
+
+def _check_mask_values(name: str, mask: torch.Tensor) -> None:
+    if mask.is_floating_point() and not bool((mask == mask.round()).all()):
+        raise ValueError(f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got fractional values")
+    invalid = (mask != 0) & (mask != 1) & (mask != 255)
+    if bool(invalid.any()):
+        found = sorted({int(v) for v in mask[invalid].unique()[:5].tolist()})
+        raise ValueError(
+            f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got also {found}; for a label map, "
+            "select the class first (mask == class_id), or give the processor `support_class_ids`"
+        )
+
+
 def check_query_inputs(pixel_values, labels=None) -> None:
     """Raise a `ValueError` naming the argument when the query images or labels are malformed."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {_shape(pixel_values)}")
+    _check_finite("pixel_values", pixel_values)
     if labels is not None:
         expected = (pixel_values.shape[0], *pixel_values.shape[2:])
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
@@ -100,6 +118,7 @@ def check_query_inputs(pixel_values, labels=None) -> None:
                 f"labels must have shape (batch, height, width) = {expected} to match pixel_values "
                 f"{tuple(pixel_values.shape)}, got {_shape(labels)}"
             )
+        _check_mask_values("labels", labels)
 
 
 def check_support_inputs(support_pixel_values, support_masks, batch_size=None, require_target=True) -> None:
@@ -120,6 +139,8 @@ def check_support_inputs(support_pixel_values, support_masks, batch_size=None, r
         )
     if not isinstance(support_masks, torch.Tensor) or support_masks.dim() != 4:
         raise ValueError(f"support_masks must be a (batch, shot, height, width) tensor, got {_shape(support_masks)}")
+    if support_pixel_values.shape[1] == 0:
+        raise ValueError("support_pixel_values holds no support image (shot = 0); give at least one per query")
     if support_masks.shape[:2] != support_pixel_values.shape[:2]:
         raise ValueError(
             f"support_masks {tuple(support_masks.shape)} and support_pixel_values "
@@ -135,6 +156,8 @@ def check_support_inputs(support_pixel_values, support_masks, batch_size=None, r
             f"support_pixel_values holds {support_pixel_values.shape[0]} support sets but pixel_values holds "
             f"{batch_size} queries"
         )
+    _check_finite("support_pixel_values", support_pixel_values)
+    _check_mask_values("support_masks", support_masks)
     if require_target:
         has_target = (support_masks == 1).flatten(2).any(-1)
         if not bool(has_target.all()):

@@ -144,6 +144,11 @@ class FewShotModelTesterMixin:
             ("labels_shape", "labels must have shape"),
             ("empty_mask", "no target pixel"),
             ("undeclared_input", "unexpected input"),
+            ("no_shot", "no support image"),
+            ("nan_query", "pixel_values holds NaN"),
+            ("inf_support", "support_pixel_values holds NaN or infinite"),
+            ("label_map_support", r"support_masks must hold only 0 .*got also \[7\]"),
+            ("label_map_labels", r"labels must hold only 0 .*got also \[3\]"),
         ],
     )
     def test_bad_inputs_raise_value_errors_naming_the_argument(self, case, message):
@@ -159,6 +164,11 @@ class FewShotModelTesterMixin:
             "labels_shape": lambda: model(q, s, k, labels=labels[..., :-1]),
             "empty_mask": lambda: model(q, s, torch.zeros_like(k)),
             "undeclared_input": lambda: model(q, s, k, support_semantic_lables=k),
+            "no_shot": lambda: model(q, s[:, :0], k[:, :0]),
+            "nan_query": lambda: model(q.index_fill(-1, torch.tensor([3]), float("nan")), s, k),
+            "inf_support": lambda: model(q, s.index_fill(-1, torch.tensor([3]), float("inf")), k),
+            "label_map_support": lambda: model(q, s, k.masked_fill(k == 1, 7)),
+            "label_map_labels": lambda: model(q, s, k, labels=labels.masked_fill(labels == 1, 3)),
         }
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             calls[case]()
