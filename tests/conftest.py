@@ -17,14 +17,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def random_episode(batch_size=2, shot=1, size=65, generator=None):
-    """Random normalised images and masks with a target square in every support."""
+def random_episode(batch_size=2, shot=1, size=65, generator=None, width=None):
+    """Random normalised images and masks with a target rectangle in every support; `width` makes them non-square."""
     g = generator or torch.Generator().manual_seed(0)
-    query = torch.randn(batch_size, 3, size, size, generator=g)
-    support = torch.randn(batch_size, shot, 3, size, size, generator=g)
-    masks = torch.zeros(batch_size, shot, size, size, dtype=torch.long)
-    masks[..., size // 4 : size // 2, size // 4 : 3 * size // 4] = 1
+    height, width = size, width or size
+    query = torch.randn(batch_size, 3, height, width, generator=g)
+    support = torch.randn(batch_size, shot, 3, height, width, generator=g)
+    masks = torch.zeros(batch_size, shot, height, width, dtype=torch.long)
+    masks[..., height // 4 : height // 2, width // 4 : 3 * width // 4] = 1
     masks[..., -3:, :] = 255
-    labels = torch.zeros(batch_size, size, size, dtype=torch.long)
-    labels[:, size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 1
+    labels = torch.zeros(batch_size, height, width, dtype=torch.long)
+    labels[:, height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 1
     return query, support, masks, labels

@@ -16,18 +16,6 @@ from torch import nn
 from hf_fss.backbones import StagedBackbone
 
 
-def _episode(batch_size=2, shot=1, height=65, width=81, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch_size, 3, height, width, generator=g)
-    support = torch.randn(batch_size, shot, 3, height, width, generator=g)
-    masks = torch.zeros(batch_size, shot, height, width, dtype=torch.long)
-    masks[..., height // 4 : height // 2, width // 4 : 3 * width // 4] = 1
-    masks[..., -3:, :] = 255
-    labels = torch.zeros(batch_size, height, width, dtype=torch.long)
-    labels[:, height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 1
-    return query, support, masks, labels
-
-
 class FewShotModelTesterMixin:
     model_class: type
     config_kwargs: dict = {}
@@ -48,7 +36,8 @@ class FewShotModelTesterMixin:
         return {}
 
     def episode(self, batch_size=2, shot=1, seed=0):
-        return _episode(batch_size, shot, self.image_size, self.image_width, seed)
+        generator = torch.Generator().manual_seed(seed)
+        return random_episode(batch_size, shot, self.image_size, generator, width=self.image_width)
 
     # --- save / load ---------------------------------------------------------------------------------------------
     def test_save_load_round_trip_is_bit_identical(self, tmp_path):
