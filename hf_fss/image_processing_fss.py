@@ -12,7 +12,8 @@ dvlab-research/PFENet), shared by the PFENet-derived code bases:
 
 Post-processing maps the `image_size x image_size` logits back to the original image: for a resized image the
 logits are scaled to `L x L`, `L = max(h, w)` (bilinear, `align_corners=True`) and cropped to `h x w`, as PFENet's
-`ori_resize` evaluation does; for an image that kept its size the `h x w` corner is cropped directly.
+`ori_resize` evaluation does, but only the `h x w` corner is computed (memory grows with the image, not `L x L`);
+for an image that kept its size the `h x w` corner is cropped directly.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """The ImageNet RGB mean and standard deviation, in [0, 1]: hf_fss's one normalisation (also used in training)."""
+_EXIF_ORIENTATION = 0x0112
 MASK_THRESHOLD = 128
 """A grayscale mask (other than {0, 1}, {0, 255} or {0, 1, 255}) is target where its value is at least this."""
+SQUARE_TO_OUTPUT_LIMIT = 4
+"""Post-processing builds PFENet's `L x L` logits square only while it is at most this many times the output."""
 _OPTION_NAMES = (
     "image_size",
     "size_divisor",
@@ -139,9 +143,16 @@ def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
             return load_image(source)
         image = Image.open(source)
         image.load()
-        return ImageOps.exif_transpose(image)
+        return _upright(image)
     except Exception as err:  # any reader failure becomes one ValueError naming the argument and the path
         raise ValueError(f"`{name}`: could not read image file {source!r} ({type(err).__name__}: {err})") from err
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as it is displayed: its EXIF orientation (tag 274) applied, for a file path and a PIL image alike."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_numpy(value: Any) -> Any:
@@ -155,6 +166,56 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
         return np.moveaxis(array, 0, -1)
     return array
+
+
+def _align_corners_axis(count: int, size: int, longer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Indices and weights of the first `count` samples of a `size -> longer` bilinear `align_corners=True` resize,
+    computed as `F.interpolate` does on the CPU (float32 scale `(size - 1) / (longer - 1)`, source `scale * i`)."""
+    scale = np.float32(size - 1) / np.float32(longer - 1) if longer > 1 else np.float32(0)
+    source = torch.arange(count, dtype=torch.float32, device=device) * torch.tensor(scale, device=device)
+    index0 = source.floor().long().clamp(max=size - 1)
+    weight1 = (source - index0).clamp(0, 1)
+    index1 = torch.clamp(index0 + 1, max=size - 1)
+    return index0, index1, 1 - weight1, weight1
+
+
+def _resize_then_crop(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """
+    `F.interpolate(logits, (L, L), mode="bilinear", align_corners=True)[..., :height, :width]` with `L =
+    max(height, width)`, without the `L x L` square: only the `height x width` corner is computed, from the source
+    rows and columns it reads (columns first, then rows, the order of PyTorch's own kernel), so memory grows with
+    the output, not with `L ** 2`.
+    """
+    size = logits.shape[-1]
+    longer = max(height, width)
+    row0, row1, row_w0, row_w1 = _align_corners_axis(height, size, longer, logits.device)
+    col0, col1, col_w0, col_w1 = _align_corners_axis(width, size, longer, logits.device)
+    source = logits[..., : int(row1.max()) + 1, :]
+    columns = source[..., col0] * col_w0 + source[..., col1] * col_w1  # (N, C, rows read, width)
+    return columns[..., row0, :] * row_w0[:, None] + columns[..., row1, :] * row_w1[:, None]
+
+
+def _keep_target_pieces(mask: np.ndarray, resized: np.ndarray) -> np.ndarray:
+    """
+    `resized`, the nearest-neighbour downscaled `mask`, with every 8-connected piece of the target (`mask == 1`)
+    that nearest neighbour dropped drawn back where it lies: each of its pixels marks the output pixel whose
+    footprint holds it (max pooling of that piece). Pieces nearest neighbour kept are left as they are, so ordinary
+    masks are resized exactly as PFENet does, and a target present at full size is always present after.
+    """
+    target = (mask == 1).astype(np.uint8)
+    if not target.any():
+        return resized
+    count, pieces = cv2.connectedComponents(target, connectivity=8, ltype=cv2.CV_32S)
+    height, width = mask.shape
+    new_height, new_width = resized.shape
+    sampled = cv2.resize(pieces, dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST)
+    lost = np.setdiff1d(np.arange(1, count), sampled)
+    if lost.size == 0:
+        return resized
+    ys, xs = np.nonzero(np.isin(pieces, lost))
+    resized = resized.copy()
+    resized[ys * new_height // height, xs * new_width // width] = 1
+    return resized
 
 
 class FewShotSegmentationImageProcessor(BaseImageProcessor):
@@ -197,15 +258,26 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
     `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
     an `http(s)://` URL). Grayscale is repeated to RGB. An image with transparency (RGBA, grayscale + alpha, a
     palette with a transparent colour, an `(H, W, 4)` array) is composited onto white: `rgb * a + 255 * (1 - a)`
-    with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels. Integer images must lie in
-    [0, 255]: a 16-bit image with larger values is refused with a `ValueError`, never clipped silently.
+    with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels.
+
+    One rule for bit depth, whatever the input form: an unsigned integer image is scaled by its type's range, so a
+    16-bit image (a 16-bit PNG opened as mode `"I;16"`, from a path or with `Image.open`, or a `uint16` array or
+    tensor) is divided by 257 (65535 = white), the way image viewers show it, never clipped. Signed integer arrays
+    (e.g. `np.array([[0, 255]])`, PIL mode `"I"`) have no such range: they must lie in [0, 255], else a
+    `ValueError` says how to pass them (as `uint16`, or as floats in [0, 1]).
+
+    EXIF orientation is applied the same way to every input form that carries it: an image or mask given as a file
+    path and a PIL image (e.g. from `Image.open`) are both turned upright (`PIL.ImageOps.exif_transpose`) before
+    anything else, so a photo and a mask drawn on it as displayed stay aligned. Arrays and tensors carry no EXIF
+    and are taken as they are.
 
     Annotations (`support_masks`, `segmentation_maps`), each one of:
 
     - a mask (PIL image, array, tensor or file path) of exactly the image's size (another size is a `ValueError`
       naming both sizes), white = target: boolean, `{0, 1}` (1 = target), `{0, 255}` (255 = target) or
       `{0, 1, 255}` (1 = target, 255 = ignore); any other grayscale mask (anti-aliased, JPEG) is thresholded,
-      target where the value is at least 128 (at least 0.5 for a float mask in [0, 1]). Integer values that are
+      target where the value is at least 128 (at least 0.5 for a float mask in [0, 1]; a 16-bit mask is read on
+      its own scale: `{0, 65535}` is binary, and the threshold is 32768). Integer values that are
       all below 128 or 255 (e.g. `{0, 3, 7}`) are taken for a label map and need a class id. An RGB mask counts by
       its brightest channel (the same rules); an RGBA (or grayscale + alpha) mask whose alpha varies is target where
       alpha > 0, one with constant alpha counts by its colour;
@@ -336,6 +408,11 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         """
         Resize a `{0, 1, 255}` mask with nearest neighbour as PFENet does and pad it with 255.
 
+        Small targets never vanish: when the mask is downscaled, a piece of the target (8-connected) that nearest
+        neighbour would drop entirely (a 3x3 object, a 2-px stroke, a thin strip between sampled rows) is drawn at
+        the output pixels that cover it (max pooling of that piece). Pieces nearest neighbour keeps are resized
+        exactly as PFENet does, so a target present at full size is present after, and ordinary masks are unchanged.
+
         Args:
             mask (`np.ndarray` of shape `(height, width)`): values 0 (background), 1 (target), 255 (ignore), e.g.
                 from [`~FewShotSegmentationImageProcessor.annotation_to_mask`].
@@ -349,7 +426,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         height, width = mask.shape
         new_height, new_width = self.resized_size(height, width)
         if (new_height, new_width) != (height, width):
-            mask = cv2.resize(mask.astype(np.float32), dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST)
+            resized = cv2.resize(
+                mask.astype(np.float32), dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST
+            )
+            mask = _keep_target_pieces(mask, resized)
         size = self.image_size
         canvas = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
         canvas[:new_height, :new_width] = mask
@@ -365,7 +445,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         if isinstance(image, str | os.PathLike):
             image = _open_image(image, name)
         if isinstance(image, Image.Image):
-            if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: checked as an array below
+            image = _upright(image)
+            if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: read as an array below
                 image = np.asarray(image)
             elif image.mode not in ("RGB", "RGBA"):
                 transparent = "A" in image.getbands() or "transparency" in image.info
@@ -393,7 +474,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _to_0_255(array: np.ndarray, name: str) -> np.ndarray:
-        """bool, uint8 / integer in [0, 255] or float in [0, 1] (or [0, 255]) -> float32 in [0, 255]."""
+        """
+        bool, unsigned integers (scaled by their type's range: uint8 as is, uint16 / 257), signed integers in
+        [0, 255] or floats in [0, 1] (or [0, 255]) -> float32 in [0, 255].
+        """
         if array.dtype == np.bool_:
             return array.astype(np.float32) * 255
         if np.issubdtype(array.dtype, np.floating):
@@ -404,10 +488,18 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             if low < 0 or high > 255:
                 raise ValueError(f"`{name}`: float images must lie in [0, 1] (or [0, 255]), got [{low}, {high}]")
             return array * 255 if high <= 1.0 else array
+        if np.issubdtype(array.dtype, np.unsignedinteger):
+            if array.dtype.itemsize == 1:
+                return array.astype(np.float32)
+            # 16-bit (and wider) images use their type's whole range: 65535 is white, as in any image viewer.
+            return (array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)).astype(np.float32)
         if np.issubdtype(array.dtype, np.integer):
             low, high = int(array.min()), int(array.max())
             if low < 0 or high > 255:
-                raise ValueError(f"`{name}`: integer images must lie in [0, 255], got [{low}, {high}]")
+                raise ValueError(
+                    f"`{name}`: a signed integer ({array.dtype}) image must lie in [0, 255], got [{low}, {high}]; "
+                    "pass a 16-bit image as uint16 (scaled by 65535) or as floats in [0, 1]"
+                )
             return array.astype(np.float32)
         raise ValueError(f"`{name}` has unsupported dtype {array.dtype}")
 
@@ -417,6 +509,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         if isinstance(annotation, str | os.PathLike):
             annotation = _open_image(annotation, name)
         if isinstance(annotation, Image.Image):
+            annotation = _upright(annotation)
             if annotation.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 annotation = annotation.convert("RGB")
             # np.array keeps palette ("P") images as indices; never a luminance conversion.
@@ -519,6 +612,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         values = np.unique(array)
         present = set(values.tolist())
         mask = np.zeros(array.shape, dtype=np.uint8)
+        white, threshold = IGNORE_INDEX, MASK_THRESHOLD
+        if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize > 1:
+            white = int(np.iinfo(array.dtype).max)  # a 16-bit mask is read on its own scale, as 16-bit images
+            threshold = (white + 1) // 2
         if present <= {0, 1}:
             mask[array == 1] = 1
         elif present <= {0, 255}:
@@ -526,6 +623,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         elif present <= {0, 1, 255}:
             mask[array == 1] = 1
             mask[array == 255] = IGNORE_INDEX
+        elif present <= {0, white}:
+            mask[array == white] = 1
         elif np.issubdtype(array.dtype, np.floating) and values[0] >= 0 and values[-1] <= 1:
             mask[array >= 0.5] = 1  # a soft mask in [0, 1]
         elif _looks_like_label_map(values):
@@ -534,7 +633,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 f"pass `{class_ids_name}` with the class to segment"
             )
         else:
-            mask[array >= MASK_THRESHOLD] = 1  # a grayscale mask: white = target
+            mask[array >= threshold] = 1  # a grayscale mask: white = target
         return mask
 
     # ----------------------------------------------------------------------------------------------- structure
@@ -760,6 +859,14 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         resized image's logits are scaled to `L x L` (`L = max(h, w)`, bilinear, `align_corners=True`) and cropped
         to `h x w`; an image that kept its size is cropped from the canvas.
 
+        Memory grows with the output, never with `L x L` alone: the `L x L` square is built (PFENet's own
+        `F.interpolate`, bit-exact) only while it holds at most `SQUARE_TO_OUTPUT_LIMIT` (4) times the output's
+        pixels, i.e. for aspect ratios up to 4:1, every ordinary photo. A longer strip (a 40000 x 100 query would
+        need a 1.6-billion-pixel square) gets only the `h x w` corner, computed from the source rows and columns
+        it reads with the same bilinear indices and weights: equal to the square's corner up to float32 rounding
+        (a few 1e-6 on logits of magnitude 10, as PyTorch's kernel fuses multiply-adds). No size limit is needed
+        beyond the image's own.
+
         Args:
             logits (`torch.Tensor` of shape `(..., C, s, s)`): scores on the canvas (any `s`; other than `S`
                 they are first scaled to `S x S`).
@@ -781,6 +888,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
         if self.resized_size(height, width) != (height, width):
             longer = max(height, width)
+            if longer * longer > SQUARE_TO_OUTPUT_LIMIT * height * width:  # only the h x w corner of L x L
+                return _resize_then_crop(logits, height, width).reshape(*lead, height, width)
             logits = F.interpolate(logits, size=(longer, longer), mode="bilinear", align_corners=True)
         return logits[..., :height, :width].reshape(*lead, height, width)
 

@@ -201,10 +201,82 @@ def test_grayscale_masks_are_thresholded_and_label_maps_need_a_class_id(processo
         processor.annotation_to_mask(label_map, (40, 50))
 
 
-def test_16_bit_images_are_refused_clearly(processor, tmp_path):
-    Image.fromarray(np.full((20, 30), 4000, dtype=np.uint16)).save(tmp_path / "deep.png")
-    with pytest.raises(ValueError, match=r"`images`: integer images must lie in \[0, 255\], got \[4000, 4000\]"):
-        processor(images=tmp_path / "deep.png")
+def test_16_bit_images_are_scaled_by_their_range_in_every_form(processor, tmp_path):
+    # Issue 10, kind 3a: a 16-bit PNG (mode "I;16") was clipped to white as a PIL image and refused as a path /
+    # uint16 array. One rule now: unsigned integers are scaled by their type's range (65535 = white).
+    deep = (np.arange(20 * 30, dtype=np.uint32).reshape(20, 30) * 109).astype(np.uint16)  # 0 .. 65291
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    expected = processor(images=(deep / 65535.0).astype(np.float32), return_tensors="np")["pixel_values"]
+    forms = {
+        "path": tmp_path / "deep.png",
+        "PIL": Image.open(tmp_path / "deep.png"),
+        "uint16 array": deep,
+        "uint16 RGB array": np.repeat(deep[..., None], 3, axis=-1),
+        "uint16 tensor": torch.from_numpy(deep.astype(np.int32)).to(torch.uint16),
+    }
+    for form, image in forms.items():
+        pixels = processor(images=image, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(pixels, expected, atol=1e-4, err_msg=form)
+    # Not clipped: the 8-bit view of the same image (the high byte) is what the 16-bit one looks like.
+    rgb = processor.to_rgb_array(tmp_path / "deep.png", "images")
+    assert (rgb >= 254.5).mean() < 0.01
+    np.testing.assert_allclose(rgb[..., 0], deep / 257.0, atol=1e-3)
+    # A 16-bit support with a 16-bit mask {0, 65535} (and a grayscale one, thresholded at half its range).
+    mask16 = np.zeros((20, 30), dtype=np.uint16)
+    mask16[5:15, 10:20] = 65535
+    Image.fromarray(mask16).save(tmp_path / "mask16.png")
+    batch = processor(images=deep, support_images=[tmp_path / "deep.png"], support_masks=[tmp_path / "mask16.png"])
+    assert (batch["support_masks"][0, 0, :20, :30] == (mask16 > 0)).all()
+    soft16 = mask16 // 2 + (mask16 > 0) * 10000  # 0 outside, 42767 inside: target at >= 32768
+    np.testing.assert_array_equal(processor.annotation_to_mask(soft16, (20, 30)), (mask16 > 0).astype(np.uint8))
+    # Signed integers have no range to scale by: refused clearly, saying how to pass a 16-bit image.
+    with pytest.raises(
+        ValueError,
+        match=r"`images`: a signed integer \(int32\) image must lie in \[0, 255\], got \[0, 65291\]; pass a 16-bit image as uint16",
+    ):
+        processor(images=deep.astype(np.int32))
+    with pytest.raises(ValueError, match=r"`images`: a signed integer \(int32\) image"):
+        processor(images=Image.open(tmp_path / "deep.png").convert("I"))
+
+
+def _exif_jpeg(path, pixels, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+
+
+def test_exif_orientation_is_applied_to_paths_and_pil_images_alike(processor, tmp_path):
+    # Issue 10, kind 3b: a square EXIF-rotated JPEG and its mask (drawn on the photo as displayed). Opened with
+    # Image.open, the photo used to stay sideways: 0% of the mask's target on the object.
+    size = 64
+    upright = np.full((size, size, 3), 20, dtype=np.uint8)
+    upright[4:20, 36:60] = (230, 40, 40)  # the object, top right as displayed
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[4:20, 36:60] = 255
+    # Orientation 6 = "rotate 90 degrees clockwise to display": the file stores the picture turned back.
+    _exif_jpeg(tmp_path / "photo.jpg", np.rot90(upright, k=1).copy(), orientation=6)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    raw = np.asarray(Image.open(tmp_path / "photo.jpg"))
+    assert (raw[4:20, 36:60, 0] > 150).mean() < 0.05  # as stored, the object is elsewhere
+    for form in ("path", "PIL"):
+        photo = tmp_path / "photo.jpg" if form == "path" else Image.open(tmp_path / "photo.jpg")
+        mask_input = tmp_path / "mask.png" if form == "path" else Image.open(tmp_path / "mask.png")
+        batch = processor(images=photo, support_images=[photo], support_masks=[mask_input], do_normalize=False)
+        pixels = batch["support_pixel_values"][0, 0, :, :size, :size] * 255
+        target = batch["support_masks"][0, 0, :size, :size] == 1
+        on_object = pixels[0][target] > 150
+        assert on_object.mean() > 0.95, form
+        query = batch["pixel_values"][0, :, :size, :size] * 255
+        assert np.abs(query - upright.transpose(2, 0, 1)).mean() < 4, form  # upright, up to JPEG noise
+    # An EXIF-rotated mask (a JPEG mask saved by a phone app) is turned upright too, as a path and as a PIL image.
+    _exif_jpeg(tmp_path / "mask.jpg", np.repeat(np.rot90(mask, k=1)[..., None], 3, axis=-1).copy(), orientation=6)
+    for mask_input in (tmp_path / "mask.jpg", Image.open(tmp_path / "mask.jpg")):
+        np.testing.assert_array_equal(
+            processor.annotation_to_mask(mask_input, (size, size)), (mask > 0).astype(np.uint8)
+        )
+    # Arrays carry no EXIF: taken as they are.
+    np.testing.assert_array_equal(processor.to_rgb_array(raw, "images"), raw.astype(np.float32))
 
 
 def test_per_call_options(processor):
