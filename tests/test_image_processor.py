@@ -1,9 +1,12 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
@@ -448,3 +451,139 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.image_mean == processor.image_mean and loaded.image_std == processor.image_std
     assert loaded.resized_size(100, 120) == (256, 320)
     assert FewShotSegmentationImageProcessor.from_pretrained(tmp_path, image_size=473).image_size == 473
+
+
+# ------------------------------------------------------------------------------- small targets (issue 10, kind 4)
+
+
+def _nearest(processor, mask):
+    """PFENet's nearest-neighbour mask resize (the old behaviour), for comparison."""
+    new_height, new_width = processor.resized_size(*mask.shape)
+    return cv2.resize(mask.astype(np.float32), (new_width, new_height), interpolation=cv2.INTER_NEAREST)
+
+
+def test_small_targets_survive_the_mask_downscale():
+    quickstart = FewShotSegmentationImageProcessor(image_size=97)  # the quickstart model's canvas
+    default = FewShotSegmentationImageProcessor()
+    # A 100x40 (w x h) target in a 12000x300 strip; on the quickstart canvas (2 x 96) nearest neighbour reads
+    # rows 0 and 150 and every 125th column: the target between them vanished.
+    strip = np.zeros((300, 12000), dtype=np.uint8)
+    strip[20:60, 6010:6110] = 1
+    # A 3x3 object and a 2-px stroke (horizontal, and diagonal) in a 2000x1500 image (w x h) -> 472 x 352.
+    dot = np.zeros((1500, 2000), dtype=np.uint8)
+    dot[701:704, 1001:1004] = 1
+    stroke = np.zeros((1500, 2000), dtype=np.uint8)
+    stroke[701:703, 200:1800] = 1
+    cases = [(quickstart, strip), (default, dot), (default, stroke)]
+    for processor, mask in cases:
+        assert not (_nearest(processor, mask) == 1).any()  # what nearest neighbour alone did
+        resized = processor.resize_and_pad_mask(mask)
+        new_height, new_width = processor.resized_size(*mask.shape)
+        height, width = mask.shape
+        ys, xs = np.nonzero(mask == 1)
+        expected = np.zeros((new_height, new_width), dtype=bool)
+        expected[ys * new_height // height, xs * new_width // width] = True  # the output pixels covering it
+        np.testing.assert_array_equal(resized[:new_height, :new_width] == 1, expected)
+        assert (resized[new_height:] == 255).all() and (resized[:, new_width:] == 255).all()
+    # A diagonal 2-px stroke: nearest neighbour keeps it as dashes; they stay as they are (present, PFENet's pixels).
+    diagonal = np.zeros((1500, 2000), dtype=np.uint8)
+    for i in range(1000):
+        diagonal[300 + i, 501 + i : 503 + i] = 1
+    np.testing.assert_array_equal(default.resize_and_pad_mask(diagonal)[:352, :472], _nearest(default, diagonal))
+    assert (_nearest(default, diagonal) == 1).any()
+    # The strip's support is accepted end to end (the model used to raise "no target pixel").
+    batch = quickstart(images=np.zeros((300, 12000, 3), np.uint8), support_images=[strip * 200], support_masks=[strip])
+    assert (batch["support_masks"][0, 0] == 1).sum() == 1 * 1  # 40 rows -> 1 of 2 rows, 100 columns -> 1 of 96
+    # With the default canvas (8 x 472) nearest neighbour keeps it, exactly as before.
+    np.testing.assert_array_equal(default.resize_and_pad_mask(strip)[:8, :472], _nearest(default, strip))
+
+
+def test_ordinary_masks_are_downscaled_exactly_as_pfenet(processor):
+    """Every target piece nearest neighbour keeps stays as it was, and ignore pixels too: PFENet's numbers hold."""
+    rng = _rng()
+    for height, width in [(375, 500), (500, 333), (1200, 1600), (481, 640)]:
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for _ in range(3):
+            cy, cx = rng.integers(50, min(height, width) - 50, 2)
+            mask |= _ellipse(height, width, cy, cx, rng.integers(20, 50), rng.integers(20, 50))
+        mask[:5] = 255
+        new_height, new_width = processor.resized_size(height, width)
+        np.testing.assert_array_equal(
+            processor.resize_and_pad_mask(mask)[:new_height, :new_width], _nearest(processor, mask)
+        )
+    # A big object and a speck: the object exactly as nearest neighbour gives it, the speck kept at its place.
+    mask = _ellipse(1500, 2000, 600, 800, 300, 400)
+    mask[1400, 1900] = 1
+    resized = processor.resize_and_pad_mask(mask)[:352, :472]
+    near = _nearest(processor, mask)
+    assert near[1400 * 352 // 1500, 1900 * 472 // 2000] == 0 and resized[1400 * 352 // 1500, 1900 * 472 // 2000] == 1
+    near[1400 * 352 // 1500, 1900 * 472 // 2000] = 1
+    np.testing.assert_array_equal(resized, near)
+
+
+# ----------------------------------------------------------------------- post-processing memory (issue 10, kind 5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the number of elements of the largest tensor any torch operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def _old_resize_logits(logits, height, width):
+    """PFENet's `ori_resize` path: logits to L x L, then crop (the pre-issue-10 implementation)."""
+    longer = max(height, width)
+    return F.interpolate(logits, size=(longer, longer), mode="bilinear", align_corners=True)[..., :height, :width]
+
+
+def test_post_processing_memory_grows_with_the_image_not_the_square(processor):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, S, S) * 5
+    for height, width in [(40000, 100), (100, 40000), (12000, 300)]:
+        with _LargestTensor() as spy:
+            masks = processor.post_process_semantic_segmentation(logits, target_sizes=[(height, width)])
+        assert masks[0].shape == (height, width)
+        # Never the L x L square (1.6e9 values for 40000 x 100): at most the output's 2 channels.
+        assert spy.largest <= 2 * height * width, (height, width, spy.largest)
+    # 40000 x 100 by hand: the corner equals the square's, sampled at 472/39999 per pixel along both axes.
+    tall = processor.resize_logits(logits[0], (40000, 100))
+    scale = np.float32(472) / np.float32(39999)
+    for y, x in [(0, 0), (39998, 98), (12345, 50), (20000, 7)]:
+        sy, sx = y * scale, x * scale
+        y0, x0 = int(sy), int(sx)
+        wy, wx = sy - y0, sx - x0
+        grid = logits[0, :, y0 : y0 + 2, x0 : x0 + 2].double()
+        value = (1 - wy) * ((1 - wx) * grid[:, 0, 0] + wx * grid[:, 0, 1]) + wy * (
+            (1 - wx) * grid[:, 1, 0] + wx * grid[:, 1, 1]
+        )
+        torch.testing.assert_close(tall[:, y, x].double(), value, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(375, 500), (500, 375), (481, 640), (1000, 1000), (1200, 300), (300, 1201), (2000, 120), (60, 3000), (474, 10)],
+)
+def test_post_processing_matches_the_l_by_l_path(processor, size):
+    """Aspect ratios up to 4:1 take PFENet's own L x L path (bit-exact); longer strips the corner-only path, equal
+    up to float32 rounding, with the same masks."""
+    height, width = size
+    torch.manual_seed(height * 7 + width)
+    logits = torch.randn(3, 2, S, S) * 5
+    new = processor.resize_logits(logits, size)
+    old = _old_resize_logits(logits, height, width)
+    if max(size) ** 2 <= 4 * height * width:
+        assert torch.equal(new, old)
+    else:
+        assert (new - old).abs().max() < 1e-5  # measured: at most 3.9e-6 on logits of magnitude ~20
+    masks = processor.post_process_semantic_segmentation(logits, target_sizes=[size] * 3)
+    for mask, reference in zip(masks, old.argmax(dim=1)):
+        assert torch.equal(mask, reference)
