@@ -315,3 +315,48 @@ def test_unreadable_or_missing_query_raises_value_errors(pipe):
         pipe(None, support_image=support, support_mask=mask)
     with pytest.raises(ValueError, match="`images` is an empty list"):
         pipe([], support_image=support, support_mask=mask)
+
+
+# -------------------------------------------------------------------------- images as users bring them (issue 10)
+
+
+def test_16_bit_and_exif_rotated_files_decode_as_in_the_processor(pipe, tmp_path):
+    """Kind 3: a 16-bit PNG (path or Image.open) is scaled by 65535 like a uint16 array; an EXIF-rotated JPEG opened
+    with Image.open is turned upright as its path is."""
+    deep = (np.random.default_rng(30).random((40, 48)) * 65535).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    support, target = _image(40, 40, seed=31), _mask(40, 40, (5, 5, 25, 30))
+    reference = pipe((deep / 65535.0).astype(np.float32), support_image=support, support_mask=target)
+    for query in (tmp_path / "deep.png", str(tmp_path / "deep.png"), Image.open(tmp_path / "deep.png"), deep):
+        result = pipe(query, support_image=support, support_mask=target)
+        np.testing.assert_allclose(result["scores"], reference["scores"], atol=1e-4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(_image(40, 48, seed=32), k=1).copy()).save(tmp_path / "turned.jpg", exif=exif)
+    from_path = pipe(str(tmp_path / "turned.jpg"), support_image=support, support_mask=target)
+    from_pil = pipe(Image.open(tmp_path / "turned.jpg"), support_image=support, support_mask=target)
+    assert from_pil["mask"].size == (48, 40)  # displayed as 48 x 40 (w x h), stored as 40 x 48
+    np.testing.assert_array_equal(from_pil["scores"], from_path["scores"])
+
+
+def test_a_small_target_on_a_large_support_is_kept(pipe):
+    """Kind 4: a 2-px stroke and a 3x3 object on a 2000x1500 support (64-px canvas: 1 row in 31 is sampled) used
+    to vanish and make the model raise 'no target pixel'."""
+    support = _image(1500, 2000, seed=33)
+    stroke = np.zeros((1500, 2000), dtype=np.uint8)
+    stroke[701:703, 300:1700] = 1
+    dot = np.zeros((1500, 2000), dtype=np.uint8)
+    dot[701:704, 1001:1004] = 1
+    for mask in (stroke, dot):
+        result = pipe(_image(60, 80, seed=34), support_image=support, support_mask=mask, output_type="numpy")
+        assert result["mask"].shape == (60, 80)
+
+
+def test_a_40000_by_100_query_is_segmented(pipe):
+    """Kind 5: post-processing a 40000x100 query no longer tries to build a 40000 x 40000 logit square."""
+    query = np.full((40000, 100, 3), 128, dtype=np.uint8)
+    result = pipe(
+        query, support_image=_image(40, 40, seed=35), support_mask=_mask(40, 40, (5, 5, 25, 30)), return_maps=True
+    )
+    assert result["mask"].size == (100, 40000) and result["scores"].shape == (40000, 100)
+    assert all(value.shape == (40000, 100) for value in result["maps"].values())
