@@ -80,7 +80,9 @@ class FewShotSegmentationPipeline(Pipeline):
     Few-shot segmentation of query images given annotated supports; see the module docstring for the call forms.
 
     Call arguments:
-        images: a query image (PIL image, array, tensor, path or URL) or a list of them.
+        images: a query image (PIL image, array, tensor, path or URL) or a list of them. Images and masks are
+            decoded by the image processor's one set of rules, whatever their form: EXIF orientation applied to
+            paths and PIL images alike, 16-bit images scaled by 65535, small support targets kept under the resize.
         support_image: a support image or a list of K of them.
         support_mask: one annotation per support image (binary mask, or label map with `support_class_id`).
         support_box: `(x0, y0, x1, y1)` per support image, instead of `support_mask`.
