@@ -19,7 +19,8 @@ How the pinned numbers were produced (out of tree, never in the repository):
    vgg=False)` (the official config's ResNet-50 layers, random initial weights, no download), loaded
    `official_state_dict()` from this file with `strict=True` (so the generated layout is exactly the official one),
    put it in eval mode and ran `model(s_x, s_y, x, y, classes)` on `episode(K)` for K = 1 and K = 5 (the official
-   argument order: support images, support masks, query), with torch 2.13.0+cpu, fp32, `torch.set_num_threads(2)`.
+   argument order: support images, support masks, query), with torch 2.13.0+cpu, fp32, `torch.set_num_threads(2)`,
+   on an x86-64 CPU. The script (`run_parity.py pin`) imports `official_state_dict` and `episode` from this file.
 3. It printed `logits[0, :, ::STRIDE, ::STRIDE]` (rounded to 6 decimals) and the per-channel means of the logits
    (7 decimals), pasted below as `PINNED`.
 4. The same script saved the checkpoint as above, converted it with `python scripts/convert_original_checkpoint.py
@@ -27,6 +28,9 @@ How the pinned numbers were produced (out of tree, never in the repository):
    max |official - converted| over all 2 x 97 x 97 logits: 2.6e-5 (K = 1) and 2.2e-5 (K = 5), logits up to ~9 in
    magnitude. That gap is float32 rounding, not a difference in the computation: in float64 the two models differ by
    3.3e-8 (K = 1), and the official model alone differs from its own float64 run by 2.5e-5. Hence `ATOL = 1e-4`.
+   (Here the converted model's slice is 1.4e-5 from the pinned one; one weight moved by 0.05, as in
+   `test_pinned_logits_can_fail`, moves it by 5.5e-3.) At full size, 473 x 473 on the same checkpoint, the gap is
+   4.2e-5 (K = 1) and 2.8e-5 (K = 5).
 5. `EPISODE_SEED` was picked by the same script from seeds 20240..20279: the one whose smallest logit margin among
    the argmax decisions that would change the DO mask if they flipped is largest (1.5e-4, both K, every scale).
 
@@ -260,6 +264,14 @@ def _matches_pinned(logits, shot) -> bool:
     )
 
 
+def test_pins_belong_to_the_official_commit_the_model_names():
+    import inspect
+
+    from hf_fss import NTRENetModel
+
+    assert f"commit {OFFICIAL_COMMIT}" in Path(inspect.getfile(NTRENetModel)).read_text()
+
+
 def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_key():
     layout = official_layout()
     # 400 entries, as the official NTRENet(layers=50).state_dict(), which loaded it with strict=True
@@ -285,7 +297,7 @@ def test_converted_model_reproduces_pinned_official_logits(converted, shot):
 
 @pytest.mark.slow
 def test_pinned_logits_can_fail(converted):
-    """One backbone weight moved by 0.05 (of ~9.4 million in layer3) is enough to leave the tolerance."""
+    """One backbone weight (of 44.5 million) moved by 0.05 moves the slice by ~5e-3, far outside the tolerance."""
     weight = converted.get_parameter(_ours("layer3.2.conv2.weight"))
     original = weight.detach().clone()
     try:
