@@ -10,8 +10,8 @@ Ratios between rows of one run are what to compare; absolute numbers depend on t
 Per timed call (one episode at the default --batch-size 1) it records the median wall time and, from
 `resource.getrusage(RUSAGE_SELF)` read just before and after the call (the whole process, all threads), the median
 user and system CPU time and minor / major page faults: `*_latency_ms`, `*_user_ms`, `*_system_ms`,
-`*_minor_faults`, `*_major_faults` for `full` and `query_only`. High system time with many minor faults means the
-allocator is mapping fresh pages (large temporary tensors), which a warm cache or smaller working set avoids.
+`*_minor_faults`, `*_major_faults` for `full` and `query_only`. High system time with many minor faults usually
+means large temporary tensors are mapped fresh from the OS on every call (and handed back after it).
 
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
