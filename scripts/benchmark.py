@@ -7,6 +7,12 @@ For every method and size it times, on the same random inputs in one run:
   what a support set costs when it serves many queries (the Space, the pipeline).
 Ratios between rows of one run are what to compare; absolute numbers depend on the machine and its load.
 
+Per timed call (one episode at the default --batch-size 1) it records the median wall time and, from
+`resource.getrusage(RUSAGE_SELF)` read just before and after the call (the whole process, all threads), the median
+user and system CPU time and minor / major page faults: `*_latency_ms`, `*_user_ms`, `*_system_ms`,
+`*_minor_faults`, `*_major_faults` for `full` and `query_only`. High system time with many minor faults usually
+means large temporary tensors are mapped fresh from the OS on every call (and handed back after it).
+
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
 """
@@ -54,20 +60,52 @@ def random_episode(batch_size: int, shot: int, image_size: int, device: torch.de
     return query.to(device), support.to(device), masks.to(device)
 
 
-def time_calls(fn, iterations: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call, after `warmup` untimed calls."""
+def _process_usage() -> tuple[float, float, int, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt, usage.ru_majflt
+
+
+def measure_calls(fn, iterations: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """
+    Per call, after `warmup` untimed calls: `wall_s` (seconds), and the process's `user_s` / `system_s` CPU seconds and
+    `minor_faults` / `major_faults` (deltas of `resource.getrusage(RUSAGE_SELF)` around the call).
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    calls = {"wall_s": [], "user_s": [], "system_s": [], "minor_faults": [], "major_faults": []}
     for _ in range(iterations):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        usage = _process_usage()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        wall = time.perf_counter() - start
+        after = _process_usage()
+        calls["wall_s"].append(wall)
+        for name, before_value, after_value in zip(
+            ("user_s", "system_s", "minor_faults", "major_faults"), usage, after
+        ):
+            calls[name].append(after_value - before_value)
+    return calls
+
+
+def time_calls(fn, iterations: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call, after `warmup` untimed calls."""
+    return measure_calls(fn, iterations, warmup, device)["wall_s"]
+
+
+def summarize_calls(prefix: str, calls: dict[str, list[float]]) -> dict[str, float]:
+    """Medians over the timed calls, as `{prefix}_latency_ms`, `_user_ms`, `_system_ms`, `_minor_faults`, ..."""
+    median = {name: statistics.median(values) for name, values in calls.items()}
+    return {
+        f"{prefix}_latency_ms": 1000 * median["wall_s"],
+        f"{prefix}_user_ms": 1000 * median["user_s"],
+        f"{prefix}_system_ms": 1000 * median["system_s"],
+        f"{prefix}_minor_faults": median["minor_faults"],
+        f"{prefix}_major_faults": median["major_faults"],
+    }
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -83,10 +121,12 @@ def benchmark(model_type, size, shot, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        full = time_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
+        full = measure_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
         encoding = model.encode_support(support, masks)
-        query_only = time_calls(lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device)
-    full_s, query_s = statistics.median(full), statistics.median(query_only)
+        query_only = measure_calls(
+            lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device
+        )
+    full_s, query_s = statistics.median(full["wall_s"]), statistics.median(query_only["wall_s"])
     return {
         "model_type": model_type,
         "size": size,
@@ -94,9 +134,9 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "full_latency_ms": 1000 * full_s,
+        **summarize_calls("full", full),
         "full_episodes_per_s": args.batch_size / full_s,
-        "query_only_latency_ms": 1000 * query_s,
+        **summarize_calls("query_only", query_only),
         "query_only_episodes_per_s": args.batch_size / query_s,
         "support_reuse_speedup": full_s / query_s,
         "peak_memory_mb": peak_memory_mb(device),
@@ -104,7 +144,12 @@ def benchmark(model_type, size, shot, args, device) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Columns: full ms / sys ms / minflt are the medians per full-episode call (wall time, process system "
+        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms.",
+    )
     parser.add_argument(
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
     )
@@ -130,13 +175,17 @@ def main(argv=None) -> int:
         for size in args.sizes
         for shot in args.shots
     ]
-    header = f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'ep/s':>8}{'query ms':>10}{'reuse x':>9}{'peak MB':>9}"
+    header = (
+        f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'sys ms':>8}{'minflt':>9}{'ep/s':>8}"
+        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'peak MB':>9}"
+    )
     print(header)
     for r in rows:
         print(
             f"{r['model_type']:<14}{r['size']:<6}{r['shot']:>3}{r['parameters']:>12,}{r['full_latency_ms']:>10.1f}"
-            f"{r['full_episodes_per_s']:>8.2f}{r['query_only_latency_ms']:>10.1f}{r['support_reuse_speedup']:>9.2f}"
-            f"{r['peak_memory_mb']:>9.0f}"
+            f"{r['full_system_ms']:>8.1f}{r['full_minor_faults']:>9.0f}{r['full_episodes_per_s']:>8.2f}"
+            f"{r['query_only_latency_ms']:>10.1f}{r['query_only_system_ms']:>8.1f}{r['query_only_minor_faults']:>9.0f}"
+            f"{r['support_reuse_speedup']:>9.2f}{r['peak_memory_mb']:>9.0f}"
         )
     if args.output:
         record = {
