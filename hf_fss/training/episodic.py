@@ -228,7 +228,7 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
     )
 
 
-def _test_baseline(model, initial_backbone, processor, episodes, args, accelerator) -> dict:
+def _test_baseline(model, initial_backbone, processor, episodes, args, accelerator, num_workers=0) -> dict:
     """The training-free cosine prior (threshold 0.5) with the backbone the trained model started from."""
     from hf_fss.models.cosine_prior import CosinePriorConfig, CosinePriorModel
 
@@ -240,7 +240,7 @@ def _test_baseline(model, initial_backbone, processor, episodes, args, accelerat
     )
     baseline.backbone.load_state_dict(initial_backbone)
     baseline.to(accelerator.device)
-    metrics = evaluate_episodes(baseline, processor, episodes, args, accelerator)
+    metrics = evaluate_episodes(baseline, processor, episodes, args, accelerator, num_workers)
     accelerator.print(
         f"cosine prior baseline (initial backbone) on {episodes.description}: {_format_metrics(metrics)}"
     )
@@ -470,7 +470,7 @@ def _finish(loop, loop_args, args, data, processor, record, selection, initial_b
             )
         if initial_backbone is not None:
             results["baseline"] = _test_baseline(
-                final_model, initial_backbone, processor, data.test, args, accelerator
+                final_model, initial_backbone, processor, data.test, args, accelerator, loop_args.num_workers
             )
         accelerator.log({f"test/{name}_miou": value["miou"] for name, value in results.items()}, step=step)
 
