@@ -1,14 +1,14 @@
 """
 Train a few-shot segmentation model episodically, on one CPU or many GPUs.
 
-    accelerate launch scripts/train.py                     # the quickstart: recipes/ntrenet/quickstart_synthetic.yaml
+    accelerate launch scripts/train.py                     # the quickstart: hf_fss/recipes/ntrenet/quickstart_synthetic.yaml
     accelerate launch scripts/train.py --config recipes/ntrenet/pascal5i_resnet50.yaml --dataset data/pascal5i --fold 1
     accelerate launch --multi_gpu --num_processes 4 scripts/train.py --model-type ntrenet --dataset D \
         --benchmark pascal5i --fold 0 --shot 5 --output-dir outputs/ntrenet-pascal-f0-5shot
     accelerate launch scripts/train.py ... --resume-from-checkpoint latest
 
 Values: defaults < the `--config` recipe < flags (`python scripts/train.py --help` lists them). The logic lives in
-`hf_fss.training`.
+`hf_fss.training` (recipes: `hf_fss/recipes`, packaged; `--config recipes/...` finds them).
 """
 
 import sys
@@ -23,9 +23,5 @@ except ModuleNotFoundError as err:  # run from a checkout without `pip install -
     from hf_fss.training import main
 
 if __name__ == "__main__":
-    # No argument: the quickstart recipe of this checkout.
-    sys.exit(
-        main(
-            quickstart_recipe=Path(__file__).resolve().parents[1] / "recipes" / "ntrenet" / "quickstart_synthetic.yaml"
-        )
-    )
+    # No argument: the packaged quickstart recipe (hf_fss/recipes/ntrenet/quickstart_synthetic.yaml).
+    sys.exit(main())

@@ -167,13 +167,13 @@ def _config_for(model_type):
     return type(f"{model_type}StandIn", (FewShotSegmentationConfig,), {"model_type": model_type})()
 
 
-TEMPLATES = sorted(p.stem for p in (ROOT / "model_cards").glob("*.md"))
+TEMPLATES = sorted(p.stem for p in (ROOT / "hf_fss" / "model_cards").glob("*.md"))
 
 
 def test_every_method_has_a_template():
     assert set(TEMPLATES) >= {"ntrenet", "qgnet", "crcnet", "smcp", "cosine_prior"}
     assert set(hf_fss.MODEL_CLASSES) <= set(TEMPLATES)
-    assert model_card_templates_dir() == ROOT / "model_cards"
+    assert model_card_templates_dir() == ROOT / "hf_fss" / "model_cards"
 
 
 @pytest.mark.parametrize("model_type", TEMPLATES)

@@ -19,9 +19,10 @@ import yaml
 from safetensors.torch import load_file
 
 import hf_fss
-from hf_fss.training import TrainingArguments, load_recipe, main, parse_args
+from hf_fss.training import LoopArguments, load_recipe, main, parse_args
 from hf_fss.training.arguments import QUICKSTART_RECIPE, RECIPES_DIR
-from hf_fss.training.trainer import EpochShuffleSampler, build_model, create_optimizer, create_scheduler
+from hf_fss.training.episodic import build_model
+from hf_fss.training.loop import EpochShuffleSampler, create_optimizer, create_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,10 +112,12 @@ def uninterrupted_run(tiny_recipe, tmp_path_factory) -> Path:
 
 
 def test_flags_override_recipe_which_overrides_defaults(tiny_recipe):
-    args = parse_args(["--config", str(tiny_recipe), "--learning-rate", "0.5", "--model-kwargs", '{"reduce_dim": 24}'])
-    assert args.learning_rate == 0.5  # flag over recipe
-    assert args.batch_size == 2  # recipe over default
-    assert args.momentum == TrainingArguments.momentum  # default
+    loop, args = parse_args(
+        ["--config", str(tiny_recipe), "--learning-rate", "0.5", "--model-kwargs", '{"reduce_dim": 24}']
+    )
+    assert loop.learning_rate == 0.5  # flag over recipe
+    assert loop.batch_size == 2  # recipe over default
+    assert loop.momentum == LoopArguments.momentum  # default
     # --model-kwargs updates the recipe's model mapping key by key.
     assert args.model_kwargs["reduce_dim"] == 24
     assert args.model_kwargs["background_prototype_dim"] == 16
@@ -122,22 +125,22 @@ def test_flags_override_recipe_which_overrides_defaults(tiny_recipe):
 
 
 def test_no_arguments_is_the_quickstart_recipe():
-    args = parse_args([])
+    loop, args = parse_args([])
     assert Path(args.config) == QUICKSTART_RECIPE
     recipe = load_recipe(QUICKSTART_RECIPE)
     assert args.model_type == recipe["model_type"] == "ntrenet"
     assert (args.dataset, args.fold, args.shot) == ("synthetic", 0, 1)
-    assert args.output_dir == "outputs/quickstart"
+    assert loop.output_dir == "outputs/quickstart"
     assert args.compare_baseline
     # An experiment-selecting flag turns the quickstart recipe off: library defaults underneath.
-    assert parse_args(["--model-type", "ntrenet"]).config is None
+    assert parse_args(["--model-type", "ntrenet"])[1].config is None
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES_DIR.glob("*/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_parses(recipe):
     values = load_recipe(recipe)
     flags = [] if values.get("dataset", "synthetic") == "synthetic" else ["--dataset", "data/some-folder"]
-    args = parse_args(["--config", str(recipe), *flags])
+    _, args = parse_args(["--config", str(recipe), *flags])
     config_class = hf_fss.MODEL_CLASSES[args.model_type][0]
     config_class(**args.model_kwargs)  # every model key is a valid config field
 
@@ -181,6 +184,7 @@ def test_unknown_model_config_field_is_named(tiny_recipe, tmp_path, capsys):
     assert not output_dir.exists()
 
 
+@pytest.mark.slow
 def test_script_reports_bad_input_with_exit_status(tmp_path):
     output_dir = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -198,15 +202,15 @@ def test_script_reports_bad_input_with_exit_status(tmp_path):
 
 
 def test_poly_schedule_and_frozen_parameters_out_of_the_optimizer(tiny_recipe):
-    args = parse_args(["--config", str(tiny_recipe), "--learning-rate", "0.1", "--lr-power", "0.9"])
+    loop, args = parse_args(["--config", str(tiny_recipe), "--learning-rate", "0.1", "--lr-power", "0.9"])
     model, _ = build_model(args)
-    optimizer = create_optimizer(model, args)
+    optimizer = create_optimizer(model, loop)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
     assert not any(id(p) in in_optimizer for p in model.backbone.parameters())
     # Under N processes Accelerate steps the scheduler N times per optimizer step.
     for processes in (1, 2):
-        scheduler = create_scheduler(optimizer, args, max_steps=10, num_processes=processes)
+        scheduler = create_scheduler(optimizer, loop, max_steps=10, num_processes=processes)
         for step in range(10):
             expected = 0.1 * (1 - step / 10) ** 0.9
             assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
@@ -241,8 +245,8 @@ def test_run_folder_record_and_frozen_backbone(uninterrupted_run, tiny_recipe):
     # The frozen backbone (weights and batch-norm statistics) ends exactly as it started.
     from accelerate.utils import set_seed
 
-    args = parse_args(["--config", str(tiny_recipe)])
-    set_seed(args.seed)
+    loop, args = parse_args(["--config", str(tiny_recipe)])
+    set_seed(loop.seed)
     initial, _ = build_model(args)
     final = load_file(uninterrupted_run / "final" / "model.safetensors")
     backbone = initial.backbone.state_dict()
@@ -290,7 +294,7 @@ def test_resume_from_checkpoint_is_bit_exact(uninterrupted_run, tiny_recipe, tmp
             else:
                 assert a == b, key
     bank = torch.load(output_dir / "checkpoints/step_00000004/custom_checkpoint_1.pkl", weights_only=False)
-    assert bank["class_ids"], "the contrastive bank should hold prototypes after training"
+    assert bank["keys"], "the contrastive bank should hold prototypes after training"
     assert json.loads((output_dir / "final" / "metrics.json").read_text())["miou"] == pytest.approx(
         json.loads((uninterrupted_run / "final" / "metrics.json").read_text())["miou"], abs=0
     )
@@ -315,6 +319,7 @@ def test_saved_folder_loads_and_evaluates_to_the_reported_miou(uninterrupted_run
     assert metrics["per_class_iou"] == reported["per_class_iou"]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_evaluate_like_one(tiny_recipe, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPU (gloo), then 1 vs 2 processes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -351,3 +356,18 @@ def test_two_cpu_processes_train_and_evaluate_like_one(tiny_recipe, tmp_path):
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes", "seed", "protocol"):
         assert one[key] == two[key], key
+
+
+def test_packaged_recipes_resolve_from_any_folder(tmp_path, monkeypatch):
+    """Recipes and card templates are package data; `--config recipes/<method>/<name>.yaml` works from any folder."""
+    assert RECIPES_DIR == Path(hf_fss.__file__).parent / "recipes"
+    monkeypatch.chdir(tmp_path)
+    _, args = parse_args(["--config", "recipes/ntrenet/pascal5i_resnet50.yaml", "--dataset", "data/pascal5i"])
+    assert Path(args.config) == RECIPES_DIR / "ntrenet" / "pascal5i_resnet50.yaml"
+    # A file on disk wins over the packaged recipe of the same name.
+    (tmp_path / "recipes" / "ntrenet").mkdir(parents=True)
+    (tmp_path / "recipes" / "ntrenet" / "pascal5i_resnet50.yaml").write_text("model_type: ntrenet\nshot: 5\n")
+    _, args = parse_args(["--config", "recipes/ntrenet/pascal5i_resnet50.yaml"])
+    assert args.shot == 5
+    with pytest.raises(FileNotFoundError, match="recipes/ntrenet/nope.yaml"):
+        parse_args(["--config", "recipes/ntrenet/nope.yaml"])

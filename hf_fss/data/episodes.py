@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,9 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 from skimage.draw import line as draw_line
+from skimage.graph import pixel_graph
 from skimage.morphology import skeletonize
 from torch.utils.data import Dataset
 
@@ -58,6 +58,7 @@ from hf_fss.file_utils import atomic_write_text
 
 __all__ = [
     "ANNOTATION_KINDS",
+    "EXTRA_TRAINING_INPUTS",
     "NOVEL_CLASS_POLICIES",
     "PFENET_MIN_AREA",
     "Episode",
@@ -81,6 +82,8 @@ logger = logging.getLogger(__name__)
 PFENET_MIN_AREA = 2 * 32 * 32
 NOVEL_CLASS_POLICIES = ("background", "ignore", "exclude")
 ANNOTATION_KINDS = ("mask", "bbox", "scribble")
+# Extra model inputs the episodic training dataset can emit (a model declares the ones it takes).
+EXTRA_TRAINING_INPUTS = ("class_ids", "semantic_labels", "support_semantic_labels")
 BBOX_MODES = ("instance", "union")
 
 # Label maps with more class ids than fit in a uint8 PNG store one class per row as a binary mask (FSS-1000).
@@ -285,15 +288,20 @@ class EpisodicTrainDataset(Dataset):
             default `TrainAugmentation(size)`.
         holdout_fraction / holdout_seed / holdout_min_images: hold out images as `split_base_validation` does
             (they are neither queries nor supports here); `validation_split()` returns them.
+        extra_inputs: the extra model inputs to emit besides the four standard ones, among
+            `EXTRA_TRAINING_INPUTS`; a trainer passes `model.query_inputs + model.support_inputs`. Default
+            `("class_ids", "semantic_labels")`. An unknown name raises a `ValueError` naming it.
 
     Items are dicts of tensors (S = `size`, K = `shot`):
         - `pixel_values` `(3, S, S)` float32, normalised query;
         - `labels` `(S, S)` int64 in {0, 1, 255}: the query's target mask for the episode class;
         - `support_pixel_values` `(K, 3, S, S)` float32;
         - `support_masks` `(K, S, S)` int64 in {0, 1, 255}, each with at least one 1;
+        and, when requested in `extra_inputs`:
         - `class_ids` int64 scalar, the episode class id;
         - `semantic_labels` `(S, S)` int64: base classes -> 1..len(base) (ascending class id), novel classes per
-          the policy (0 or 255), other classes 0, 255 kept.
+          the policy (0 or 255), other classes 0, 255 kept;
+        - `support_semantic_labels` `(K, S, S)` int64: the same mapping on each support.
 
     Call `set_epoch(epoch)` before each epoch (with non-persistent DataLoader workers the dataset is re-sent to
     the workers every epoch, so they see the new epoch).
@@ -314,7 +322,16 @@ class EpisodicTrainDataset(Dataset):
         holdout_fraction: float = 0.0,
         holdout_seed: int = 0,
         holdout_min_images: int = 100,
+        extra_inputs: Collection[str] = ("class_ids", "semantic_labels"),
     ):
+        if isinstance(extra_inputs, str):
+            raise TypeError(f"extra_inputs must be a collection of input names, got the string {extra_inputs!r}")
+        unknown = sorted(set(extra_inputs) - set(EXTRA_TRAINING_INPUTS))
+        if unknown:
+            raise ValueError(
+                f"EpisodicTrainDataset cannot emit the extra input(s) {unknown}; it emits {list(EXTRA_TRAINING_INPUTS)}"
+            )
+        self.extra_inputs = tuple(name for name in EXTRA_TRAINING_INPUTS if name in set(extra_inputs))
         if not isinstance(fold, FoldSplit):
             raise TypeError(f"fold must be a FoldSplit (see hf_fss.data.folds.fold_classes), got {type(fold)}")
         if novel_class_policy not in NOVEL_CLASS_POLICIES:
@@ -461,14 +478,21 @@ class EpisodicTrainDataset(Dataset):
 
         query_label, target_lut, semantic_lut = label_maps[0]
         support_masks = [torch.from_numpy(lut[m.numpy()]) for m, lut, _ in label_maps[1:]]
-        return {
+        item = {
             "pixel_values": pixels[0],
             "labels": torch.from_numpy(target_lut[query_label.numpy()]),
             "support_pixel_values": torch.stack(pixels[1:]),
             "support_masks": torch.stack(support_masks),
-            "class_ids": torch.tensor(class_id, dtype=torch.long),
-            "semantic_labels": torch.from_numpy(semantic_lut[query_label.numpy()]),
         }
+        if "class_ids" in self.extra_inputs:
+            item["class_ids"] = torch.tensor(class_id, dtype=torch.long)
+        if "semantic_labels" in self.extra_inputs:
+            item["semantic_labels"] = torch.from_numpy(semantic_lut[query_label.numpy()])
+        if "support_semantic_labels" in self.extra_inputs:
+            item["support_semantic_labels"] = torch.stack(
+                [torch.from_numpy(lut[m.numpy()]) for m, _, lut in label_maps[1:]]
+            )
+        return item
 
 
 # ------------------------------------------------------------------------------------------------------ testing
@@ -582,32 +606,13 @@ def shard_episodes(episodes: Sequence[Episode], num_shards: int, index: int) -> 
 # ---------------------------------------------------------------------------------------- support annotations
 
 
-def _pixel_graph(pixels: np.ndarray) -> tuple[Any, np.ndarray]:
-    """Sparse 8-neighbour graph (weights 1 / sqrt(2)) over a boolean image's true pixels, and their (y, x)."""
-    coords = np.argwhere(pixels)
-    index = -np.ones(pixels.shape, dtype=np.int64)
-    index[coords[:, 0], coords[:, 1]] = np.arange(len(coords))
-    height, width = pixels.shape
-    rows, cols, weights = [], [], []
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        ny, nx = coords[:, 0] + dy, coords[:, 1] + dx
-        inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-        neighbour = np.full(len(coords), -1, dtype=np.int64)
-        neighbour[inside] = index[ny[inside], nx[inside]]
-        keep = neighbour >= 0
-        rows.append(np.flatnonzero(keep))
-        cols.append(neighbour[keep])
-        weights.append(np.full(int(keep.sum()), math.sqrt(2.0) if dy and dx else 1.0))
-    r, c, w = np.concatenate(rows), np.concatenate(cols), np.concatenate(weights)
-    graph = coo_matrix((w, (r, c)), shape=(len(coords), len(coords))).tocsr()
-    return graph, coords
-
-
 def _longest_paths(skeleton: np.ndarray, rng: np.random.Generator, min_nodes: int) -> list[np.ndarray]:
     """Per connected piece of a skeleton (>= min_nodes pixels): its longest path as an (N, 2) (y, x) array."""
     if not skeleton.any():
         return []
-    graph, coords = _pixel_graph(skeleton)
+    # 8-neighbour graph over the skeleton pixels, edges weighted by distance (1 or sqrt 2); nodes in raster order.
+    graph, nodes = pixel_graph(skeleton, connectivity=2)
+    coords = np.stack(np.unravel_index(nodes, skeleton.shape), axis=1)
     count, labels = connected_components(graph, directed=False)
     paths = []
     for component in range(count):

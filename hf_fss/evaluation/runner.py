@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The inputs every model takes; the other keys of a test batch (targets, sizes, ids) stay on the host.
+# The inputs every model takes; the other keys of a test batch (targets, sizes, ids) stay on the host unless the
+# model declares them (`model.query_inputs` / `model.support_inputs`, e.g. `class_ids`).
 _MODEL_INPUTS = ("pixel_values", "support_pixel_values", "support_masks")
+
+
+def model_input_names(model: torch.nn.Module, available: Collection[str]) -> tuple[str, ...]:
+    """The standard inputs plus the extra inputs `model` declares that a batch with keys `available` can provide."""
+    declared = tuple(getattr(model, "query_inputs", ())) + tuple(getattr(model, "support_inputs", ()))
+    return _MODEL_INPUTS + tuple(name for name in declared if name in available and name not in _MODEL_INPUTS)
 
 
 def needs_cpu_fallback() -> bool:
@@ -124,7 +131,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
     processor: Any,
@@ -162,6 +169,10 @@ def evaluate_model(
         accelerator: an `accelerate.Accelerator`; with several processes the episodes are sharded and the counts
             summed with `accelerator.reduce`. Its `autocast()` applies the run's mixed precision.
         progress: show a tqdm bar (on the local main process only).
+
+    Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
+    gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
+    test batch holds (`class_ids`), never an undeclared one.
     """
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
@@ -192,7 +203,8 @@ def evaluate_model(
     try:
         with autocast:
             for batch in tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True):
-                inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS}
+                names = model_input_names(model, batch)
+                inputs = {key: batch[key].to(device) for key in names}
                 outputs = model(**inputs)
                 sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
                 predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)

@@ -2,8 +2,8 @@
 Model cards rendered from a model's real configuration, evaluation results and training record, and the folder
 writer that saves weights, configs and card together.
 
-The card of a method is its Jinja template in `model_cards/<model_type>.md` (at the repository root; a wheel installs
-the templates under `<prefix>/share/hf_fss/model_cards`), rendered with `huggingface_hub.ModelCard.from_template`.
+The card of a method is its Jinja template `hf_fss/model_cards/<model_type>.md` (package data, found with
+`importlib.resources`, so a wheel install has it), rendered with `huggingface_hub.ModelCard.from_template`.
 Only what is known goes into a card: a field without a value (no metrics yet, an unknown fold) is left out, never
 filled with a placeholder. Evaluation results become `model-index` metadata (`EvalResult`, task
 `image-segmentation`, metrics mIoU / FB-IoU / precision in percent) so that the Hub shows them.
@@ -22,9 +22,9 @@ import os
 import re
 import shutil
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -86,29 +86,24 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def model_card_templates_dir() -> Path:
     """
-    The folder holding the model-card templates, searched in this order: `$HF_FSS_MODEL_CARDS`, `model_cards/` next to
-    the `hf_fss` package (a checkout or an editable install), `<prefix>/share/hf_fss/model_cards` (a wheel, installed
-    there by pyproject's `data-files`).
+    The folder holding the model-card templates: `$HF_FSS_MODEL_CARDS` when set (a user's own templates), else the
+    package's `hf_fss/model_cards` (package data, present in a checkout, an editable and a wheel install).
     """
     candidates = []
     if os.environ.get("HF_FSS_MODEL_CARDS"):
         candidates.append(Path(os.environ["HF_FSS_MODEL_CARDS"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "model_cards")
-    prefixes = [sys.prefix, sysconfig.get_path("data")]
-    with contextlib.suppress(KeyError):
-        prefixes.append(sysconfig.get_path("data", f"{os.name}_user"))
-    candidates.extend(Path(prefix) / "share" / "hf_fss" / "model_cards" for prefix in prefixes if prefix)
+    candidates.append(Path(str(resources.files("hf_fss") / "model_cards")))
     for candidate in candidates:
         if candidate.is_dir() and any(candidate.glob("*.md")):
             return candidate
     raise FileNotFoundError(
         "hf_fss model-card templates not found; looked in " + ", ".join(str(c) for c in candidates) + ". Set "
-        "HF_FSS_MODEL_CARDS to the repository's model_cards/ folder."
+        "HF_FSS_MODEL_CARDS to a folder of <model_type>.md templates."
     )
 
 
 def find_model_card_template(model_type: str) -> Path:
-    """The template of a method, `model_cards/<model_type>.md`."""
+    """The template of a method, `hf_fss/model_cards/<model_type>.md`."""
     folder = model_card_templates_dir()
     path = folder / f"{model_type}.md"
     if not path.is_file():
@@ -432,7 +427,7 @@ def render_model_card(
 
     Args:
         config: the model's config (an hf_fss `FewShotSegmentationConfig` subclass); its `model_type` picks the
-            template `model_cards/<model_type>.md`.
+            template `hf_fss/model_cards/<model_type>.md`.
         metrics: a `metrics.json` dict written by `scripts/evaluate.py` (`miou`, `fbiou`, `precision`,
             `per_class_iou`, `num_episodes`, `seed`, `protocol`, and when known `fold`, `shot`, `dataset`,
             `annotation`, `split`), or a list of them (one per setting, e.g. 1-shot and 5-shot). Fractions in [0, 1];

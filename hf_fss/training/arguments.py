@@ -1,14 +1,19 @@
 """
-Arguments of `scripts/train.py`: one dataclass, filled from library defaults, then a YAML recipe (`--config`), then
-command-line flags, each overriding the previous one.
+Arguments of the training scripts, in groups parsed together by transformers' `HfArgumentParser` (which takes
+several dataclasses): `LoopArguments` (the generic Accelerate loop: optimisation, batches, checkpoints, logging) and
+`EpisodicArguments` (episodic few-shot training: model, benchmark, fold, shot, augmentation, validation, test).
+A script picks its groups (`scripts/train.py`: `TRAIN_GROUPS`); another kind of training adds its own group.
 
-The command line is generated from the dataclass by transformers' `HfArgumentParser` (`--learning-rate` and
-`--learning_rate` both work, booleans take `--flag` / `--no-flag`). A recipe uses the field names as keys, plus
+Values come from library defaults, then a YAML recipe (`--config`), then command-line flags, each overriding the
+previous one. The command line is generated from the dataclasses (`--learning-rate` and `--learning_rate` both work,
+booleans take `--flag` / `--no-flag`). A recipe uses the field names of any group as keys (one flat mapping), plus
 `model:`, a mapping of model-config fields (`model_kwargs`); `--model-kwargs '{"reduce_dim": 64}'` updates that
 mapping key by key instead of replacing it.
 
-With no `--config` and none of `--model-type`, `--dataset`, `--benchmark`, the run is the embedded quickstart:
-`recipes/ntrenet/quickstart_synthetic.yaml`.
+Recipes ship inside the package (`hf_fss/recipes/<method>/<name>.yaml`, found with `importlib.resources`), so a wheel
+install has them: `--config recipes/ntrenet/pascal5i_resnet50.yaml` reads that file from disk when it exists and
+otherwise the packaged recipe of the same relative name. With no `--config` and none of `--model-type`, `--dataset`,
+`--benchmark`, the run is the embedded quickstart: `recipes/ntrenet/quickstart_synthetic.yaml`.
 """
 
 from __future__ import annotations
@@ -18,15 +23,29 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser
 
-__all__ = ["QUICKSTART_RECIPE", "RECIPES_DIR", "TrainingArguments", "build_parser", "load_recipe", "parse_args"]
+__all__ = [
+    "QUICKSTART_RECIPE",
+    "RECIPES_DIR",
+    "TRAIN_GROUPS",
+    "EpisodicArguments",
+    "LoopArguments",
+    "arguments_dict",
+    "build_parser",
+    "load_recipe",
+    "parse_args",
+    "parse_groups",
+    "resolve_recipe_path",
+]
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# The packaged recipes (`hf_fss/recipes`), a real folder for a checkout, an editable or a wheel install.
+RECIPES_DIR = Path(str(resources.files("hf_fss") / "recipes"))
 QUICKSTART_RECIPE = RECIPES_DIR / "ntrenet" / "quickstart_synthetic.yaml"
 
 # Flags that pick the experiment: when one is given, the quickstart recipe is not applied underneath.
@@ -36,11 +55,105 @@ _RECIPE_ALIASES = {"model": "model_kwargs"}
 _SCHEDULERS = ("poly", "polynomial", "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
 
 
-@dataclass
-class TrainingArguments:
-    """Everything a training run depends on; the resolved values are written into the run record and model card."""
+def _check(group: Any, positive=(), optional_positive=(), non_negative=()) -> None:
+    for name in positive:
+        if getattr(group, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(group, name)}")
+    for name in optional_positive:
+        value = getattr(group, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+    for name in non_negative:
+        if getattr(group, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(group, name)}")
 
-    # --- experiment ----------------------------------------------------------------------------------------------
+
+def _check_choices(group: Any, choices: dict[str, tuple]) -> None:
+    # argparse checks `choices` on the command line only, not on values that come from a recipe.
+    for name, allowed in choices.items():
+        if getattr(group, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(group, name)!r}")
+
+
+@dataclass
+class LoopArguments:
+    """The generic training loop: run folder, seed, optimisation, batches, precision, checkpoints, logging, hub."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "run folder (default outputs/<model_type>-<benchmark>-fold<F>-<K>shot)"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "allow writing into a folder that already holds a run"}
+    )
+    seed: int = field(default=321, metadata={"help": "seed of weights, data order, augmentation and dropout"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process"})
+
+    # --- optimisation --------------------------------------------------------------------------------------------
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (the papers) or adamw"})
+    learning_rate: float = field(default=0.01, metadata={"help": "initial learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    lr_scheduler: str = field(
+        default="poly",
+        metadata={"help": "poly: lr * (1 - step / max_steps) ** lr_power (the papers); or a transformers schedule"},
+    )
+    lr_power: float = field(default=0.9, metadata={"help": "power of the poly schedule"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    batch_size: int = field(default=8, metadata={"help": "items (episodes) per process per forward pass"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
+    epochs: int = field(default=50, metadata={"help": "passes over the training items (unless --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "clip gradients to this norm"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no / fp16 / bf16 (default: what `accelerate launch` was given)"}
+    )
+    sync_batchnorm: bool = field(
+        default=False, metadata={"help": "multi-GPU: SyncBatchNorm for the trainable batch norms"}
+    )
+    ddp_find_unused_parameters: bool = field(
+        default=False, metadata={"help": "DistributedDataParallel(find_unused_parameters=True)"}
+    )
+    cpu: bool = field(default=False, metadata={"help": "train on CPU even when an accelerator is available"})
+
+    # --- checkpoints, logging, hub -------------------------------------------------------------------------------
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "save the training state (accelerator.save_state) every N steps"}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir"}
+    )
+    stop_after_steps: int | None = field(
+        default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "log loss terms and learning rate every N steps"})
+    report_to: str = field(
+        default="auto",
+        metadata={
+            "help": "trackers, comma-separated (tensorboard, wandb, ...), 'all', 'none'; auto: tensorboard "
+            "if installed"
+        },
+    )
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the selected model to this Hub repo"})
+
+    def __post_init__(self):
+        _check_choices(self, {"optimizer": ("sgd", "adamw"), "mixed_precision": (None, "no", "fp16", "bf16")})
+        if self.lr_scheduler not in _SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {list(_SCHEDULERS)}")
+        _check(
+            self,
+            positive=("batch_size", "gradient_accumulation_steps", "logging_steps"),
+            optional_positive=("max_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"),
+            non_negative=("epochs", "num_workers", "warmup_steps"),
+        )
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError("give --epochs >= 1 or --max-steps")
+
+
+@dataclass
+class EpisodicArguments:
+    """Episodic few-shot training: what to train, on which benchmark fold and shot, and how to select and test it."""
+
     config: str | None = field(
         default=None, metadata={"help": "YAML recipe (e.g. recipes/ntrenet/pascal5i_resnet50.yaml); flags override it"}
     )
@@ -51,13 +164,6 @@ class TrainingArguments:
     model_kwargs: dict | str | None = field(
         default=None, metadata={"help": "model config fields, JSON (the recipe's `model:` mapping, updated per key)"}
     )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "run folder (default outputs/<model_type>-<benchmark>-fold<F>-<K>shot)"}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "allow writing into a folder that already holds a run"}
-    )
-    seed: int = field(default=321, metadata={"help": "seed of weights, data order, augmentation and dropout"})
 
     # --- data ----------------------------------------------------------------------------------------------------
     dataset: str = field(
@@ -85,34 +191,6 @@ class TrainingArguments:
     synthetic_num_val: int | None = field(default=None, metadata={"help": "synthetic benchmark: validation images"})
     synthetic_image_size: int | None = field(default=None, metadata={"help": "synthetic benchmark: image side"})
     synthetic_seed: int = field(default=0, metadata={"help": "synthetic benchmark: generation seed"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process"})
-
-    # --- optimisation --------------------------------------------------------------------------------------------
-    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (the papers) or adamw"})
-    learning_rate: float = field(default=0.01, metadata={"help": "initial learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    lr_scheduler: str = field(
-        default="poly",
-        metadata={"help": "poly: lr * (1 - step / max_steps) ** lr_power (the papers); or a transformers schedule"},
-    )
-    lr_power: float = field(default=0.9, metadata={"help": "power of the poly schedule"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    batch_size: int = field(default=8, metadata={"help": "episodes per process per forward pass"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
-    epochs: int = field(default=50, metadata={"help": "passes over the training images (unless --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
-    max_grad_norm: float | None = field(default=None, metadata={"help": "clip gradients to this norm"})
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None, metadata={"help": "no / fp16 / bf16 (default: what `accelerate launch` was given)"}
-    )
-    sync_batchnorm: bool = field(
-        default=False, metadata={"help": "multi-GPU: SyncBatchNorm for the trainable batch norms"}
-    )
-    ddp_find_unused_parameters: bool = field(
-        default=False, metadata={"help": "DistributedDataParallel(find_unused_parameters=True)"}
-    )
-    cpu: bool = field(default=False, metadata={"help": "train on CPU even when an accelerator is available"})
 
     # --- validation (model selection) and final evaluation -------------------------------------------------------
     validation_every_epochs: int = field(
@@ -140,27 +218,6 @@ class TrainingArguments:
         default=False,
         metadata={"help": "also test the training-free cosine prior with the initial backbone on the same episodes"},
     )
-
-    # --- checkpoints, logging, hub -------------------------------------------------------------------------------
-    checkpointing_steps: int | None = field(
-        default=None, metadata={"help": "save the training state (accelerator.save_state) every N steps"}
-    )
-    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir"}
-    )
-    stop_after_steps: int | None = field(
-        default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "log loss terms and learning rate every N steps"})
-    report_to: str = field(
-        default="auto",
-        metadata={
-            "help": "trackers, comma-separated (tensorboard, wandb, ...), 'all', 'none'; auto: tensorboard "
-            "if installed"
-        },
-    )
-    push_to_hub: str | None = field(default=None, metadata={"help": "upload the selected model to this Hub repo"})
 
     def __post_init__(self):
         import hf_fss
@@ -192,44 +249,13 @@ class TrainingArguments:
         if self.eval_protocol.lower() not in PROTOCOLS:
             raise ValueError(f"unknown eval_protocol {self.eval_protocol!r}; presets are {sorted(PROTOCOLS)}")
         self.eval_protocol = self.eval_protocol.lower()
-        # argparse checks `choices` on the command line only, not on values that come from a recipe.
-        for name, allowed in (
-            ("optimizer", ("sgd", "adamw")),
-            ("novel_class_policy", ("background", "ignore", "exclude")),
-            ("mixed_precision", (None, "no", "fp16", "bf16")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.lr_scheduler not in _SCHEDULERS:
-            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {list(_SCHEDULERS)}")
-        positive = (
-            "shot",
-            "image_size",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "eval_batch_size",
-            "logging_steps",
+        _check_choices(self, {"novel_class_policy": ("background", "ignore", "exclude")})
+        _check(
+            self,
+            positive=("shot", "image_size", "eval_batch_size"),
+            optional_positive=("validation_steps", "num_eval_episodes"),
+            non_negative=("validation_every_epochs", "num_validation_episodes"),
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        optional_positive = (
-            "max_steps",
-            "checkpointing_steps",
-            "checkpoints_total_limit",
-            "stop_after_steps",
-            "validation_steps",
-            "num_eval_episodes",
-        )
-        for name in optional_positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
-        for name in ("epochs", "num_workers", "validation_every_epochs", "warmup_steps", "num_validation_episodes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is None and self.epochs < 1:
-            raise ValueError("give --epochs >= 1 or --max-steps")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
         if not 0 < self.scale_min <= self.scale_max:
@@ -238,8 +264,6 @@ class TrainingArguments:
             raise ValueError(
                 f"the rotation range must be symmetric, [-r, r]; got [{self.rotate_min}, {self.rotate_max}]"
             )
-        if self.output_dir is None:
-            self.output_dir = f"outputs/{self.model_type}-{self.benchmark}-fold{self.fold}-{self.shot}shot"
 
     @property
     def wants_validation(self) -> bool:
@@ -247,14 +271,38 @@ class TrainingArguments:
             self.num_validation_episodes > 0
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved arguments as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+    def default_output_dir(self) -> str:
+        return f"outputs/{self.model_type}-{self.benchmark}-fold{self.fold}-{self.shot}shot"
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into `TrainingArguments` field values; unknown keys raise a `ValueError` naming them."""
+# The groups of `scripts/train.py`, in the order `parse_args` returns them.
+TRAIN_GROUPS: tuple[type, ...] = (LoopArguments, EpisodicArguments)
+
+
+def arguments_dict(*groups: Any) -> dict[str, Any]:
+    """The resolved arguments of every group as one flat, JSON-serialisable dict (field names are unique)."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        out.update(dataclasses.asdict(group))
+    return out
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """
+    A recipe path as given when it exists on disk; else, for a relative path, the packaged recipe of that name
+    (`recipes/ntrenet/x.yaml`, `ntrenet/x.yaml`), so the README's commands work from any folder and a wheel install.
+    """
     path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "recipes" else path.parts
+    packaged = RECIPES_DIR.joinpath(*parts) if parts else RECIPES_DIR
+    return packaged if packaged.is_file() else path
+
+
+def load_recipe(path: str | Path, groups: Sequence[type] = TRAIN_GROUPS) -> dict[str, Any]:
+    """Read a YAML recipe into field values of `groups`; unknown keys raise a `ValueError` naming them."""
+    path = resolve_recipe_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -264,7 +312,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of argument names to values")
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    names = {f.name for group in groups for f in dataclasses.fields(group)}
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = _RECIPE_ALIASES.get(key, str(key).replace("-", "_"))
@@ -278,8 +326,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(TrainingArguments)
+def build_parser(groups: Sequence[type] = TRAIN_GROUPS) -> HfArgumentParser:
+    parser = HfArgumentParser(list(groups))
     parser.prog = "train.py"
     parser.description = (
         "Train a few-shot segmentation model episodically. `accelerate launch scripts/train.py` with no argument "
@@ -288,30 +336,49 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None, quickstart_recipe: str | Path | None = None) -> TrainingArguments:
+def parse_groups(
+    argv: Sequence[str] | None, groups: Sequence[type], default_recipe: str | Path | None = None
+) -> tuple[Any, ...]:
     """
-    Arguments from the command line `argv` (default `sys.argv[1:]`) over the recipe of `--config` (or the quickstart
-    recipe when no experiment-selecting flag is given) over the dataclass defaults.
-
-    `quickstart_recipe` defaults to `QUICKSTART_RECIPE` (the checkout's `recipes/ntrenet/quickstart_synthetic.yaml`);
-    `scripts/train.py` passes the one next to it.
-
-    Raises:
-        ValueError / FileNotFoundError: a missing or malformed config file, an unknown key or model type, a bad value.
+    One dataclass per group, filled from the command line `argv` (default `sys.argv[1:]`) over the recipe of
+    `--config` (or `default_recipe` when no experiment-selecting flag is given) over the dataclass defaults. One
+    group must define `config`; a `model_kwargs` field is updated key by key by its flag.
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(groups)
     # A first pass only to find the recipe; the full parse below reports unknown flags.
     pre, _ = parser.parse_known_args(argv)
     config = pre.config
-    if config is None and not any(a.split("=", 1)[0] in _SELECTION_FLAGS for a in argv):
-        config = str(quickstart_recipe or QUICKSTART_RECIPE)
-    recipe = load_recipe(config) if config is not None else {}
+    if config is None and default_recipe is not None and not any(a.split("=", 1)[0] in _SELECTION_FLAGS for a in argv):
+        config = str(default_recipe)
+    if config is not None:
+        config = str(resolve_recipe_path(config))
+    recipe = load_recipe(config, groups) if config is not None else {}
     recipe_model = dict(recipe.pop("model_kwargs", None) or {})
     parser.set_defaults(**recipe, config=config)
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    # --model-kwargs updates the recipe's model mapping instead of replacing it.
-    args.model_kwargs = {**recipe_model, **args.model_kwargs}
-    return args
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    for group in parsed:
+        if hasattr(group, "config"):
+            group.config = config  # the recipe actually read (a packaged one for a relative name not on disk)
+        if hasattr(group, "model_kwargs"):  # --model-kwargs updates the recipe's model mapping
+            group.model_kwargs = {**recipe_model, **group.model_kwargs}
+    return tuple(parsed)
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, quickstart_recipe: str | Path | None = None
+) -> tuple[LoopArguments, EpisodicArguments]:
+    """
+    `(loop_args, episodic_args)` of `scripts/train.py` (see `parse_groups`); without an experiment-selecting flag
+    the recipe is `quickstart_recipe` (default `QUICKSTART_RECIPE`). The run folder defaults to
+    `outputs/<model_type>-<benchmark>-fold<F>-<K>shot`.
+
+    Raises:
+        ValueError / FileNotFoundError: a missing or malformed config file, an unknown key or model type, a bad value.
+    """
+    loop_args, episodic_args = parse_groups(argv, TRAIN_GROUPS, default_recipe=quickstart_recipe or QUICKSTART_RECIPE)
+    if loop_args.output_dir is None:
+        loop_args.output_dir = episodic_args.default_output_dir()
+    return loop_args, episodic_args
