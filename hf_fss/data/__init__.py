@@ -16,7 +16,7 @@ from .episodes import (
     target_mask,
 )
 from .folds import FoldSplit, fold_classes
-from .loading import load_benchmark
+from .loading import infer_benchmark, load_benchmark
 from .schema import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, benchmark_features
 from .synthetic import SYNTHETIC_CLASSES, build_synthetic
 
@@ -37,6 +37,7 @@ __all__ = [
     "build_synthetic",
     "collate_test_batch",
     "fold_classes",
+    "infer_benchmark",
     "load_benchmark",
     "load_episodes_jsonl",
     "make_test_episodes",
