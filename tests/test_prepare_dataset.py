@@ -501,6 +501,37 @@ def test_synthetic_subcommand(tmp_path, capsys):
     assert "train: 3 rows" in capsys.readouterr().out
 
 
+def test_stale_staging_of_killed_runs_is_removed_and_output_has_mkdir_mode(tmp_path):
+    # Killed runs used to leave `.synthetic.*.partial` folders (24 MB each) that even --overwrite kept.
+    pytest.importorskip("hf_fss.data.synthetic")
+    from hf_fss.staging import _host
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)  # fmt: skip
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "old.txt").write_text("previous build")
+    killed = tmp_path / f".synthetic.partial.{_host()}.{dead_pid}.0badf00d"
+    (killed / "dataset").mkdir(parents=True)
+    legacy = tmp_path / ".synthetic.k3j4h5g6.partial"  # an earlier version's name (no pid), older than this run
+    legacy.mkdir()
+    os.utime(legacy, (0, 0))
+    live = tmp_path / f".synthetic.partial.{_host()}.{os.getppid()}.0000cafe"  # a running writer's: kept
+    live.mkdir()
+    other = tmp_path / ".other.k3j4h5g6.partial"  # another output's: not ours to judge
+    other.mkdir()
+    os.utime(other, (0, 0))
+    sizes = ["--num-train", "3", "--num-val", "2", "--image-size", "32"]
+    old_umask = os.umask(0o022)
+    try:
+        assert _main(["synthetic", *sizes, "--output-dir", out, "--overwrite"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["synthetic", live.name, other.name])
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert not (out / "old.txt").exists()
+
+
 def test_label_png_round_trip_is_exact():
     from hf_fss.data.builders._common import encode_label
 

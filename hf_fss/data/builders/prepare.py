@@ -2,22 +2,29 @@
 Command line of `scripts/prepare_dataset.py`: build a benchmark from its raw release (or the synthetic one),
 save it with `save_to_disk` and optionally push it to the Hub.
 
-The dataset is written into a temporary sibling folder of `--output-dir` and renamed into place only when
-complete, so an interrupted run never leaves a half-written output; a non-empty `--output-dir` is refused unless
-`--overwrite` is given.
+The dataset is written into a hidden staging sibling of `--output-dir` (`.{name}.partial.{host}.{pid}.{random}`,
+see `hf_fss.staging`) and renamed into place only when complete, so an interrupted run never leaves a half-written
+output; the next run removes the staging folders killed runs left behind. A non-empty `--output-dir` is refused
+unless `--overwrite` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
+
+from hf_fss.staging import make_staging_dir, remove_stale_staging
+
+STAGING_TAG = "partial"
+# Staging folders of earlier versions: `.{name}.XXXXXXXX.partial` (tempfile.mkdtemp, no pid recorded).
+LEGACY_STAGING = r"\.{}\.[A-Za-z0-9_]{{8}}\.partial"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    # Staging folders of killed runs (their writer's pid is dead) are removed; a live run's are left alone.
+    remove_stale_staging(output_dir, STAGING_TAG, legacy=[LEGACY_STAGING.format(re.escape(output_dir.name))])
+    staging = make_staging_dir(output_dir, STAGING_TAG)
     try:
         dataset = build(args, cache_dir=staging / "cache")
         save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
