@@ -390,15 +390,34 @@ def test_sbd_struct_access_styles(raw):
 
 
 def test_pascal5i_missing_listed_file(raw, tmp_path, capsys):
-    # A copy of the SBD folder without one listed .mat: the error names that file.
+    # A copy of the SBD folder without one listed .mat: that row is skipped, the build goes on, and the log, the
+    # summary and the dataset info name the file (it used to abort the whole build).
     import shutil
+
+    from hf_fss.data.builders import build_report
 
     sbd = tmp_path / "sbd"
     shutil.copytree(raw["voc"]["sbd"] / "dataset", sbd)
     (sbd / "cls" / "2008_000011.mat").unlink()
     out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 0
+    captured = capsys.readouterr()
+    assert str(sbd / "cls" / "2008_000011.mat") in captured.err
+    assert "train: 4 rows, 8 classes; defects of the release: 0 fixed, 1 skipped" in captured.out
+    train = datasets.load_from_disk(str(out))["train"]
+    assert "2008_000011" not in train["image_id"][:]
+    report = build_report(train)
+    assert report["fixed"] == [] and [e["id"] for e in report["skipped"]] == ["2008_000011"]
+    assert "label of 2008_000011 not found" in report["skipped"][0]["problem"]
+    _no_leftovers(out)
+
+    # When most rows are lost, the source folder is wrong: the build fails and writes nothing.
+    for mat in (sbd / "cls").glob("2008_*.mat"):
+        mat.unlink()
+    out = tmp_path / "out2"
     assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 1
-    assert str(sbd / "cls" / "2008_000011.mat") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the train split lost 3 of its 5 rows" in err and "wrong source folder" in err
     assert not out.exists()
     _no_leftovers(out)
 
