@@ -237,7 +237,9 @@ def build_report(dataset: Dataset) -> dict[str, list[dict]]:
     return json.loads(description.split(REPORT_MARKER, 1)[1])
 
 
-def _collect_report(report_dir: Path, listing: Sequence[dict]) -> dict[str, list[dict]]:
+def _collect_report(report_dir: Path, listing: Sequence[dict], items: Sequence) -> dict[str, list[dict]]:
+    """What listing found, then the shards' entries in row order, as {"fixed": [...], "skipped": [...]}."""
+    order = {str(item[0]): i for i, item in enumerate(items)}
     entries, seen = [], set()
     for path in sorted(report_dir.glob("*.json")) if report_dir.is_dir() else []:
         for entry in [*json.loads(path.read_text())]:
@@ -245,7 +247,7 @@ def _collect_report(report_dir: Path, listing: Sequence[dict]) -> dict[str, list
             if key not in seen:
                 seen.add(key)
                 entries.append(entry)
-    entries = [*listing, *sorted(entries, key=lambda e: (e["id"], e["problem"]))]
+    entries = [*listing, *sorted(entries, key=lambda e: order.get(e["id"], len(order)))]
     return {
         action: [{"id": e["id"], "problem": e["problem"]} for e in entries if e["action"] == action]
         for action in ("fixed", "skipped")
@@ -312,7 +314,7 @@ def build_split(
         split=split,
         fingerprint=fingerprint,
     )
-    report = _collect_report(report_dir, listing_report)
+    report = _collect_report(report_dir, listing_report, items)
     listed_skips = sum(1 for e in listing_report if e["action"] == "skipped" and e.get("row", True))
     total, lost = len(items) + listed_skips, len(items) - dataset.num_rows + listed_skips
     if dataset.num_rows == 0 or lost > MAX_SKIPPED_SHARE * total:
