@@ -48,7 +48,8 @@ def read_fss_mask(path: Path, fixes: list | None = None) -> np.ndarray:
     colour = rgb is not None and int(np.ptp(rgb.astype(np.int16), axis=2).max(initial=0)) > 32
     if not colour:
         if _decisive_share(gray) < BINARY_SHARE:
-            raise SkipRow(f"mask {path} is not a binary (black / white) image: {_decisive_share(gray):.0%} of it is")
+            share = _decisive_share(gray)
+            raise SkipRow(f"mask {path} is not a black / white image (only {share:.0%} of its pixels are)")
         return (gray >= 128).astype(np.uint8)
     brightest = rgb.max(axis=2)
     if _decisive_share(brightest) < BINARY_SHARE:
