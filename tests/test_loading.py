@@ -23,6 +23,8 @@ def test_bad_dataset_arguments_are_named(tmp_path):
 
 
 def test_a_missing_local_folder_is_folder_not_found_without_hub_lookups(tmp_path, monkeypatch):
+    from hf_fss.data import infer_benchmark
+
     # Used to fall through to datasets.load_dataset: 33-62 s of Hub retries, then a traceback.
     def no_hub(*args, **kwargs):
         raise AssertionError("a local-looking path reached the Hub")
@@ -33,6 +35,8 @@ def test_a_missing_local_folder_is_folder_not_found_without_hub_lookups(tmp_path
     for missing in ("./data/pascal5i", str(tmp_path / "nothing"), "~/no-such-hf-fss-folder", "data/pascal5i", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="folder not found"):
             load_benchmark(missing)
+        with pytest.raises(FileNotFoundError, match="folder not found"):  # before asking for --benchmark
+            infer_benchmark(missing)
 
 
 def test_a_saved_synthetic_folder_is_recognised_as_synthetic(tmp_path):

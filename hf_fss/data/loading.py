@@ -39,6 +39,13 @@ def looks_local(dataset: str) -> bool:
     return Path(parts[0]).exists()
 
 
+def _folder_not_found(dataset: str, path: Path) -> str:
+    return (
+        f"--dataset {dataset!r}: folder not found ({path.absolute()} does not exist); build it with "
+        "scripts/prepare_dataset.py, or pass 'synthetic' or a Hub dataset id (org/name)"
+    )
+
+
 def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs) -> datasets.DatasetDict:
     """
     The benchmark as a `DatasetDict`.
@@ -64,10 +71,7 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
             )
         return datasets.load_from_disk(str(path))
     if looks_local(dataset):
-        raise FileNotFoundError(
-            f"--dataset {dataset!r}: folder not found ({path.absolute()} does not exist); build it with "
-            "scripts/prepare_dataset.py, or pass 'synthetic' or a Hub dataset id (org/name)"
-        )
+        raise FileNotFoundError(_folder_not_found(dataset, path))
     if dataset.count("/") != 1:
         raise ValueError(
             f"--dataset {dataset!r} is neither 'synthetic', an existing folder, nor a Hub dataset id (org/name)"
@@ -95,7 +99,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
     Which of `BENCHMARKS` a `--dataset` is: `"synthetic"` for the name `synthetic`; for a folder written by
     `scripts/prepare_dataset.py` (or a loaded DatasetDict) the kind its builder recorded at the start of
     `DatasetInfo.description`. None when it cannot be told (a Hub id, a foreign folder): then `--benchmark`
-    must be given, one of `BENCHMARKS`.
+    must be given, one of `BENCHMARKS`. A path that looks local and does not exist is a FileNotFoundError
+    ("folder not found"), so a typo is not reported as a missing `--benchmark`.
     """
     if isinstance(dataset, datasets.DatasetDict):
         descriptions = [split.info.description or "" for split in dataset.values()]
@@ -103,6 +108,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
         return "synthetic"
     else:
         path = Path(dataset).expanduser()
+        if not path.exists() and looks_local(str(dataset)):
+            raise FileNotFoundError(_folder_not_found(str(dataset), path))
         descriptions = _saved_descriptions(path) if path.is_dir() else []
     kinds = {
         kind for text in descriptions for prefix, kind in _DESCRIPTION_PREFIXES.items() if text.startswith(prefix)
