@@ -1,7 +1,7 @@
 """Benchmarks as Hugging Face datasets, episodic sampling and training augmentation."""
 
 from .augmentation import TrainAugmentation
-from .builders import build_coco20i, build_fss1000, build_pascal5i
+from .builders import build_coco20i, build_fss1000, build_pascal5i, build_report
 from .episodes import (
     Episode,
     EpisodicTestDataset,
@@ -34,6 +34,7 @@ __all__ = [
     "build_coco20i",
     "build_fss1000",
     "build_pascal5i",
+    "build_report",
     "build_synthetic",
     "collate_test_batch",
     "fold_classes",
