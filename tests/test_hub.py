@@ -282,6 +282,12 @@ def test_saved_folder_has_mkdir_mode_and_stale_staging_is_removed(tmp_path, tiny
         os.umask(old_umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "other", live.name])
 
+    # A backup a killed save left while its folder was moved away is the only copy: never removed then.
+    backup = tmp_path / f".fourth.old.{_host()}.{dead_pid}.0000beef"
+    backup.mkdir()
+    save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "fourth")
+    assert backup.is_dir()
+
 
 # ---------------------------------------------------------------------------------------------------- upload
 

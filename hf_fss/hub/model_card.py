@@ -613,8 +613,10 @@ def save_pretrained_with_card(
     target.parent.mkdir(parents=True, exist_ok=True)
     # A killed save leaves its staging folder; the next save removes those whose writer is gone. The folder has
     # a plain mkdir's mode (umask applied), which the saved model folder keeps after the rename.
-    remove_stale_staging(target, "tmp", legacy=[rf"\.{re.escape(target.name)}\.(tmp|old)-[A-Za-z0-9_]{{8}}"])
-    remove_stale_staging(target, "old")
+    name = re.escape(target.name)
+    remove_stale_staging(target, "tmp", legacy=[rf"\.{name}\.tmp-[A-Za-z0-9_]{{8}}"])
+    if target.is_dir():  # a backup of the old folder is garbage only while the folder itself is in place
+        remove_stale_staging(target, "old", legacy=[rf"\.{name}\.old-[A-Za-z0-9_]{{8}}"])
     staging = make_staging_dir(target, "tmp")
     try:
         model.save_pretrained(staging, safe_serialization=True)
