@@ -487,3 +487,32 @@ def test_augmentation_is_reproducible_from_rng():
     c = augmentation(image, mask, np.random.default_rng([1, 2, 4]))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (300, 1), (2, 2)])
+def test_augmentation_survives_images_a_few_pixels_thin(shape):
+    # 21 of 40 draws used to crash inside the random scale for a 1x300 image (a side of 1 scaled by < 1 became 0).
+    augmentation = TrainAugmentation(size=32)
+    image = np.full((*shape, 3), 100, dtype=np.uint8)
+    mask = np.ones(shape, dtype=np.uint8)
+    for seed in range(40):
+        pixels, out = augmentation(image, mask, np.random.default_rng(seed), require_target=True)
+        assert pixels.shape == (3, 32, 32) and out.shape == (32, 32)
+        assert (out == 1).any(), f"draw {seed}: the target vanished"
+        assert set(torch.unique(out).tolist()) <= {0, 1, 255}
+
+
+def test_augmentation_scale_is_albumentations_for_normal_sizes():
+    # The guard against 0-pixel sides changes nothing for ordinary images (same draw, same pixels).
+    import albumentations as A
+
+    from hf_fss.data.augmentation import _RandomScaleAtLeastOne
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mask = (image[..., 0] > 128).astype(np.uint8)
+    ours = A.Compose([_RandomScaleAtLeastOne(scale_limit=(-0.1, 0.1), p=1.0)], seed=3)
+    theirs = A.Compose([A.RandomScale(scale_limit=(-0.1, 0.1), p=1.0)], seed=3)
+    for _ in range(5):
+        a, b = ours(image=image, mask=mask), theirs(image=image, mask=mask)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])

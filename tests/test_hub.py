@@ -256,6 +256,39 @@ def test_a_new_save_replaces_model_files_and_keeps_other_entries(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_saved_folder_has_mkdir_mode_and_stale_staging_is_removed(tmp_path, tiny_ntrenet, processor):
+    # Saved folders used to be 0700 (the temporary folder's mode kept after the rename); killed saves left
+    # `.model.tmp-*` folders behind for good.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    from hf_fss.staging import _host
+
+    left = tmp_path / f".model.tmp.{_host()}.{dead_pid}.deadbeef"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".model.tmp.{_host()}.{os.getppid()}.cafecafe"  # a live writer's: kept
+    live.mkdir()
+    legacy = tmp_path / ".model.tmp-abcd1234"  # an earlier version's, untouched since before this run
+    legacy.mkdir()
+    os.utime(legacy, (0, 0))
+    old_umask = os.umask(0o022)
+    try:
+        target = save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "model")
+        assert target.stat().st_mode & 0o777 == 0o755
+        os.umask(0o027)
+        save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "other")
+        assert (tmp_path / "other").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "other", live.name])
+
+    # A backup a killed save left while its folder was moved away is the only copy: never removed then.
+    backup = tmp_path / f".fourth.old.{_host()}.{dead_pid}.0000beef"
+    backup.mkdir()
+    save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "fourth")
+    assert backup.is_dir()
+
+
 # ---------------------------------------------------------------------------------------------------- upload
 
 

@@ -20,3 +20,43 @@ def test_bad_dataset_arguments_are_named(tmp_path):
         load_benchmark(str(tmp_path))
     with pytest.raises(ValueError, match="neither 'synthetic', an existing folder, nor a Hub dataset id"):
         load_benchmark("no-such-thing")
+
+
+def test_a_missing_local_folder_is_folder_not_found_without_hub_lookups(tmp_path, monkeypatch):
+    from hf_fss.data import infer_benchmark
+
+    # Used to fall through to datasets.load_dataset: 33-62 s of Hub retries, then a traceback.
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local-looking path reached the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for missing in ("./data/pascal5i", str(tmp_path / "nothing"), "~/no-such-hf-fss-folder", "data/pascal5i", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="folder not found"):
+            load_benchmark(missing)
+        with pytest.raises(FileNotFoundError, match="folder not found"):  # before asking for --benchmark
+            infer_benchmark(missing)
+
+
+def test_a_saved_synthetic_folder_is_recognised_as_synthetic(tmp_path):
+    from hf_fss.data import infer_benchmark
+    from hf_fss.data.loading import benchmark_required_message
+
+    built = load_benchmark("synthetic", num_train=4, num_val=2, image_size=32)
+    built.save_to_disk(str(tmp_path / "synthetic"))
+    assert infer_benchmark(str(tmp_path / "synthetic")) == "synthetic"
+    assert infer_benchmark(built) == "synthetic" and infer_benchmark("synthetic") == "synthetic"
+    assert infer_benchmark("org/name") is None and infer_benchmark(str(tmp_path)) is None
+    message = benchmark_required_message("org/name")
+    assert "pascal5i, coco20i, synthetic, fss1000" in message
+
+
+def test_training_and_evaluation_infer_the_benchmark_of_a_saved_folder(tmp_path):
+    from hf_fss.training.arguments import TrainingArguments
+
+    load_benchmark("synthetic", num_train=4, num_val=2, image_size=32).save_to_disk(str(tmp_path / "s"))
+    args = TrainingArguments(dataset=str(tmp_path / "s"), model_type="ntrenet", output_dir=str(tmp_path / "o"))
+    assert args.benchmark == "synthetic"
+    with pytest.raises(ValueError, match="--benchmark is required .* one of pascal5i, coco20i, synthetic, fss1000"):
+        TrainingArguments(dataset="org/name", model_type="ntrenet", output_dir=str(tmp_path / "o"))

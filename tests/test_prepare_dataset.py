@@ -390,15 +390,34 @@ def test_sbd_struct_access_styles(raw):
 
 
 def test_pascal5i_missing_listed_file(raw, tmp_path, capsys):
-    # A copy of the SBD folder without one listed .mat: the error names that file.
+    # A copy of the SBD folder without one listed .mat: that row is skipped, the build goes on, and the log, the
+    # summary and the dataset info name the file (it used to abort the whole build).
     import shutil
+
+    from hf_fss.data.builders import build_report
 
     sbd = tmp_path / "sbd"
     shutil.copytree(raw["voc"]["sbd"] / "dataset", sbd)
     (sbd / "cls" / "2008_000011.mat").unlink()
     out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 0
+    captured = capsys.readouterr()
+    assert str(sbd / "cls" / "2008_000011.mat") in captured.err
+    assert "train: 4 rows, 8 classes; defects of the release: 0 fixed, 1 skipped" in captured.out
+    train = datasets.load_from_disk(str(out))["train"]
+    assert "2008_000011" not in train["image_id"][:]
+    report = build_report(train)
+    assert report["fixed"] == [] and [e["id"] for e in report["skipped"]] == ["2008_000011"]
+    assert "label of 2008_000011 not found" in report["skipped"][0]["problem"]
+    _no_leftovers(out)
+
+    # When most rows are lost, the source folder is wrong: the build fails and writes nothing.
+    for mat in (sbd / "cls").glob("2008_*.mat"):
+        mat.unlink()
+    out = tmp_path / "out2"
     assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 1
-    assert str(sbd / "cls" / "2008_000011.mat") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the train split lost 3 of its 5 rows" in err and "wrong source folder" in err
     assert not out.exists()
     _no_leftovers(out)
 
@@ -501,6 +520,37 @@ def test_synthetic_subcommand(tmp_path, capsys):
     assert "train: 3 rows" in capsys.readouterr().out
 
 
+def test_stale_staging_of_killed_runs_is_removed_and_output_has_mkdir_mode(tmp_path):
+    # Killed runs used to leave `.synthetic.*.partial` folders (24 MB each) that even --overwrite kept.
+    pytest.importorskip("hf_fss.data.synthetic")
+    from hf_fss.staging import _host
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)  # fmt: skip
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "old.txt").write_text("previous build")
+    killed = tmp_path / f".synthetic.partial.{_host()}.{dead_pid}.0badf00d"
+    (killed / "dataset").mkdir(parents=True)
+    legacy = tmp_path / ".synthetic.k3j4h5g6.partial"  # an earlier version's name (no pid), older than this run
+    legacy.mkdir()
+    os.utime(legacy, (0, 0))
+    live = tmp_path / f".synthetic.partial.{_host()}.{os.getppid()}.0000cafe"  # a running writer's: kept
+    live.mkdir()
+    other = tmp_path / ".other.k3j4h5g6.partial"  # another output's: not ours to judge
+    other.mkdir()
+    os.utime(other, (0, 0))
+    sizes = ["--num-train", "3", "--num-val", "2", "--image-size", "32"]
+    old_umask = os.umask(0o022)
+    try:
+        assert _main(["synthetic", *sizes, "--output-dir", out, "--overwrite"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["synthetic", live.name, other.name])
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert not (out / "old.txt").exists()
+
+
 def test_label_png_round_trip_is_exact():
     from hf_fss.data.builders._common import encode_label
 
@@ -508,3 +558,160 @@ def test_label_png_round_trip_is_exact():
     with PIL.Image.open(io.BytesIO(encode_label(ids)["bytes"])) as image:
         assert image.mode == "L"
         np.testing.assert_array_equal(np.array(image), ids)
+
+
+# ------------------------------------------------------------------------------- defects of the real releases
+# Each test writes a tiny release in the real format, plants defects reported against the real one, and checks
+# what the build fixes, skips and reports (in the log and in the dataset info, which load_from_disk keeps).
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a partial download: the header reads, the pixels do not
+
+
+def _report_ids(split) -> tuple[list[str], list[str]]:
+    from hf_fss.data.builders import build_report
+
+    report = build_report(split)
+    return [e["id"] for e in report["fixed"]], [e["id"] for e in report["skipped"]]
+
+
+def _saved(dd, tmp_path):
+    dd.save_to_disk(str(tmp_path / "saved"))
+    return datasets.load_from_disk(str(tmp_path / "saved"))
+
+
+def test_pascal5i_release_defects(tmp_path, caplog):
+    from hf_fss.data.builders import build_pascal5i
+    from hf_fss.data.builders.pascal import voc_colormap
+
+    voc = write_voc_sbd(tmp_path / "pascal")
+    labels = voc["labels"]
+    # SBD map stored as double (fix: cast), VOC label written as an RGB rendering of the palette (fix: mapped
+    # back), a VOC label at exactly twice its image's size (fix: resized).
+    sbd_cls = voc["sbd"] / "dataset" / "cls"
+    scipy.io.savemat(sbd_cls / "2008_000010.mat", {"GTcls": {"Segmentation": labels["2008_000010"].astype(float)}})
+    PIL.Image.fromarray(voc_colormap()[labels["2007_000002"]]).save(
+        voc["voc"] / "SegmentationClass" / "2007_000002.png"
+    )
+    write_palette_png(
+        voc["voc"] / "SegmentationClass" / "2007_000004.png", np.kron(labels["2007_000004"], np.ones((2, 2)))
+    )
+    # A truncated JPEG, a label with an id outside the 20 classes, a label 1 px off its image (skipped).
+    _truncate(voc["sbd"] / "dataset" / "img" / "2008_000012.jpg")
+    bad_ids = labels["2008_000011"].copy()
+    bad_ids[3, 3] = 42
+    write_sbd_mat(sbd_cls / "2008_000011.mat", bad_ids)
+    write_palette_png(voc["voc"] / "SegmentationClass" / "2007_000003.png", labels["2007_000003"][:-1])
+
+    with caplog.at_level("WARNING", logger="hf_fss.data"):
+        dd = _saved(build_pascal5i(voc["voc"], sbd_root=voc["sbd"], cache_dir=tmp_path / "cache"), tmp_path)
+    train, val = _rows(dd["train"]), _rows(dd["validation"])
+    assert list(train) == ["2007_000001", "2007_000002", "2008_000010"] and list(val) == ["2007_000004"]
+    for image_id, row in {**train, **val}.items():
+        _check_row(row, labels[image_id], voc["images"][image_id])
+    assert _report_ids(dd["train"]) == (["2007_000002", "2008_000010"], ["2008_000011", "2008_000012"])
+    assert _report_ids(dd["validation"]) == (["2007_000004"], ["2007_000003"])
+    from hf_fss.data.builders import build_report
+
+    problems = {e["id"]: e["problem"] for action in ("fixed", "skipped") for e in build_report(dd["train"])[action]}
+    problems.update({e["id"]: e["problem"] for e in build_report(dd["validation"])["skipped"]})
+    problems.update({e["id"]: e["problem"] for e in build_report(dd["validation"])["fixed"]})
+    assert "as float64: cast to uint8" in problems["2008_000010"]
+    assert "rendering of VOC's palette" in problems["2007_000002"]
+    assert "exact scale x1/2" in problems["2007_000004"]
+    assert "ids [42] outside the 21 classes" in problems["2008_000011"]
+    assert "truncated" in problems["2008_000012"].lower() and "2008_000012.jpg" in problems["2008_000012"]
+    assert "is 23x17 but its label" in problems["2007_000003"] and "not a scale" in problems["2007_000003"]
+    logged = caplog.text
+    assert all(image_id in logged for image_id in problems)
+    assert dd["train"].info.description.startswith("PASCAL-5i")  # the benchmark stays recognisable
+
+
+def test_coco20i_release_defects(tmp_path, caplog):
+    from hf_fss.data.builders import build_coco20i
+    from hf_fss.data.schema import COCO_CLASSES
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_train2014.json"
+    data = json.loads(ann_path.read_text())
+    rng = np.random.default_rng(5)
+    tif = "COCO_train2014_0000000000{}.jpg"
+    data["images"] += [
+        {"id": 50, "file_name": tif.format(50), "height": 8, "width": 8},  # listed, absent from disk
+        {"id": 61, "file_name": tif.format(61), "height": 12, "width": 12},  # truncated on disk
+        {"id": 62, "file_name": tif.format(62), "height": 12, "width": 12},  # its RLE has another, unscaled size
+    ]
+    write_jpeg(coco["root"] / "train2014" / tif.format(61), _rgb(rng, 12, 12))
+    _truncate(coco["root"] / "train2014" / tif.format(61))
+    write_jpeg(coco["root"] / "train2014" / tif.format(62), _rgb(rng, 12, 12))
+    data["annotations"] += [
+        {"id": 400, "image_id": 25, "category_id": 3, "iscrowd": 0, "segmentation": [[4.0, 4.0, 4.0, 4.0, 4.0, 4.0]]},
+        {"id": 401, "image_id": 25, "category_id": 999, "iscrowd": 0, "segmentation": [[0.0, 0.0, 5.0, 0.0, 5.0, 5.0, 0.0, 5.0]]},
+        {"id": 402, "image_id": 999, "category_id": 1, "iscrowd": 0, "segmentation": [[0.0, 0.0, 5.0, 0.0, 5.0, 5.0]]},
+        {"id": 403, "image_id": 30, "category_id": 1, "iscrowd": 0, "segmentation": [[5.0, 10.0, 900.0, 10.0, 900.0, 16.0, 5.0, 16.0]]},
+        {"id": 404, "image_id": 62, "category_id": 1, "iscrowd": 0, "segmentation": {"size": [5, 7], "counts": [35]}},
+    ]  # fmt: skip
+    ann_path.write_text(json.dumps(data))
+    expected = coco["labels"]
+    expected["25"] = expected["25"].copy()
+    expected["25"][0:5, 0:5] = 255  # unknown category: ignore, not background
+    poly = mask_utils.frPyObjects([[5.0, 10.0, 10.0, 10.0, 10.0, 16.0, 5.0, 16.0]], 16, 10)
+    person = mask_utils.decode(mask_utils.merge(poly)).astype(bool)
+    expected["30"] = expected["30"].copy()
+    assert not (person & (expected["30"] > 0)).any()
+    expected["30"][person] = 1  # the polygon clipped to the image (x <= 10), below the triangle
+
+    with caplog.at_level("WARNING", logger="hf_fss.data"):
+        dd = _saved(build_coco20i(coco["root"], cache_dir=tmp_path / "cache"), tmp_path)
+    train = _rows(dd["train"])
+    assert list(train) == ["9", "25", "30"]
+    for image_id, row in train.items():
+        _check_row(row, expected[image_id], coco["images"][image_id])
+    fixed, skipped = _report_ids(dd["train"])
+    assert fixed == ["25", "9", "25", "30"]  # listing (unknown category) first, then by id
+    assert skipped == ["50", "annotation 402", "61", "62"]
+    from hf_fss.data.builders import build_report
+
+    report = build_report(dd["train"])
+    text = json.dumps(report)
+    assert "unknown category 999" in text and "covers no pixel" in text and "polygon 0 (4 numbers)" in text
+    assert "clipped" in text and "not found" in text and "points to image id 999" in text
+    assert "truncated" in text.lower() and "RLE size [5, 7] is not the image's [12, 12]" in text
+    assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
+    assert "annotation 402" in caplog.text and "61" in caplog.text
+
+
+def test_fss1000_release_defects(tmp_path, caplog):
+    from hf_fss.data.builders import build_fss1000
+
+    fss = write_fss(tmp_path / "fss")
+    root, masks = fss["root"], fss["masks"]
+    gray = {key: (mask * 255).astype(np.uint8) for key, mask in masks.items()}
+    # An exact 2x mask (fixed), a red-on-black 3-channel mask (binarised), a photo saved as the mask at another
+    # size (peregine_falcon/8.png of the release: skipped), a missing mask and an unscaled one (skipped), stray
+    # files such as beam_bridge/10.jpeg (not used, reported).
+    PIL.Image.fromarray(np.kron(gray["apple/1"], np.ones((2, 2), np.uint8))).save(root / "apple" / "1.png")
+    red = np.zeros((*gray["bus/2"].shape, 3), np.uint8)
+    red[..., 0] = gray["bus/2"]
+    PIL.Image.fromarray(red).save(root / "bus" / "2.png")
+    PIL.Image.fromarray(_rgb(np.random.default_rng(3), 30, 40)).save(root / "zebra" / "2.png")
+    (root / "cat" / "2.png").unlink()
+    PIL.Image.fromarray(gray["bus/10"][:, :-3]).save(root / "bus" / "10.png")
+    write_jpeg(root / "cat" / "10.jpeg", _rgb(np.random.default_rng(4), 8, 8))
+    (root / "apple" / "11.png").write_bytes((root / "apple" / "2.png").read_bytes())
+
+    with caplog.at_level("WARNING", logger="hf_fss.data"):
+        dd = _saved(build_fss1000(root, split_dir=fss["splits"], cache_dir=tmp_path / "cache"), tmp_path)
+    train, test = _rows(dd["train"]), _rows(dd["test"])
+    assert list(train) == ["apple/1", "apple/2", "apple/10", "bus/1", "bus/2", "cat/1", "cat/10"]
+    assert list(test) == ["abe's_flyingfish/1", "abe's_flyingfish/2", "abe's_flyingfish/10", "zebra/1", "zebra/10"]
+    for image_id, row in {**train, **test}.items():
+        np.testing.assert_array_equal(np.array(row["label"]), masks[image_id])
+    assert _report_ids(dd["train"]) == (["apple/1", "bus/2"], ["apple/11.png", "cat/10.jpeg", "bus/10", "cat/2"])
+    assert _report_ids(dd["test"]) == ([], ["zebra/2"])
+    text = json.dumps([_report_ids(dd["train"]), dd["train"].info.description, dd["test"].info.description])
+    assert "exact scale x1/2" in text and "binarised on its brightest channel" in text
+    assert "is a colour image" in text and "mask of" in text and "not a scale" in text
+    assert "cat/10.jpeg" in caplog.text and "zebra/2" in caplog.text

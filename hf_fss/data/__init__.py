@@ -1,7 +1,7 @@
 """Benchmarks as Hugging Face datasets, episodic sampling and training augmentation."""
 
 from .augmentation import TrainAugmentation
-from .builders import build_coco20i, build_fss1000, build_pascal5i
+from .builders import build_coco20i, build_fss1000, build_pascal5i, build_report
 from .episodes import (
     Episode,
     EpisodicTestDataset,
@@ -16,7 +16,7 @@ from .episodes import (
     target_mask,
 )
 from .folds import FoldSplit, fold_classes
-from .loading import load_benchmark
+from .loading import infer_benchmark, load_benchmark
 from .schema import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, benchmark_features
 from .synthetic import SYNTHETIC_CLASSES, build_synthetic
 
@@ -34,9 +34,11 @@ __all__ = [
     "build_coco20i",
     "build_fss1000",
     "build_pascal5i",
+    "build_report",
     "build_synthetic",
     "collate_test_batch",
     "fold_classes",
+    "infer_benchmark",
     "load_benchmark",
     "load_episodes_jsonl",
     "make_test_episodes",

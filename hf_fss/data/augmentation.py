@@ -2,7 +2,8 @@
 Training augmentation of PFENet (`train.py` / `util/transform.py` of dvlab-research/PFENet), the recipe NTRENet,
 QGNet, CRCNet and most PFENet descendants train with, written with albumentations:
 
-1. random scale, factor uniform in [0.9, 1.1] (`RandScale`; always applied);
+1. random scale, factor uniform in [0.9, 1.1] (`RandScale`; always applied); a side never scales to 0 pixels
+   (an image 1 or a few pixels thin keeps at least 1), where albumentations' `RandomScale` would make OpenCV raise;
 2. rotation by an angle uniform in [-10, 10] degrees with probability 0.5 (`RandRotate`, whose default p is 0.5),
    the image filled with the ImageNet mean colour and the mask with 255;
 3. Gaussian blur, 5x5 kernel with OpenCV's default sigma for that size (1.1), with probability 0.5
@@ -24,6 +25,7 @@ use nearest-neighbour interpolation (pixel-centre aligned `INTER_NEAREST_EXACT` 
 from __future__ import annotations
 
 import albumentations as A
+import albumentations.augmentations.geometric.functional as fgeometric
 import cv2
 import numpy as np
 import torch
@@ -41,6 +43,25 @@ def normalize_image(
     array = np.asarray(image, dtype=np.float32)
     array = (array - np.asarray(mean, np.float32) * 255) / (np.asarray(std, np.float32) * 255)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class _RandomScaleAtLeastOne(A.RandomScale):
+    """
+    `A.RandomScale` whose output sides are never 0: it computes `int(side * factor)`, so a side of 1 (or a few)
+    pixels scaled by 0.95 becomes 0 and OpenCV's resize asserts. Here each side is `max(1, int(side * factor))`;
+    for every side of normal size the result (and the random draw) is exactly albumentations'.
+    """
+
+    @staticmethod
+    def _scaled(array: np.ndarray, scale: float, interpolation: int) -> np.ndarray:
+        height, width = array.shape[:2]
+        return fgeometric.resize(array, (max(1, int(height * scale)), max(1, int(width * scale))), interpolation)
+
+    def apply(self, img: np.ndarray, scale: float, **params) -> np.ndarray:
+        return self._scaled(img, scale, self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, scale: float, **params) -> np.ndarray:
+        return self._scaled(mask, scale, self.mask_interpolation)
 
 
 def _opencv_default_sigma(ksize: int) -> float:
@@ -104,7 +125,7 @@ class TrainAugmentation:
                 # scale_limit is relative to 1: the factor is drawn from [1 + low, 1 + high].
                 # INTER_NEAREST_EXACT samples pixel centres like INTER_LINEAR does; cv2.INTER_NEAREST (PFENet's
                 # choice) samples floor(x / s), shifting the mask by up to a pixel against the image.
-                A.RandomScale(
+                _RandomScaleAtLeastOne(
                     scale_limit=(scale_range[0] - 1, scale_range[1] - 1),
                     interpolation=cv2.INTER_LINEAR,
                     mask_interpolation=cv2.INTER_NEAREST_EXACT,

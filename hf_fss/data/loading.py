@@ -1,10 +1,49 @@
-"""Resolve the `--dataset` argument every script takes: `synthetic`, a `save_to_disk` folder, or a Hub dataset id."""
+"""
+Resolve the `--dataset` argument every script takes: `synthetic`, a `save_to_disk` folder, or a Hub dataset id;
+and name the benchmark a dataset is (`infer_benchmark`), so `--benchmark` can be left out for a folder written by
+`scripts/prepare_dataset.py`.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import datasets
+
+from .folds import BENCHMARKS
+
+__all__ = ["infer_benchmark", "load_benchmark", "looks_local"]
+
+# How each builder's DatasetInfo.description starts (see hf_fss.data.builders and hf_fss.data.synthetic).
+_DESCRIPTION_PREFIXES = {
+    "hf_fss synthetic": "synthetic",
+    "PASCAL-5i": "pascal5i",
+    "COCO-20i": "coco20i",
+    "FSS-1000": "fss1000",
+}
+
+
+def looks_local(dataset: str) -> bool:
+    """
+    True when `dataset` is meant as a path rather than a Hub id `org/name`: it starts with `.`, `/`, `~` (or a
+    drive / backslash path), has more than one `/`, or its first component exists here (`data/pascal5i` when
+    `data/` exists). Such a path that does not exist is "folder not found", never a Hub look-up.
+    """
+    if dataset.startswith((".", "/", "~", "\\")) or "\\" in dataset or (len(dataset) > 1 and dataset[1] == ":"):
+        return True
+    parts = dataset.split("/")
+    if len(parts) != 2 or not all(parts):
+        return len(parts) > 1
+    return Path(parts[0]).exists()
+
+
+def _folder_not_found(dataset: str, path: Path) -> str:
+    return (
+        f"--dataset {dataset!r}: folder not found ({path.absolute()} does not exist); build it with "
+        "scripts/prepare_dataset.py, or pass 'synthetic' or a Hub dataset id (org/name)"
+    )
 
 
 def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs) -> datasets.DatasetDict:
@@ -13,15 +52,17 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
 
     Args:
         dataset: `"synthetic"` builds the embedded benchmark on the fly (seconds, no files); a folder written by
-            `scripts/prepare_dataset.py` is read with `datasets.load_from_disk`; anything else is taken as a Hub
-            dataset id for `datasets.load_dataset`.
+            `scripts/prepare_dataset.py` (any of its kinds, `synthetic` included) is read with
+            `datasets.load_from_disk`; an `org/name` that is not a local path is a Hub dataset id for
+            `datasets.load_dataset`. A path that looks local (see `looks_local`) and does not exist raises
+            FileNotFoundError at once, without touching the network.
         synthetic_seed, synthetic_kwargs: passed to `build_synthetic` for `"synthetic"`.
     """
     if dataset == "synthetic":
         from .synthetic import build_synthetic
 
         return build_synthetic(seed=synthetic_seed, **synthetic_kwargs)
-    path = Path(dataset)
+    path = Path(dataset).expanduser()
     if path.exists():
         if not (path / "dataset_dict.json").is_file():
             raise ValueError(
@@ -29,8 +70,56 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
                 "(no dataset_dict.json); build one with scripts/prepare_dataset.py"
             )
         return datasets.load_from_disk(str(path))
+    if looks_local(dataset):
+        raise FileNotFoundError(_folder_not_found(dataset, path))
     if dataset.count("/") != 1:
         raise ValueError(
             f"--dataset {dataset!r} is neither 'synthetic', an existing folder, nor a Hub dataset id (org/name)"
         )
     return datasets.load_dataset(dataset)
+
+
+def _saved_descriptions(path: Path) -> list[str]:
+    """The DatasetInfo descriptions of a `save_to_disk` DatasetDict folder's splits (no data is read)."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    found = []
+    for split in splits:
+        try:
+            found.append(json.loads((path / split / "dataset_info.json").read_text()).get("description") or "")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return found
+
+
+def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | None:
+    """
+    Which of `BENCHMARKS` a `--dataset` is: `"synthetic"` for the name `synthetic`; for a folder written by
+    `scripts/prepare_dataset.py` (or a loaded DatasetDict) the kind its builder recorded at the start of
+    `DatasetInfo.description`. None when it cannot be told (a Hub id, a foreign folder): then `--benchmark`
+    must be given, one of `BENCHMARKS`. A path that looks local and does not exist is a FileNotFoundError
+    ("folder not found"), so a typo is not reported as a missing `--benchmark`.
+    """
+    if isinstance(dataset, datasets.DatasetDict):
+        descriptions = [split.info.description or "" for split in dataset.values()]
+    elif str(dataset) == "synthetic":
+        return "synthetic"
+    else:
+        path = Path(dataset).expanduser()
+        if not path.exists() and looks_local(str(dataset)):
+            raise FileNotFoundError(_folder_not_found(str(dataset), path))
+        descriptions = _saved_descriptions(path) if path.is_dir() else []
+    kinds = {
+        kind for text in descriptions for prefix, kind in _DESCRIPTION_PREFIXES.items() if text.startswith(prefix)
+    }
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def benchmark_required_message(dataset: str) -> str:
+    """The error for a `--dataset` whose benchmark cannot be inferred, listing every valid `--benchmark`."""
+    return (
+        f"--benchmark is required with --dataset {dataset!r} (its kind cannot be read from it); "
+        f"one of {', '.join(BENCHMARKS)}"
+    )

@@ -295,9 +295,11 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.seed is not None and args.seeds is not None:
         raise ValueError("give either --seed or --seeds, not both")
-    benchmark = args.benchmark or ("synthetic" if args.dataset == "synthetic" else None)
+    from hf_fss.data.loading import benchmark_required_message, infer_benchmark
+
+    benchmark = args.benchmark or infer_benchmark(args.dataset)  # "synthetic", or what a prepare_dataset.py folder is
     if benchmark is None:
-        raise ValueError(f"--benchmark is required for --dataset {args.dataset!r} (pascal5i, coco20i or fss1000)")
+        raise ValueError(benchmark_required_message(args.dataset))
     benchmark = normalize_benchmark_name(benchmark)
     if args.shot < 1:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")

@@ -22,13 +22,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..staging import make_staging_dir, remove_stale_staging
 
 __all__ = [
     "CARD_MARKER",
@@ -551,7 +552,7 @@ def _replace_folder(new: Path, target: Path) -> None:
         if _exchange(new, target):
             shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old folder
             return
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        backup = make_staging_dir(target, "old")
         backup.rmdir()
         os.rename(target, backup)
         try:
@@ -581,7 +582,8 @@ def save_pretrained_with_card(
 
     Writes `model.safetensors`, `config.json`, `preprocessor_config.json`, `README.md` (the rendered card) and, when
     given, `metrics.json` and `training.json` (the run record, so that `push_to_hub` can re-render the card) into a
-    temporary sibling folder, then moves it into place. An existing `output_dir` is replaced only once the new folder
+    hidden staging sibling folder (`hf_fss.staging`: umask-respecting mode, writer pid in its name, so the next
+    save removes what a killed one left behind), then moves it into place. An existing `output_dir` is replaced only once the new folder
     is complete (an atomic exchange on Linux, two renames elsewhere); the files it holds that a save does not manage
     (checkpoint folders, logs, ...) are carried over, the model files, configs, card and metrics are not. A failure
     leaves the old folder as it was. Call it from one process only (the main process of a distributed run).
@@ -604,7 +606,13 @@ def save_pretrained_with_card(
         processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
     metrics_list = _as_metrics_list(metrics)  # validated before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # A killed save leaves its staging folder; the next save removes those whose writer is gone. The folder has
+    # a plain mkdir's mode (umask applied), which the saved model folder keeps after the rename.
+    name = re.escape(target.name)
+    remove_stale_staging(target, "tmp", legacy=[rf"\.{name}\.tmp-[A-Za-z0-9_]{{8}}"])
+    if target.is_dir():  # a backup of the old folder is garbage only while the folder itself is in place
+        remove_stale_staging(target, "old", legacy=[rf"\.{name}\.old-[A-Za-z0-9_]{{8}}"])
+    staging = make_staging_dir(target, "tmp")
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)

@@ -235,11 +235,11 @@ class EpisodicArguments:
         if not all(isinstance(k, str) for k in self.model_kwargs):
             raise ValueError(f"model_kwargs keys must be config field names, got {list(self.model_kwargs)}")
         if self.benchmark is None:
-            if self.dataset != "synthetic":
-                raise ValueError(
-                    f"--benchmark is required with --dataset {self.dataset!r} (pascal5i, coco20i, fss1000)"
-                )
-            self.benchmark = "synthetic"
+            from hf_fss.data.loading import benchmark_required_message, infer_benchmark
+
+            self.benchmark = infer_benchmark(self.dataset)  # "synthetic", or what a prepare_dataset.py folder is
+            if self.benchmark is None:
+                raise ValueError(benchmark_required_message(self.dataset))
         self.benchmark = normalize_benchmark_name(self.benchmark)
         if self.fold_convention is not None:
             if self.benchmark != "coco20i":

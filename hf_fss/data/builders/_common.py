@@ -5,18 +5,35 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 from datasets import Dataset
 
 from ..schema import IGNORE_INDEX, benchmark_features
 
+logger = logging.getLogger("hf_fss.data.builders")
+
 # Bump when the rows a builder writes change, so that cached builds (cache_dir=None) are not reused.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+
+# The build report (what was fixed, what was skipped) is appended to each split's DatasetInfo.description after
+# this marker, as JSON: `save_to_disk` / `load_from_disk` / `push_to_hub` keep it. Read it with `build_report`.
+REPORT_MARKER = "\n\nBuild report (JSON): "
+# A split where more than this share of the rows is skipped is a wrong source folder, not a few bad files.
+MAX_SKIPPED_SHARE = 0.5
+_REPORT_LOG_LINES = 20
+
+
+class SkipRow(ValueError):
+    """A raw file with a defect that has no obvious fix: its row is left out and reported."""
+
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -69,9 +86,10 @@ def encode_image(path: Path) -> tuple[dict, tuple[int, int]]:
     tag, because `datasets` applies that rotation when it decodes while the annotations are drawn on the stored
     pixel grid; the PNG carries no EXIF, so image and label stay aligned.
     """
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         image = PIL.Image.open(io.BytesIO(data))
+        image.load()  # decodes everything: a truncated or corrupt file fails here, not later in training
         rotated = image.getexif().get(_EXIF_ORIENTATION, 1) != 1
         if image.mode == "RGB" and image.format in ("JPEG", "PNG") and not rotated:
             return {"bytes": data, "path": None}, image.size
@@ -129,13 +147,39 @@ def class_stats(label: np.ndarray) -> tuple[list[int], list[int]]:
     return ids, [int(counts[v]) for v in ids]
 
 
-def make_row(image_id: str, image_path: Path, label: np.ndarray, label_source: str | os.PathLike) -> dict:
-    """One benchmark row; ValueError naming both files when image and label sizes differ."""
+def fit_label(
+    label: np.ndarray, size: tuple[int, int], label_source: str | os.PathLike, image_source: str | os.PathLike, fixes
+) -> np.ndarray:
+    """
+    `label` on the image's `(width, height)` grid. A label that is an exact scale of the image (both sides by the same
+    factor, e.g. a 448x448 mask of a 224x224 image) is resized nearest-neighbour and the fix appended to `fixes`;
+    any other size is a SkipRow naming both files and sizes (no obvious fix).
+    """
+    width, height = size
+    lh, lw = label.shape
+    if (lh, lw) == (height, width):
+        return label
+    seen = f"image {image_source} is {width}x{height} but its label {label_source} is {lw}x{lh}"
+    if lh == 0 or lw == 0 or Fraction(height, lh) != Fraction(width, lw):
+        raise SkipRow(f"{seen}, not a scale of it")
+    resized = np.array(PIL.Image.fromarray(label).resize((width, height), PIL.Image.NEAREST), dtype=np.uint8)
+    fixes.append(f"{seen}: resized (nearest) to the image, an exact scale x{Fraction(height, lh)}")
+    return resized
+
+
+def make_row(
+    image_id: str, image_path: Path, label: np.ndarray, label_source: str | os.PathLike, fixes: list | None = None
+) -> dict:
+    """
+    One benchmark row. A label of another size than its image is fitted by `fit_label` (an exact scale is resized,
+    noted in `fixes`; else SkipRow naming both files). Without `fixes` any size difference is a ValueError.
+    """
     image, (width, height) = encode_image(image_path)
-    if label.shape != (height, width):
+    if fixes is None and label.shape != (height, width):
         raise ValueError(
             f"image {image_path} is {width}x{height} but its label {label_source} is {label.shape[1]}x{label.shape[0]}"
         )
+    label = fit_label(label, (width, height), label_source, image_path, fixes if fixes is not None else [])
     class_ids, class_areas = class_stats(label)
     return {
         "image_id": image_id,
@@ -147,13 +191,92 @@ def make_row(image_id: str, image_path: Path, label: np.ndarray, label_source: s
 
 
 def file_signature(path: Path) -> list:
-    """What identifies a file's version for the cache fingerprint: path, size and modification time."""
-    stat = path.stat()
+    """What identifies a file's version for the cache fingerprint: path, size and modification time (None, None
+    for a missing file: its row is skipped and reported when the split is built)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return [os.path.abspath(path), None, None]
     return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
 
 
+def rows_with_report(items: Sequence, row_fn: Callable[[tuple, list], dict], report_dir: str):
+    """
+    The generator `build_split` streams: `row_fn(item, fixes)` per item. A row whose files have a defect with an
+    obvious fix is yielded and the fixes `row_fn` appended are reported; one that raises SkipRow, ValueError or
+    OSError (a missing, unreadable or unfixable file) is left out and reported. The shard's report is written to
+    `report_dir` (one JSON file per shard, so worker processes never share a file).
+    """
+    entries = []
+    for item in items:
+        fixes: list[str] = []
+        try:
+            row = row_fn(item, fixes)
+        except (ValueError, OSError) as err:  # SkipRow is a ValueError
+            entries.append({"id": str(item[0]), "action": "skipped", "problem": str(err)})
+            continue
+        entries.extend({"id": str(item[0]), "action": "fixed", "problem": fix} for fix in fixes)
+        yield row
+    if items:
+        report_path = Path(report_dir)
+        report_path.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(json.dumps([str(items[0][0]), str(items[-1][0]), len(items)]).encode()).hexdigest()
+        (report_path / f"{name[:24]}.json").write_text(json.dumps(entries))
+
+
+def build_report(dataset: Dataset) -> dict[str, list[dict]]:
+    """
+    What the build of this split fixed and skipped: `{"fixed": [...], "skipped": [...]}`, each entry
+    `{"id": image id (or file), "problem": what was wrong and, for a fix, what was done}`. Read from the JSON that
+    `build_split` appends to `dataset.info.description` (kept by `save_to_disk` / `load_from_disk`); empty lists
+    for a dataset without one.
+    """
+    description = dataset.info.description or ""
+    if REPORT_MARKER not in description:
+        return {"fixed": [], "skipped": []}
+    return json.loads(description.split(REPORT_MARKER, 1)[1])
+
+
+def _collect_report(report_dir: Path, listing: Sequence[dict], items: Sequence) -> dict[str, list[dict]]:
+    """What listing found, then the shards' entries in row order, as {"fixed": [...], "skipped": [...]}."""
+    order = {str(item[0]): i for i, item in enumerate(items)}
+    entries, seen = [], set()
+    for path in sorted(report_dir.glob("*.json")) if report_dir.is_dir() else []:
+        for entry in [*json.loads(path.read_text())]:
+            key = (entry["id"], entry["action"], entry["problem"])
+            if key not in seen:
+                seen.add(key)
+                entries.append(entry)
+    entries = [*listing, *sorted(entries, key=lambda e: order.get(e["id"], len(order)))]
+    return {
+        action: [{"id": e["id"], "problem": e["problem"]} for e in entries if e["action"] == action]
+        for action in ("fixed", "skipped")
+    }
+
+
+def _log_report(split: str, report: dict[str, list[dict]]) -> None:
+    for action in ("fixed", "skipped"):
+        entries = report[action]
+        for entry in entries[:_REPORT_LOG_LINES]:
+            logger.warning("%s split, %s %s: %s", split, action, entry["id"], entry["problem"])
+        if len(entries) > _REPORT_LOG_LINES:
+            logger.warning(
+                "%s split: %d more %s (all are in the dataset info: hf_fss.data.builders.build_report)",
+                split,
+                len(entries) - _REPORT_LOG_LINES,
+                action,
+            )
+    if report["fixed"] or report["skipped"]:
+        logger.warning(
+            "%s split: %d defects of the release fixed, %d skipped",
+            split,
+            len(report["fixed"]),
+            len(report["skipped"]),
+        )
+
+
 def build_split(
-    generator: Callable[..., Iterable[dict]],
+    row_fn: Callable[[tuple, list], dict],
     items: Sequence,
     class_names: Sequence[str],
     *,
@@ -162,27 +285,44 @@ def build_split(
     description: str,
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
+    listing_report: Sequence[dict] = (),
 ) -> Dataset:
     """
-    Stream `generator(items=[...])` into an Arrow-backed Dataset with the benchmark features.
+    Stream `row_fn(item, fixes)` over `items` (see `rows_with_report`) into an Arrow-backed Dataset with the
+    benchmark features.
 
-    `items` (one picklable entry per row, in row order) is what `num_proc` workers share out in contiguous
-    shards, so the row order does not depend on `num_proc`. `signature` (JSON-serialisable: the source paths,
-    ids, file sizes and times) fingerprints the build: an unchanged release reuses the cache in `cache_dir`, a
-    changed one is rebuilt, and large annotation objects are never hashed.
+    `items` (one picklable entry per row, in row order, the image id first) is what `num_proc` workers share out
+    in contiguous shards, so the row order does not depend on `num_proc`. `signature` (JSON-serialisable: the
+    source paths, ids, file sizes and times) fingerprints the build: an unchanged release reuses the cache in
+    `cache_dir` (with its report), a changed one is rebuilt, and large annotation objects are never hashed.
+    `listing_report` holds what the builder fixed or skipped while listing the release (entries with "id",
+    "action", "problem"). The report is logged and appended to `info.description` (see `build_report`); a
+    split without rows, or with more than half of them skipped, is a ValueError naming the first problems.
     """
     if not items:
         raise ValueError(f"the {split} split has no rows: {description}")
     payload = json.dumps([BUILDER_VERSION, split, list(class_names), signature], sort_keys=True, default=str)
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:32]
+    cache_root = Path(cache_dir if cache_dir is not None else datasets.config.HF_DATASETS_CACHE)
+    report_dir = cache_root / "hf_fss_build_reports" / fingerprint
     dataset = Dataset.from_generator(
-        generator,
+        rows_with_report,
         features=benchmark_features(class_names),
-        gen_kwargs={"items": list(items)},
+        gen_kwargs={"items": list(items), "row_fn": row_fn, "report_dir": str(report_dir)},
         cache_dir=None if cache_dir is None else str(cache_dir),
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         split=split,
         fingerprint=fingerprint,
     )
-    dataset.info.description = description
+    report = _collect_report(report_dir, listing_report, items)
+    listed_skips = sum(1 for e in listing_report if e["action"] == "skipped" and e.get("row", True))
+    total, lost = len(items) + listed_skips, len(items) - dataset.num_rows + listed_skips
+    if dataset.num_rows == 0 or lost > MAX_SKIPPED_SHARE * total:
+        first = "; ".join(e["problem"] for e in report["skipped"][:3])
+        raise ValueError(
+            f"the {split} split lost {lost} of its {total} rows to bad or missing files, which points to a wrong "
+            f"source folder rather than a few damaged files; first problems: {first}"
+        )
+    _log_report(split, report)
+    dataset.info.description = description + REPORT_MARKER + json.dumps(report)
     return dataset

@@ -7,43 +7,92 @@ import io
 import json
 import logging
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 from datasets import DatasetDict
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..schema import COCO_CLASSES, IGNORE_INDEX
-from ._common import build_split, file_signature, make_row, require_dir, require_file
+from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
 
-def annotation_mask(segmentation, height: int, width: int, source: str = "annotation") -> np.ndarray:
+def _clean_polygons(segmentation: list, height: int, width: int, source: str, fixes: list) -> list[list[float]]:
+    """
+    The usable polygons of a COCO polygon list: polygons with fewer than 3 points (pycocotools would read a
+    4-number polygon as a box; detectron2 drops them too), an odd number of coordinates or non-finite ones are
+    dropped; points more than a pixel outside the image are clipped to it (pycocotools can crash on huge
+    coordinates). Each change is noted in `fixes`.
+    """
+    kept = []
+    for index, polygon in enumerate(segmentation):
+        try:
+            coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            coords = np.array([np.nan])
+        if coords.size < 6 or coords.size % 2 or not np.isfinite(coords).all():
+            fixes.append(f"{source}: polygon {index} ({coords.size} numbers) is not a polygon of >= 3 points: dropped")
+            continue
+        clipped = coords.copy()
+        clipped[0::2] = np.clip(coords[0::2], 0, width)
+        clipped[1::2] = np.clip(coords[1::2], 0, height)
+        if np.abs(clipped - coords).max() > 1:
+            fixes.append(f"{source}: polygon {index} reaches outside the {width}x{height} image: clipped to it")
+        kept.append(clipped.tolist())
+    return kept
+
+
+def _scaled_rle_mask(rle: dict, height: int, width: int, source: str, fixes: list) -> np.ndarray:
+    """Decode an RLE of another size than its image: an exact scale is resized (nearest), else SkipRow."""
+    rh, rw = (int(v) for v in rle["size"])
+    if rh <= 0 or rw <= 0 or Fraction(height, rh) != Fraction(width, rw):
+        raise SkipRow(f"{source}: RLE size {[rh, rw]} is not the image's {[height, width]} nor a scale of it")
+    if isinstance(rle["counts"], list):
+        rle = mask_utils.frPyObjects(rle, rh, rw)
+    small = mask_utils.decode(rle).astype(np.uint8)
+    fixes.append(f"{source}: RLE size {[rh, rw]} is an exact scale of the image's {[height, width]}: resized")
+    return np.array(PIL.Image.fromarray(small).resize((width, height), PIL.Image.NEAREST)).astype(bool)
+
+
+def annotation_mask(
+    segmentation, height: int, width: int, source: str = "annotation", fixes: list | None = None
+) -> np.ndarray:
     """
     Boolean HxW mask of a COCO `segmentation`: a list of polygons, an uncompressed RLE (`counts` a list) or a
-    compressed RLE (`counts` a string). Polygons with fewer than 3 points are skipped: pycocotools would read a
-    4-number polygon as a box.
+    compressed RLE (`counts` a string). Degenerate polygons are dropped and stray points clipped (see
+    `_clean_polygons`); an RLE of an exact scale of the image is resized; these fixes are appended to `fixes`.
+    An RLE of any other size or an unknown format is a SkipRow (ValueError) naming `source`.
     """
+    fixes = [] if fixes is None else fixes
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if len(p) >= 6]
+        polygons = _clean_polygons(segmentation, height, width, source, fixes)
         if not polygons:
             return np.zeros((height, width), dtype=bool)
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if [int(s) for s in segmentation["size"]] != [height, width]:
-            raise ValueError(f"{source}: RLE size {segmentation['size']} is not the image's {[height, width]}")
+        try:
+            size = [int(v) for v in segmentation["size"]]
+        except (TypeError, ValueError):
+            raise SkipRow(f"{source}: RLE size {segmentation['size']!r} is not [height, width]") from None
+        if len(size) != 2:
+            raise SkipRow(f"{source}: RLE size {segmentation['size']!r} is not [height, width]")
+        if size != [height, width]:
+            return _scaled_rle_mask(segmentation, height, width, source, fixes)
         if isinstance(segmentation["counts"], list):
             rle = mask_utils.frPyObjects(segmentation, height, width)
         else:
             rle = segmentation
     else:
-        raise ValueError(f"{source}: unknown segmentation format {type(segmentation).__name__}")
+        raise SkipRow(f"{source}: unknown segmentation format {type(segmentation).__name__}")
     return mask_utils.decode(rle).astype(bool)
 
 
-def rasterize(annotations, height: int, width: int, source: str = "image") -> np.ndarray:
+def rasterize(annotations, height: int, width: int, source: str = "image", fixes: list | None = None) -> np.ndarray:
     """
     Class-id map (uint8 HxW) of one image's annotations, given as (annotation_id, class_id, iscrowd, segmentation).
 
@@ -52,15 +101,21 @@ def rasterize(annotations, height: int, width: int, source: str = "image") -> np
       a dining table, a person on a bench), and painting in annotation-id order would let a later large instance
       erase them. Implemented by painting in descending (pixel count, annotation id) order.
     - Crowd: pixels of any `iscrowd=1` region (whatever its category) that no non-crowd instance covers are 255
-      (ignore); a crowd region never adds its category to the image's classes.
+      (ignore); a crowd region never adds its category to the image's classes. So are the pixels of an
+      annotation whose category is unknown (class_id 255).
     - Everything else is 0 (background); an image without annotations is all background.
+    - Defects (see `annotation_mask`) are fixed and noted in `fixes`; an instance without any pixel is noted.
     """
+    fixes = [] if fixes is None else fixes
     label = np.zeros((height, width), dtype=np.uint8)
     instances = []
     for annotation_id, class_id, iscrowd, segmentation in annotations:
-        mask = annotation_mask(segmentation, height, width, f"{source}, annotation {annotation_id}")
-        if iscrowd:
+        where = f"{source}, annotation {annotation_id}"
+        mask = annotation_mask(segmentation, height, width, where, fixes)
+        if iscrowd or class_id == IGNORE_INDEX:
             label[mask] = IGNORE_INDEX
+        elif not mask.any():
+            fixes.append(f"{where} covers no pixel (zero area): nothing painted")
         else:
             instances.append((int(mask.sum()), annotation_id, class_id, mask))
     for _, _, class_id, mask in sorted(instances, key=lambda t: (-t[0], -t[1])):
@@ -68,11 +123,13 @@ def rasterize(annotations, height: int, width: int, source: str = "image") -> np
     return label
 
 
-def _coco_rows(items):
-    """Rows of (image_id, image_path, height, width, annotations) items; see `rasterize`."""
-    for image_id, image_path, height, width, anns in items:
-        label = rasterize(anns, height, width, f"COCO image {image_id}")
-        yield make_row(image_id, Path(image_path), label, f"the annotations of COCO image {image_id}")
+def _coco_row(item, fixes: list) -> dict:
+    """The row of an (image_id, image_path, height, width, annotations) item; see `rasterize`."""
+    image_id, image_path, height, width, anns = item
+    if int(height) <= 0 or int(width) <= 0:
+        raise SkipRow(f"COCO image {image_id}: the annotation file gives it a size of {width}x{height}")
+    label = rasterize(anns, int(height), int(width), f"COCO image {image_id}", fixes)
+    return make_row(image_id, Path(image_path), label, f"the annotations of COCO image {image_id}", fixes)
 
 
 def _load_coco(path: Path) -> COCO:
@@ -86,6 +143,47 @@ def _load_coco(path: Path) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
     return coco
+
+
+def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, list, list[dict]]:
+    """
+    The items of one split (image_id, image_path, height, width, annotations), the cache signature, and what
+    listing found: images absent from disk and annotations of unlisted image ids (skipped), annotations of
+    unknown categories (painted as ignore).
+    """
+    class_of = {cat_id: i + 1 for i, cat_id in enumerate(sorted(coco.cats))}
+    items, signature, listing = [], [file_signature(ann_file)], []
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        image_path = images_dir / str(info.get("file_name", ""))
+        if not info.get("file_name") or not image_path.is_file():
+            problem = f"image of COCO id {image_id} not found: {image_path} (listed in {ann_file.name})"
+            listing.append({"id": str(image_id), "action": "skipped", "problem": problem})
+            continue
+        annotations = []
+        for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
+            class_id = class_of.get(ann.get("category_id"), IGNORE_INDEX)
+            if class_id == IGNORE_INDEX:
+                problem = (
+                    f"{ann_file.name}: annotation {ann['id']} has unknown category {ann.get('category_id')!r}: "
+                    "its pixels are ignore (255)"
+                )
+                listing.append({"id": str(image_id), "action": "fixed", "problem": problem})
+            annotations.append((ann["id"], class_id, int(ann.get("iscrowd", 0)), ann.get("segmentation", [])))
+        items.append((str(image_id), str(image_path), info.get("height", 0), info.get("width", 0), annotations))
+        signature.append(file_signature(image_path))
+    orphans = sorted(
+        (
+            (ann.get("id"), ann.get("image_id"))
+            for ann in coco.dataset["annotations"]
+            if ann.get("image_id") not in coco.imgs
+        ),
+        key=str,
+    )
+    for ann_id, image_id in orphans:
+        problem = f"{ann_file.name}: annotation {ann_id} points to image id {image_id!r}, which the file does not list"
+        listing.append({"id": f"annotation {ann_id}", "action": "skipped", "problem": problem, "row": False})
+    return items, signature, listing
 
 
 def coco_class_names(coco: COCO, source: Path) -> list[str]:
@@ -113,6 +211,13 @@ def build_coco20i(
     crowd pixels are 255). Every image listed in the JSON is kept, also those without annotations (all
     background, `class_ids` empty), so the splits are exactly train2014 and val2014. `image_id` is the COCO
     image id; rows are in ascending id order.
+
+    Defects of single images or annotations do not stop the build (see `build_split`, `rasterize`). Fixed and
+    reported: degenerate polygons (< 3 points, odd or non-finite coordinates) dropped, points far outside the
+    image clipped, zero-area instances, an RLE of an exact scale of its image resized, an annotation of an unknown
+    category painted 255 (ignore), a label resized to an image stored at an exact scale of the JSON's size.
+    Skipped and reported: an image absent from disk, unreadable or truncated, or whose size or RLEs do not fit;
+    annotations pointing to an image id the file does not list. Grayscale / CMYK images are converted to RGB.
     """
     root = require_dir(coco_root, "COCO root")
     splits, names = {}, None
@@ -124,29 +229,16 @@ def build_coco20i(
         if names is not None and split_names != names:
             raise ValueError(f"the categories of {ann_file} differ from those of the train annotations")
         names = split_names
-        class_of = {cat_id: i + 1 for i, cat_id in enumerate(sorted(coco.cats))}
-        items, signature = [], [file_signature(ann_file)]
-        for image_id in sorted(coco.imgs):
-            info = coco.imgs[image_id]
-            image_path = require_file(images_dir / info["file_name"], f"image of COCO id {image_id}")
-            annotations = []
-            for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
-                if ann["category_id"] not in class_of:
-                    raise ValueError(f"{ann_file}: annotation {ann['id']} has unknown category {ann['category_id']}")
-                annotations.append(
-                    (ann["id"], class_of[ann["category_id"]], int(ann.get("iscrowd", 0)), ann["segmentation"])
-                )
-            items.append((str(image_id), str(image_path), int(info["height"]), int(info["width"]), annotations))
-            signature.append(file_signature(image_path))
+        items, signature, listing = _coco_items(coco, images_dir, ann_file)
         description = (
             f"COCO-20i {split} (80 classes, category ids -> 1..80 in ascending id order, 255 = uncovered crowd), "
             f"built by hf_fss from {ann_file} and {images_dir}; overlaps go to the smallest instance"
         )
-        splits[split] = (items, signature, description)
+        splits[split] = (items, signature, description, listing)
     return DatasetDict(
         {
             split: build_split(
-                _coco_rows,
+                _coco_row,
                 items,
                 names,
                 split=split,
@@ -154,7 +246,8 @@ def build_coco20i(
                 description=description,
                 cache_dir=cache_dir,
                 num_proc=num_proc,
+                listing_report=listing,
             )
-            for split, (items, signature, description) in splits.items()
+            for split, (items, signature, description, listing) in splits.items()
         }
     )

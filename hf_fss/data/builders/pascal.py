@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import scipy.io
 from datasets import DatasetDict
 
-from ..schema import VOC_CLASSES
+from ..schema import IGNORE_INDEX, VOC_CLASSES
 from ._common import (
+    SkipRow,
     build_split,
     check_ids,
     file_signature,
@@ -69,8 +71,11 @@ def _struct_field(struct, name: str):
     return value
 
 
-def read_sbd_segmentation(path: Path) -> np.ndarray:
-    """The class-id map (`GTcls.Segmentation`, uint8 HxW) of an SBD `cls/{id}.mat` file."""
+def read_sbd_segmentation(path: Path, fixes: list | None = None) -> np.ndarray:
+    """
+    The class-id map (`GTcls.Segmentation`, uint8 HxW) of an SBD `cls/{id}.mat` file. A map stored as floats or
+    wider integers holding only whole ids 0..255 is cast to uint8 (noted in `fixes`); anything else is a ValueError.
+    """
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
     except (OSError, ValueError, TypeError, NotImplementedError) as err:
@@ -83,27 +88,70 @@ def read_sbd_segmentation(path: Path) -> np.ndarray:
         segmentation = np.asarray(_struct_field(mat["GTcls"], "Segmentation"))
     except KeyError as err:
         raise ValueError(f"SBD annotation {path}: GTcls has no Segmentation field") from err
-    if segmentation.ndim != 2 or not np.issubdtype(segmentation.dtype, np.integer):
+    numeric = np.issubdtype(segmentation.dtype, np.integer) or np.issubdtype(segmentation.dtype, np.floating)
+    if segmentation.ndim != 2 or not numeric or segmentation.size == 0:
         raise ValueError(f"SBD annotation {path}: GTcls.Segmentation is {segmentation.dtype} {segmentation.shape}")
-    if segmentation.size and (segmentation.min() < 0 or segmentation.max() > 255):
+    if not np.isfinite(segmentation).all() or (segmentation != np.round(segmentation)).any():
+        raise ValueError(f"SBD annotation {path}: GTcls.Segmentation holds values that are not whole class ids")
+    if segmentation.min() < 0 or segmentation.max() > 255:
         raise ValueError(f"SBD annotation {path}: ids outside 0..255")
+    if segmentation.dtype != np.uint8 and fixes is not None:
+        fixes.append(f"SBD annotation {path} stores its ids as {segmentation.dtype}: cast to uint8")
     return segmentation.astype(np.uint8)
 
 
-def _pascal_rows(items):
-    """Rows of (image_id, image_path, label_path, label_format) items; label_format is "png" or "mat"."""
-    for image_id, image_path, label_path, label_format in items:
-        image_path, label_path = Path(image_path), Path(label_path)
-        label = read_sbd_segmentation(label_path) if label_format == "mat" else read_index_png(label_path)
-        check_ids(label, len(VOC_CLASSES), label_path)
-        yield make_row(image_id, image_path, label, label_path)
+def voc_colormap() -> np.ndarray:
+    """(256, 3) uint8: the colour of each index in VOC's label palette (bits of the index spread over R, G, B)."""
+    colors = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, rgb = index, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << (7 - bit)
+            value >>= 3
+        colors[index] = rgb
+    return colors
+
+
+def read_voc_label(path: Path, fixes: list) -> np.ndarray:
+    """
+    A VOC-style label PNG as class ids: palette / grayscale PNGs by index (`read_index_png`); an RGB rendering
+    of VOC's palette (what some conversions write) mapped back through the palette (a fix, noted in `fixes`).
+    An RGB label with colours outside the palette's classes is a SkipRow.
+    """
+    with PIL.Image.open(path) as image:
+        mode = image.mode
+        rgb = np.array(image.convert("RGB")) if mode in ("RGB", "RGBA") else None
+    if rgb is None:
+        return read_index_png(path)
+    colors = voc_colormap()
+    ids = [*range(len(VOC_CLASSES)), IGNORE_INDEX]
+    keys = {int(c[0]) << 16 | int(c[1]) << 8 | int(c[2]): i for i, c in ((i, colors[i]) for i in ids)}
+    packed = rgb[..., 0].astype(np.int64) << 16 | rgb[..., 1].astype(np.int64) << 8 | rgb[..., 2]
+    values, inverse = np.unique(packed, return_inverse=True)
+    unknown = [f"#{int(v):06x}" for v in values if int(v) not in keys]
+    if unknown:
+        raise SkipRow(f"label {path} is a mode {mode} image with colours {unknown[:5]} outside VOC's palette")
+    fixes.append(f"label {path} is a mode {mode} rendering of VOC's palette: colours mapped back to class ids")
+    return np.array([keys[int(v)] for v in values], dtype=np.uint8)[inverse.reshape(packed.shape)]
+
+
+def _pascal_row(item, fixes: list) -> dict:
+    """The row of an (image_id, image_path, label_path, label_format) item; label_format is "png" or "mat"."""
+    image_id, image_path, label_path, label_format = item
+    image_path = require_file(image_path, f"image of {image_id}")
+    label_path = require_file(label_path, f"label of {image_id}")
+    label = read_sbd_segmentation(label_path, fixes) if label_format == "mat" else read_voc_label(label_path, fixes)
+    check_ids(label, len(VOC_CLASSES), label_path)
+    return make_row(image_id, image_path, label, label_path, fixes)
 
 
 def _image_path(image_id: str, voc: Path, sbd: Path | None) -> Path:
+    """VOC's JPEG of `image_id`, else SBD's img/ copy; a missing one is reported when the row is built."""
     path = voc / "JPEGImages" / f"{image_id}.jpg"
     if not path.is_file() and sbd is not None and (sbd / "img" / f"{image_id}.jpg").is_file():
         path = sbd / "img" / f"{image_id}.jpg"
-    return require_file(path, f"image of {image_id}")
+    return path
 
 
 def build_pascal5i(
@@ -131,7 +179,12 @@ def build_pascal5i(
 
     validation = VOC val (1449 images) with VOC's own labels. Images come from VOC's JPEGImages (SBD's img/ when
     an SBD-only id is missing there). Rows are in sorted id order; ids survive exactly (palette PNGs are read as
-    indices). FileNotFoundError / ValueError name the missing or bad path.
+    indices). A missing root folder or list is a FileNotFoundError naming it.
+
+    Defects of single files do not stop the build (see `build_split`): fixed and reported are a label that is an
+    exact scale of its image (resized nearest), an RGB rendering of VOC's palette (mapped back to ids) and an SBD
+    map stored as floats (cast); skipped and reported are a listed id whose image or label is missing, an
+    unreadable or truncated file, a label of another shape than its image, and ids outside the 20 classes.
     """
     if (sbd_root is None) == (aug_label_dir is None):
         raise ValueError("pass exactly one of sbd_root (SBD benchmark_RELEASE/dataset) and aug_label_dir")
@@ -144,7 +197,7 @@ def build_pascal5i(
     val_set = set(voc_val)
 
     def voc_item(image_id: str, sbd: Path | None = None) -> tuple:
-        label = require_file(voc / "SegmentationClass" / f"{image_id}.png", f"VOC label of {image_id}")
+        label = voc / "SegmentationClass" / f"{image_id}.png"
         return image_id, str(_image_path(image_id, voc, sbd)), str(label), "png"
 
     sbd = None
@@ -158,7 +211,7 @@ def build_pascal5i(
             if image_id in voc_labelled:
                 train_items.append(voc_item(image_id, sbd))
             else:
-                label = require_file(sbd / "cls" / f"{image_id}.mat", f"SBD label of {image_id}")
+                label = sbd / "cls" / f"{image_id}.mat"
                 train_items.append((image_id, str(_image_path(image_id, voc, sbd)), str(label), "mat"))
         source = (
             f"train = (SBD train + SBD val + VOC train) - VOC val from {sbd} and {voc} "
@@ -178,7 +231,7 @@ def build_pascal5i(
             origin = f"every label in {aug}"
         train_items = []
         for image_id in train_ids:
-            label = require_file(aug / f"{image_id}.png", f"SegmentationClassAug label of {image_id}")
+            label = aug / f"{image_id}.png"
             train_items.append((image_id, str(_image_path(image_id, voc, None)), str(label), "png"))
         source = f"train = {origin} minus VOC val, labels from {aug}, images from {voc}"
 
@@ -195,7 +248,7 @@ def build_pascal5i(
     return DatasetDict(
         {
             name: build_split(
-                _pascal_rows,
+                _pascal_row,
                 items,
                 VOC_CLASSES,
                 split=name,

@@ -2,22 +2,32 @@
 Command line of `scripts/prepare_dataset.py`: build a benchmark from its raw release (or the synthetic one),
 save it with `save_to_disk` and optionally push it to the Hub.
 
-The dataset is written into a temporary sibling folder of `--output-dir` and renamed into place only when
-complete, so an interrupted run never leaves a half-written output; a non-empty `--output-dir` is refused unless
-`--overwrite` is given.
+The dataset is written into a hidden staging sibling of `--output-dir` (`.{name}.partial.{host}.{pid}.{random}`,
+see `hf_fss.staging`) and renamed into place only when complete, so an interrupted run never leaves a half-written
+output; the next run removes the staging folders killed runs left behind. A non-empty `--output-dir` is refused
+unless `--overwrite` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
+
+from hf_fss.staging import make_staging_dir, remove_stale_staging
+
+from ._common import build_report
+
+STAGING_TAG = "partial"
+# Staging folders of earlier versions: `.{name}.XXXXXXXX.partial` (tempfile.mkdtemp, no pid recorded).
+LEGACY_STAGING = r"\.{}\.[A-Za-z0-9_]{{8}}\.partial"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +111,19 @@ def build(args: argparse.Namespace, cache_dir: Path | None = None) -> DatasetDic
 
 
 def split_summary(name: str, dataset) -> str:
-    """One line: split name, rows, and how many distinct classes (background and ignore excluded) it holds."""
+    """One line: split name, rows, how many distinct classes (background and ignore excluded) it holds, and how many
+    defects of the raw release the build fixed and skipped."""
     if "class_ids" not in dataset.column_names:
         return f"{name}: {dataset.num_rows} rows"
     ids = pc.unique(pc.list_flatten(dataset.data.column("class_ids")))
-    return f"{name}: {dataset.num_rows} rows, {len(ids)} classes"
+    line = f"{name}: {dataset.num_rows} rows, {len(ids)} classes"
+    report = build_report(dataset)
+    if report["fixed"] or report["skipped"]:
+        line += (
+            f"; defects of the release: {len(report['fixed'])} fixed, {len(report['skipped'])} skipped "
+            "(listed above and in the dataset info: hf_fss.data.builders.build_report)"
+        )
+    return line
 
 
 def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_proc: int | None = None) -> None:
@@ -128,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    # Staging folders of killed runs (their writer's pid is dead) are removed; a live run's are left alone.
+    remove_stale_staging(output_dir, STAGING_TAG, legacy=[LEGACY_STAGING.format(re.escape(output_dir.name))])
+    staging = make_staging_dir(output_dir, STAGING_TAG)
+    # The build's log (each defect of the raw release fixed or skipped) goes to stderr.
+    log_handler = logging.StreamHandler(sys.stderr)
+    log_handler.setFormatter(logging.Formatter(f"{parser.prog}: %(levelname)s: %(message)s"))
+    build_logger = logging.getLogger("hf_fss.data")
+    build_logger.addHandler(log_handler)
     try:
         dataset = build(args, cache_dir=staging / "cache")
         save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
@@ -138,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {cause}", file=sys.stderr)
         return 1
     finally:
+        build_logger.removeHandler(log_handler)
         shutil.rmtree(staging, ignore_errors=True)
 
     saved = load_from_disk(str(output_dir))
