@@ -148,6 +148,7 @@ def test_deterministic():
     assert not set(raw_bytes(first["train"])) & set(raw_bytes(first["validation"]))
 
 
+@pytest.mark.slow
 def test_prepare_dataset_builds_the_default_benchmark_within_a_minute(tmp_path):
     """Acceptance: `prepare_dataset.py synthetic` builds the default benchmark in under a minute on 2 cores."""
     start = time.perf_counter()
