@@ -51,6 +51,7 @@ __all__ = [
     "main",
     "needs_cpu_fallback",
     "protocol_for",
+    "check_model_path",
     "write_json_atomic",
 ]
 
@@ -256,12 +257,40 @@ def _synthetic_kwargs(args: Any) -> dict[str, Any]:
     return kwargs
 
 
+def check_model_path(name_or_path: str) -> None:
+    """
+    A `--model` that looks like a local path (absolute, `./`, `~`, more than one `/`, or an existing parent) must be
+    an existing folder: it never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
+
+    Raises:
+        `FileNotFoundError`: "model folder not found: ...".
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    looks_local = (
+        path.is_absolute()
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+        or path.exists()
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
+    if looks_local:
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
+            "model id ORG/NAME"
+        )
+
+
 def _load_model_and_processor(name_or_path: str) -> tuple[Any, Any]:
     # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
     from transformers import AutoImageProcessor, AutoModel
 
     from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
+    check_model_path(name_or_path)
     model = AutoModel.from_pretrained(name_or_path)
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
@@ -291,6 +320,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_path(args.model)  # before building any data
 
     accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
@@ -301,12 +331,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     convention = args.fold_convention if benchmark == "coco20i" else None
     fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if benchmark == "fss1000" else None)
 
+    # The episode file is checked against the split before the model is loaded.
+    fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
     model, processor = _load_model_and_processor(args.model)
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
     if args.episodes_file is not None:
-        fixed = load_episodes_jsonl(args.episodes_file)
         if not fixed:
             raise ValueError(f"--episodes-file {args.episodes_file!r} holds no episode")
         unknown = sorted({e.class_id for e in fixed} - set(fold.novel))
@@ -320,7 +351,6 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         seeds = [args.seed if args.seed is not None else base.seeds[0]]
         num_episodes = len(fixed)
     else:
-        fixed = None
         # Default: every seed of the protocol (PANet's five runs), one run for PFENet / HSNet.
         seeds = args.seeds or ([args.seed] if args.seed is not None else list(base.seeds))
         num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
