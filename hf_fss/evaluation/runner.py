@@ -43,6 +43,7 @@ from hf_fss.data.episodes import (
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.file_utils import atomic_write_text
+from hf_fss.utils import set_num_threads
 
 __all__ = [
     "class_names_of",
@@ -239,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--annotation", default="mask", choices=ANNOTATION_KINDS, help="support annotation")
     parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: the cores available divided by the processes on this machine)",
+    )
     parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
     parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
     parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
@@ -321,6 +328,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_model_path(args.model)  # before building any data
+    set_num_threads(args.num_threads)
 
     accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
