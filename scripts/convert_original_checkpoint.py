@@ -54,8 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-type", required=True, choices=sorted(CONVERTERS), help="method of the checkpoint")
     parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pt file")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
-    parser.add_argument("--image-size", type=int, default=473, help="test image size for the config and processor")
-    parser.add_argument("--shot", type=int, default=1, help="K the checkpoint was trained with (metadata)")
+    parser.add_argument(
+        "--image-size", type=int, default=473, help="test image size for the config and processor (default 473)"
+    )
+    parser.add_argument(
+        "--shot", type=int, default=1, help="K the checkpoint was trained with, recorded in the config (default 1)"
+    )
     parser.add_argument(
         "--pyramid-bins",
         type=_bin,

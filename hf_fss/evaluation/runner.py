@@ -223,11 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub model id")
-    parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or a Hub id")
+    parser.add_argument(
+        "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
+    )
     parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic (default: inferred)")
-    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
     parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
-    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument(
         "--split", default=None, help="split of the test episodes (default: validation; fss1000: test)"
     )
@@ -237,9 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean and std over runs")
     parser.add_argument("--episodes-file", default=None, help="JSON Lines episode list to evaluate instead")
     parser.add_argument("--save-episodes", default=None, help="export the episode list (JSON Lines) to this file")
-    parser.add_argument("--annotation", default="mask", choices=ANNOTATION_KINDS, help="support annotation")
+    parser.add_argument(
+        "--annotation",
+        default="mask",
+        choices=ANNOTATION_KINDS,
+        help="support annotation derived from the mask (default mask)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument(
         "--num-threads",
         type=int,
@@ -249,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
     parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
     parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
-    parser.add_argument("--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed")
+    parser.add_argument(
+        "--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed (default 0)"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
     return parser
