@@ -1,10 +1,11 @@
-"""Process-level settings shared by the scripts."""
+"""Helpers the scripts share: process-level settings (threads) and checks of command-line paths."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["default_num_threads", "set_num_threads"]
+__all__ = ["check_model_path", "default_num_threads", "set_num_threads"]
 
 
 def _available_cores() -> int:
@@ -47,3 +48,30 @@ def set_num_threads(num_threads: int | None = None) -> int:
     count = default_num_threads() if num_threads is None else num_threads
     torch.set_num_threads(count)
     return count
+
+
+def check_model_path(name_or_path: str) -> None:
+    """
+    A `--model` that looks like a local path (absolute, `./`, `~`, more than one `/`, or an existing parent) must be
+    an existing folder: it never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
+
+    Raises:
+        `FileNotFoundError`: "model folder not found: ...".
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    looks_local = (
+        path.is_absolute()
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+        or path.exists()
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
+    if looks_local:
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
+            "model id ORG/NAME"
+        )

@@ -43,7 +43,7 @@ from hf_fss.data.episodes import (
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.file_utils import atomic_write_text
-from hf_fss.utils import set_num_threads
+from hf_fss.utils import check_model_path, set_num_threads
 
 __all__ = [
     "class_names_of",
@@ -271,33 +271,6 @@ def _synthetic_kwargs(args: Any) -> dict[str, Any]:
         if value is not None:
             kwargs[name] = value
     return kwargs
-
-
-def check_model_path(name_or_path: str) -> None:
-    """
-    A `--model` that looks like a local path (absolute, `./`, `~`, more than one `/`, or an existing parent) must be
-    an existing folder: it never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
-
-    Raises:
-        `FileNotFoundError`: "model folder not found: ...".
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return
-    looks_local = (
-        path.is_absolute()
-        or name_or_path.startswith((".", "~"))
-        or name_or_path.count("/") > 1
-        or "\\" in name_or_path
-        or path.exists()
-        or (len(path.parts) > 1 and path.parent.is_dir())
-    )
-    if looks_local:
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
-            "model id ORG/NAME"
-        )
 
 
 def _load_model_and_processor(name_or_path: str) -> tuple[Any, Any]:
