@@ -1,5 +1,7 @@
 """Configuration shared by every few-shot segmentation model of hf_fss."""
 
+import dataclasses
+import difflib
 from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
@@ -17,6 +19,22 @@ DEFAULT_BACKBONE_WEIGHTS = {
     ("vgg16_bn", None): "timm/vgg16_bn.tv_in1k",
     ("vgg16_dilated", None): "timm/vgg16.tv_in1k",
 }
+# Keyword arguments PreTrainedConfig consumes in `__post_init__` without being attributes of the class (the Hub's
+# bookkeeping, attention settings, custom pipelines / remote-code maps). Anything else that is neither a field nor a
+# PreTrainedConfig attribute is a misspelt field.
+_PRETRAINED_CONFIG_KWARGS = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+        "custom_pipelines",
+        "auto_map",
+    }
+)
+_PRETRAINED_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PreTrainedConfig))
 Backbone = Literal["resnet50", "resnet101", "vgg16_bn", "vgg16_dilated"]
 BACKBONES = get_args(Backbone)
 
@@ -67,6 +85,10 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     image_size: int = 473
     ignore_index: int = 255
 
+    def __post_init__(self, **kwargs):
+        check_unknown_config_fields(type(self), kwargs)
+        super().__post_init__(**kwargs)
+
     def validate_image_size(self):
         """Part of `@strict` validation."""
         if self.image_size < 32:
@@ -86,3 +108,32 @@ class FewShotSegmentationConfig(PreTrainedConfig):
                 'weights, or use backbone_kwargs={"stem": "7x7"} to start from microsoft/resnet-50 / -101'
             )
         return default
+
+
+def _is_pretrained_config_attribute(name: str) -> bool:
+    value = getattr(PreTrainedConfig, name, None)
+    return name in _PRETRAINED_CONFIG_KWARGS or (value is not None and not callable(value))
+
+
+def check_unknown_config_fields(config_class: type, kwargs: dict) -> None:
+    """
+    Refuse keyword arguments that are neither a field of `config_class` nor one PreTrainedConfig understands itself
+    (`architectures`, `dtype`, `return_dict`, `transformers_version`, ...): a misspelt field (`image_sise`) must not
+    load silently with the default.
+
+    Raises:
+        `ValueError`: naming every unknown field, with the closest field name when there is one.
+    """
+    unknown = sorted(name for name in kwargs if not _is_pretrained_config_attribute(name))
+    if not unknown:
+        return
+    field_names = sorted(f.name for f in dataclasses.fields(config_class))
+    own = [name for name in field_names if name not in _PRETRAINED_CONFIG_FIELDS]
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, own, n=1) or difflib.get_close_matches(name, field_names, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise ValueError(
+        f"{config_class.__name__} got unknown field(s) {', '.join(hints)}; its own fields are: {', '.join(own)} "
+        "(besides PreTrainedConfig's)"
+    )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .backbones import StagedBackbone, build_backbone
 from .configuration_fss import FewShotSegmentationConfig
@@ -168,6 +170,25 @@ def check_support_inputs(support_pixel_values, support_masks, batch_size=None, r
             )
 
 
+def _weights_file(name_or_path, subfolder: str = "") -> str:
+    """The weights file `from_pretrained` reads, for error messages: a local path, else `repo_id/model.safetensors`."""
+    folder = os.path.join(str(name_or_path), subfolder)
+    if os.path.isfile(str(name_or_path)):
+        return str(name_or_path)
+    if os.path.isdir(folder):
+        return os.path.join(folder, SAFE_WEIGHTS_NAME)
+    try:
+        cached = cached_file(str(name_or_path), SAFE_WEIGHTS_NAME, subfolder=subfolder, local_files_only=True)
+    except OSError:
+        cached = None
+    return cached or f"{SAFE_WEIGHTS_NAME} of {name_or_path}"
+
+
+def _key_list(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
+
+
 class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     """
     Base class of the hf_fss models.
@@ -246,9 +267,37 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # Weights are read from safetensors only: a pickled `pytorch_model.bin` is refused, never unpickled.
+        """
+        `PreTrainedModel.from_pretrained`, strict: weights come from safetensors only (a pickled `pytorch_model.bin`
+        is refused, never unpickled), and a checkpoint that lacks weights of the model or holds weights it does not
+        have is refused instead of loading with re-initialised layers.
+
+        Raises:
+            `OSError`: the weights file is empty, truncated or not safetensors (the file is named).
+            `ValueError`: missing or unexpected weights (their names are listed).
+        """
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise OSError(
+                f"{weights} is not a complete safetensors file ({error}); save or download the model again"
+            ) from None
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if missing or unexpected:
+            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            problems = [f"lacks {len(missing)} weight(s) of {cls.__name__}: {_key_list(missing)}"] if missing else []
+            if unexpected:
+                problems.append(f"holds {len(unexpected)} weight(s) it does not have: {_key_list(unexpected)}")
+            raise ValueError(
+                f"{weights} {' and '.join(problems)}; the file is incomplete or belongs to another configuration "
+                "(compare its config.json with the one it was saved with)"
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         # torch's own defaults, which the reference implementations train from, for every non-extractor layer.

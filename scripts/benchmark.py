@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hf_fss  # noqa: E402
 from hf_fss.file_utils import atomic_write_text  # noqa: E402
+from hf_fss.utils import set_num_threads  # noqa: E402
 
 # Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
 SIZES = {
@@ -160,13 +161,19 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument(
+        "--num-threads",
+        "--threads",
+        dest="threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the cores available divided by the processes on this machine)",
+    )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
     if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_num_threads(args.threads)
     device = torch.device(args.device)
 
     rows = [

@@ -7,8 +7,9 @@ Convert an official checkpoint of a supported method to an hf_fss `save_pretrain
 
 The checkpoint may be a bare state dict or a dict holding one under `state_dict`, with or without the `module.`
 prefixes of `DataParallel`. It is read with `torch.load(..., weights_only=True)`: tensors only, no arbitrary objects.
-A checkpoint that does not match the inferred architecture stops with a ValueError listing the missing and
-unexpected keys.
+A checkpoint that does not match the inferred architecture, holds pickled objects other than tensors, or is empty or
+truncated stops with one line `convert_original_checkpoint.py: error: ...` (exit status 2, like a usage error)
+naming the file and, for a mismatch, the missing and unexpected keys.
 
 Methods are looked up in `CONVERTERS` (model type -> "module:function"); a converter takes
 `(checkpoint, output_dir, image_size=..., shot=..., **options)` and writes the folder.
@@ -20,6 +21,8 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+
+PROG = "convert_original_checkpoint.py"
 
 # model type -> "module:function"; add QGNet, SMCP, ... here as their converters land.
 CONVERTERS = {
@@ -46,13 +49,17 @@ def _bin(value: str) -> int | float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model-type", required=True, choices=sorted(CONVERTERS), help="method of the checkpoint")
     parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pt file")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
-    parser.add_argument("--image-size", type=int, default=473, help="test image size for the config and processor")
-    parser.add_argument("--shot", type=int, default=1, help="K the checkpoint was trained with (metadata)")
+    parser.add_argument(
+        "--image-size", type=int, default=473, help="test image size for the config and processor (default 473)"
+    )
+    parser.add_argument(
+        "--shot", type=int, default=1, help="K the checkpoint was trained with, recorded in the config (default 1)"
+    )
     parser.add_argument(
         "--pyramid-bins",
         type=_bin,
@@ -64,14 +71,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Convert; on a bad checkpoint print one line `convert_original_checkpoint.py: error: ...` and return 2."""
     args = parse_args(argv)
-    if not args.checkpoint.is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint} does not exist")
-    converter = _load_converter(args.model_type)
-    options = {}
-    if args.pyramid_bins is not None:
-        options["pyramid_bins"] = tuple(args.pyramid_bins)
-    model = converter(args.checkpoint, args.output_dir, image_size=args.image_size, shot=args.shot, **options)
+    try:
+        if not args.checkpoint.is_file():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
+        converter = _load_converter(args.model_type)
+        options = {}
+        if args.pyramid_bins is not None:
+            options["pyramid_bins"] = tuple(args.pyramid_bins)
+        model = converter(args.checkpoint, args.output_dir, image_size=args.image_size, shot=args.shot, **options)
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).splitlines())
+        if str(args.checkpoint) not in message:
+            message = f"{args.checkpoint}: {message}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
     config = model.config
     print(
         f"converted {args.checkpoint} -> {args.output_dir} ({args.model_type}, backbone={config.backbone}, "

@@ -15,7 +15,7 @@ from hf_fss.evaluation.runner import main
 
 # Evaluation reads only the validation split: no training images are generated.
 DATA_FLAGS = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
-              "--synthetic-image-size", "128"]  # fmt: skip
+              "--synthetic-image-size", "128", "--num-threads", "1"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")

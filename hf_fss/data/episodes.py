@@ -571,21 +571,68 @@ def save_episodes_jsonl(episodes: Iterable[Episode], path: str | os.PathLike) ->
     atomic_write_text(path, "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes))
 
 
-def load_episodes_jsonl(path: str | os.PathLike) -> list[Episode]:
-    """Read a list written by `save_episodes_jsonl`."""
-    episodes = []
+def load_episodes_jsonl(path: str | os.PathLike, split: Any = None) -> list[Episode]:
+    """
+    Read a list written by `save_episodes_jsonl`. Every episode must have distinct supports, none of them its query;
+    with `split`, its images must exist there and the class must be in every support image.
+
+    Raises:
+        `ValueError`: naming the file, the line, the episode's image ids and what is wrong.
+    """
+    episodes, numbers = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                episodes.append(
-                    Episode(str(record["query"]), tuple(str(s) for s in record["supports"]), int(record["class_id"]))
+                episode = Episode(
+                    str(record["query"]), tuple(str(s) for s in record["supports"]), int(record["class_id"])
                 )
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{os.fspath(path)}:{number}: not an episode record ({err})") from err
+            _check_episode(episode, f"{os.fspath(path)}:{number}")
+            episodes.append(episode)
+            numbers.append(number)
+    if split is not None:
+        _check_episodes_against_split(episodes, [f"{os.fspath(path)}:{n}" for n in numbers], split)
     return episodes
+
+
+def _describe(episode: Episode) -> str:
+    return f"episode (query {episode.query!r}, supports {list(episode.supports)}, class {episode.class_id})"
+
+
+def _check_episode(episode: Episode, where: str) -> None:
+    if not episode.supports:
+        raise ValueError(f"{where}: {_describe(episode)} has no support image")
+    if episode.query in episode.supports:
+        raise ValueError(
+            f"{where}: {_describe(episode)} uses its query {episode.query!r} as a support; supports must be "
+            "other images of the class"
+        )
+    if len(set(episode.supports)) != len(episode.supports):
+        raise ValueError(f"{where}: {_describe(episode)} repeats a support image; the K supports must be distinct")
+
+
+def _check_episodes_against_split(episodes: Sequence[Episode], places: Sequence[str], split: Any) -> None:
+    """Every image of every episode is in `split` and its class is in every support image (class_ids column)."""
+    row_of = {image_id: row for row, image_id in enumerate(_read_image_ids(split))}
+    class_ids, _ = _read_class_columns(split)
+    feature = split.features["class_ids"]
+    names = getattr(getattr(feature, "feature", feature), "names", None)
+    for episode, where in zip(episodes, places):
+        absent = [i for i in (episode.query, *episode.supports) if i not in row_of]
+        if absent:
+            raise ValueError(f"{where}: {_describe(episode)} names image(s) {absent} that the split does not hold")
+        c = episode.class_id
+        for image_id in episode.supports:
+            if c not in class_ids[row_of[image_id]]:
+                name = f" ({names[c]!r})" if names and 0 <= c < len(names) else ""
+                raise ValueError(
+                    f"{where}: {_describe(episode)}: class {c}{name} is not in support image {image_id!r} (its "
+                    f"classes: {list(class_ids[row_of[image_id]])})"
+                )
 
 
 def shard_bounds(num_items: int, num_shards: int, index: int) -> tuple[int, int]:

@@ -43,6 +43,7 @@ from hf_fss.data.episodes import (
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.file_utils import atomic_write_text
+from hf_fss.utils import check_model_path, set_num_threads
 
 __all__ = [
     "class_names_of",
@@ -51,6 +52,7 @@ __all__ = [
     "main",
     "needs_cpu_fallback",
     "protocol_for",
+    "check_model_path",
     "write_json_atomic",
 ]
 
@@ -233,11 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub model id")
-    parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or a Hub id")
+    parser.add_argument(
+        "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
+    )
     parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic (default: inferred)")
-    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
     parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
-    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument(
         "--split", default=None, help="split of the test episodes (default: validation; fss1000: test)"
     )
@@ -247,13 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean and std over runs")
     parser.add_argument("--episodes-file", default=None, help="JSON Lines episode list to evaluate instead")
     parser.add_argument("--save-episodes", default=None, help="export the episode list (JSON Lines) to this file")
-    parser.add_argument("--annotation", default="mask", choices=ANNOTATION_KINDS, help="support annotation")
+    parser.add_argument(
+        "--annotation",
+        default="mask",
+        choices=ANNOTATION_KINDS,
+        help="support annotation derived from the mask (default mask)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: the cores available divided by the processes on this machine)",
+    )
     parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
     parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
     parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
-    parser.add_argument("--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed")
+    parser.add_argument(
+        "--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed (default 0)"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
     return parser
@@ -274,6 +291,7 @@ def _load_model_and_processor(name_or_path: str) -> tuple[Any, Any]:
 
     from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
+    check_model_path(name_or_path)
     model = AutoModel.from_pretrained(name_or_path)
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
@@ -305,6 +323,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_path(args.model)  # before building any data
+    set_num_threads(args.num_threads)
 
     accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
@@ -315,12 +335,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     convention = args.fold_convention if benchmark == "coco20i" else None
     fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if benchmark == "fss1000" else None)
 
+    # The episode file is checked against the split before the model is loaded.
+    fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
     model, processor = _load_model_and_processor(args.model)
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
     if args.episodes_file is not None:
-        fixed = load_episodes_jsonl(args.episodes_file)
         if not fixed:
             raise ValueError(f"--episodes-file {args.episodes_file!r} holds no episode")
         unknown = sorted({e.class_id for e in fixed} - set(fold.novel))
@@ -334,7 +355,6 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         seeds = [args.seed if args.seed is not None else base.seeds[0]]
         num_episodes = len(fixed)
     else:
-        fixed = None
         # Default: every seed of the protocol (PANet's five runs), one run for PFENet / HSNet.
         seeds = args.seeds or ([args.seed] if args.seed is not None else list(base.seeds))
         num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes

@@ -11,10 +11,11 @@ from .model_card import (
     render_model_card,
     save_pretrained_with_card,
 )
-from .upload import PICKLE_SUFFIXES, REQUIRED_FILES, check_model_folder, push_to_hub
+from .upload import PICKLE_SUFFIXES, REQUIRED_FILES, HubUploadError, check_model_folder, push_to_hub
 
 __all__ = [
     "CARD_MARKER",
+    "HubUploadError",
     "PICKLE_SUFFIXES",
     "REQUIRED_FILES",
     "check_model_folder",

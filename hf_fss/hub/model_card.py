@@ -382,6 +382,21 @@ def _backbone_name(config) -> str:
     return name
 
 
+def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
+    """
+    Where the backbone's weights come from, from the config and the run record (never assumed): the authors' released
+    checkpoint, ImageNet weights loaded from `config.backbone_weights`, or a random initialisation.
+    """
+    if _lookup(training, "converted_from") is not None:
+        return "the authors' released weights"
+    if getattr(config, "use_pretrained_backbone", False):
+        try:
+            return f"ImageNet-pretrained weights from {config.backbone_weights}"
+        except ValueError:
+            return "ImageNet-pretrained weights"
+    return "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
+
+
 def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
     backbone = _backbone_name(config)
     text = f"{method} with a {backbone} backbone"
@@ -496,7 +511,8 @@ def render_model_card(
         model_id=model_id,
         repo_id=repo_id,
         summary=_summary(config, training, method),
-        backbone=_backbone_name(config),
+        backbone=f"{_backbone_name(config)} (weights: {_backbone_weights(config, training)})",
+        backbone_weights=_backbone_weights(config, training),
         image_size=config.image_size,
         num_parameters=f"{num_parameters:,}" if num_parameters else None,
         config_table=_table(config_rows, ("field", "value")),
@@ -625,7 +641,7 @@ def save_pretrained_with_card(
             metrics=metrics_list or None,
             training=training,
             repo_id=repo_id,
-            model_path=target.name,
+            model_path=os.fspath(output_dir),  # the path the caller saved to, e.g. outputs/quickstart/final
             num_parameters=sum(p.numel() for p in model.parameters()),
         )
         card.save(staging / "README.md")

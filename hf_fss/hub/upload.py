@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..file_utils import atomic_write_text
 from .model_card import CARD_MARKER, render_model_card
 
-__all__ = ["PICKLE_SUFFIXES", "REQUIRED_FILES", "UPLOADED_FILES", "check_model_folder", "push_to_hub"]
+__all__ = [
+    "HubUploadError",
+    "describe_hub_error",
+    "PICKLE_SUFFIXES",
+    "REQUIRED_FILES",
+    "UPLOADED_FILES",
+    "check_model_folder",
+    "push_to_hub",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight files read with pickle; a folder holding one is never uploaded."""
@@ -102,8 +113,8 @@ def _needs_card(readme: Path) -> bool:
     return CARD_MARKER in readme.read_text(encoding="utf-8")
 
 
-def _render_card_for(folder: Path, repo_id: str) -> None:
-    """Render the card of `folder` for `repo_id` and write it as README.md (atomically)."""
+def _render_card_for(folder: Path, repo_id: str) -> str:
+    """The card of `folder` rendered for `repo_id`, as README.md text (nothing is written)."""
     from transformers import AutoConfig  # hf_fss's configs are registered: this module is part of hf_fss
 
     config = AutoConfig.from_pretrained(folder)
@@ -113,14 +124,43 @@ def _render_card_for(folder: Path, repo_id: str) -> None:
         training=_read_json(folder / "training.json"),
         repo_id=repo_id,
     )
-    handle, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=folder)
-    os.close(handle)
-    try:
-        card.save(tmp)
-        os.replace(tmp, folder / "README.md")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return str(card)
+
+
+def _stage(folder: Path, files: list[str], staging: Path, card: str | None) -> None:
+    """Lay out the upload in `staging`: links to the folder's files, and the rendered card when there is one."""
+    for name in files:
+        if card is not None and name == "README.md":
+            continue
+        try:
+            os.symlink((folder / name).resolve(), staging / name)
+        except OSError:  # no symlinks here (some Windows setups): copy
+            shutil.copy2(folder / name, staging / name)
+    if card is not None:
+        (staging / "README.md").write_text(card, encoding="utf-8")
+
+
+class HubUploadError(OSError):
+    """An upload the Hub refused or could not receive; the message says why in one line."""
+
+
+def describe_hub_error(error: BaseException, repo_id: str) -> str | None:
+    """One line saying why a Hub call failed (no network, bad repo id, no token, ...), or None if not a Hub error."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, OfflineModeIsEnabled):
+        return "no network: HF_HUB_OFFLINE is set; unset it to upload"
+    if isinstance(error, LocalTokenNotFoundError) or status == 401:
+        return "no valid Hub token: log in with `hf auth login`, set HF_TOKEN or pass --token"
+    if status == 403:
+        return f"the token may not write to {repo_id!r} (a token with write access to that namespace is needed)"
+    if status == 404:
+        return f"repo {repo_id!r} or its namespace does not exist on the Hub (check the repo id)"
+    if isinstance(error, HfHubHTTPError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the Hub refused the upload ({first})"
+    if isinstance(error, (HTTPError, ConnectionError, TimeoutError)):
+        return f"no network: cannot reach the Hub ({type(error).__name__}: {' '.join(str(error).split())})"
+    return None
 
 
 def push_to_hub(
@@ -151,12 +191,17 @@ def push_to_hub(
         create_pr: open a pull request instead of committing to the branch.
         update_card: re-render `README.md` for `repo_id` from the folder's config, metrics.json and training.json.
             None (default): when README.md is missing or is a generated hf_fss card (it still holds the
-            `<!-- hf_fss:generated-card` line); a card without that line is uploaded as it is. The rendered card is
-            also written into `model_dir`.
+            `<!-- hf_fss:generated-card` line); a card without that line is uploaded as it is. The card is rendered
+            in a temporary staging folder and written into `model_dir` only after the upload succeeded.
         api: an `HfApi` to use (default: a new one with `token`).
 
     Returns:
         The `CommitInfo` of the upload.
+
+    Raises:
+        `ValueError`: a bad repo id or model folder (nothing is sent). `HubUploadError` (an `OSError`): the upload
+        failed, with one line saying why (no network, no token, no write access, no such repo); `model_dir` is left
+        as it was.
     """
     try:
         validate_repo_id(repo_id)
@@ -165,24 +210,36 @@ def push_to_hub(
     if "/" not in repo_id:
         raise ValueError(f"repo_id must be 'org/name' (or 'user/name'), got {repo_id!r}")
     folder = Path(model_dir)
-    check_model_folder(folder)
+    files = check_model_folder(folder)
+    card = None
     if update_card or (update_card is None and _needs_card(folder / "README.md")):
-        _render_card_for(folder, repo_id)
-    files = check_model_folder(folder)  # again: README.md may be new
+        card = _render_card_for(folder, repo_id)
+        files = [name for name in files if name != "README.md"] + ["README.md"]
     config = _read_json(folder / "config.json") or {}
     message = commit_message or f"Upload {config.get('model_type', 'hf_fss')} model with hf_fss"
 
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        revision=revision,
-        commit_message=message,
-        token=token,
-        create_pr=create_pr,
-        allow_patterns=files,
-    )
+    with tempfile.TemporaryDirectory(prefix="hf_fss-upload-") as staging:
+        _stage(folder, files, Path(staging), card)
+        try:
+            api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                repo_type="model",
+                revision=revision,
+                commit_message=message,
+                token=token,
+                create_pr=create_pr,
+                allow_patterns=files,
+            )
+        except Exception as err:
+            reason = describe_hub_error(err, repo_id)
+            if reason is None:
+                raise
+            raise HubUploadError(f"upload of {folder} to {repo_id} failed: {reason}") from err
+    if card is not None:  # only now that the Hub has it: the local card matches the uploaded one
+        atomic_write_text(folder / "README.md", card)
+    return commit

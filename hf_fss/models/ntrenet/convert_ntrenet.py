@@ -21,8 +21,10 @@ weights: four scales default to the official `(60, 30, 15, 8)`, other counts nee
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -55,8 +57,41 @@ def load_original_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, to
     """
     Read an official checkpoint safely and return its bare state dict (`state_dict` unwrapped, `module.` dropped).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    return unwrap_state_dict(checkpoint)
+    return unwrap_state_dict(load_checkpoint_tensors(checkpoint_path))
+
+
+def load_checkpoint_tensors(checkpoint_path: str | os.PathLike) -> Any:
+    """
+    `torch.load(path, weights_only=True)` with errors that name the file: a pickled object other than tensors and
+    plain containers is refused (never unpickled), an empty / truncated / foreign file is "not a readable checkpoint".
+
+    Raises:
+        `ValueError`: the file holds other objects, or cannot be read as a PyTorch checkpoint.
+        `OSError`: the file cannot be opened.
+    """
+    path = os.fspath(checkpoint_path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle at all, or pickle operations weights-only loading refuses
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+            raise ValueError(
+                f"{path} is not a readable PyTorch checkpoint (not a tensors-only pickle: "
+                f"{reason.group(1).strip() if reason else 'weights only load failed'})"
+            ) from None
+        raise ValueError(
+            f"{path}: refused (weights only load failed: Unsupported global): it holds a pickled {found.group(1)} "
+            "object, and unpickling it could run code; extract its state dict (tensors only) with code you trust "
+            "and convert that"
+        ) from None
+    except OSError:
+        raise
+    except Exception as err:  # torch reports a damaged file with many exception types
+        reason = " ".join(str(err).split()[:12]) or type(err).__name__
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format: {reason})"
+        ) from None
 
 
 def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:

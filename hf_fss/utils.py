@@ -1,0 +1,77 @@
+"""Helpers the scripts share: process-level settings (threads) and checks of command-line paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["check_model_path", "default_num_threads", "set_num_threads"]
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cgroups' cpusets)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _processes_on_this_machine() -> int:
+    # `accelerate launch` / torchrun export LOCAL_WORLD_SIZE (processes on this node) and WORLD_SIZE (all nodes).
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_num_threads() -> int:
+    """
+    Intra-op threads for one process: the cores available to it (`os.sched_getaffinity`) divided by the processes
+    running on this machine (`LOCAL_WORLD_SIZE`, else `WORLD_SIZE`, as `accelerate launch` sets them), at least 1.
+    Oversubscribed cores make CPU runs several times slower for bit-identical results.
+    """
+    return max(1, _available_cores() // _processes_on_this_machine())
+
+
+def set_num_threads(num_threads: int | None = None) -> int:
+    """
+    Set torch's intra-op thread count to `num_threads` (a `--num-threads` flag), or to `default_num_threads()` when
+    None. Returns the count set.
+
+    Raises:
+        `ValueError`: `num_threads` < 1.
+    """
+    import torch
+
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"--num-threads must be >= 1, got {num_threads}")
+    count = default_num_threads() if num_threads is None else num_threads
+    torch.set_num_threads(count)
+    return count
+
+
+def check_model_path(name_or_path: str) -> None:
+    """
+    A `--model` that looks like a local path (absolute, `./`, `~`, more than one `/`, or an existing parent) must be
+    an existing folder: it never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
+
+    Raises:
+        `FileNotFoundError`: "model folder not found: ...".
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    looks_local = (
+        path.is_absolute()
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+        or path.exists()
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
+    if looks_local:
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
+            "model id ORG/NAME"
+        )

@@ -1,0 +1,48 @@
+"""Model cards state what is true of the model they describe: where its backbone weights come from, how to load it."""
+
+import pytest
+import torch
+from conftest import TINY_RESNET
+
+from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss.hub import render_model_card, save_pretrained_with_card
+
+TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
+RANDOM = "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
+
+
+@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig])
+def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
+    text = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
+    assert RANDOM in text
+    assert "ImageNet-pretrained weights" not in text and "ImageNet backbone" not in text
+    assert "weights are those of the ImageNet-pretrained backbone" not in text
+
+
+@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig])
+def test_pretrained_backbone_weights_are_named_from_the_config(config_class):
+    config = config_class(backbone_kwargs={"stem": "7x7"}, use_pretrained_backbone=True)
+    text = render_model_card(config).text
+    assert "ImageNet-pretrained weights from microsoft/resnet-50" in text and RANDOM not in text
+    config = config_class(use_pretrained_backbone=True, pretrained_backbone_name_or_path="my/weights")
+    assert "ImageNet-pretrained weights from my/weights" in render_model_card(config).text
+
+
+def test_a_converted_checkpoint_names_the_authors_weights():
+    text = render_model_card(NTRENetConfig(), training={"converted_from": "train_epoch_200.pth"}).text
+    assert "weights: the authors' released weights" in text and RANDOM not in text
+
+
+@pytest.mark.parametrize(
+    "model_class, config_class", [(NTRENetModel, NTRENetConfig), (CosinePriorModel, CosinePriorConfig)]
+)
+def test_a_saved_card_loads_from_the_path_it_was_saved_to(tmp_path, monkeypatch, model_class, config_class):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    kwargs = TINY_NTRENET if config_class is NTRENetConfig else {"image_size": 65}
+    model = model_class(config_class(backbone_kwargs=dict(TINY_RESNET), **kwargs))
+    processor = FewShotSegmentationImageProcessor(image_size=65)
+    folder = save_pretrained_with_card(model, processor, "outputs/quickstart/final")
+    text = (folder / "README.md").read_text()
+    assert 'AutoModel.from_pretrained("outputs/quickstart/final")' in text
+    assert 'from_pretrained("final")' not in text

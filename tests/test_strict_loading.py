@@ -1,0 +1,120 @@
+"""Nothing loads silently wrong: missing / unexpected weights, damaged weight files, misspelt or mistyped config fields."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_RESNET
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+
+from hf_fss import CosinePriorConfig, FewShotSegmentationConfig, NTRENetConfig, NTRENetModel
+
+TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    NTRENetModel(NTRENetConfig(backbone_kwargs=dict(TINY_RESNET), **TINY_NTRENET)).save_pretrained(folder)
+    return folder
+
+
+def _copy_with(saved, tmp_path, edit):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved / "config.json").read_text())
+    state = load_file(saved / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_a_complete_folder_loads_and_reports_nothing_missing(saved):
+    model, info = NTRENetModel.from_pretrained(saved, output_loading_info=True)
+    assert isinstance(model, NTRENetModel) and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("loader", [NTRENetModel.from_pretrained, AutoModel.from_pretrained])
+def test_missing_weights_are_refused_naming_them(saved, tmp_path, loader):
+    # A frozen backbone weight (its modules are marked `_is_hf_initialized`) and a head weight.
+    dropped = ["backbone.layer1.0.conv1.weight", "bg_cls.0.weight"]
+
+    def drop(state):
+        for key in dropped:
+            del state[key]
+
+    folder = _copy_with(saved, tmp_path, drop)
+    with pytest.raises(ValueError, match="lacks 2 weight") as error:
+        loader(folder)
+    message = str(error.value)
+    assert str(folder / "model.safetensors") in message and all(key in message for key in dropped)
+
+
+def test_unexpected_weights_are_refused_naming_them(saved, tmp_path):
+    folder = _copy_with(saved, tmp_path, lambda state: state.update({"extra_head.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"holds 1 weight\(s\) it does not have: extra_head.weight"):
+        NTRENetModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cut", ["empty", "header", "half"])
+def test_an_empty_or_truncated_weights_file_is_refused_naming_it(saved, tmp_path, cut):
+    folder = _copy_with(saved, tmp_path, lambda state: None)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(
+        {"empty": b"", "header": data[:20], "half": data[: len(data) // 2]}[cut]
+    )
+    with pytest.raises(OSError, match="model.safetensors is not a complete safetensors file") as error:
+        AutoModel.from_pretrained(folder)
+    assert str(folder / "model.safetensors") in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "config_class, field, meant",
+    [
+        (NTRENetConfig, "image_sise", "image_size"),
+        (NTRENetConfig, "reduce_dimm", "reduce_dim"),
+        (CosinePriorConfig, "treshold", "threshold"),
+        (FewShotSegmentationConfig, "backbone_kwarg", "backbone_kwargs"),
+    ],
+)
+def test_a_misspelt_config_field_is_an_error_naming_it(config_class, field, meant):
+    with pytest.raises(ValueError, match=rf"unknown field\(s\) '{field}' \(did you mean '{meant}'\?\)"):
+        config_class(**{field: 1})
+
+
+def test_a_misspelt_field_in_config_json_is_refused(saved, tmp_path):
+    folder = tmp_path / "misspelt"
+    folder.mkdir()
+    config = json.loads((saved / "config.json").read_text())
+    config["reduce_dimm"] = config.pop("reduce_dim")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'reduce_dimm' \\(did you mean 'reduce_dim'\\?\\)"):
+        AutoConfig.from_pretrained(folder)
+
+
+def test_pretrained_config_keywords_and_saved_configs_still_load(saved, tmp_path):
+    config = NTRENetConfig(
+        architectures=["NTRENetModel"],
+        dtype="float32",
+        return_dict=False,
+        transformers_version="5.0",
+        num_labels=2,
+        torch_dtype="float32",
+        output_attentions=False,
+        **TINY_NTRENET,
+    )
+    config.save_pretrained(tmp_path)
+    assert NTRENetConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    assert NTRENetConfig(name_or_path="x", _commit_hash="abc").name_or_path == "x"
+    assert AutoConfig.from_pretrained(saved).reduce_dim == 16
+    assert NTRENetModel.from_pretrained(saved, image_size=97).config.image_size == 97  # overrides still work
+
+
+def test_a_value_of_the_wrong_type_names_the_field():
+    with pytest.raises(StrictDataclassFieldValidationError, match="image_size") as error:
+        NTRENetConfig(image_size="big")
+    assert "expected int" in str(error.value)
+    with pytest.raises(StrictDataclassFieldValidationError, match="freeze_backbone"):
+        CosinePriorConfig(freeze_backbone="yes")

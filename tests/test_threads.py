@@ -1,0 +1,51 @@
+"""Default torch threads per process: the cores available divided by the processes on this machine."""
+
+import os
+
+import pytest
+import torch
+
+from hf_fss.evaluation.runner import build_parser
+from hf_fss.utils import default_num_threads, set_num_threads
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "env, cores, expected",
+    [
+        ({}, 8, 8),
+        ({"WORLD_SIZE": "2"}, 8, 4),
+        ({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}, 8, 2),  # two nodes of four: per machine
+        ({"LOCAL_WORLD_SIZE": "4"}, 2, 1),  # never below one
+        ({"WORLD_SIZE": ""}, 3, 3),
+    ],
+)
+def test_cores_are_shared_between_the_processes_of_a_machine(monkeypatch, env, cores, expected):
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_threads() == expected
+
+
+def test_set_num_threads_uses_the_flag_or_the_default(restore_threads, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert set_num_threads() == 1 and torch.get_num_threads() == 1
+    assert set_num_threads(2) == 2 and torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="--num-threads must be >= 1, got 0"):
+        set_num_threads(0)
+
+
+def test_evaluate_exposes_num_threads():
+    args = build_parser().parse_args(["--model", "m", "--num-threads", "3"])
+    assert args.num_threads == 3
+    assert build_parser().parse_args(["--model", "m"]).num_threads is None
