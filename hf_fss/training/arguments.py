@@ -125,11 +125,13 @@ class LoopArguments:
 
     # --- checkpoints, logging, hub -------------------------------------------------------------------------------
     checkpointing_steps: int | None = field(
-        default=None, metadata={"help": "save the training state (accelerator.save_state) every N steps"}
+        default=None,
+        metadata={"help": "save the training state (safetensors + JSON, verified on resume) every N steps"},
     )
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir"}
+        default=None,
+        metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir that verifies"},
     )
     stop_after_steps: int | None = field(
         default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
