@@ -180,7 +180,7 @@ def test_planted_pickle_payloads_never_run(recipe, run_copy, tmp_path, capsys):
     # A crafted folder whose manifest matches its payloads: every file is still read as safetensors or JSON.
     write_manifest(newest, 3, settings)
     assert _run(recipe, run_copy, "--resume-from-checkpoint", str(newest)) == 2
-    assert f"{newest / 'model.safetensors'} does not fit the model being trained" in capsys.readouterr().err
+    assert f"{newest / 'model.safetensors'} cannot be loaded into the model being trained" in capsys.readouterr().err
     (newest / "model.safetensors").write_bytes((_step(run_copy, 2) / "model.safetensors").read_bytes())
     write_manifest(newest, 3, settings)
     assert _run(recipe, run_copy, "--resume-from-checkpoint", str(newest)) == 2
@@ -340,3 +340,38 @@ def test_staging_folders_of_killed_runs_are_removed(tmp_path):
     removed = remove_stale_checkpoint_staging(tmp_path / "run")
     assert sorted(removed) == sorted([stale, legacy])
     assert live.exists() and not stale.exists() and not legacy.exists()
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_exact(recipe, tmp_path):
+    """`accelerate launch` with 2 CPU processes: a per-process RNG file each, one manifest, a bit-exact resume."""
+    import socket
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def launch(output_dir: Path, *flags: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                   str(port), str(root / "scripts" / "train.py"), "--config", str(recipe), "--output-dir",
+                   str(output_dir), "--max-steps", "2", "--no-evaluate-at-end", "--validation-steps", "2",
+                   "--checkpointing-steps", "1", *flags]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    launch(tmp_path / "whole")
+    launch(tmp_path / "resumed", "--stop-after-steps", "1")
+    manifest = verify_checkpoint(_step(tmp_path / "resumed", 1))
+    assert {"rng_state_0.json", "rng_state_1.json"} <= set(manifest["files"])
+    assert manifest["settings"]["num_processes"] == 2
+    launch(tmp_path / "resumed", "--resume-from-checkpoint", "latest")
+    expected = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key

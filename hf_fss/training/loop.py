@@ -369,9 +369,10 @@ def load_checkpoint(loop: TrainingLoop, checkpoint: Path) -> None:
     accelerator, checkpoint = loop.accelerator, Path(checkpoint)
     weights = checkpoint / "model.safetensors"
     try:
-        load_model(loop.unwrapped_model, str(weights), strict=True, device=str(accelerator.device))
+        # Read on CPU, copied into the parameters wherever they live.
+        load_model(loop.unwrapped_model, str(weights), strict=True, device="cpu")
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise CheckpointError(f"{weights} does not fit the model being trained: {err}") from None
+        raise CheckpointError(f"{weights} cannot be loaded into the model being trained: {err}") from None
     loop.optimizer.load_state_dict(load_tree(checkpoint, "optimizer"))
     loop.lr_scheduler.load_state_dict(load_tree(checkpoint, "scheduler"))
     if accelerator.scaler is not None:
