@@ -229,7 +229,11 @@ def test_a_checkpoint_without_manifest_is_refused(run_copy):
 def test_latest_falls_back_past_a_damaged_checkpoint_and_stays_bit_exact(recipe, reference, run_copy, capsys):
     damaged = _step(run_copy, 3) / "model.safetensors"
     _flip_bytes(damaged)
+    # A killed save of an older hf_fss left its staging folder: the resumed run removes it.
+    (run_copy / "checkpoints" / ".tmp-step_00000004").mkdir()
+    os.utime(run_copy / "checkpoints" / ".tmp-step_00000004", (1_000_000_000, 1_000_000_000))
     assert _run(recipe, run_copy, "--checkpointing-steps", "2", "--resume-from-checkpoint", "latest") == 0
+    assert not [p for p in (run_copy / "checkpoints").iterdir() if p.name.startswith(".")]
     out = capsys.readouterr().out
     assert f"skipping checkpoint {_step(run_copy, 3)}: {damaged} is damaged" in out
     assert f"resuming from {_step(run_copy, 2)}, the newest checkpoint that verifies" in out
@@ -316,6 +320,27 @@ def test_non_finite_weights_are_never_saved(recipe, tmp_path, capsys, monkeypatc
     assert "after step 1 the weights are not finite" in capsys.readouterr().err
     assert not (output_dir / "checkpoints").exists()
     assert not (output_dir / "best").exists() and not (output_dir / "final").exists()
+
+
+def test_non_finite_final_weights_are_not_saved(recipe, tmp_path, capsys, monkeypatch):
+    from hf_fss.training.loop import TrainingLoop
+
+    original = TrainingLoop.run
+
+    def run_then_poison(self):
+        state = original(self)
+        with torch.no_grad():
+            next(p for p in self.unwrapped_model.parameters() if p.requires_grad).fill_(float("inf"))
+        return state
+
+    monkeypatch.setattr(TrainingLoop, "run", run_then_poison)
+    output_dir = tmp_path / "inf-final"
+    assert _run(recipe, output_dir, "--checkpointing-steps", "2") == 1
+    err = capsys.readouterr().err
+    assert "after step 4 the weights are not finite" in err and "final/ is not saved" in err
+    assert not (output_dir / "final").exists() and not (output_dir / "run.json").exists()
+    best = load_file(output_dir / "best" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
 
 
 # ------------------------------------------------------------------------------------------------ kind 9
