@@ -16,8 +16,8 @@ A checkpoint (`checkpoints/step_XXXXXXXX/`) holds:
 
 Every state is a tree of dicts, lists, tuples, numbers, strings, tensors and NumPy arrays: its structure goes to
 JSON, its tensors to safetensors (`save_tree` / `load_tree`), so loading a checkpoint never unpickles anything
-(Accelerate's `save_state` / `load_state` pickle the optimizer, scheduler, RNG states and custom objects, and load
-the latter with `weights_only=False`). A checkpoint is used only after every file in its manifest matched its
+(Accelerate's `save_state` / `load_state` pickle the optimizer, scheduler, RNG states and custom objects, and
+unpickle the latter without torch's weights-only restriction). A checkpoint is used only after every file in its manifest matched its
 checksum (`verify_checkpoint`); `latest` is the newest checkpoint that verifies, and a damaged newer one is skipped
 with a message naming the damaged file.
 """
