@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hf_fss
-from hf_fss.training import LoopArguments, load_recipe, main, parse_args
+from hf_fss.training import LoopArguments, load_recipe, load_tree, main, parse_args
 from hf_fss.training.arguments import QUICKSTART_RECIPE, RECIPES_DIR
 from hf_fss.training.episodic import build_model
 from hf_fss.training.loop import EpochShuffleSampler, create_optimizer, create_scheduler
@@ -256,9 +256,7 @@ def test_run_folder_record_and_frozen_backbone(uninterrupted_run, tiny_recipe):
     # ... while the trained parts moved.
     assert not torch.equal(final["down_query.0.weight"], initial.state_dict()["down_query.0.weight"])
     # Only trainable parameters have optimizer state.
-    optimizer_state = torch.load(
-        uninterrupted_run / "checkpoints" / "step_00000004" / "optimizer.bin", weights_only=False
-    )
+    optimizer_state = load_tree(uninterrupted_run / "checkpoints" / "step_00000004", "optimizer")
     num_trainable = sum(1 for p in initial.parameters() if p.requires_grad)
     assert len(optimizer_state["param_groups"][0]["params"]) == num_trainable
 
@@ -279,11 +277,13 @@ def test_resume_from_checkpoint_is_bit_exact(uninterrupted_run, tiny_recipe, tmp
         assert expected.keys() == resumed.keys()
         for key in expected:
             assert torch.equal(expected[key], resumed[key]), f"{relative}: {key}"
-    # NTRENet's contrastive bank (registered for checkpointing) and the loop's state match too.
-    for index in (0, 1):
-        name = f"checkpoints/step_00000004/custom_checkpoint_{index}.pkl"
-        expected = torch.load(uninterrupted_run / name, weights_only=False)
-        resumed = torch.load(output_dir / name, weights_only=False)
+    # NTRENet's contrastive bank, the loop's state and the model selection (training_state) match too.
+    states = [
+        load_tree(run / "checkpoints/step_00000004", "training_state") for run in (uninterrupted_run, output_dir)
+    ]
+    assert list(states[0]) == ["loop", "model.contrastive_bank", "callback_0.0"]
+    for name in states[0]:
+        expected, resumed = states[0][name], states[1][name]
         assert expected.keys() == resumed.keys()
         for key in expected:
             a, b = expected[key], resumed[key]
@@ -293,7 +293,7 @@ def test_resume_from_checkpoint_is_bit_exact(uninterrupted_run, tiny_recipe, tmp
                 assert torch.equal(a, b), key
             else:
                 assert a == b, key
-    bank = torch.load(output_dir / "checkpoints/step_00000004/custom_checkpoint_1.pkl", weights_only=False)
+    bank = states[1]["model.contrastive_bank"]
     assert bank["keys"], "the contrastive bank should hold prototypes after training"
     assert json.loads((output_dir / "final" / "metrics.json").read_text())["miou"] == pytest.approx(
         json.loads((uninterrupted_run / "final" / "metrics.json").read_text())["miou"], abs=0

@@ -15,11 +15,13 @@ from hf_fss.training.arguments import (
     parse_args,
     parse_groups,
 )
+from hf_fss.training.checkpoint import CheckpointError, load_tree, verify_checkpoint
 from hf_fss.training.episodic import build_data, build_model, main, train
 from hf_fss.training.loop import (
     EpochShuffleSampler,
     LoopCallback,
     LoopState,
+    NonFiniteError,
     TrainingLoop,
     create_optimizer,
     create_scheduler,
@@ -30,11 +32,13 @@ __all__ = [
     "QUICKSTART_RECIPE",
     "RECIPES_DIR",
     "TRAIN_GROUPS",
+    "CheckpointError",
     "EpisodicArguments",
     "EpochShuffleSampler",
     "LoopArguments",
     "LoopCallback",
     "LoopState",
+    "NonFiniteError",
     "TrainingLoop",
     "build_data",
     "build_model",
@@ -42,8 +46,10 @@ __all__ = [
     "create_scheduler",
     "find_latest_checkpoint",
     "load_recipe",
+    "load_tree",
     "main",
     "parse_args",
     "parse_groups",
     "train",
+    "verify_checkpoint",
 ]

@@ -68,6 +68,14 @@ def _check(group: Any, positive=(), optional_positive=(), non_negative=()) -> No
             raise ValueError(f"{name} must be >= 0, got {getattr(group, name)}")
 
 
+def _check_finite(group: Any) -> None:
+    # float("nan") / float("inf") parse as floats: a NaN learning rate would train NaN weights.
+    for spec in dataclasses.fields(group):
+        value = getattr(group, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{spec.name} must be a finite number, got {value}")
+
+
 def _check_choices(group: Any, choices: dict[str, tuple]) -> None:
     # argparse checks `choices` on the command line only, not on values that come from a recipe.
     for name, allowed in choices.items():
@@ -117,11 +125,13 @@ class LoopArguments:
 
     # --- checkpoints, logging, hub -------------------------------------------------------------------------------
     checkpointing_steps: int | None = field(
-        default=None, metadata={"help": "save the training state (accelerator.save_state) every N steps"}
+        default=None,
+        metadata={"help": "save the training state (safetensors + JSON, verified on resume) every N steps"},
     )
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir"}
+        default=None,
+        metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir that verifies"},
     )
     stop_after_steps: int | None = field(
         default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
@@ -138,6 +148,7 @@ class LoopArguments:
 
     def __post_init__(self):
         _check_choices(self, {"optimizer": ("sgd", "adamw"), "mixed_precision": (None, "no", "fp16", "bf16")})
+        _check_finite(self)
         if self.lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {list(_SCHEDULERS)}")
         _check(
@@ -234,6 +245,7 @@ class EpisodicArguments:
         self.model_kwargs = dict(self.model_kwargs or {})
         if not all(isinstance(k, str) for k in self.model_kwargs):
             raise ValueError(f"model_kwargs keys must be config field names, got {list(self.model_kwargs)}")
+        _check_finite(self)
         if self.benchmark is None:
             from hf_fss.data.loading import benchmark_required_message, infer_benchmark
 

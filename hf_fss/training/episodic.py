@@ -7,7 +7,7 @@ Run folder (`--output-dir`):
 
     final/            the model after the last step (save_pretrained + image processor + model card + metrics.json)
     best/             the model with the best validation mIoU (held-out base-class episodes by default)
-    checkpoints/      step_XXXXXXXX/ training states (accelerator.save_state), written to a temp folder and renamed
+    checkpoints/      step_XXXXXXXX/ training states (safetensors + JSON, checksum manifest), staged then renamed
     logs/             tracker output (tensorboard), when a tracker is on
     run.json          the run record: resolved arguments, data, batch sizes, processes, steps, metrics
     baseline_metrics.json   with --compare-baseline: the cosine prior with the initial backbone, same test episodes
@@ -42,6 +42,7 @@ from hf_fss.evaluation.runner import (
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, arguments_dict
 from hf_fss.training.loop import (
     LoopCallback,
+    NonFiniteError,
     TrainingLoop,
     create_accelerator,
     create_dataloader,
@@ -54,6 +55,31 @@ from hf_fss.training.loop import (
 __all__ = ["EpisodeSet", "SelectionState", "TrainingData", "build_data", "build_model", "main", "train"]
 
 logger = get_logger(__name__)
+
+# Episodic arguments that may change when a run resumes (where things go, how often to validate, the final test);
+# every other one, and the model config, must be the checkpoint's (`resume_settings`).
+RESUMABLE_CHANGES = (
+    "config",
+    "model_kwargs",  # compared through the model config it makes
+    "validation_every_epochs",
+    "validation_steps",
+    "eval_protocol",
+    "num_eval_episodes",
+    "eval_seed",
+    "eval_batch_size",
+    "evaluate_at_end",
+    "compare_baseline",
+)
+
+
+def resume_settings(args: EpisodicArguments, model) -> dict[str, Any]:
+    """What cannot change when an episodic run resumes: data, fold, shot, augmentation, selection, model config."""
+    settings = {k: v for k, v in arguments_dict(args).items() if k not in RESUMABLE_CHANGES}
+    config = model.config.to_dict()
+    for key in sorted(config):
+        if not key.startswith("_") and key not in ("transformers_version", "architectures", "torch_dtype", "dtype"):
+            settings[f"model_config.{key}"] = config[key]
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------- construction
@@ -294,6 +320,7 @@ class ValidationCallback(LoopCallback):
             return
         accelerator, selection, step = loop.accelerator, self.selection, loop.state.global_step
         model = loop.unwrapped_model
+        loop.check_finite("best/")  # non-finite weights are neither validated nor saved
         metrics = evaluate_episodes(model, self.processor, self.validation, self.args, accelerator, self.num_workers)
         selection.validation_history.append({"step": step, "miou": metrics["miou"], "fbiou": metrics["fbiou"]})
         if selection.best_metric is None or metrics["miou"] > selection.best_metric:
@@ -392,7 +419,7 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
     model_class = hf_fss.MODEL_CLASSES[args.model_type][1]
     data = build_data(args, loop_args.seed, extra_inputs=model_class.query_inputs + model_class.support_inputs)
     model, processor = build_model(args)
-    checkpoint = resolve_checkpoint(loop_args)
+    checkpoint = resolve_checkpoint(loop_args, say=accelerator.print)
     if len(data.train_dataset) // loop_args.batch_size < accelerator.num_processes:
         raise ValueError(
             f"{len(data.train_dataset)} training episodes per epoch do not fill one batch of {loop_args.batch_size} "
@@ -412,7 +439,8 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
     validation = None
     if data.validation is not None:
         validation = ValidationCallback(args, data.validation, processor, record, loop_args.num_workers)
-    loop = TrainingLoop(accelerator, loop_args, output_dir, callbacks=[validation] if validation else [])
+    callbacks = [validation] if validation else []
+    loop = TrainingLoop(accelerator, loop_args, output_dir, callbacks, settings=resume_settings(args, model))
     dataloader = create_dataloader(data.train_dataset, loop_args)
     loop.prepare(model, create_optimizer(model, loop_args), dataloader)
     record.update(_run_record(loop_args, args, data, loop))
@@ -423,10 +451,10 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
         f"{loop.max_steps} steps ({loop.num_epochs} epoch(s) of {loop.updates_per_epoch} steps)",
         main_process_only=True,
     )
+    if checkpoint is not None:  # verified, settings compared, loaded: before trackers write anything
+        loop.resume(checkpoint)
     if accelerator.log_with:
         accelerator.init_trackers(output_dir.name or "hf_fss", config=scalar_config(record["arguments"]))
-    if checkpoint is not None:
-        loop.resume(checkpoint)
     loop.run()
 
     selection = validation.selection if validation is not None else SelectionState()
@@ -447,6 +475,7 @@ def _finish(loop, loop_args, args, data, processor, record, selection, initial_b
     """Novel-class test of the final and best models (and the baseline); save final/, best/, run.json; push."""
     accelerator, output_dir, step = loop.accelerator, loop.output_dir, loop.state.global_step
     final_model = loop.unwrapped_model
+    loop.check_finite("final/")
     best_model = None
     if selection.best_step is not None:
         # The best weights are those of the last validation that improved, saved then in best/.
@@ -539,4 +568,7 @@ def main(argv: list[str] | None = None, quickstart_recipe: str | os.PathLike | N
     except (ValueError, FileNotFoundError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
     return 0

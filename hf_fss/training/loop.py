@@ -8,14 +8,17 @@ for contrastive pretraining) comes in through `LoopCallback`s:
 - `on_step_end(loop)`: after the step is counted and logged, before its checkpoint (validation, best model);
 - `state_objects()`: objects with `state_dict` / `load_state_dict` checkpointed with the run.
 
-What a checkpoint holds: weights, optimizer, scheduler, RNG states (`accelerator.save_state`), the loop's counter
-(`LoopState`), the model's own training state (`model.training_state_objects()`, e.g. NTRENet's contrastive bank),
-then the callbacks' state, registered in that order with `accelerator.register_for_checkpointing`.
+What a checkpoint holds: weights, optimizer, scheduler, RNG states, the loop's counter (`LoopState`), the model's
+own training state (`model.training_state_objects()`, e.g. NTRENet's contrastive bank) and the callbacks' state, as
+safetensors + JSON with a checksum manifest written last (`hf_fss.training.checkpoint`; not `accelerator.save_state`,
+which pickles): loading one never unpickles, a damaged one is refused naming the file, and one whose run settings
+differ from the resumed run's is refused listing both values. A non-finite loss stops the run with an error naming
+the step and the loss terms (`NonFiniteError`), and non-finite weights are never saved.
 
 Checkpoints are `checkpoints/step_XXXXXXXX/` (named by optimizer step, which is what `--resume-from-checkpoint` and
-`--stop-after-steps` speak; Accelerate's automatic naming counts saves instead), written to a temporary folder and
-renamed once every process wrote, so a run killed while saving never leaves a half checkpoint that `latest` would
-pick; `checkpoints_total_limit` keeps the newest N.
+`--stop-after-steps` speak), written to a staging folder (`hf_fss.staging`; a later run removes those a killed run
+left) and renamed once every process wrote, so a run killed while saving never leaves a half checkpoint; `latest` is
+the newest checkpoint whose manifest verifies; `checkpoints_total_limit` keeps the newest N.
 
 Data order is reproducible and resumable: a shuffling sampler seeded by `(seed, epoch)` (`EpochShuffleSampler`)
 gives every process the same permutation (Accelerate shards it), a dataset with `set_epoch` is told the epoch (the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -39,16 +43,29 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from hf_fss.evaluation.runner import needs_cpu_fallback
+from hf_fss.staging import make_staging_dir, remove_stale_staging
 from hf_fss.training.arguments import LoopArguments
+from hf_fss.training.checkpoint import (
+    CHECKPOINT_PATTERN,
+    CheckpointError,
+    compare_settings,
+    find_latest_checkpoint,
+    load_tree,
+    save_tree,
+    verify_checkpoint,
+    write_manifest,
+)
 
 __all__ = [
+    "CheckpointError",
     "EpochShuffleSampler",
     "LoopCallback",
+    "NonFiniteError",
     "LoopState",
     "TrainingLoop",
     "create_accelerator",
@@ -56,13 +73,32 @@ __all__ = [
     "create_optimizer",
     "create_scheduler",
     "find_latest_checkpoint",
+    "load_checkpoint",
     "prepare_output_dir",
+    "remove_stale_checkpoint_staging",
     "resolve_checkpoint",
+    "save_checkpoint",
 ]
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+STAGING_TAG = "partial"
+# Loop arguments that cannot change when a run resumes (with the resolved max_steps and the number of processes).
+LOOP_RESUME_SETTINGS = (
+    "seed",
+    "optimizer",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "lr_scheduler",
+    "lr_power",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "mixed_precision",
+    "sync_batchnorm",
+)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -89,7 +125,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 @dataclass
 class LoopState:
-    """The loop's counter; checkpointed with `accelerator.register_for_checkpointing`."""
+    """The loop's counter; checkpointed with the run (`training_state.json`)."""
 
     global_step: int = 0
 
@@ -205,26 +241,27 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: LoopArguments, max_
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The `checkpoints/step_N` folder of `output_dir` with the largest N, or None."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(steps)[1] if steps else None
-
-
-def resolve_checkpoint(args: LoopArguments) -> Path | None:
-    """The checkpoint `--resume-from-checkpoint` names (`latest`: the newest of the run folder), or None."""
+def resolve_checkpoint(args: LoopArguments, say=print) -> Path | None:
+    """
+    The checkpoint `--resume-from-checkpoint` names, verified against its manifest (`latest`: the newest of the run
+    folder that verifies; damaged newer ones are reported with `say` and skipped), or None.
+    """
     if args.resume_from_checkpoint == "latest":
-        checkpoint = find_latest_checkpoint(args.output_dir)
+        reasons: list[str] = []
+        checkpoint = find_latest_checkpoint(
+            args.output_dir, say=lambda message: (reasons.append(message), say(message))
+        )
         if checkpoint is None:
-            raise ValueError(f"--resume-from-checkpoint latest: no checkpoint in {args.output_dir}/checkpoints")
+            found = "; ".join(reasons) if reasons else "there is none"
+            raise CheckpointError(
+                f"--resume-from-checkpoint latest: no usable checkpoint in {args.output_dir}/checkpoints ({found})"
+            )
         return checkpoint
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         if not checkpoint.is_dir():
             raise ValueError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+        verify_checkpoint(checkpoint)
         return checkpoint
     return None
 
@@ -243,25 +280,77 @@ def prepare_output_dir(args: LoopArguments, accelerator: Accelerator) -> Path:
             # Stale checkpoints of the old run must not be picked up by a later `--resume-from-checkpoint latest`.
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_checkpoint_staging(output_dir)
     accelerator.wait_for_everyone()
     return output_dir
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed to `checkpoints/step_N` once every process wrote."""
-    checkpoints = output_dir / "checkpoints"
+def remove_stale_checkpoint_staging(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of checkpoints that killed runs left in `<output_dir>/checkpoints`."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        return []
+    # Old runs named their staging `.tmp-step_N` (no writer pid): removed when untouched since this run started.
+    removed = remove_stale_staging(checkpoints / "step", STAGING_TAG, legacy=[r"\.tmp-step_\d+"])
+    targets = {
+        m.group(1) for p in checkpoints.iterdir() if (m := re.match(rf"^\.(step_\d+)\.{STAGING_TAG}\.", p.name))
+    }
+    for target in sorted(targets):
+        removed += remove_stale_staging(checkpoints / target, STAGING_TAG)
+    return removed
+
+
+def _rng_state(accelerator: Accelerator) -> dict[str, Any]:
+    state = {
+        "accelerator_step": accelerator.step,  # gradient accumulation's counter
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(accelerator: Accelerator, state: dict[str, Any]) -> None:
+    accelerator.step = int(state["accelerator_step"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(loop: TrainingLoop, step: int) -> Path:
+    """
+    Write the checkpoint of `loop` at `step` into a staging folder beside `checkpoints/step_N` (`hf_fss.staging`),
+    then, once every process wrote, its manifest (last) and the rename: a run killed while saving never leaves a
+    folder that `latest` would pick. `checkpoints_total_limit` keeps the newest N.
+    """
+    accelerator = loop.accelerator
+    checkpoints = loop.output_dir / "checkpoints"
     final = checkpoints / f"step_{step:08d}"
-    tmp = checkpoints / f".tmp-step_{step:08d}"
+    staging = [None]
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+        staging = [str(make_staging_dir(final, STAGING_TAG))]
+    staging = Path(broadcast_object_list(staging)[0])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        accelerator.save_model(loop.model, staging, max_shard_size="1000GB", safe_serialization=True)
+        save_tree(loop.optimizer.state_dict(), staging, "optimizer")
+        save_tree(loop.lr_scheduler.state_dict(), staging, "scheduler")
+        if accelerator.scaler is not None:
+            save_tree(accelerator.scaler.state_dict(), staging, "scaler")
+        save_tree({name: obj.state_dict() for name, obj in loop.state_objects.items()}, staging, "training_state")
+    save_tree(_rng_state(accelerator), staging, f"rng_state_{accelerator.process_index}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(staging, step, loop.settings)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(staging, final)
+        total_limit = loop.args.checkpoints_total_limit
         if total_limit is not None:
             done = sorted(
                 (int(m.group(1)), p) for p in checkpoints.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
@@ -272,7 +361,37 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     return final
 
 
+def load_checkpoint(loop: TrainingLoop, checkpoint: Path) -> None:
+    """Load what `save_checkpoint` wrote (already verified) into `loop`; safetensors and JSON only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    accelerator, checkpoint = loop.accelerator, Path(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    try:
+        # Read on CPU, copied into the parameters wherever they live.
+        load_model(loop.unwrapped_model, str(weights), strict=True, device="cpu")
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{weights} cannot be loaded into the model being trained: {err}") from None
+    loop.optimizer.load_state_dict(load_tree(checkpoint, "optimizer"))
+    loop.lr_scheduler.load_state_dict(load_tree(checkpoint, "scheduler"))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(load_tree(checkpoint, "scaler"))
+    states = load_tree(checkpoint, "training_state")
+    if set(states) != set(loop.state_objects):
+        raise CheckpointError(
+            f"{checkpoint / 'training_state.json'} holds {sorted(states)}, the run expects {sorted(loop.state_objects)}"
+        )
+    for name, obj in loop.state_objects.items():
+        obj.load_state_dict(states[name])
+    _set_rng_state(accelerator, load_tree(checkpoint, f"rng_state_{accelerator.process_index}"))
+
+
 # ------------------------------------------------------------------------------------------------------- loop
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weights; nothing non-finite is saved."""
 
 
 class TrainingLoop:
@@ -280,19 +399,30 @@ class TrainingLoop:
     `prepare(model, optimizer, dataloader)`, optionally `resume(checkpoint)`, then `run()`. Callbacks read the
     loop's attributes: `accelerator`, `args`, `model` (prepared; `unwrapped_model` for saving or evaluating),
     `state.global_step`, `max_steps`, `updates_per_epoch`, `output_dir`, `say(message)`.
+
+    `settings` are what cannot change on resume (the caller's: data, model config, ...): they are stored in every
+    checkpoint's manifest with the loop's own (`LOOP_RESUME_SETTINGS`, the number of processes, the resolved
+    `max_steps`), and `resume` refuses a checkpoint whose settings differ, listing both values.
     """
 
     def __init__(
-        self, accelerator: Accelerator, args: LoopArguments, output_dir: Path, callbacks: Sequence[LoopCallback] = ()
+        self,
+        accelerator: Accelerator,
+        args: LoopArguments,
+        output_dir: Path,
+        callbacks: Sequence[LoopCallback] = (),
+        settings: dict[str, Any] | None = None,
     ):
         self.accelerator, self.args, self.output_dir = accelerator, args, Path(output_dir)
         self.callbacks = list(callbacks)
+        self.settings = dict(settings or {})
         self.state = LoopState()
         self.stopped = False
         self.progress = None
+        self.last_checkpoint: Path | None = None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataloader: DataLoader) -> None:
-        """Wrap for the run's devices and processes; size the run; register what a checkpoint holds."""
+        """Wrap for the run's devices and processes; size the run; gather what a checkpoint holds."""
         accelerator, args = self.accelerator, self.args
         self.dataset = dataloader.dataset
         self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -301,22 +431,66 @@ class TrainingLoop:
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
         scheduler = create_scheduler(self.optimizer, args, self.max_steps, accelerator.num_processes)
         self.lr_scheduler = accelerator.prepare(scheduler)
-        model_state = getattr(self.unwrapped_model, "training_state_objects", dict)()
-        callback_state = [obj for callback in self.callbacks for obj in callback.state_objects()]
-        accelerator.register_for_checkpointing(self.state, *model_state.values(), *callback_state)
+        # Saved as safetensors + JSON by `save_checkpoint` (no `register_for_checkpointing`: Accelerate pickles).
+        self.state_objects: dict[str, Any] = {"loop": self.state}
+        for name, obj in getattr(self.unwrapped_model, "training_state_objects", dict)().items():
+            self.state_objects[f"model.{name}"] = obj
+        for index, callback in enumerate(self.callbacks):
+            for number, obj in enumerate(callback.state_objects()):
+                self.state_objects[f"callback_{index}.{number}"] = obj
+        self.settings.update({name: getattr(args, name) for name in LOOP_RESUME_SETTINGS})
+        self.settings.update(max_steps=self.max_steps, num_processes=accelerator.num_processes)
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def check_finite(self, what: str) -> None:
+        """Raise `NonFiniteError` when a weight or buffer of the model is not finite (before saving `what`)."""
+        for name, tensor in self.unwrapped_model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"after step {self.state.global_step} the weights are not finite ({name}); {what} is not saved. "
+                    f"{self._last_good()}"
+                )
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is not None:
+            return f"The last good checkpoint is {self.last_checkpoint}."
+        return "No checkpoint was saved in this run."
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step_N` (see `hf_fss.training.checkpoint`) via a staging folder renamed when complete."""
+        step = self.state.global_step
+        self.check_finite(f"checkpoint step_{step:08d}")
+        path = save_checkpoint(self, step)
+        self.last_checkpoint = path
+        return path
+
     def resume(self, checkpoint: Path) -> None:
-        # Weights, optimizer, scheduler, RNG states, the loop's counter, model and callback state.
-        self.accelerator.load_state(str(checkpoint))
+        """Verify, compare settings, then load weights, optimizer, scheduler, scaler, RNG and training states."""
+        manifest = verify_checkpoint(checkpoint)
+        compare_settings(checkpoint, manifest.get("settings", {}), self.settings)
+        load_checkpoint(self, checkpoint)
+        self.last_checkpoint = Path(checkpoint)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.global_step}")
 
     def say(self, message: str) -> None:
         if self.accelerator.is_local_main_process:
             (self.progress.write if self.progress is not None else print)(message)
+
+    def _check_loss(self, outputs: Any) -> None:
+        """Stop (on every process) when the loss of any process is not finite, naming the step and loss terms."""
+        finite = torch.isfinite(outputs.loss.detach()).reshape(1)
+        if bool(self.accelerator.gather(finite).all()):
+            return
+        terms = {"loss": outputs.loss, **(getattr(outputs, "losses", None) or {})}
+        values = ", ".join(f"{name}={float(value.detach().float()):.6g}" for name, value in terms.items())
+        raise NonFiniteError(
+            f"step {self.state.global_step + 1}: the loss is not finite ({values}; learning rate "
+            f"{self.lr_scheduler.get_last_lr()[0]:.6g}); training stopped and nothing more is saved. "
+            f"{self._last_good()} Lower --learning-rate (or set --max-grad-norm) and resume or start again."
+        )
 
     def run(self) -> LoopState:
         """Train until `max_steps` (or `--stop-after-steps`, then `self.stopped`); returns the loop state."""
@@ -346,6 +520,7 @@ class TrainingLoop:
             for batch in batches:
                 with accelerator.accumulate(model):
                     outputs = model(**batch)
+                    self._check_loss(outputs)
                     accelerator.backward(outputs.loss)
                     if accelerator.sync_gradients and args.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -365,7 +540,7 @@ class TrainingLoop:
                 for callback in self.callbacks:
                     callback.on_step_end(self)
                 if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, self.output_dir, state.global_step, args.checkpoints_total_limit)
+                    self.save_checkpoint()
                 if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
                     self.stopped = True
                     break
