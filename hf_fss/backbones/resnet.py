@@ -9,6 +9,8 @@ from .staged import StagedBackbone
 
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STEMS = ("deep", "7x7")
+# Random initialisations of the convolutions: torchvision's ResNet init (Kaiming normal, fan_out) or torch's default.
+CONV_INITS = ("kaiming_fan_out", "torch_default")
 # Per output stride: (stride, dilation) of layer3 and layer4.
 _DILATION_PLAN = {8: ((1, 2), (1, 4)), 16: ((2, 1), (1, 2)), 32: ((2, 1), (2, 1))}
 
@@ -71,6 +73,11 @@ class DilatedResNet(StagedBackbone):
             Blocks per residual stage; defaults to the standard counts for `depth`.
         output_stride (`int`, *optional*, defaults to 8):
             8, 16 or 32: output stride of `layer4`.
+        conv_init (`str`, *optional*, defaults to `"kaiming_fan_out"`):
+            Random initialisation of the convolutions: `"kaiming_fan_out"` (torchvision's ResNet init, Kaiming normal
+            over fan_out) or `"torch_default"` (`nn.Conv2d`'s own, Kaiming uniform with a=sqrt(5)). Irrelevant once
+            pretrained weights are loaded; a random, frozen backbone (the quickstart) gives more separable features
+            with the latter (cosine-prior baseline on the synthetic benchmark, fold 0: 34.6 vs 27.8 mIoU).
 
     Example shapes for `base_width=64`, deep stem, `output_stride=8` and a `(1, 3, 473, 473)` input: `layer0`
     `(1, 128, 119, 119)`, `layer1` `(1, 256, 119, 119)`, `layer2..4` `(1, 512 | 1024 | 2048, 60, 60)`.
@@ -83,6 +90,7 @@ class DilatedResNet(StagedBackbone):
         base_width: int = 64,
         depths: tuple[int, ...] | list[int] | None = None,
         output_stride: int = 8,
+        conv_init: str = "kaiming_fan_out",
     ):
         super().__init__()
         if depth not in RESNET_DEPTHS:
@@ -98,12 +106,15 @@ class DilatedResNet(StagedBackbone):
             raise ValueError(f"depths must be four positive block counts, got {depths!r}.")
         if base_width < 1:
             raise ValueError(f"base_width must be positive, got {base_width!r}.")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"conv_init={conv_init!r} is not supported; choose one of {list(CONV_INITS)}.")
 
         self.depth = depth
         self.stem = stem
         self.base_width = base_width
         self.depths = depths
         self.output_stride = output_stride
+        self.conv_init = conv_init
 
         width = base_width
         if stem == "deep":
@@ -161,8 +172,10 @@ class DilatedResNet(StagedBackbone):
             # Random values on the meta device mean nothing, and drawing them there is slow (imports torch._dynamo).
             if getattr(getattr(module, "weight", None), "is_meta", False):
                 continue
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d) and self.conv_init == "kaiming_fan_out":
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Conv2d):  # torch's default: kaiming_uniform_(a=sqrt(5)), std 1/sqrt(3 fan_in)
+                module.reset_parameters()
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
