@@ -1,10 +1,12 @@
 """Gradio Space of hf_fss (see README.md): layout, brush strokes and rendering around the few-shot pipeline."""
 
+import contextlib
 import functools
 import hashlib
 import html
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -15,6 +17,7 @@ from typing import Any
 
 import cv2
 import gradio as gr
+import huggingface_hub
 import numpy as np
 import torch
 from PIL import Image
@@ -29,7 +32,13 @@ from transformers import pipeline  # noqa: E402
 from hf_fss import FewShotSegmentationPipeline  # noqa: E402
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "outputs" / "quickstart"
-MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY = 5, 8, 8, 0.6
+MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
+OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
+MAP_CAPTIONS = {  # what each method's map is; the caption's text after "<i>. <name>. "
+    "prior": "similarity to the support, colour bar 0 (blue) to 1 (red)",
+    "background": "probability of background, colour bar 0 (blue) to 1 (red)",
+    "distractor": "binary mask (orange) of the regions that are neither background nor target",
+}
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
 NO_MODEL_MESSAGE = (
     "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
@@ -73,8 +82,7 @@ class ModelRegistry:
     def get(self, spec: str | None) -> FewShotSegmentationPipeline:
         spec = spec or self.default
         if spec not in self.specs:
-            message = f"Unknown model {html.escape(str(spec))!r}; choose one of {self.specs}"
-            raise gr.Error(message if self.specs else NO_MODEL_MESSAGE, title="Model")
+            raise user_error(f"Unknown model {spec!r}; choose one of {self.specs}" if self.specs else NO_MODEL_MESSAGE)
         with self._lock:
             if spec not in self._pipes:
                 self._pipes[spec] = load_pipeline(spec)
@@ -105,23 +113,38 @@ def _content(value: Any) -> Any:
     return value
 
 
+def user_error(message: str, title: str = "Model") -> gr.Error:
+    """A `gr.Error` in plain text, shown until closed, logged as one line (the input is wrong, not the server)."""
+    print(f"hf_fss space: {title} error: {message}", file=sys.stderr, flush=True)
+    return gr.Error(message, title=title, duration=None, print_exception=False)
+
+
 def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
-    """The pipeline of an hf_fss model folder or Hub repo id (any failure becomes a `gr.Error`)."""
+    """The pipeline of an hf_fss model folder or Hub repo id; a missing folder or an unreachable Hub repo fails
+    within seconds, and any failure becomes a `user_error`."""
+    local = _local_path(spec)
+    if local is None and (
+        spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and Path(spec.split("/")[0]).is_dir())
+    ):
+        raise user_error(f"Model folder {spec!r} not found (from {os.getcwd()} or {REPO_ROOT}); check FSS_MODELS.")
     try:
+        if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
+            huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return pipeline("few-shot-segmentation", model=str(_local_path(spec) or spec), device=device)
+        return pipeline("few-shot-segmentation", model=str(local or spec), device=device)
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
-        message = html.escape(f"Could not load model {spec!r}: {type(err).__name__}: {err}")
-        raise gr.Error(message, title="Model") from err
+        hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"
+        raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
 
 
 def _input_error(err: ValueError, query_name: str) -> gr.Error:
     """The pipeline's ValueError, its query argument `images` named as in the app."""
-    return gr.Error(html.escape(str(err).replace("`images", f"`{query_name}"), quote=False), title="Input")
+    return user_error(str(err).replace("`images", f"`{query_name}"), "Input")
 
 
-def strokes_by_class(editor: dict | None) -> tuple[Any, dict[int, np.ndarray]]:
-    """An ImageEditor value -> (background, {class index: 0/1 mask}): painted pixels by nearest brush colour."""
+def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, dict[int, np.ndarray]]:
+    """An ImageEditor value -> (background, {class index: 0/1 mask}): painted pixels by nearest brush colour; a
+    layer of another size than the image is an error (never stretched onto it)."""
     if not editor or editor.get("background") is None:
         return None, {}
     height, width = np.asarray(editor["background"]).shape[:2]
@@ -129,7 +152,9 @@ def strokes_by_class(editor: dict | None) -> tuple[Any, dict[int, np.ndarray]]:
     classes: dict[int, np.ndarray] = {}
     for layer in [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]:
         if layer.ndim == 3 and layer.shape[-1] == 4:
-            layer = cv2.resize(layer, (width, height), interpolation=cv2.INTER_NEAREST)
+            if layer.shape[:2] != (height, width):
+                sizes = f"{layer.shape[0]}x{layer.shape[1]} but its image {height}x{width} (h x w)"
+                raise user_error(f"{what}: the painted layer has size {sizes}: paint on the image itself.", "Mask")
             painted = layer[..., 3] > 0
             nearest = ((layer[..., :3][painted].astype(np.float32)[:, None] - palette) ** 2).sum(-1).argmin(1)
             for index in np.unique(nearest):
@@ -138,12 +163,15 @@ def strokes_by_class(editor: dict | None) -> tuple[Any, dict[int, np.ndarray]]:
     return editor["background"], classes
 
 
-def parse_box(text: str | None, what: str) -> tuple[float, float, float, float] | None:
-    """`"x0, y0, x1, y1"` (commas or spaces) -> a box, `None` when empty; `gr.Error` for anything else."""
+def parse_box(text: str | None, what: str | None) -> tuple[float, float, float, float] | None:
+    """`"x0, y0, x1, y1"` (commas or spaces) -> a box, `None` when empty; `gr.Error` naming `what`
+    for anything else (`None` when `what` is None)."""
     parts = str(text or "").replace(",", " ").replace(";", " ").split()
     values = [float(p) for p in parts if p.lstrip("-").replace(".", "", 1).isdigit()]
     if parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]):
-        raise gr.Error(f"{what}: a box is four numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1, got {text!r}")
+        if what is None:  # a preview while typing: nothing yet
+            return None
+        raise user_error(f"{what}: a box is four numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1, got {text!r}", "Box")
     return tuple(values) if parts else None
 
 
@@ -152,15 +180,15 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
     episodes: dict[int, tuple[list, list]] = {}
     for k, (editor, box_text) in enumerate(zip(editors, boxes)):
         what = f"Support {k + 1}"
-        background, classes = strokes_by_class(editor)
+        background, classes = strokes_by_class(editor, what)
         box = parse_box(box_text, f"{what} box") if mode == "box" else None
         if background is None:
             if classes or box is not None:
-                raise gr.Error(f"{what} has a mark but no image: upload the support image first.", title="Support")
+                raise user_error(f"{what} has a mark but no image: upload the support image first.", "Support")
             continue
         if not classes and box is None:
             hint = ", or type its box as x0, y0, x1, y1" if mode == "box" else " (or switch to box mode)"
-            raise gr.Error(f"{what} has an image but no target marked: paint over the object{hint}.", title="Mask")
+            raise user_error(f"{what} has an image but no target marked: paint over the object{hint}.", "Mask")
         annotations = {0: box} if box is not None else classes
         for c, annotation in annotations.items():
             images, masks = episodes.setdefault(c, ([], []))
@@ -170,7 +198,7 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
                 annotation = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
             masks.append(annotation)
     if not episodes:
-        raise gr.Error("No support image: upload a support image and paint the target on it.", title="Support")
+        raise user_error("No support image: upload a support image and paint the target on it.", "Support")
     return dict(sorted(episodes.items()))
 
 
@@ -187,17 +215,55 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, i
     return Image.fromarray(out)
 
 
-def heat_map(image: np.ndarray, values: np.ndarray) -> Image.Image:
-    """A map in [0, 1] as a turbo-coloured heat map over the dimmed grey query."""
-    colored = cv2.applyColorMap((np.clip(values, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
-    gray = image.astype(np.float32).mean(axis=-1, keepdims=True)
-    return Image.fromarray((0.7 * colored + 0.3 * gray).clip(0, 255).astype(np.uint8))
+def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
+    """A map over the dimmed grey query as the method defines it, with its scale in a strip below: the distractor
+    map a binary mask (orange, legend chip), any other map in [0, 1] in turbo colours (colour bar 0 ... 1)."""
+    height, width = values.shape
+    gray, strip = image.astype(np.float32).mean(axis=-1, keepdims=True), max(14, height // 12)
+    turbo = functools.partial(cv2.applyColorMap, colormap=cv2.COLORMAP_TURBO)
+    if key == "distractor":
+        out, orange = np.repeat(0.6 * gray + 40, 3, axis=-1), np.asarray([255, 140, 0], np.float32)
+        out[values >= 0.5] = 0.3 * out[values >= 0.5] + 0.7 * orange
+        bar, labels = np.full((strip, width, 3), 255, np.float32), ["", "distractor"]
+        bar[:, : 2 * strip] = orange
+    else:
+        colour = turbo((np.clip(values, 0, 1) * 255).astype(np.uint8))[..., ::-1]
+        out, labels = 0.7 * colour + 0.3 * gray, ["0", "1"]
+        bar = turbo(np.linspace(0, 255, width).astype(np.uint8)[None].repeat(strip, 0))[..., ::-1]
+    bar = np.ascontiguousarray(bar.astype(np.uint8))
+    scale, font = strip / 36, cv2.FONT_HERSHEY_SIMPLEX
+    for text, x in zip(labels, (2, width - 2)):  # "0" left, "1" (or the legend) right-aligned
+        size = cv2.getTextSize(text, font, scale, 1)[0][0]
+        cv2.putText(bar, text, (max(x - size * (x > 2), 2 * strip + 2), strip * 3 // 4), font, scale, (0, 0, 0), 1)
+    return Image.fromarray(np.concatenate([out.clip(0, 255).astype(np.uint8), bar]))
 
 
-def _save_png(array: np.ndarray, name: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="hf_fss_space_")) / name
-    Image.fromarray(array).save(path, format="PNG")
-    return str(path)
+def _output_folder() -> Path:
+    """A new folder for one response's files (never overwritten while served); folders of older responses than
+    `OUTPUT_MAX_AGE_S` are removed (gradio has copied them into its cache by then)."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in OUTPUT_DIR.iterdir():
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                shutil.rmtree(old)
+    return Path(tempfile.mkdtemp(dir=OUTPUT_DIR))
+
+
+def _save_png(image: np.ndarray | Image.Image, folder: Path, name: str) -> str:
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    image.save(folder / name, format="PNG")
+    return str(folder / name)
+
+
+def box_preview(editor: dict | None, text: str | None):
+    """The support with its typed box drawn on it, once the box is four valid numbers (else hidden)."""
+    background, box = strokes_by_class(editor)[0] if editor else None, parse_box(text, None)
+    if background is None or box is None:
+        return gr.Image(value=None, visible=False)
+    image = np.ascontiguousarray(np.asarray(background)[..., :3])
+    x0, y0, x1, y1 = (round(v) for v in box)
+    cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
+    return gr.Image(value=image, visible=True)
 
 
 def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
@@ -206,7 +272,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
     episodes = collect_episodes(mode, list(editors_and_boxes[:MAX_SUPPORTS]), list(editors_and_boxes[MAX_SUPPORTS:]))
     paths = [item[0] if isinstance(item, list | tuple) else item for item in (queries or [])][:MAX_QUERIES]
     if not paths:
-        raise gr.Error("No query image: upload one or more images to segment.", title="Query")
+        raise user_error("No query image: upload one or more images to segment.", "Query")
     names, colors = zip(*[list(CLASS_COLORS.items())[c] for c in episodes])
     start = time.perf_counter()
     try:
@@ -214,16 +280,20 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
         results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
         raise _input_error(err, "queries") from err
-    gallery, maps, files = [], [], []
+    gallery, maps, files, folder = [], [], [], _output_folder()
     for i, (path, result) in enumerate(zip(paths, results)):
         image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
         parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
-        gallery.append((overlay(image, result["mask"], colors), f"{i + 1}. {qname}: {', '.join(parts)}"))
+        picture = _save_png(overlay(image, result["mask"], colors), folder, f"{i + 1}_{qname}.png")
+        gallery.append((picture, f"{i + 1}. {qname}: {', '.join(parts)}"))
         for c, name in enumerate(names):
-            files.append(_save_png((result["mask"] == c + 1).astype(np.uint8) * 255, f"{qname}_mask_{name}.png"))
+            mask = (result["mask"] == c + 1).astype(np.uint8) * 255
+            files.append(_save_png(mask, folder, f"{i + 1}_{qname}_mask_{name}.png"))
             for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
+                picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
                 tag = f" [{name}]" if len(names) > 1 else ""
-                maps.append((heat_map(image, values[c] if values.ndim == 3 else values), f"{i + 1}. {key}{tag}"))
+                caption = f"{i + 1}. {key}{tag}. {MAP_CAPTIONS.get(key, 'colour bar 0 (blue) to 1 (red)')}"
+                maps.append((_save_png(picture, folder, f"{i + 1}_{key}_{name}.png"), caption))
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
     details = (
         f"**Model** `{html.escape(str(model_id or registry.default))}` ({pipe.model.config.model_type}, "
@@ -234,7 +304,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
 
 
 def segment_api(registry: ModelRegistry, support_image, support_mask, query_image, model=None):
-    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as a 0/255 PNG, overlay, info."""
+    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as a 0/255 PNG, overlay PNG, info."""
     model = model or registry.default
     pipe, start = registry.get(model), time.perf_counter()
     try:
@@ -246,7 +316,9 @@ def segment_api(registry: ModelRegistry, support_image, support_mask, query_imag
     info = {"model": model, "model_type": pipe.model.config.model_type, "query_size": [mask.shape[1], mask.shape[0]]}
     info.update(target_fraction=round(float(mask.mean()), 6), support_encoding_cached=cached)
     info.update(maps=sorted(result["maps"]), seconds=round(time.perf_counter() - start, 3))
-    return _save_png(mask * 255, "mask.png"), overlay(image, mask, [CLASS_COLORS["blue"]]), info
+    folder = _output_folder()
+    picture = _save_png(overlay(image, mask, [CLASS_COLORS["blue"]]), folder, "overlay.png")
+    return _save_png(mask * 255, folder, "mask.png"), picture, info
 
 
 def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]:
@@ -297,6 +369,10 @@ saw in training, and the method's intermediate maps (the prior; NTRENet's backgr
 """
 
 
+CSS = """#result .caption-label, #maps .caption-label {white-space: normal; max-width: 100%}
+#result .grid-wrap, #maps .grid-wrap {overflow-y: visible; max-height: none}"""
+
+
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
     """The Gradio app for the models `specs` (default: `resolve_model_specs()`), examples rendered in `examples`."""
     registry = ModelRegistry(resolve_model_specs() if specs is None else specs)
@@ -304,7 +380,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
     palette = [("#{:02x}{:02x}{:02x}".format(*c), BRUSH_OPACITY) for c in CLASS_COLORS.values()]
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")
     status = f"Models (`FSS_MODELS`): `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
-    with gr.Blocks(title="hf_fss few-shot segmentation") as demo:
+    with gr.Blocks(title="hf_fss few-shot segmentation", delete_cache=(OUTPUT_MAX_AGE_S,) * 2) as demo:
         gr.Markdown(INTRO + "\n" + status)
         with gr.Row():
             model_box = gr.Dropdown(registry.specs, value=registry.default, label="Model", scale=2)
@@ -320,6 +396,10 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             transforms=(), format="png", height=440, elem_id=f"support-{k + 1}",
                         ))  # fmt: skip
                         boxes.append(gr.Textbox(label="Box (box mode)", placeholder="x0, y0, x1, y1", max_lines=1))
+                        preview = gr.Image(
+                            label="The box on the support", visible=False, interactive=False, height=240
+                        )
+                        boxes[-1].change(box_preview, [editors[-1], boxes[-1]], preview, api_visibility="private")
             with gr.Column(scale=2):
                 queries = gr.Gallery(label=f"Queries (up to {MAX_QUERIES})", type="filepath", file_types=["image"],
                                      interactive=True, columns=3, height=360, elem_id="queries")  # fmt: skip
@@ -329,31 +409,31 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             label="Examples from the synthetic benchmark: click one, then Run")  # fmt: skip
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
-            result = gr.Gallery(label="Masks over the queries", columns=2, height=400, format="png", elem_id="result")
-            maps = gr.Gallery(label="Intermediate maps (blue 0, red 1)", columns=4, height=400, format="png",
-                              elem_id="maps")  # fmt: skip
+            result = gr.Gallery(label="Masks over the queries", columns=2, height="auto", elem_id="result")
+            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, height="auto", elem_id="maps")
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
-                  [result, maps, mask_files, details], api_visibility="private", concurrency_limit=1)  # fmt: skip
+                  [result, maps, mask_files, details], api_visibility="private", scroll_to_output=True)  # fmt: skip
         with gr.Accordion("Mask files / API: one support image, its mask and a query", open=False):
             with gr.Row():
                 api_inputs = [gr.File(label=n, file_types=["image"], type="filepath", height=120)
                               for n in ("support_image", "support_mask (white = target)", "query_image")]  # fmt: skip
             api_run = gr.Button("Segment")
             with gr.Row():
-                api_outputs = [gr.Image(label="mask", type="filepath", format="png"),
-                               gr.Image(label="overlay", format="png"), gr.JSON(label="info")]  # fmt: skip
+                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")]
+                api_outputs.append(gr.JSON(label="info"))
         segment = functools.partial(segment_api, registry)  # API parameters: segment_api's argument names
-        api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment", concurrency_limit=1)
-    demo.queue(default_concurrency_limit=1, max_size=32)
+        api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment")
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)  # more requests wait, then "queue full"
     demo.registry, demo.examples_dir = registry, examples  # for main(), tests and launch()
     return demo
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """`demo.launch(**kwargs)`, allowed to serve the rendered example files."""
+    """`demo.launch(**kwargs)`, allowed to serve the rendered example files, with the page's CSS."""
     kwargs.setdefault("allowed_paths", [str(demo.examples_dir)])
+    kwargs.setdefault("css", CSS)
     return demo.launch(show_error=True, **kwargs)
 
 

@@ -121,7 +121,7 @@ def test_segment_equals_the_pipeline_on_the_same_files(registry, episode, mask_f
     with Image.open(mask_path) as opened:
         assert opened.format == "PNG" and opened.mode == "L"
         np.testing.assert_array_equal(np.asarray(opened), expected * 255)  # the pipeline's 0/1 mask as 0/255
-    assert overlay.size == (150, 90) and info["query_size"] == [150, 90] and info["maps"] == ["prior"]
+    assert Image.open(overlay).size == (150, 90) and info["query_size"] == [150, 90] and info["maps"] == ["prior"]
     assert expected.any() and info["target_fraction"] == round(float(expected.mean()), 6)
     again = app.segment_api(registry, support, str(folder / "mask.png"), query)[2]  # 0/255, 0/1, soft: one mask
     assert again["support_encoding_cached"] is True
@@ -147,8 +147,9 @@ def test_run_ui_segments_every_query_with_maps_and_reuses_the_encoding(registry,
     queries = [str(episode["dir"] / "support.png"), str(episode["dir"] / "query_rgba.png")]
     editors = [_editor(image, layer)] + [None] * (app.MAX_SUPPORTS - 1)
     gallery, maps, files, details = app.run_ui(registry, None, "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
-    assert [picture.size for picture, _ in gallery] == [(120, 120), (150, 90)]
+    assert [Image.open(picture).size for picture, _ in gallery] == [(120, 120), (150, 90)]
     assert [caption.split(". ")[1] for _, caption in maps] == ["prior", "prior"]
+    assert "colour bar 0 (blue) to 1 (red)" in maps[0][1]
     assert "cosine_prior" in details and "blue: 1-shot" in details and "2 queries" in details
     expected = registry.get(None)(queries[1], support_image=image, support_mask=target, output_type="numpy")["mask"]
     np.testing.assert_array_equal(np.asarray(Image.open(files[1])), expected * 255)
