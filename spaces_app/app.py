@@ -259,11 +259,11 @@ def box_preview(editor: dict | None, text: str | None):
     """The support with its typed box drawn on it, once the box is four valid numbers (else hidden)."""
     background, box = strokes_by_class(editor)[0] if editor else None, parse_box(text, None)
     if background is None or box is None:
-        return gr.Image(value=None, visible=False)
+        return gr.update(value=None, visible=False)
     image = np.ascontiguousarray(np.asarray(background)[..., :3])
     x0, y0, x1, y1 = (round(v) for v in box)
     cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
-    return gr.Image(value=image, visible=True)
+    return gr.update(value=image, visible=True)
 
 
 def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
@@ -397,7 +397,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                         ))  # fmt: skip
                         boxes.append(gr.Textbox(label="Box (box mode)", placeholder="x0, y0, x1, y1", max_lines=1))
                         preview = gr.Image(
-                            label="The box on the support", visible=False, interactive=False, height=240
+                            label="The box on the support", visible=False, interactive=False, format="png"
                         )
                         boxes[-1].change(box_preview, [editors[-1], boxes[-1]], preview, api_visibility="private")
             with gr.Column(scale=2):

@@ -340,3 +340,91 @@ def test_page_runs_an_example_in_headless_chromium(server):
     assert not errors, errors
     assert screenshot.stat().st_size > 10_000
     print(f"browser test: {time.perf_counter() - start:.1f} s, screenshot {screenshot}")
+
+
+# ------------------------------------------------------------------------------------------- load, errors, maps
+
+
+@pytest.mark.slow
+def test_40_concurrent_segment_requests_all_succeed_and_a_user_error_is_one_log_line(server, episode, capfd):
+    from gradio_client import Client, handle_file
+
+    folder, client = episode["dir"], Client(server, verbose=False)
+    args = [handle_file(folder / name) for name in ("support.png", "mask.png", "query_rgba.png")]
+    jobs = [client.submit(*args, api_name="/segment") for _ in range(40)]  # the queue holds 64
+    results = [job.result(timeout=240) for job in jobs]
+    expected = np.asarray(Image.open(results[0][0]))
+    for mask_path, overlay_path, info in results:  # every file complete (a truncated PNG fails to load)
+        np.testing.assert_array_equal(np.asarray(Image.open(mask_path)), expected)
+        assert Image.open(overlay_path).size == (150, 90) and info["query_size"] == [150, 90]
+    capfd.readouterr()
+    (folder / "it's broken.png").write_bytes(b"not a PNG")
+    with pytest.raises(Exception, match="`query_image`: could not read image file") as raised:
+        client.predict(*args[:2], handle_file(folder / "it's broken.png"), api_name="/segment")
+    assert "&#x27;" not in str(raised.value) and "&quot;" not in str(raised.value)
+    time.sleep(0.5)
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and len([line for line in log.splitlines() if "Input error" in line]) == 1, log
+
+
+def test_user_errors_are_plain_text_persistent_and_logged_once(registry, episode, capfd):
+    folder, _ = episode["dir"], registry.get(None)
+    capfd.readouterr()
+    with pytest.raises(gr.Error) as raised:
+        app.segment_api(registry, str(folder / "support.png"), str(folder / "mask.png"), str(folder / "it's.png"))
+    assert raised.value.duration is None and raised.value.print_exception is False
+    assert "&#x27;" not in raised.value.message and "&quot;" not in raised.value.message
+    assert "it's.png" in raised.value.message and capfd.readouterr().err.count("\n") == 1
+
+
+def test_a_missing_folder_or_unreachable_hub_model_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for spec, message in [
+        ("outputs/missing", "Model folder 'outputs/missing' not found"),
+        ("./missing/model/best", "not found"),
+        ("no-such-org-hf-fss/no-such-model", "Could not load model 'no-such-org-hf-fss/no-such-model' (check the Hub"),
+    ]:
+        monkeypatch.setattr(app.huggingface_hub, "model_info", _unreachable)
+        start = time.perf_counter()
+        with pytest.raises(gr.Error, match=re.escape(message)) as raised:
+            app.ModelRegistry([spec]).get(None)
+        assert time.perf_counter() - start < 5 and raised.value.duration is None and raised.value.title == "Model"
+
+
+def _unreachable(*args, **kwargs):
+    raise ConnectionError("[Errno -2] Name or service not known")
+
+
+def test_an_editor_layer_of_another_size_is_refused_not_stretched(episode):
+    image = episode["image"]  # 120x120; a 100x130 layer (another photo's mask) is not resized onto it
+    layer = np.zeros((100, 130, 4), np.uint8)
+    layer[20:60, 20:60] = (*app.CLASS_COLORS["blue"], 150)
+    with pytest.raises(
+        gr.Error, match=re.escape("Support 1: the painted layer has size 100x130 but its image 120x120")
+    ):
+        app.collect_episodes("brush", [_editor(image, layer)], [""])
+
+
+def test_maps_have_a_scale_and_the_distractor_map_is_a_binary_mask(episode):
+    image = episode["image"]
+    ramp = np.tile(np.linspace(0, 1, 120, dtype=np.float32), (120, 1))
+    prior = np.asarray(app.heat_map(image, ramp, "prior"))
+    assert prior.shape[0] > 120 and prior.shape[1] == 120  # a colour bar below the map
+    bar = prior[125:, 5:-5].reshape(-1, 3)
+    assert bar[:, 2].mean() > 0 and (prior[130, 10] != prior[130, 110]).any()  # blue ... red
+    distractor = np.asarray(app.heat_map(image, (ramp > 0.5).astype(np.float32), "distractor"))
+    orange = np.all(distractor[:120] == (255, 140, 0), axis=-1) | (np.abs(distractor[:120] - (178, 98, 0)) < 80).all(
+        -1
+    )
+    assert orange[:, 70:].mean() > 0.9 and orange[:, :50].mean() < 0.1  # only where the mask is 1
+    assert "neither background nor target" in app.MAP_CAPTIONS["distractor"]
+
+
+def test_the_typed_box_is_drawn_on_the_support(episode):
+    hidden = app.box_preview(_editor(episode["image"]), "4, 5")
+    assert hidden["visible"] is False
+    shown = app.box_preview(_editor(episode["image"]), "10, 20, 60, 70")
+    drawn = shown["value"]
+    assert shown["visible"] is True and tuple(drawn[20, 30]) == app.CLASS_COLORS["blue"]
+    assert tuple(drawn[40, 30]) != app.CLASS_COLORS["blue"]
