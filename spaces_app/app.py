@@ -369,6 +369,7 @@ saw in training, and the method's intermediate maps (the prior; NTRENet's backgr
 """
 
 
+SCROLL_TO_RESULT = "() => document.querySelector('#result')?.scrollIntoView({block: 'start'})"
 CSS = """#result .caption-label, #maps .caption-label {white-space: normal; max-width: 100%}
 #result .grid-wrap, #maps .grid-wrap {overflow-y: visible; max-height: none}"""
 
@@ -414,7 +415,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
-                  [result, maps, mask_files, details], api_visibility="private", scroll_to_output=True)  # fmt: skip
+                  [result, maps, mask_files, details], api_visibility="private").then(js=SCROLL_TO_RESULT)  # fmt: skip
         with gr.Accordion("Mask files / API: one support image, its mask and a query", open=False):
             with gr.Row():
                 api_inputs = [gr.File(label=n, file_types=["image"], type="filepath", height=120)

@@ -304,42 +304,45 @@ def test_page_runs_an_example_in_headless_chromium(server):
         pytest.fail("playwright (the Python package) is needed for the browser test: pip install playwright")
 
     ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "space.png"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1700},
-        )
-        browser.set_default_timeout(60_000)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server, wait_until="load")
-            page.locator("#examples button").first.click()
-            page.locator("#queries img").first.wait_for()
-            page.locator("#run").click()
-            result = page.locator("#result img").first
-            result.wait_for()
-            assert result.get_attribute("src")
-            page.locator("#maps img").first.wait_for()
-            page.wait_for_function("document.querySelector('#details')?.innerText.includes('1-shot')")
-            details = page.locator("#details").inner_text()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(screenshot), full_page=True)
-        except Exception:
-            page.screenshot(path=str(screenshot), full_page=True)
-            raise
-        finally:
-            browser.close()
-    assert "cosine_prior" in details and "2 queries" in details, details
-    assert not errors, errors
-    assert screenshot.stat().st_size > 10_000
-    print(f"browser test: {time.perf_counter() - start:.1f} s, screenshot {screenshot}")
+        for width, height in ((1280, 800), (800, 1000)):  # a laptop, and a narrow window where columns stack
+            screenshot = ARTIFACTS / f"space_{width}x{height}.png"
+            browser = playwright.chromium.launch_persistent_context(
+                profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": width, "height": height},
+            )  # fmt: skip
+            browser.set_default_timeout(60_000)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda error, errors=errors: errors.append(str(error)))
+                page.goto(server, wait_until="load")
+                page.locator("#examples button").first.click()
+                page.locator("#queries img").first.wait_for()
+                page.locator("#run").click()
+                result = page.locator("#result img").first
+                result.wait_for()
+                assert result.get_attribute("src")
+                page.locator("#maps img").first.wait_for()
+                page.wait_for_function("document.querySelector('#details')?.innerText.includes('1-shot')")
+                details = page.locator("#details").inner_text()
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(screenshot))
+                box = result.bounding_box()  # the result image is fully inside the window after the run
+                assert box and box["x"] >= 0 and box["y"] >= 0, box
+                assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (box, width, height)
+                captions = page.locator("#maps .caption-label").all()
+                assert captions and all(c.evaluate("e => e.scrollWidth <= e.clientWidth") for c in captions)
+            except Exception:
+                page.screenshot(path=str(screenshot), full_page=True)
+                raise
+            finally:
+                browser.close()
+            assert "cosine_prior" in details and "2 queries" in details, details
+            assert not errors, errors
+            assert screenshot.stat().st_size > 10_000
+    print(f"browser test: {time.perf_counter() - start:.1f} s, screenshots in {ARTIFACTS}")
 
 
 # ------------------------------------------------------------------------------------------- load, errors, maps
