@@ -232,9 +232,9 @@ def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
         bar = turbo(np.linspace(0, 255, width).astype(np.uint8)[None].repeat(strip, 0))[..., ::-1]
     bar = np.ascontiguousarray(bar.astype(np.uint8))
     scale, font = strip / 36, cv2.FONT_HERSHEY_SIMPLEX
-    for text, x in zip(labels, (2, width - 2)):  # "0" left, "1" (or the legend) right-aligned
-        size = cv2.getTextSize(text, font, scale, 1)[0][0]
-        cv2.putText(bar, text, (max(x - size * (x > 2), 2 * strip + 2), strip * 3 // 4), font, scale, (0, 0, 0), 1)
+    for text, right in zip(labels, (False, True)):  # "0" left, "1" (or the legend after its chip) right-aligned
+        x = width - 3 - cv2.getTextSize(text, font, scale, 1)[0][0] if right else 3
+        cv2.putText(bar, text, (max(x, 2 * strip + 3 if key == "distractor" else 3), strip * 3 // 4), font, scale, 0)
     return Image.fromarray(np.concatenate([out.clip(0, 255).astype(np.uint8), bar]))
 
 
@@ -370,7 +370,9 @@ saw in training, and the method's intermediate maps (the prior; NTRENet's backgr
 
 
 SCROLL_TO_RESULT = "() => document.querySelector('#result')?.scrollIntoView({block: 'start'})"
-CSS = """#result .caption-label, #maps .caption-label {white-space: normal; max-width: 100%}
+CSS = """#result .thumbnail-item, #maps .thumbnail-item {aspect-ratio: auto; height: auto}
+#result .thumbnail-lg > img, #maps .thumbnail-lg > img {height: auto}
+#result .caption-label, #maps .caption-label {white-space: normal; max-width: 100%; position: static}
 #result .grid-wrap, #maps .grid-wrap {overflow-y: visible; max-height: none}"""
 
 
@@ -410,8 +412,16 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             label="Examples from the synthetic benchmark: click one, then Run")  # fmt: skip
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
-            result = gr.Gallery(label="Masks over the queries", columns=2, height="auto", elem_id="result")
-            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, height="auto", elem_id="maps")
+            result = gr.Gallery(
+                label="Masks over the queries", columns=2, height="auto", object_fit="contain", elem_id="result"
+            )
+            maps = gr.Gallery(
+                label="Intermediate maps (scale below each)",
+                columns=3,
+                height="auto",
+                object_fit="contain",
+                elem_id="maps",
+            )
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
