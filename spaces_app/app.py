@@ -3,7 +3,6 @@
 import contextlib
 import functools
 import hashlib
-import html
 import os
 import pickle
 import shutil
@@ -34,11 +33,9 @@ from hf_fss import FewShotSegmentationPipeline  # noqa: E402
 DEFAULT_MODEL_DIR = REPO_ROOT / "outputs" / "quickstart"
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
 OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
-MAP_CAPTIONS = {  # what each method's map is; the caption's text after "<i>. <name>. "
-    "prior": "similarity to the support, colour bar 0 (blue) to 1 (red)",
-    "background": "probability of background, colour bar 0 (blue) to 1 (red)",
-    "distractor": "binary mask (orange) of the regions that are neither background nor target",
-}
+SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
+MAP_CAPTIONS = {"prior": f"similarity to the support, {SCALE}", "background": f"background probability, {SCALE}"}
+MAP_CAPTIONS["distractor"] = "binary mask (orange) of regions that are neither background nor target"
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
 NO_MODEL_MESSAGE = (
     "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
@@ -92,10 +89,9 @@ class ModelRegistry:
         """`pipe.encode_supports(**supports)`, reused for the same model and support files / arrays."""
         key = hashlib.sha256(pickle.dumps([spec, _content(supports)])).hexdigest()
         with self._lock:
-            if key in self._encodings:
-                self.hits += 1
-                self._encodings.move_to_end(key)
-                return self._encodings[key], True
+            if (hit := self._encodings.pop(key, None)) is not None:  # put back as the most recently used
+                self.hits, self._encodings[key] = self.hits + 1, hit
+                return hit, True
         encoding = self.get(spec).encode_supports(**supports)
         with self._lock:
             self._encodings[key] = encoding
@@ -120,12 +116,9 @@ def user_error(message: str, title: str = "Model") -> gr.Error:
 
 
 def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
-    """The pipeline of an hf_fss model folder or Hub repo id; a missing folder or an unreachable Hub repo fails
-    within seconds, and any failure becomes a `user_error`."""
-    local = _local_path(spec)
-    if local is None and (
-        spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and Path(spec.split("/")[0]).is_dir())
-    ):
+    """The pipeline of a model folder or Hub repo id; a missing folder or unreachable repo fails within seconds."""
+    local, parts = _local_path(spec), spec.split("/")
+    if local is None and (spec[0] in "./~" or len(parts) > 2 or len(parts) == 2 and Path(parts[0]).is_dir()):
         raise user_error(f"Model folder {spec!r} not found (from {os.getcwd()} or {REPO_ROOT}); check FSS_MODELS.")
     try:
         if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
@@ -137,14 +130,8 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
         raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
 
 
-def _input_error(err: ValueError, query_name: str) -> gr.Error:
-    """The pipeline's ValueError, its query argument `images` named as in the app."""
-    return user_error(str(err).replace("`images", f"`{query_name}"), "Input")
-
-
 def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, dict[int, np.ndarray]]:
-    """An ImageEditor value -> (background, {class index: 0/1 mask}): painted pixels by nearest brush colour; a
-    layer of another size than the image is an error (never stretched onto it)."""
+    """An ImageEditor value -> (background, {class index: 0/1 mask}) by nearest brush colour (layers never resized)."""
     if not editor or editor.get("background") is None:
         return None, {}
     height, width = np.asarray(editor["background"]).shape[:2]
@@ -164,8 +151,7 @@ def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, d
 
 
 def parse_box(text: str | None, what: str | None) -> tuple[float, float, float, float] | None:
-    """`"x0, y0, x1, y1"` (commas or spaces) -> a box, `None` when empty; `gr.Error` naming `what`
-    for anything else (`None` when `what` is None)."""
+    """`"x0, y0, x1, y1"` -> a box, `None` when empty; else a `gr.Error` naming `what` (`None` without `what`)."""
     parts = str(text or "").replace(",", " ").replace(";", " ").split()
     values = [float(p) for p in parts if p.lstrip("-").replace(".", "", 1).isdigit()]
     if parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]):
@@ -207,40 +193,31 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, i
     out, thickness = image.astype(np.float32), max(1, round(max(label.shape) / 300))
     for index, color in enumerate(colors):
         out[label == index + 1] = 0.45 * out[label == index + 1] + 0.55 * np.asarray(color, dtype=np.float32)
-    out = out.astype(np.uint8)
+    out, method = out.astype(np.uint8), (cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for index, color in enumerate(colors):
-        region = (label == index + 1).astype(np.uint8)
-        contours = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness)
+        cv2.drawContours(
+            out, cv2.findContours((label == index + 1).astype(np.uint8), *method)[0], -1, color, thickness
+        )
     return Image.fromarray(out)
 
 
 def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
-    """A map over the dimmed grey query as the method defines it, with its scale in a strip below: the distractor
-    map a binary mask (orange, legend chip), any other map in [0, 1] in turbo colours (colour bar 0 ... 1)."""
-    height, width = values.shape
-    gray, strip = image.astype(np.float32).mean(axis=-1, keepdims=True), max(14, height // 12)
-    turbo = functools.partial(cv2.applyColorMap, colormap=cv2.COLORMAP_TURBO)
-    if key == "distractor":
-        out, orange = np.repeat(0.6 * gray + 40, 3, axis=-1), np.asarray([255, 140, 0], np.float32)
-        out[values >= 0.5] = 0.3 * out[values >= 0.5] + 0.7 * orange
-        bar, labels = np.full((strip, width, 3), 255, np.float32), ["", "distractor"]
-        bar[:, : 2 * strip] = orange
-    else:
-        colour = turbo((np.clip(values, 0, 1) * 255).astype(np.uint8))[..., ::-1]
-        out, labels = 0.7 * colour + 0.3 * gray, ["0", "1"]
-        bar = turbo(np.linspace(0, 255, width).astype(np.uint8)[None].repeat(strip, 0))[..., ::-1]
-    bar = np.ascontiguousarray(bar.astype(np.uint8))
-    scale, font = strip / 36, cv2.FONT_HERSHEY_SIMPLEX
-    for text, right in zip(labels, (False, True)):  # "0" left, "1" (or the legend after its chip) right-aligned
-        x = width - 3 - cv2.getTextSize(text, font, scale, 1)[0][0] if right else 3
-        cv2.putText(bar, text, (max(x, 2 * strip + 3 if key == "distractor" else 3), strip * 3 // 4), font, scale, 0)
-    return Image.fromarray(np.concatenate([out.clip(0, 255).astype(np.uint8), bar]))
+    """A map over the grey query as defined: the distractor map binary (orange), others in [0, 1], colour bar below."""
+    gray, width = image.astype(np.float32).mean(axis=-1, keepdims=True), values.shape[1]
+    if key == "distractor":  # a 0/1 mask; its caption is the legend
+        return Image.fromarray(np.where(values[..., None] >= 0.5, ORANGE, 0.6 * gray + 40).astype(np.uint8))
+    strip = max(14, values.shape[0] // 12)
+    ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, width)[None].repeat(strip, 0)])
+    out = cv2.applyColorMap((ramp * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
+    out[: len(values)] = 0.7 * out[: len(values)] + 0.3 * gray
+    out = np.ascontiguousarray(out.clip(0, 255).astype(np.uint8))
+    for text, x in (("0", 3), ("1", width - 3 - strip // 2)):  # the colour bar's ends
+        cv2.putText(out, text, (x, len(out) - strip // 4), cv2.FONT_HERSHEY_SIMPLEX, strip / 36, 0)
+    return Image.fromarray(out)
 
 
 def _output_folder() -> Path:
-    """A new folder for one response's files (never overwritten while served); folders of older responses than
-    `OUTPUT_MAX_AGE_S` are removed (gradio has copied them into its cache by then)."""
+    """A new folder for one response's files (never overwritten while served); old responses' folders are removed."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     for old in OUTPUT_DIR.iterdir():
         with contextlib.suppress(OSError):
@@ -279,7 +256,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
         encoding, cached = registry.encode(model_id or registry.default, supports=dict(zip(names, episodes.values())))
         results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
-        raise _input_error(err, "queries") from err
+        raise user_error(str(err).replace("`images", "`queries"), "Input") from err  # named as in the app
     gallery, maps, files, folder = [], [], [], _output_folder()
     for i, (path, result) in enumerate(zip(paths, results)):
         image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
@@ -296,7 +273,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
                 maps.append((_save_png(picture, folder, f"{i + 1}_{key}_{name}.png"), caption))
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
     details = (
-        f"**Model** `{html.escape(str(model_id or registry.default))}` ({pipe.model.config.model_type}, "
+        f"**Model** `{model_id or registry.default}` ({pipe.model.config.model_type}, "
         f"{pipe.image_processor.image_size}px) · {shots} · {len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in "
         f"{time.perf_counter() - start:.2f} s · support encoding {'reused from cache' if cached else 'computed'}"
     )
@@ -311,7 +288,7 @@ def segment_api(registry: ModelRegistry, support_image, support_mask, query_imag
         encoding, cached = registry.encode(model, support_image=support_image, support_mask=support_mask)
         result = pipe(query_image, support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
-        raise _input_error(err, "query_image") from err
+        raise user_error(str(err).replace("`images", "`query_image"), "Input") from err
     mask, image = result["mask"], pipe.image_processor.to_rgb_array(query_image, "query_image").astype(np.uint8)
     info = {"model": model, "model_type": pipe.model.config.model_type, "query_size": [mask.shape[1], mask.shape[0]]}
     info.update(target_fraction=round(float(mask.mean()), 6), support_encoding_cached=cached)
@@ -330,9 +307,7 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
     folder.mkdir(parents=True, exist_ok=True)
     render = functools.cache(lambda i: render_synthetic_example(0, 1, i, image_size=size, ignore_boundary=0))
 
-    def png(array: np.ndarray, name: str) -> str:
-        Image.fromarray(array).save(folder / name, format="PNG")
-        return str(folder / name)
+    png = functools.partial(_save_png, folder=folder)
 
     def editor(i: int, classes: list[int]) -> dict:  # class classes[j] painted in the j-th brush colour
         image, label = render(i)
@@ -341,13 +316,16 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
             layer[region] = (*color, round(255 * BRUSH_OPACITY))
             composite[region] += BRUSH_OPACITY * (np.asarray(color) - composite[region])
         name = f"synthetic_{i}_{'_'.join(map(str, classes))}"
-        layer, composite = png(layer, f"{name}_layer.png"), png(composite.astype(np.uint8), f"{name}_painted.png")
-        return {"background": png(image, f"synthetic_{i}.png"), "layers": [layer], "composite": composite}
+        layer, composite = (
+            png(layer, name=f"{name}_layer.png"),
+            png(composite.astype(np.uint8), name=f"{name}_painted.png"),
+        )
+        return {"background": png(image, name=f"synthetic_{i}.png"), "layers": [layer], "composite": composite}
 
     def example(supports: list[int], classes: list[int], queries: list[int]) -> tuple[list, str]:
         names = " + ".join(f"{SYNTHETIC_CLASSES[c]} ({color})" for c, color in zip(classes, CLASS_COLORS))
         editors = [editor(i, classes) for i in supports] + [None] * (2 - len(supports))
-        row = ["brush", *editors, [png(render(i)[0], f"synthetic_{i}.png") for i in queries]]
+        row = ["brush", *editors, [png(render(i)[0], name=f"synthetic_{i}.png") for i in queries]]
         return row, f"{len(supports)}-shot: {names}, {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
 
     rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]
@@ -370,10 +348,8 @@ saw in training, and the method's intermediate maps (the prior; NTRENet's backgr
 
 
 SCROLL_TO_RESULT = "() => document.querySelector('#result')?.scrollIntoView({block: 'start'})"
-CSS = """#result .thumbnail-item, #maps .thumbnail-item {aspect-ratio: auto; height: auto}
-#result .thumbnail-lg > img, #maps .thumbnail-lg > img {height: auto}
-#result .caption-label, #maps .caption-label {white-space: normal; max-width: 100%; position: static}
-#result .grid-wrap, #maps .grid-wrap {overflow-y: visible; max-height: none}"""
+CSS = """.fit .thumbnail-item, .fit .thumbnail-lg > img {aspect-ratio: auto; height: auto} .fit .grid-wrap {overflow-y:
+visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 100%; position: static}"""
 
 
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
@@ -399,9 +375,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             transforms=(), format="png", height=440, elem_id=f"support-{k + 1}",
                         ))  # fmt: skip
                         boxes.append(gr.Textbox(label="Box (box mode)", placeholder="x0, y0, x1, y1", max_lines=1))
-                        preview = gr.Image(
-                            label="The box on the support", visible=False, interactive=False, format="png"
-                        )
+                        preview = gr.Image(label="The box on the support", visible=False, interactive=False)
                         boxes[-1].change(box_preview, [editors[-1], boxes[-1]], preview, api_visibility="private")
             with gr.Column(scale=2):
                 queries = gr.Gallery(label=f"Queries (up to {MAX_QUERIES})", type="filepath", file_types=["image"],
@@ -412,16 +386,13 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             label="Examples from the synthetic benchmark: click one, then Run")  # fmt: skip
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
-            result = gr.Gallery(
-                label="Masks over the queries", columns=2, height="auto", object_fit="contain", elem_id="result"
-            )
-            maps = gr.Gallery(
-                label="Intermediate maps (scale below each)",
-                columns=3,
-                height="auto",
-                object_fit="contain",
-                elem_id="maps",
-            )
+            fit = {
+                "height": "auto",
+                "object_fit": "contain",
+                "elem_classes": "fit",
+            }  # whole pictures and captions, no inner scrolling
+            result = gr.Gallery(label="Masks over the queries", columns=2, elem_id="result", **fit)
+            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, elem_id="maps", **fit)
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
