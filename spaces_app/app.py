@@ -154,11 +154,10 @@ def parse_box(text: str | None, what: str | None) -> tuple[float, float, float, 
     """`"x0, y0, x1, y1"` -> a box, `None` when empty; else a `gr.Error` naming `what` (`None` without `what`)."""
     parts = str(text or "").replace(",", " ").replace(";", " ").split()
     values = [float(p) for p in parts if p.lstrip("-").replace(".", "", 1).isdigit()]
-    if parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]):
-        if what is None:  # a preview while typing: nothing yet
-            return None
+    bad = parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1])
+    if bad and what is not None:  # (without `what`, a preview while typing: nothing yet)
         raise user_error(f"{what}: a box is four numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1, got {text!r}", "Box")
-    return tuple(values) if parts else None
+    return tuple(values) if parts and not bad else None
 
 
 def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[list, list]]:
@@ -220,15 +219,14 @@ def _output_folder() -> Path:
     """A new folder for one response's files (never overwritten while served); old responses' folders are removed."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     for old in OUTPUT_DIR.iterdir():
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # another request may be removing it too
             if time.time() - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
                 shutil.rmtree(old)
     return Path(tempfile.mkdtemp(dir=OUTPUT_DIR))
 
 
-def _save_png(image: np.ndarray | Image.Image, folder: Path, name: str) -> str:
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    image.save(folder / name, format="PNG")
+def _save_png(folder: Path, name: str, image: np.ndarray | Image.Image) -> str:
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(folder / name, format="PNG")
     return str(folder / name)
 
 
@@ -257,20 +255,18 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
         results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
         raise user_error(str(err).replace("`images", "`queries"), "Input") from err  # named as in the app
-    gallery, maps, files, folder = [], [], [], _output_folder()
+    gallery, maps, files, png = [], [], [], functools.partial(_save_png, _output_folder())
     for i, (path, result) in enumerate(zip(paths, results)):
         image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
         parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
-        picture = _save_png(overlay(image, result["mask"], colors), folder, f"{i + 1}_{qname}.png")
+        picture = png(f"{i + 1}_{qname}.png", overlay(image, result["mask"], colors))
         gallery.append((picture, f"{i + 1}. {qname}: {', '.join(parts)}"))
         for c, name in enumerate(names):
-            mask = (result["mask"] == c + 1).astype(np.uint8) * 255
-            files.append(_save_png(mask, folder, f"{i + 1}_{qname}_mask_{name}.png"))
+            files.append(png(f"{i + 1}_{qname}_mask_{name}.png", (result["mask"] == c + 1).astype(np.uint8) * 255))
             for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
                 picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
-                tag = f" [{name}]" if len(names) > 1 else ""
-                caption = f"{i + 1}. {key}{tag}. {MAP_CAPTIONS.get(key, 'colour bar 0 (blue) to 1 (red)')}"
-                maps.append((_save_png(picture, folder, f"{i + 1}_{key}_{name}.png"), caption))
+                caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {MAP_CAPTIONS.get(key, SCALE)}"
+                maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
     details = (
         f"**Model** `{model_id or registry.default}` ({pipe.model.config.model_type}, "
@@ -293,9 +289,8 @@ def segment_api(registry: ModelRegistry, support_image, support_mask, query_imag
     info = {"model": model, "model_type": pipe.model.config.model_type, "query_size": [mask.shape[1], mask.shape[0]]}
     info.update(target_fraction=round(float(mask.mean()), 6), support_encoding_cached=cached)
     info.update(maps=sorted(result["maps"]), seconds=round(time.perf_counter() - start, 3))
-    folder = _output_folder()
-    picture = _save_png(overlay(image, mask, [CLASS_COLORS["blue"]]), folder, "overlay.png")
-    return _save_png(mask * 255, folder, "mask.png"), picture, info
+    png = functools.partial(_save_png, _output_folder())
+    return png("mask.png", mask * 255), png("overlay.png", overlay(image, mask, [CLASS_COLORS["blue"]])), info
 
 
 def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]:
@@ -306,8 +301,7 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
 
     folder.mkdir(parents=True, exist_ok=True)
     render = functools.cache(lambda i: render_synthetic_example(0, 1, i, image_size=size, ignore_boundary=0))
-
-    png = functools.partial(_save_png, folder=folder)
+    png = functools.partial(_save_png, folder)
 
     def editor(i: int, classes: list[int]) -> dict:  # class classes[j] painted in the j-th brush colour
         image, label = render(i)
@@ -316,27 +310,18 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
             layer[region] = (*color, round(255 * BRUSH_OPACITY))
             composite[region] += BRUSH_OPACITY * (np.asarray(color) - composite[region])
         name = f"synthetic_{i}_{'_'.join(map(str, classes))}"
-        layer, composite = (
-            png(layer, name=f"{name}_layer.png"),
-            png(composite.astype(np.uint8), name=f"{name}_painted.png"),
-        )
-        return {"background": png(image, name=f"synthetic_{i}.png"), "layers": [layer], "composite": composite}
+        layer, composite = png(f"{name}_layer.png", layer), png(f"{name}_painted.png", composite.astype(np.uint8))
+        return {"background": png(f"synthetic_{i}.png", image), "layers": [layer], "composite": composite}
 
     def example(supports: list[int], classes: list[int], queries: list[int]) -> tuple[list, str]:
         names = " + ".join(f"{SYNTHETIC_CLASSES[c]} ({color})" for c, color in zip(classes, CLASS_COLORS))
         editors = [editor(i, classes) for i in supports] + [None] * (2 - len(supports))
-        row = ["brush", *editors, [png(render(i)[0], name=f"synthetic_{i}.png") for i in queries]]
+        row = ["brush", *editors, [png(f"synthetic_{i}.png", render(i)[0]) for i in queries]]
         return row, f"{len(supports)}-shot: {names}, {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
 
     rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]
     rows.append(example([1, 1 + N], [2], [1 + 2 * N]))
-    for i in range(2 * N):  # two classes: a support with its class and a large object of another class
-        ids, counts = np.unique(render(i)[1], return_counts=True)
-        others = [(n, int(c)) for c, n in zip(ids, counts) if c not in (0, 255, i % N + 1) and n >= 0.03 * size**2]
-        if others:
-            classes = [i % N + 1, max(others)[1]]
-            rows.append(example([i], classes, [c - 1 + 2 * N for c in classes]))
-            break
+    rows.append(example([0], [1, 7], [2 * N, 6 + 2 * N]))  # two classes: image 0 also has a large class-7 object
     return [row for row, _ in rows], [label for _, label in rows]
 
 
@@ -347,6 +332,7 @@ saw in training, and the method's intermediate maps (the prior; NTRENet's backgr
 """
 
 
+FIT = {"height": "auto", "object_fit": "contain", "elem_classes": "fit"}  # whole pictures, captions; no inner scroll
 SCROLL_TO_RESULT = "() => document.querySelector('#result')?.scrollIntoView({block: 'start'})"
 CSS = """.fit .thumbnail-item, .fit .thumbnail-lg > img {aspect-ratio: auto; height: auto} .fit .grid-wrap {overflow-y:
 visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 100%; position: static}"""
@@ -386,13 +372,8 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             label="Examples from the synthetic benchmark: click one, then Run")  # fmt: skip
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
-            fit = {
-                "height": "auto",
-                "object_fit": "contain",
-                "elem_classes": "fit",
-            }  # whole pictures and captions, no inner scrolling
-            result = gr.Gallery(label="Masks over the queries", columns=2, elem_id="result", **fit)
-            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, elem_id="maps", **fit)
+            result = gr.Gallery(label="Masks over the queries", columns=2, elem_id="result", **FIT)
+            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, elem_id="maps", **FIT)
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
@@ -422,10 +403,8 @@ def launch(demo: gr.Blocks, **kwargs):
 def main() -> None:
     """`python spaces_app/app.py`: models from `FSS_MODELS`, address from `GRADIO_SERVER_NAME` / `_PORT`."""
     demo = build_demo()
-    try:
-        demo.registry.get(None)  # load the first model now
-    except gr.Error as err:  # the app still starts; the page says what is missing
-        print(f"warning: {err.message}", file=sys.stderr)
+    with contextlib.suppress(gr.Error):  # load the first model now; a failure is logged, and the app still starts
+        demo.registry.get(None)
     launch(demo)
 
 
