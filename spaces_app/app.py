@@ -52,21 +52,19 @@ def examples_dir() -> Path:
 def resolve_model_specs(value: str | None = None) -> list[str]:
     """`value` or `$FSS_MODELS` (comma-separated Hub ids or folders), else the quickstart's model, else none."""
     specs = [s.strip() for s in (value if value is not None else os.environ.get("FSS_MODELS", "")).split(",")]
-    if not any(specs) and _model_folder(DEFAULT_MODEL_DIR) is not None:
+    if not any(specs) and ((_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR) / "config.json").is_file():
         return [str(DEFAULT_MODEL_DIR.relative_to(REPO_ROOT))]
     return [s for s in specs if s]
 
 
-def _model_folder(path: Path) -> Path | None:
-    """`path` if it holds a saved model, else its `best/` or `final/` model (a training run folder), else None."""
-    return next((f for f in (path, path / "best", path / "final") if (f / "config.json").is_file()), None)
-
-
 def _local_path(spec: str) -> Path | None:
-    """The folder `spec` names (from the working directory, else the repository), or None for a Hub id."""
+    """The folder `spec` names (from the working directory, else the repository; a run folder: its `best/`, else
+    `final/` model), or None for a Hub id."""
     path = Path(spec).expanduser()
-    folders = [path] if path.is_absolute() else [path, REPO_ROOT / path]
-    return next((_model_folder(f) or f for f in folders if f.is_dir()), None)
+    for f in [path] if path.is_absolute() else [path, REPO_ROOT / path]:
+        if f.is_dir():
+            return next((m for m in (f, f / "best", f / "final") if (m / "config.json").is_file()), f)
+    return None
 
 
 class ModelRegistry:
@@ -135,8 +133,7 @@ def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, d
     if not editor or editor.get("background") is None:
         return None, {}
     height, width = np.asarray(editor["background"]).shape[:2]
-    palette = np.asarray(list(CLASS_COLORS.values()), dtype=np.float32)
-    classes: dict[int, np.ndarray] = {}
+    palette, classes = np.asarray(list(CLASS_COLORS.values()), dtype=np.float32), {}
     for layer in [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]:
         if layer.ndim == 3 and layer.shape[-1] == 4:
             if layer.shape[:2] != (height, width):
@@ -176,12 +173,11 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
             raise user_error(f"{what} has an image but no target marked: paint over the object{hint}.", "Mask")
         annotations = {0: box} if box is not None else classes
         for c, annotation in annotations.items():
-            images, masks = episodes.setdefault(c, ([], []))
-            images.append(background)
+            episodes.setdefault(c, ([], []))[0].append(background)
             if mode == "box" and box is None:  # the box around the strokes
                 ys, xs = np.nonzero(annotation)
                 annotation = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            masks.append(annotation)
+            episodes[c][1].append(annotation)
     if not episodes:
         raise user_error("No support image: upload a support image and paint the target on it.", "Support")
     return dict(sorted(episodes.items()))
@@ -194,9 +190,8 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, i
         out[label == index + 1] = 0.45 * out[label == index + 1] + 0.55 * np.asarray(color, dtype=np.float32)
     out, method = out.astype(np.uint8), (cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for index, color in enumerate(colors):
-        cv2.drawContours(
-            out, cv2.findContours((label == index + 1).astype(np.uint8), *method)[0], -1, color, thickness
-        )
+        region = (label == index + 1).astype(np.uint8)
+        cv2.drawContours(out, cv2.findContours(region, *method)[0], -1, color, thickness)
     return Image.fromarray(out)
 
 
@@ -209,10 +204,7 @@ def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
     ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, width)[None].repeat(strip, 0)])
     out = cv2.applyColorMap((ramp * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
     out[: len(values)] = 0.7 * out[: len(values)] + 0.3 * gray
-    out = np.ascontiguousarray(out.clip(0, 255).astype(np.uint8))
-    for text, x in (("0", 3), ("1", width - 3 - strip // 2)):  # the colour bar's ends
-        cv2.putText(out, text, (x, len(out) - strip // 4), cv2.FONT_HERSHEY_SIMPLEX, strip / 36, 0)
-    return Image.fromarray(out)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))  # the caption names the colour bar's ends
 
 
 def _output_folder() -> Path:
@@ -232,11 +224,10 @@ def _save_png(folder: Path, name: str, image: np.ndarray | Image.Image) -> str:
 
 def box_preview(editor: dict | None, text: str | None):
     """The support with its typed box drawn on it, once the box is four valid numbers (else hidden)."""
-    background, box = strokes_by_class(editor)[0] if editor else None, parse_box(text, None)
+    background, box = (editor or {}).get("background"), parse_box(text, None)
     if background is None or box is None:
         return gr.update(value=None, visible=False)
-    image = np.ascontiguousarray(np.asarray(background)[..., :3])
-    x0, y0, x1, y1 = (round(v) for v in box)
+    image, (x0, y0, x1, y1) = np.ascontiguousarray(np.asarray(background)[..., :3]), (round(v) for v in box)
     cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
     return gr.update(value=image, visible=True)
 
