@@ -134,16 +134,16 @@ def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, d
         return None, {}
     height, width = np.asarray(editor["background"]).shape[:2]
     palette, classes = np.asarray(list(CLASS_COLORS.values()), dtype=np.float32), {}
-    for layer in [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]:
-        if layer.ndim == 3 and layer.shape[-1] == 4:
-            if layer.shape[:2] != (height, width):
-                sizes = f"{layer.shape[0]}x{layer.shape[1]} but its image {height}x{width} (h x w)"
-                raise user_error(f"{what}: the painted layer has size {sizes}: paint on the image itself.", "Mask")
-            painted = layer[..., 3] > 0
-            nearest = ((layer[..., :3][painted].astype(np.float32)[:, None] - palette) ** 2).sum(-1).argmin(1)
-            for index in np.unique(nearest):
-                mask = classes.setdefault(int(index), np.zeros((height, width), dtype=np.uint8))
-                mask[painted] |= (nearest == index).astype(np.uint8)
+    layers = [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]
+    for layer in [layer for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]:
+        if layer.shape[:2] != (height, width):
+            sizes = f"{layer.shape[0]}x{layer.shape[1]} but its image {height}x{width} (h x w)"
+            raise user_error(f"{what}: the painted layer has size {sizes}: paint on the image itself.", "Mask")
+        painted = layer[..., 3] > 0
+        nearest = ((layer[..., :3][painted].astype(np.float32)[:, None] - palette) ** 2).sum(-1).argmin(1)
+        for index in np.unique(nearest):
+            mask = classes.setdefault(int(index), np.zeros((height, width), dtype=np.uint8))
+            mask[painted] |= (nearest == index).astype(np.uint8)
     return editor["background"], classes
 
 
@@ -161,8 +161,7 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
     """Class index -> (support images, annotations): brush strokes, or in box mode the typed box / strokes' box."""
     episodes: dict[int, tuple[list, list]] = {}
     for k, (editor, box_text) in enumerate(zip(editors, boxes)):
-        what = f"Support {k + 1}"
-        background, classes = strokes_by_class(editor, what)
+        background, classes = strokes_by_class(editor, what := f"Support {k + 1}")
         box = parse_box(box_text, f"{what} box") if mode == "box" else None
         if background is None:
             if classes or box is not None:
@@ -197,11 +196,10 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, i
 
 def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
     """A map over the grey query as defined: the distractor map binary (orange), others in [0, 1], colour bar below."""
-    gray, width = image.astype(np.float32).mean(axis=-1, keepdims=True), values.shape[1]
+    gray, strip = image.astype(np.float32).mean(axis=-1, keepdims=True), max(14, values.shape[0] // 12)
     if key == "distractor":  # a 0/1 mask; its caption is the legend
         return Image.fromarray(np.where(values[..., None] >= 0.5, ORANGE, 0.6 * gray + 40).astype(np.uint8))
-    strip = max(14, values.shape[0] // 12)
-    ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, width)[None].repeat(strip, 0)])
+    ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, values.shape[1])[None].repeat(strip, 0)])
     out = cv2.applyColorMap((ramp * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
     out[: len(values)] = 0.7 * out[: len(values)] + 0.3 * gray
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))  # the caption names the colour bar's ends
@@ -258,13 +256,12 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
                 picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
                 caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {MAP_CAPTIONS.get(key, SCALE)}"
                 maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
-    shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
-    details = (
-        f"**Model** `{model_id or registry.default}` ({pipe.model.config.model_type}, "
-        f"{pipe.image_processor.image_size}px) · {shots} · {len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in "
-        f"{time.perf_counter() - start:.2f} s · support encoding {'reused from cache' if cached else 'computed'}"
-    )
-    return gallery, maps, files, details + ("" if maps else " · this model returns no intermediate maps")
+    kind, count = f"{pipe.model.config.model_type}, {pipe.image_processor.image_size}px", len(paths)
+    details = [f"**Model** `{model_id or registry.default}` ({kind})"]
+    details.append(", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes)))
+    details.append(f"{count} quer{'y' if count == 1 else 'ies'} in {time.perf_counter() - start:.2f} s")
+    details.append(f"support encoding {'reused from cache' if cached else 'computed'}")
+    return gallery, maps, files, " · ".join(details + ([] if maps else ["this model returns no intermediate maps"]))
 
 
 def segment_api(registry: ModelRegistry, support_image, support_mask, query_image, model=None):
@@ -310,8 +307,9 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
         row = ["brush", *editors, [png(f"synthetic_{i}.png", render(i)[0]) for i in queries]]
         return row, f"{len(supports)}-shot: {names}, {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
 
-    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]
-    rows.append(example([1, 1 + N], [2], [1 + 2 * N]))
+    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)] + [
+        example([1, 1 + N], [2], [1 + 2 * N])
+    ]
     rows.append(example([0], [1, 7], [2 * N, 6 + 2 * N]))  # two classes: image 0 also has a large class-7 object
     return [row for row, _ in rows], [label for _, label in rows]
 
