@@ -265,7 +265,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
 
 
 def segment_api(registry: ModelRegistry, support_image, support_mask, query_image, model=None):
-    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as a 0/255 PNG, overlay PNG, info."""
+    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as 0/255 PNG, overlay, info."""
     model = model or registry.default
     pipe, start = registry.get(model), time.perf_counter()
     try:
@@ -329,8 +329,7 @@ visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 
 
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
     """The Gradio app for the models `specs` (default: `resolve_model_specs()`), examples rendered in `examples`."""
-    registry = ModelRegistry(resolve_model_specs() if specs is None else specs)
-    examples = examples or examples_dir()
+    registry, examples = ModelRegistry(resolve_model_specs() if specs is None else specs), examples or examples_dir()
     palette = [("#{:02x}{:02x}{:02x}".format(*c), BRUSH_OPACITY) for c in CLASS_COLORS.values()]
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")
     status = f"Models (`FSS_MODELS`): `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
@@ -373,8 +372,9 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                               for n in ("support_image", "support_mask (white = target)", "query_image")]  # fmt: skip
             api_run = gr.Button("Segment")
             with gr.Row():
-                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")]
-                api_outputs.append(gr.JSON(label="info"))
+                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")] + [
+                    gr.JSON(label="info")
+                ]
         segment = functools.partial(segment_api, registry)  # API parameters: segment_api's argument names
         api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)  # more requests wait, then "queue full"
@@ -384,9 +384,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
 
 def launch(demo: gr.Blocks, **kwargs):
     """`demo.launch(**kwargs)`, allowed to serve the rendered example files, with the page's CSS."""
-    kwargs.setdefault("allowed_paths", [str(demo.examples_dir)])
-    kwargs.setdefault("css", CSS)
-    return demo.launch(show_error=True, **kwargs)
+    return demo.launch(**{"allowed_paths": [str(demo.examples_dir)], "css": CSS, "show_error": True, **kwargs})
 
 
 def main() -> None:
