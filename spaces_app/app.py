@@ -10,9 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import cv2
 import gradio as gr
@@ -72,7 +70,7 @@ class ModelRegistry:
 
     def __init__(self, specs: list[str]):
         self.specs, self.default = list(specs), (specs[0] if specs else None)
-        self._pipes, self._encodings, self._lock, self.hits = {}, OrderedDict(), threading.Lock(), 0
+        self._pipes, self._encodings, self._lock, self.hits = {}, {}, threading.Lock(), 0
 
     def get(self, spec: str | None) -> FewShotSegmentationPipeline:
         spec = spec or self.default
@@ -83,7 +81,7 @@ class ModelRegistry:
                 self._pipes[spec] = load_pipeline(spec)
             return self._pipes[spec]
 
-    def encode(self, spec: str, **supports: Any) -> tuple[Any, bool]:
+    def encode(self, spec: str, **supports) -> tuple[object, bool]:
         """`pipe.encode_supports(**supports)`, reused for the same model and support files / arrays."""
         key = hashlib.sha256(pickle.dumps([spec, _content(supports)])).hexdigest()
         with self._lock:
@@ -94,11 +92,11 @@ class ModelRegistry:
         with self._lock:
             self._encodings[key] = encoding
             if len(self._encodings) > CACHE_SIZE:
-                self._encodings.popitem(last=False)
+                self._encodings.pop(next(iter(self._encodings)))  # the least recently used
         return encoding, False
 
 
-def _content(value: Any) -> Any:
+def _content(value: object) -> object:
     """Support inputs with files replaced by their bytes, for the cache key."""
     if isinstance(value, str | os.PathLike) and os.path.isfile(value):
         return Path(value).read_bytes()
@@ -128,7 +126,7 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
         raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
 
 
-def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[Any, dict[int, np.ndarray]]:
+def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[object, dict[int, np.ndarray]]:
     """An ImageEditor value -> (background, {class index: 0/1 mask}) by nearest brush colour (layers never resized)."""
     if not editor or editor.get("background") is None:
         return None, {}
@@ -315,10 +313,8 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
 
 
 INTRO = """# Few-shot segmentation with hf_fss
-Paint an object on *support* images (one tab each; one brush colour per class), or type its box in **box** mode;
-add *query* images or click an example, and **Run**: its class is segmented in the queries, even one the model never
-saw in training, and the method's intermediate maps (the prior; NTRENet's background, distractor maps) are shown.
-"""
+Paint an object on *support* images (one tab each, a brush colour per class) or type its box in **box** mode, add
+*query* images or click an example, and **Run**: its class is segmented in the queries, even one unseen in training."""
 
 
 FIT = {"height": "auto", "object_fit": "contain", "elem_classes": "fit"}  # whole pictures, captions; no inner scroll
@@ -334,7 +330,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")
     status = f"Models (`FSS_MODELS`): `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
     with gr.Blocks(title="hf_fss few-shot segmentation", delete_cache=(OUTPUT_MAX_AGE_S,) * 2) as demo:
-        gr.Markdown(INTRO + "\n" + status)
+        gr.Markdown(INTRO + "\n\n" + status)
         with gr.Row():
             model_box = gr.Dropdown(registry.specs, value=registry.default, label="Model", scale=2)
             mode = gr.Radio(["brush", "box"], value="brush", label="Target marked by", scale=1)
