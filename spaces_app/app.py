@@ -28,7 +28,7 @@ from transformers import pipeline  # noqa: E402
 
 from hf_fss import FewShotSegmentationPipeline  # noqa: E402
 
-DEFAULT_MODEL_DIR = REPO_ROOT / "outputs" / "quickstart"
+DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
 OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
 SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
@@ -119,8 +119,7 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
     try:
         if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
             huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return pipeline("few-shot-segmentation", model=str(local or spec), device=device)
+        return pipeline("few-shot-segmentation", model=str(local or spec), device=DEVICE)
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
         hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"
         raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
@@ -182,13 +181,12 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
 
 def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, int]]) -> Image.Image:
     """Tint and outline each class `c` (label == c + 1) of an RGB image in `colors[c]`."""
-    out, thickness = image.astype(np.float32), max(1, round(max(label.shape) / 300))
+    out, width = image.astype(np.float32), max(1, round(max(label.shape) / 300))
     for index, color in enumerate(colors):
         out[label == index + 1] = 0.45 * out[label == index + 1] + 0.55 * np.asarray(color, dtype=np.float32)
     out, method = out.astype(np.uint8), (cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for index, color in enumerate(colors):
-        region = (label == index + 1).astype(np.uint8)
-        cv2.drawContours(out, cv2.findContours(region, *method)[0], -1, color, thickness)
+        cv2.drawContours(out, cv2.findContours((label == index + 1).astype(np.uint8), *method)[0], -1, color, width)
     return Image.fromarray(out)
 
 
@@ -235,8 +233,7 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
     paths = [item[0] if isinstance(item, list | tuple) else item for item in (queries or [])][:MAX_QUERIES]
     if not paths:
         raise user_error("No query image: upload one or more images to segment.", "Query")
-    names, colors = zip(*[list(CLASS_COLORS.items())[c] for c in episodes])
-    start = time.perf_counter()
+    (names, colors), start = zip(*[list(CLASS_COLORS.items())[c] for c in episodes]), time.perf_counter()
     try:
         encoding, cached = registry.encode(model_id or registry.default, supports=dict(zip(names, episodes.values())))
         results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
