@@ -56,8 +56,7 @@ def resolve_model_specs(value: str | None = None) -> list[str]:
 
 
 def _local_path(spec: str) -> Path | None:
-    """The folder `spec` names (from the working directory, else the repository; a run folder: its `best/`, else
-    `final/` model), or None for a Hub id."""
+    """The folder `spec` names (from the working dir, else the repo; a run folder: its best/, else final/), or None."""
     path = Path(spec).expanduser()
     for f in [path] if path.is_absolute() else [path, REPO_ROOT / path]:
         if f.is_dir():
@@ -302,10 +301,8 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
         row = ["brush", *editors, [png(f"synthetic_{i}.png", render(i)[0]) for i in queries]]
         return row, f"{len(supports)}-shot: {names}, {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
 
-    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)] + [
-        example([1, 1 + N], [2], [1 + 2 * N])
-    ]
-    rows.append(example([0], [1, 7], [2 * N, 6 + 2 * N]))  # two classes: image 0 also has a large class-7 object
+    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]  # 1-shot, 2 queries; then 2-shot
+    rows += [example([1, 1 + N], [2], [1 + 2 * N]), example([0], [1, 7], [2 * N, 6 + 2 * N])]  # image 0: class 7 too
     return [row for row, _ in rows], [label for _, label in rows]
 
 
