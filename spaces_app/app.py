@@ -75,10 +75,8 @@ class ModelRegistry:
         spec = spec or self.default
         if spec not in self.specs:
             raise user_error(f"Unknown model {spec!r}; choose one of {self.specs}" if self.specs else NO_MODEL_MESSAGE)
-        with self._lock:
-            if spec not in self._pipes:
-                self._pipes[spec] = load_pipeline(spec)
-            return self._pipes[spec]
+        with self._lock:  # loaded once
+            return self._pipes[spec] if spec in self._pipes else self._pipes.setdefault(spec, load_pipeline(spec))
 
     def encode(self, spec: str, **supports) -> tuple[object, bool]:
         """`pipe.encode_supports(**supports)`, reused for the same model and support files / arrays."""
@@ -159,15 +157,12 @@ def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[l
     for k, (editor, box_text) in enumerate(zip(editors, boxes)):
         background, classes = strokes_by_class(editor, what := f"Support {k + 1}")
         box = parse_box(box_text, f"{what} box") if mode == "box" else None
-        if background is None:
-            if classes or box is not None:
-                raise user_error(f"{what} has a mark but no image: upload the support image first.", "Support")
-            continue
-        if not classes and box is None:
+        if background is None and (classes or box is not None):
+            raise user_error(f"{what} has a mark but no image: upload the support image first.", "Support")
+        if background is not None and not classes and box is None:
             hint = ", or type its box as x0, y0, x1, y1" if mode == "box" else " (or switch to box mode)"
             raise user_error(f"{what} has an image but no target marked: paint over the object{hint}.", "Mask")
-        annotations = {0: box} if box is not None else classes
-        for c, annotation in annotations.items():
+        for c, annotation in ({0: box} if box is not None else classes).items():  # none without an image
             episodes.setdefault(c, ([], []))[0].append(background)
             if mode == "box" and box is None:  # the box around the strokes
                 ys, xs = np.nonzero(annotation)
@@ -250,11 +245,10 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
                 picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
                 caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {MAP_CAPTIONS.get(key, SCALE)}"
                 maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
-    kind, count = f"{pipe.model.config.model_type}, {pipe.image_processor.image_size}px", len(paths)
-    details = [f"**Model** `{model_id or registry.default}` ({kind})"]
-    details.append(", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes)))
-    details.append(f"{count} quer{'y' if count == 1 else 'ies'} in {time.perf_counter() - start:.2f} s")
-    details.append(f"support encoding {'reused from cache' if cached else 'computed'}")
+    model = f"`{model_id or registry.default}` ({pipe.model.config.model_type}, {pipe.image_processor.image_size}px)"
+    shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
+    count = f"{len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - start:.2f} s"
+    details = [f"**Model** {model}", shots, count, f"support encoding {'reused from cache' if cached else 'computed'}"]
     return gallery, maps, files, " · ".join(details + ([] if maps else ["this model returns no intermediate maps"]))
 
 
@@ -276,8 +270,7 @@ def segment_api(registry: ModelRegistry, support_image, support_mask, query_imag
 
 
 def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]:
-    """`gr.Examples` rows (mode, support 1, support 2, queries) and labels from the synthetic benchmark, whose
-    validation image i shows class i % N + 1 (so i, i + N, i + 2N share it), rendered into `folder`."""
+    """`gr.Examples` rows (mode, supports 1-2, queries), labels; synthetic image i shows class i % N + 1."""
     from hf_fss.data.synthetic import NUM_SYNTHETIC_CLASSES as N
     from hf_fss.data.synthetic import SYNTHETIC_CLASSES, render_synthetic_example
 
