@@ -212,8 +212,7 @@ def _save_png(folder: Path, name: str, image: np.ndarray | Image.Image) -> str:
 
 def box_preview(editor: dict | None, text: str | None):
     """The support with its typed box drawn on it, once the box is four valid numbers (else hidden)."""
-    background, box = (editor or {}).get("background"), parse_box(text, None)
-    if background is None or box is None:
+    if (background := (editor or {}).get("background")) is None or (box := parse_box(text, None)) is None:
         return gr.update(value=None, visible=False)
     image, (x0, y0, x1, y1) = np.ascontiguousarray(np.asarray(background)[..., :3]), (round(v) for v in box)
     cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
