@@ -293,8 +293,13 @@ def _chromium() -> str | None:
     return None
 
 
+def _assert_inside(box: dict | None, width: int, height: int) -> None:
+    assert box and box["x"] >= 0 and box["y"] >= 0, box
+    assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (box, width, height)
+
+
 @pytest.mark.slow
-def test_page_runs_an_example_in_headless_chromium(server):
+def test_page_runs_an_example_in_headless_chromium(server, episode):
     executable = _chromium()
     if executable is None:
         pytest.skip("Chromium not found (looked for /usr/bin/chromium; install it with .ci/install_browser.sh)")
@@ -304,6 +309,8 @@ def test_page_runs_an_example_in_headless_chromium(server):
         pytest.fail("playwright (the Python package) is needed for the browser test: pip install playwright")
 
     ARTIFACTS.mkdir(exist_ok=True)
+    landscape = episode["dir"] / "landscape.png"  # a single landscape result used to be pushed down and cut off
+    Image.fromarray(episode["image"]).resize((360, 120)).save(landscape)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
         for width, height in ((1280, 800), (800, 1000)):  # a laptop, and a narrow window where columns stack
@@ -329,11 +336,17 @@ def test_page_runs_an_example_in_headless_chromium(server):
                 details = page.locator("#details").inner_text()
                 page.wait_for_timeout(1000)
                 page.screenshot(path=str(screenshot))
-                box = result.bounding_box()  # the result image is fully inside the window after the run
-                assert box and box["x"] >= 0 and box["y"] >= 0, box
-                assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (box, width, height)
+                _assert_inside(result.bounding_box(), width, height)  # the result image is in the window after the run
                 captions = page.locator("#maps .caption-label").all()
                 assert captions and all(c.evaluate("e => e.scrollWidth <= e.clientWidth") for c in captions)
+                page.locator("#queries button[aria-label='Clear']").first.click()  # now one landscape query
+                page.locator("#queries input[type=file]").first.set_input_files(str(landscape))
+                page.wait_for_function("document.querySelectorAll('#queries img').length === 1")
+                page.locator("#run").click()
+                page.wait_for_function("document.querySelector('#result')?.innerText.includes('1. landscape')")
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(ARTIFACTS / f"space_{width}x{height}_landscape.png"))
+                _assert_inside(page.locator("#result img").first.bounding_box(), width, height)
             except Exception:
                 page.screenshot(path=str(screenshot), full_page=True)
                 raise
