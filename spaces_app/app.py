@@ -216,7 +216,7 @@ def box_preview(editor: dict | None, text: str | None):
         return gr.update(value=None, visible=False)
     image, (x0, y0, x1, y1) = np.ascontiguousarray(np.asarray(background)[..., :3]), (round(v) for v in box)
     cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
-    return gr.update(value=image, visible=True)
+    return gr.update(value=_save_png(_output_folder(), "box.png", image), visible=True)  # a file of its own
 
 
 def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):

@@ -439,6 +439,6 @@ def test_the_typed_box_is_drawn_on_the_support(episode):
     hidden = app.box_preview(_editor(episode["image"]), "4, 5")
     assert hidden["visible"] is False
     shown = app.box_preview(_editor(episode["image"]), "10, 20, 60, 70")
-    drawn = shown["value"]
+    drawn = np.asarray(Image.open(shown["value"]))
     assert shown["visible"] is True and tuple(drawn[20, 30]) == app.CLASS_COLORS["blue"]
     assert tuple(drawn[40, 30]) != app.CLASS_COLORS["blue"]
