@@ -1,20 +1,20 @@
 """Gradio Space of hf_fss (see README.md): layout, brush strokes and rendering around the few-shot pipeline."""
 
+import contextlib
 import functools
 import hashlib
-import html
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import cv2
 import gradio as gr
+import huggingface_hub
 import numpy as np
 import torch
 from PIL import Image
@@ -28,8 +28,12 @@ from transformers import pipeline  # noqa: E402
 
 from hf_fss import FewShotSegmentationPipeline  # noqa: E402
 
-DEFAULT_MODEL_DIR = REPO_ROOT / "outputs" / "quickstart"
-MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY = 5, 8, 8, 0.6
+DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torch.cuda.is_available() else "cpu"
+MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
+OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
+SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
+MAP_CAPTIONS = {"prior": f"similarity to the support, {SCALE}", "background": f"background probability, {SCALE}"}
+MAP_CAPTIONS["distractor"] = "binary mask (orange) of regions that are neither background nor target"
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
 NO_MODEL_MESSAGE = (
     "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
@@ -46,21 +50,18 @@ def examples_dir() -> Path:
 def resolve_model_specs(value: str | None = None) -> list[str]:
     """`value` or `$FSS_MODELS` (comma-separated Hub ids or folders), else the quickstart's model, else none."""
     specs = [s.strip() for s in (value if value is not None else os.environ.get("FSS_MODELS", "")).split(",")]
-    if not any(specs) and _model_folder(DEFAULT_MODEL_DIR) is not None:
+    if not any(specs) and ((_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR) / "config.json").is_file():
         return [str(DEFAULT_MODEL_DIR.relative_to(REPO_ROOT))]
     return [s for s in specs if s]
 
 
-def _model_folder(path: Path) -> Path | None:
-    """`path` if it holds a saved model, else its `best/` or `final/` model (a training run folder), else None."""
-    return next((f for f in (path, path / "best", path / "final") if (f / "config.json").is_file()), None)
-
-
 def _local_path(spec: str) -> Path | None:
-    """The folder `spec` names (from the working directory, else the repository), or None for a Hub id."""
+    """The folder `spec` names (from the working dir, else the repo; a run folder: its best/, else final/), or None."""
     path = Path(spec).expanduser()
-    folders = [path] if path.is_absolute() else [path, REPO_ROOT / path]
-    return next((_model_folder(f) or f for f in folders if f.is_dir()), None)
+    for f in [path] if path.is_absolute() else [path, REPO_ROOT / path]:
+        if f.is_dir():
+            return next((m for m in (f, f / "best", f / "final") if (m / "config.json").is_file()), f)
+    return None
 
 
 class ModelRegistry:
@@ -68,35 +69,31 @@ class ModelRegistry:
 
     def __init__(self, specs: list[str]):
         self.specs, self.default = list(specs), (specs[0] if specs else None)
-        self._pipes, self._encodings, self._lock, self.hits = {}, OrderedDict(), threading.Lock(), 0
+        self._pipes, self._encodings, self._lock, self.hits = {}, {}, threading.Lock(), 0
 
     def get(self, spec: str | None) -> FewShotSegmentationPipeline:
         spec = spec or self.default
         if spec not in self.specs:
-            message = f"Unknown model {html.escape(str(spec))!r}; choose one of {self.specs}"
-            raise gr.Error(message if self.specs else NO_MODEL_MESSAGE, title="Model")
-        with self._lock:
-            if spec not in self._pipes:
-                self._pipes[spec] = load_pipeline(spec)
-            return self._pipes[spec]
+            raise user_error(f"Unknown model {spec!r}; choose one of {self.specs}" if self.specs else NO_MODEL_MESSAGE)
+        with self._lock:  # loaded once
+            return self._pipes[spec] if spec in self._pipes else self._pipes.setdefault(spec, load_pipeline(spec))
 
-    def encode(self, spec: str, **supports: Any) -> tuple[Any, bool]:
+    def encode(self, spec: str, **supports) -> tuple[object, bool]:
         """`pipe.encode_supports(**supports)`, reused for the same model and support files / arrays."""
         key = hashlib.sha256(pickle.dumps([spec, _content(supports)])).hexdigest()
         with self._lock:
-            if key in self._encodings:
-                self.hits += 1
-                self._encodings.move_to_end(key)
-                return self._encodings[key], True
+            if (hit := self._encodings.pop(key, None)) is not None:  # put back as the most recently used
+                self.hits, self._encodings[key] = self.hits + 1, hit
+                return hit, True
         encoding = self.get(spec).encode_supports(**supports)
         with self._lock:
             self._encodings[key] = encoding
             if len(self._encodings) > CACHE_SIZE:
-                self._encodings.popitem(last=False)
+                self._encodings.pop(next(iter(self._encodings)))  # the least recently used
         return encoding, False
 
 
-def _content(value: Any) -> Any:
+def _content(value: object) -> object:
     """Support inputs with files replaced by their bytes, for the cache key."""
     if isinstance(value, str | os.PathLike) and os.path.isfile(value):
         return Path(value).read_bytes()
@@ -105,99 +102,121 @@ def _content(value: Any) -> Any:
     return value
 
 
+def user_error(message: str, title: str = "Model") -> gr.Error:
+    """A `gr.Error` in plain text, shown until closed, logged as one line (the input is wrong, not the server)."""
+    print(f"hf_fss space: {title} error: {message}", file=sys.stderr, flush=True)
+    return gr.Error(message, title=title, duration=None, print_exception=False)
+
+
 def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
-    """The pipeline of an hf_fss model folder or Hub repo id (any failure becomes a `gr.Error`)."""
+    """The pipeline of a model folder or Hub repo id; a missing folder or unreachable repo fails within seconds."""
+    local, parts = _local_path(spec), spec.split("/")
+    if local is None and (spec[0] in "./~" or len(parts) > 2 or len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise user_error(f"Model folder {spec!r} not found (from {os.getcwd()} or {REPO_ROOT}); check FSS_MODELS.")
     try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return pipeline("few-shot-segmentation", model=str(_local_path(spec) or spec), device=device)
+        if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
+            huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
+        return pipeline("few-shot-segmentation", model=str(local or spec), device=DEVICE)
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
-        message = html.escape(f"Could not load model {spec!r}: {type(err).__name__}: {err}")
-        raise gr.Error(message, title="Model") from err
+        hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"
+        raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
 
 
-def _input_error(err: ValueError, query_name: str) -> gr.Error:
-    """The pipeline's ValueError, its query argument `images` named as in the app."""
-    return gr.Error(html.escape(str(err).replace("`images", f"`{query_name}"), quote=False), title="Input")
-
-
-def strokes_by_class(editor: dict | None) -> tuple[Any, dict[int, np.ndarray]]:
-    """An ImageEditor value -> (background, {class index: 0/1 mask}): painted pixels by nearest brush colour."""
+def strokes_by_class(editor: dict | None, what: str = "Support") -> tuple[object, dict[int, np.ndarray]]:
+    """An ImageEditor value -> (background, {class index: 0/1 mask}) by nearest brush colour (layers never resized)."""
     if not editor or editor.get("background") is None:
         return None, {}
     height, width = np.asarray(editor["background"]).shape[:2]
-    palette = np.asarray(list(CLASS_COLORS.values()), dtype=np.float32)
-    classes: dict[int, np.ndarray] = {}
-    for layer in [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]:
-        if layer.ndim == 3 and layer.shape[-1] == 4:
-            layer = cv2.resize(layer, (width, height), interpolation=cv2.INTER_NEAREST)
-            painted = layer[..., 3] > 0
-            nearest = ((layer[..., :3][painted].astype(np.float32)[:, None] - palette) ** 2).sum(-1).argmin(1)
-            for index in np.unique(nearest):
-                mask = classes.setdefault(int(index), np.zeros((height, width), dtype=np.uint8))
-                mask[painted] |= (nearest == index).astype(np.uint8)
+    palette, classes = np.asarray(list(CLASS_COLORS.values()), dtype=np.float32), {}
+    layers = [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]
+    for layer in [layer for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]:
+        if layer.shape[:2] != (height, width):
+            sizes = f"{layer.shape[0]}x{layer.shape[1]} but its image {height}x{width} (h x w)"
+            raise user_error(f"{what}: the painted layer has size {sizes}: paint on the image itself.", "Mask")
+        painted = layer[..., 3] > 0
+        nearest = ((layer[..., :3][painted].astype(np.float32)[:, None] - palette) ** 2).sum(-1).argmin(1)
+        for index in np.unique(nearest):
+            mask = classes.setdefault(int(index), np.zeros((height, width), dtype=np.uint8))
+            mask[painted] |= (nearest == index).astype(np.uint8)
     return editor["background"], classes
 
 
-def parse_box(text: str | None, what: str) -> tuple[float, float, float, float] | None:
-    """`"x0, y0, x1, y1"` (commas or spaces) -> a box, `None` when empty; `gr.Error` for anything else."""
+def parse_box(text: str | None, what: str | None) -> tuple[float, float, float, float] | None:
+    """`"x0, y0, x1, y1"` -> a box, `None` when empty; else a `gr.Error` naming `what` (`None` without `what`)."""
     parts = str(text or "").replace(",", " ").replace(";", " ").split()
     values = [float(p) for p in parts if p.lstrip("-").replace(".", "", 1).isdigit()]
-    if parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]):
-        raise gr.Error(f"{what}: a box is four numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1, got {text!r}")
-    return tuple(values) if parts else None
+    bad = parts and (len(parts) != 4 or len(values) != 4 or values[2] <= values[0] or values[3] <= values[1])
+    if bad and what is not None:  # (without `what`, a preview while typing: nothing yet)
+        raise user_error(f"{what}: a box is four numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1, got {text!r}", "Box")
+    return tuple(values) if parts and not bad else None
 
 
 def collect_episodes(mode: str, editors: list, boxes: list) -> dict[int, tuple[list, list]]:
     """Class index -> (support images, annotations): brush strokes, or in box mode the typed box / strokes' box."""
     episodes: dict[int, tuple[list, list]] = {}
     for k, (editor, box_text) in enumerate(zip(editors, boxes)):
-        what = f"Support {k + 1}"
-        background, classes = strokes_by_class(editor)
+        background, classes = strokes_by_class(editor, what := f"Support {k + 1}")
         box = parse_box(box_text, f"{what} box") if mode == "box" else None
-        if background is None:
-            if classes or box is not None:
-                raise gr.Error(f"{what} has a mark but no image: upload the support image first.", title="Support")
-            continue
-        if not classes and box is None:
+        if background is None and (classes or box is not None):
+            raise user_error(f"{what} has a mark but no image: upload the support image first.", "Support")
+        if background is not None and not classes and box is None:
             hint = ", or type its box as x0, y0, x1, y1" if mode == "box" else " (or switch to box mode)"
-            raise gr.Error(f"{what} has an image but no target marked: paint over the object{hint}.", title="Mask")
-        annotations = {0: box} if box is not None else classes
-        for c, annotation in annotations.items():
-            images, masks = episodes.setdefault(c, ([], []))
-            images.append(background)
+            raise user_error(f"{what} has an image but no target marked: paint over the object{hint}.", "Mask")
+        for c, annotation in ({0: box} if box is not None else classes).items():  # none without an image
+            episodes.setdefault(c, ([], []))[0].append(background)
             if mode == "box" and box is None:  # the box around the strokes
                 ys, xs = np.nonzero(annotation)
                 annotation = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            masks.append(annotation)
+            episodes[c][1].append(annotation)
     if not episodes:
-        raise gr.Error("No support image: upload a support image and paint the target on it.", title="Support")
+        raise user_error("No support image: upload a support image and paint the target on it.", "Support")
     return dict(sorted(episodes.items()))
 
 
 def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, int]]) -> Image.Image:
     """Tint and outline each class `c` (label == c + 1) of an RGB image in `colors[c]`."""
-    out, thickness = image.astype(np.float32), max(1, round(max(label.shape) / 300))
+    out, width = image.astype(np.float32), max(1, round(max(label.shape) / 300))
     for index, color in enumerate(colors):
         out[label == index + 1] = 0.45 * out[label == index + 1] + 0.55 * np.asarray(color, dtype=np.float32)
-    out = out.astype(np.uint8)
+    out, method = out.astype(np.uint8), (cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for index, color in enumerate(colors):
-        region = (label == index + 1).astype(np.uint8)
-        contours = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness)
+        cv2.drawContours(out, cv2.findContours((label == index + 1).astype(np.uint8), *method)[0], -1, color, width)
     return Image.fromarray(out)
 
 
-def heat_map(image: np.ndarray, values: np.ndarray) -> Image.Image:
-    """A map in [0, 1] as a turbo-coloured heat map over the dimmed grey query."""
-    colored = cv2.applyColorMap((np.clip(values, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
-    gray = image.astype(np.float32).mean(axis=-1, keepdims=True)
-    return Image.fromarray((0.7 * colored + 0.3 * gray).clip(0, 255).astype(np.uint8))
+def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
+    """A map over the grey query as defined: the distractor map binary (orange), others in [0, 1], colour bar below."""
+    gray, strip = image.astype(np.float32).mean(axis=-1, keepdims=True), max(14, values.shape[0] // 12)
+    if key == "distractor":  # a 0/1 mask; its caption is the legend
+        return Image.fromarray(np.where(values[..., None] >= 0.5, ORANGE, 0.6 * gray + 40).astype(np.uint8))
+    ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, values.shape[1])[None].repeat(strip, 0)])
+    out = cv2.applyColorMap((ramp * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
+    out[: len(values)] = 0.7 * out[: len(values)] + 0.3 * gray
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))  # the caption names the colour bar's ends
 
 
-def _save_png(array: np.ndarray, name: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="hf_fss_space_")) / name
-    Image.fromarray(array).save(path, format="PNG")
-    return str(path)
+def _output_folder() -> Path:
+    """A new folder for one response's files (never overwritten while served); old responses' folders are removed."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in OUTPUT_DIR.iterdir():
+        with contextlib.suppress(OSError):  # another request may be removing it too
+            if time.time() - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                shutil.rmtree(old)
+    return Path(tempfile.mkdtemp(dir=OUTPUT_DIR))
+
+
+def _save_png(folder: Path, name: str, image: np.ndarray | Image.Image) -> str:
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(folder / name, format="PNG")
+    return str(folder / name)
+
+
+def box_preview(editor: dict | None, text: str | None):
+    """The support with its typed box drawn on it, once the box is four valid numbers (else hidden)."""
+    if (background := (editor or {}).get("background")) is None or (box := parse_box(text, None)) is None:
+        return gr.update(value=None, visible=False)
+    image, (x0, y0, x1, y1) = np.ascontiguousarray(np.asarray(background)[..., :3]), (round(v) for v in box)
+    cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLORS["blue"], max(2, round(max(image.shape) / 200)))
+    return gr.update(value=_save_png(_output_folder(), "box.png", image), visible=True)  # a file of its own
 
 
 def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
@@ -206,61 +225,57 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
     episodes = collect_episodes(mode, list(editors_and_boxes[:MAX_SUPPORTS]), list(editors_and_boxes[MAX_SUPPORTS:]))
     paths = [item[0] if isinstance(item, list | tuple) else item for item in (queries or [])][:MAX_QUERIES]
     if not paths:
-        raise gr.Error("No query image: upload one or more images to segment.", title="Query")
-    names, colors = zip(*[list(CLASS_COLORS.items())[c] for c in episodes])
-    start = time.perf_counter()
+        raise user_error("No query image: upload one or more images to segment.", "Query")
+    (names, colors), start = zip(*[list(CLASS_COLORS.items())[c] for c in episodes]), time.perf_counter()
     try:
         encoding, cached = registry.encode(model_id or registry.default, supports=dict(zip(names, episodes.values())))
         results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
-        raise _input_error(err, "queries") from err
-    gallery, maps, files = [], [], []
+        raise user_error(str(err).replace("`images", "`queries"), "Input") from err  # named as in the app
+    gallery, maps, files, png = [], [], [], functools.partial(_save_png, _output_folder())
     for i, (path, result) in enumerate(zip(paths, results)):
         image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
         parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
-        gallery.append((overlay(image, result["mask"], colors), f"{i + 1}. {qname}: {', '.join(parts)}"))
+        picture = png(f"{i + 1}_{qname}.png", overlay(image, result["mask"], colors))
+        gallery.append((picture, f"{i + 1}. {qname}: {', '.join(parts)}"))
         for c, name in enumerate(names):
-            files.append(_save_png((result["mask"] == c + 1).astype(np.uint8) * 255, f"{qname}_mask_{name}.png"))
+            files.append(png(f"{i + 1}_{qname}_mask_{name}.png", (result["mask"] == c + 1).astype(np.uint8) * 255))
             for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
-                tag = f" [{name}]" if len(names) > 1 else ""
-                maps.append((heat_map(image, values[c] if values.ndim == 3 else values), f"{i + 1}. {key}{tag}"))
+                picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
+                caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {MAP_CAPTIONS.get(key, SCALE)}"
+                maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
+    model = f"`{model_id or registry.default}` ({pipe.model.config.model_type}, {pipe.image_processor.image_size}px)"
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
-    details = (
-        f"**Model** `{html.escape(str(model_id or registry.default))}` ({pipe.model.config.model_type}, "
-        f"{pipe.image_processor.image_size}px) · {shots} · {len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in "
-        f"{time.perf_counter() - start:.2f} s · support encoding {'reused from cache' if cached else 'computed'}"
-    )
-    return gallery, maps, files, details + ("" if maps else " · this model returns no intermediate maps")
+    count = f"{len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - start:.2f} s"
+    details = [f"**Model** {model}", shots, count, f"support encoding {'reused from cache' if cached else 'computed'}"]
+    return gallery, maps, files, " · ".join(details + ([] if maps else ["this model returns no intermediate maps"]))
 
 
 def segment_api(registry: ModelRegistry, support_image, support_mask, query_image, model=None):
-    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as a 0/255 PNG, overlay, info."""
+    """`/segment`: support image, mask (white = target), query -> the pipeline's mask as 0/255 PNG, overlay, info."""
     model = model or registry.default
     pipe, start = registry.get(model), time.perf_counter()
     try:
         encoding, cached = registry.encode(model, support_image=support_image, support_mask=support_mask)
         result = pipe(query_image, support_encoding=encoding, return_maps=True, output_type="numpy")
     except ValueError as err:
-        raise _input_error(err, "query_image") from err
+        raise user_error(str(err).replace("`images", "`query_image"), "Input") from err
     mask, image = result["mask"], pipe.image_processor.to_rgb_array(query_image, "query_image").astype(np.uint8)
     info = {"model": model, "model_type": pipe.model.config.model_type, "query_size": [mask.shape[1], mask.shape[0]]}
     info.update(target_fraction=round(float(mask.mean()), 6), support_encoding_cached=cached)
     info.update(maps=sorted(result["maps"]), seconds=round(time.perf_counter() - start, 3))
-    return _save_png(mask * 255, "mask.png"), overlay(image, mask, [CLASS_COLORS["blue"]]), info
+    png = functools.partial(_save_png, _output_folder())
+    return png("mask.png", mask * 255), png("overlay.png", overlay(image, mask, [CLASS_COLORS["blue"]])), info
 
 
 def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]:
-    """`gr.Examples` rows (mode, support 1, support 2, queries) and labels from the synthetic benchmark, whose
-    validation image i shows class i % N + 1 (so i, i + N, i + 2N share it), rendered into `folder`."""
+    """`gr.Examples` rows (mode, supports 1-2, queries), labels; synthetic image i shows class i % N + 1."""
     from hf_fss.data.synthetic import NUM_SYNTHETIC_CLASSES as N
     from hf_fss.data.synthetic import SYNTHETIC_CLASSES, render_synthetic_example
 
     folder.mkdir(parents=True, exist_ok=True)
     render = functools.cache(lambda i: render_synthetic_example(0, 1, i, image_size=size, ignore_boundary=0))
-
-    def png(array: np.ndarray, name: str) -> str:
-        Image.fromarray(array).save(folder / name, format="PNG")
-        return str(folder / name)
+    png = functools.partial(_save_png, folder)
 
     def editor(i: int, classes: list[int]) -> dict:  # class classes[j] painted in the j-th brush colour
         image, label = render(i)
@@ -269,43 +284,39 @@ def make_examples(folder: Path, size: int = 240) -> tuple[list[list], list[str]]
             layer[region] = (*color, round(255 * BRUSH_OPACITY))
             composite[region] += BRUSH_OPACITY * (np.asarray(color) - composite[region])
         name = f"synthetic_{i}_{'_'.join(map(str, classes))}"
-        layer, composite = png(layer, f"{name}_layer.png"), png(composite.astype(np.uint8), f"{name}_painted.png")
-        return {"background": png(image, f"synthetic_{i}.png"), "layers": [layer], "composite": composite}
+        layer, composite = png(f"{name}_layer.png", layer), png(f"{name}_painted.png", composite.astype(np.uint8))
+        return {"background": png(f"synthetic_{i}.png", image), "layers": [layer], "composite": composite}
 
     def example(supports: list[int], classes: list[int], queries: list[int]) -> tuple[list, str]:
         names = " + ".join(f"{SYNTHETIC_CLASSES[c]} ({color})" for c, color in zip(classes, CLASS_COLORS))
         editors = [editor(i, classes) for i in supports] + [None] * (2 - len(supports))
-        row = ["brush", *editors, [png(render(i)[0], f"synthetic_{i}.png") for i in queries]]
+        row = ["brush", *editors, [png(f"synthetic_{i}.png", render(i)[0]) for i in queries]]
         return row, f"{len(supports)}-shot: {names}, {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
 
-    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]
-    rows.append(example([1, 1 + N], [2], [1 + 2 * N]))
-    for i in range(2 * N):  # two classes: a support with its class and a large object of another class
-        ids, counts = np.unique(render(i)[1], return_counts=True)
-        others = [(n, int(c)) for c, n in zip(ids, counts) if c not in (0, 255, i % N + 1) and n >= 0.03 * size**2]
-        if others:
-            classes = [i % N + 1, max(others)[1]]
-            rows.append(example([i], classes, [c - 1 + 2 * N for c in classes]))
-            break
+    rows = [example([c - 1], [c], [c - 1 + N, c - 1 + 2 * N]) for c in (1, 3)]  # 1-shot, 2 queries; then 2-shot
+    rows += [example([1, 1 + N], [2], [1 + 2 * N]), example([0], [1, 7], [2 * N, 6 + 2 * N])]  # image 0: class 7 too
     return [row for row, _ in rows], [label for _, label in rows]
 
 
 INTRO = """# Few-shot segmentation with hf_fss
-Paint an object on *support* images (one tab each; one brush colour per class), or type its box in **box** mode;
-add *query* images or click an example, and **Run**: its class is segmented in the queries, even one the model never
-saw in training, and the method's intermediate maps (the prior; NTRENet's background, distractor maps) are shown.
-"""
+Paint an object on *support* images (one tab each, a brush colour per class) or type its box in **box** mode, add
+*query* images or click an example, and **Run**: its class is segmented in the queries, even one unseen in training."""
+
+
+FIT = {"height": "auto", "object_fit": "contain", "elem_classes": "fit"}  # whole pictures, captions; no inner scroll
+SCROLL_TO_RESULT = "() => document.querySelector('#result')?.scrollIntoView({block: 'start'})"
+CSS = """.fit .thumbnail-item, .fit .thumbnail-lg > img {aspect-ratio: auto; height: auto} .fit .grid-wrap {overflow-y:
+visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 100%; position: static}"""
 
 
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
     """The Gradio app for the models `specs` (default: `resolve_model_specs()`), examples rendered in `examples`."""
-    registry = ModelRegistry(resolve_model_specs() if specs is None else specs)
-    examples = examples or examples_dir()
+    registry, examples = ModelRegistry(resolve_model_specs() if specs is None else specs), examples or examples_dir()
     palette = [("#{:02x}{:02x}{:02x}".format(*c), BRUSH_OPACITY) for c in CLASS_COLORS.values()]
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")
     status = f"Models (`FSS_MODELS`): `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
-    with gr.Blocks(title="hf_fss few-shot segmentation") as demo:
-        gr.Markdown(INTRO + "\n" + status)
+    with gr.Blocks(title="hf_fss few-shot segmentation", delete_cache=(OUTPUT_MAX_AGE_S,) * 2) as demo:
+        gr.Markdown(INTRO + "\n\n" + status)
         with gr.Row():
             model_box = gr.Dropdown(registry.specs, value=registry.default, label="Model", scale=2)
             mode = gr.Radio(["brush", "box"], value="brush", label="Target marked by", scale=1)
@@ -320,6 +331,8 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             transforms=(), format="png", height=440, elem_id=f"support-{k + 1}",
                         ))  # fmt: skip
                         boxes.append(gr.Textbox(label="Box (box mode)", placeholder="x0, y0, x1, y1", max_lines=1))
+                        preview = gr.Image(label="The box on the support", visible=False, interactive=False)
+                        boxes[-1].change(box_preview, [editors[-1], boxes[-1]], preview, api_visibility="private")
             with gr.Column(scale=2):
                 queries = gr.Gallery(label=f"Queries (up to {MAX_QUERIES})", type="filepath", file_types=["image"],
                                      interactive=True, columns=3, height=360, elem_id="queries")  # fmt: skip
@@ -329,41 +342,38 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                             label="Examples from the synthetic benchmark: click one, then Run")  # fmt: skip
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
-            result = gr.Gallery(label="Masks over the queries", columns=2, height=400, format="png", elem_id="result")
-            maps = gr.Gallery(label="Intermediate maps (blue 0, red 1)", columns=4, height=400, format="png",
-                              elem_id="maps")  # fmt: skip
+            result = gr.Gallery(label="Masks over the queries", columns=2, elem_id="result", **FIT)
+            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, elem_id="maps", **FIT)
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
-                  [result, maps, mask_files, details], api_visibility="private", concurrency_limit=1)  # fmt: skip
+                  [result, maps, mask_files, details], api_visibility="private").then(js=SCROLL_TO_RESULT)  # fmt: skip
         with gr.Accordion("Mask files / API: one support image, its mask and a query", open=False):
             with gr.Row():
                 api_inputs = [gr.File(label=n, file_types=["image"], type="filepath", height=120)
                               for n in ("support_image", "support_mask (white = target)", "query_image")]  # fmt: skip
             api_run = gr.Button("Segment")
             with gr.Row():
-                api_outputs = [gr.Image(label="mask", type="filepath", format="png"),
-                               gr.Image(label="overlay", format="png"), gr.JSON(label="info")]  # fmt: skip
+                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")] + [
+                    gr.JSON(label="info")
+                ]
         segment = functools.partial(segment_api, registry)  # API parameters: segment_api's argument names
-        api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment", concurrency_limit=1)
-    demo.queue(default_concurrency_limit=1, max_size=32)
+        api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment")
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)  # more requests wait, then "queue full"
     demo.registry, demo.examples_dir = registry, examples  # for main(), tests and launch()
     return demo
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """`demo.launch(**kwargs)`, allowed to serve the rendered example files."""
-    kwargs.setdefault("allowed_paths", [str(demo.examples_dir)])
-    return demo.launch(show_error=True, **kwargs)
+    """`demo.launch(**kwargs)`, allowed to serve the rendered example files, with the page's CSS."""
+    return demo.launch(**{"allowed_paths": [str(demo.examples_dir)], "css": CSS, "show_error": True, **kwargs})
 
 
 def main() -> None:
     """`python spaces_app/app.py`: models from `FSS_MODELS`, address from `GRADIO_SERVER_NAME` / `_PORT`."""
     demo = build_demo()
-    try:
-        demo.registry.get(None)  # load the first model now
-    except gr.Error as err:  # the app still starts; the page says what is missing
-        print(f"warning: {err.message}", file=sys.stderr)
+    with contextlib.suppress(gr.Error):  # load the first model now; a failure is logged, and the app still starts
+        demo.registry.get(None)
     launch(demo)
 
 

@@ -121,7 +121,7 @@ def test_segment_equals_the_pipeline_on_the_same_files(registry, episode, mask_f
     with Image.open(mask_path) as opened:
         assert opened.format == "PNG" and opened.mode == "L"
         np.testing.assert_array_equal(np.asarray(opened), expected * 255)  # the pipeline's 0/1 mask as 0/255
-    assert overlay.size == (150, 90) and info["query_size"] == [150, 90] and info["maps"] == ["prior"]
+    assert Image.open(overlay).size == (150, 90) and info["query_size"] == [150, 90] and info["maps"] == ["prior"]
     assert expected.any() and info["target_fraction"] == round(float(expected.mean()), 6)
     again = app.segment_api(registry, support, str(folder / "mask.png"), query)[2]  # 0/255, 0/1, soft: one mask
     assert again["support_encoding_cached"] is True
@@ -147,8 +147,9 @@ def test_run_ui_segments_every_query_with_maps_and_reuses_the_encoding(registry,
     queries = [str(episode["dir"] / "support.png"), str(episode["dir"] / "query_rgba.png")]
     editors = [_editor(image, layer)] + [None] * (app.MAX_SUPPORTS - 1)
     gallery, maps, files, details = app.run_ui(registry, None, "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
-    assert [picture.size for picture, _ in gallery] == [(120, 120), (150, 90)]
+    assert [Image.open(picture).size for picture, _ in gallery] == [(120, 120), (150, 90)]
     assert [caption.split(". ")[1] for _, caption in maps] == ["prior", "prior"]
+    assert "colour bar 0 (blue) to 1 (red)" in maps[0][1]
     assert "cosine_prior" in details and "blue: 1-shot" in details and "2 queries" in details
     expected = registry.get(None)(queries[1], support_image=image, support_mask=target, output_type="numpy")["mask"]
     np.testing.assert_array_equal(np.asarray(Image.open(files[1])), expected * 255)
@@ -292,8 +293,13 @@ def _chromium() -> str | None:
     return None
 
 
+def _assert_inside(box: dict | None, width: int, height: int) -> None:
+    assert box and box["x"] >= 0 and box["y"] >= 0, box
+    assert box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, (box, width, height)
+
+
 @pytest.mark.slow
-def test_page_runs_an_example_in_headless_chromium(server):
+def test_page_runs_an_example_in_headless_chromium(server, episode):
     executable = _chromium()
     if executable is None:
         pytest.skip("Chromium not found (looked for /usr/bin/chromium; install it with .ci/install_browser.sh)")
@@ -303,39 +309,136 @@ def test_page_runs_an_example_in_headless_chromium(server):
         pytest.fail("playwright (the Python package) is needed for the browser test: pip install playwright")
 
     ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "space.png"
+    landscape = episode["dir"] / "landscape.png"  # a single landscape result used to be pushed down and cut off
+    Image.fromarray(episode["image"]).resize((360, 120)).save(landscape)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1700},
-        )
-        browser.set_default_timeout(60_000)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server, wait_until="load")
-            page.locator("#examples button").first.click()
-            page.locator("#queries img").first.wait_for()
-            page.locator("#run").click()
-            result = page.locator("#result img").first
-            result.wait_for()
-            assert result.get_attribute("src")
-            page.locator("#maps img").first.wait_for()
-            page.wait_for_function("document.querySelector('#details')?.innerText.includes('1-shot')")
-            details = page.locator("#details").inner_text()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(screenshot), full_page=True)
-        except Exception:
-            page.screenshot(path=str(screenshot), full_page=True)
-            raise
-        finally:
-            browser.close()
-    assert "cosine_prior" in details and "2 queries" in details, details
-    assert not errors, errors
-    assert screenshot.stat().st_size > 10_000
-    print(f"browser test: {time.perf_counter() - start:.1f} s, screenshot {screenshot}")
+        for width, height in ((1280, 800), (800, 1000)):  # a laptop, and a narrow window where columns stack
+            screenshot = ARTIFACTS / f"space_{width}x{height}.png"
+            browser = playwright.chromium.launch_persistent_context(
+                profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": width, "height": height},
+            )  # fmt: skip
+            browser.set_default_timeout(60_000)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda error, errors=errors: errors.append(str(error)))
+                page.goto(server, wait_until="load")
+                page.locator("#examples button").first.click()
+                page.locator("#queries img").first.wait_for()
+                page.locator("#run").click()
+                result = page.locator("#result img").first
+                result.wait_for()
+                assert result.get_attribute("src")
+                page.locator("#maps img").first.wait_for()
+                page.wait_for_function("document.querySelector('#details')?.innerText.includes('1-shot')")
+                details = page.locator("#details").inner_text()
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(screenshot))
+                _assert_inside(result.bounding_box(), width, height)  # the result image is in the window after the run
+                captions = page.locator("#maps .caption-label").all()
+                assert captions and all(c.evaluate("e => e.scrollWidth <= e.clientWidth") for c in captions)
+                page.locator("#queries button[aria-label='Clear']").first.click()  # now one landscape query
+                page.locator("#queries input[type=file]").first.set_input_files(str(landscape))
+                page.wait_for_function("document.querySelectorAll('#queries img').length === 1")
+                page.locator("#run").click()
+                page.wait_for_function("document.querySelector('#result')?.innerText.includes('1. landscape')")
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(ARTIFACTS / f"space_{width}x{height}_landscape.png"))
+                _assert_inside(page.locator("#result img").first.bounding_box(), width, height)
+            except Exception:
+                page.screenshot(path=str(screenshot), full_page=True)
+                raise
+            finally:
+                browser.close()
+            assert "cosine_prior" in details and "2 queries" in details, details
+            assert not errors, errors
+            assert screenshot.stat().st_size > 10_000
+    print(f"browser test: {time.perf_counter() - start:.1f} s, screenshots in {ARTIFACTS}")
+
+
+# ------------------------------------------------------------------------------------------- load, errors, maps
+
+
+@pytest.mark.slow
+def test_40_concurrent_segment_requests_all_succeed_and_a_user_error_is_one_log_line(server, episode, capfd):
+    from gradio_client import Client, handle_file
+
+    folder, client = episode["dir"], Client(server, verbose=False)
+    args = [handle_file(folder / name) for name in ("support.png", "mask.png", "query_rgba.png")]
+    jobs = [client.submit(*args, api_name="/segment") for _ in range(40)]  # the queue holds 64
+    results = [job.result(timeout=240) for job in jobs]
+    expected = np.asarray(Image.open(results[0][0]))
+    for mask_path, overlay_path, info in results:  # every file complete (a truncated PNG fails to load)
+        np.testing.assert_array_equal(np.asarray(Image.open(mask_path)), expected)
+        assert Image.open(overlay_path).size == (150, 90) and info["query_size"] == [150, 90]
+    capfd.readouterr()
+    (folder / "it's broken.png").write_bytes(b"not a PNG")
+    with pytest.raises(Exception, match="`query_image`: could not read image file") as raised:
+        client.predict(*args[:2], handle_file(folder / "it's broken.png"), api_name="/segment")
+    assert "&#x27;" not in str(raised.value) and "&quot;" not in str(raised.value)
+    time.sleep(0.5)
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and len([line for line in log.splitlines() if "Input error" in line]) == 1, log
+
+
+def test_user_errors_are_plain_text_persistent_and_logged_once(registry, episode, capfd):
+    folder, _ = episode["dir"], registry.get(None)
+    capfd.readouterr()
+    with pytest.raises(gr.Error) as raised:
+        app.segment_api(registry, str(folder / "support.png"), str(folder / "mask.png"), str(folder / "it's.png"))
+    assert raised.value.duration is None and raised.value.print_exception is False
+    assert "&#x27;" not in raised.value.message and "&quot;" not in raised.value.message
+    assert "it's.png" in raised.value.message and capfd.readouterr().err.count("\n") == 1
+
+
+def test_a_missing_folder_or_unreachable_hub_model_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for spec, message in [
+        ("outputs/missing", "Model folder 'outputs/missing' not found"),
+        ("./missing/model/best", "not found"),
+        ("no-such-org-hf-fss/no-such-model", "Could not load model 'no-such-org-hf-fss/no-such-model' (check the Hub"),
+    ]:
+        monkeypatch.setattr(app.huggingface_hub, "model_info", _unreachable)
+        start = time.perf_counter()
+        with pytest.raises(gr.Error, match=re.escape(message)) as raised:
+            app.ModelRegistry([spec]).get(None)
+        assert time.perf_counter() - start < 5 and raised.value.duration is None and raised.value.title == "Model"
+
+
+def _unreachable(*args, **kwargs):
+    raise ConnectionError("[Errno -2] Name or service not known")
+
+
+def test_an_editor_layer_of_another_size_is_refused_not_stretched(episode):
+    image = episode["image"]  # 120x120; a 100x130 layer (another photo's mask) is not resized onto it
+    layer = np.zeros((100, 130, 4), np.uint8)
+    layer[20:60, 20:60] = (*app.CLASS_COLORS["blue"], 150)
+    with pytest.raises(
+        gr.Error, match=re.escape("Support 1: the painted layer has size 100x130 but its image 120x120")
+    ):
+        app.collect_episodes("brush", [_editor(image, layer)], [""])
+
+
+def test_maps_have_a_scale_and_the_distractor_map_is_a_binary_mask(episode):
+    image = episode["image"]
+    ramp = np.tile(np.linspace(0, 1, 120, dtype=np.float32), (120, 1))
+    prior = np.asarray(app.heat_map(image, ramp, "prior"))
+    assert prior.shape[0] > 120 and prior.shape[1] == 120  # a colour bar below the map
+    bar = prior[125:, 5:-5].reshape(-1, 3)
+    assert bar[:, 2].mean() > 0 and (prior[130, 10] != prior[130, 110]).any()  # blue ... red
+    distractor = np.asarray(app.heat_map(image, (ramp > 0.5).astype(np.float32), "distractor"))
+    orange = np.all(distractor == (255, 140, 0), axis=-1)  # only where the mask is 1; no colour bar (not a scale)
+    assert distractor.shape == (120, 120, 3) and orange[:, 61:].all() and not orange[:, :60].any()
+    assert "neither background nor target" in app.MAP_CAPTIONS["distractor"]
+
+
+def test_the_typed_box_is_drawn_on_the_support(episode):
+    hidden = app.box_preview(_editor(episode["image"]), "4, 5")
+    assert hidden["visible"] is False
+    shown = app.box_preview(_editor(episode["image"]), "10, 20, 60, 70")
+    drawn = np.asarray(Image.open(shown["value"]))
+    assert shown["visible"] is True and tuple(drawn[20, 30]) == app.CLASS_COLORS["blue"]
+    assert tuple(drawn[40, 30]) != app.CLASS_COLORS["blue"]
