@@ -45,11 +45,12 @@ SIZES = {
 }
 
 
-def build_model(model_type: str, size: str, image_size: int) -> torch.nn.Module:
+def build_model(model_type: str, size: str, image_size: int, chunking: bool = True) -> torch.nn.Module:
     config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(config_class)}
     overrides = {k: v for k, v in SIZES[size].items() if k in known}
-    return model_class(config_class(image_size=image_size, **overrides)).eval()
+    config = config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
+    return model_class(config).eval()
 
 
 def random_episode(batch_size: int, shot: int, image_size: int, device: torch.device):
@@ -117,11 +118,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def benchmark(model_type, size, shot, args, device) -> dict:
-    model = build_model(model_type, size, args.image_size).to(device)
+    model = build_model(model_type, size, args.image_size, args.chunking).to(device)
     query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
+    with torch.no_grad():  # as evaluation and the pipeline (a method may adapt to its supports inside)
         full = measure_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
         encoding = model.encode_support(support, masks)
         query_only = measure_calls(
@@ -134,6 +135,7 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         "shot": shot,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
+        "chunk_extractors_on_cpu": args.chunking,
         "parameters": sum(p.numel() for p in model.parameters()),
         **summarize_calls("full", full),
         "full_episodes_per_s": args.batch_size / full_s,
@@ -168,6 +170,12 @@ def main(argv=None) -> int:
         type=int,
         default=None,
         help="torch threads (default: the cores available divided by the processes on this machine)",
+    )
+    parser.add_argument(
+        "--no-chunking",
+        dest="chunking",
+        action="store_false",
+        help="run frozen extractors over a stack of images in one call on CPU (chunk_extractors_on_cpu=False)",
     )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
