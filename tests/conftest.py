@@ -17,6 +17,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state, as a new launch would (several runs share one test process)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 def random_episode(batch_size=2, shot=1, size=65, generator=None, width=None):
     """Random normalised images and masks with a target rectangle in every support; `width` makes them non-square."""
     g = generator or torch.Generator().manual_seed(0)

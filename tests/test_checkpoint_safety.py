@@ -17,49 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from hf_fss.training import CheckpointError, load_tree, main, verify_checkpoint
+from hf_fss.training import CheckpointError, load_tree, verify_checkpoint
 from hf_fss.training.checkpoint import MANIFEST_NAME, save_tree, write_manifest
 from hf_fss.training.loop import remove_stale_checkpoint_staging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import TINY_RECIPE  # noqa: E402
+import test_training  # noqa: E402
 
+# test_training's tiny run: its recipe fixture, its one-thread autouse fixture and its launcher.
+recipe, _one_thread, _run = test_training.tiny_recipe, test_training._one_thread, test_training._run
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_RECIPE))
-    return path
-
-
-def _run(recipe: Path, output_dir: Path, *flags: str) -> int:
-    _reset_accelerate()
-    return main(["--config", str(recipe), "--output-dir", str(output_dir), *flags])
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import reset_accelerate
 from safetensors.torch import load_file
 
 import hf_fss
@@ -67,16 +68,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Several runs share this process: start each from a clean Accelerate state, as a new launch would."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +79,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 
 
 def _run(recipe: Path, output_dir: Path, *flags: str) -> int:
+    reset_accelerate()
     return main(["--config", str(recipe), "--output-dir", str(output_dir), *flags])
 
 

@@ -61,15 +61,7 @@ class _SupportLabelsModel(FewShotSegmentationPreTrainedModel):
         return FewShotSegmentationOutput(loss=loss, logits=logits, losses={} if loss is not None else None)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
