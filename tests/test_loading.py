@@ -53,10 +53,10 @@ def test_a_saved_synthetic_folder_is_recognised_as_synthetic(tmp_path):
 
 
 def test_training_and_evaluation_infer_the_benchmark_of_a_saved_folder(tmp_path):
-    from hf_fss.training.arguments import TrainingArguments
+    from hf_fss.training.arguments import EpisodicArguments
 
     load_benchmark("synthetic", num_train=4, num_val=2, image_size=32).save_to_disk(str(tmp_path / "s"))
-    args = TrainingArguments(dataset=str(tmp_path / "s"), model_type="ntrenet", output_dir=str(tmp_path / "o"))
+    args = EpisodicArguments(dataset=str(tmp_path / "s"), model_type="ntrenet")
     assert args.benchmark == "synthetic"
     with pytest.raises(ValueError, match="--benchmark is required .* one of pascal5i, coco20i, synthetic, fss1000"):
-        TrainingArguments(dataset="org/name", model_type="ntrenet", output_dir=str(tmp_path / "o"))
+        EpisodicArguments(dataset="org/name", model_type="ntrenet")

@@ -122,5 +122,6 @@ def test_evaluate_script_with_one_and_two_processes_gives_the_same_metrics(tmp_p
         subprocess.run([*launch, *common, "--output", str(out)], cwd=ROOT, env=env, check=True, timeout=600)
         results.append(json.loads(out.read_text()))
     for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes"):
-        assert results[0][key] == results[1][key], key
+        assert json.dumps(results[0][key]) == json.dumps(results[1][key]), key  # NaN (a class without episode) too
+    assert results[0]["miou"] > 0  # the adapted classifier finds targets, so equal metrics say something
     assert (folder / "model.safetensors").read_bytes() == weights

@@ -27,8 +27,8 @@ from hf_fss.modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPr
 @strict(accept_kwargs=True)
 class AdaptingConfig(FewShotSegmentationConfig):
     model_type = "adapting_test"
-    adaptation_steps: int = 3
-    adaptation_lr: float = 1.0
+    adaptation_steps: int = 5
+    adaptation_lr: float = 0.5
 
 
 @dataclass
@@ -51,10 +51,13 @@ class AdaptingModel(FewShotSegmentationPreTrainedModel):
 
     def _finetune(self, features: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         params = {name: p.detach().clone().requires_grad_(True) for name, p in self.classifier.named_parameters()}
+        # Class-balanced: the target is a small part of each support.
+        counts = torch.stack([(targets == c).sum() for c in (0, 1)]).clamp(min=1).to(features.dtype)
+        weight = counts.sum() / (2 * counts)
         with torch.enable_grad():
             for _ in range(self.config.adaptation_steps):
                 logits = functional_call(self.classifier, params, (features,))
-                loss = F.cross_entropy(logits, targets, ignore_index=255)
+                loss = F.cross_entropy(logits, targets, weight=weight, ignore_index=255)
                 grads = torch.autograd.grad(loss, list(params.values()))
                 params = {n: (p - self.config.adaptation_lr * g).detach().requires_grad_(True)
                           for (n, p), g in zip(params.items(), grads)}  # fmt: skip
