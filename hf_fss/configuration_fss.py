@@ -89,6 +89,19 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         check_unknown_config_fields(type(self), kwargs)
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """
+        `PreTrainedConfig.from_dict`, where a keyword argument that is no field (`from_pretrained(path, image_sise=97)`)
+        is a `ValueError` naming it, as in the constructor, instead of being dropped. A caller that asks for the
+        unused ones (`return_unused_kwargs=True`: a model's `from_pretrained` handing them to the model) gets them.
+        """
+        if kwargs.get("return_unused_kwargs", False):
+            return super().from_dict(config_dict, **kwargs)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        check_unknown_config_fields(cls, unused)
+        return config
+
     def validate_image_size(self):
         """Part of `@strict` validation."""
         if self.image_size < 32:

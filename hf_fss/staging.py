@@ -49,6 +49,18 @@ def make_staging_dir(target: str | os.PathLike, tag: str) -> Path:
     raise FileExistsError(f"cannot create a staging folder beside {target}")
 
 
+def give_plain_file_modes(folder: str | os.PathLike) -> None:
+    """
+    Give every file under `folder` the mode a plain `open(..., "w")` would (0666 minus the umask): some writers
+    (transformers' `save_pretrained` writes `model.safetensors` 0600) leave files other users cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -275,9 +275,14 @@ def test_saved_folder_has_mkdir_mode_and_stale_staging_is_removed(tmp_path, tiny
     try:
         target = save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "model")
         assert target.stat().st_mode & 0o777 == 0o755
+        # transformers writes model.safetensors 0600: every saved file gets a plain open()'s mode instead
+        assert {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()} == {
+            p.name: 0o644 for p in target.iterdir()
+        }
         os.umask(0o027)
         save_pretrained_with_card(tiny_ntrenet, processor, tmp_path / "other")
         assert (tmp_path / "other").stat().st_mode & 0o777 == 0o750
+        assert (tmp_path / "other" / "model.safetensors").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old_umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "other", live.name])

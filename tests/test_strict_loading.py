@@ -94,6 +94,19 @@ def test_a_misspelt_field_in_config_json_is_refused(saved, tmp_path):
         AutoConfig.from_pretrained(folder)
 
 
+@pytest.mark.parametrize(
+    "loader", [AutoConfig.from_pretrained, NTRENetConfig.from_pretrained, AutoModel.from_pretrained]
+)
+def test_a_misspelt_keyword_of_from_pretrained_is_refused(saved, loader):
+    # transformers would drop it from a config; a model's loader hands it to the model, which refuses it by name
+    message = (
+        "'image_sise'" if loader == AutoModel.from_pretrained else "'image_sise' \\(did you mean 'image_size'\\?\\)"
+    )
+    with pytest.raises((ValueError, TypeError), match=message):
+        loader(saved, image_sise=97)
+    assert loader(saved, image_size=97) is not None
+
+
 def test_pretrained_config_keywords_and_saved_configs_still_load(saved, tmp_path):
     config = NTRENetConfig(
         architectures=["NTRENetModel"],

@@ -29,7 +29,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..staging import make_staging_dir, remove_stale_staging
+from ..staging import give_plain_file_modes, make_staging_dir, remove_stale_staging
 
 __all__ = [
     "CARD_MARKER",
@@ -653,6 +653,7 @@ def save_pretrained_with_card(
         pickles = sorted(p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         if missing or pickles:
             raise RuntimeError(f"save_pretrained left an incomplete folder: missing {missing}, pickle files {pickles}")
+        give_plain_file_modes(staging)
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
