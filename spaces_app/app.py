@@ -318,7 +318,8 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
     with gr.Blocks(title="hf_fss few-shot segmentation", delete_cache=(OUTPUT_MAX_AGE_S,) * 2) as demo:
         gr.Markdown(INTRO + "\n\n" + status)
         with gr.Row():
-            model_box = gr.Dropdown(registry.specs, value=registry.default, label="Model", scale=2)
+            # a custom value lets an unknown API `model` reach registry.get, which says so in one line
+            model_box = gr.Dropdown(registry.specs, value=registry.default, label="Model", allow_custom_value=True)
             mode = gr.Radio(["brush", "box"], value="brush", label="Target marked by", scale=1)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3), gr.Tabs():
@@ -354,9 +355,8 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
                               for n in ("support_image", "support_mask (white = target)", "query_image")]  # fmt: skip
             api_run = gr.Button("Segment")
             with gr.Row():
-                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")] + [
-                    gr.JSON(label="info")
-                ]
+                api_outputs = [gr.Image(label=n, type="filepath", format="png") for n in ("mask", "overlay")]
+                api_outputs.append(gr.JSON(label="info"))
         segment = functools.partial(segment_api, registry)  # API parameters: segment_api's argument names
         api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)  # more requests wait, then "queue full"
