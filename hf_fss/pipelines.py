@@ -230,7 +230,8 @@ class FewShotSegmentationPipeline(Pipeline):
             elif isinstance(value, (list, tuple)) and len(value) in (2, 3):
                 images, annotations = value[0], value[1]
                 class_ids = value[2] if len(value) == 3 else None
-                as_boxes = all(_is_box(a) for a in _as_list(annotations, boxes=True))
+                listed = _as_list(annotations, boxes=True)
+                as_boxes = bool(listed) and all(_is_box(a) for a in listed)  # no annotation at all is not a box
                 masks, boxes = (None, annotations) if as_boxes else (annotations, None)
             else:
                 raise ValueError(

@@ -360,3 +360,9 @@ def test_a_40000_by_100_query_is_segmented(pipe):
     )
     assert result["mask"].size == (100, 40000) and result["scores"].shape == (40000, 100)
     assert all(value.shape == (40000, 100) for value in result["maps"].values())
+
+
+def test_a_support_set_without_images_is_named_as_such(pipe):
+    # An empty (images, masks) pair used to be taken for boxes: "must be a box ..., got []".
+    with pytest.raises(ValueError, match=r"`supports\['x'\] image` is empty"):
+        pipe(_image(20, 20, 0), supports={"x": ([], [])})
