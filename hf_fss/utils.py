@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["check_model_path", "default_num_threads", "set_num_threads"]
+__all__ = ["check_model_path", "default_num_threads", "looks_local", "set_num_threads"]
 
 
 def _available_cores() -> int:
@@ -50,10 +50,25 @@ def set_num_threads(num_threads: int | None = None) -> int:
     return count
 
 
+def looks_local(name_or_path: str) -> bool:
+    """
+    True when `name_or_path` is meant as a path rather than a Hub id `org/name`: it starts with `.`, `/`, `~` (or a
+    drive / backslash path), has more than one `/`, or its first component exists here (`data/pascal5i` when
+    `data/` exists). Such a path that does not exist is "folder not found", never a Hub look-up.
+    """
+    value = name_or_path
+    if value.startswith((".", "/", "~", "\\")) or "\\" in value or (len(value) > 1 and value[1] == ":"):
+        return True
+    parts = value.split("/")
+    if len(parts) != 2 or not all(parts):
+        return len(parts) > 1
+    return Path(parts[0]).exists()
+
+
 def check_model_path(name_or_path: str) -> None:
     """
-    A `--model` that looks like a local path (absolute, `./`, `~`, more than one `/`, or an existing parent) must be
-    an existing folder: it never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
+    A `--model` that looks like a local path (`looks_local`, or an existing file) must be an existing folder: it
+    never falls through to a Hub look-up that ends in "Repo id must be in the form ...".
 
     Raises:
         `FileNotFoundError`: "model folder not found: ...".
@@ -61,15 +76,7 @@ def check_model_path(name_or_path: str) -> None:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return
-    looks_local = (
-        path.is_absolute()
-        or name_or_path.startswith((".", "~"))
-        or name_or_path.count("/") > 1
-        or "\\" in name_or_path
-        or path.exists()
-        or (len(path.parts) > 1 and path.parent.is_dir())
-    )
-    if looks_local:
+    if path.exists() or looks_local(name_or_path):
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(
             f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "

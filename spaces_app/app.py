@@ -26,7 +26,7 @@ except ImportError:  # a checkout of the repository that is not installed
     sys.path.insert(0, str(REPO_ROOT))
 from transformers import pipeline  # noqa: E402
 
-from hf_fss import FewShotSegmentationPipeline  # noqa: E402
+from hf_fss import FewShotSegmentationPipeline, utils  # noqa: E402
 
 DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
@@ -110,8 +110,8 @@ def user_error(message: str, title: str = "Model") -> gr.Error:
 
 def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
     """The pipeline of a model folder or Hub repo id; a missing folder or unreachable repo fails within seconds."""
-    local, parts = _local_path(spec), spec.split("/")
-    if local is None and (spec[0] in "./~" or len(parts) > 2 or len(parts) == 2 and Path(parts[0]).is_dir()):
+    local = _local_path(spec)
+    if local is None and utils.looks_local(spec):
         raise user_error(f"Model folder {spec!r} not found (from {os.getcwd()} or {REPO_ROOT}); check FSS_MODELS.")
     try:
         if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):

@@ -13,8 +13,9 @@ from pathlib import Path
 import datasets
 
 from .folds import BENCHMARKS
+from ..utils import looks_local
 
-__all__ = ["infer_benchmark", "load_benchmark", "looks_local"]
+__all__ = ["infer_benchmark", "load_benchmark", "looks_local"]  # looks_local: hf_fss.utils, re-exported
 
 # How each builder's DatasetInfo.description starts (see hf_fss.data.builders and hf_fss.data.synthetic).
 _DESCRIPTION_PREFIXES = {
@@ -23,20 +24,6 @@ _DESCRIPTION_PREFIXES = {
     "COCO-20i": "coco20i",
     "FSS-1000": "fss1000",
 }
-
-
-def looks_local(dataset: str) -> bool:
-    """
-    True when `dataset` is meant as a path rather than a Hub id `org/name`: it starts with `.`, `/`, `~` (or a
-    drive / backslash path), has more than one `/`, or its first component exists here (`data/pascal5i` when
-    `data/` exists). Such a path that does not exist is "folder not found", never a Hub look-up.
-    """
-    if dataset.startswith((".", "/", "~", "\\")) or "\\" in dataset or (len(dataset) > 1 and dataset[1] == ":"):
-        return True
-    parts = dataset.split("/")
-    if len(parts) != 2 or not all(parts):
-        return len(parts) > 1
-    return Path(parts[0]).exists()
 
 
 def _folder_not_found(dataset: str, path: Path) -> str:
