@@ -137,10 +137,10 @@ def check_unknown_config_fields(config_class: type, kwargs: dict) -> None:
     Raises:
         `ValueError`: naming every unknown field, with the closest field name when there is one.
     """
-    unknown = sorted(name for name in kwargs if not _is_pretrained_config_attribute(name))
+    field_names = sorted(f.name for f in dataclasses.fields(config_class))
+    unknown = sorted(name for name in kwargs if name not in field_names and not _is_pretrained_config_attribute(name))
     if not unknown:
         return
-    field_names = sorted(f.name for f in dataclasses.fields(config_class))
     own = [name for name in field_names if name not in _PRETRAINED_CONFIG_FIELDS]
     hints = []
     for name in unknown:

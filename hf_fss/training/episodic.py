@@ -91,6 +91,7 @@ def build_model(args: EpisodicArguments) -> tuple[Any, Any]:
     `args.model_type` whose extractors then load their pretrained weights (`load_pretrained_extractors`).
     """
     import hf_fss
+    from hf_fss.configuration_fss import check_unknown_config_fields
     from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
     config_class, model_class = hf_fss.MODEL_CLASSES[args.model_type]
@@ -103,14 +104,11 @@ def build_model(args: EpisodicArguments) -> tuple[Any, Any]:
     kwargs["image_size"] = args.image_size
     if hasattr(config_class, "shot"):
         kwargs.setdefault("shot", args.shot)  # recorded in the config for the model card
+    # A misspelt recipe key is refused by name (with the closest field) on both paths, as the config itself does.
+    check_unknown_config_fields(config_class, kwargs)
     if args.model_name_or_path is not None:
         model = model_class.from_pretrained(args.model_name_or_path, **kwargs)
     else:
-        # Configs accept unknown keys silently; a misspelt recipe key must not.
-        known = set(config_class().to_dict())
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown {args.model_type} config field(s) {unknown} in model_kwargs")
         model = model_class(config_class(**kwargs))
         model.load_pretrained_extractors()
     processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
