@@ -204,6 +204,9 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         support_inputs (`tuple[str, ...]`): extra keyword inputs passed to `_encode_support` (e.g.
             `("support_semantic_labels",)`); `encode_support` takes them too. The episodic training dataset emits
             the inputs a model declares.
+        output_maps (`dict[str, str]`): name -> one-line meaning of every map `outputs.maps` may hold (each
+            `(batch_size, 1, h, w)`); the Space captions the maps with it.
+        binary_maps (`tuple[str, ...]`): the maps of `output_maps` that are 0/1 masks rather than values in [0, 1].
 
     Feature extractors (`StagedBackbone` children such as `backbone`) own their frozen / batch-norm policy and their
     initialisation; `load_pretrained_extractors()` loads their pretrained weights when a training run starts from a
@@ -219,6 +222,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     _no_split_modules = []
     query_inputs: tuple[str, ...] = ()
     support_inputs: tuple[str, ...] = ()
+    output_maps: dict[str, str] = {}
+    binary_maps: tuple[str, ...] = ()
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)

@@ -32,8 +32,6 @@ DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torc
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
 OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
 SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
-MAP_CAPTIONS = {"prior": f"similarity to the support, {SCALE}", "background": f"background probability, {SCALE}"}
-MAP_CAPTIONS["distractor"] = "binary mask (orange) of regions that are neither background nor target"
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
 NO_MODEL_MESSAGE = (
     "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
@@ -184,10 +182,16 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: list[tuple[int, int, i
     return Image.fromarray(out)
 
 
-def heat_map(image: np.ndarray, values: np.ndarray, key: str) -> Image.Image:
-    """A map over the grey query as defined: the distractor map binary (orange), others in [0, 1], colour bar below."""
+def map_caption(model, key: str) -> str:
+    """The model's own meaning of a map (`output_maps`), and how it is drawn: a binary mask or a colour scale."""
+    meaning = model.output_maps.get(key, key)
+    return f"{meaning}: binary mask (orange)" if key in model.binary_maps else f"{meaning}, {SCALE}"
+
+
+def heat_map(image: np.ndarray, values: np.ndarray, binary: bool = False) -> Image.Image:
+    """A map over the grey query: a 0/1 mask in orange if `binary`, else values in [0, 1] with a colour bar below."""
     gray, strip = image.astype(np.float32).mean(axis=-1, keepdims=True), max(14, values.shape[0] // 12)
-    if key == "distractor":  # a 0/1 mask; its caption is the legend
+    if binary:  # a 0/1 mask; its caption is the legend
         return Image.fromarray(np.where(values[..., None] >= 0.5, ORANGE, 0.6 * gray + 40).astype(np.uint8))
     ramp = np.concatenate([np.clip(values, 0, 1), np.linspace(0, 1, values.shape[1])[None].repeat(strip, 0)])
     out = cv2.applyColorMap((ramp * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
@@ -241,8 +245,8 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
         for c, name in enumerate(names):
             files.append(png(f"{i + 1}_{qname}_mask_{name}.png", (result["mask"] == c + 1).astype(np.uint8) * 255))
             for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
-                picture = heat_map(image, values[c] if values.ndim == 3 else values, key)
-                caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {MAP_CAPTIONS.get(key, SCALE)}"
+                picture = heat_map(image, values[c] if values.ndim == 3 else values, key in pipe.model.binary_maps)
+                caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {map_caption(pipe.model, key)}"
                 maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
     model = f"`{model_id or registry.default}` ({pipe.model.config.model_type}, {pipe.image_processor.image_size}px)"
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))

@@ -67,6 +67,8 @@ class FewShotModelTesterMixin:
         torch.testing.assert_close(reused.logits, plain.logits, rtol=0, atol=0)
         for name, value in (plain.maps or {}).items():
             assert value.dim() == 4 and value.shape[:2] == (2, 1), name
+            assert name in model.output_maps, f"map {name!r} is not described in {type(model).__name__}.output_maps"
+        assert set(model.binary_maps) <= set(model.output_maps)
 
     def test_one_support_set_serves_a_batch_of_queries(self):
         model = self.get_model().eval()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor
+from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetModel
 from hf_fss.data.synthetic import render_synthetic_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,14 +425,17 @@ def test_an_editor_layer_of_another_size_is_refused_not_stretched(episode):
 def test_maps_have_a_scale_and_the_distractor_map_is_a_binary_mask(episode):
     image = episode["image"]
     ramp = np.tile(np.linspace(0, 1, 120, dtype=np.float32), (120, 1))
-    prior = np.asarray(app.heat_map(image, ramp, "prior"))
+    prior = np.asarray(app.heat_map(image, ramp))
     assert prior.shape[0] > 120 and prior.shape[1] == 120  # a colour bar below the map
     bar = prior[125:, 5:-5].reshape(-1, 3)
     assert bar[:, 2].mean() > 0 and (prior[130, 10] != prior[130, 110]).any()  # blue ... red
-    distractor = np.asarray(app.heat_map(image, (ramp > 0.5).astype(np.float32), "distractor"))
+    distractor = np.asarray(app.heat_map(image, (ramp > 0.5).astype(np.float32), binary=True))
     orange = np.all(distractor == (255, 140, 0), axis=-1)  # only where the mask is 1; no colour bar (not a scale)
     assert distractor.shape == (120, 120, 3) and orange[:, 61:].all() and not orange[:, :60].any()
-    assert "neither background nor target" in app.MAP_CAPTIONS["distractor"]
+    ntrenet = NTRENetModel  # the captions are the model's declared `output_maps` / `binary_maps`
+    assert "neither background nor" in app.map_caption(ntrenet, "distractor")
+    assert app.map_caption(ntrenet, "distractor").endswith("binary mask (orange)")
+    assert app.map_caption(ntrenet, "prior").endswith(app.SCALE)
 
 
 def test_the_typed_box_is_drawn_on_the_support(episode):

@@ -32,6 +32,7 @@ class CosinePriorModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = CosinePriorConfig
+    output_maps = {"prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)"}
 
     def __init__(self, config: CosinePriorConfig):
         super().__init__(config)

@@ -341,6 +341,13 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
 
     config_class = NTRENetConfig
     query_inputs = ("class_ids",)
+    output_maps = {
+        "prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)",
+        "background": "probability of background from the learned background prototype",
+        "distractor": "regions that are neither background nor the initial target (distracting objects)",
+        "initial_target": "probability of the target before distracting objects are eliminated",
+    }
+    binary_maps = ("distractor",)
 
     def __init__(self, config: NTRENetConfig):
         super().__init__(config)
