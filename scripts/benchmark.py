@@ -15,6 +15,13 @@ means large temporary tensors are mapped fresh from the OS on every call (and ha
 
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
+
+Against the official code: `--official ntrenet=DIR` (repeatable, one per method) builds the official model from the
+checkout DIR (built out of tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights
+into the hf_fss model, and times both on the same episodes, interleaved (official, hf_fss, official, ...), full
+episode per call, reporting the medians, the ratio hf_fss / official and the largest logit difference:
+
+    python scripts/benchmark.py --official ntrenet=../official/ntrenet --shots 1 5 --iterations 5 --num-threads 2
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hf_fss  # noqa: E402
 from hf_fss.file_utils import atomic_write_text  # noqa: E402
+from hf_fss.models.official import official_builder  # noqa: E402
 from hf_fss.utils import set_num_threads  # noqa: E402
 
 # Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
@@ -146,6 +154,50 @@ def benchmark(model_type, size, shot, args, device) -> dict:
     }
 
 
+def compare_official(model_type: str, source_dir: str, shot: int, args, device) -> dict:
+    """The official model of `source_dir` vs the hf_fss model with its weights: interleaved full episodes."""
+    built = official_builder(model_type)(source_dir, shot=shot, image_size=args.image_size)
+    official, ours = built.module.to(device), built.ours.to(device)
+    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
+    calls = {"official": [], "hf_fss": []}
+    with torch.no_grad():
+        difference = (built.forward(query, support, masks) - ours(query, support, masks).logits).abs().max().item()
+        for _ in range(args.warmup):
+            built.forward(query, support, masks), ours(query, support, masks)
+        for _ in range(args.iterations):  # A B A B: both see the same load
+            calls["official"] += measure_calls(lambda: built.forward(query, support, masks), 1, 0, device)["wall_s"]
+            calls["hf_fss"] += measure_calls(lambda: ours(query, support, masks), 1, 0, device)["wall_s"]
+    del official
+    medians = {who: statistics.median(values) for who, values in calls.items()}
+    return {
+        "model_type": model_type,
+        "shot": shot,
+        "image_size": args.image_size,
+        "official_source": built.source,
+        "official_latency_ms": 1000 * medians["official"],
+        "hf_fss_latency_ms": 1000 * medians["hf_fss"],
+        "hf_fss_over_official": medians["hf_fss"] / medians["official"],
+        "max_abs_logit_difference": difference,
+        "calls_s": calls,
+    }
+
+
+def _official_sources(values: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    sources = {}
+    for value in values:
+        model_type, _, folder = value.partition("=")
+        if not folder:
+            parser.error(f"--official takes METHOD=DIR (e.g. ntrenet=../official/ntrenet), got {value!r}")
+        try:
+            official_builder(model_type)
+        except ValueError as error:
+            parser.error(f"--official {value}: {error}")
+        if not Path(folder).expanduser().is_dir():
+            parser.error(f"--official {value}: {folder} is not a folder (the root of the official checkout)")
+        sources[model_type] = folder
+    return sources
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -177,12 +229,23 @@ def main(argv=None) -> int:
         action="store_false",
         help="run frozen extractors over a stack of images in one call on CPU (chunk_extractors_on_cpu=False)",
     )
+    parser.add_argument(
+        "--official",
+        action="append",
+        default=[],
+        metavar="METHOD=DIR",
+        help="time the official code of METHOD from its checkout DIR against hf_fss with the same weights, "
+        "interleaved (instead of the per-method table); repeatable",
+    )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
     if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
+    official = _official_sources(args.official, parser)
     set_num_threads(args.threads)
     device = torch.device(args.device)
+    if official:
+        return _report_official(official, args, device)
 
     rows = [
         benchmark(model_type, size, shot, args, device)
@@ -202,7 +265,27 @@ def main(argv=None) -> int:
             f"{r['query_only_latency_ms']:>10.1f}{r['query_only_system_ms']:>8.1f}{r['query_only_minor_faults']:>9.0f}"
             f"{r['support_reuse_speedup']:>9.2f}{r['peak_memory_mb']:>9.0f}"
         )
-    if args.output:
+    _write_record(args.output, device, rows)
+    return 0
+
+
+def _report_official(sources: dict[str, str], args, device) -> int:
+    rows = [compare_official(m, folder, shot, args, device) for m, folder in sources.items() for shot in args.shots]
+    print(
+        f"{'method':<10}{'K':>3}{'size':>6}{'official ms':>13}{'hf_fss ms':>11}{'hf_fss/official':>17}{'max|diff|':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['model_type']:<10}{r['shot']:>3}{r['image_size']:>6}{r['official_latency_ms']:>13.1f}"
+            f"{r['hf_fss_latency_ms']:>11.1f}{r['hf_fss_over_official']:>17.3f}{r['max_abs_logit_difference']:>11.1e}"
+        )
+    print(f"medians of {args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}")
+    _write_record(args.output, device, rows)
+    return 0
+
+
+def _write_record(path: Path | None, device: torch.device, rows: list[dict]) -> None:
+    if path:
         record = {
             "device": str(device),
             "torch": torch.__version__,
@@ -211,8 +294,7 @@ def main(argv=None) -> int:
             "load_average": os.getloadavg(),
             "results": rows,
         }
-        atomic_write_text(args.output, json.dumps(record, indent=2))
-    return 0
+        atomic_write_text(path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

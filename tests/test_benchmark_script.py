@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
 
 import hf_fss
 
@@ -30,3 +33,73 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reuse x" in out and "sys ms" in out and "minflt" in out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
+
+
+# A stand-in for an official checkout: the official module path (model/ourmodel.py), constructor and forward
+# signatures and checkpoint key names, around a tiny hf_fss NTRENet so the test runs in seconds. `offset` makes two
+# checkouts distinguishable (both define the package `model`, as official repositories do).
+STAND_IN = """
+import torch
+from torch import nn
+
+from hf_fss import NTRENetConfig, NTRENetModel
+from hf_fss.models.ntrenet.convert_ntrenet import our_key_to_original
+
+OFFSET = {offset}
+
+
+class NTRENet(nn.Module):
+    def __init__(self, layers=50, classes=2, zoom_factor=8, pretrained=True, shot=1, ppm_scales=(60, 30, 15, 8)):
+        super().__init__()
+        tiny = {{"base_width": 8, "depths": [1, 1, 1, 1]}}
+        self.inner = NTRENetModel(NTRENetConfig(backbone_kwargs=tiny, reduce_dim=16, background_prototype_dim=16))
+
+    def state_dict(self, *args, **kwargs):
+        return {{our_key_to_original(k, False): v for k, v in self.inner.state_dict().items()}}
+
+    def forward(self, s_x, s_y, x, y, classes):
+        return self.inner(x, s_x, s_y.long()).logits + OFFSET
+"""
+
+
+def _stand_in_checkout(folder: Path, offset: float) -> Path:
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "__init__.py").write_text("")
+    (folder / "model" / "ourmodel.py").write_text(STAND_IN.format(offset=offset))
+    return folder
+
+
+def test_official_comparison_times_both_interleaved_on_converted_weights(tmp_path, capsys):
+    checkout = _stand_in_checkout(tmp_path / "nertnet", 0.0)
+    output = tmp_path / "official.json"
+    argv = ["--official", f"ntrenet={checkout}", "--shots", "1", "2", "--image-size", "65", "--iterations", "2"]
+    assert benchmark.main([*argv, "--warmup", "0", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["results"]
+    assert [(r["model_type"], r["shot"]) for r in rows] == [("ntrenet", 1), ("ntrenet", 2)]
+    for row in rows:
+        assert len(row["calls_s"]["official"]) == len(row["calls_s"]["hf_fss"]) == 2
+        assert row["max_abs_logit_difference"] < 1e-5  # the converter put the official weights in place
+        assert abs(row["hf_fss_over_official"] - row["hf_fss_latency_ms"] / row["official_latency_ms"]) < 1e-9
+    assert "hf_fss/official" in capsys.readouterr().out
+
+
+def test_official_checkouts_with_the_same_package_name_do_not_mix(tmp_path):
+    from hf_fss.models.official import import_from_checkout
+
+    first = import_from_checkout(_stand_in_checkout(tmp_path / "a", 1.0), "model.ourmodel", "NTRENet")
+    second = import_from_checkout(_stand_in_checkout(tmp_path / "b", 2.0), "model.ourmodel", "NTRENet")
+    assert (first.forward.__globals__["OFFSET"], second.forward.__globals__["OFFSET"]) == (1.0, 2.0)
+    assert "model" not in sys.modules and "model.ourmodel" not in sys.modules  # nothing left for the next one
+
+
+def test_official_flag_errors_name_the_problem(tmp_path, capsys):
+    for value, message in [
+        ("ntrenet", "takes METHOD=DIR"),
+        ("cosine_prior=.", "no official-code builder for 'cosine_prior'; methods with one: ['ntrenet'"),
+        (f"ntrenet={tmp_path / 'missing'}", "is not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            benchmark.main(["--official", value])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not hold model/ourmodel.py"):
+        benchmark.official_builder("ntrenet")(tmp_path)
