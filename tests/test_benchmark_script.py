@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_fss
 
@@ -26,12 +27,19 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
     for row in rows:
         assert row["full_latency_ms"] > 0 and row["query_only_latency_ms"] > 0 and row["parameters"] > 0
         assert abs(row["support_reuse_speedup"] - row["full_latency_ms"] / row["query_only_latency_ms"]) < 1e-9
+        assert (
+            row["image_size"] == 65 and row["gflop_per_episode"] > 0 and row["support_once_8_queries_latency_ms"] > 0
+        )
+        share = row["gflop_per_episode"] / (row["full_latency_ms"] / 1000) / record["matmul_peak_gflops"]
+        assert abs(row["matmul_peak_share"] - share) < 1e-9
+        trainable = row["model_type"] != "cosine_prior"  # the training-free baseline has no training step
+        assert ("training_step_latency_ms" in row) == trainable
         for prefix in ("full", "query_only"):  # per-episode CPU time and page faults from getrusage
             for field in ("user_ms", "system_ms", "minor_faults", "major_faults"):
                 value = row[f"{prefix}_{field}"]
                 assert isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, (field, value)
     out = capsys.readouterr().out
-    assert "reuse x" in out and "sys ms" in out and "minflt" in out
+    assert "reuse x" in out and "sys ms" in out and "minflt" in out and "GFLOP" in out and "matmul peak" in out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
 
 
@@ -103,3 +111,15 @@ def test_official_flag_errors_name_the_problem(tmp_path, capsys):
         assert exit.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not hold model/ourmodel.py"):
         benchmark.official_builder("ntrenet")(tmp_path)
+
+
+def test_flops_are_counted_and_each_method_has_its_own_test_size():
+    from hf_fss import NTRENetConfig, NTRENetModel
+
+    assert benchmark.default_image_size("ntrenet") == 473
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    gflop = benchmark.count_gflop(lambda: conv(torch.zeros(1, 3, 10, 10)))
+    assert abs(gflop - 2 * 8 * 3 * 9 * 100 / 1e9) < 1e-15  # 2 FLOP per multiply-add
+    inputs = benchmark.training_inputs(NTRENetModel, torch.zeros(2, 5, 5), torch.zeros(2, 1, 5, 5))
+    assert list(inputs) == ["class_ids"] and inputs["class_ids"].tolist() == [1, 1]
+    assert NTRENetConfig().image_size == 473
