@@ -97,8 +97,8 @@ def class_names_of(split: Any) -> list[str] | None:
 
 
 def default_test_split(dataset: Mapping[str, Any], benchmark: str) -> str:
-    """The split test episodes come from: `test` for FSS-1000 (when present), `validation` otherwise."""
-    if benchmark == "fss1000" and "test" in dataset:
+    """The split test episodes come from: `test` for FSS-1000 and folder (when present), `validation` otherwise."""
+    if benchmark in ("fss1000", "folder") and "test" in dataset:
         return "test"
     if "validation" in dataset:
         return "validation"
@@ -238,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
     )
-    parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic (default: inferred)")
+    parser.add_argument(
+        "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
+    )
     parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
     parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
     parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument(
-        "--split", default=None, help="split of the test episodes (default: validation; fss1000: test)"
+        "--split", default=None, help="split of the test episodes (default: validation; fss1000, folder: test)"
     )
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
     parser.add_argument("--num-episodes", type=int, default=None, help="episodes per seed (default: the protocol's)")
@@ -309,7 +311,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import normalize_benchmark_name
+    from hf_fss.data.folds import has_class_split, normalize_benchmark_name
 
     if args.seed is not None and args.seeds is not None:
         raise ValueError("give either --seed or --seeds, not both")
@@ -333,7 +335,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
     split = dataset[split_name]
     convention = args.fold_convention if benchmark == "coco20i" else None
-    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if benchmark == "fss1000" else None)
+    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
 
     # The episode file is checked against the split before the model is loaded.
     fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
