@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.data.episodes import (
     ANNOTATION_KINDS,
     Episode,
@@ -133,6 +135,43 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _ImageKeys:
+    """Feature-cache keys of a test batch's images: (split fingerprint, image id, processor settings, tensor shape)."""
+
+    def __init__(self, split: Any, processor: Any, episodes: Sequence[Episode]):
+        to_json = getattr(processor, "to_json_string", None)
+        settings = to_json() if callable(to_json) else repr(processor)
+        fingerprint = getattr(split, "_fingerprint", None) or str(id(split))
+        self.prefix = (fingerprint, hashlib.sha256(settings.encode()).hexdigest())
+        self.episodes = episodes
+
+    def of(self, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
+        episodes = [self.episodes[int(i)] for i in batch["episode_index"]]
+        query, support = inputs["pixel_values"], inputs["support_pixel_values"]
+        geometry = (tuple(query.shape[-3:]), str(query.dtype))
+        return [
+            (query, [(*self.prefix, e.query, geometry) for e in episodes]),
+            (support, [(*self.prefix, image_id, geometry) for e in episodes for image_id in e.supports]),
+        ]
+
+
+def default_feature_cache_bytes(device: torch.device) -> int:
+    """
+    The feature cache's default bound: half the free memory of a CUDA device, else a quarter of the memory the
+    operating system reports available, at most 4 GiB (0 when it cannot be read).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+    return min(available // 4, 4 << 30)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -150,6 +189,7 @@ def evaluate_model(
     accelerator: Any = None,
     progress: bool = True,
     description: str = "evaluating",
+    feature_cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """
     Evaluate `model` on fixed `episodes` of `split`; returns `FewShotSegmentationMetric.compute()`.
@@ -171,6 +211,10 @@ def evaluate_model(
         accelerator: an `accelerate.Accelerator`; with several processes the episodes are sharded and the counts
             summed with `accelerator.reduce`. Its `autocast()` applies the run's mixed precision.
         progress: show a tqdm bar (on the local main process only).
+        feature_cache: a `hf_fss.backbones.FeatureCache`: every frozen extractor of the model serves the images it
+            has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
+            recomputing them; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`).
+            Pass the same cache to several calls (seeds) on one split to reuse it across them.
 
     Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
@@ -200,14 +244,22 @@ def evaluate_model(
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
+    image_keys = _ImageKeys(split, processor, episodes)
+    cached = feature_cache.attach(model) if feature_cache is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with autocast:
+        with autocast, cached:
             for batch in tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True):
                 names = model_input_names(model, batch)
                 inputs = {key: batch[key].to(device) for key in names}
-                outputs = model(**inputs)
+                registered = (
+                    feature_cache.images(image_keys.of(batch, inputs))
+                    if feature_cache is not None
+                    else contextlib.nullcontext()
+                )
+                with registered:
+                    outputs = model(**inputs)
                 sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
                 predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
                 targets = batch["target"]
@@ -272,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
     parser.add_argument(
         "--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed (default 0)"
+    )
+    parser.add_argument(
+        "--feature-cache-mb",
+        type=float,
+        default=None,
+        help=(
+            "memory for the frozen extractors' features of the images already seen, reused across episodes and "
+            "seeds (same metrics, bit for bit, at --batch-size 1); default: half the free GPU memory, or a quarter "
+            "of the available RAM up to 4 GiB on CPU; 0 turns it off"
+        ),
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
@@ -366,6 +428,14 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         base, benchmark, num_episodes=num_episodes, seeds=seeds, fold_convention=args.fold_convention
     )
     names = class_names_of(split)
+    if args.feature_cache_mb is not None and args.feature_cache_mb < 0:
+        raise ValueError(f"--feature-cache-mb must be >= 0, got {args.feature_cache_mb}")
+    cache_bytes = (
+        default_feature_cache_bytes(accelerator.device)
+        if args.feature_cache_mb is None
+        else int(args.feature_cache_mb * 2**20)
+    )
+    feature_cache = FeatureCache(cache_bytes) if cache_bytes > 0 else None
 
     runs = []
     for seed in seeds:
@@ -386,6 +456,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             num_workers=args.num_workers,
             accelerator=accelerator,
             description=f"seed {seed}",
+            feature_cache=feature_cache,
         )
         accelerator.print(
             f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
@@ -411,6 +482,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             "num_processes": accelerator.num_processes,
         }
     )
+    if feature_cache is not None and accelerator.is_main_process:
+        # Not written into metrics.json: the counts depend on the number of processes, the metrics do not.
+        stats = feature_cache.stats()
+        print(
+            f"feature cache: {stats['hits']} images served, {stats['misses']} computed, "
+            f"{stats['bytes'] / 2**20:.1f} of {stats['max_bytes'] / 2**20:.0f} MiB held"
+        )
     if accelerator.is_main_process:
         write_json_atomic(metrics, args.output)
         std = f" ± {100 * metrics['miou_std']:.2f}" if "miou_std" in metrics else ""
