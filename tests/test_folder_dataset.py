@@ -192,12 +192,14 @@ def readme_commands() -> list[list[str]]:
 
 def test_readme_section_is_the_tested_commands():
     scripts = [argv[1] for argv in readme_commands()]
-    assert scripts == ["scripts/prepare_dataset.py", "scripts/train.py", "scripts/evaluate.py"]
+    assert scripts == ["scripts/prepare_dataset.py", "scripts/train.py", "scripts/evaluate.py", "scripts/train.py",
+                       "scripts/compare.py"]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_readme_commands_end_to_end(tmp_path):
-    """The README's "Fine-tune on your own classes" commands as written: build, 20 training steps, evaluation."""
+    """The README's "Fine-tune on your own classes" commands as written: build, 20 training steps, evaluation, a
+    second run with another seed and the comparison of both."""
     write_label_folder(tmp_path / "my_photos", per_class=6)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for argv in readme_commands():
@@ -214,3 +216,6 @@ def test_readme_commands_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["benchmark"] == "folder" and metrics["split"] == "test" and metrics["num_episodes"] == 10
     assert 0.0 <= metrics["miou"] <= 1.0
+    comparison = json.loads((tmp_path / "comparison" / "comparison.json").read_text())
+    assert list(comparison["results"]) == ["seed321", "seed1"] and comparison["setup"]["benchmark"] == "folder"
+    assert (tmp_path / "comparison" / "comparison.png").is_file()

@@ -64,6 +64,7 @@ class FeatureCache:
         self._rows: dict[tuple, Hashable] = {}
         self._registered: list[torch.Tensor] = []  # keeps registered tensors alive, so no address is reused
         self._owners: dict[str, weakref.ref] = {}
+        self._model: weakref.ref | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -71,7 +72,13 @@ class FeatureCache:
     # --- scope ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator[FeatureCache]:
-        """Serve every extractor of `model.feature_extractors()` from this cache inside the `with` block."""
+        """
+        Serve every extractor of `model.feature_extractors()` from this cache inside the `with` block. Entries are
+        keyed by extractor name: attaching another model than the last one first drops every entry.
+        """
+        if self._model is None or self._model() is not model:
+            self.clear()
+            self._model = weakref.ref(model)
         extractors = model.feature_extractors()
         previous = {name: getattr(extractor, "feature_cache", None) for name, extractor in extractors.items()}
         for name, extractor in extractors.items():

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,7 @@ def evaluate_model(
     progress: bool = True,
     description: str = "evaluating",
     feature_cache: FeatureCache | None = None,
+    episode_records: list[dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """
     Evaluate `model` on fixed `episodes` of `split`; returns `FewShotSegmentationMetric.compute()`.
@@ -215,6 +217,9 @@ def evaluate_model(
             has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
             recomputing them; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`).
             Pass the same cache to several calls (seeds) on one split to reuse it across them.
+        episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
+            `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
+            only (ValueError under several).
 
     Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
@@ -239,7 +244,13 @@ def evaluate_model(
         generator=torch.Generator().manual_seed(0),
     )
     device = accelerator.device if accelerator is not None else _model_device(model)
-    metric = FewShotSegmentationMetric(class_ids, class_names, protocol, device=device, seed=seed)
+    if episode_records is not None and num_processes > 1:
+        raise ValueError("episode_records needs a single process (each process would only see its shard)")
+    record = episode_records is not None
+    metric = FewShotSegmentationMetric(
+        class_ids, class_names, protocol, device=device, seed=seed, record_episodes=record
+    )
+    indices: list[int] = []
     label_size = protocol.label_size
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
@@ -267,10 +278,13 @@ def evaluate_model(
                     predictions = [resize_label(p.cpu(), label_size) for p in predictions]
                     targets = [resize_label(t, label_size) for t in targets]
                 metric.update(predictions, targets, batch["class_ids"])
+                indices.extend(int(i) for i in batch["episode_index"])
     finally:
         model.train(was_training)
     if num_processes > 1:
         metric.reduce(accelerator.reduce)
+    if record:
+        episode_records.extend({"episode_index": i, **r} for i, r in zip(indices, metric.episode_records))
     return metric.compute()
 
 
@@ -442,6 +456,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         episodes = fixed or make_test_episodes(split, fold.novel, num_episodes, args.shot, seed)
         if args.save_episodes and accelerator.is_main_process:
             save_episodes_jsonl(episodes, args.save_episodes)
+        started = time.perf_counter()
         result = evaluate_model(
             model,
             processor,
@@ -460,7 +475,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         )
         accelerator.print(
             f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
-            f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes)"
+            f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes, "
+            f"{time.perf_counter() - started:.1f} s)"
         )
         runs.append(result)
 
