@@ -7,6 +7,12 @@ For every method and size it times, on the same random inputs in one run:
   what a support set costs when it serves many queries (the Space, the pipeline).
 Ratios between rows of one run are what to compare; absolute numbers depend on the machine and its load.
 
+Each method runs at its paper's test size unless `--image-size` is given (`PAPER_IMAGE_SIZES`: NTRENet and QGNet
+473, SMCP 417, CRCNet 321; another method at its config's default `image_size`). Per row it also counts the GFLOP
+of one call with `torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix products; element-wise work
+is not counted) and divides the achieved GFLOP/s by the machine's matmul peak, measured once per run as the best
+of a few square fp32 matrix products (`*_peak_share`): how far a method is from what the machine can do.
+
 Per timed call (one episode at the default --batch-size 1) it records the median wall time and, from
 `resource.getrusage(RUSAGE_SELF)` read just before and after the call (the whole process, all threads), the median
 user and system CPU time and minor / major page faults: `*_latency_ms`, `*_user_ms`, `*_system_ms`,
@@ -43,6 +49,44 @@ SIZES = {
     "base": {},
     "tiny": {"backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]}, "reduce_dim": 16},
 }
+
+
+# Test image sizes of the papers (their official test code); a method not listed uses its config's default.
+PAPER_IMAGE_SIZES = {"ntrenet": 473, "qgnet": 473, "smcp": 417, "crcnet": 321}
+
+
+def paper_image_size(model_type: str) -> int:
+    """The image size a method is benchmarked at by default: `PAPER_IMAGE_SIZES`, else its config's default."""
+    if model_type in PAPER_IMAGE_SIZES:
+        return PAPER_IMAGE_SIZES[model_type]
+    config_class, _ = hf_fss.MODEL_CLASSES[model_type]
+    return int(config_class().image_size)
+
+
+def count_gflop(fn) -> float:
+    """GFLOP of one call of `fn` as `FlopCounterMode` counts them (convolutions, matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """The best fp32 GFLOP/s of `repeats` square matrix products (2048 on CPU, 8192 on GPU): the machine's peak."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def build_model(model_type: str, size: str, image_size: int, chunking: bool = True) -> torch.nn.Module:
@@ -117,9 +161,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark(model_type, size, shot, args, device) -> dict:
-    model = build_model(model_type, size, args.image_size, args.chunking).to(device)
-    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
+def benchmark(model_type, size, shot, args, device, peak_gflops: float | None = None) -> dict:
+    image_size = args.image_size or paper_image_size(model_type)
+    model = build_model(model_type, size, image_size, args.chunking).to(device)
+    query, support, masks = random_episode(args.batch_size, shot, image_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():  # as evaluation and the pipeline (a method may adapt to its supports inside)
@@ -128,13 +173,24 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         query_only = measure_calls(
             lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device
         )
+        full_gflop = count_gflop(lambda: model(query, support, masks))
+        query_gflop = count_gflop(lambda: model(query, support_encoding=encoding))
     full_s, query_s = statistics.median(full["wall_s"]), statistics.median(query_only["wall_s"])
+    flops = {
+        "full_gflop": full_gflop / args.batch_size,
+        "query_only_gflop": query_gflop / args.batch_size,
+        "full_gflops_per_s": full_gflop / full_s,
+        "query_only_gflops_per_s": query_gflop / query_s,
+    }
+    if peak_gflops:
+        flops["full_peak_share"] = flops["full_gflops_per_s"] / peak_gflops
+        flops["query_only_peak_share"] = flops["query_only_gflops_per_s"] / peak_gflops
     return {
         "model_type": model_type,
         "size": size,
         "shot": shot,
         "batch_size": args.batch_size,
-        "image_size": args.image_size,
+        "image_size": image_size,
         "chunk_extractors_on_cpu": args.chunking,
         "parameters": sum(p.numel() for p in model.parameters()),
         **summarize_calls("full", full),
@@ -143,6 +199,7 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         "query_only_episodes_per_s": args.batch_size / query_s,
         "support_reuse_speedup": full_s / query_s,
         "peak_memory_mb": peak_memory_mb(device),
+        **flops,
     }
 
 
@@ -151,14 +208,17 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: full ms / sys ms / minflt are the medians per full-episode call (wall time, process system "
-        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms.",
+        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms; size the image "
+        "size; GFLOP per full episode; % peak its GFLOP/s over the measured fp32 matmul peak.",
     )
     parser.add_argument(
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
     )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SIZES))
     parser.add_argument("--shots", nargs="+", type=int, default=[1])
-    parser.add_argument("--image-size", type=int, default=473)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="test image size (default: each method's paper size)"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -183,16 +243,18 @@ def main(argv=None) -> int:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
     set_num_threads(args.threads)
     device = torch.device(args.device)
+    peak = matmul_peak_gflops(device)
+    print(f"matmul peak (fp32, {torch.get_num_threads()} threads on {device}): {peak:.1f} GFLOP/s")
 
     rows = [
-        benchmark(model_type, size, shot, args, device)
+        benchmark(model_type, size, shot, args, device, peak)
         for model_type in args.model_types
         for size in args.sizes
         for shot in args.shots
     ]
     header = (
         f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'sys ms':>8}{'minflt':>9}{'ep/s':>8}"
-        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'peak MB':>9}"
+        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'peak MB':>9}{'size':>6}{'GFLOP':>9}{'% peak':>8}"
     )
     print(header)
     for r in rows:
@@ -200,7 +262,8 @@ def main(argv=None) -> int:
             f"{r['model_type']:<14}{r['size']:<6}{r['shot']:>3}{r['parameters']:>12,}{r['full_latency_ms']:>10.1f}"
             f"{r['full_system_ms']:>8.1f}{r['full_minor_faults']:>9.0f}{r['full_episodes_per_s']:>8.2f}"
             f"{r['query_only_latency_ms']:>10.1f}{r['query_only_system_ms']:>8.1f}{r['query_only_minor_faults']:>9.0f}"
-            f"{r['support_reuse_speedup']:>9.2f}{r['peak_memory_mb']:>9.0f}"
+            f"{r['support_reuse_speedup']:>9.2f}{r['peak_memory_mb']:>9.0f}{r['image_size']:>6}{r['full_gflop']:>9.2f}"
+            f"{100 * r['full_peak_share']:>8.1f}"
         )
     if args.output:
         record = {
@@ -209,6 +272,7 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "load_average": os.getloadavg(),
+            "matmul_peak_gflops": peak,
             "results": rows,
         }
         atomic_write_text(args.output, json.dumps(record, indent=2))
