@@ -138,3 +138,21 @@ def test_evaluate_script_cache_flag(tmp_path, capsys):
     assert "feature cache:" not in capsys.readouterr().out
     assert (tmp_path / "on.json").read_text() == (tmp_path / "off.json").read_text().replace("off.json", "on.json")
     assert main([*flags, "--feature-cache-mb", "-1", "--output", str(tmp_path / "x.json")]) == 2
+
+
+def test_every_extractor_of_the_model_is_served_under_its_own_name():
+    """A second extractor (QGNet's prior extractor) is attached too, with entries apart from the backbone's."""
+    from hf_fss.backbones import build_backbone
+
+    model = _models()["cosine_prior"].eval()
+    model.prior_extractor = build_backbone("resnet50", **TINY_RESNET).freeze()
+    assert sorted(model.feature_extractors()) == ["backbone", "prior_extractor"]
+    cache = FeatureCache(1 << 30)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad(), cache.attach(model), cache.images([(x, ["a"])]):
+        for _ in range(2):
+            backbone = model.backbone.forward_stages(x, 0, 5)
+            prior = model.prior_extractor.forward_stages(x, 0, 5)
+    assert (cache.misses, cache.hits, len(cache)) == (2, 2, 2)
+    assert not torch.equal(backbone[-1], prior[-1])  # distinct weights, distinct entries
+    assert model.prior_extractor.feature_cache is None and model.backbone.feature_cache is None
