@@ -32,6 +32,7 @@ from hf_fss.training.loop import (
     resolve_checkpoint,
     scalar_config,
 )
+from hf_fss.utils import set_num_threads
 
 from .arguments import PRETRAIN_GROUPS, PRETRAIN_QUICKSTART, PretrainingArguments
 from .data import PretrainingImages, load_unlabeled_images
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("hf_fss").setLevel(logging.INFO)
     try:
         loop_args, args = parse_pretraining_args(argv)
+        if argv is None:  # a script run: the cores of this machine shared among its processes (hf_fss.utils)
+            set_num_threads()
         pretrain(loop_args, args)
     except (ValueError, FileNotFoundError) as err:
         print(f"pretrain_prior.py: error: {err}", file=sys.stderr)
