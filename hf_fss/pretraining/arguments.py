@@ -95,6 +95,12 @@ class PretrainingArguments:
     probe_fold: int = field(default=0, metadata={"help": "probe: the fold whose base classes are used"})
     probe_train_images: int = field(default=600, metadata={"help": "probe: k-NN bank images (training split)"})
     probe_test_images: int = field(default=300, metadata={"help": "probe: test images (evaluation split)"})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per process (default: the cores / processes on this machine; 1 for tiny models)"
+        },
+    )
     queue_digest_file: str | None = field(
         default=None, metadata={"help": "debug: write per-step queue hashes to <this>.<process>.json"}
     )
@@ -119,7 +125,7 @@ class PretrainingArguments:
         _check(
             self,
             positive=("image_size", "embedding_dim", "queue_size", "patch_queue_size", "probe_train_images"),
-            optional_positive=("patch_size", "bn_splits", "head_hidden_dim"),
+            optional_positive=("patch_size", "bn_splits", "head_hidden_dim", "num_threads"),
             non_negative=("global_weight", "local_weight", "probe_fold", "probe_test_images"),
         )
         if self.global_weight + self.local_weight == 0:

@@ -152,7 +152,7 @@ def build_dataset(loop_args: LoopArguments, args: PretrainingArguments) -> tuple
 def resume_settings(args: PretrainingArguments) -> dict[str, Any]:
     """What a resumed run may not change: everything of the pretraining group but the export / probe / debug flags."""
     free = {"config", "export_encoder", "export_moco", "probe", "probe_fold", "probe_train_images"}
-    free |= {"probe_test_images", "queue_digest_file", "superpixel_cache_dir"}
+    free |= {"probe_test_images", "queue_digest_file", "superpixel_cache_dir", "num_threads"}
     return {k: v for k, v in arguments_dict(args).items() if k not in free}
 
 
@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("hf_fss").setLevel(logging.INFO)
     try:
         loop_args, args = parse_pretraining_args(argv)
-        if argv is None:  # a script run: the cores of this machine shared among its processes (hf_fss.utils)
-            set_num_threads()
+        if argv is None or args.num_threads is not None:  # default: the cores shared among processes (hf_fss.utils)
+            set_num_threads(args.num_threads)
         pretrain(loop_args, args)
     except (ValueError, FileNotFoundError) as err:
         print(f"pretrain_prior.py: error: {err}", file=sys.stderr)
