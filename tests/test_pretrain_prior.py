@@ -195,3 +195,26 @@ def test_two_cpu_processes_hold_identical_queues_at_every_step(tmp_path):
     assert len(zero) == 5 and zero == one
     assert len({step["queue"] for step in zero}) == 5  # the queue changed at every step
     DilatedResNet(**BACKBONE, output_stride=8).load_weights(str(tmp_path / "ddp"))
+
+
+@pytest.mark.parametrize(
+    "flags, queues",
+    [
+        (
+            ["--superpixels", "felzenszwalb", "--felzenszwalb-scale", "50", "--global-weight", "0"],
+            {"model.patch_queue"},
+        ),
+        (["--local-form", "pooled", "--symmetric", "true"], {"model.queue", "model.patch_queue"}),
+        (["--local-weight", "0"], {"model.queue"}),
+    ],
+    ids=["felzenszwalb-local-only", "pooled-symmetric", "global-only"],
+)
+def test_script_runs_the_switches_and_options(flags, queues, tmp_path):
+    output_dir = tmp_path / "run"
+    assert _run(output_dir, "--max-steps", "2", *flags) == 0
+    assert set(load_tree(output_dir / "checkpoints" / "step_00000002", "training_state")) == {"loop", *queues}
+    card = (output_dir / "README.md").read_text()
+    assert ("local only" in card) == ("--global-weight" in flags) and ("global only" in card) == (
+        "--local-weight" in flags
+    )
+    DilatedResNet(**BACKBONE, output_stride=8).load_weights(str(output_dir))
