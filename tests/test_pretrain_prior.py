@@ -21,6 +21,7 @@ from hf_fss.backbones import DilatedResNet, convert_backbone_state_dict
 from hf_fss.pretraining.training import main as pretrain_main
 from hf_fss.pretraining.training import parse_pretraining_args
 from hf_fss.training import load_tree
+from hf_fss.training.arguments import RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = {"stem": "7x7", **TINY_RESNET}
@@ -218,3 +219,9 @@ def test_script_runs_the_switches_and_options(flags, queues, tmp_path):
         "--local-weight" in flags
     )
     DilatedResNet(**BACKBONE, output_stride=8).load_weights(str(output_dir))
+
+
+@pytest.mark.parametrize("recipe", sorted((RECIPES_DIR / "prior").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_prior_recipe_parses(recipe):
+    loop_args, args = parse_pretraining_args(["--config", str(recipe)])
+    assert loop_args.output_dir and args.backbone_kwargs
