@@ -78,9 +78,9 @@ tags:
 - moco
 ---
 
-# QGNet prior extractor ({record["backbone"]}, {record["epochs"]} epoch(s), {superpixels})
+# QGNet prior extractor ({record["backbone"]} {json.dumps(record["backbone_kwargs"])}, {record["epochs"]} epoch(s), {superpixels})
 
-The prior extractor of QGNet ("Query-guided networks for few-shot segmentation", paper 000 §IV-A), pretrained without
+The prior extractor of QGNet ("Few-Shot Segmentation with Global and Local Contrastive Learning", Liu et al., §IV-A), pretrained without
 labels by hf_fss's implementation of the global (MoCo v2, Eq. 1) + local (superpixel patches, Eq. 6) contrastive
 loss (Eq. 7). No official code of this pretraining exists; this is the implementation of `scripts/pretrain_prior.py`.
 
