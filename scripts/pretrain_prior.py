@@ -1,0 +1,26 @@
+"""
+Pretrain QGNet's prior extractor with the global + local contrastive loss (paper 000 §IV-A), on one CPU or many GPUs.
+
+    accelerate launch scripts/pretrain_prior.py            # quickstart: hf_fss/recipes/prior/quickstart_synthetic.yaml
+    accelerate launch --multi_gpu --num_processes 8 scripts/pretrain_prior.py --dataset data/pascal5i \
+        --batch-size 32 --epochs 1000 --output-dir outputs/prior-pascal5i
+    accelerate launch scripts/pretrain_prior.py ... --resume-from-checkpoint latest
+
+`--output-dir` receives `model.safetensors` (the key encoder's backbone, hf_fss stage names), `config.json` and a
+card; `DilatedResNet(...).load_weights(folder)` and QGNet's `prior_extractor_weights` read it. The logic lives in
+`hf_fss.pretraining` (`python scripts/pretrain_prior.py --help` lists every flag).
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from hf_fss.pretraining.training import main
+except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
+    if err.name != "hf_fss":
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hf_fss.pretraining.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())
