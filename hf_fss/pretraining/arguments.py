@@ -10,7 +10,7 @@ from typing import Literal
 
 from hf_fss.training.arguments import LoopArguments, _check, _check_choices, _check_finite
 
-__all__ = ["PRETRAIN_GROUPS", "PRETRAIN_QUICKSTART", "PretrainingArguments"]
+__all__ = ["PRETRAIN_DESCRIPTION", "PRETRAIN_GROUPS", "PRETRAIN_QUICKSTART", "PretrainingArguments"]
 
 PRETRAIN_QUICKSTART = Path(str(resources.files("hf_fss") / "recipes" / "prior" / "quickstart_synthetic.yaml"))
 
@@ -148,3 +148,8 @@ class PretrainingArguments:
 
 
 PRETRAIN_GROUPS: tuple[type, ...] = (LoopArguments, PretrainingArguments)
+PRETRAIN_DESCRIPTION = (
+    "Pretrain QGNet's prior extractor with global (MoCo v2) + local (superpixel) contrastive learning on unlabeled "
+    "images. `accelerate launch scripts/pretrain_prior.py` with no argument runs the quickstart "
+    "(recipes/prior/quickstart_synthetic.yaml); precedence: defaults < --config < flags."
+)

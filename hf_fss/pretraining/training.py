@@ -34,7 +34,7 @@ from hf_fss.training.loop import (
 )
 from hf_fss.utils import set_num_threads
 
-from .arguments import PRETRAIN_GROUPS, PRETRAIN_QUICKSTART, PretrainingArguments
+from .arguments import PRETRAIN_DESCRIPTION, PRETRAIN_GROUPS, PRETRAIN_QUICKSTART, PretrainingArguments
 from .data import PretrainingImages, load_unlabeled_images
 from .export import backbone_description, export_moco_checkpoint, export_prior_extractor
 from .modeling import GlobalLocalContrastiveModel, PretrainingConfig
@@ -302,7 +302,9 @@ def render_card(record: dict) -> str:
 
 def parse_pretraining_args(argv=None) -> tuple[LoopArguments, PretrainingArguments]:
     """`(loop_args, pretraining_args)`; no experiment-selecting flag = the packaged quickstart recipe."""
-    loop_args, args = parse_groups(argv, PRETRAIN_GROUPS, default_recipe=PRETRAIN_QUICKSTART)
+    loop_args, args = parse_groups(
+        argv, PRETRAIN_GROUPS, PRETRAIN_QUICKSTART, prog="pretrain_prior.py", description=PRETRAIN_DESCRIPTION
+    )
     if loop_args.output_dir is None:
         loop_args.output_dir = args.default_output_dir()
     return loop_args, args

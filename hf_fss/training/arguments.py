@@ -338,28 +338,38 @@ def load_recipe(path: str | Path, groups: Sequence[type] = TRAIN_GROUPS) -> dict
     return out
 
 
-def build_parser(groups: Sequence[type] = TRAIN_GROUPS) -> HfArgumentParser:
+TRAIN_DESCRIPTION = (
+    "Train a few-shot segmentation model episodically. `accelerate launch scripts/train.py` with no argument "
+    "runs the quickstart (recipes/ntrenet/quickstart_synthetic.yaml); precedence: defaults < --config < flags."
+)
+
+
+def build_parser(
+    groups: Sequence[type] = TRAIN_GROUPS, prog: str = "train.py", description: str = TRAIN_DESCRIPTION
+) -> HfArgumentParser:
+    """The parser of `groups`, named `prog` in its usage line (the script, also under `accelerate launch`)."""
     parser = HfArgumentParser(list(groups))
-    parser.prog = "train.py"
-    parser.description = (
-        "Train a few-shot segmentation model episodically. `accelerate launch scripts/train.py` with no argument "
-        "runs the quickstart (recipes/ntrenet/quickstart_synthetic.yaml); precedence: defaults < --config < flags."
-    )
+    parser.prog, parser.description = prog, description
     return parser
 
 
 def parse_groups(
-    argv: Sequence[str] | None, groups: Sequence[type], default_recipe: str | Path | None = None
+    argv: Sequence[str] | None,
+    groups: Sequence[type],
+    default_recipe: str | Path | None = None,
+    prog: str = "train.py",
+    description: str = TRAIN_DESCRIPTION,
 ) -> tuple[Any, ...]:
     """
     One dataclass per group, filled from the command line `argv` (default `sys.argv[1:]`) over the recipe of
     `--config` (or `default_recipe` when no experiment-selecting flag is given) over the dataclass defaults. One
-    group must define `config`; a `model_kwargs` field is updated key by key by its flag.
+    group must define `config`; a `model_kwargs` field is updated key by key by its flag. `prog` and
+    `description` head `--help` and the error messages.
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(groups)
+    parser = build_parser(groups, prog, description)
     # A first pass only to find the recipe; the full parse below reports unknown flags.
     pre, _ = parser.parse_known_args(argv)
     config = pre.config
