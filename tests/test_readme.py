@@ -144,8 +144,17 @@ def test_the_readme_names_attributes_that_exist():
 
 def test_outputs_of_the_readme_commands_are_git_ignored():
     ignored = (ROOT / ".gitignore").read_text().splitlines()
-    for entry in ("data/", "metrics.json", "outputs/"):
+    for entry in ("/data/", "metrics.json", "outputs/", "/comparison/"):
         assert entry in ignored
+
+
+def test_package_sources_are_not_git_ignored():
+    """An ignore rule for the README's outputs must not hide sources (a bare `data/` hid hf_fss/data/ once)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    sources = [str(p.relative_to(ROOT)) for p in (ROOT / "hf_fss").rglob("*.py") if "__pycache__" not in p.parts]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == []
 
 
 def _help(main_or_parser, argv=("--help",)) -> str:
