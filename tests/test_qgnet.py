@@ -1,0 +1,227 @@
+"""QGNet: the two region maps, the prior extractor (weights, BN policy, once per query), K-shot, the tester mixin."""
+
+import pytest
+import torch
+from conftest import TINY_RESNET, random_episode
+from huggingface_hub.errors import StrictDataclassError
+from modeling_common import FewShotModelTesterMixin, assert_extractor_skipped_by_sync_batchnorm
+from safetensors.torch import save_file
+
+from hf_fss import QGNetConfig, QGNetModel
+from hf_fss.models.qgnet import prior_region_map
+
+TINY_PRIOR = {"stem": "7x7", **TINY_RESNET}
+TINY = {
+    "backbone_kwargs": dict(TINY_RESNET),
+    "prior_extractor_kwargs": dict(TINY_PRIOR),
+    "reduce_dim": 16,
+    "pyramid_bins": (9, 4, 2, 1),
+    "image_size": 65,
+}
+
+
+def tiny_model(**overrides) -> QGNetModel:
+    torch.manual_seed(0)
+    return QGNetModel(QGNetConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_onednn():
+    # oneDNN builds a kernel for every new conv shape, which costs more than these tiny convs themselves.
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+# --- configuration ---------------------------------------------------------------------------------------------------
+def test_config_defaults_follow_the_official_code_and_validate():
+    config = QGNetConfig()
+    assert (config.backbone, config.backbone_kwargs, config.prior_extractor_backbone) == ("resnet50", None, "resnet50")
+    assert config.prior_extractor_kwargs == {"stem": "7x7"} and config.prior_extractor_moco_encoder == "encoder_k"
+    assert (config.reduce_dim, config.pyramid_bins, config.prior_eps, config.aux_loss_weight) == (
+        256,
+        (60, 30, 15, 8),
+        1e-7,
+        1.0,
+    )
+    assert config.region_projection == "learned" and config.projection_dropout == 0.5
+    for bad in (
+        {"backbone": "vgg16_dilated"},
+        {"prior_extractor_backbone": "vgg16_bn"},
+        {"prior_extractor_kwargs": {"stem": "7x7", "fc_channels": 3}},
+        {"prior_extractor_moco_encoder": "encoder"},
+        {"region_projection": "linear"},
+        {"pyramid_bins": ()},
+        {"projection_dropout": 1.0},
+        {"prior_eps": 0.0},
+    ):
+        with pytest.raises(StrictDataclassError, match=next(iter(bad))):
+            QGNetConfig(**bad)
+
+
+def test_full_size_model_has_the_official_layout():
+    with torch.device("meta"):
+        model = QGNetModel(QGNetConfig())
+    state = model.state_dict()
+    assert len(state) == 685  # as the official PFENet_QGNet(layers=50).state_dict()
+    assert state["feature_enrichment.init_merge.0.0.weight"].shape == (256, 514, 1, 1)
+    assert state["bridge_projection.0.weight"].shape == (256, 2048, 3, 3)
+    assert state["prior_projection.0.weight"].shape == (256, 2048, 3, 3)
+    assert state["prior_extractor.layer0.conv1.weight"].shape == (64, 3, 7, 7)
+    assert model.prior_extractor.strides[-1] == 8 and model.prior_extractor.frozen
+
+
+# --- the two maps ----------------------------------------------------------------------------------------------------
+def test_prior_region_map_matches_a_direct_computation_on_non_square_maps():
+    generator = torch.Generator().manual_seed(0)
+    bridge, prior = torch.randn(2, 8, 3, 5, generator=generator), torch.randn(2, 8, 4, 2, generator=generator)
+    got = prior_region_map(bridge, prior)
+    for b in range(2):
+        cos = torch.nn.functional.cosine_similarity(
+            bridge[b].flatten(1).T.unsqueeze(1), prior[b].flatten(1).T.unsqueeze(0), dim=2, eps=1e-12
+        )
+        best = cos.amax(dim=1)
+        expected = ((best - best.min()) / (best.max() - best.min() + 1e-7)).view(3, 5)
+        torch.testing.assert_close(got[b, 0], expected, rtol=1e-5, atol=1e-5)
+    assert got.amin() == 0 and got.amax() <= 1
+    with pytest.raises(ValueError, match="agree on batch size and channels"):
+        prior_region_map(bridge, prior[:, :4])
+
+
+def test_prior_map_follows_the_prior_extractor_weights_and_not_the_support_set():
+    model = tiny_model()
+    query, support, masks, _ = random_episode(batch_size=2, shot=1, size=65)
+    other_support, other_masks = torch.randn_like(support), masks.roll(10, dims=-1)
+    with torch.no_grad():
+        first = model(query, support, masks).maps
+        second = model(query, other_support, other_masks).maps
+        torch.testing.assert_close(second["prior_region"], first["prior_region"], rtol=0, atol=0)
+        assert not torch.allclose(second["guided_region"], first["guided_region"])
+        five = model(query, *random_episode(batch_size=2, shot=5, size=65)[1:3]).maps
+        torch.testing.assert_close(five["prior_region"], first["prior_region"], rtol=0, atol=0)
+        for parameter in model.prior_extractor.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+        changed = model(query, support, masks).maps
+    assert (changed["prior_region"] - first["prior_region"]).abs().max() > 1e-2
+    torch.testing.assert_close(changed["guided_region"], first["guided_region"], rtol=0, atol=0)
+
+
+def test_prior_extractor_runs_once_per_query_batch_whatever_the_shot(monkeypatch):
+    model = tiny_model()
+    calls = {"prior_extractor": [], "backbone": []}
+    for name in calls:
+        extractor = getattr(model, name)
+        original = extractor.forward_stages
+
+        def counted(x, start, end, original=original, name=name):
+            calls[name].append((x.shape[0], start, end))
+            return original(x, start, end)
+
+        monkeypatch.setattr(extractor, "forward_stages", counted)
+    query, support, masks, _ = random_episode(batch_size=2, shot=5, size=65)
+    with torch.no_grad():
+        model(query, support, masks)
+    assert calls["prior_extractor"] == [(2, 0, 5)]  # the two queries, never the ten supports
+    assert (10, 0, 4) in calls["backbone"]
+    calls["prior_extractor"].clear()
+    with torch.no_grad():
+        encoding = model.encode_support(support, masks)
+        assert calls["prior_extractor"] == []
+        model(query, support_encoding=encoding)
+    assert calls["prior_extractor"] == [(2, 0, 5)]
+
+
+def test_up_to_ten_shots_run():
+    model = tiny_model()
+    query, support, masks, _ = random_episode(batch_size=1, shot=10, size=65)
+    with torch.no_grad():
+        out = model(query, support, masks)
+    assert out.logits.shape == (1, 2, 65, 65) and torch.isfinite(out.logits).all()
+
+
+def test_projection_free_form_of_eq8():
+    model = tiny_model(region_projection="none")
+    assert not hasattr(model, "bridge_projection") and not hasattr(model, "prior_projection")
+    query, support, masks, _ = random_episode(batch_size=1, shot=1, size=65)
+    with torch.no_grad():
+        out = model(query, support, masks)
+        _, _, _, _, layer4 = model.backbone(query)
+        prior4 = model.prior_extractor(query)[-1]
+    torch.testing.assert_close(out.maps["prior_region"], prior_region_map(layer4, prior4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="region_projection='none'"):
+        tiny_model(region_projection="none", prior_extractor_kwargs={"stem": "7x7", "base_width": 4})
+
+
+# --- extractors: weights, BN policy ----------------------------------------------------------------------------------
+def test_prior_extractor_loads_an_exported_folder_and_a_moco_file(tmp_path):
+    source = tiny_model().prior_extractor
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.normal_()
+    exported = tmp_path / "prior"
+    exported.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, exported / "model.safetensors")
+    model = tiny_model(prior_extractor_weights=str(exported))
+    assert model.pretrained_weight_sources() == {"prior_extractor": str(exported)}
+    assert model.load_pretrained_extractors() == {"prior_extractor": str(exported)}
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.prior_extractor.state_dict()[key], value), key
+
+    # a MoCo checkpoint (torchvision names under encoder_q / encoder_k) saved as safetensors: encoder_q on request
+    moco = {"queue": torch.zeros(4, 8), "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    for key, value in source.state_dict().items():
+        name = key.removeprefix("layer0.")
+        moco[f"encoder_q.{name}"] = value.clone()
+        moco[f"encoder_k.{name}"] = torch.zeros_like(value)
+    save_file(moco, tmp_path / "moco.safetensors")
+    model = tiny_model(
+        prior_extractor_weights=str(tmp_path / "moco.safetensors"), prior_extractor_moco_encoder="encoder_q"
+    )
+    model.load_pretrained_extractors()
+    assert torch.equal(model.prior_extractor.layer4[0].conv2.weight, source.layer4[0].conv2.weight)
+
+
+def test_missing_prior_extractor_folder_is_an_error_or_random_and_recorded(tmp_path):
+    missing = str(tmp_path / "no_such_prior")
+    with pytest.raises(FileNotFoundError):
+        tiny_model(prior_extractor_weights=missing).load_pretrained_extractors()
+    model = tiny_model(prior_extractor_weights=missing, prior_extractor_weights_if_missing="random")
+    before = {k: v.clone() for k, v in model.prior_extractor.state_dict().items()}
+    assert model.load_pretrained_extractors() == {}
+    assert model.config.prior_extractor_weights is None  # the saved config and the card say "random"
+    assert all(torch.equal(before[k], v) for k, v in model.prior_extractor.state_dict().items())
+
+
+def test_batchnorm_policy_is_per_extractor():
+    model = tiny_model(freeze_prior_extractor_batchnorm=False).train()
+    assert not model.backbone.training and model.prior_extractor.training
+    assert model.prior_extractor.frozen and not any(p.requires_grad for p in model.prior_extractor.parameters())
+    model = tiny_model().train()
+    assert not model.backbone.training and not model.prior_extractor.training
+    assert_extractor_skipped_by_sync_batchnorm(model)
+
+
+def test_training_loss_is_main_plus_weighted_aux():
+    model = tiny_model(aux_loss_weight=0.3).train()
+    query, support, masks, labels = random_episode(batch_size=2, shot=2, size=65)
+    out = model(query, support, masks, labels=labels)
+    assert set(out.losses) == {"main", "aux"}
+    torch.testing.assert_close(out.loss.detach(), out.losses["main"] + 0.3 * out.losses["aux"])
+    out.loss.backward()
+    assert model.bridge_projection[0].weight.grad.abs().sum() > 0
+    assert model.prior_projection[0].weight.grad.abs().sum() > 0
+
+
+# --- the shared tester mixin -----------------------------------------------------------------------------------------
+class TestQGNetModel(FewShotModelTesterMixin):
+    model_class = QGNetModel
+    config_kwargs = dict(TINY)
+    image_size = 97
+    image_width = 129
+
+
+class TestQGNetVGGModel(TestQGNetModel):
+    config_kwargs = {**TINY, "backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 8}}
