@@ -1,14 +1,22 @@
 """QGNet: the two region maps, the prior extractor (weights, BN policy, once per query), K-shot, the tester mixin."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_RESNET, random_episode
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin, assert_extractor_skipped_by_sync_batchnorm
 from safetensors.torch import save_file
+from transformers import AutoModel
 
 from hf_fss import QGNetConfig, QGNetModel
 from hf_fss.models.qgnet import prior_region_map
+from hf_fss.models.qgnet.convert_qgnet import convert_qgnet_state_dict, original_key_to_ours, our_key_to_original
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PRIOR = {"stem": "7x7", **TINY_RESNET}
 TINY = {
@@ -225,3 +233,123 @@ class TestQGNetModel(FewShotModelTesterMixin):
 
 class TestQGNetVGGModel(TestQGNetModel):
     config_kwargs = {**TINY, "backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 8}}
+
+
+# --- converter -------------------------------------------------------------------------------------------------------
+def _cli():
+    spec = importlib.util.spec_from_file_location("_convert_cli", ROOT / "scripts" / "convert_original_checkpoint.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def _official_checkpoint(model: QGNetModel) -> dict:
+    """Our weights in the official layout, as train.py saves them around a DataParallel model."""
+    state = {f"module.{our_key_to_original(k)}": v.clone() for k, v in model.state_dict().items()}
+    return {"epoch": 200, "state_dict": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.025}]}}
+
+
+def _deep_stem_model(**overrides) -> QGNetModel:
+    model = tiny_model(pyramid_bins=(8, 4, 2, 1), **overrides)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-trivial BN statistics in both extractors
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model
+
+
+def test_official_key_map_is_a_bijection_on_the_full_size_layout():
+    with torch.device("meta"):
+        keys = list(QGNetModel(QGNetConfig()).state_dict())
+    official = [our_key_to_original(k) for k in keys]
+    assert len(set(official)) == 685
+    assert {"layer0.0.weight", "layer0.7.running_var", "layer0_unsuper.0.weight", "layer0_unsuper.1.running_mean",
+            "layer4_unsuper.2.conv3.weight", "down_learn_super.0.weight", "down_learn_unsuper.0.weight",
+            "init_merge.3.0.weight", "inner_cls.0.3.bias", "cls.3.weight", "down_query.0.weight"} <= set(official)  # fmt: skip
+    assert [original_key_to_ours(k) for k in official] == keys
+
+
+def test_converter_round_trips_an_official_checkpoint_with_card_and_differences(tmp_path):
+    source = _deep_stem_model()
+    path = tmp_path / "train_epoch_200_0.6.pth"
+    torch.save(_official_checkpoint(source), path)
+    output = tmp_path / "converted"
+    args = ["--model-type", "qgnet", "--checkpoint", str(path), "--output-dir", str(output), "--image-size", "65"]
+    assert _cli().main([*args, "--shot", "5", "--pyramid-bins", "8", "4", "2", "1"]) == 0
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in output.iterdir()
+    }
+    card = (output / "README.md").read_text()
+    assert "train_epoch_200_0.6.pth" in card and "Learned projections" in card and "+tau" not in card
+    converted = AutoModel.from_pretrained(output).eval()
+    assert type(converted) is QGNetModel and converted.config.shot == 5
+    assert converted.config.prior_extractor_kwargs == TINY_PRIOR and converted.config.backbone_kwargs == TINY_RESNET
+    query, support, masks, _ = random_episode(batch_size=1, shot=2, size=65)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(query, support, masks).logits, source(query, support, masks).logits,
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_converter_names_missing_and_unexpected_keys():
+    state = _official_checkpoint(_deep_stem_model())["state_dict"]
+    del state["module.layer2_unsuper.0.bn1.running_var"]
+    state["module.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['layer2_unsuper.0.bn1.running_var'\].*extra.weight"):
+        convert_qgnet_state_dict(state, pyramid_bins=(8, 4, 2, 1))
+    with pytest.raises(ValueError, match="not a QGNet checkpoint: 'down_learn_super.0.weight'"):
+        convert_qgnet_state_dict({k: v for k, v in state.items() if "down_learn_super" not in k})
+
+
+def _moco_checkpoint(encoder_k, encoder_q, prefix="module.") -> dict:
+    """MoCo v2's main_moco.py checkpoint (torchvision names, MLP head, queues), with tensors, ints and strings."""
+    state = {f"{prefix}queue": torch.randn(16, 32), f"{prefix}queue_ptr": torch.zeros(1, dtype=torch.long)}
+    for name, encoder in (("encoder_q", encoder_q), ("encoder_k", encoder_k)):
+        for key, value in encoder.state_dict().items():
+            state[f"{prefix}{name}.{key.removeprefix('layer0.')}"] = value.clone()
+        state[f"{prefix}{name}.fc.0.weight"] = torch.randn(64, 64)
+        state[f"{prefix}{name}.fc.2.weight"] = torch.randn(16, 64)
+    return {"epoch": 2000, "arch": "resnet50", "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def _random_prior(seed):
+    torch.manual_seed(seed)
+    extractor = tiny_model().prior_extractor
+    with torch.no_grad():
+        for tensor in extractor.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_()
+    return extractor
+
+
+@pytest.mark.parametrize(("prefix", "encoder"), [("module.", None), ("", None), ("module.", "encoder_q")])
+def test_moco_checkpoint_converts_to_a_prior_extractor_folder(tmp_path, prefix, encoder):
+    encoder_k, encoder_q = _random_prior(1), _random_prior(2)
+    path = tmp_path / "checkpoint_2000.pth.tar"
+    torch.save(_moco_checkpoint(encoder_k, encoder_q, prefix), path)
+    output = tmp_path / "prior"
+    args = ["--model-type", "qgnet", "--checkpoint", str(path), "--output-dir", str(output)]
+    assert _cli().main(args + (["--moco-encoder", encoder] if encoder else [])) == 0
+    record = json.loads((output / "config.json").read_text())
+    assert record["prior_extractor_kwargs"] == TINY_PRIOR and record["encoder"] == (encoder or "encoder_k")
+    assert "checkpoint_2000.pth.tar" in (output / "README.md").read_text()
+    model = tiny_model(prior_extractor_weights=str(output))
+    model.load_pretrained_extractors()
+    expected = encoder_q if encoder == "encoder_q" else encoder_k
+    for key, value in expected.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(model.prior_extractor.state_dict()[key], value), key
+
+
+def test_moco_checkpoint_missing_one_encoder_k_key_fails_naming_it(tmp_path, capsys):
+    checkpoint = _moco_checkpoint(_random_prior(1), _random_prior(2))
+    del checkpoint["state_dict"]["module.encoder_k.layer3.0.downsample.1.running_mean"]
+    path = tmp_path / "checkpoint_0199.pth.tar"
+    torch.save(checkpoint, path)
+    args = ["--model-type", "qgnet", "--checkpoint", str(path), "--output-dir", str(tmp_path / "out")]
+    assert _cli().main(args) == 2
+    assert "missing: ['module.encoder_k.layer3.0.downsample.1.running_mean']" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # the query encoder is complete, so asking for it converts
+    assert _cli().main([*args, "--moco-encoder", "encoder_q"]) == 0
