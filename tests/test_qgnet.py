@@ -151,7 +151,7 @@ def test_up_to_ten_shots_run():
 
 
 def test_projection_free_form_of_eq8():
-    model = tiny_model(region_projection="none")
+    model = tiny_model(region_projection="raw")
     assert not hasattr(model, "bridge_projection") and not hasattr(model, "prior_projection")
     query, support, masks, _ = random_episode(batch_size=1, shot=1, size=65)
     with torch.no_grad():
@@ -159,8 +159,8 @@ def test_projection_free_form_of_eq8():
         _, _, _, _, layer4 = model.backbone(query)
         prior4 = model.prior_extractor(query)[-1]
     torch.testing.assert_close(out.maps["prior_region"], prior_region_map(layer4, prior4), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="region_projection='none'"):
-        tiny_model(region_projection="none", prior_extractor_kwargs={"stem": "7x7", "base_width": 4})
+    with pytest.raises(ValueError, match="region_projection='raw'"):
+        tiny_model(region_projection="raw", prior_extractor_kwargs={"stem": "7x7", "base_width": 4})
 
 
 # --- extractors: weights, BN policy ----------------------------------------------------------------------------------
@@ -353,3 +353,17 @@ def test_moco_checkpoint_missing_one_encoder_k_key_fails_naming_it(tmp_path, cap
     assert not (tmp_path / "out" / "model.safetensors").exists()
     # the query encoder is complete, so asking for it converts
     assert _cli().main([*args, "--moco-encoder", "encoder_q"]) == 0
+
+
+# --- model card ------------------------------------------------------------------------------------------------------
+def test_card_says_where_the_prior_extractor_comes_from_and_lists_the_differences():
+    from hf_fss.hub import render_model_card
+
+    random_text = render_model_card(QGNetConfig(), training={"benchmark": "synthetic", "fold": 0}).text
+    assert "random initialisation: no pretrained prior extractor was loaded" in random_text
+    assert "no official weights exist for ResNet-101 or VGG-16" in random_text
+    assert "Learned projections" in random_text and "Non-square inputs" in random_text
+    loaded = render_model_card(QGNetConfig(prior_extractor_weights="./outputs/prior_quickstart")).text
+    assert "weights loaded from `./outputs/prior_quickstart`" in loaded and "no pretrained prior" not in loaded
+    converted = render_model_card(QGNetConfig(), training={"converted_from": "final.pth"}).text
+    assert "weights from the converted checkpoint" in converted and "`final.pth`" in converted

@@ -9,7 +9,7 @@ from ...configuration_fss import FewShotSegmentationConfig
 
 QGNetBackbone = Literal["resnet50", "resnet101", "vgg16_bn"]
 PriorExtractorBackbone = Literal["resnet50", "resnet101"]
-RegionProjection = Literal["learned", "none"]
+RegionProjection = Literal["learned", "raw"]
 QGNET_BACKBONES = get_args(QGNetBackbone)
 PRIOR_EXTRACTOR_BACKBONES = get_args(PriorExtractorBackbone)
 REGION_PROJECTIONS = get_args(RegionProjection)
@@ -62,7 +62,7 @@ class QGNetConfig(FewShotSegmentationConfig):
     region_projection (`str`, *optional*, defaults to `"learned"`):
         `"learned"` (official code): the prior region map compares `bridge_projection(backbone layer 4)` with
         `prior_projection(prior extractor layer 4)`, two trainable `Conv2d(C4 -> reduce_dim, 3x3) + ReLU +
-        Dropout2d(projection_dropout)`. `"none"` (paper, Eq. 8): the raw stage-4 features of both extractors (they
+        Dropout2d(projection_dropout)`. `"raw"` (paper, Eq. 8): the raw stage-4 features of both extractors (they
         must have the same channel count).
     projection_dropout (`float`, *optional*, defaults to 0.5):
         `Dropout2d` rate after the two projections.

@@ -47,7 +47,7 @@ DIFFERENCES_FROM_OFFICIAL_CODE = (
     "Learned projections: the paper's Eq. 8 compares the raw features of the two extractors; the code first passes "
     "each stage-4 map through a trainable 3x3 conv (2048 -> 256, no bias) + ReLU + Dropout2d(0.5) (down_learn_super "
     "/ down_learn_unsuper, 9.4 M parameters, not in the paper). Default: the code (`region_projection='learned'`, "
-    "`bridge_projection` / `prior_projection`); the paper's projection-free form is `region_projection='none'`.",
+    "`bridge_projection` / `prior_projection`); the paper's projection-free form is `region_projection='raw'`.",
     "Bridge features: the paper builds both region maps from the same 'bridge features'; in the code the prior "
     "region map uses the projected supervised stage-4 features, the guided region map PFENet's raw 2048-d stage-4 "
     "features (support masked before and after layer 4), and the decoder's query input is down_query(layer3 + "
@@ -199,7 +199,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             )
         elif channels[4] != self.prior_extractor.channels[4]:
             raise ValueError(
-                f"region_projection='none' compares the raw stage-4 features of both extractors, but the backbone "
+                f"region_projection='raw' compares the raw stage-4 features of both extractors, but the backbone "
                 f"has {channels[4]} channels and the prior extractor {self.prior_extractor.channels[4]}; use "
                 "region_projection='learned' or match their widths (backbone_kwargs / prior_extractor_kwargs)"
             )
