@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import test_hub
 import torch
 from conftest import TINY_RESNET, random_episode
 from huggingface_hub.errors import StrictDataclassError
@@ -17,6 +18,7 @@ from hf_fss.models.qgnet import prior_region_map
 from hf_fss.models.qgnet.convert_qgnet import convert_qgnet_state_dict, original_key_to_ours, our_key_to_original
 
 ROOT = Path(__file__).resolve().parents[1]
+hub_calls = test_hub.hub_calls  # the fixture recording Hub calls instead of sending them
 
 TINY_PRIOR = {"stem": "7x7", **TINY_RESNET}
 TINY = {
@@ -367,3 +369,57 @@ def test_card_says_where_the_prior_extractor_comes_from_and_lists_the_difference
     assert "weights loaded from `./outputs/prior_quickstart`" in loaded and "no pretrained prior" not in loaded
     converted = render_model_card(QGNetConfig(), training={"converted_from": "final.pth"}).text
     assert "weights from the converted checkpoint" in converted and "`final.pth`" in converted
+
+
+# --- evaluate.py, the pipeline, push_to_hub with a QGNet model -------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_qgnet(tmp_path_factory):
+    from hf_fss import FewShotSegmentationImageProcessor
+    from hf_fss.hub import save_pretrained_with_card
+
+    folder = tmp_path_factory.mktemp("qgnet") / "tiny-qgnet"
+    training = {"benchmark": "synthetic", "fold": 0, "shot": 1}
+    model = tiny_model(pyramid_bins=(1.0, 0.5))
+    save_pretrained_with_card(model, FewShotSegmentationImageProcessor(image_size=65), folder, training=training)
+    return folder
+
+
+def test_evaluate_script_scores_a_qgnet_model(saved_qgnet, tmp_path):
+    from hf_fss.evaluation.runner import main
+
+    out = tmp_path / "metrics.json"
+    flags = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+             "--synthetic-image-size", "128", "--num-threads", "1", "--fold", "0", "--shot", "2"]  # fmt: skip
+    assert main(["--model", str(saved_qgnet), *flags, "--num-episodes", "4", "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_episodes"] == 4 and 0.0 <= metrics["miou"] <= 1.0
+
+
+def test_pipeline_returns_both_region_maps_at_the_query_size(saved_qgnet):
+    import numpy as np
+    from transformers import pipeline
+
+    rng = np.random.default_rng(0)
+    query = (rng.random((70, 90, 3)) * 255).astype(np.uint8)
+    support = (rng.random((60, 50, 3)) * 255).astype(np.uint8)
+    segmenter = pipeline("few-shot-segmentation", model=str(saved_qgnet))
+    result = segmenter(
+        query, support_image=support, support_box=(5, 10, 30, 40), return_maps=True, output_type="numpy"
+    )
+    assert set(result["maps"]) == {"prior_region", "guided_region"}
+    for value in result["maps"].values():
+        assert value.shape == (70, 90) and 0.0 <= float(value.min()) <= float(value.max()) <= 1.0
+    assert result["mask"].shape == (70, 90)
+
+
+def test_push_to_hub_uploads_a_qgnet_folder_with_its_card(saved_qgnet, hub_calls):
+    from huggingface_hub import ModelCard
+
+    from hf_fss.hub import push_to_hub
+
+    assert push_to_hub(saved_qgnet, "org/qgnet-tiny") == "commit-info"
+    upload = next(kwargs for name, _, kwargs in hub_calls if name == "upload_folder")
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(upload["uploaded"])
+    card = ModelCard.load(saved_qgnet / "README.md")
+    assert "qgnet" in card.data.tags and 'AutoModel.from_pretrained("org/qgnet-tiny")' in card.text
+    assert "random initialisation: no pretrained prior extractor was loaded" in card.text
