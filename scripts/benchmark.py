@@ -50,7 +50,11 @@ from hf_fss.utils import set_num_threads  # noqa: E402
 # Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
 SIZES = {
     "base": {},
-    "tiny": {"backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]}, "reduce_dim": 16},
+    "tiny": {
+        "backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]},
+        "reduce_dim": 16,
+        "prior_extractor_kwargs": {"stem": "7x7", "base_width": 8, "depths": [1, 1, 1, 1]},  # QGNet's second ResNet
+    },
 }
 
 

@@ -4,6 +4,9 @@ Convert an official checkpoint of a supported method to an hf_fss `save_pretrain
 
     python scripts/convert_original_checkpoint.py --model-type ntrenet --checkpoint train_epoch_200.pth \
         --output-dir ntrenet-pascal5i-fold0-resnet50 [--image-size 473 --shot 1 --pyramid-bins 60 30 15 8]
+    python scripts/convert_original_checkpoint.py --model-type qgnet --checkpoint train_epoch_200.pth --output-dir X
+    python scripts/convert_original_checkpoint.py --model-type qgnet --checkpoint checkpoint_2000.pth.tar \
+        --output-dir prior-extractor [--moco-encoder encoder_q]   # QGNet's prior extractor from a MoCo checkpoint
 
 The checkpoint may be a bare state dict or a dict holding one under `state_dict`, with or without the `module.`
 prefixes of `DataParallel`. It is read with `torch.load(..., weights_only=True)`: tensors only, no arbitrary objects.
@@ -27,6 +30,7 @@ PROG = "convert_original_checkpoint.py"
 # model type -> "module:function"; add QGNet, SMCP, ... here as their converters land.
 CONVERTERS = {
     "ntrenet": "hf_fss.models.ntrenet.convert_ntrenet:convert_ntrenet_checkpoint",
+    "qgnet": "hf_fss.models.qgnet.convert_qgnet:convert_qgnet_checkpoint",
 }
 
 
@@ -67,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="NTRENet: pyramid scale sizes when the checkpoint does not use the official 60 30 15 8",
     )
+    parser.add_argument(
+        "--moco-encoder",
+        choices=("encoder_k", "encoder_q"),
+        default=None,
+        help="QGNet, MoCo checkpoint of the prior extractor: the encoder to take (default encoder_k, as the official code)",
+    )
     return parser.parse_args(argv)
 
 
@@ -80,6 +90,8 @@ def main(argv=None) -> int:
         options = {}
         if args.pyramid_bins is not None:
             options["pyramid_bins"] = tuple(args.pyramid_bins)
+        if args.moco_encoder is not None:
+            options["moco_encoder"] = args.moco_encoder
         model = converter(args.checkpoint, args.output_dir, image_size=args.image_size, shot=args.shot, **options)
     except (ValueError, OSError) as err:
         message = " ".join(str(err).splitlines())
@@ -87,9 +99,10 @@ def main(argv=None) -> int:
             message = f"{args.checkpoint}: {message}"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
-    config = model.config
+    # A QGNet MoCo checkpoint converts to a prior extractor (a backbone, no config).
+    backbone = model.config.backbone if hasattr(model, "config") else f"{type(model).__name__} prior extractor"
     print(
-        f"converted {args.checkpoint} -> {args.output_dir} ({args.model_type}, backbone={config.backbone}, "
+        f"converted {args.checkpoint} -> {args.output_dir} ({args.model_type}, backbone={backbone}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters)"
     )
     return 0

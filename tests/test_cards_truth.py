@@ -4,14 +4,25 @@ import pytest
 import torch
 from conftest import TINY_RESNET
 
-from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationImageProcessor,
+    NTRENetConfig,
+    NTRENetModel,
+    QGNetConfig,
+    QGNetModel,
+)
 from hf_fss.hub import render_model_card, save_pretrained_with_card
 
 TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
+TINY_QGNET = {"reduce_dim": 16, "pyramid_bins": (9, 4, 2, 1), "image_size": 65,
+              "prior_extractor_kwargs": {"stem": "7x7", **TINY_RESNET}}  # fmt: skip
+TINY_KWARGS = {NTRENetConfig: TINY_NTRENET, QGNetConfig: TINY_QGNET, CosinePriorConfig: {"image_size": 65}}
 RANDOM = "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, CosinePriorConfig])
 def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     text = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
     assert RANDOM in text
@@ -19,7 +30,7 @@ def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     assert "weights are those of the ImageNet-pretrained backbone" not in text
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, CosinePriorConfig])
 def test_pretrained_backbone_weights_are_named_from_the_config(config_class):
     config = config_class(backbone_kwargs={"stem": "7x7"}, use_pretrained_backbone=True)
     text = render_model_card(config).text
@@ -34,12 +45,13 @@ def test_a_converted_checkpoint_names_the_authors_weights():
 
 
 @pytest.mark.parametrize(
-    "model_class, config_class", [(NTRENetModel, NTRENetConfig), (CosinePriorModel, CosinePriorConfig)]
+    "model_class, config_class",
+    [(NTRENetModel, NTRENetConfig), (QGNetModel, QGNetConfig), (CosinePriorModel, CosinePriorConfig)],
 )
 def test_a_saved_card_loads_from_the_path_it_was_saved_to(tmp_path, monkeypatch, model_class, config_class):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    kwargs = TINY_NTRENET if config_class is NTRENetConfig else {"image_size": 65}
+    kwargs = TINY_KWARGS[config_class]
     model = model_class(config_class(backbone_kwargs=dict(TINY_RESNET), **kwargs))
     processor = FewShotSegmentationImageProcessor(image_size=65)
     folder = save_pretrained_with_card(model, processor, "outputs/quickstart/final")

@@ -521,6 +521,7 @@ def render_model_card(
         converted_from=_lookup(training, "converted_from"),
         results=results,
         differences=_differences(model_type),
+        config=config,  # method templates may state facts of their own fields (QGNet: the prior extractor)
     )
     text = re.sub(r"\n{3,}", "\n\n", str(card))  # the template's conditional blocks leave runs of blank lines
     leftover = re.findall(r"\{\{|\}\}|\{%|%\}", text)
