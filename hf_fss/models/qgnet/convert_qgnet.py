@@ -41,6 +41,7 @@ from .configuration_qgnet import QGNetConfig
 from .modeling_qgnet import QGNetModel
 
 __all__ = [
+    "build_official_model",
     "convert_moco_prior_extractor",
     "convert_qgnet_checkpoint",
     "convert_qgnet_state_dict",
@@ -341,3 +342,40 @@ def convert_qgnet_checkpoint(
         model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
     )
     return model
+
+
+def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 473, seed: int = 0):
+    """
+    The official QGNet (`model/PFENet_QGNet.py` of a checkout of the official repository, built out of tree with
+    the fixes it needs to run here: no `.cuda()` default arguments, no pretrained-weight loading when
+    `pretrained=False`) with seeded random weights, and the hf_fss model converted from them, for
+    `scripts/benchmark.py --official qgnet=DIR`.
+
+    Args:
+        source_dir: root of the official checkout.
+        shot (`int`): K of the episodes the official forward will get (a constructor argument there).
+        image_size (`int`): test size; the official forward needs `(size - 1) % 8 == 0` (473).
+        seed (`int`): seed of the official model's own initialisation.
+
+    Returns:
+        [`hf_fss.models.official.OfficialModel`]
+
+    Raises:
+        `FileNotFoundError`: `source_dir` lacks `model/PFENet_QGNet.py`.
+        `ValueError`: an image size the official forward refuses.
+    """
+    from ..official import OfficialModel, import_from_checkout
+
+    if (image_size - 1) % 8:
+        raise ValueError(f"the official QGNet needs (image_size - 1) % 8 == 0 (e.g. 473), got {image_size}")
+    official_class = import_from_checkout(source_dir, "model.PFENet_QGNet", "PFENet")
+    torch.manual_seed(seed)
+    official = official_class(
+        layers=50, classes=2, zoom_factor=8, pretrained=False, shot=shot, ppm_scales=list(DEFAULT_PYRAMID_BINS)
+    ).eval()
+    ours, _ = convert_qgnet_state_dict(official.state_dict(), image_size=image_size, shot=shot)
+
+    def forward(query, support, support_masks):
+        return official(query, support, support_masks.float())
+
+    return OfficialModel(official, forward, ours, f"{source_dir}: model/PFENet_QGNet.py PFENet")
