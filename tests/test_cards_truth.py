@@ -39,9 +39,9 @@ def test_pretrained_backbone_weights_are_named_from_the_config(config_class):
     assert "ImageNet-pretrained weights from my/weights" in render_model_card(config).text
 
 
-def test_a_converted_checkpoint_names_the_authors_weights():
+def test_a_converted_checkpoint_names_the_official_code_checkpoint():
     text = render_model_card(NTRENetConfig(), training={"converted_from": "train_epoch_200.pth"}).text
-    assert "weights: the authors' released weights" in text and RANDOM not in text
+    assert "weights: the weights of the converted official-code checkpoint" in text and RANDOM not in text
 
 
 @pytest.mark.parametrize(

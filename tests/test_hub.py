@@ -141,7 +141,7 @@ def test_card_without_metrics_or_training_leaves_them_out(tiny_ntrenet):
 def test_card_of_a_converted_checkpoint_says_so(tiny_ntrenet):
     training = {"converted_from": "train_epoch_200.pth", "shot": 1, "source": "github.com/LIUYUANWEI98/NERTNet"}
     card = render_model_card(tiny_ntrenet.config, training=training)
-    assert "converted from the authors' released checkpoint" in card.text and "`train_epoch_200.pth`" in card.text
+    assert "converted from a checkpoint of the official code" in card.text and "`train_epoch_200.pth`" in card.text
     assert "| source | github.com/LIUYUANWEI98/NERTNet |" in card.text
     assert PLACEHOLDERS.search(card.content) is None
 

@@ -385,11 +385,13 @@ def _backbone_name(config) -> str:
 
 def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
     """
-    Where the backbone's weights come from, from the config and the run record (never assumed): the authors' released
-    checkpoint, ImageNet weights loaded from `config.backbone_weights`, or a random initialisation.
+    Where the backbone's weights come from, from the config and the run record (never assumed): a converted
+    checkpoint, ImageNet weights loaded from `config.backbone_weights`, or a random initialisation. A converted
+    checkpoint is called a checkpoint of the official code: who trained it is not in the file (QGNet's authors
+    published none).
     """
     if _lookup(training, "converted_from") is not None:
-        return "the authors' released weights"
+        return "the weights of the converted official-code checkpoint"
     if getattr(config, "use_pretrained_backbone", False):
         try:
             return f"ImageNet-pretrained weights from {config.backbone_weights}"
@@ -406,7 +408,7 @@ def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
     if config.model_type == "cosine_prior":
         pass  # nothing is trained
     elif _lookup(training, "converted_from") is not None:
-        text += ", converted from the authors' released checkpoint"
+        text += ", converted from a checkpoint of the official code"
     elif benchmark is not None:
         text += f", trained on the base classes of {_BENCHMARK_NAMES.get(benchmark, benchmark)}"
         if fold is not None:
