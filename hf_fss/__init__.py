@@ -12,6 +12,7 @@ from .image_processing_fss import FewShotSegmentationImageProcessor
 from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
 from .models.ntrenet import NTRENetConfig, NTRENetModel
+from .models.smcp import SMCPConfig, SMCPModel
 from .pipelines import FewShotSegmentationPipeline, register_pipeline
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 MODEL_CLASSES = {
     CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
     NTRENetConfig.model_type: (NTRENetConfig, NTRENetModel),
+    SMCPConfig.model_type: (SMCPConfig, SMCPModel),
 }
 
 
@@ -46,5 +48,7 @@ __all__ = [
     "FewShotSegmentationPreTrainedModel",
     "NTRENetConfig",
     "NTRENetModel",
+    "SMCPConfig",
+    "SMCPModel",
     "SupportEncoding",
 ]
