@@ -1,12 +1,18 @@
 """SMCP: shared model tests, losses (MCL, SPT), test-time prototype fusion, declared inputs, configuration."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
+from transformers import AutoModel
 
 from hf_fss import SMCPConfig, SMCPModel
 from hf_fss.models.smcp import fuse_prototypes, image_resolution_prototype
+from hf_fss.models.smcp.convert_smcp import convert_smcp_state_dict, original_key_to_ours, our_key_to_original
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"backbone_kwargs": {"base_width": 4}, "reduce_dim": 16, "bottleneck_dim": 8, "num_base_classes": 5}
 
@@ -215,3 +221,61 @@ def test_config_defaults_follow_the_official_code_and_validate():
         SMCPConfig(backbone="resnet50")
     with pytest.raises(ValueError, match="did you mean 'num_base_classes'"):
         SMCPConfig(num_base_class=15)
+
+
+# --- converter ------------------------------------------------------------------------------------------------------
+def _official_checkpoint(model: SMCPModel) -> dict:
+    """The model's weights in the official layout: DataParallel's bare state dict with `module.` keys."""
+    return {f"module.{our_key_to_original(k)}": v.clone() for k, v in model.state_dict().items()}
+
+
+def test_converter_round_trips_a_tiny_official_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source = SMCPModel(SMCPConfig(**{**TINY, "backbone_kwargs": {"base_width": 4, "fc_channels": 24}})).eval()
+    state = _official_checkpoint(source)
+    assert "module.features.29.weight" in state and "module.classifier.conv2d_list.3.bias" in state
+    assert "module.pyramid_m.residule2.4.weight" in state and "module.feat_rd.0.weight" in state
+    path = tmp_path / "25000.pth"
+    torch.save(state, path)
+    assert set(torch.load(path, weights_only=True)) == set(state)  # the real format loads tensors-only
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import convert_original_checkpoint as cli
+
+    output = tmp_path / "converted"
+    args = ["--model-type", "smcp", "--checkpoint", str(path), "--output-dir", str(output), "--image-size", "65"]
+    assert cli.main(args) == 0
+    converted = AutoModel.from_pretrained(output).eval()
+    config = converted.config
+    assert (config.num_base_classes, config.reduce_dim, config.bottleneck_dim) == (5, 16, 8)
+    assert config.backbone_kwargs == {"base_width": 4, "fc_channels": 24} and config.image_size == 65
+    assert config.self_prototype_branch == "official"
+    for key, value in source.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    card = (output / "README.md").read_text()
+    assert "25000.pth" in card and "NUST-Machine-Intelligence-Laboratory/SMCP" in card
+    query, support, masks, _ = _episode()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            converted(query, support, masks).logits, source(query, support, masks).logits, rtol=0, atol=0
+        )
+
+
+def test_converter_reports_missing_unexpected_and_mis_shaped_keys(tmp_path):
+    torch.manual_seed(1)
+    state = _official_checkpoint(SMCPModel(SMCPConfig(**TINY)))
+    broken = dict(state)
+    del broken["module.pyramid_m.p2.0.bias"]
+    broken["module.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['pyramid_m.p2.0.bias'\].*unexpected.*extra.weight"):
+        convert_smcp_state_dict(broken)
+    broken = dict(state, **{"module.features.33.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected keys.*features.33.weight"):
+        convert_smcp_state_dict(broken)
+    broken = dict(state, **{"module.feat_rd.0.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape mismatches.*feat_rd.0.bias"):
+        convert_smcp_state_dict(broken)
+    with pytest.raises(ValueError, match="has no 'features.0.weight'"):
+        convert_smcp_state_dict({"module.fc.weight": torch.zeros(1)})
+    assert original_key_to_ours("module.features.31.bias") == "backbone.layer4.8.bias"
+    assert our_key_to_original("backbone.layer2.4.weight") == "features.14.weight"
