@@ -4,14 +4,23 @@ import pytest
 import torch
 from conftest import TINY_RESNET
 
-from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationImageProcessor,
+    NTRENetConfig,
+    NTRENetModel,
+    SMCPConfig,
+    SMCPModel,
+)
 from hf_fss.hub import render_model_card, save_pretrained_with_card
 
 TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
+TINY_SMCP = {"reduce_dim": 16, "bottleneck_dim": 8, "image_size": 65}
 RANDOM = "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, CosinePriorConfig, SMCPConfig])
 def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     text = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
     assert RANDOM in text
@@ -34,15 +43,26 @@ def test_a_converted_checkpoint_names_the_authors_weights():
 
 
 @pytest.mark.parametrize(
-    "model_class, config_class", [(NTRENetModel, NTRENetConfig), (CosinePriorModel, CosinePriorConfig)]
+    "model_class, config_class",
+    [(NTRENetModel, NTRENetConfig), (CosinePriorModel, CosinePriorConfig), (SMCPModel, SMCPConfig)],
 )
 def test_a_saved_card_loads_from_the_path_it_was_saved_to(tmp_path, monkeypatch, model_class, config_class):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    kwargs = TINY_NTRENET if config_class is NTRENetConfig else {"image_size": 65}
-    model = model_class(config_class(backbone_kwargs=dict(TINY_RESNET), **kwargs))
+    kwargs = {NTRENetConfig: TINY_NTRENET, SMCPConfig: TINY_SMCP}.get(config_class, {"image_size": 65})
+    backbone_kwargs = {"base_width": 4} if config_class is SMCPConfig else dict(TINY_RESNET)
+    model = model_class(config_class(backbone_kwargs=backbone_kwargs, **kwargs))
     processor = FewShotSegmentationImageProcessor(image_size=65)
     folder = save_pretrained_with_card(model, processor, "outputs/quickstart/final")
     text = (folder / "README.md").read_text()
     assert 'AutoModel.from_pretrained("outputs/quickstart/final")' in text
     assert 'from_pretrained("final")' not in text
+
+
+def test_the_smcp_card_states_its_protocol_and_differences():
+    from hf_fss.models.smcp import DIFFERENCES_FROM_OFFICIAL_CODE
+
+    text = render_model_card(SMCPConfig(), training={"converted_from": "25000.pth"}).text
+    assert "trainaug" in text and "pascal5i_vgg16_code.yaml" in text and "pascal5i_vgg16_paper.yaml" in text
+    assert "1 / (K + 1)" in text and "shot_fusion" not in text  # SMCP has no shot_fusion field
+    assert all(item in text for item in DIFFERENCES_FROM_OFFICIAL_CODE)
