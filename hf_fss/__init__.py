@@ -13,6 +13,7 @@ from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrain
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
 from .models.ntrenet import NTRENetConfig, NTRENetModel
 from .models.qgnet import QGNetConfig, QGNetModel
+from .models.smcp import SMCPConfig, SMCPModel
 from .pipelines import FewShotSegmentationPipeline, register_pipeline
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ MODEL_CLASSES = {
     CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
     NTRENetConfig.model_type: (NTRENetConfig, NTRENetModel),
     QGNetConfig.model_type: (QGNetConfig, QGNetModel),
+    SMCPConfig.model_type: (SMCPConfig, SMCPModel),
 }
 
 
@@ -50,5 +52,7 @@ __all__ = [
     "NTRENetModel",
     "QGNetConfig",
     "QGNetModel",
+    "SMCPConfig",
+    "SMCPModel",
     "SupportEncoding",
 ]

@@ -207,6 +207,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         output_maps (`dict[str, str]`): name -> one-line meaning of every map `outputs.maps` may hold (each
             `(batch_size, 1, h, w)`); the Space captions the maps with it.
         binary_maps (`tuple[str, ...]`): the maps of `output_maps` that are 0/1 masks rather than values in [0, 1].
+        single_pass_overrides (`dict[str, object]`): for a method whose test time runs several passes (SMCP's
+            pseudo-prototype fusion), the config values that make it one pass; `scripts/benchmark.py` times both.
 
     Feature extractors (`StagedBackbone` children such as `backbone`) own their frozen / batch-norm policy and their
     initialisation; `load_pretrained_extractors()` loads their pretrained weights when a training run starts from a
@@ -224,6 +226,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     support_inputs: tuple[str, ...] = ()
     output_maps: dict[str, str] = {}
     binary_maps: tuple[str, ...] = ()
+    single_pass_overrides: dict[str, object] = {}
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)

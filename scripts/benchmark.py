@@ -47,14 +47,20 @@ from hf_fss.file_utils import atomic_write_text  # noqa: E402
 from hf_fss.models.official import official_builder  # noqa: E402
 from hf_fss.utils import set_num_threads  # noqa: E402
 
-# Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
+# Model sizes: `base` is the papers' configuration (each method's default backbone), `tiny` the one the tests use.
 SIZES = {
     "base": {},
     "tiny": {
-        "backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]},
         "reduce_dim": 16,
         "prior_extractor_kwargs": {"stem": "7x7", "base_width": 8, "depths": [1, 1, 1, 1]},  # QGNet's second ResNet
     },
+}
+# The tiny backbone of each backbone a method may default to.
+TINY_BACKBONE_KWARGS = {
+    "resnet50": {"base_width": 8, "depths": [1, 1, 1, 1]},
+    "resnet101": {"base_width": 8, "depths": [1, 1, 1, 1]},
+    "vgg16_bn": {"base_width": 8},
+    "vgg16_dilated": {"base_width": 8},
 }
 
 
@@ -63,8 +69,10 @@ QUERIES_PER_SUPPORT = 8
 
 def build_model(model_type: str, size: str, image_size: int, chunking: bool = True) -> torch.nn.Module:
     config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
-    known = {f.name for f in dataclasses.fields(config_class)}
-    overrides = {k: v for k, v in SIZES[size].items() if k in known}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    overrides = {k: v for k, v in SIZES[size].items() if k in defaults}
+    if size == "tiny":
+        overrides["backbone_kwargs"] = TINY_BACKBONE_KWARGS[defaults["backbone"]]
     config = config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
     return model_class(config).eval()
 
@@ -83,30 +91,42 @@ def _process_usage() -> tuple[float, float, int, int]:
     return usage.ru_utime, usage.ru_stime, usage.ru_minflt, usage.ru_majflt
 
 
+def _timed_call(fn, device: torch.device) -> tuple[float, ...]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    usage = _process_usage()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    after = _process_usage()
+    return (wall, *(a - b for a, b in zip(after, usage)))
+
+
+def measure_interleaved(fns: dict, iterations: int, warmup: int, device: torch.device) -> dict[str, dict]:
+    """
+    `measure_calls` for several functions, timed in turn within each iteration (a, b, c, a, b, c, ...) so that a
+    change of machine load hits all of them alike and their ratios stay meaningful.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = ("wall_s", "user_s", "system_s", "minor_faults", "major_faults")
+    calls = {key: {name: [] for name in names} for key in fns}
+    for _ in range(iterations):
+        for key, fn in fns.items():
+            for name, value in zip(names, _timed_call(fn, device)):
+                calls[key][name].append(value)
+    return calls
+
+
 def measure_calls(fn, iterations: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
     """
     Per call, after `warmup` untimed calls: `wall_s` (seconds), and the process's `user_s` / `system_s` CPU seconds and
     `minor_faults` / `major_faults` (deltas of `resource.getrusage(RUSAGE_SELF)` around the call).
     """
-    for _ in range(warmup):
-        fn()
-    calls = {"wall_s": [], "user_s": [], "system_s": [], "minor_faults": [], "major_faults": []}
-    for _ in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        usage = _process_usage()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
-        after = _process_usage()
-        calls["wall_s"].append(wall)
-        for name, before_value, after_value in zip(
-            ("user_s", "system_s", "minor_faults", "major_faults"), usage, after
-        ):
-            calls[name].append(after_value - before_value)
-    return calls
+    return measure_interleaved({"fn": fn}, iterations, warmup, device)["fn"]
 
 
 def time_calls(fn, iterations: int, warmup: int, device: torch.device) -> list[float]:
@@ -188,6 +208,39 @@ def _autocast(args, device):
     return torch.autocast(device.type, dtype=getattr(torch, args.autocast))
 
 
+class _ConfigOverrides:
+    """Set config values for the duration of a `with` block (restored even on error)."""
+
+    def __init__(self, config, overrides: dict):
+        self.config, self.overrides, self.saved = config, overrides, {}
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.config, name) for name in self.overrides}
+        for name, value in self.overrides.items():
+            setattr(self.config, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.config, name, value)
+
+
+def single_pass_call(model, query, support, masks):
+    """
+    For a model whose test time runs more than one pass (it declares `single_pass_overrides`, config values that make
+    it a single pass, e.g. SMCP's `{"pseudo_prototype_fusion": False}`): a function running the full episode with them
+    set. None for other models.
+    """
+    overrides = getattr(model, "single_pass_overrides", None)
+    if not overrides:
+        return None
+
+    def call():
+        with _ConfigOverrides(model.config, overrides):
+            return model(query, support, masks)
+
+    return call
+
+
 def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
     image_size = args.image_size or default_image_size(model_type)
     model = build_model(model_type, size, image_size, args.chunking).to(device)
@@ -199,17 +252,26 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     # As evaluation and the pipeline: no_grad (a method may adapt to its supports inside).
     with torch.no_grad(), _autocast(args, device):
-        full = measure_calls(lambda: run(query, support, masks), args.iterations, args.warmup, device)
         encoding = model.encode_support(support, masks)
-        query_only = measure_calls(lambda: run(query, support_encoding=encoding), args.iterations, args.warmup, device)
 
         def support_once():  # one support set serving QUERIES_PER_SUPPORT queries
             reused = model.encode_support(support, masks)
             for _ in range(QUERIES_PER_SUPPORT):
                 run(query, support_encoding=reused)
 
-        served = measure_calls(support_once, args.iterations, args.warmup, device)
+        fns = {
+            "full": lambda: run(query, support, masks),
+            "query_only": lambda: run(query, support_encoding=encoding),
+            "support_once": support_once,
+        }
+        single_pass = single_pass_call(model, query, support, masks)
+        if single_pass is not None:
+            fns["single_pass"] = single_pass
+        # Interleaved, so that the ratios (support reuse, extra passes) hold under a changing load.
+        calls = measure_interleaved(fns, args.iterations, args.warmup, device)
         gflop = count_gflop(lambda: model(query, support, masks))
+    full, query_only, served, single = (calls.get(k) for k in ("full", "query_only", "support_once", "single_pass"))
+    single_s = statistics.median(single["wall_s"]) if single else None
     trainable = any(p.requires_grad for p in model.parameters())  # a training-free baseline has no training step
     training = time_training_step(model, query, support, masks, args, device) if args.training and trainable else None
     full_s, query_s = statistics.median(full["wall_s"]), statistics.median(query_only["wall_s"])
@@ -229,6 +291,8 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         **summarize_calls(f"support_once_{QUERIES_PER_SUPPORT}_queries", served),
         "gflop_per_episode": gflop,
         "matmul_peak_share": gflop / full_s / matmul_peak,
+        "single_pass_latency_ms": None if single_s is None else 1000 * single_s,
+        "test_time_passes_cost": None if single_s is None else full_s / single_s,
         "peak_memory_mb": peak_memory_mb(device),
     }
     if training is not None:
@@ -238,23 +302,20 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
 
 def compare_official(model_type: str, source_dir: str, shot: int, args, device) -> dict:
     """The official model of `source_dir` vs the hf_fss model with its weights: interleaved full episodes."""
-    built = official_builder(model_type)(source_dir, shot=shot, image_size=args.image_size)
+    image_size = args.image_size or default_image_size(model_type)
+    built = official_builder(model_type)(source_dir, shot=shot, image_size=image_size)
     official, ours = built.module.to(device), built.ours.to(device)
-    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
-    calls = {"official": [], "hf_fss": []}
+    query, support, masks = random_episode(args.batch_size, shot, image_size, device)
     with torch.no_grad():
         difference = (built.forward(query, support, masks) - ours(query, support, masks).logits).abs().max().item()
-        for _ in range(args.warmup):
-            built.forward(query, support, masks), ours(query, support, masks)
-        for _ in range(args.iterations):  # A B A B: both see the same load
-            calls["official"] += measure_calls(lambda: built.forward(query, support, masks), 1, 0, device)["wall_s"]
-            calls["hf_fss"] += measure_calls(lambda: ours(query, support, masks), 1, 0, device)["wall_s"]
+        fns = {"official": lambda: built.forward(query, support, masks), "hf_fss": lambda: ours(query, support, masks)}
+        calls = {who: c["wall_s"] for who, c in measure_interleaved(fns, args.iterations, args.warmup, device).items()}
     del official
     medians = {who: statistics.median(values) for who, values in calls.items()}
     return {
         "model_type": model_type,
         "shot": shot,
-        "image_size": args.image_size,
+        "image_size": image_size,
         "official_source": built.source,
         "official_latency_ms": 1000 * medians["official"],
         "hf_fss_latency_ms": 1000 * medians["hf_fss"],
@@ -288,7 +349,9 @@ def main(argv=None) -> int:
         "time, process system CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query "
         f"ms; 1+{QUERIES_PER_SUPPORT} ms one support encoding serving {QUERIES_PER_SUPPORT} queries; train ms a "
         "training step (forward with labels, backward, SGD step); GFLOP per full episode (FlopCounterMode); %peak "
-        "the episode's GFLOP/s as a share of the measured fp32 matmul rate.",
+        "the episode's GFLOP/s as a share of the measured fp32 matmul rate; for a method whose test time takes several "
+        "passes (it declares single_pass_overrides, e.g. SMCP's pseudo-prototype fusion), 1-pass ms is the full "
+        "episode with one pass and passes x = full ms / 1-pass ms.",
     )
     parser.add_argument(
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
@@ -351,12 +414,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _optional(value: float | None, width: int, decimals: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{decimals}f}"
+
+
 def _print_rows(rows: list[dict]) -> None:
     served = f"support_once_{QUERIES_PER_SUPPORT}_queries_latency_ms"
     print(
         f"{'method':<13}{'size':<5}{'K':>2}{'px':>5}{'params':>12}{'full ms':>9}{'sys ms':>7}{'minflt':>8}"
         f"{'ep/s':>7}{'query ms':>9}{'reuse x':>8}{f'1+{QUERIES_PER_SUPPORT} ms':>9}{'train ms':>9}{'GFLOP':>8}"
-        f"{'%peak':>6}{'peak MB':>8}"
+        f"{'%peak':>6}{'1-pass ms':>10}{'passes x':>9}{'peak MB':>8}"
     )
     for r in rows:
         train = f"{r['training_step_latency_ms']:>9.0f}" if "training_step_latency_ms" in r else f"{'-':>9}"
@@ -365,6 +432,7 @@ def _print_rows(rows: list[dict]) -> None:
             f"{r['full_latency_ms']:>9.1f}{r['full_system_ms']:>7.1f}{r['full_minor_faults']:>8.0f}"
             f"{r['full_episodes_per_s']:>7.2f}{r['query_only_latency_ms']:>9.1f}{r['support_reuse_speedup']:>8.2f}"
             f"{r[served]:>9.0f}{train}{r['gflop_per_episode']:>8.1f}{100 * r['matmul_peak_share']:>6.0f}"
+            f"{_optional(r['single_pass_latency_ms'], 10, 1)}{_optional(r['test_time_passes_cost'], 9, 2)}"
             f"{r['peak_memory_mb']:>8.0f}"
         )
 

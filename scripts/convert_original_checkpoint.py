@@ -31,6 +31,7 @@ PROG = "convert_original_checkpoint.py"
 CONVERTERS = {
     "ntrenet": "hf_fss.models.ntrenet.convert_ntrenet:convert_ntrenet_checkpoint",
     "qgnet": "hf_fss.models.qgnet.convert_qgnet:convert_qgnet_checkpoint",
+    "smcp": "hf_fss.models.smcp.convert_smcp:convert_smcp_checkpoint",
 }
 
 
@@ -59,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pt file")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
     parser.add_argument(
-        "--image-size", type=int, default=473, help="test image size for the config and processor (default 473)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="test image size for the config and processor (default: the method's, 473 NTRENet, 417 SMCP)",
     )
     parser.add_argument(
         "--shot", type=int, default=1, help="K the checkpoint was trained with, recorded in the config (default 1)"
@@ -87,12 +91,12 @@ def main(argv=None) -> int:
         if not args.checkpoint.is_file():
             raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
         converter = _load_converter(args.model_type)
-        options = {}
+        options = {} if args.image_size is None else {"image_size": args.image_size}
         if args.pyramid_bins is not None:
             options["pyramid_bins"] = tuple(args.pyramid_bins)
         if args.moco_encoder is not None:
             options["moco_encoder"] = args.moco_encoder
-        model = converter(args.checkpoint, args.output_dir, image_size=args.image_size, shot=args.shot, **options)
+        model = converter(args.checkpoint, args.output_dir, shot=args.shot, **options)
     except (ValueError, OSError) as err:
         message = " ".join(str(err).splitlines())
         if str(args.checkpoint) not in message:

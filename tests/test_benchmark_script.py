@@ -34,12 +34,20 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
         assert abs(row["matmul_peak_share"] - share) < 1e-9
         trainable = row["model_type"] != "cosine_prior"  # the training-free baseline has no training step
         assert ("training_step_latency_ms" in row) == trainable
+        # Methods with several test-time passes (SMCP) are also timed with one; the others have no such row.
+        model_class = hf_fss.MODEL_CLASSES[row["model_type"]][1]
+        if model_class.single_pass_overrides:
+            assert row["single_pass_latency_ms"] > 0
+            assert abs(row["test_time_passes_cost"] - row["full_latency_ms"] / row["single_pass_latency_ms"]) < 1e-9
+        else:
+            assert row["single_pass_latency_ms"] is None and row["test_time_passes_cost"] is None
         for prefix in ("full", "query_only"):  # per-episode CPU time and page faults from getrusage
             for field in ("user_ms", "system_ms", "minor_faults", "major_faults"):
                 value = row[f"{prefix}_{field}"]
                 assert isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, (field, value)
     out = capsys.readouterr().out
     assert "reuse x" in out and "sys ms" in out and "minflt" in out and "GFLOP" in out and "matmul peak" in out
+    assert "passes x" in out and any(m.single_pass_overrides for _, m in hf_fss.MODEL_CLASSES.values())
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
 
 

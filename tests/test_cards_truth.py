@@ -12,17 +12,20 @@ from hf_fss import (
     NTRENetModel,
     QGNetConfig,
     QGNetModel,
+    SMCPConfig,
+    SMCPModel,
 )
 from hf_fss.hub import render_model_card, save_pretrained_with_card
 
 TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
 TINY_QGNET = {"reduce_dim": 16, "pyramid_bins": (9, 4, 2, 1), "image_size": 65,
               "prior_extractor_kwargs": {"stem": "7x7", **TINY_RESNET}}  # fmt: skip
-TINY_KWARGS = {NTRENetConfig: TINY_NTRENET, QGNetConfig: TINY_QGNET, CosinePriorConfig: {"image_size": 65}}
+TINY_SMCP = {"reduce_dim": 16, "bottleneck_dim": 8, "image_size": 65}
+TINY_KWARGS = {NTRENetConfig: TINY_NTRENET, QGNetConfig: TINY_QGNET, SMCPConfig: TINY_SMCP, CosinePriorConfig: {"image_size": 65}}
 RANDOM = "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, SMCPConfig, CosinePriorConfig])
 def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     text = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
     assert RANDOM in text
@@ -46,15 +49,30 @@ def test_a_converted_checkpoint_names_the_official_code_checkpoint():
 
 @pytest.mark.parametrize(
     "model_class, config_class",
-    [(NTRENetModel, NTRENetConfig), (QGNetModel, QGNetConfig), (CosinePriorModel, CosinePriorConfig)],
+    [
+        (NTRENetModel, NTRENetConfig),
+        (QGNetModel, QGNetConfig),
+        (SMCPModel, SMCPConfig),
+        (CosinePriorModel, CosinePriorConfig),
+    ],
 )
 def test_a_saved_card_loads_from_the_path_it_was_saved_to(tmp_path, monkeypatch, model_class, config_class):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     kwargs = TINY_KWARGS[config_class]
-    model = model_class(config_class(backbone_kwargs=dict(TINY_RESNET), **kwargs))
+    backbone_kwargs = {"base_width": 4} if config_class is SMCPConfig else dict(TINY_RESNET)
+    model = model_class(config_class(backbone_kwargs=backbone_kwargs, **kwargs))
     processor = FewShotSegmentationImageProcessor(image_size=65)
     folder = save_pretrained_with_card(model, processor, "outputs/quickstart/final")
     text = (folder / "README.md").read_text()
     assert 'AutoModel.from_pretrained("outputs/quickstart/final")' in text
     assert 'from_pretrained("final")' not in text
+
+
+def test_the_smcp_card_states_its_protocol_and_differences():
+    from hf_fss.models.smcp import DIFFERENCES_FROM_OFFICIAL_CODE
+
+    text = render_model_card(SMCPConfig(), training={"converted_from": "25000.pth"}).text
+    assert "trainaug" in text and "pascal5i_vgg16_code.yaml" in text and "pascal5i_vgg16_paper.yaml" in text
+    assert "1 / (K + 1)" in text and "shot_fusion" not in text  # SMCP has no shot_fusion field
+    assert all(item in text for item in DIFFERENCES_FROM_OFFICIAL_CODE)

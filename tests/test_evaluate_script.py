@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from hf_fss import FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss import FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel, SMCPConfig, SMCPModel
 from hf_fss.data import load_episodes_jsonl
 from hf_fss.evaluation.runner import main
 
@@ -28,18 +28,29 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+TINY_MODELS = {
+    "ntrenet": lambda: NTRENetModel(
+        NTRENetConfig(
+            backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]},
+            reduce_dim=16,
+            background_prototype_dim=16,
+            pyramid_bins=[1.0, 0.5],
+            image_size=65,
+        )
+    ),
+    # SMCP: two test-time passes; the official code cannot run scribble or box supports
+    "smcp": lambda: SMCPModel(
+        SMCPConfig(backbone_kwargs={"base_width": 4}, reduce_dim=16, bottleneck_dim=8, image_size=65)
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=["ntrenet"])
+def tiny_model(request, tmp_path_factory):
+    """A saved tiny model (NTRENet unless a test asks for another with `indirect` parametrisation)."""
     torch.manual_seed(0)
-    config = NTRENetConfig(
-        backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]},
-        reduce_dim=16,
-        background_prototype_dim=16,
-        pyramid_bins=[1.0, 0.5],
-        image_size=65,
-    )
-    folder = tmp_path_factory.mktemp("model") / "tiny-ntrenet"
-    NTRENetModel(config).save_pretrained(folder)
+    folder = tmp_path_factory.mktemp("model") / f"tiny-{request.param}"
+    TINY_MODELS[request.param]().save_pretrained(folder)
     FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
     return folder
 
@@ -79,14 +90,20 @@ def test_several_seeds_give_mean_and_std(tiny_model, tmp_path):
     assert metrics["protocol"]["seeds"] == [1, 2]
 
 
-def test_panet_protocol_runs_its_five_seeds(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    ("tiny_model", "annotation"), [("ntrenet", "mask"), ("smcp", "scribble")], indirect=["tiny_model"]
+)
+def test_panet_protocol_runs_its_five_seeds(tiny_model, tmp_path, annotation):
     out = tmp_path / "metrics.json"
-    assert _evaluate(tiny_model, out, "--protocol", "panet", "--num-episodes", "2") == 0
+    flags = ("--protocol", "panet", "--num-episodes", "2", "--annotation", annotation)
+    assert _evaluate(tiny_model, out, *flags) == 0
     metrics = json.loads(out.read_text())
     assert metrics["seeds"] == [1234, 1235, 1236, 1237, 1238] and "miou_std" in metrics
     assert metrics["protocol"]["label_size"] == 417
+    assert metrics["annotation"] == annotation
 
 
+@pytest.mark.parametrize("tiny_model", ["ntrenet", "smcp"], indirect=True)
 def test_hsnet_protocol_and_box_supports(tiny_model, tmp_path):
     out = tmp_path / "metrics.json"
     assert _evaluate(tiny_model, out, "--protocol", "hsnet", "--num-episodes", "4", "--annotation", "bbox") == 0

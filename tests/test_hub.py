@@ -327,10 +327,17 @@ def hub_calls(monkeypatch):
     return calls
 
 
-def test_push_to_hub_uploads_weights_configs_card_and_records(tmp_path, tiny_ntrenet, processor, hub_calls):
-    folder = save_pretrained_with_card(
-        tiny_ntrenet, processor, tmp_path / "ntrenet", metrics=METRICS, training=TRAINING
-    )
+@pytest.mark.parametrize("model_type", ["ntrenet", "smcp"])
+def test_push_to_hub_uploads_weights_configs_card_and_records(
+    tmp_path, tiny_ntrenet, processor, hub_calls, model_type
+):
+    model = tiny_ntrenet
+    if model_type == "smcp":
+        torch.manual_seed(0)
+        model = hf_fss.SMCPModel(
+            hf_fss.SMCPConfig(backbone_kwargs={"base_width": 4}, reduce_dim=16, bottleneck_dim=8, image_size=65)
+        ).eval()
+    folder = save_pretrained_with_card(model, processor, tmp_path / model_type, metrics=METRICS, training=TRAINING)
     (folder / "checkpoint-5").mkdir()
     (folder / "checkpoint-5" / "optimizer.pt").write_bytes(b"pickled")  # never uploaded
     (folder / "notes.txt").write_text("local notes")

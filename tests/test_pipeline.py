@@ -366,3 +366,19 @@ def test_a_support_set_without_images_is_named_as_such(pipe):
     # An empty (images, masks) pair used to be taken for boxes: "must be a box ..., got []".
     with pytest.raises(ValueError, match=r"`supports\['x'\] image` is empty"):
         pipe(_image(20, 20, 0), supports={"x": ([], [])})
+
+
+def test_a_two_pass_model_matches_model_and_processor_and_returns_both_of_its_maps():
+    """SMCP segments the query twice (pseudo-prototype fusion); the pipeline returns the fused result and its maps."""
+    torch.manual_seed(0)
+    model = hf_fss.SMCPModel(
+        hf_fss.SMCPConfig(backbone_kwargs={"base_width": 4}, reduce_dim=16, bottleneck_dim=8, image_size=SIZE)
+    ).eval()
+    smcp_pipe = pipeline("few-shot-segmentation", model=model, image_processor=FewShotSegmentationImageProcessor(SIZE))
+    query, support = _image(90, 130, seed=30), _image(60, 50, seed=31)
+    mask = _mask(60, 50, (5, 10, 30, 40))
+    result = smcp_pipe(query, support_image=support, support_mask=mask, return_maps=True, output_type="numpy")
+    expected = _direct_masks(model, smcp_pipe.image_processor, query, [support], [mask])
+    np.testing.assert_array_equal(result["mask"], expected)
+    assert set(result["maps"]) == set(model.output_maps) == {"first_pass", "pseudo_mask"}
+    assert all(value.shape == (90, 130) for value in result["maps"].values())

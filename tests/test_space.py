@@ -16,7 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationImageProcessor,
+    NTRENetConfig,
+    NTRENetModel,
+    SMCPModel,
+)
 from hf_fss.data.synthetic import render_synthetic_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,6 +470,11 @@ def test_maps_have_a_scale_and_the_distractor_map_is_a_binary_mask(episode):
     assert "neither background nor" in app.map_caption(ntrenet, "distractor")
     assert app.map_caption(ntrenet, "distractor").endswith("binary mask (orange)")
     assert app.map_caption(ntrenet, "prior").endswith(app.SCALE)
+    # SMCP: the first pass is a scale, its pseudo-mask a binary mask (the fused result is the segmentation itself)
+    assert app.map_caption(SMCPModel, "pseudo_mask").endswith("binary mask (orange)")
+    assert "first pass" in app.map_caption(SMCPModel, "first_pass") and app.map_caption(
+        SMCPModel, "first_pass"
+    ).endswith(app.SCALE)
 
 
 def test_the_typed_box_is_drawn_on_the_support(episode):

@@ -85,10 +85,12 @@ def resume_settings(args: EpisodicArguments, model) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- construction
 
 
-def build_model(args: EpisodicArguments) -> tuple[Any, Any]:
+def build_model(args: EpisodicArguments, fold=None) -> tuple[Any, Any]:
     """
     The model to train and its processor: `args.model_name_or_path` (`from_pretrained`), or a fresh config of
-    `args.model_type` whose extractors then load their pretrained weights (`load_pretrained_extractors`).
+    `args.model_type` whose extractors then load their pretrained weights (`load_pretrained_extractors`). A fresh
+    config with a `num_base_classes` field (SMCP's multi-class head) gets the fold's number of base classes unless
+    the recipe sets it.
     """
     import hf_fss
     from hf_fss.configuration_fss import check_unknown_config_fields
@@ -106,6 +108,8 @@ def build_model(args: EpisodicArguments) -> tuple[Any, Any]:
         kwargs.setdefault("shot", args.shot)  # recorded in the config for the model card
     # A misspelt recipe key is refused by name (with the closest field) on both paths, as the config itself does.
     check_unknown_config_fields(config_class, kwargs)
+    if fold is not None and hasattr(config_class, "num_base_classes") and args.model_name_or_path is None:
+        kwargs.setdefault("num_base_classes", len(fold.base))
     if args.model_name_or_path is not None:
         model = model_class.from_pretrained(args.model_name_or_path, **kwargs)
     else:
@@ -417,7 +421,7 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
 
     model_class = hf_fss.MODEL_CLASSES[args.model_type][1]
     data = build_data(args, loop_args.seed, extra_inputs=model_class.query_inputs + model_class.support_inputs)
-    model, processor = build_model(args)
+    model, processor = build_model(args, fold=data.fold)
     checkpoint = resolve_checkpoint(loop_args, say=accelerator.print)
     if len(data.train_dataset) // loop_args.batch_size < accelerator.num_processes:
         raise ValueError(

@@ -1,0 +1,420 @@
+"""
+SMCP: Semantically Meaningful Class Prototype learning (Chen et al., "Semantically Meaningful Class Prototype Learning
+for One-Shot Image Segmentation", IEEE TMM 2021, arXiv:2102.10935).
+
+A dilated VGG-16 (trained, not frozen) encodes query and support; the support prototype (masked average pooling at
+image resolution) is tiled, concatenated with the query features, reduced (`feat_rd`), processed by a pyramid module
+(`pyramid_m`) and classified by an ASPP head (`classifier_2`). Training adds a multi-class ASPP head over the base
+classes (MCL, `classifier`) on both images and segments the support with its own prototype (SPT). At test time the
+query's first prediction gives a pseudo-mask whose query prototype is fused with the support prototype for a second
+pass.
+
+Module and parameter names follow the official code (`classifier`, `feat_rd`, `pyramid_m.{p1,p2,p3,feat_fuse,
+residule1,residule2}`, `classifier_2`), with the encoder under `backbone.layer{k}`; `convert_smcp.py` maps the keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
+from ...modules import ASPPBranch, ASPPClassifier
+from .configuration_smcp import SMCPConfig
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DIFFERENCES_FROM_OFFICIAL_CODE",
+    "SMCPModel",
+    "SMCPPyramidModule",
+    "SMCPSupportEncoding",
+    "fuse_prototypes",
+    "image_resolution_prototype",
+]
+
+# Every place where the paper, the official code (github.com/NUST-Machine-Intelligence-Laboratory/SMCP) and this
+# implementation part ways, with the choice made here. The model card reuses this list.
+DIFFERENCES_FROM_OFFICIAL_CODE = (
+    "Self-prototype branch (SPT): the paper (section III-E) segments the support with 'the same query image "
+    "segmentation head'; the official models/vgg.py sends the support through feat_rd and classifier_2 only and "
+    "applies the pyramid module a second time to the query, discarding the result, so the support loss never "
+    "reaches the pyramid module. Default: the paper (`self_prototype_branch='paper'`); the released checkpoint's "
+    "training path is `self_prototype_branch='official'` (without the discarded second pyramid call, which changes "
+    "no output or gradient).",
+    "Pyramid module: the paper describes reduce, 1/2 and 1/4 pyramid, sum, two residual blocks of 64, 64, 512 "
+    "filters; the code adds `feat_fuse` (two 3x3 convs with ReLU) after the sum and uses 1x1, 3x3, 1x1 kernels in "
+    "the residual blocks. We follow the code.",
+    "Test-time prototype fusion (paper section III-G, Table VI): as the code (models/vgg_test.py), the first "
+    "prediction's softmax is upsampled (bilinear) to the image size and its argmax is the pseudo-mask (no confidence "
+    "threshold); the pseudo-prototype is pooled from the query features upsampled to the image size. K-shot: the "
+    "code crashes for K > 1; we average the K support prototypes and the pseudo-prototype with weight 1 / (K + 1) "
+    "(paper Fig. 9). An empty pseudo-mask makes the code's fused prototype half the support prototype; we keep the "
+    "support prototype (no fusion) for that query.",
+    "Batch size and K: the official model crashes for batch > 1 or K > 1 (the support mask broadcast in "
+    "Encoder.forward, `.data[0]` at test time); here both work, K-shot prototypes are averaged over shots.",
+    "Prototype pooling: the code upsamples the support features to the mask size (a channels x 417 x 417 tensor "
+    "per support); the default `prototype_pooling='adjoint'` applies the transposed bilinear upsampling to the mask "
+    "instead, the same sum to float rounding (parity test), at feature resolution; `'upsample'` is the literal form.",
+    "SPT with K > 1 supports: each support is segmented with its own prototype (the paper's self-prototype); the "
+    "code has no K-shot path.",
+    "SPT target: the code's support target is `label == class`, so 255 (boundary) pixels count as background; we "
+    "ignore them (255) like the query loss does.",
+    "MCL head size and labels: the code's head has 21 outputs indexed by the VOC class id, with the 5 test classes "
+    "set to 255 in the label maps (ignored, but their logits stay in the softmax); the paper (and this model) uses "
+    "|C_train| + 1 outputs (`num_base_classes + 1`), base classes renumbered 1..|C_train| by the episodic dataset. "
+    "Converting the official checkpoint gives num_base_classes=20, its 21-output head unchanged.",
+    "MCL labels of novel classes: the code sets novel-class pixels to 255 in the multi-class maps and keeps them as "
+    "background in the binary masks; hf_fss's episodic dataset applies one `novel_class_policy` to both, so the "
+    "SMCP recipes use `novel_class_policy: ignore` (novel pixels 255, i.e. ignored, in the multi-class maps as in "
+    "the code and also in the binary masks, where the code has background).",
+    "Outputs: the code returns only the second-pass logits at feature resolution and the scripts upsample them "
+    "(bilinear, align_corners=False); here the logits are upsampled to the input size in the model, and "
+    "`outputs.maps` also holds the first-pass target probability and the pseudo-mask.",
+    "Training recipe: the code trains 40k episodes with SGD (lr 2.5e-4 constant: its MultiStepLR milestone 100000 "
+    "is never reached, weight decay 5e-4, batch 1); the paper states weight decay 1e-4 and poly decay (power 0.9), "
+    "batch 4 on COCO. Two recipes: pascal5i_vgg16_code.yaml and pascal5i_vgg16_paper.yaml.",
+    "Test protocol: the code draws its test episodes from VOC trainaug (the training images; PANet's convention) "
+    "with labels resized to 417 x 417; the `panet` evaluation preset follows it (5 seeds x 1000 episodes), the "
+    "`pfenet` preset uses VOC val at the original label size.",
+    "Weak supports: the code's scribble mode silently reads the dense mask and its box mode crashes, so the paper's "
+    "Table IX scribble / box rows are not produced by it; here `--annotation scribble` / `bbox` give real "
+    "scribble / box support masks.",
+    "Official code bugs not carried over: `.cuda()` calls, Pillow 10's removed Image.ANTIALIAS in the transforms, "
+    "the undeclared `torchsnooper` import, COCO's broken `coco_fewshot(label_sets=...)` call.",
+)
+
+
+@dataclass
+class SMCPSupportEncoding(SupportEncoding):
+    """
+    What SMCP keeps of a support set.
+
+    Args:
+        shot (`int`): number of support images K.
+        prototype (`torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`):
+            Mean over shots of the support prototypes (Eq. 1, masked average pooling at image resolution).
+        shot_prototypes (`torch.FloatTensor` of shape `(batch_size, shot, channels, 1, 1)`):
+            Each support's own prototype (the self-prototype of the SPT branch).
+        features (`torch.FloatTensor` of shape `(batch_size, shot, channels, h, w)`):
+            Encoder output (fc7) of each support, for the training losses.
+        masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
+            The support masks (0, 1, 255), the SPT targets.
+        semantic_logits (`torch.FloatTensor` of shape `(batch_size, shot, num_base_classes + 1, h, w)`, *optional*):
+            MCL head scores of each support; only in training.
+        semantic_labels (`torch.LongTensor` of shape `(batch_size, shot, height, width)`, *optional*):
+            The supports' multi-class labels (`support_semantic_labels`), only in training.
+    """
+
+    prototype: torch.FloatTensor | None = None
+    shot_prototypes: torch.FloatTensor | None = None
+    features: torch.FloatTensor | None = None
+    masks: torch.LongTensor | None = None
+    semantic_logits: torch.FloatTensor | None = None
+    semantic_labels: torch.LongTensor | None = None
+
+
+@lru_cache(maxsize=32)
+def _linear_interpolation_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    # Row c = the weights with which input position c contributes to each output position of torch's 1-D linear
+    # interpolation (align_corners=False): the interpolation of the c-th unit impulse. Bilinear is separable, so the
+    # 2-D upsampling is R_h^T X R_w.
+    eye = torch.eye(in_size, dtype=torch.float64).unsqueeze(0)
+    return F.interpolate(eye, size=out_size, mode="linear", align_corners=False)[0]  # (in_size, out_size)
+
+
+def image_resolution_prototype(
+    features: torch.Tensor, mask: torch.Tensor, mode: str = "adjoint", eps: float = 1e-5
+) -> torch.Tensor:
+    """
+    Masked average pooling at the mask's (image) resolution, SMCP's Eq. 1 (official `Encoder.forward`): the features
+    are bilinearly upsampled (align_corners=False) to the mask size and `sum(F * M) / (sum(M) + eps)`.
+
+    Args:
+        features (`torch.FloatTensor` of shape `(batch_size, channels, h, w)`).
+        mask (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`): 1 on the target, else 0.
+        mode (`str`, *optional*, defaults to `"adjoint"`): `"upsample"` computes it literally (a
+            `(batch_size, channels, height, width)` tensor); `"adjoint"` pools the features with the mask carried
+            down to `(h, w)` by the transpose of the upsampling, which is the same sum (upsampling is linear), to
+            float rounding.
+        eps (`float`, *optional*, defaults to 1e-5): added to the mask area (official value).
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`; zero for an empty mask.
+    """
+    area = mask.sum(dim=(-2, -1), keepdim=True) + eps
+    if mode == "upsample":
+        upsampled = F.interpolate(features, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        return (upsampled * mask).sum(dim=(-2, -1), keepdim=True) / area
+    if mode != "adjoint":
+        raise ValueError(f"mode must be 'adjoint' or 'upsample', got {mode!r}")
+    (h, w), (height, width) = features.shape[-2:], mask.shape[-2:]
+    rows = _linear_interpolation_matrix(h, height).to(features.device, features.dtype)  # (h, height)
+    cols = _linear_interpolation_matrix(w, width).to(features.device, features.dtype)  # (w, width)
+    weights = rows @ mask.to(features.dtype) @ cols.T  # (batch, 1, h, w)
+    return (features * weights).sum(dim=(-2, -1), keepdim=True) / area
+
+
+def fuse_prototypes(
+    support_prototype: torch.Tensor, pseudo_prototype: torch.Tensor, shot: int, pseudo_mask_area: torch.Tensor
+) -> torch.Tensor:
+    """
+    Test-time prototype fusion (paper section III-G and Fig. 9): the mean of the K support prototypes and the
+    pseudo-prototype, `(K * support_prototype + pseudo_prototype) / (K + 1)`; for K = 1 the official
+    `(prototype + self_prototype) / 2`. A query whose pseudo-mask is empty keeps `support_prototype` (the official code
+    would halve it).
+
+    Args:
+        support_prototype (`torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`): mean of the K prototypes.
+        pseudo_prototype (`torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`).
+        shot (`int`): K.
+        pseudo_mask_area (`torch.Tensor` of shape `(batch_size,)`): target pixels of each pseudo-mask.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`.
+    """
+    fused = (shot * support_prototype + pseudo_prototype) / (shot + 1)
+    empty = (pseudo_mask_area <= 0).view(-1, 1, 1, 1)
+    return torch.where(empty, support_prototype, fused)
+
+
+def _conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
+
+
+def _bottleneck(channels: int, inner: int) -> nn.Sequential:
+    # 1x1, 3x3, 1x1 with biases (official `residule1/2`); the residual sum and its ReLU are in the module's forward.
+    return nn.Sequential(
+        nn.Conv2d(channels, inner, kernel_size=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(inner, inner, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(inner, channels, kernel_size=1),
+    )
+
+
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    # torch's default (align_corners=False), as every resize in the official SMCP code.
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class SMCPPyramidModule(nn.Module):
+    r"""
+    SMCP's pyramid feature fusion module (PFF, paper section III-D; official `Pyramid_Module`).
+
+    `p1(x) + up(p2(avg(x))) + up(p3(avg(avg(x))))` with `avg` a 3x3 average pool of stride 2 (padding 1) and `up`
+    bilinear (align_corners=False) back to the input size; then `feat_fuse` (two 3x3 convs with ReLU) and two
+    residual bottlenecks `relu(x + residule_i(x))`.
+
+    Args:
+        channels (`int`): input and output channels (512 in SMCP).
+        bottleneck_dim (`int`): inner channels of the residual bottlenecks (64).
+    """
+
+    def __init__(self, channels: int, bottleneck_dim: int):
+        super().__init__()
+        self.avg_pooling = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
+        self.p1 = _conv_relu(channels, channels)
+        self.p2 = _conv_relu(channels, channels)
+        self.p3 = _conv_relu(channels, channels)
+        self.feat_fuse = nn.Sequential(*_conv_relu(channels, channels), *_conv_relu(channels, channels))
+        self.residule1 = _bottleneck(channels, bottleneck_dim)
+        self.residule2 = _bottleneck(channels, bottleneck_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, channels, h, w)` -> `(batch_size, channels, h, w)`."""
+        size = features.shape[-2:]
+        half = self.avg_pooling(features)
+        quarter = self.avg_pooling(half)
+        out = self.p1(features) + _upsample(self.p2(half), size) + _upsample(self.p3(quarter), size)
+        out = self.feat_fuse(out)
+        out = F.relu(out + self.residule1(out))
+        return F.relu(out + self.residule2(out))
+
+
+class SMCPModel(FewShotSegmentationPreTrainedModel):
+    r"""
+    SMCP one-shot (and K-shot) segmenter.
+
+    Pipeline (`h x w` = 52 x 52 for a 417 x 417 input):
+
+    1. Dilated VGG-16 (`backbone`, trained): fc7 features of the query and supports, `(batch, 512, h, w)`.
+    2. Support prototype: masked average pooling at image resolution (Eq. 1), averaged over the K shots.
+    3. PFF: `feat_rd(query ⊕ tiled prototype)` (3x3 conv 1024 -> 512, ReLU), `pyramid_m`, `classifier_2` (ASPP, 2
+       classes); the logits are upsampled (bilinear, align_corners=False) to the input size.
+    4. Test time (`pseudo_prototype_fusion`, not training): pseudo-mask = argmax of the upsampled first-pass softmax;
+       pseudo-prototype pooled from the query; fused with the support prototypes (weight 1 / (K + 1)); step 3 again.
+
+    Training (`labels`, and the declared `semantic_labels` / `support_semantic_labels` for MCL): cross-entropy of the
+    query (`query`), of each support segmented with its own prototype (`support`, SPT) and, weighted by
+    `mcl_loss_weight`, of the MCL head (`classifier`, ASPP over background + base classes) on the query and the
+    supports (`mcl_query`, `mcl_support`). See `DIFFERENCES_FROM_OFFICIAL_CODE`.
+    """
+
+    config_class = SMCPConfig
+    query_inputs = ("semantic_labels",)
+    support_inputs = ("support_semantic_labels",)
+    output_maps = {
+        "first_pass": "target probability of the first pass (support prototype only), before prototype fusion",
+        "pseudo_mask": "pseudo-mask: argmax of the first pass, whose query prototype is fused with the support's",
+    }
+    binary_maps = ("pseudo_mask",)
+    # Config overrides that make test time a single pass (the benchmark times both).
+    single_pass_overrides = {"pseudo_prototype_fusion": False}
+
+    def __init__(self, config: SMCPConfig):
+        super().__init__(config)
+        self.backbone = self.build_backbone()
+        channels = self.backbone.channels[-1]
+        rates, std = config.aspp_rates, config.aspp_init_std
+        self.classifier = ASPPClassifier(channels, config.num_base_classes + 1, rates, std)
+        self.feat_rd = nn.Sequential(*_conv_relu(2 * channels, config.reduce_dim))
+        self.pyramid_m = SMCPPyramidModule(config.reduce_dim, config.bottleneck_dim)
+        self.classifier_2 = ASPPClassifier(config.reduce_dim, 2, rates, std)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, ASPPBranch):  # N(0, 0.01) weights, default biases (official Classifier_Module)
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+    # --- prototypes ------------------------------------------------------------------------------------------------
+    def _prototype(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return image_resolution_prototype(features, mask, mode=self.config.prototype_pooling)
+
+    def _encode_support(
+        self, support_pixel_values, support_masks, support_semantic_labels=None
+    ) -> SMCPSupportEncoding:
+        batch_size, shot = support_pixel_values.shape[:2]
+        features = self.backbone_features(support_pixel_values.flatten(0, 1))[-1]
+        target = (support_masks.flatten(0, 1) == 1).unsqueeze(1).to(features.dtype)
+        prototypes = self._prototype(features, target).unflatten(0, (batch_size, shot))
+        semantic_logits = None
+        if support_semantic_labels is not None:
+            support_semantic_labels = self._check_semantic_labels(
+                "support_semantic_labels", support_semantic_labels, tuple(support_masks.shape)
+            )
+            if self.training:
+                semantic_logits = self.classifier(features).unflatten(0, (batch_size, shot))
+        return SMCPSupportEncoding(
+            shot=shot,
+            prototype=prototypes.mean(dim=1),
+            shot_prototypes=prototypes,
+            features=features.unflatten(0, (batch_size, shot)),
+            masks=support_masks,
+            semantic_logits=semantic_logits,
+            semantic_labels=support_semantic_labels if self.training else None,
+        )
+
+    def _check_semantic_labels(self, name: str, labels, shape: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape:
+            found = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{name} must have shape {shape} (that of the masks), got {found}")
+        labels = labels.long()
+        num_classes = self.config.num_base_classes
+        invalid = (labels < 0) | ((labels > num_classes) & (labels != self.config.ignore_index))
+        if bool(invalid.any()):
+            raise ValueError(
+                f"{name} must hold 0 (background), 1..{num_classes} (base classes) or {self.config.ignore_index} "
+                f"(ignore), got also {sorted(set(labels[invalid].unique()[:5].tolist()))}; set num_base_classes "
+                "to the fold's number of base classes"
+            )
+        return labels
+
+    # --- the segmentation head -------------------------------------------------------------------------------------
+    def _head(self, features: torch.Tensor, prototype: torch.Tensor, use_pyramid: bool = True) -> torch.Tensor:
+        """`feat_rd(features ⊕ tiled prototype)` -> (`pyramid_m`) -> `classifier_2`: `(batch, 2, h, w)` logits."""
+        tiled = prototype.expand(-1, -1, *features.shape[-2:])
+        fused = self.feat_rd(torch.cat([features, tiled], dim=1))
+        if use_pyramid:
+            fused = self.pyramid_m(fused)
+        return self.classifier_2(fused)
+
+    def _pseudo_prototype(self, logits: torch.Tensor, features: torch.Tensor, image_size) -> tuple[torch.Tensor, ...]:
+        """Pseudo-mask (argmax of the upsampled softmax, `(batch, 1, H, W)`) and the query prototype under it."""
+        probabilities = _upsample(logits.softmax(dim=1), image_size)
+        pseudo_mask = probabilities.argmax(dim=1, keepdim=True).to(features.dtype)
+        return pseudo_mask, self._prototype(features, pseudo_mask)
+
+    # --- forward ---------------------------------------------------------------------------------------------------
+    def _segment(
+        self,
+        pixel_values: torch.Tensor,
+        support_encoding: SMCPSupportEncoding,
+        labels: torch.Tensor | None = None,
+        semantic_labels: torch.Tensor | None = None,
+    ) -> FewShotSegmentationOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`)
+            support_encoding (`SMCPSupportEncoding`)
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}.
+            semantic_labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                The query's multi-class labels: 0 background, 1..num_base_classes base classes, 255 ignored (novel
+                classes and boundaries); for the MCL loss in training, ignored otherwise.
+
+        Raises:
+            `ValueError`: an encoding of another model, or semantic labels of the wrong shape or out of range.
+        """
+        encoding = support_encoding
+        if not isinstance(encoding, SMCPSupportEncoding):
+            raise ValueError(f"support_encoding must be an SMCPSupportEncoding, got {type(encoding).__name__}")
+        if semantic_labels is not None:
+            shape = (pixel_values.shape[0], *pixel_values.shape[-2:])
+            semantic_labels = self._check_semantic_labels("semantic_labels", semantic_labels, shape)
+        image_size = pixel_values.shape[-2:]
+        features = self.backbone_features(pixel_values)[-1]
+        logits = first_logits = self._head(features, encoding.prototype)
+        maps = {"first_pass": first_logits.softmax(dim=1)[:, 1:]}
+        if self.config.pseudo_prototype_fusion and not self.training:
+            pseudo_mask, pseudo_prototype = self._pseudo_prototype(first_logits, features, image_size)
+            area = pseudo_mask.flatten(1).sum(dim=1)
+            fused = fuse_prototypes(encoding.prototype, pseudo_prototype, encoding.shot, area)
+            logits = self._head(features, fused)
+            maps["pseudo_mask"] = pseudo_mask
+        logits = _upsample(logits, image_size)
+
+        loss = losses = None
+        if labels is not None:
+            loss, losses = self._compute_losses(labels, logits, features, encoding, semantic_labels)
+        return FewShotSegmentationOutput(loss=loss, logits=logits, losses=losses, maps=maps)
+
+    # --- losses ----------------------------------------------------------------------------------------------------
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = _upsample(logits, labels.shape[-2:])
+        if not bool((labels != self.config.ignore_index).any()):
+            return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph (and avoid NaN)
+        return F.cross_entropy(logits, labels.long(), ignore_index=self.config.ignore_index)
+
+    def _support_logits(self, encoding: SMCPSupportEncoding) -> torch.Tensor:
+        """SPT: every support segmented with its own prototype, `(batch * shot, 2, h, w)`."""
+        use_pyramid = self.config.self_prototype_branch == "paper"
+        return self._head(encoding.features.flatten(0, 1), encoding.shot_prototypes.flatten(0, 1), use_pyramid)
+
+    def _compute_losses(self, labels, logits, features, encoding: SMCPSupportEncoding, semantic_labels):
+        """`query + support + mcl_loss_weight * (mcl_query + mcl_support)` (official train.py; paper Eq. 4)."""
+        config = self.config
+        query = self._cross_entropy(logits, labels)
+        support = self._cross_entropy(self._support_logits(encoding), encoding.masks.flatten(0, 1))
+        total = query + support
+        losses = {"query": query, "support": support}
+        if self.training and config.mcl_loss_weight > 0:
+            if semantic_labels is None or encoding.semantic_labels is None:
+                logger.warning_once(
+                    "SMCP: training without `semantic_labels` and `support_semantic_labels`, so the multi-class label "
+                    "guidance (MCL) loss is skipped; the episodic dataset emits them for this model."
+                )
+            else:
+                mcl_query = self._cross_entropy(self.classifier(features), semantic_labels)
+                mcl_support = self._cross_entropy(
+                    encoding.semantic_logits.flatten(0, 1), encoding.semantic_labels.flatten(0, 1)
+                )
+                total = total + config.mcl_loss_weight * (mcl_query + mcl_support)
+                losses.update(mcl_query=mcl_query, mcl_support=mcl_support)
+        return total, {name: value.detach() for name, value in losses.items()}
