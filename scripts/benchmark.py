@@ -4,7 +4,9 @@ Speed and memory of the hf_fss methods: episodes per second, latency, and the ga
 For every method and size it times, on the same random inputs in one run:
 - `full`: `model(pixel_values, support_pixel_values, support_masks)`, one episode per call;
 - `query_only`: `model(pixel_values, support_encoding=enc)` with `enc = model.encode_support(...)` computed once,
-  what a support set costs when it serves many queries (the Space, the pipeline).
+  what a support set costs when it serves many queries (the Space, the pipeline);
+- `encode_support`: `model.encode_support(...)` alone, the per-support-set cost (for CRCNet with K > 1 and
+  `shot_fusion` finetune / finetune+average, the time its test-time finetuning takes).
 Ratios between rows of one run are what to compare; absolute numbers depend on the machine and its load.
 
 Per timed call (one episode at the default --batch-size 1) it records the median wall time and, from
@@ -45,10 +47,13 @@ SIZES = {
 }
 
 
-def build_model(model_type: str, size: str, image_size: int, chunking: bool = True) -> torch.nn.Module:
+def build_model(
+    model_type: str, size: str, image_size: int, chunking: bool = True, model_kwargs: dict | None = None
+) -> torch.nn.Module:
     config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(config_class)}
-    overrides = {k: v for k, v in SIZES[size].items() if k in known}
+    # `--model-kwargs` fields apply to the methods whose config has them (e.g. CRCNet's `shot_fusion`).
+    overrides = {k: v for k, v in {**SIZES[size], **(model_kwargs or {})}.items() if k in known}
     config = config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
     return model_class(config).eval()
 
@@ -118,12 +123,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def benchmark(model_type, size, shot, args, device) -> dict:
-    model = build_model(model_type, size, args.image_size, args.chunking).to(device)
+    model = build_model(model_type, size, args.image_size, args.chunking, args.model_kwargs).to(device)
     query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():  # as evaluation and the pipeline (a method may adapt to its supports inside)
         full = measure_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
+        # Encoding a support set alone: where a method that adapts to its supports (CRCNet's K-shot finetuning)
+        # spends its per-support-set time.
+        encode = measure_calls(lambda: model.encode_support(support, masks), args.iterations, args.warmup, device)
         encoding = model.encode_support(support, masks)
         query_only = measure_calls(
             lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device
@@ -142,6 +150,7 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         **summarize_calls("query_only", query_only),
         "query_only_episodes_per_s": args.batch_size / query_s,
         "support_reuse_speedup": full_s / query_s,
+        **summarize_calls("encode_support", encode),
         "peak_memory_mb": peak_memory_mb(device),
     }
 
@@ -151,7 +160,8 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: full ms / sys ms / minflt are the medians per full-episode call (wall time, process system "
-        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms.",
+        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms; encode ms the "
+        "support encoding alone (CRCNet: its K-shot finetuning).",
     )
     parser.add_argument(
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
@@ -177,8 +187,22 @@ def main(argv=None) -> int:
         action="store_false",
         help="run frozen extractors over a stack of images in one call on CPU (chunk_extractors_on_cpu=False)",
     )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help="JSON object of config fields, applied to each method whose config has them, e.g. "
+        '\'{"shot_fusion": "average", "finetune_steps": 50}\'',
+    )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.model_kwargs:
+        fields = set().union(
+            *({f.name for f in dataclasses.fields(hf_fss.MODEL_CLASSES[m][0])} for m in args.model_types)
+        )
+        unknown = sorted(set(args.model_kwargs) - fields)
+        if unknown:
+            parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
     if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
     set_num_threads(args.threads)
@@ -192,7 +216,7 @@ def main(argv=None) -> int:
     ]
     header = (
         f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'sys ms':>8}{'minflt':>9}{'ep/s':>8}"
-        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'peak MB':>9}"
+        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'encode ms':>11}{'peak MB':>9}"
     )
     print(header)
     for r in rows:
@@ -200,7 +224,7 @@ def main(argv=None) -> int:
             f"{r['model_type']:<14}{r['size']:<6}{r['shot']:>3}{r['parameters']:>12,}{r['full_latency_ms']:>10.1f}"
             f"{r['full_system_ms']:>8.1f}{r['full_minor_faults']:>9.0f}{r['full_episodes_per_s']:>8.2f}"
             f"{r['query_only_latency_ms']:>10.1f}{r['query_only_system_ms']:>8.1f}{r['query_only_minor_faults']:>9.0f}"
-            f"{r['support_reuse_speedup']:>9.2f}{r['peak_memory_mb']:>9.0f}"
+            f"{r['support_reuse_speedup']:>9.2f}{r['encode_support_latency_ms']:>11.1f}{r['peak_memory_mb']:>9.0f}"
         )
     if args.output:
         record = {
@@ -209,6 +233,7 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "load_average": os.getloadavg(),
+            "model_kwargs": args.model_kwargs,
             "results": rows,
         }
         atomic_write_text(args.output, json.dumps(record, indent=2))
