@@ -138,7 +138,7 @@ class TestCRCNet(FewShotModelTesterMixin):
         "overrides",
         [
             {"use_cross_reference": False},  # Table 1: conditional module only
-            {"conditioning": "none"},  # Table 1: cross-reference only; Table 3: neither conditional module
+            {"conditioning": "unconditioned"},  # Table 1: cross-reference only; Table 3: neither conditional module
             {"feature_levels": "layer4"},  # Table 2: no multi-level features
             {"use_refinement_cache": False},  # Table 2: no cache, one run
             {"inference_scales": [1.0]},  # Table 2: single scale
@@ -146,7 +146,7 @@ class TestCRCNet(FewShotModelTesterMixin):
             {"conditioning": "local"},  # Table 3
             {"cross_reference_activation": "relu"},  # Table 6
             {"cross_reference_activation": "softmax"},  # Table 6
-            {"local_attention_mask": "none"},  # Table 7: w/o mask
+            {"local_attention_mask": "unmasked"},  # Table 7: w/o mask
             {"local_attention_mask": "neg_inf"},  # open point 6
             {"feature_levels": "layer2+layer3"},  # open point 1
             {"conditional_input": "cross_reference"},  # open point 5
@@ -193,8 +193,8 @@ class TestCRCNet(FewShotModelTesterMixin):
         assert len([k for k in model(query, support, masks, labels=labels).maps if "step" in k]) == 1
 
     def test_config_refuses_a_model_that_never_compares_query_and_support(self):
-        with pytest.raises(StrictDataclassError, match="conditioning='none' with use_cross_reference=False"):
-            CRCNetConfig(conditioning="none", use_cross_reference=False)
+        with pytest.raises(StrictDataclassError, match="conditioning='unconditioned' with use_cross_reference=False"):
+            CRCNetConfig(conditioning="unconditioned", use_cross_reference=False)
         with pytest.raises(StrictDataclassError, match="inference_scales"):
             CRCNetConfig(inference_scales=[])
         with pytest.raises(ValueError, match="unknown field.*did you mean 'shot_fusion'"):
@@ -279,3 +279,17 @@ def _recording(step, record):
         return logits
 
     return wrapped
+
+
+@pytest.mark.parametrize(
+    "recipe", ["pascal5i_resnet50", "fss1000_resnet50", "coco20i_resnet101", "quickstart_synthetic"]
+)
+def test_every_crcnet_recipe_parses_and_builds_its_config(recipe):
+    from hf_fss.training import parse_args
+
+    loop_args, args = parse_args(["--config", f"recipes/crcnet/{recipe}.yaml", "--dataset", "synthetic"])
+    assert args.model_type == "crcnet"
+    config = CRCNetConfig(**args.model_kwargs)
+    if recipe != "quickstart_synthetic":  # the paper's settings (section 5.1)
+        assert (loop_args.learning_rate, args.image_size, config.refinement_steps) == (0.0025, 321, 10)
+        assert config.inference_scales == (0.75, 1.0, 1.25) and not config.freeze_backbone

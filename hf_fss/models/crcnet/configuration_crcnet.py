@@ -10,9 +10,9 @@ from ...configuration_fss import FewShotSegmentationConfig
 CRCNetBackbone = Literal["resnet50", "resnet101"]
 FeatureLevels = Literal["layer3+layer4", "layer2+layer3", "layer4"]
 CrossReferenceActivation = Literal["sigmoid", "relu", "softmax"]
-Conditioning = Literal["global+local", "global", "local", "none"]
+Conditioning = Literal["global+local", "global", "local", "unconditioned"]
 ConditionalInput = Literal["encoder", "cross_reference"]
-LocalAttentionMask = Literal["multiply", "neg_inf", "none"]
+LocalAttentionMask = Literal["multiply", "neg_inf", "unmasked"]
 CombinedBlock = Literal["encoder_decoder", "concat"]
 CacheFormat = Literal["probabilities", "foreground"]
 RefinementTraining = Literal["unrolled", "random_history"]
@@ -65,14 +65,14 @@ class CRCNetConfig(FewShotSegmentationConfig):
     Conditional module (section 4.4, Eq. 1-3):
 
     conditioning (`str`, *optional*, defaults to `"global+local"`):
-        Tables 1 and 3: `"global+local"` (56.4), `"global"` (54.7), `"local"` (55.3) or `"none"` (52.0; with
+        Tables 1 and 3: `"global+local"` (56.4), `"global"` (54.7), `"local"` (55.3) or `"unconditioned"` (52.0; with
         `use_cross_reference=False` nothing would compare query and support, which is refused).
     conditional_input (`str`, *optional*, defaults to `"encoder"`):
         (5) Features the conditional module reads: the encoder features F (in parallel with cross-reference) or the
         cross-referenced G.
     local_attention_mask (`str`, *optional*, defaults to `"multiply"`):
         (6) and Table 7. `"multiply"`: Eq. 2 literally, `softmax(M_sim * mask)` (background similarities become 0);
-        `"neg_inf"`: background positions get no weight; `"none"`: no support mask (Table 7 "w/o mask", 55.8).
+        `"neg_inf"`: background positions get no weight; `"unmasked"`: no support mask (Table 7 "w/o mask", 55.8).
     local_key_dim (`int`, *optional*):
         (6) Channels of the 1x1 embeddings theta / delta; defaults to `reduce_dim`.
     local_scaled (`bool`, *optional*, defaults to `False`):
@@ -212,9 +212,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
 
     def validate_modules(self):
         """Part of `@strict` validation: something must compare the query with the support."""
-        if self.conditioning == "none" and not self.use_cross_reference:
+        if self.conditioning == "unconditioned" and not self.use_cross_reference:
             raise ValueError(
-                "conditioning='none' with use_cross_reference=False leaves no module comparing query and support; "
+                "conditioning='unconditioned' with use_cross_reference=False leaves no module comparing query and support; "
                 "enable one of them"
             )
 

@@ -45,7 +45,7 @@ DIFFERENCES_FROM_PAPER = (
     "cross-reference module, whose output G joins them at the refinement input (`conditional_input`).",
     "(6) Local conditional: theta / delta are 1x1 conv 256->256 + ReLU, no 1/sqrt(d) scaling, Eq. 2 implemented "
     "literally (similarity times mask, then row softmax; background positions keep weight e^0) on unmasked support "
-    "features; `local_attention_mask='neg_inf'` gives them no weight, `'none'` drops the mask (Table 7). Global and "
+    "features; `local_attention_mask='neg_inf'` gives them no weight, `'unmasked'` drops the mask (Table 7). Global and "
     "local outputs are concatenated and fused by a 3x3 conv to 256.",
     "(7) Refinement module: the cache is the 2-channel softmax of the previous step at feature size (zeros at "
     "first); the global convolution block ((7x1 -> 1x7) + (1x7 -> 7x1), summed, ReLU) runs on the features; the "
