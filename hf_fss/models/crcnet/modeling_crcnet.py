@@ -481,14 +481,16 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             nn.Dropout2d(config.encoder_dropout),
         )
         self.head = CRCNetHead(config)
-        most = max(config.refinement_steps, config.training_refinement_steps)
-        steps = {f"refinement_step_{t}": f"target probability after refinement step {t}" for t in range(1, most + 1)}
-        self.output_maps = {
-            **steps,
-            "co_occurrence": "probability of the object co-occurring in query and support (cross-reference head)",
-        }
-        self.binary_maps = ()
         self.post_init()
+
+    @property
+    def output_maps(self) -> dict[str, str]:
+        """Every map `outputs.maps` may hold: one per refinement step (as many as the config runs) and the
+        co-occurrence map."""
+        most = max(self.config.refinement_steps, self.config.training_refinement_steps)
+        maps = {f"refinement_step_{t}": f"target probability after refinement step {t}" for t in range(1, most + 1)}
+        maps["co_occurrence"] = "probability of the object co-occurring in query and support (cross-reference head)"
+        return maps
 
     # --- encoder -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
