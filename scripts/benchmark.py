@@ -17,11 +17,19 @@ means large temporary tensors are mapped fresh from the OS on every call (and ha
 
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
+
+Against the official code: `--official ntrenet=DIR` (repeatable, one per method) builds the official model from the
+checkout DIR (built out of tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights
+into the hf_fss model, and times both on the same episodes, interleaved (official, hf_fss, official, ...), full
+episode per call, reporting the medians, the ratio hf_fss / official and the largest logit difference:
+
+    python scripts/benchmark.py --official ntrenet=../official/ntrenet --shots 1 5 --iterations 5 --num-threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hf_fss  # noqa: E402
 from hf_fss.file_utils import atomic_write_text  # noqa: E402
+from hf_fss.models.official import official_builder  # noqa: E402
 from hf_fss.utils import set_num_threads  # noqa: E402
 
 # Model sizes: `base` is the papers' ResNet-50 configuration, `tiny` the one the tests use.
@@ -45,6 +54,9 @@ SIZES = {
     "base": {},
     "tiny": {"backbone_kwargs": {"base_width": 8, "depths": [1, 1, 1, 1]}, "reduce_dim": 16},
 }
+
+
+QUERIES_PER_SUPPORT = 8
 
 
 def build_model(
@@ -122,27 +134,95 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark(model_type, size, shot, args, device) -> dict:
-    model = build_model(model_type, size, args.image_size, args.chunking, args.model_kwargs).to(device)
-    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
+def default_image_size(model_type: str) -> int:
+    """The method's own test size: its config's default `image_size` (the paper's: 473, 417 for SMCP, 321 CRCNet)."""
+    config_class = hf_fss.MODEL_CLASSES[model_type][0]
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == "image_size")
+
+
+def count_gflop(fn) -> float:
+    """GFLOP of one call, counted by torch's `FlopCounterMode` (matmuls and convolutions: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """The machine's measured matmul rate: the best of 5 timed `n x n` products after 2 untimed, in GFLOP/s."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = measure_calls(lambda: a @ b, iterations=5, warmup=2, device=device)["wall_s"]
+    return 2 * n**3 / min(times) / 1e9
+
+
+def training_inputs(model, labels: torch.Tensor, masks: torch.Tensor) -> dict:
+    """The extra training inputs a model declares, filled from the episode (one class, base-class label maps)."""
+    available = {"class_ids": torch.ones(labels.shape[0], dtype=torch.long, device=labels.device)}
+    available.update(semantic_labels=labels, support_semantic_labels=masks)
+    return {name: available[name] for name in (*model.query_inputs, *model.support_inputs) if name in available}
+
+
+def time_training_step(model, query, support, masks, args, device) -> dict[str, list[float]]:
+    """Forward with labels, backward and an SGD step on the trainable parameters, per call."""
+    labels = masks[:, 0]
+    extra = training_inputs(model, labels, masks)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+
+    def step():
+        with _autocast(args, device):
+            loss = model(query, support, masks, labels=labels, **extra).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        return measure_calls(step, args.iterations, args.warmup, device)
+    finally:
+        model.eval()
+
+
+def _autocast(args, device):
+    if args.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, args.autocast))
+
+
+def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
+    image_size = args.image_size or default_image_size(model_type)
+    model = build_model(model_type, size, image_size, args.chunking, args.model_kwargs).to(device)
+    query, support, masks = random_episode(args.batch_size, shot, image_size, device)
+    if args.channels_last:
+        model, query = model.to(memory_format=torch.channels_last), query.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():  # as evaluation and the pipeline (a method may adapt to its supports inside)
-        full = measure_calls(lambda: model(query, support, masks), args.iterations, args.warmup, device)
+    # As evaluation and the pipeline: no_grad (a method may adapt to its supports inside).
+    with torch.no_grad(), _autocast(args, device):
+        full = measure_calls(lambda: run(query, support, masks), args.iterations, args.warmup, device)
         # Encoding a support set alone: where a method that adapts to its supports (CRCNet's K-shot finetuning)
         # spends its per-support-set time.
         encode = measure_calls(lambda: model.encode_support(support, masks), args.iterations, args.warmup, device)
         encoding = model.encode_support(support, masks)
-        query_only = measure_calls(
-            lambda: model(query, support_encoding=encoding), args.iterations, args.warmup, device
-        )
+        query_only = measure_calls(lambda: run(query, support_encoding=encoding), args.iterations, args.warmup, device)
+
+        def support_once():  # one support set serving QUERIES_PER_SUPPORT queries
+            reused = model.encode_support(support, masks)
+            for _ in range(QUERIES_PER_SUPPORT):
+                run(query, support_encoding=reused)
+
+        served = measure_calls(support_once, args.iterations, args.warmup, device)
+        gflop = count_gflop(lambda: model(query, support, masks))
+    trainable = any(p.requires_grad for p in model.parameters())  # a training-free baseline has no training step
+    training = time_training_step(model, query, support, masks, args, device) if args.training and trainable else None
     full_s, query_s = statistics.median(full["wall_s"]), statistics.median(query_only["wall_s"])
-    return {
+    row = {
         "model_type": model_type,
         "size": size,
         "shot": shot,
         "batch_size": args.batch_size,
-        "image_size": args.image_size,
+        "image_size": image_size,
         "chunk_extractors_on_cpu": args.chunking,
         "parameters": sum(p.numel() for p in model.parameters()),
         **summarize_calls("full", full),
@@ -151,24 +231,78 @@ def benchmark(model_type, size, shot, args, device) -> dict:
         "query_only_episodes_per_s": args.batch_size / query_s,
         "support_reuse_speedup": full_s / query_s,
         **summarize_calls("encode_support", encode),
+        **summarize_calls(f"support_once_{QUERIES_PER_SUPPORT}_queries", served),
+        "gflop_per_episode": gflop,
+        "matmul_peak_share": gflop / full_s / matmul_peak,
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if training is not None:
+        row.update(summarize_calls("training_step", training))
+    return row
+
+
+def compare_official(model_type: str, source_dir: str, shot: int, args, device) -> dict:
+    """The official model of `source_dir` vs the hf_fss model with its weights: interleaved full episodes."""
+    built = official_builder(model_type)(source_dir, shot=shot, image_size=args.image_size)
+    official, ours = built.module.to(device), built.ours.to(device)
+    query, support, masks = random_episode(args.batch_size, shot, args.image_size, device)
+    calls = {"official": [], "hf_fss": []}
+    with torch.no_grad():
+        difference = (built.forward(query, support, masks) - ours(query, support, masks).logits).abs().max().item()
+        for _ in range(args.warmup):
+            built.forward(query, support, masks), ours(query, support, masks)
+        for _ in range(args.iterations):  # A B A B: both see the same load
+            calls["official"] += measure_calls(lambda: built.forward(query, support, masks), 1, 0, device)["wall_s"]
+            calls["hf_fss"] += measure_calls(lambda: ours(query, support, masks), 1, 0, device)["wall_s"]
+    del official
+    medians = {who: statistics.median(values) for who, values in calls.items()}
+    return {
+        "model_type": model_type,
+        "shot": shot,
+        "image_size": args.image_size,
+        "official_source": built.source,
+        "official_latency_ms": 1000 * medians["official"],
+        "hf_fss_latency_ms": 1000 * medians["hf_fss"],
+        "hf_fss_over_official": medians["hf_fss"] / medians["official"],
+        "max_abs_logit_difference": difference,
+        "calls_s": calls,
+    }
+
+
+def _official_sources(values: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    sources = {}
+    for value in values:
+        model_type, _, folder = value.partition("=")
+        if not folder:
+            parser.error(f"--official takes METHOD=DIR (e.g. ntrenet=../official/ntrenet), got {value!r}")
+        try:
+            official_builder(model_type)
+        except ValueError as error:
+            parser.error(f"--official {value}: {error}")
+        if not Path(folder).expanduser().is_dir():
+            parser.error(f"--official {value}: {folder} is not a folder (the root of the official checkout)")
+        sources[model_type] = folder
+    return sources
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Columns: full ms / sys ms / minflt are the medians per full-episode call (wall time, process system "
-        "CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query ms; encode ms the "
-        "support encoding alone (CRCNet: its K-shot finetuning).",
+        epilog="Columns: px the test size; full ms / sys ms / minflt are the medians per full-episode call (wall "
+        "time, process system CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query "
+        f"ms; encode ms the support encoding alone (CRCNet: its K-shot finetuning); 1+{QUERIES_PER_SUPPORT} ms one support encoding serving {QUERIES_PER_SUPPORT} queries; train ms a "
+        "training step (forward with labels, backward, SGD step); GFLOP per full episode (FlopCounterMode); %peak "
+        "the episode's GFLOP/s as a share of the measured fp32 matmul rate.",
     )
     parser.add_argument(
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
     )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SIZES))
     parser.add_argument("--shots", nargs="+", type=int, default=[1])
-    parser.add_argument("--image-size", type=int, default=473)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="test size of every method (default: each method's own)"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -188,6 +322,18 @@ def main(argv=None) -> int:
         help="run frozen extractors over a stack of images in one call on CPU (chunk_extractors_on_cpu=False)",
     )
     parser.add_argument(
+        "--official",
+        action="append",
+        default=[],
+        metavar="METHOD=DIR",
+        help="time the official code of METHOD from its checkout DIR against hf_fss with the same weights, "
+        "interleaved (instead of the per-method table); repeatable",
+    )
+    parser.add_argument("--no-training", dest="training", action="store_false", help="skip the training-step timing")
+    parser.add_argument("--channels-last", action="store_true", help="model and query in channels_last memory format")
+    parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none", help="autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    parser.add_argument(
         "--model-kwargs",
         type=json.loads,
         default=None,
@@ -205,39 +351,70 @@ def main(argv=None) -> int:
             parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
     if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
+    official = _official_sources(args.official, parser)
     set_num_threads(args.threads)
     device = torch.device(args.device)
+    if official:
+        return _report_official(official, args, device)
 
+    peak = matmul_peak_gflops(device)
     rows = [
-        benchmark(model_type, size, shot, args, device)
+        benchmark(model_type, size, shot, args, device, peak)
         for model_type in args.model_types
         for size in args.sizes
         for shot in args.shots
     ]
-    header = (
-        f"{'method':<14}{'size':<6}{'K':>3}{'params':>12}{'full ms':>10}{'sys ms':>8}{'minflt':>9}{'ep/s':>8}"
-        f"{'query ms':>10}{'sys ms':>8}{'minflt':>9}{'reuse x':>9}{'encode ms':>11}{'peak MB':>9}"
+    _print_rows(rows)
+    print(f"matmul peak {peak:.1f} GFLOP/s (fp32 2048x2048, {torch.get_num_threads()} threads, {device})")
+    _write_record(args.output, device, rows, matmul_peak_gflops=peak, model_kwargs=args.model_kwargs)
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    served = f"support_once_{QUERIES_PER_SUPPORT}_queries_latency_ms"
+    print(
+        f"{'method':<13}{'size':<5}{'K':>2}{'px':>5}{'params':>12}{'full ms':>9}{'sys ms':>7}{'minflt':>8}"
+        f"{'ep/s':>7}{'query ms':>9}{'reuse x':>8}{'encode ms':>10}{f'1+{QUERIES_PER_SUPPORT} ms':>9}{'train ms':>9}{'GFLOP':>8}"
+        f"{'%peak':>6}{'peak MB':>8}"
     )
-    print(header)
+    for r in rows:
+        train = f"{r['training_step_latency_ms']:>9.0f}" if "training_step_latency_ms" in r else f"{'-':>9}"
+        print(
+            f"{r['model_type']:<13}{r['size']:<5}{r['shot']:>2}{r['image_size']:>5}{r['parameters']:>12,}"
+            f"{r['full_latency_ms']:>9.1f}{r['full_system_ms']:>7.1f}{r['full_minor_faults']:>8.0f}"
+            f"{r['full_episodes_per_s']:>7.2f}{r['query_only_latency_ms']:>9.1f}{r['support_reuse_speedup']:>8.2f}"
+            f"{r['encode_support_latency_ms']:>10.1f}{r[served]:>9.0f}{train}{r['gflop_per_episode']:>8.1f}{100 * r['matmul_peak_share']:>6.0f}"
+            f"{r['peak_memory_mb']:>8.0f}"
+        )
+
+
+def _report_official(sources: dict[str, str], args, device) -> int:
+    rows = [compare_official(m, folder, shot, args, device) for m, folder in sources.items() for shot in args.shots]
+    print(
+        f"{'method':<10}{'K':>3}{'size':>6}{'official ms':>13}{'hf_fss ms':>11}{'hf_fss/official':>17}{'max|diff|':>11}"
+    )
     for r in rows:
         print(
-            f"{r['model_type']:<14}{r['size']:<6}{r['shot']:>3}{r['parameters']:>12,}{r['full_latency_ms']:>10.1f}"
-            f"{r['full_system_ms']:>8.1f}{r['full_minor_faults']:>9.0f}{r['full_episodes_per_s']:>8.2f}"
-            f"{r['query_only_latency_ms']:>10.1f}{r['query_only_system_ms']:>8.1f}{r['query_only_minor_faults']:>9.0f}"
-            f"{r['support_reuse_speedup']:>9.2f}{r['encode_support_latency_ms']:>11.1f}{r['peak_memory_mb']:>9.0f}"
+            f"{r['model_type']:<10}{r['shot']:>3}{r['image_size']:>6}{r['official_latency_ms']:>13.1f}"
+            f"{r['hf_fss_latency_ms']:>11.1f}{r['hf_fss_over_official']:>17.3f}{r['max_abs_logit_difference']:>11.1e}"
         )
-    if args.output:
+    print(f"medians of {args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}")
+    _write_record(args.output, device, rows)
+    return 0
+
+
+def _write_record(path: Path | None, device: torch.device, rows: list[dict], **extra) -> None:
+    if path:
         record = {
+            **extra,
             "device": str(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "load_average": os.getloadavg(),
-            "model_kwargs": args.model_kwargs,
             "results": rows,
         }
-        atomic_write_text(args.output, json.dumps(record, indent=2))
-    return 0
+        atomic_write_text(path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

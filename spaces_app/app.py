@@ -223,36 +223,78 @@ def box_preview(editor: dict | None, text: str | None):
     return gr.update(value=_save_png(_output_folder(), "box.png", image), visible=True)  # a file of its own
 
 
-def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
-    """The Run button: supports from the editors, queries from the gallery -> overlays, heat maps, mask files."""
-    pipe = registry.get(model_id)
+def _episode_inputs(mode, queries, editors_and_boxes) -> tuple[dict, list, tuple, tuple]:
+    """The editors' episodes by class, the query paths, and the class names and colours in use."""
     episodes = collect_episodes(mode, list(editors_and_boxes[:MAX_SUPPORTS]), list(editors_and_boxes[MAX_SUPPORTS:]))
     paths = [item[0] if isinstance(item, list | tuple) else item for item in (queries or [])][:MAX_QUERIES]
     if not paths:
         raise user_error("No query image: upload one or more images to segment.", "Query")
-    (names, colors), start = zip(*[list(CLASS_COLORS.items())[c] for c in episodes]), time.perf_counter()
+    names, colors = zip(*[list(CLASS_COLORS.items())[c] for c in episodes])
+    return episodes, paths, names, colors
+
+
+def _segment(registry: ModelRegistry, spec: str | None, episodes: dict, names: tuple, paths: list):
+    """Every query through one model with the editors' supports (encoded once, cached) -> (results, cached)."""
+    pipe = registry.get(spec)
     try:
-        encoding, cached = registry.encode(model_id or registry.default, supports=dict(zip(names, episodes.values())))
-        results = pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy")
+        encoding, cached = registry.encode(spec or registry.default, supports=dict(zip(names, episodes.values())))
+        return pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy"), cached
     except ValueError as err:
         raise user_error(str(err).replace("`images", "`queries"), "Input") from err  # named as in the app
+
+
+def _pictures(pipe, path, result, names, colors, png, prefix: str) -> tuple[tuple, list, list]:
+    """One query's overlay (with the share of each class), its mask files, and its maps captioned by the model."""
+    image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
+    parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
+    picture = (png(f"{prefix}_{qname}.png", overlay(image, result["mask"], colors)), f"{qname}: {', '.join(parts)}")
+    files, maps = [], []
+    for c, name in enumerate(names):
+        files.append(png(f"{prefix}_{qname}_mask_{name}.png", (result["mask"] == c + 1).astype(np.uint8) * 255))
+        for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
+            drawn = heat_map(image, values[c] if values.ndim == 3 else values, key in pipe.model.binary_maps)
+            caption = f"{key}{f' [{name}]' if len(names) > 1 else ''}. {map_caption(pipe.model, key)}"
+            maps.append((png(f"{prefix}_{key}_{name}.png", drawn), caption))
+    return picture, files, maps
+
+
+def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
+    """The Run button: supports from the editors, queries from the gallery -> overlays, heat maps, mask files."""
+    pipe = registry.get(model_id)
+    episodes, paths, names, colors = _episode_inputs(mode, queries, editors_and_boxes)
+    start = time.perf_counter()
+    results, cached = _segment(registry, model_id, episodes, names, paths)
     gallery, maps, files, png = [], [], [], functools.partial(_save_png, _output_folder())
     for i, (path, result) in enumerate(zip(paths, results)):
-        image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
-        parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
-        picture = png(f"{i + 1}_{qname}.png", overlay(image, result["mask"], colors))
-        gallery.append((picture, f"{i + 1}. {qname}: {', '.join(parts)}"))
-        for c, name in enumerate(names):
-            files.append(png(f"{i + 1}_{qname}_mask_{name}.png", (result["mask"] == c + 1).astype(np.uint8) * 255))
-            for key, values in result["maps"].items():  # (h, w) for one class, (C, h, w) for several
-                picture = heat_map(image, values[c] if values.ndim == 3 else values, key in pipe.model.binary_maps)
-                caption = f"{i + 1}. {key}{f' [{name}]' if len(names) > 1 else ''}. {map_caption(pipe.model, key)}"
-                maps.append((png(f"{i + 1}_{key}_{name}.png", picture), caption))
+        (picture, caption), masks, pictures = _pictures(pipe, path, result, names, colors, png, str(i + 1))
+        gallery.append((picture, f"{i + 1}. {caption}"))
+        files += masks
+        maps += [(picture, f"{i + 1}. {caption}") for picture, caption in pictures]
     model = f"`{model_id or registry.default}` ({pipe.model.config.model_type}, {pipe.image_processor.image_size}px)"
     shots = ", ".join(f"{n}: {len(episodes[c][0])}-shot" for n, c in zip(names, episodes))
     count = f"{len(paths)} quer{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - start:.2f} s"
     details = [f"**Model** {model}", shots, count, f"support encoding {'reused from cache' if cached else 'computed'}"]
     return gallery, maps, files, " · ".join(details + ([] if maps else ["this model returns no intermediate maps"]))
+
+
+def compare_ui(registry: ModelRegistry, mode, queries, *editors_and_boxes):
+    """The Compare button: the first query through every model -> each one's mask and own maps in a row, timed."""
+    if not registry.specs:
+        raise user_error(NO_MODEL_MESSAGE)
+    episodes, paths, names, colors = _episode_inputs(mode, queries, editors_and_boxes)
+    gallery, png = [], functools.partial(_save_png, _output_folder())
+    table = ["| model | method | seconds (support + query) | maps |", "|---|---|---|---|"]
+    for index, spec in enumerate(registry.specs):
+        pipe, start = registry.get(spec), time.perf_counter()
+        (result,), cached = _segment(registry, spec, episodes, names, paths[:1])
+        seconds = time.perf_counter() - start
+        (picture, caption), _, maps = _pictures(pipe, paths[0], result, names, colors, png, f"m{index + 1}")
+        method = pipe.model.config.model_type
+        gallery += [(picture, f"{spec} ({method}, {seconds:.2f} s): {caption}")]
+        gallery += [(picture, f"{spec}: {caption}") for picture, caption in maps]
+        reuse = " (support encoding cached)" if cached else ""
+        table.append(f"| `{spec}` | {method} | {seconds:.3f}{reuse} | {', '.join(result['maps']) or 'none'} |")
+    return gallery, "\n".join(table)
 
 
 def segment_api(registry: ModelRegistry, support_image, support_mask, query_image, model=None):
@@ -353,6 +395,16 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
                   [result, maps, mask_files, details], api_visibility="private").then(js=SCROLL_TO_RESULT)  # fmt: skip
+        with gr.Tab("Compare the models", elem_id="compare-tab"):
+            compare = gr.Button(
+                "Compare: the first query through every model, with the same supports", elem_id="compare"
+            )
+            compare_table = gr.Markdown(elem_id="compare-details")
+            compared = gr.Gallery(
+                label="Each model: its mask, then its own maps", columns=4, elem_id="compared", **FIT
+            )
+        compare.click(functools.partial(compare_ui, registry), [mode, queries, *editors, *boxes],
+                      [compared, compare_table], api_visibility="private")  # fmt: skip
         with gr.Accordion("Mask files / API: one support image, its mask and a query", open=False):
             with gr.Row():
                 api_inputs = [gr.File(label=n, file_types=["image"], type="filepath", height=120)

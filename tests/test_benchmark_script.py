@@ -2,7 +2,11 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 import hf_fss
 
@@ -24,19 +28,107 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
     for row in rows:
         assert row["full_latency_ms"] > 0 and row["query_only_latency_ms"] > 0 and row["parameters"] > 0
         assert abs(row["support_reuse_speedup"] - row["full_latency_ms"] / row["query_only_latency_ms"]) < 1e-9
-        assert row["encode_support_latency_ms"] > 0
-        for prefix in ("full", "query_only", "encode_support"):  # per-episode CPU time and page faults from getrusage
+        assert (
+            row["image_size"] == 65 and row["gflop_per_episode"] > 0 and row["support_once_8_queries_latency_ms"] > 0
+        )
+        share = row["gflop_per_episode"] / (row["full_latency_ms"] / 1000) / record["matmul_peak_gflops"]
+        assert abs(row["matmul_peak_share"] - share) < 1e-9
+        trainable = row["model_type"] != "cosine_prior"  # the training-free baseline has no training step
+        assert ("training_step_latency_ms" in row) == trainable
+        assert row["encode_support_latency_ms"] > 0  # the per-support-set cost (CRCNet: its finetuning)
+        for prefix in ("full", "query_only", "encode_support"):  # per-call CPU time and page faults (getrusage)
             for field in ("user_ms", "system_ms", "minor_faults", "major_faults"):
                 value = row[f"{prefix}_{field}"]
                 assert isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, (field, value)
     out = capsys.readouterr().out
-    assert "reuse x" in out and "sys ms" in out and "minflt" in out and "encode ms" in out
+    assert "reuse x" in out and "sys ms" in out and "minflt" in out and "GFLOP" in out and "matmul peak" in out
+    assert "encode ms" in out and record["model_kwargs"] == {"finetune_steps": 3, "refinement_steps": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
 
 
-def test_benchmark_refuses_model_kwargs_no_method_has(capsys):
-    import pytest
+# A stand-in for an official checkout: the official module path (model/ourmodel.py), constructor and forward
+# signatures and checkpoint key names, around a tiny hf_fss NTRENet so the test runs in seconds. `offset` makes two
+# checkouts distinguishable (both define the package `model`, as official repositories do).
+STAND_IN = """
+import torch
+from torch import nn
 
+from hf_fss import NTRENetConfig, NTRENetModel
+from hf_fss.models.ntrenet.convert_ntrenet import our_key_to_original
+
+OFFSET = {offset}
+
+
+class NTRENet(nn.Module):
+    def __init__(self, layers=50, classes=2, zoom_factor=8, pretrained=True, shot=1, ppm_scales=(60, 30, 15, 8)):
+        super().__init__()
+        tiny = {{"base_width": 8, "depths": [1, 1, 1, 1]}}
+        self.inner = NTRENetModel(NTRENetConfig(backbone_kwargs=tiny, reduce_dim=16, background_prototype_dim=16))
+
+    def state_dict(self, *args, **kwargs):
+        return {{our_key_to_original(k, False): v for k, v in self.inner.state_dict().items()}}
+
+    def forward(self, s_x, s_y, x, y, classes):
+        return self.inner(x, s_x, s_y.long()).logits + OFFSET
+"""
+
+
+def _stand_in_checkout(folder: Path, offset: float) -> Path:
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "__init__.py").write_text("")
+    (folder / "model" / "ourmodel.py").write_text(STAND_IN.format(offset=offset))
+    return folder
+
+
+def test_official_comparison_times_both_interleaved_on_converted_weights(tmp_path, capsys):
+    checkout = _stand_in_checkout(tmp_path / "nertnet", 0.0)
+    output = tmp_path / "official.json"
+    argv = ["--official", f"ntrenet={checkout}", "--shots", "1", "2", "--image-size", "65", "--iterations", "2"]
+    assert benchmark.main([*argv, "--warmup", "0", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["results"]
+    assert [(r["model_type"], r["shot"]) for r in rows] == [("ntrenet", 1), ("ntrenet", 2)]
+    for row in rows:
+        assert len(row["calls_s"]["official"]) == len(row["calls_s"]["hf_fss"]) == 2
+        assert row["max_abs_logit_difference"] < 1e-5  # the converter put the official weights in place
+        assert abs(row["hf_fss_over_official"] - row["hf_fss_latency_ms"] / row["official_latency_ms"]) < 1e-9
+    assert "hf_fss/official" in capsys.readouterr().out
+
+
+def test_official_checkouts_with_the_same_package_name_do_not_mix(tmp_path):
+    from hf_fss.models.official import import_from_checkout
+
+    first = import_from_checkout(_stand_in_checkout(tmp_path / "a", 1.0), "model.ourmodel", "NTRENet")
+    second = import_from_checkout(_stand_in_checkout(tmp_path / "b", 2.0), "model.ourmodel", "NTRENet")
+    assert (first.forward.__globals__["OFFSET"], second.forward.__globals__["OFFSET"]) == (1.0, 2.0)
+    assert "model" not in sys.modules and "model.ourmodel" not in sys.modules  # nothing left for the next one
+
+
+def test_official_flag_errors_name_the_problem(tmp_path, capsys):
+    for value, message in [
+        ("ntrenet", "takes METHOD=DIR"),
+        ("cosine_prior=.", "no official-code builder for 'cosine_prior'; methods with one: ['ntrenet'"),
+        (f"ntrenet={tmp_path / 'missing'}", "is not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            benchmark.main(["--official", value])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not hold model/ourmodel.py"):
+        benchmark.official_builder("ntrenet")(tmp_path)
+
+
+def test_flops_are_counted_and_each_method_has_its_own_test_size():
+    from hf_fss import NTRENetConfig, NTRENetModel
+
+    assert benchmark.default_image_size("ntrenet") == 473
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    gflop = benchmark.count_gflop(lambda: conv(torch.zeros(1, 3, 10, 10)))
+    assert abs(gflop - 2 * 8 * 3 * 9 * 100 / 1e9) < 1e-15  # 2 FLOP per multiply-add
+    inputs = benchmark.training_inputs(NTRENetModel, torch.zeros(2, 5, 5), torch.zeros(2, 1, 5, 5))
+    assert list(inputs) == ["class_ids"] and inputs["class_ids"].tolist() == [1, 1]
+    assert NTRENetConfig().image_size == 473
+
+
+def test_benchmark_refuses_model_kwargs_no_method_has(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--model-types", "ntrenet", "--model-kwargs", '{"finetune_steps": 3}'])
     assert "no selected method's config has these fields" in capsys.readouterr().err

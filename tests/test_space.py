@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetModel
+from hf_fss import CosinePriorConfig, CosinePriorModel, FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel
 from hf_fss.data.synthetic import render_synthetic_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,33 @@ def test_run_ui_segments_every_query_with_maps_and_reuses_the_encoding(registry,
     assert "blue: 1-shot, magenta: 1-shot" in two[3] and len(two[1]) == 2 and len(two[2]) == 2
     with pytest.raises(gr.Error, match="has no target pixel"):
         app.run_ui(registry, None, "box", queries, _editor(image), *[None] * 4, "500, 500, 600, 600", *[""] * 4)
+
+
+def test_compare_ui_runs_every_model_on_the_same_supports_with_its_own_maps(model_dir, episode, tmp_path):
+    torch.manual_seed(0)
+    ntrenet_dir = tmp_path / "tiny_ntrenet"
+    tiny = {"reduce_dim": 16, "background_prototype_dim": 16, "pyramid_bins": (6, 3), "image_size": 96}
+    config = NTRENetConfig(backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]}, **tiny)
+    NTRENetModel(config).save_pretrained(ntrenet_dir)
+    FewShotSegmentationImageProcessor(image_size=96).save_pretrained(ntrenet_dir)
+    registry = app.ModelRegistry([str(model_dir), str(ntrenet_dir)])
+    image, target = episode["image"], episode["target"]
+    layer = np.zeros((*target.shape, 4), np.uint8)
+    layer[target] = (*app.CLASS_COLORS["blue"], 150)
+    editors = [_editor(image, layer)] + [None] * (app.MAX_SUPPORTS - 1)
+    queries = [str(episode["dir"] / "query_rgba.png"), str(episode["dir"] / "support.png")]
+    gallery, table = app.compare_ui(registry, "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
+    captions = [caption for _, caption in gallery]
+    assert len(gallery) == 2 + 1 + len(NTRENetModel.output_maps)  # per model its mask, then each of its maps
+    assert captions[0].startswith(f"{model_dir} (cosine_prior, ") and "prior" in captions[1]
+    assert any("distractor" in c and c.endswith("binary mask (orange)") for c in captions)
+    assert [Image.open(picture).size for picture, _ in gallery[:1]] == [(150, 90)]  # the first query only
+    assert table.count("\n| `") == 2 and "| ntrenet |" in table and "| cosine_prior |" in table
+    # The same mask as the Run button gives for that model, from the same supports.
+    run = app.run_ui(registry, str(ntrenet_dir), "brush", queries[:1], *editors, *[""] * app.MAX_SUPPORTS)
+    np.testing.assert_array_equal(np.asarray(Image.open(run[0][0][0])), np.asarray(Image.open(gallery[2][0])))
+    with pytest.raises(gr.Error, match="No model is configured"):
+        app.compare_ui(app.ModelRegistry([]), "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
 
 
 def test_error_messages_name_the_problem(registry, episode, tmp_path):

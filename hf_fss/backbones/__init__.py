@@ -11,6 +11,7 @@ import inspect
 
 from torch import nn
 
+from .feature_cache import FeatureCache
 from .resnet import Bottleneck, DilatedResNet
 from .staged import CPU_CHUNK_BYTES, StagedBackbone
 from .vgg import DILATED_VGG16_STAGE_BOUNDS, VGG16_BN_STAGE_BOUNDS, VGG16BN, DilatedVGG16
@@ -63,6 +64,7 @@ __all__ = [
     "Bottleneck",
     "DilatedResNet",
     "DilatedVGG16",
+    "FeatureCache",
     "StagedBackbone",
     "VGG16BN",
     "build_backbone",

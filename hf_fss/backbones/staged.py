@@ -12,7 +12,9 @@ A model may hold several extractors (the backbone; QGNet's prior extractor). Eac
 - **its weight source**: `load_weights(name_or_path)` (Hub id, folder or safetensors file, in any layout of
   `hf_fss.backbones.weights`, MoCo included), called explicitly by the trainer / converter, never by
   `from_pretrained`;
-- **bounded activations on CPU** (`chunk_on_cpu`), see `max_chunk`.
+- **bounded activations on CPU** (`chunk_on_cpu`), see `max_chunk`;
+- **its features served from a cache** during evaluation when one is attached (`feature_cache`, see
+  `hf_fss.backbones.feature_cache`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class StagedBackbone(nn.Module):
     batchnorm_eval = False
     chunk_on_cpu = True
     weights_source: str | None = None
+    # Set by `FeatureCache.attach(model)` for the duration of an evaluation; None otherwise.
+    feature_cache = None
+    feature_cache_name: str | None = None
 
     # --- policy ------------------------------------------------------------------------------------------------
     def freeze(self, batchnorm_eval: bool = True) -> StagedBackbone:
@@ -105,6 +110,14 @@ class StagedBackbone(nn.Module):
         """
         if not 0 <= start <= end <= self.num_stages:
             raise ValueError(f"Need 0 <= start <= end <= {self.num_stages}, got start={start}, end={end}.")
+        cache = self.feature_cache
+        if cache is not None and start == 0 and end > 0 and cache.serves(self):
+            keys = cache.keys_of(x)
+            if keys is not None:
+                return cache.forward(self, x, end, keys, self._forward_stages)
+        return self._forward_stages(x, start, end)
+
+    def _forward_stages(self, x: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             chunk = self.max_chunk(x, start, end)
             if chunk >= x.shape[0]:

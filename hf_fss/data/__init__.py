@@ -1,7 +1,7 @@
 """Benchmarks as Hugging Face datasets, episodic sampling and training augmentation."""
 
 from .augmentation import TrainAugmentation
-from .builders import build_coco20i, build_fss1000, build_pascal5i, build_report
+from .builders import build_coco20i, build_folder, build_fss1000, build_pascal5i, build_report
 from .episodes import (
     Episode,
     EpisodicTestDataset,
@@ -32,6 +32,7 @@ __all__ = [
     "TrainAugmentation",
     "benchmark_features",
     "build_coco20i",
+    "build_folder",
     "build_fss1000",
     "build_pascal5i",
     "build_report",

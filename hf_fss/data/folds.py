@@ -8,6 +8,8 @@ Class splits of the few-shot segmentation benchmarks: which classes a fold tests
   `"contiguous"`: fold i tests 20i+1..20i+20 (PFENet's `use_split_coco=False`; PANet's and SMCP's COCO label
   sets in `util/utils.py::CLASS_LABELS`).
 - synthetic (the embedded benchmark of `hf_fss.data.synthetic`, 20 classes, 4 folds): the PASCAL-5i rule.
+- folder (a user's images built by `scripts/prepare_dataset.py folder`) has a fixed class split like FSS-1000,
+  recorded by the build: novel = the classes of its `test` split, base = those of `train` (`fold` is ignored).
 - FSS-1000 has no folds but fixed class splits: its novel classes are those of the `test` split of the DatasetDict
   and its base classes those of the `train` split, so `fold_classes("fss1000", dataset=dataset_dict)` reads them
   from the `class_ids` column (no image is decoded) and ignores `fold`.
@@ -27,11 +29,14 @@ __all__ = [
     "COCO_CONVENTIONS",
     "FoldSplit",
     "fold_classes",
+    "has_class_split",
     "normalize_benchmark_name",
     "num_folds",
 ]
 
-BENCHMARKS = ("pascal5i", "coco20i", "synthetic", "fss1000")
+BENCHMARKS = ("pascal5i", "coco20i", "synthetic", "fss1000", "folder")
+# Benchmarks with a fixed class split (train / validation / test splits of disjoint classes) instead of folds.
+CLASS_SPLIT_BENCHMARKS = ("fss1000", "folder")
 COCO_CONVENTIONS = ("interleaved", "contiguous")
 
 # (number of classes, number of folds) of the benchmarks with folds.
@@ -48,6 +53,8 @@ _ALIASES = {
     "synthetic": "synthetic",
     "fss": "fss1000",
     "fss1000": "fss1000",
+    "folder": "folder",
+    "custom": "folder",
 }
 
 
@@ -78,6 +85,11 @@ def normalize_benchmark_name(benchmark: str) -> str:
     if key not in _ALIASES:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
     return _ALIASES[key]
+
+
+def has_class_split(benchmark: str) -> bool:
+    """Whether `benchmark` has a fixed class split read from its DatasetDict (FSS-1000, folder) instead of folds."""
+    return normalize_benchmark_name(benchmark) in CLASS_SPLIT_BENCHMARKS
 
 
 def num_folds(benchmark: str) -> int:
@@ -125,6 +137,8 @@ def fold_classes(
         ValueError: unknown benchmark, fold out of range, bad convention, or FSS-1000 without `dataset`.
     """
     name = normalize_benchmark_name(benchmark)
+    if name == "folder":
+        return _recorded_fold(dataset, convention, novel_split, base_split)
     if name == "fss1000":
         if convention is not None:
             raise ValueError(f"convention={convention!r} applies to coco20i only, not to {benchmark!r}")
@@ -159,6 +173,27 @@ def fold_classes(
         novel = tuple(range(per_fold * fold + 1, per_fold * (fold + 1) + 1))
     base = tuple(c for c in range(1, num_classes + 1) if c not in set(novel))
     return FoldSplit(novel=novel, base=base)
+
+
+def _recorded_fold(dataset, convention, novel_split: str, base_split: str) -> FoldSplit:
+    """The class split a folder build recorded in its splits' descriptions (see `builders.folder`)."""
+    from .builders.folder import recorded_class_split
+
+    if convention is not None:
+        raise ValueError(f"convention={convention!r} applies to coco20i only, not to 'folder'")
+    if dataset is None:
+        raise ValueError("folder has a class split instead of folds: pass its DatasetDict as dataset=")
+    for split in (novel_split, base_split):
+        if split not in dataset:
+            raise ValueError(f"folder: the DatasetDict has no {split!r} split (has {sorted(dataset)})")
+    recorded = recorded_class_split(dataset[novel_split].info.description or "")
+    if recorded is None:
+        raise ValueError(
+            "the dataset has no recorded class split (it was not built by `scripts/prepare_dataset.py folder`); "
+            "pass the --benchmark it was built as"
+        )
+    novel, base = recorded.get(novel_split, ()), recorded.get(base_split, ())
+    return FoldSplit(novel=tuple(sorted(novel)), base=tuple(c for c in sorted(base) if c not in set(novel)))
 
 
 def _as_class_tuple(classes: Iterable[int]) -> tuple[int, ...]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import datasets
 
-from .folds import BENCHMARKS
 from ..utils import looks_local
+from .folds import BENCHMARKS
 
 __all__ = ["infer_benchmark", "load_benchmark", "looks_local"]  # looks_local: hf_fss.utils, re-exported
 
@@ -23,6 +23,7 @@ _DESCRIPTION_PREFIXES = {
     "PASCAL-5i": "pascal5i",
     "COCO-20i": "coco20i",
     "FSS-1000": "fss1000",
+    "Custom folder": "folder",  # hf_fss.data.builders.folder.DESCRIPTION_PREFIX
 }
 
 

@@ -187,6 +187,8 @@ class FewShotSegmentationMetric:
             `iou_aggregation` and (int) `label_size` are applied; all its fields are written into `compute()`.
         device: device of the count tensors (default CPU). Counts from inputs on other devices are moved there.
         seed: the seed of this run, written into `compute()` when given.
+        record_episodes: also keep each episode's foreground and background intersection / union pixel counts in
+            `episode_records` (dicts, in update order), for paired comparisons between models.
 
     Distributed evaluation: every process updates its own metric with its share of the episodes, then
     `metric.reduce(accelerator.reduce)` (or `metric.reduce()` under `torch.distributed`) sums the counts, after which
@@ -201,7 +203,9 @@ class FewShotSegmentationMetric:
         *,
         device: torch.device | str | None = None,
         seed: int | None = None,
+        record_episodes: bool = False,
     ):
+        self.record_episodes = bool(record_episodes)
         ids = [int(c) for c in class_ids]
         if not ids:
             raise ValueError("class_ids must not be empty")
@@ -257,6 +261,8 @@ class FewShotSegmentationMetric:
         self.episode_count = torch.zeros(n, dtype=torch.long, device=dev)
         self.fb_intersection = torch.zeros(2, dtype=torch.long, device=dev)  # (background, foreground)
         self.fb_union = torch.zeros(2, dtype=torch.long, device=dev)
+        # With `record_episodes`: one dict of pixel counts per episode, in update order (for paired comparisons).
+        self.episode_records = [] if self.record_episodes else None
         self._reduced = False
 
     def to(self, device: torch.device | str) -> FewShotSegmentationMetric:
@@ -411,6 +417,12 @@ class FewShotSegmentationMetric:
         self.episode_count += onehot.sum(0)
         self.fb_intersection += inter.sum(0)
         self.fb_union += union.sum(0)
+        if self.episode_records is not None:
+            rows = torch.cat([inter, union], dim=1).cpu().tolist()  # (B, 4): I_bg, I_fg, U_bg, U_fg
+            self.episode_records.extend(
+                {"class_id": c, "intersection": row[1], "union": row[3], "bg_intersection": row[0], "bg_union": row[2]}
+                for c, row in zip(ids, rows)
+            )
 
     @property
     def num_episodes(self) -> int:

@@ -81,6 +81,7 @@ _BENCHMARK_CONVENTIONS = {
     "synthetic": ("contiguous",),
     "coco20i": ("contiguous", "interleaved"),
     "fss1000": ("fixed",),
+    "folder": ("fixed",),
 }
 
 
@@ -197,6 +198,8 @@ def _check_fields(data: Mapping[str, Any]) -> None:
 
 # Per preset and benchmark: the settings of the reference code (see the module docstring for where each comes from).
 # The synthetic benchmark (hf_fss.data.synthetic) follows the PASCAL-5i rules of each preset.
+# A user's folder (hf_fss.data.builders.folder): each preset's PASCAL-5i settings on its fixed class split.
+_FOLDER = {"fold_convention": "fixed", "annotation": "folder:test"}
 _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pfenet": {
         "pascal5i": {
@@ -211,6 +214,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "coco20i": {"num_episodes": 20000, "fold_convention": "interleaved", "annotation": "coco2014:val"},
         "synthetic": {"annotation": "synthetic"},
+        "folder": _FOLDER,
     },
     "hsnet": {
         "pascal5i": {
@@ -226,6 +230,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "coco20i": {"num_episodes": 1000, "fold_convention": "interleaved", "annotation": "coco2014:val"},
         "fss1000": {"num_episodes": None, "fold_convention": "fixed", "annotation": "fss1000:test"},
         "synthetic": {"annotation": "synthetic"},
+        "folder": _FOLDER,
     },
     "panet": {
         "pascal5i": {
@@ -240,6 +245,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "coco20i": {"fold_convention": "contiguous", "annotation": "coco2014:train"},
         "synthetic": {"annotation": "synthetic"},
+        "folder": _FOLDER,
     },
 }
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.data.episodes import (
     ANNOTATION_KINDS,
     Episode,
@@ -97,8 +100,8 @@ def class_names_of(split: Any) -> list[str] | None:
 
 
 def default_test_split(dataset: Mapping[str, Any], benchmark: str) -> str:
-    """The split test episodes come from: `test` for FSS-1000 (when present), `validation` otherwise."""
-    if benchmark == "fss1000" and "test" in dataset:
+    """The split test episodes come from: `test` for FSS-1000 and folder (when present), `validation` otherwise."""
+    if benchmark in ("fss1000", "folder") and "test" in dataset:
         return "test"
     if "validation" in dataset:
         return "validation"
@@ -133,6 +136,43 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _ImageKeys:
+    """Feature-cache keys of a test batch's images: (split fingerprint, image id, processor settings, tensor shape)."""
+
+    def __init__(self, split: Any, processor: Any, episodes: Sequence[Episode]):
+        to_json = getattr(processor, "to_json_string", None)
+        settings = to_json() if callable(to_json) else repr(processor)
+        fingerprint = getattr(split, "_fingerprint", None) or str(id(split))
+        self.prefix = (fingerprint, hashlib.sha256(settings.encode()).hexdigest())
+        self.episodes = episodes
+
+    def of(self, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
+        episodes = [self.episodes[int(i)] for i in batch["episode_index"]]
+        query, support = inputs["pixel_values"], inputs["support_pixel_values"]
+        geometry = (tuple(query.shape[-3:]), str(query.dtype))
+        return [
+            (query, [(*self.prefix, e.query, geometry) for e in episodes]),
+            (support, [(*self.prefix, image_id, geometry) for e in episodes for image_id in e.supports]),
+        ]
+
+
+def default_feature_cache_bytes(device: torch.device) -> int:
+    """
+    The feature cache's default bound: half the free memory of a CUDA device, else a quarter of the memory the
+    operating system reports available, at most 4 GiB (0 when it cannot be read).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+    return min(available // 4, 4 << 30)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -150,6 +190,8 @@ def evaluate_model(
     accelerator: Any = None,
     progress: bool = True,
     description: str = "evaluating",
+    feature_cache: FeatureCache | None = None,
+    episode_records: list[dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """
     Evaluate `model` on fixed `episodes` of `split`; returns `FewShotSegmentationMetric.compute()`.
@@ -171,6 +213,13 @@ def evaluate_model(
         accelerator: an `accelerate.Accelerator`; with several processes the episodes are sharded and the counts
             summed with `accelerator.reduce`. Its `autocast()` applies the run's mixed precision.
         progress: show a tqdm bar (on the local main process only).
+        feature_cache: a `hf_fss.backbones.FeatureCache`: every frozen extractor of the model serves the images it
+            has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
+            recomputing them; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`).
+            Pass the same cache to several calls (seeds) on one split to reuse it across them.
+        episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
+            `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
+            only (ValueError under several).
 
     Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
@@ -195,19 +244,33 @@ def evaluate_model(
         generator=torch.Generator().manual_seed(0),
     )
     device = accelerator.device if accelerator is not None else _model_device(model)
-    metric = FewShotSegmentationMetric(class_ids, class_names, protocol, device=device, seed=seed)
+    if episode_records is not None and num_processes > 1:
+        raise ValueError("episode_records needs a single process (each process would only see its shard)")
+    record = episode_records is not None
+    metric = FewShotSegmentationMetric(
+        class_ids, class_names, protocol, device=device, seed=seed, record_episodes=record
+    )
+    indices: list[int] = []
     label_size = protocol.label_size
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
+    image_keys = _ImageKeys(split, processor, episodes)
+    cached = feature_cache.attach(model) if feature_cache is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with autocast:
+        with autocast, cached:
             for batch in tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True):
                 names = model_input_names(model, batch)
                 inputs = {key: batch[key].to(device) for key in names}
-                outputs = model(**inputs)
+                registered = (
+                    feature_cache.images(image_keys.of(batch, inputs))
+                    if feature_cache is not None
+                    else contextlib.nullcontext()
+                )
+                with registered:
+                    outputs = model(**inputs)
                 sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
                 predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
                 targets = batch["target"]
@@ -215,10 +278,13 @@ def evaluate_model(
                     predictions = [resize_label(p.cpu(), label_size) for p in predictions]
                     targets = [resize_label(t, label_size) for t in targets]
                 metric.update(predictions, targets, batch["class_ids"])
+                indices.extend(int(i) for i in batch["episode_index"])
     finally:
         model.train(was_training)
     if num_processes > 1:
         metric.reduce(accelerator.reduce)
+    if record:
+        episode_records.extend({"episode_index": i, **r} for i, r in zip(indices, metric.episode_records))
     return metric.compute()
 
 
@@ -238,12 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
     )
-    parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic (default: inferred)")
+    parser.add_argument(
+        "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
+    )
     parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
     parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
     parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument(
-        "--split", default=None, help="split of the test episodes (default: validation; fss1000: test)"
+        "--split", default=None, help="split of the test episodes (default: validation; fss1000, folder: test)"
     )
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
     parser.add_argument("--num-episodes", type=int, default=None, help="episodes per seed (default: the protocol's)")
@@ -288,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="override the model's `inference_scales` config field (CRCNet: e.g. 1.0 for single scale)",
+    )
+    parser.add_argument(
+        "--feature-cache-mb",
+        type=float,
+        default=None,
+        help=(
+            "memory for the frozen extractors' features of the images already seen, reused across episodes and "
+            "seeds (same metrics, bit for bit, at --batch-size 1); default: half the free GPU memory, or a quarter "
+            "of the available RAM up to 4 GiB on CPU; 0 turns it off"
+        ),
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
@@ -377,7 +455,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import normalize_benchmark_name
+    from hf_fss.data.folds import has_class_split, normalize_benchmark_name
 
     if args.seed is not None and args.seeds is not None:
         raise ValueError("give either --seed or --seeds, not both")
@@ -401,7 +479,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
     split = dataset[split_name]
     convention = args.fold_convention if benchmark == "coco20i" else None
-    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if benchmark == "fss1000" else None)
+    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
 
     # The episode file is checked against the split before the model is loaded.
     fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
@@ -433,12 +511,21 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         base, benchmark, num_episodes=num_episodes, seeds=seeds, fold_convention=args.fold_convention
     )
     names = class_names_of(split)
+    if args.feature_cache_mb is not None and args.feature_cache_mb < 0:
+        raise ValueError(f"--feature-cache-mb must be >= 0, got {args.feature_cache_mb}")
+    cache_bytes = (
+        default_feature_cache_bytes(accelerator.device)
+        if args.feature_cache_mb is None
+        else int(args.feature_cache_mb * 2**20)
+    )
+    feature_cache = FeatureCache(cache_bytes) if cache_bytes > 0 else None
 
     runs = []
     for seed in seeds:
         episodes = fixed or make_test_episodes(split, fold.novel, num_episodes, args.shot, seed)
         if args.save_episodes and accelerator.is_main_process:
             save_episodes_jsonl(episodes, args.save_episodes)
+        started = time.perf_counter()
         result = evaluate_model(
             model,
             processor,
@@ -453,10 +540,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             num_workers=args.num_workers,
             accelerator=accelerator,
             description=f"seed {seed}",
+            feature_cache=feature_cache,
         )
         accelerator.print(
             f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
-            f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes)"
+            f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes, "
+            f"{time.perf_counter() - started:.1f} s)"
         )
         runs.append(result)
 
@@ -479,6 +568,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             "num_processes": accelerator.num_processes,
         }
     )
+    if feature_cache is not None and accelerator.is_main_process:
+        # Not written into metrics.json: the counts depend on the number of processes, the metrics do not.
+        stats = feature_cache.stats()
+        print(
+            f"feature cache: {stats['hits']} images served, {stats['misses']} computed, "
+            f"{stats['bytes'] / 2**20:.1f} of {stats['max_bytes'] / 2**20:.0f} MiB held"
+        )
     if accelerator.is_main_process:
         write_json_atomic(metrics, args.output)
         std = f" ± {100 * metrics['miou_std']:.2f}" if "miou_std" in metrics else ""

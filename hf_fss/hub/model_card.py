@@ -56,6 +56,7 @@ _BENCHMARK_NAMES = {
     "pascal5i": "PASCAL-5i",
     "coco20i": "COCO-20i",
     "fss1000": "FSS-1000",
+    "folder": "a custom image folder",
     "synthetic": "hf_fss synthetic benchmark",
 }
 _BACKBONE_NAMES = {

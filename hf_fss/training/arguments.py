@@ -181,7 +181,7 @@ class EpisodicArguments:
         default="synthetic", metadata={"help": "'synthetic', a prepare_dataset.py folder, or a Hub dataset id"}
     )
     benchmark: str | None = field(
-        default=None, metadata={"help": "pascal5i, coco20i, fss1000 or synthetic (default: synthetic for synthetic)"}
+        default=None, metadata={"help": "pascal5i, coco20i, fss1000, synthetic or folder (default: inferred)"}
     )
     fold: int = field(default=0, metadata={"help": "fold whose novel classes are held out"})
     fold_convention: str | None = field(

@@ -170,6 +170,7 @@ def build_data(args: EpisodicArguments, seed: int, extra_inputs: tuple[str, ...]
     (identical on every process).
     """
     from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+    from hf_fss.data.folds import has_class_split
 
     synthetic = {}
     if args.dataset == "synthetic":
@@ -181,7 +182,7 @@ def build_data(args: EpisodicArguments, seed: int, extra_inputs: tuple[str, ...]
     if "train" not in dataset:
         raise ValueError(f"dataset {args.dataset!r} has no 'train' split (splits: {sorted(dataset)})")
     fold = fold_classes(
-        args.benchmark, args.fold, args.fold_convention, dataset=dataset if args.benchmark == "fss1000" else None
+        args.benchmark, args.fold, args.fold_convention, dataset=dataset if has_class_split(args.benchmark) else None
     )
     train_dataset = _train_dataset(dataset, fold, args, seed, extra_inputs)
 

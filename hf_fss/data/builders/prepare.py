@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prepare_dataset.py", description="Build a few-shot segmentation benchmark as a Hugging Face dataset."
     )
-    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{pascal5i,coco20i,fss1000,synthetic}")
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{pascal5i,coco20i,fss1000,synthetic,folder}")
 
     pascal = sub.add_parser("pascal5i", parents=[common], help="PASCAL-5i from VOC 2012 + SBD")
     pascal.add_argument("--voc-root", required=True, type=Path, help="VOC2012/ (or VOCdevkit/)")
@@ -62,6 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     fss.add_argument("--fss-root", required=True, type=Path, help="one folder per class of N.jpg + N.png")
     fss.add_argument("--split-dir", type=Path, help="folder with trn.txt, val.txt, test.txt (HSNet data/splits/fss)")
     fss.add_argument("--seed", type=int, default=0, help="seed of the fallback class split (without --split-dir)")
+
+    folder = sub.add_parser(
+        "folder", parents=[common], help="your own images and masks (label maps, or per-class folders of binary masks)"
+    )
+    folder.add_argument("--images", required=True, type=Path, help="the images (.jpg, .jpeg, .png; sub-folders too)")
+    folder.add_argument(
+        "--masks", type=Path, help="masks at the images' relative paths with .png (default: the --images folder)"
+    )
+    layout = folder.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--class-names", type=Path, help="label maps: text file, line k names class id k (line 0 the background)"
+    )
+    layout.add_argument(
+        "--class-folders",
+        action="store_true",
+        help="FSS-1000 layout: IMAGES/<class>/<name>.jpg with a black / white MASKS/<class>/<name>.png",
+    )
+    folder.add_argument(
+        "--split-dir", type=Path, help="folder with train.txt, val.txt, test.txt of class names (default: seeded)"
+    )
+    folder.add_argument("--seed", type=int, default=0, help="seed of the class split (without --split-dir)")
+    folder.add_argument(
+        "--skip-invalid", action="store_true", help="leave out (and report) images with bad input instead of failing"
+    )
 
     synthetic = sub.add_parser("synthetic", parents=[common], help="the synthetic benchmark (no download)")
     synthetic.add_argument("--seed", type=int)
@@ -95,6 +119,20 @@ def build(args: argparse.Namespace, cache_dir: Path | None = None) -> DatasetDic
 
         return build_fss1000(
             args.fss_root, split_dir=args.split_dir, seed=args.seed, cache_dir=cache_dir, num_proc=args.num_proc
+        )
+    if args.benchmark == "folder":
+        from .folder import build_folder
+
+        return build_folder(
+            args.images,
+            args.masks,
+            class_names_file=args.class_names,
+            class_folders=args.class_folders,
+            split_dir=args.split_dir,
+            seed=args.seed,
+            skip_invalid=args.skip_invalid,
+            cache_dir=cache_dir,
+            num_proc=args.num_proc,
         )
     if args.benchmark == "synthetic":
         from hf_fss.data.synthetic import build_synthetic  # written separately; imported only when asked for

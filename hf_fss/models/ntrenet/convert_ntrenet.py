@@ -33,6 +33,7 @@ from .configuration_ntrenet import NTRENetConfig
 from .modeling_ntrenet import NTRENetModel
 
 __all__ = [
+    "build_official_model",
     "convert_ntrenet_checkpoint",
     "convert_ntrenet_state_dict",
     "infer_ntrenet_config",
@@ -300,3 +301,40 @@ def convert_ntrenet_checkpoint(
         model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
     )
     return model
+
+
+def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 473, seed: int = 0):
+    """
+    The official NTRENet (`model/ourmodel.py` of a NERTNet checkout, built out of tree with the fixes it needs to run
+    here, e.g. without CUDA) with seeded random weights, and the hf_fss model converted from them, for
+    `scripts/benchmark.py --official ntrenet=DIR`.
+
+    Args:
+        source_dir: root of the official checkout.
+        shot (`int`): K of the episodes the official forward will get (it is a constructor argument there).
+        image_size (`int`): test size; the official forward needs `(size - 1) % 8 == 0` (473).
+        seed (`int`): seed of the official model's own initialisation.
+
+    Returns:
+        [`hf_fss.models.official.OfficialModel`]
+
+    Raises:
+        `FileNotFoundError`: `source_dir` lacks `model/ourmodel.py`.
+        `ValueError`: an image size the official forward refuses.
+    """
+    from ..official import OfficialModel, import_from_checkout
+
+    if (image_size - 1) % 8:
+        raise ValueError(f"the official NTRENet needs (image_size - 1) % 8 == 0 (e.g. 473), got {image_size}")
+    official_class = import_from_checkout(source_dir, "model.ourmodel", "NTRENet")
+    torch.manual_seed(seed)
+    official = official_class(
+        layers=50, classes=2, zoom_factor=8, pretrained=False, shot=shot, ppm_scales=list(DEFAULT_PYRAMID_BINS)
+    ).eval()
+    ours, _ = convert_ntrenet_state_dict(official.state_dict(), image_size=image_size, shot=shot)
+
+    def forward(query, support, support_masks):
+        labels = torch.zeros(query.shape[0], *query.shape[-2:], dtype=torch.long)  # unused in eval
+        return official(support, support_masks.float(), query, labels, None)
+
+    return OfficialModel(official, forward, ours, f"{source_dir}: model/ourmodel.py NTRENet")

@@ -1,0 +1,96 @@
+"""
+Official implementations built from their own checkouts, next to the hf_fss model holding the same weights.
+
+hf_fss never ships or imports official code by itself: `scripts/benchmark.py --official METHOD=DIR` times the
+official module of a checkout the user built out of tree (with only the fixes it needs to run on their device)
+against the hf_fss model converted from the same weights. A method supports this when its converter module
+(`hf_fss.models.<method>.convert_<method>`) defines `build_official_model(source_dir, shot, image_size)` returning an
+[`OfficialModel`].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["OfficialModel", "import_from_checkout", "official_builder"]
+
+
+@dataclass
+class OfficialModel:
+    """
+    An official model and the hf_fss model converted from its weights, both in eval mode.
+
+    Args:
+        module (`nn.Module`): the official model.
+        forward (`Callable`): `(query (B, 3, H, W), support (B, K, 3, H, W), support_masks (B, K, H, W) in {0, 1})
+            -> logits (B, 2, H, W)` through the official module's own forward signature.
+        ours (`nn.Module`): the hf_fss model holding the same weights (through the method's converter).
+        source (`str`): the checkout and class it was built from.
+    """
+
+    module: nn.Module
+    forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    ours: nn.Module
+    source: str
+
+
+@contextlib.contextmanager
+def _isolated_package(source_dir: Path, package: str) -> Iterator[None]:
+    # Official repositories reuse top-level names (`model`, `util`): import from this checkout only, and leave no
+    # entry behind that a second checkout would pick up.
+    def purge():
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+    purge()
+    sys.path.insert(0, str(source_dir))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(source_dir))
+        purge()
+
+
+def import_from_checkout(source_dir: str | Path, module: str, attribute: str) -> object:
+    """
+    `attribute` of `module` (e.g. `"model.ourmodel"`, `"NTRENet"`) imported from the checkout `source_dir` alone.
+
+    Raises:
+        `FileNotFoundError`: `source_dir` is not a folder or lacks the module's file (both are named).
+    """
+    source_dir = Path(source_dir).expanduser().resolve()
+    relative = Path(*module.split("."))
+    if not (source_dir / relative.with_suffix(".py")).is_file() and not (source_dir / relative).is_dir():
+        raise FileNotFoundError(
+            f"{source_dir} does not hold {relative.with_suffix('.py')}: give the root of the official checkout "
+            "(built out of tree, with the fixes it needs to run here)"
+        )
+    with _isolated_package(source_dir, module.split(".")[0]):
+        return getattr(importlib.import_module(module), attribute)
+
+
+def official_builder(model_type: str) -> Callable[..., OfficialModel]:
+    """
+    `build_official_model` of a method's converter module.
+
+    Raises:
+        `ValueError`: the method has no official-code builder (the methods that have one are named).
+    """
+    import hf_fss
+
+    supported = []
+    for name in sorted(hf_fss.MODEL_CLASSES):
+        with contextlib.suppress(ImportError):
+            if hasattr(importlib.import_module(f"hf_fss.models.{name}.convert_{name}"), "build_official_model"):
+                supported.append(name)
+    if model_type not in supported:
+        raise ValueError(f"no official-code builder for {model_type!r}; methods with one: {supported}")
+    return importlib.import_module(f"hf_fss.models.{model_type}.convert_{model_type}").build_official_model

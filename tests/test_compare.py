@@ -1,0 +1,116 @@
+"""
+scripts/compare.py (hf_fss.evaluation.compare): every model on one identical episode list (written once, reused,
+hashed), the table, the chart, and paired bootstrap tests; two identical models differ by exactly 0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RESNET
+
+from hf_fss import FewShotSegmentationImageProcessor
+from hf_fss.evaluation.compare import main, paired_test
+from hf_fss.models.cosine_prior import CosinePriorConfig, CosinePriorModel
+from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
+
+DATA = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+        "--synthetic-image-size", "128", "--num-threads", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    ntrenet = NTRENetModel(
+        NTRENetConfig(
+            backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
+            image_size=65,
+        )
+    )  # fmt: skip
+    prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=97))
+    paths = {}
+    for name, model, size in (("ntrenet", ntrenet, 65), ("prior", prior, 97)):
+        model.save_pretrained(root / name)
+        FewShotSegmentationImageProcessor(image_size=size).save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def test_compare_writes_table_chart_and_identical_episodes(models, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["--models", models["ntrenet"], models["ntrenet"], models["prior"], *DATA, "--num-episodes", "8",
+            "--seeds", "1", "2", "--num-bootstrap", "200", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert list(comparison["results"]) == ["ntrenet", "ntrenet (2)", "prior"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.json", "comparison.md", "comparison.png", "episode_records.json", "episodes_seed1.jsonl",
+        "episodes_seed2.jsonl",
+    ]  # fmt: skip
+    # Every model saw the same episodes: identical per-episode class ids, in order.
+    records = json.loads((out / "episode_records.json").read_text())
+    classes = {name: [[r["class_id"] for r in records[name][s]] for s in ("1", "2")] for name in records}
+    assert classes["ntrenet"] == classes["ntrenet (2)"] == classes["prior"]
+    assert [r["episode_index"] for r in records["prior"]["1"]] == list(range(8))
+    # Two identical models: a paired difference of exactly 0, with a [0, 0] interval, not significant.
+    same = comparison["paired"][0]
+    assert (same["a"], same["b"]) == ("ntrenet", "ntrenet (2)")
+    assert same["miou_difference"] == 0.0 and same["miou_difference_ci"] == [0.0, 0.0]
+    assert same["episode_iou_difference"] == 0.0 and same["b_better"] == same["a_better"] == 0
+    assert not same["significant"] and len(comparison["paired"]) == 3
+    result = comparison["results"]["prior"]
+    assert result["metrics"]["num_runs"] == 2 and "miou_std" in result["metrics"]
+    assert result["parameters"] > 0 and result["episodes_per_second"] > 0 and result["image_size"] == 97
+    table = (out / "comparison.md").read_text()
+    assert "| model | mIoU | FB-IoU | precision | episodes/s | parameters | peak memory (MiB) |" in table
+    assert comparison["episode_hash"] in table and "ntrenet vs prior" in table
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second run reuses the written lists: same hash. Other settings on the same folder are refused.
+    hash_before = comparison["episode_hash"]
+    argv_prior = ["--models", models["prior"], *argv[4:]]
+    assert main(argv_prior) == 0
+    assert json.loads((out / "comparison.json").read_text())["episode_hash"] == hash_before
+    capsys.readouterr()
+    assert main([*argv_prior, "--shot", "2"]) == 2
+    assert "written for another comparison" in capsys.readouterr().err
+
+
+def test_bad_model_path_or_dataset_is_a_clear_error(models, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["--models", models["prior"], str(tmp_path / "no_such_model"), *DATA, "--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err and "Traceback" not in err
+    assert main(["--models", models["prior"], "--dataset", str(tmp_path / "no_such_data"), "--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "folder not found" in err and "no_such_data" in err
+
+
+def test_paired_test_detects_a_real_difference():
+    rng = np.random.default_rng(0)
+    n = 400
+    union = rng.integers(500, 1000, n)
+    good = [
+        {"class_id": int(c), "intersection": int(0.7 * u), "union": int(u)}
+        for c, u in zip(rng.integers(1, 6, n), union)
+    ]
+    worse = [dict(r, intersection=int(r["intersection"] * rng.uniform(0.85, 1.0))) for r in good]
+    test = paired_test({0: good}, {0: worse}, num_bootstrap=300)
+    assert test["significant"] and test["miou_difference"] > 0 and test["miou_difference_ci"][0] > 0
+    assert test["b_better"] == 0
+    noise = [dict(r, intersection=int(r["intersection"] * rng.uniform(0.95, 1.05))) for r in good]
+    assert not paired_test({0: good}, {0: noise}, num_bootstrap=300)["significant"]
+    with pytest.raises(ValueError, match="not on the same episodes"):
+        paired_test({0: good}, {0: good[:-1]})

@@ -1,0 +1,221 @@
+"""
+`scripts/prepare_dataset.py folder`: a user's own images and masks in the real formats (JPEG images, palette PNG
+label maps, or FSS-1000-style per-class folders of black / white PNG masks) become a benchmark with a recorded class
+split that `train.py` / `evaluate.py` use unchanged (benchmark "folder"). The fast tests build in-process; the slow
+one runs the README's commands end to end in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+from hf_fss.data.builders.prepare import main as prepare_main
+from hf_fss.data.loading import infer_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["background", "cup", "leaf", "shoe", "key", "bottle", "lamp"]
+HEIGHT, WIDTH = 72, 96
+# Luminance of a palette entry is not monotone in its index, so reading through `.convert("L")` would change ids.
+PALETTE = [(i * 97 + c * 61) % 256 for i in range(256) for c in range(3)]
+
+
+def _object_pixels(rng, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy background with a class-coloured rectangle, and the rectangle's mask (one third of the image)."""
+    image = rng.integers(0, 80, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    top, left = int(rng.integers(0, HEIGHT - 48)), int(rng.integers(0, WIDTH - 56))
+    mask[top : top + 48, left : left + 56] = True
+    colour = np.array([(class_id * 53) % 256, (class_id * 101) % 256, 255 - class_id * 30], dtype=np.uint8)
+    image[mask] = colour
+    return image, mask
+
+
+def write_label_folder(root: Path, per_class: int = 4, seed: int = 0) -> tuple[Path, Path, Path]:
+    """images/<name>.jpg + masks/<name>.png (palette PNG of class ids, 255 on the top row) + classes.txt, the layout
+    of the README's my_photos/."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for class_id in range(1, len(CLASS_NAMES)):
+        for k in range(per_class):
+            pixels, mask = _object_pixels(rng, class_id)
+            ids = np.where(mask, class_id, 0).astype(np.uint8)
+            ids[0, :] = 255
+            name = f"{CLASS_NAMES[class_id]}_{k:02d}"
+            PIL.Image.fromarray(pixels).save(images / f"{name}.jpg", quality=92)
+            label = PIL.Image.fromarray(ids)
+            label.putpalette(PALETTE)  # a "P" image whose indices are the ids, as annotation tools write them
+            label.save(masks / f"{name}.png")
+    names = root / "classes.txt"
+    names.write_text("\n".join(CLASS_NAMES) + "\n")
+    return images, masks, names
+
+
+def write_class_folders(root: Path, per_class: int = 3, seed: int = 0) -> Path:
+    """The FSS-1000 layout: <class>/<n>.jpg with a black / white <class>/<n>.png mask beside it."""
+    rng = np.random.default_rng(seed)
+    for class_id, name in enumerate(CLASS_NAMES[1:], start=1):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for k in range(1, per_class + 1):
+            pixels, mask = _object_pixels(rng, class_id)
+            PIL.Image.fromarray(pixels).save(folder / f"{k}.jpg", quality=92)
+            PIL.Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
+def _prepare(capsys, *argv) -> tuple[int, str]:
+    status = prepare_main(["folder", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def test_label_maps_build_with_recorded_class_split(tmp_path, capsys):
+    images, masks, names = write_label_folder(tmp_path / "raw")
+    out = tmp_path / "mine"
+    status, text = _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", out)
+    assert status == 0, text
+    assert infer_benchmark(str(out)) == "folder"
+    dataset = load_benchmark(str(out))
+    assert sorted(dataset) == ["test", "train", "validation"]
+    fold = fold_classes("folder", dataset=dataset)
+    val_fold = fold_classes("folder", dataset=dataset, novel_split="validation")
+    # 6 classes: the seeded 52 / 24 / 24 split gives 4 / 1 / 1, disjoint, covering every class.
+    assert len(fold.base) == 4 and len(fold.novel) == 1 and len(val_fold.novel) == 1
+    assert sorted({*fold.base, *fold.novel, *val_fold.novel}) == list(range(1, 7))
+    assert dataset["train"].features["class_ids"].feature.names == CLASS_NAMES
+    for split in dataset.values():
+        row = split[0]
+        label = np.array(row["label"])
+        name = row["image_id"].rsplit("_", 1)[0]
+        assert set(np.unique(label)) == {0, 255, CLASS_NAMES.index(name)}  # palette ids survive, not luminance
+        assert np.array(row["image"]).shape == (HEIGHT, WIDTH, 3)
+    train_classes = {c for ids in dataset["train"]["class_ids"] for c in ids}
+    assert not train_classes & set(fold.novel), "a test class leaked into the training images"
+    assert len(make_test_episodes(dataset["test"], fold.novel, 5, 1, seed=0)) == 5
+    # The same seed gives the same split; another seed may give another.
+    again = tmp_path / "again"
+    assert (
+        _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", again)[0] == 0
+    )
+    assert fold_classes("folder", dataset=load_benchmark(str(again))) == fold
+
+
+def test_class_folders_and_split_lists(tmp_path, capsys):
+    root = write_class_folders(tmp_path / "fss_like")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("cup\nleaf\nshoe\nkey\n")
+    (lists / "val.txt").write_text("bottle\n")
+    (lists / "test.txt").write_text("lamp\n")
+    out = tmp_path / "mine"
+    status, text = _prepare(capsys, "--images", root, "--class-folders", "--split-dir", lists, "--output-dir", out)
+    assert status == 0, text
+    dataset = load_benchmark(str(out))
+    fold = fold_classes("folder", dataset=dataset)
+    names = ["background", *sorted(CLASS_NAMES[1:])]  # class id = 1 + index of the sorted folder names
+    assert dataset["test"].features["class_ids"].feature.names == names
+    assert fold.novel == (names.index("lamp"),)
+    assert fold.base == tuple(sorted(names.index(n) for n in ("cup", "leaf", "shoe", "key")))
+    row = dataset["test"][0]
+    assert row["image_id"] == "lamp/1" and row["class_ids"] == [names.index("lamp")]
+    assert set(np.unique(np.array(row["label"]))) == {0, names.index("lamp")}
+
+
+def _bad(tmp_path, capsys, breaker, *extra) -> str:
+    images, masks, names = write_label_folder(tmp_path / "raw")
+    breaker(images, masks, names)
+    out = tmp_path / "out"
+    status, text = _prepare(capsys, "--images", images, "--masks", masks, *extra, "--output-dir", out)
+    assert status == 1 and not out.exists()
+    return text
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    text = _bad(tmp_path / "b", capsys, lambda i, m, n: (m / "cup_00.png").unlink())
+    assert "has no mask" in text and "cup_00.png" in text and "--skip-invalid" in text
+
+    def shrink(images, masks, names):
+        PIL.Image.new("P", (50, 50)).save(masks / "leaf_01.png")
+
+    text = _bad(tmp_path / "c", capsys, shrink)
+    assert "is 96x72 but its mask" in text and "50x50" in text
+
+    def unknown(images, masks, names):
+        names.write_text("\n".join(CLASS_NAMES[:-1]) + "\n")  # no name for id 6 (lamp)
+
+    text = _bad(tmp_path / "d", capsys, unknown, "--class-names", tmp_path / "d" / "raw" / "classes.txt")
+    assert "class ids [6]" in text and "do not cover" in text
+
+    def two_classes(images, masks, names):
+        for path in [*images.iterdir()]:
+            if not path.name.startswith(("cup", "leaf")):
+                path.unlink()
+                (masks / f"{path.stem}.png").unlink()
+
+    text = _bad(tmp_path / "e", capsys, two_classes)
+    assert "needs at least 3" in text
+
+
+def test_skip_invalid_reports_instead(tmp_path, capsys):
+    images, masks, _ = write_label_folder(tmp_path / "raw")
+    (masks / "cup_00.png").unlink()
+    out = tmp_path / "out"
+    status, text = _prepare(capsys, "--images", images, "--masks", masks, "--skip-invalid", "--output-dir", out)
+    assert status == 0, text
+    from hf_fss.data.builders import build_report
+
+    dataset = load_benchmark(str(out))
+    assert [e["id"] for e in build_report(dataset["train"])["skipped"]] == ["cup_00"]
+    assert "cup_00" not in {i for split in dataset.values() for i in split["image_id"]}
+
+
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's "Fine-tune on your own classes" bash block, as argument lists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Fine-tune on your own classes", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"^```bash\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE).group(1)
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_readme_section_is_the_tested_commands():
+    scripts = [argv[1] for argv in readme_commands()]
+    assert scripts == ["scripts/prepare_dataset.py", "scripts/train.py", "scripts/evaluate.py", "scripts/train.py",
+                       "scripts/compare.py"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_readme_commands_end_to_end(tmp_path):
+    """The README's "Fine-tune on your own classes" commands as written: build, 20 training steps, evaluation, a
+    second run with another seed and the comparison of both."""
+    write_label_folder(tmp_path / "my_photos", per_class=6)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for argv in readme_commands():
+        assert argv[0] == "python"
+        result = subprocess.run(
+            [sys.executable, str(ROOT / argv[1]), *argv[2:]],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["benchmark"] == "folder" and metrics["split"] == "test" and metrics["num_episodes"] == 10
+    assert 0.0 <= metrics["miou"] <= 1.0
+    comparison = json.loads((tmp_path / "comparison" / "comparison.json").read_text())
+    assert list(comparison["results"]) == ["seed321", "seed1"] and comparison["setup"]["benchmark"] == "folder"
+    assert (tmp_path / "comparison" / "comparison.png").is_file()
