@@ -11,6 +11,7 @@ from .configuration_fss import FewShotSegmentationConfig
 from .image_processing_fss import FewShotSegmentationImageProcessor
 from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
+from .models.crcnet import CRCNetConfig, CRCNetModel
 from .models.ntrenet import NTRENetConfig, NTRENetModel
 from .models.qgnet import QGNetConfig, QGNetModel
 from .models.smcp import SMCPConfig, SMCPModel
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 # (config, model) of every registered method; each gets the shared image processor.
 MODEL_CLASSES = {
     CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
+    CRCNetConfig.model_type: (CRCNetConfig, CRCNetModel),
     NTRENetConfig.model_type: (NTRENetConfig, NTRENetModel),
     QGNetConfig.model_type: (QGNetConfig, QGNetModel),
     SMCPConfig.model_type: (SMCPConfig, SMCPModel),
@@ -43,6 +45,8 @@ __all__ = [
     "MODEL_CLASSES",
     "CosinePriorConfig",
     "CosinePriorModel",
+    "CRCNetConfig",
+    "CRCNetModel",
     "FewShotSegmentationConfig",
     "FewShotSegmentationImageProcessor",
     "FewShotSegmentationOutput",

@@ -4,7 +4,9 @@ Speed and memory of the hf_fss methods: episodes per second, latency, and the ga
 For every method and size it times, on the same random inputs in one run:
 - `full`: `model(pixel_values, support_pixel_values, support_masks)`, one episode per call;
 - `query_only`: `model(pixel_values, support_encoding=enc)` with `enc = model.encode_support(...)` computed once,
-  what a support set costs when it serves many queries (the Space, the pipeline).
+  what a support set costs when it serves many queries (the Space, the pipeline);
+- `encode_support`: `model.encode_support(...)` alone, the per-support-set cost (for CRCNet with K > 1 and
+  `shot_fusion` finetune / finetune+average, the time its test-time finetuning takes).
 Ratios between rows of one run are what to compare; absolute numbers depend on the machine and its load.
 
 Per timed call (one episode at the default --batch-size 1) it records the median wall time and, from
@@ -67,11 +69,14 @@ TINY_BACKBONE_KWARGS = {
 QUERIES_PER_SUPPORT = 8
 
 
-def build_model(model_type: str, size: str, image_size: int, chunking: bool = True) -> torch.nn.Module:
+def build_model(
+    model_type: str, size: str, image_size: int, chunking: bool = True, model_kwargs: dict | None = None
+) -> torch.nn.Module:
     config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    overrides = {k: v for k, v in SIZES[size].items() if k in defaults}
-    if size == "tiny":
+    # `--model-kwargs` fields apply to the methods whose config has them (e.g. CRCNet's `shot_fusion`).
+    overrides = {k: v for k, v in {**SIZES[size], **(model_kwargs or {})}.items() if k in defaults}
+    if size == "tiny" and "backbone_kwargs" not in overrides:
         overrides["backbone_kwargs"] = TINY_BACKBONE_KWARGS[defaults["backbone"]]
     config = config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
     return model_class(config).eval()
@@ -243,7 +248,7 @@ def single_pass_call(model, query, support, masks):
 
 def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
     image_size = args.image_size or default_image_size(model_type)
-    model = build_model(model_type, size, image_size, args.chunking).to(device)
+    model = build_model(model_type, size, image_size, args.chunking, args.model_kwargs).to(device)
     query, support, masks = random_episode(args.batch_size, shot, image_size, device)
     if args.channels_last:
         model, query = model.to(memory_format=torch.channels_last), query.contiguous(memory_format=torch.channels_last)
@@ -263,6 +268,9 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
             "full": lambda: run(query, support, masks),
             "query_only": lambda: run(query, support_encoding=encoding),
             "support_once": support_once,
+            # Encoding a support set alone: where a method that adapts to its supports (CRCNet's K-shot
+            # finetuning) spends its per-support-set time.
+            "encode_support": lambda: model.encode_support(support, masks),
         }
         single_pass = single_pass_call(model, query, support, masks)
         if single_pass is not None:
@@ -270,7 +278,9 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         # Interleaved, so that the ratios (support reuse, extra passes) hold under a changing load.
         calls = measure_interleaved(fns, args.iterations, args.warmup, device)
         gflop = count_gflop(lambda: model(query, support, masks))
-    full, query_only, served, single = (calls.get(k) for k in ("full", "query_only", "support_once", "single_pass"))
+    full, query_only, served, encode, single = (
+        calls.get(k) for k in ("full", "query_only", "support_once", "encode_support", "single_pass")
+    )
     single_s = statistics.median(single["wall_s"]) if single else None
     trainable = any(p.requires_grad for p in model.parameters())  # a training-free baseline has no training step
     training = time_training_step(model, query, support, masks, args, device) if args.training and trainable else None
@@ -288,6 +298,7 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         **summarize_calls("query_only", query_only),
         "query_only_episodes_per_s": args.batch_size / query_s,
         "support_reuse_speedup": full_s / query_s,
+        **summarize_calls("encode_support", encode),
         **summarize_calls(f"support_once_{QUERIES_PER_SUPPORT}_queries", served),
         "gflop_per_episode": gflop,
         "matmul_peak_share": gflop / full_s / matmul_peak,
@@ -347,7 +358,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: px the test size; full ms / sys ms / minflt are the medians per full-episode call (wall "
         "time, process system CPU time, minor page faults); query ms the query-only call; reuse x = full ms / query "
-        f"ms; 1+{QUERIES_PER_SUPPORT} ms one support encoding serving {QUERIES_PER_SUPPORT} queries; train ms a "
+        "ms; encode ms the support encoding alone (CRCNet: its K-shot finetuning); "
+        f"1+{QUERIES_PER_SUPPORT} ms one support encoding serving {QUERIES_PER_SUPPORT} queries; train ms a "
         "training step (forward with labels, backward, SGD step); GFLOP per full episode (FlopCounterMode); %peak "
         "the episode's GFLOP/s as a share of the measured fp32 matmul rate; for a method whose test time takes several "
         "passes (it declares single_pass_overrides, e.g. SMCP's pseudo-prototype fusion), 1-pass ms is the full "
@@ -391,8 +403,22 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="model and query in channels_last memory format")
     parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help="JSON object of config fields, applied to each method whose config has them, e.g. "
+        '\'{"shot_fusion": "average", "finetune_steps": 50}\'',
+    )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.model_kwargs:
+        fields = set().union(
+            *({f.name for f in dataclasses.fields(hf_fss.MODEL_CLASSES[m][0])} for m in args.model_types)
+        )
+        unknown = sorted(set(args.model_kwargs) - fields)
+        if unknown:
+            parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
     if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
         parser.error("--shots, --iterations and --batch-size must be >= 1")
     official = _official_sources(args.official, parser)
@@ -410,7 +436,7 @@ def main(argv=None) -> int:
     ]
     _print_rows(rows)
     print(f"matmul peak {peak:.1f} GFLOP/s (fp32 2048x2048, {torch.get_num_threads()} threads, {device})")
-    _write_record(args.output, device, rows, matmul_peak_gflops=peak)
+    _write_record(args.output, device, rows, matmul_peak_gflops=peak, model_kwargs=args.model_kwargs)
     return 0
 
 
@@ -422,8 +448,8 @@ def _print_rows(rows: list[dict]) -> None:
     served = f"support_once_{QUERIES_PER_SUPPORT}_queries_latency_ms"
     print(
         f"{'method':<13}{'size':<5}{'K':>2}{'px':>5}{'params':>12}{'full ms':>9}{'sys ms':>7}{'minflt':>8}"
-        f"{'ep/s':>7}{'query ms':>9}{'reuse x':>8}{f'1+{QUERIES_PER_SUPPORT} ms':>9}{'train ms':>9}{'GFLOP':>8}"
-        f"{'%peak':>6}{'1-pass ms':>10}{'passes x':>9}{'peak MB':>8}"
+        f"{'ep/s':>7}{'query ms':>9}{'reuse x':>8}{'encode ms':>10}{f'1+{QUERIES_PER_SUPPORT} ms':>9}{'train ms':>9}"
+        f"{'GFLOP':>8}{'%peak':>6}{'1-pass ms':>10}{'passes x':>9}{'peak MB':>8}"
     )
     for r in rows:
         train = f"{r['training_step_latency_ms']:>9.0f}" if "training_step_latency_ms" in r else f"{'-':>9}"
@@ -431,7 +457,8 @@ def _print_rows(rows: list[dict]) -> None:
             f"{r['model_type']:<13}{r['size']:<5}{r['shot']:>2}{r['image_size']:>5}{r['parameters']:>12,}"
             f"{r['full_latency_ms']:>9.1f}{r['full_system_ms']:>7.1f}{r['full_minor_faults']:>8.0f}"
             f"{r['full_episodes_per_s']:>7.2f}{r['query_only_latency_ms']:>9.1f}{r['support_reuse_speedup']:>8.2f}"
-            f"{r[served]:>9.0f}{train}{r['gflop_per_episode']:>8.1f}{100 * r['matmul_peak_share']:>6.0f}"
+            f"{r['encode_support_latency_ms']:>10.1f}{r[served]:>9.0f}{train}{r['gflop_per_episode']:>8.1f}"
+            f"{100 * r['matmul_peak_share']:>6.0f}"
             f"{_optional(r['single_pass_latency_ms'], 10, 1)}{_optional(r['test_time_passes_cost'], 9, 2)}"
             f"{r['peak_memory_mb']:>8.0f}"
         )

@@ -19,7 +19,8 @@ _spec.loader.exec_module(benchmark)
 
 def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    argv = ["--sizes", "tiny", "--shots", "1", "2", "--image-size", "65", "--iterations", "1", "--warmup", "0"]
+    argv = ["--sizes", "tiny", "--shots", "1", "2", "--image-size", "65", "--iterations", "1", "--warmup", "0",
+            "--model-kwargs", '{"finetune_steps": 3, "refinement_steps": 2}']  # fmt: skip
     assert benchmark.main([*argv, "--output", str(output)]) == 0
     record = json.loads(output.read_text())
     rows = record["results"]
@@ -34,6 +35,7 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
         assert abs(row["matmul_peak_share"] - share) < 1e-9
         trainable = row["model_type"] != "cosine_prior"  # the training-free baseline has no training step
         assert ("training_step_latency_ms" in row) == trainable
+        assert row["encode_support_latency_ms"] > 0  # the per-support-set cost (CRCNet: its finetuning)
         # Methods with several test-time passes (SMCP) are also timed with one; the others have no such row.
         model_class = hf_fss.MODEL_CLASSES[row["model_type"]][1]
         if model_class.single_pass_overrides:
@@ -41,13 +43,14 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
             assert abs(row["test_time_passes_cost"] - row["full_latency_ms"] / row["single_pass_latency_ms"]) < 1e-9
         else:
             assert row["single_pass_latency_ms"] is None and row["test_time_passes_cost"] is None
-        for prefix in ("full", "query_only"):  # per-episode CPU time and page faults from getrusage
+        for prefix in ("full", "query_only", "encode_support"):  # per-call CPU time and page faults (getrusage)
             for field in ("user_ms", "system_ms", "minor_faults", "major_faults"):
                 value = row[f"{prefix}_{field}"]
                 assert isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, (field, value)
     out = capsys.readouterr().out
     assert "reuse x" in out and "sys ms" in out and "minflt" in out and "GFLOP" in out and "matmul peak" in out
     assert "passes x" in out and any(m.single_pass_overrides for _, m in hf_fss.MODEL_CLASSES.values())
+    assert "encode ms" in out and record["model_kwargs"] == {"finetune_steps": 3, "refinement_steps": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
 
 
@@ -131,3 +134,9 @@ def test_flops_are_counted_and_each_method_has_its_own_test_size():
     inputs = benchmark.training_inputs(NTRENetModel, torch.zeros(2, 5, 5), torch.zeros(2, 1, 5, 5))
     assert list(inputs) == ["class_ids"] and inputs["class_ids"].tolist() == [1, 1]
     assert NTRENetConfig().image_size == 473
+
+
+def test_benchmark_refuses_model_kwargs_no_method_has(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--model-types", "ntrenet", "--model-kwargs", '{"finetune_steps": 3}'])
+    assert "no selected method's config has these fields" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from conftest import TINY_RESNET
 from hf_fss import (
     CosinePriorConfig,
     CosinePriorModel,
+    CRCNetConfig,
     FewShotSegmentationImageProcessor,
     NTRENetConfig,
     NTRENetModel,
@@ -21,11 +22,16 @@ TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins"
 TINY_QGNET = {"reduce_dim": 16, "pyramid_bins": (9, 4, 2, 1), "image_size": 65,
               "prior_extractor_kwargs": {"stem": "7x7", **TINY_RESNET}}  # fmt: skip
 TINY_SMCP = {"reduce_dim": 16, "bottleneck_dim": 8, "image_size": 65}
-TINY_KWARGS = {NTRENetConfig: TINY_NTRENET, QGNetConfig: TINY_QGNET, SMCPConfig: TINY_SMCP, CosinePriorConfig: {"image_size": 65}}
+TINY_KWARGS = {
+    NTRENetConfig: TINY_NTRENET,
+    QGNetConfig: TINY_QGNET,
+    SMCPConfig: TINY_SMCP,
+    CosinePriorConfig: {"image_size": 65},
+}
 RANDOM = "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, SMCPConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, SMCPConfig, CosinePriorConfig, CRCNetConfig])
 def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     text = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
     assert RANDOM in text
@@ -33,7 +39,7 @@ def test_a_random_backbone_is_not_called_imagenet_pretrained(config_class):
     assert "weights are those of the ImageNet-pretrained backbone" not in text
 
 
-@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, CosinePriorConfig])
+@pytest.mark.parametrize("config_class", [NTRENetConfig, QGNetConfig, CosinePriorConfig, CRCNetConfig])
 def test_pretrained_backbone_weights_are_named_from_the_config(config_class):
     config = config_class(backbone_kwargs={"stem": "7x7"}, use_pretrained_backbone=True)
     text = render_model_card(config).text
@@ -76,3 +82,17 @@ def test_the_smcp_card_states_its_protocol_and_differences():
     assert "trainaug" in text and "pascal5i_vgg16_code.yaml" in text and "pascal5i_vgg16_paper.yaml" in text
     assert "1 / (K + 1)" in text and "shot_fusion" not in text  # SMCP has no shot_fusion field
     assert all(item in text for item in DIFFERENCES_FROM_OFFICIAL_CODE)
+
+
+def test_the_crcnet_card_lists_every_open_point_with_the_choice_taken():
+    from hf_fss.models.crcnet import DIFFERENCES_FROM_PAPER
+
+    text = render_model_card(CRCNetConfig()).text
+    assert "No official code exists" in text
+    for item in DIFFERENCES_FROM_PAPER:
+        assert item in text
+    for point in range(1, 15):  # the 14 open points of the method notes, each with its choice
+        assert any(item.startswith(f"({point}) ") for item in DIFFERENCES_FROM_PAPER), point
+    config = CRCNetConfig()
+    assert config.refinement_steps == 10 and config.inference_scales == (0.75, 1.0, 1.25)  # as the card's defaults
+    assert config.shot_fusion == "finetune+average" and '`"finetune+average"`' in text

@@ -9,9 +9,17 @@ import json
 import pytest
 import torch
 
-from hf_fss import FewShotSegmentationImageProcessor, NTRENetConfig, NTRENetModel, SMCPConfig, SMCPModel
+from hf_fss import (
+    CRCNetConfig,
+    CRCNetModel,
+    FewShotSegmentationImageProcessor,
+    NTRENetConfig,
+    NTRENetModel,
+    SMCPConfig,
+    SMCPModel,
+)
 from hf_fss.data import load_episodes_jsonl
-from hf_fss.evaluation.runner import main
+from hf_fss.evaluation.runner import load_model_with_overrides, main
 
 # Evaluation reads only the validation split: no training images are generated.
 DATA_FLAGS = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
@@ -119,6 +127,11 @@ def test_hsnet_protocol_and_box_supports(tiny_model, tmp_path):
         (["--model", "no/such/model-folder"], "no/such/model-folder"),
         (["--benchmark", "voc2099"], "voc2099"),
         (["--fold", "7"], "fold"),
+        # config overrides are generic: a field NTRENet's config lacks, or a value it does not allow, is refused
+        (["--inference-scales", "1.0"], "'inference_scales'"),
+        (["--shot-fusion", "finetune"], "shot_fusion"),
+        (["--model-kwargs", '{"reduce_dimm": 8}'], "did you mean 'reduce_dim'"),
+        (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
     ],
 )
 def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, flags, message):
@@ -127,3 +140,42 @@ def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, f
     assert main([*arguments, *flags]) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_crcnet(tmp_path_factory):
+    torch.manual_seed(0)
+    config = CRCNetConfig(
+        backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]},
+        reduce_dim=16,
+        cross_reference_reduction=4,
+        refinement_steps=2,
+        finetune_steps=2,
+        image_size=65,
+    )
+    folder = tmp_path_factory.mktemp("model") / "tiny-crcnet"
+    CRCNetModel(config).save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
+    return folder
+
+
+def test_config_overrides_reach_the_model_and_leave_its_weights(tiny_crcnet):
+    plain = load_model_with_overrides(str(tiny_crcnet))
+    model = load_model_with_overrides(
+        str(tiny_crcnet), {"shot_fusion": "average", "inference_scales": [1.0], "refinement_steps": 4}
+    )
+    assert (model.config.shot_fusion, model.config.inference_scales, model.config.refinement_steps) == (
+        "average", (1.0,), 4
+    )  # fmt: skip
+    assert plain.config.shot_fusion == "finetune+average" and plain.config.inference_scales == (0.75, 1.0, 1.25)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_shot_fusion_inference_scales_and_box_supports_from_the_command_line(tiny_crcnet, tmp_path):
+    out = tmp_path / "metrics.json"
+    flags = ["--num-episodes", "2", "--annotation", "bbox", "--shot-fusion", "average", "--inference-scales", "1.0"]
+    assert main(["--model", str(tiny_crcnet), *DATA_FLAGS, "--shot", "2", "--output", str(out), *flags]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["model_overrides"] == {"shot_fusion": "average", "inference_scales": [1.0]}
+    assert metrics["annotation"] == "bbox" and metrics["shot"] == 2 and metrics["num_episodes"] == 2

@@ -23,9 +23,18 @@ from hf_fss import FewShotSegmentationImageProcessor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model():
+def _model(kind="adapting_test"):
     torch.manual_seed(0)
+    if kind == "crcnet":  # CRCNet's K-shot finetuning, small: the same path with a real method
+        from hf_fss import CRCNetConfig, CRCNetModel
+
+        config = CRCNetConfig(backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, cross_reference_reduction=4,
+                              image_size=65, refinement_steps=2, finetune_steps=2)  # fmt: skip
+        return CRCNetModel(config).eval()
     return AdaptingModel(AdaptingConfig(backbone_kwargs=dict(TINY_RESNET), image_size=65)).eval()
+
+
+MODEL_KINDS = ["adapting_test", "crcnet"]
 
 
 def _weights(model):
@@ -59,25 +68,31 @@ def test_one_encoding_finetunes_once_for_many_queries():
     assert all(torch.isfinite(o).all() for o in outputs)
 
 
-def test_the_pipeline_runs_a_model_that_adapts(tmp_path):
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_the_pipeline_runs_a_model_that_adapts(tmp_path, kind):
     from transformers import pipeline
 
-    model = _model()
+    model = _model(kind)
     before = _weights(model)
     segmenter = pipeline("few-shot-segmentation", model=model, image_processor=FewShotSegmentationImageProcessor(65))
     rng = torch.Generator().manual_seed(1)
     image = (torch.rand(50, 60, 3, generator=rng) * 255).to(torch.uint8).numpy()
     mask = torch.zeros(50, 60, dtype=torch.uint8)
     mask[10:30, 15:40] = 1
-    first = segmenter(image, support_image=[image], support_mask=[mask.numpy()])
-    second = segmenter(image, support_image=[image], support_mask=[mask.numpy()])
+    # Two supports: a model that finetunes on support pairs (CRCNet) needs K > 1 to adapt; one is a box.
+    supports = {"support_image": [image, image[:, ::-1].copy()], "support_mask": [mask.numpy(), mask.numpy()]}
+    first = segmenter(image, **supports)
+    second = segmenter(image, **supports)
+    boxed = segmenter(image, support_image=[image, image], support_box=[(15, 10, 40, 30), (5, 5, 30, 40)])
+    assert boxed["mask"].size == (60, 50)
     assert first["mask"].size == (60, 50)
     assert list(first["mask"].getdata()) == list(second["mask"].getdata())
     for key, value in model.state_dict().items():
         assert torch.equal(before[key], value), key
 
 
-def test_the_space_runs_a_model_that_adapts(tmp_path):
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_the_space_runs_a_model_that_adapts(tmp_path, kind):
     import importlib.util
 
     from PIL import Image
@@ -86,7 +101,7 @@ def test_the_space_runs_a_model_that_adapts(tmp_path):
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     folder = tmp_path / "adapting"
-    model = _model()
+    model = _model(kind)
     model.save_pretrained(folder)
     FewShotSegmentationImageProcessor(image_size=65).save_pretrained(folder)
     rng = torch.Generator().manual_seed(2)
@@ -97,7 +112,7 @@ def test_the_space_runs_a_model_that_adapts(tmp_path):
     registry = app.ModelRegistry([str(folder)])
     files = (str(tmp_path / "s.png"), str(tmp_path / "m.png"), str(tmp_path / "s.png"))
     first, second = app.segment_api(registry, *files), app.segment_api(registry, *files)
-    assert first[2]["model_type"] == "adapting_test" and second[2]["support_encoding_cached"]
+    assert first[2]["model_type"] == kind and second[2]["support_encoding_cached"]
     assert (Image.open(first[0]).tobytes()) == Image.open(second[0]).tobytes()
     for key, value in registry.get(None).model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key

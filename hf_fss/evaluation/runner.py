@@ -340,6 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed (default 0)"
     )
     parser.add_argument(
+        "--model-kwargs",
+        default=None,
+        help="JSON object of model-config fields to override for this evaluation, e.g. '{\"refinement_steps\": 5}'; "
+        "any field of the model's config (a field it lacks is an error naming it)",
+    )
+    parser.add_argument(
+        "--shot-fusion",
+        default=None,
+        help="override the model's `shot_fusion` config field (CRCNet: average, finetune, finetune+average)",
+    )
+    parser.add_argument(
+        "--inference-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="override the model's `inference_scales` config field (CRCNet: e.g. 1.0 for single scale)",
+    )
+    parser.add_argument(
         "--feature-cache-mb",
         type=float,
         default=None,
@@ -363,14 +381,64 @@ def _synthetic_kwargs(args: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _load_model_and_processor(name_or_path: str) -> tuple[Any, Any]:
+def model_config_overrides(args: Any) -> dict[str, Any]:
+    """
+    The model-config fields the command line overrides: `--model-kwargs` (a JSON object), then the shorthands
+    `--shot-fusion` and `--inference-scales` for the fields of the same name.
+
+    Raises:
+        `ValueError`: `--model-kwargs` is not a JSON object.
+    """
+    overrides: dict[str, Any] = {}
+    if getattr(args, "model_kwargs", None):
+        try:
+            overrides = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r} ({err})") from err
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    for field_name in ("shot_fusion", "inference_scales"):
+        value = getattr(args, field_name, None)
+        if value is not None:
+            overrides[field_name] = value
+    return overrides
+
+
+def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | None = None):
+    """
+    `AutoModel.from_pretrained` with some config fields changed (evaluation settings such as CRCNet's
+    `shot_fusion`); the weights are unchanged. Works for any model type: a field its config lacks is refused.
+
+    Raises:
+        `ValueError`: a field the model's config does not have (named, with the closest field) or a bad value.
+    """
+    import dataclasses
+
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, AutoModel
+
+    from hf_fss.configuration_fss import check_unknown_config_fields
+
+    if not overrides:
+        return AutoModel.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path)
+    known = {f.name for f in dataclasses.fields(type(config))}
+    check_unknown_config_fields(type(config), {k: v for k, v in overrides.items() if k not in known})
+    try:
+        config = type(config).from_dict({**config.to_dict(), **overrides})
+    except StrictDataclassError as err:
+        raise ValueError(f"config override {overrides} rejected by {type(config).__name__}: {err}") from None
+    return AutoModel.from_pretrained(name_or_path, config=config)
+
+
+def _load_model_and_processor(name_or_path: str, overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
     # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoImageProcessor
 
     from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
     check_model_path(name_or_path)
-    model = AutoModel.from_pretrained(name_or_path)
+    model = load_model_with_overrides(name_or_path, overrides)
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -415,7 +483,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     # The episode file is checked against the split before the model is loaded.
     fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
-    model, processor = _load_model_and_processor(args.model)
+    overrides = model_config_overrides(args)
+    model, processor = _load_model_and_processor(args.model, overrides)
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
@@ -494,6 +563,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             "fold": args.fold,
             "shot": args.shot,
             "annotation": args.annotation,
+            "model_overrides": overrides,
             "episodes_file": args.episodes_file,
             "num_processes": accelerator.num_processes,
         }

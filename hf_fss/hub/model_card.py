@@ -210,12 +210,15 @@ def _config_fields(config) -> list[tuple[str, Any]]:
 
 
 def _differences(model_type: str) -> list[str] | None:
-    """`DIFFERENCES_FROM_OFFICIAL_CODE` of the method's package, when it has one."""
+    """`DIFFERENCES_FROM_OFFICIAL_CODE` (or `DIFFERENCES_FROM_PAPER`) of the method's package, when it has one."""
     try:
         module = importlib.import_module(f"hf_fss.models.{model_type}")
     except ImportError:
         return None
-    differences = getattr(module, "DIFFERENCES_FROM_OFFICIAL_CODE", None)
+    # A method without official code (CRCNet) lists its choices against the paper instead.
+    differences = getattr(module, "DIFFERENCES_FROM_OFFICIAL_CODE", None) or getattr(
+        module, "DIFFERENCES_FROM_PAPER", None
+    )
     if not differences:
         return None
     return [str(item) for item in differences]

@@ -1,0 +1,295 @@
+"""
+CRCNet: the shared tester mixin (K = 1 and 5, each shot-fusion mode, non-square inputs), the symmetric support
+prediction and its loss, the recurrent refinement and its cache, the ablation switches of Tables 1, 2, 3, 6 and 7,
+and K-shot finetuning on a copy of the head (weights untouched, once per support set, reproducible).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_RESNET
+from huggingface_hub.errors import StrictDataclassError
+from modeling_common import FewShotModelTesterMixin
+
+from hf_fss import CRCNetConfig, CRCNetModel, FewShotSegmentationImageProcessor
+from hf_fss.models.crcnet.configuration_crcnet import SHOT_FUSION_MODES
+
+TINY_CRCNET = {
+    "backbone_kwargs": dict(TINY_RESNET),
+    "reduce_dim": 16,
+    "cross_reference_reduction": 4,
+    "image_size": 65,
+    "refinement_steps": 3,
+    "finetune_steps": 2,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TestCRCNet(FewShotModelTesterMixin):
+    model_class = CRCNetModel
+    config_kwargs = TINY_CRCNET
+
+    def test_frozen_extractors_are_bit_identical_after_a_training_step(self):
+        # The paper trains the encoder end to end (the default); CANet's frozen encoder is the option tested here.
+        self.config_kwargs = {**TINY_CRCNET, "freeze_backbone": True}
+        super().test_frozen_extractors_are_bit_identical_after_a_training_step()
+
+    @pytest.mark.parametrize("mode", [m for m in SHOT_FUSION_MODES if m != "finetune+average"])  # default: above
+    @pytest.mark.parametrize("shot", [1, 5])
+    def test_k_shot_outputs_and_encoding_reuse_in_every_shot_fusion_mode(self, mode, shot):
+        self.config_kwargs = {**TINY_CRCNET, "shot_fusion": mode}
+        self.test_k_shot_outputs_and_encoding_reuse(shot)
+
+    # --- symmetric support prediction -------------------------------------------------------------------------------
+    def test_support_logits_have_the_documented_shape_in_training_and_inference(self):
+        model = self.get_model()
+        query, support, masks, labels = self.episode(batch_size=2, shot=3)
+        outputs = model.train()(query, support, masks, labels=labels)
+        assert outputs.support_logits.shape == (2, 3, 2, self.image_size, self.image_width)
+        with torch.no_grad():
+            outputs = model.eval()(query, support, masks)
+        assert outputs.support_logits.shape == (2, 3, 2, self.image_size, self.image_width)
+        assert torch.isfinite(outputs.support_logits).all()
+        model.config.predict_support = False
+        with torch.no_grad():
+            assert model(query, support, masks).support_logits is None
+
+    def test_the_support_loss_trains_the_model(self):
+        model = self.get_model(encoder_dropout=0.0)
+        query, support, masks, labels = self.episode(batch_size=2, shot=2)
+        outputs = model.train()(query, support, masks, labels=labels)
+        assert set(outputs.losses) == {"query", "support", "query_co_occurrence", "support_co_occurrence"}
+        expected = outputs.losses["query"] + outputs.losses["support"]
+        expected = expected + 0.1 * (outputs.losses["query_co_occurrence"] + outputs.losses["support_co_occurrence"])
+        torch.testing.assert_close(outputs.loss.detach(), expected)  # Eq. 5
+        gradients = []
+        for weight in (1.0, 0.0):
+            model.zero_grad()
+            model.config.support_loss_weight = weight
+            model(query, support, masks, labels=labels).loss.backward()
+            gradients.append(model.head.refinement.classifier.weight.grad.clone())
+        assert gradients[0].abs().sum() > 0
+        assert not torch.allclose(gradients[0], gradients[1])  # L_SM sends gradient of its own
+
+    # --- refinement -------------------------------------------------------------------------------------------------
+    @pytest.mark.parametrize("cache_format", ["probabilities", "foreground"])
+    def test_the_cache_fed_into_each_step_is_the_previous_steps_prediction(self, cache_format):
+        model = self.get_model(refinement_cache_format=cache_format).eval()
+        query, support, masks, _ = self.episode(batch_size=2, shot=1)
+        with torch.no_grad():
+            query_features = model.encode_images(query)
+            support_features = model.encode_images(support[:, 0])
+            support_mask = torch.nn.functional.interpolate((masks == 1).float(), size=support_features.shape[-2:])
+            prediction = model.head(query_features, support_features, support_mask, steps=4)
+        assert len(prediction.logits) == len(prediction.caches) == 4
+        assert not prediction.caches[0].any()  # the cache starts at zeros
+        for step in range(3):
+            probabilities = prediction.logits[step].softmax(dim=1)
+            expected = probabilities if cache_format == "probabilities" else probabilities[:, 1:]
+            torch.testing.assert_close(prediction.caches[step + 1], expected, rtol=0, atol=0)
+        assert not torch.equal(prediction.logits[0], prediction.logits[1])  # the cache changes the prediction
+
+    def test_the_maps_show_every_step_and_the_last_one_is_the_prediction(self):
+        model = self.get_model(inference_scales=[1.0], refinement_steps=4).eval()
+        query, support, masks, _ = self.episode(batch_size=2, shot=1)
+        with torch.no_grad():
+            outputs = model(query, support, masks)
+        assert [f"refinement_step_{t}" for t in range(1, 5)] + ["co_occurrence"] == list(outputs.maps)
+        final = torch.nn.functional.interpolate(
+            outputs.maps["refinement_step_4"], size=query.shape[-2:], mode="bilinear", align_corners=True
+        )
+        torch.testing.assert_close(outputs.logits.softmax(dim=1)[:, 1:], final.clamp(1e-6, 1 - 1e-6))
+
+    def test_refinement_steps_change_the_output(self):
+        model = self.get_model().eval()
+        query, support, masks, _ = self.episode(batch_size=1, shot=1)
+        logits = []
+        with torch.no_grad():
+            for steps in (1, 5):
+                model.config.refinement_steps = steps
+                logits.append(model(query, support, masks).logits)
+        assert not torch.allclose(logits[0], logits[1])
+
+    def test_training_unrolls_the_configured_steps_with_gradient_on_the_last_only(self):
+        model = self.get_model(training_refinement_steps=3).train()
+        query, support, masks, labels = self.episode(batch_size=1, shot=1)
+        outputs = model(query, support, masks, labels=labels)
+        assert [k for k in outputs.maps if k.startswith("refinement_step_")] == [
+            "refinement_step_1", "refinement_step_2", "refinement_step_3"
+        ]  # fmt: skip
+        steps = []
+        model.head.refinement.step = _recording(model.head.refinement.step, steps)
+        model(query, support, masks, labels=labels)
+        assert [requires_grad for requires_grad in steps] == [False, False, True] * 2  # query, then support
+
+    # --- ablation switches ------------------------------------------------------------------------------------------
+    @pytest.mark.parametrize(
+        "overrides",
+        [
+            {"use_cross_reference": False},  # Table 1: conditional module only
+            {"conditioning": "unconditioned"},  # Table 1: cross-reference only; Table 3: neither conditional module
+            {"feature_levels": "layer4"},  # Table 2: no multi-level features
+            {"use_refinement_cache": False},  # Table 2: no cache, one run
+            {"inference_scales": [1.0]},  # Table 2: single scale
+            {"conditioning": "global"},  # Table 3
+            {"conditioning": "local"},  # Table 3
+            {"cross_reference_activation": "relu"},  # Table 6
+            {"cross_reference_activation": "softmax"},  # Table 6
+            {"local_attention_mask": "unmasked"},  # Table 7: w/o mask
+            {"local_attention_mask": "neg_inf"},  # open point 6
+            {"feature_levels": "layer2+layer3"},  # open point 1
+            {"conditional_input": "cross_reference"},  # open point 5
+            {"refinement_combined_block": "concat"},  # open point 7
+            {"cross_reference_shared": False},  # open point 3
+        ],
+        ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+    )
+    def test_each_ablation_switch_changes_the_output(self, overrides):
+        reference = self.get_model().eval()
+        model = self.get_model(**overrides).eval()
+        # Start from the reference's weights wherever the architecture allows, so only the switch differs.
+        own = model.state_dict()
+        shared = {k: v for k, v in reference.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(shared, strict=False)
+        # An untrained head with torch's default init predicts almost the same everywhere (its activations shrink
+        # layer after layer); scaled weights make every path visible in the output.
+        with torch.no_grad():
+            for head in (reference.head, model.head):
+                for parameter in head.parameters():
+                    parameter.mul_(3.0)
+        query, support, masks, _ = self.episode(batch_size=1, shot=1)
+        with torch.no_grad():
+            expected, got = reference(query, support, masks).logits, model(query, support, masks).logits
+        assert got.shape == expected.shape and torch.isfinite(got).all()
+        assert (got - expected).abs().max() > 1e-3
+
+    @pytest.mark.parametrize(
+        "overrides", [{"intermediate_loss": True}, {"co_occurrence_loss_weight": 0.5}, {"support_loss_weight": 0.0}]
+    )
+    def test_each_training_switch_changes_the_loss(self, overrides):
+        query, support, masks, labels = self.episode(batch_size=1, shot=1)
+        losses = []
+        for kwargs in ({}, overrides):
+            model = self.get_model(encoder_dropout=0.0, **kwargs).train()
+            losses.append(model(query, support, masks, labels=labels).loss)
+        assert not torch.allclose(losses[0], losses[1])
+
+    def test_random_history_training_runs_one_or_two_steps(self):
+        model = self.get_model(refinement_training="random_history", refinement_history_probability=1.0).train()
+        query, support, masks, labels = self.episode(batch_size=1, shot=1)
+        assert len([k for k in model(query, support, masks, labels=labels).maps if "step" in k]) == 2
+        model.config.refinement_history_probability = 0.0
+        assert len([k for k in model(query, support, masks, labels=labels).maps if "step" in k]) == 1
+
+    def test_config_refuses_a_model_that_never_compares_query_and_support(self):
+        with pytest.raises(StrictDataclassError, match="conditioning='unconditioned' with use_cross_reference=False"):
+            CRCNetConfig(conditioning="unconditioned", use_cross_reference=False)
+        with pytest.raises(StrictDataclassError, match="inference_scales"):
+            CRCNetConfig(inference_scales=[])
+        with pytest.raises(ValueError, match="unknown field.*did you mean 'shot_fusion'"):
+            CRCNetConfig(shot_fussion="average")
+
+    # --- K-shot finetuning ------------------------------------------------------------------------------------------
+    def test_finetuning_adapts_a_copy_and_never_the_weights(self):
+        model = self.get_model(shot_fusion="finetune+average", finetune_steps=3).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        query, support, masks, _ = self.episode(batch_size=2, shot=3)
+        with torch.no_grad():
+            encoding = model.encode_support(support, masks)
+            adapted = model(query, support_encoding=encoding).logits
+            again = model(query, support, masks).logits
+            model.config.shot_fusion = "average"
+            averaged = model(query, support, masks).logits
+        torch.testing.assert_close(adapted, again, rtol=0, atol=0)  # seeded: the same support set, the same result
+        assert not torch.allclose(adapted, averaged)  # the finetuning did something
+        own = dict(model.head.named_parameters())
+        assert any(not torch.equal(own[n], a[0]) for n, a in zip(own, encoding.adapted_parameters))
+        for key, value in model.state_dict().items():
+            assert torch.equal(before[key], value), key
+        assert all(p.grad is None for p in model.parameters())
+
+    def test_one_encoding_finetunes_once_for_four_queries(self):
+        model = self.get_model(shot_fusion="finetune").eval()
+        query, support, masks, _ = self.episode(batch_size=1, shot=2)
+        start = CRCNetModel.finetune_count
+        with torch.no_grad():
+            encoding = model.encode_support(support, masks)
+            outputs = [model(torch.roll(query, i, dims=-1), support_encoding=encoding).logits for i in range(4)]
+        assert CRCNetModel.finetune_count - start == 1
+        assert all(torch.isfinite(o).all() for o in outputs)
+
+    def test_one_support_never_finetunes(self):
+        model = self.get_model(shot_fusion="finetune").eval()
+        query, support, masks, _ = self.episode(batch_size=1, shot=1)
+        start = CRCNetModel.finetune_count
+        with torch.no_grad():
+            assert model.encode_support(support, masks).adapted_parameters is None
+        assert CRCNetModel.finetune_count == start
+
+    def test_the_finetuning_seed_and_optimiser_matter(self):
+        _, support, masks, _ = self.episode(batch_size=1, shot=3)
+        results = []
+        for overrides in ({}, {"finetune_seed": 1}, {"finetune_optimizer": "adam"}, {"finetune_pairs": "all"}):
+            model = self.get_model(shot_fusion="finetune", finetune_steps=3, **overrides).eval()
+            with torch.no_grad():
+                results.append(
+                    torch.cat([p.flatten() for p in model.encode_support(support, masks).adapted_parameters])
+                )
+        for other in results[1:]:
+            assert not torch.allclose(results[0], other)
+
+    def test_finetune_evaluation_of_three_episodes_keeps_the_weights_and_repeats_its_metrics(self):
+        from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+        from hf_fss.evaluation.runner import evaluate_model
+
+        model = self.get_model(shot_fusion="finetune")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        split = load_benchmark("synthetic", num_train=0, num_val=60, image_size=128)["validation"]
+        novel = fold_classes("synthetic", 0).novel
+        episodes = make_test_episodes(split, novel, 3, shot=2, seed=0)
+        processor = FewShotSegmentationImageProcessor(image_size=65)
+        metrics = []
+        for _ in range(2):
+            start = CRCNetModel.finetune_count
+            metrics.append(evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False))
+            assert CRCNetModel.finetune_count - start == 3  # one support set per episode
+        for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes"):
+            assert json.dumps(metrics[0][key]) == json.dumps(metrics[1][key]), key
+        assert metrics[0]["num_episodes"] == 3
+        for key, value in model.state_dict().items():
+            assert torch.equal(before[key], value), key
+        assert all(p.grad is None for p in model.parameters())
+
+
+def _recording(step, record):
+    def wrapped(features, cache):
+        logits = step(features, cache)
+        record.append(logits.requires_grad)
+        return logits
+
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    "recipe", ["pascal5i_resnet50", "fss1000_resnet50", "coco20i_resnet101", "quickstart_synthetic"]
+)
+def test_every_crcnet_recipe_parses_and_builds_its_config(recipe):
+    from hf_fss.training import parse_args
+
+    loop_args, args = parse_args(["--config", f"recipes/crcnet/{recipe}.yaml", "--dataset", "synthetic"])
+    assert args.model_type == "crcnet"
+    config = CRCNetConfig(**args.model_kwargs)
+    if recipe != "quickstart_synthetic":  # the paper's settings (section 5.1)
+        assert (loop_args.learning_rate, args.image_size, config.refinement_steps) == (0.0025, 321, 10)
+        assert config.inference_scales == (0.75, 1.0, 1.25) and not config.freeze_backbone
