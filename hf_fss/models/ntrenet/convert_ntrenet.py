@@ -21,14 +21,13 @@ weights: four scales default to the official `(60, 30, 15, 8)`, other counts nee
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
 from ...backbones import pfenet_backbone_key_map
+from ..conversion import load_official_state_dict, load_original_state_dict, unwrap_state_dict
 from .configuration_ntrenet import NTRENetConfig
 from .modeling_ntrenet import NTRENetModel
 
@@ -52,63 +51,6 @@ _BACKBONE_PREFIX = "backbone."
 # Our ResNet stem child -> index in the official nn.Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, ...).
 _STEM_INDEX = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
 _BLOCK_RE = re.compile(r"^layer([1-4])\.(\d+)\.")
-
-
-def load_original_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """
-    Read an official checkpoint safely and return its bare state dict (`state_dict` unwrapped, `module.` dropped).
-    """
-    return unwrap_state_dict(load_checkpoint_tensors(checkpoint_path))
-
-
-def load_checkpoint_tensors(checkpoint_path: str | os.PathLike) -> Any:
-    """
-    `torch.load(path, weights_only=True)` with errors that name the file: a pickled object other than tensors and
-    plain containers is refused (never unpickled), an empty / truncated / foreign file is "not a readable checkpoint".
-
-    Raises:
-        `ValueError`: the file holds other objects, or cannot be read as a PyTorch checkpoint.
-        `OSError`: the file cannot be opened.
-    """
-    path = os.fspath(checkpoint_path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle at all, or pickle operations weights-only loading refuses
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-            raise ValueError(
-                f"{path} is not a readable PyTorch checkpoint (not a tensors-only pickle: "
-                f"{reason.group(1).strip() if reason else 'weights only load failed'})"
-            ) from None
-        raise ValueError(
-            f"{path}: refused (weights only load failed: Unsupported global): it holds a pickled {found.group(1)} "
-            "object, and unpickling it could run code; extract its state dict (tensors only) with code you trust "
-            "and convert that"
-        ) from None
-    except OSError:
-        raise
-    except Exception as err:  # torch reports a damaged file with many exception types
-        reason = " ".join(str(err).split()[:12]) or type(err).__name__
-        raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format: {reason})"
-        ) from None
-
-
-def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """Take `checkpoint["state_dict"]` (or `"model"`) when present and drop a `module.` prefix from every key."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"expected a state dict or a dict holding one, got {type(checkpoint).__name__}")
-    for wrapper in ("state_dict", "model"):
-        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
-            checkpoint = checkpoint[wrapper]
-            break
-    state_dict = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
-        state_dict[key.removeprefix("module.")] = value
-    return state_dict
 
 
 def _is_vgg(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -234,38 +176,13 @@ def convert_ntrenet_state_dict(
     state_dict = unwrap_state_dict(state_dict)
     config = infer_ntrenet_config(state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
     vgg = config.backbone == "vgg16_bn"
-    model = NTRENetModel(config)
-    expected = model.state_dict()
-
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        try:
-            new_key = original_key_to_ours(key, vgg)
-        except ValueError:
-            unexpected.append(key)
-            continue
-        if new_key in expected:
-            converted[new_key] = value
-        else:
-            unexpected.append(key)
-    # Checkpoints saved before torch 0.4.1 have no BN step counters; they do not affect inference.
-    missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{our_key_to_original(k, vgg)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {[our_key_to_original(k, vgg) for k in missing]}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError("the checkpoint does not match NTRENet as inferred from it; " + "; ".join(problems))
-
-    model.load_state_dict(converted, strict=False)
+    model = load_official_state_dict(
+        NTRENetModel(config),
+        state_dict,
+        lambda k: original_key_to_ours(k, vgg),
+        lambda k: our_key_to_original(k, vgg),
+        "NTRENet",
+    )
     return model.eval(), config
 
 

@@ -36,7 +36,7 @@ import torch
 
 from ...backbones import build_backbone, convert_backbone_state_dict, pfenet_backbone_key_map
 from ...backbones.weights import MOCO_ENCODERS
-from ..ntrenet.convert_ntrenet import load_checkpoint_tensors, unwrap_state_dict
+from ..conversion import load_checkpoint_tensors, load_official_state_dict, unwrap_state_dict
 from .configuration_qgnet import QGNetConfig
 from .modeling_qgnet import QGNetModel
 
@@ -186,36 +186,9 @@ def convert_qgnet_state_dict(
     """
     state_dict = unwrap_state_dict(state_dict)
     config = infer_qgnet_config(state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
-    model = QGNetModel(config)
-    expected = model.state_dict()
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        try:
-            new_key = original_key_to_ours(key)
-        except ValueError:
-            new_key = None
-        if new_key in expected:
-            converted[new_key] = value
-        else:
-            unexpected.append(key)
-    missing = [
-        our_key_to_original(k) for k in expected if k not in converted and not k.endswith("num_batches_tracked")
-    ]
-    mismatched = [
-        f"{our_key_to_original(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError("the checkpoint does not match QGNet as inferred from it; " + "; ".join(problems))
-    model.load_state_dict(converted, strict=False)
+    model = load_official_state_dict(
+        QGNetModel(config), state_dict, original_key_to_ours, our_key_to_original, "QGNet"
+    )
     return model.eval(), config
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ...backbones import smcp_backbone_key_map
 from ...backbones.vgg import DILATED_VGG16_STAGE_BOUNDS
-from ..ntrenet.convert_ntrenet import load_original_state_dict, unwrap_state_dict
+from ..conversion import load_official_state_dict, load_original_state_dict, unwrap_state_dict
 from .configuration_smcp import SMCPConfig
 from .modeling_smcp import SMCPModel
 
@@ -113,35 +113,7 @@ def convert_smcp_state_dict(state_dict: Mapping[str, torch.Tensor], **config_kwa
     """
     state_dict = unwrap_state_dict(state_dict)
     config = infer_smcp_config(state_dict, **config_kwargs)
-    model = SMCPModel(config)
-    expected = model.state_dict()
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        try:
-            new_key = original_key_to_ours(key)
-        except ValueError:
-            unexpected.append(key)
-            continue
-        if new_key in expected:
-            converted[new_key] = value
-        else:
-            unexpected.append(key)
-    missing = [our_key_to_original(k) for k in expected if k not in converted]
-    mismatched = [
-        f"{our_key_to_original(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError("the checkpoint does not match SMCP as inferred from it; " + "; ".join(problems))
-    model.load_state_dict(converted, strict=True)
+    model = load_official_state_dict(SMCPModel(config), state_dict, original_key_to_ours, our_key_to_original, "SMCP")
     return model.eval(), config
 
 
