@@ -225,3 +225,28 @@ def test_script_runs_the_switches_and_options(flags, queues, tmp_path):
 def test_every_prior_recipe_parses(recipe):
     loop_args, args = parse_pretraining_args(["--config", str(recipe)])
     assert loop_args.output_dir and args.backbone_kwargs
+
+
+def test_the_export_is_qgnets_prior_extractor_through_its_config(uninterrupted):
+    from hf_fss import QGNetConfig, QGNetModel
+
+    config = json.loads((uninterrupted / "config.json").read_text())
+    qgnet = QGNetModel(
+        QGNetConfig(
+            backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]},
+            reduce_dim=16,
+            pyramid_bins=(4, 2),
+            prior_extractor_backbone=config["prior_extractor_backbone"],
+            prior_extractor_kwargs=config["prior_extractor_kwargs"],
+            prior_extractor_weights=str(uninterrupted),
+        )
+    )
+    assert qgnet.load_pretrained_extractors() == {"prior_extractor": str(uninterrupted)}
+    exported = load_file(uninterrupted / "model.safetensors")
+    loaded = qgnet.prior_extractor.state_dict()
+    assert exported.keys() <= loaded.keys() and all(torch.equal(loaded[k], exported[k]) for k in exported)
+    reference = DilatedResNet(**BACKBONE, output_stride=8).eval()  # the key encoder, dilated as QGNet runs it
+    reference.load_state_dict(exported, strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(reference(x), qgnet.prior_extractor(x)))
