@@ -450,6 +450,38 @@ def _load_model_and_processor(name_or_path: str, overrides: dict[str, Any] | Non
     return model, processor
 
 
+def _seeds_and_episode_count(args: argparse.Namespace, base, fixed, fold) -> tuple[list[int], int]:
+    """The seeds to run and the episodes per seed: from `--episodes-file` (checked against the fold and `--shot`),
+    else `--seeds` / `--seed` / the protocol's seeds and `--num-episodes` / the protocol's count."""
+    if args.episodes_file is not None:
+        if not fixed:
+            raise ValueError(f"--episodes-file {args.episodes_file!r} holds no episode")
+        unknown = sorted({e.class_id for e in fixed} - set(fold.novel))
+        if unknown:
+            raise ValueError(
+                f"--episodes-file has class ids {unknown} outside fold {args.fold}'s classes {fold.novel}"
+            )
+        shots = {len(e.supports) for e in fixed}
+        if shots != {args.shot}:
+            raise ValueError(f"--episodes-file has episodes with {sorted(shots)} supports but --shot is {args.shot}")
+        seeds, num_episodes = [args.seed if args.seed is not None else base.seeds[0]], len(fixed)
+    else:
+        # Default: every seed of the protocol (PANet's five runs), one run for PFENet / HSNet.
+        seeds = args.seeds or ([args.seed] if args.seed is not None else list(base.seeds))
+        num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
+    if args.save_episodes and len(seeds) > 1:
+        raise ValueError("--save-episodes exports one episode list: give a single --seed")
+    return seeds, num_episodes
+
+
+def _feature_cache(feature_cache_mb: float | None, device) -> FeatureCache | None:
+    """`--feature-cache-mb` (default: `default_feature_cache_bytes`; 0 = off) as a cache, or None."""
+    if feature_cache_mb is not None and feature_cache_mb < 0:
+        raise ValueError(f"--feature-cache-mb must be >= 0, got {feature_cache_mb}")
+    cache_bytes = default_feature_cache_bytes(device) if feature_cache_mb is None else int(feature_cache_mb * 2**20)
+    return FeatureCache(cache_bytes) if cache_bytes > 0 else None
+
+
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`)."""
     from accelerate import Accelerator
@@ -488,37 +520,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
-    if args.episodes_file is not None:
-        if not fixed:
-            raise ValueError(f"--episodes-file {args.episodes_file!r} holds no episode")
-        unknown = sorted({e.class_id for e in fixed} - set(fold.novel))
-        if unknown:
-            raise ValueError(
-                f"--episodes-file has class ids {unknown} outside fold {args.fold}'s classes {fold.novel}"
-            )
-        shots = {len(e.supports) for e in fixed}
-        if shots != {args.shot}:
-            raise ValueError(f"--episodes-file has episodes with {sorted(shots)} supports but --shot is {args.shot}")
-        seeds = [args.seed if args.seed is not None else base.seeds[0]]
-        num_episodes = len(fixed)
-    else:
-        # Default: every seed of the protocol (PANet's five runs), one run for PFENet / HSNet.
-        seeds = args.seeds or ([args.seed] if args.seed is not None else list(base.seeds))
-        num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
-    if args.save_episodes and len(seeds) > 1:
-        raise ValueError("--save-episodes exports one episode list: give a single --seed")
+    seeds, num_episodes = _seeds_and_episode_count(args, base, fixed, fold)
     protocol = protocol_for(
         base, benchmark, num_episodes=num_episodes, seeds=seeds, fold_convention=args.fold_convention
     )
     names = class_names_of(split)
-    if args.feature_cache_mb is not None and args.feature_cache_mb < 0:
-        raise ValueError(f"--feature-cache-mb must be >= 0, got {args.feature_cache_mb}")
-    cache_bytes = (
-        default_feature_cache_bytes(accelerator.device)
-        if args.feature_cache_mb is None
-        else int(args.feature_cache_mb * 2**20)
-    )
-    feature_cache = FeatureCache(cache_bytes) if cache_bytes > 0 else None
+    feature_cache = _feature_cache(args.feature_cache_mb, accelerator.device)
 
     runs = []
     for seed in seeds:
