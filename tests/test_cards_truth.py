@@ -96,3 +96,11 @@ def test_the_crcnet_card_lists_every_open_point_with_the_choice_taken():
     config = CRCNetConfig()
     assert config.refinement_steps == 10 and config.inference_scales == (0.75, 1.0, 1.25)  # as the card's defaults
     assert config.shot_fusion == "finetune+average" and '`"finetune+average"`' in text
+
+
+@pytest.mark.parametrize("config_class", [QGNetConfig, SMCPConfig, CRCNetConfig])
+def test_the_card_names_the_data_the_weights_were_trained_on(config_class):
+    synthetic = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text
+    assert "Trained on the hf_fss synthetic benchmark" in synthetic and "natural photos (PASCAL VOC" not in synthetic
+    pascal = render_model_card(config_class(), training={"benchmark": "pascal5i", "fold": 0, "shot": 1}).text
+    assert "Trained on PASCAL-5i; other image domains are out of distribution" in pascal

@@ -403,6 +403,19 @@ def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
     return "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
 
 
+def _training_data(training: Mapping[str, Any] | None) -> str:
+    """What the weights were trained on, from the run record (never assumed), for the card's limitations."""
+    benchmark = _benchmark_key(_lookup(training, "benchmark"))
+    if benchmark == "synthetic":
+        return (
+            "the hf_fss synthetic benchmark (procedurally drawn shapes and textures), not on natural photos: a "
+            "demonstration model; natural images are out of its distribution"
+        )
+    if benchmark is not None:
+        return f"{_BENCHMARK_NAMES.get(benchmark, benchmark)}; other image domains are out of distribution"
+    return "natural photos (PASCAL VOC / COCO) in the official code's setting; other domains are out of distribution"
+
+
 def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
     backbone = _backbone_name(config)
     text = f"{method} with a {backbone} backbone"
@@ -524,6 +537,7 @@ def render_model_card(
         config_table=_table(config_rows, ("field", "value")),
         training_table=_table(training_rows, ("setting", "value")),
         converted_from=_lookup(training, "converted_from"),
+        training_data=_training_data(training),
         results=results,
         differences=_differences(model_type),
         config=config,  # method templates may state facts of their own fields (QGNet: the prior extractor)

@@ -244,8 +244,9 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
         source = config.prior_extractor_weights
         if source and config.prior_extractor_weights_if_missing == "random" and _missing_local_path(source):
             logger.warning(
-                f"QGNet: no prior extractor weights at {source!r}; the prior extractor stays at its random "
-                "initialisation (run `accelerate launch scripts/pretrain_prior.py` first to pretrain one)"
+                f"QGNet: no prior extractor weights at {source!r} (a path is read from the current folder); the "
+                "prior extractor keeps the weights it has (random for a model built from a config; run `accelerate "
+                "launch scripts/pretrain_prior.py` first to pretrain one)"
             )
             config.prior_extractor_weights = None
         sources = self.pretrained_weight_sources()
@@ -253,7 +254,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             options = {"moco_encoder": config.prior_extractor_moco_encoder} if name == "prior_extractor" else {}
             self.get_submodule(name).load_weights(weights, **options)
         if "prior_extractor" in sources:
-            logger.warning(f"QGNet: prior extractor loaded from {sources['prior_extractor']}")
+            logger.info(f"QGNet: prior extractor loaded from {sources['prior_extractor']}")
         return sources
 
     # --- support -------------------------------------------------------------------------------------------------
