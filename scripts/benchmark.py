@@ -361,7 +361,8 @@ def main(argv=None) -> int:
         "ms; encode ms the support encoding alone (CRCNet: its K-shot finetuning); "
         f"1+{QUERIES_PER_SUPPORT} ms one support encoding serving {QUERIES_PER_SUPPORT} queries; train ms a "
         "training step (forward with labels, backward, SGD step); GFLOP per full episode (FlopCounterMode); %peak "
-        "the episode's GFLOP/s as a share of the measured fp32 matmul rate; for a method whose test time takes several "
+        "the episode's GFLOP/s as a share of the measured fp32 matmul rate; peak MB the peak memory (on CPU the whole "
+        "process's peak resident memory so far, an upper bound, not the method's own); for a method whose test time takes several "
         "passes (it declares single_pass_overrides, e.g. SMCP's pseudo-prototype fusion), 1-pass ms is the full "
         "episode with one pass and passes x = full ms / 1-pass ms.",
     )

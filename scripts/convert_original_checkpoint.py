@@ -57,13 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model-type", required=True, choices=sorted(CONVERTERS), help="method of the checkpoint")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pt file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="official .pth / .pt file, or for qgnet a MoCo .pth.tar (prior extractor alone)",
+    )
     parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
     parser.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="test image size for the config and processor (default: the method's, 473 NTRENet, 417 SMCP)",
+        help="test image size for the config and processor (default: the method's, 473 NTRENet / QGNet, 417 SMCP)",
     )
     parser.add_argument(
         "--shot", type=int, default=1, help="K the checkpoint was trained with, recorded in the config (default 1)"
