@@ -16,7 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_checkpoint_tensors", "load_official_state_dict", "load_original_state_dict", "unwrap_state_dict"]
+__all__ = [
+    "PFENET_PYRAMID_BINS",
+    "load_checkpoint_tensors",
+    "load_official_state_dict",
+    "load_original_state_dict",
+    "pyramid_bins_of",
+    "unwrap_state_dict",
+]
+
+# The pyramid scales of PFENet's feature enrichment module in every official PFENet-lineage config.
+PFENET_PYRAMID_BINS = (60, 30, 15, 8)
 
 
 def load_original_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -129,3 +139,27 @@ def load_official_state_dict(
         raise ValueError(f"the checkpoint does not match {method} as inferred from it; " + "; ".join(problems))
     model.load_state_dict(converted, strict=False)
     return model.eval()
+
+
+def pyramid_bins_of(state_dict: Mapping[str, torch.Tensor], merge_prefix: str, pyramid_bins=None) -> tuple:
+    """
+    The pyramid scale sizes of a PFENet-lineage checkpoint: the weights give only their count (the modules under
+    `merge_prefix`, e.g. `"init_merge."`); four scales are the official `PFENET_PYRAMID_BINS`, other counts need
+    `pyramid_bins`.
+
+    Raises:
+        `ValueError`: another count without `pyramid_bins`, or `pyramid_bins` of the wrong length.
+    """
+    indices = {int(k[len(merge_prefix) :].split(".", 1)[0]) for k in state_dict if k.startswith(merge_prefix)}
+    num_bins = max(indices) + 1 if indices else 0
+    if pyramid_bins is None:
+        if num_bins != len(PFENET_PYRAMID_BINS):
+            raise ValueError(
+                f"the checkpoint has {num_bins} pyramid scales; pass their sizes with pyramid_bins / --pyramid-bins"
+            )
+        return PFENET_PYRAMID_BINS
+    if len(pyramid_bins) != num_bins:
+        raise ValueError(
+            f"pyramid_bins={tuple(pyramid_bins)} has {len(pyramid_bins)} scales, the checkpoint {num_bins}"
+        )
+    return tuple(pyramid_bins)

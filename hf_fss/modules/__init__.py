@@ -5,7 +5,7 @@ from . import memory_bank
 from .aspp import ASPPBranch, ASPPClassifier
 from .feature_enrichment import FeatureEnrichmentModule
 from .memory_bank import MemoryBank, gather_rows
-from .pfenet import PFENetSupportFeatures, pfenet_support_features
+from .pfenet import PFENetSupportFeatures, pfenet_mid_level, pfenet_support_features
 from .prototypes import (
     average_prototypes,
     cosine_prior_mask,
@@ -26,6 +26,7 @@ __all__ = [
     "masked_average_pooling",
     "memory_bank",
     "multi_shot_prior_mask",
+    "pfenet_mid_level",
     "pfenet_support_features",
     "resize_mask",
 ]

@@ -49,3 +49,11 @@ def pfenet_support_features(backbone, support_pixel_values: torch.Tensor, suppor
     stage3_masks = resize_mask(masks, stages[3].shape[-2:])
     masked_layer4 = backbone.forward_stages(stages[3] * stage3_masks, 4, 5)[-1]
     return PFENetSupportFeatures(stages, masks, stage3_masks, masked_layer4)
+
+
+def pfenet_mid_level(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+    """
+    PFENet's mid-level features `[layer3, layer2]` along channels, `(n, c3 + c2, h3, w3)`, the input of `down_query` /
+    `down_supp`; VGG's stage 2 is larger than stage 3 and is resized (bilinear) to it first.
+    """
+    return torch.cat([layer3, resize_mask(layer2, layer3.shape[-2:])], dim=1)

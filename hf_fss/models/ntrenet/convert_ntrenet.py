@@ -27,7 +27,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ...backbones import pfenet_backbone_key_map
-from ..conversion import load_official_state_dict, load_original_state_dict, unwrap_state_dict
+from ..conversion import (
+    PFENET_PYRAMID_BINS,
+    load_official_state_dict,
+    load_original_state_dict,
+    pyramid_bins_of,
+    unwrap_state_dict,
+)
 from .configuration_ntrenet import NTRENetConfig
 from .modeling_ntrenet import NTRENetModel
 
@@ -41,7 +47,7 @@ __all__ = [
     "our_key_to_original",
 ]
 
-DEFAULT_PYRAMID_BINS = (60, 30, 15, 8)
+DEFAULT_PYRAMID_BINS = PFENET_PYRAMID_BINS
 _RESNET_DEPTH_BY_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101"}
 _STANDARD_RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 _RENAMED_PREFIXES = {"inital_beta_conv.": "initial_beta_conv.", "inital_inner_cls.": "initial_inner_cls."}
@@ -92,11 +98,6 @@ def our_key_to_original(key: str, vgg: bool) -> str:
     return key
 
 
-def _count_modules(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
 def infer_ntrenet_config(
     state_dict: Mapping[str, torch.Tensor],
     pyramid_bins: Sequence[int | float] | None = None,
@@ -133,17 +134,7 @@ def infer_ntrenet_config(
             backbone_kwargs["depths"] = list(depths)
         backbone_kwargs = backbone_kwargs or None
 
-    num_bins = _count_modules(state_dict, "init_merge1.")
-    if pyramid_bins is None:
-        if num_bins != len(DEFAULT_PYRAMID_BINS):
-            raise ValueError(
-                f"the checkpoint has {num_bins} pyramid scales; pass their sizes with pyramid_bins / --pyramid-bins"
-            )
-        pyramid_bins = DEFAULT_PYRAMID_BINS
-    elif len(pyramid_bins) != num_bins:
-        raise ValueError(
-            f"pyramid_bins={tuple(pyramid_bins)} has {len(pyramid_bins)} scales, the checkpoint {num_bins}"
-        )
+    pyramid_bins = pyramid_bins_of(state_dict, "init_merge1.", pyramid_bins)
 
     return NTRENetConfig(
         backbone=backbone,

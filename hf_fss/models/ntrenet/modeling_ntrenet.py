@@ -29,6 +29,7 @@ from ...modules import (
     masked_average_pooling,
     memory_bank,
     multi_shot_prior_mask,
+    pfenet_mid_level,
     pfenet_support_features,
     resize_mask,
 )
@@ -409,11 +410,6 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         return {"contrastive_bank": self.contrastive_bank}
 
     # --- features ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _mid_level(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
-        """`[layer3, layer2]` along channels; VGG's stage 2 is twice stage 3's size and is resized first."""
-        return torch.cat([layer3, resize_mask(layer2, layer3.shape[-2:])], dim=1)
-
     def _background_logits(self, features: torch.Tensor) -> torch.Tensor:
         """
         BG mining: `(batch, reduce_dim, h, w)` reduced features to `(batch, 2, h, w)` logits (channel 1 = BG).
@@ -429,7 +425,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         support = pfenet_support_features(
             self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
         )
-        features = self.down_supp(self._mid_level(support.stages[2], support.stages[3]))
+        features = self.down_supp(pfenet_mid_level(support.stages[2], support.stages[3]))
         prototypes = masked_average_pooling(features, support.stage3_masks)  # (batch * shot, reduce_dim, 1, 1)
         return NTRENetSupportEncoding(
             shot=shot,
@@ -528,7 +524,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
                 )
 
         _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
-        query_features = self.down_query(self._mid_level(layer2, layer3))
+        query_features = self.down_query(pfenet_mid_level(layer2, layer3))
         feature_size = query_features.shape[-2:]
         prior = multi_shot_prior_mask(
             layer4, encoding.high_level_features, encoding.masks, output_size=layer3.shape[-2:]

@@ -36,7 +36,13 @@ import torch
 
 from ...backbones import build_backbone, convert_backbone_state_dict, pfenet_backbone_key_map
 from ...backbones.weights import MOCO_ENCODERS
-from ..conversion import load_checkpoint_tensors, load_official_state_dict, unwrap_state_dict
+from ..conversion import (
+    PFENET_PYRAMID_BINS,
+    load_checkpoint_tensors,
+    load_official_state_dict,
+    pyramid_bins_of,
+    unwrap_state_dict,
+)
 from .configuration_qgnet import QGNetConfig
 from .modeling_qgnet import QGNetModel
 
@@ -51,7 +57,7 @@ __all__ = [
 ]
 
 OFFICIAL_REPOSITORY = "github.com/liuweide01/QGNet-Few-shot-segmentation"
-DEFAULT_PYRAMID_BINS = (60, 30, 15, 8)
+DEFAULT_PYRAMID_BINS = PFENET_PYRAMID_BINS
 _RESNET_BY_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101"}
 _STANDARD_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 _DECODER_MODULES = ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
@@ -120,11 +126,6 @@ def _resnet_spec(state_dict: Mapping[str, torch.Tensor], stage_prefix: str, what
     return name, kwargs
 
 
-def _count_modules(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
 def infer_qgnet_config(
     state_dict: Mapping[str, torch.Tensor], pyramid_bins: Sequence[int | float] | None = None, **config_kwargs
 ) -> QGNetConfig:
@@ -145,17 +146,7 @@ def infer_qgnet_config(
     if state_dict["layer0.0.weight"].shape[0] != backbone_kwargs.get("base_width", 64):
         raise ValueError("the backbone's stem and layer1 widths disagree; not an official QGNet checkpoint")
     prior_backbone, prior_kwargs = _resnet_spec(state_dict, "layer{}_unsuper.", "prior extractor")
-    num_bins = _count_modules(state_dict, "init_merge.")
-    if pyramid_bins is None:
-        if num_bins != len(DEFAULT_PYRAMID_BINS):
-            raise ValueError(
-                f"the checkpoint has {num_bins} pyramid scales; pass their sizes with pyramid_bins / --pyramid-bins"
-            )
-        pyramid_bins = DEFAULT_PYRAMID_BINS
-    elif len(pyramid_bins) != num_bins:
-        raise ValueError(
-            f"pyramid_bins={tuple(pyramid_bins)} has {len(pyramid_bins)} scales, the checkpoint {num_bins}"
-        )
+    pyramid_bins = pyramid_bins_of(state_dict, "init_merge.", pyramid_bins)
     return QGNetConfig(
         backbone=backbone,
         backbone_kwargs=backbone_kwargs or None,

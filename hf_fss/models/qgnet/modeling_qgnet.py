@@ -31,6 +31,7 @@ from ...modules import (
     FeatureEnrichmentModule,
     masked_average_pooling,
     multi_shot_prior_mask,
+    pfenet_mid_level,
     pfenet_support_features,
     resize_mask,
 )
@@ -258,17 +259,12 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
         return sources
 
     # --- support -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _mid_level(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
-        """`[layer3, layer2]` along channels; VGG's stage 2 is larger than stage 3 and is resized first."""
-        return torch.cat([layer3, resize_mask(layer2, layer3.shape[-2:])], dim=1)
-
     def _encode_support(self, support_pixel_values, support_masks) -> QGNetSupportEncoding:
         batch_size, shot = support_pixel_values.shape[:2]
         support = pfenet_support_features(
             self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
         )
-        features = self.down_supp(self._mid_level(support.stages[2], support.stages[3]))
+        features = self.down_supp(pfenet_mid_level(support.stages[2], support.stages[3]))
         prototypes = masked_average_pooling(features, support.stage3_masks)  # (batch * shot, reduce_dim, 1, 1)
         return QGNetSupportEncoding(
             shot=shot,
@@ -306,7 +302,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
         if not isinstance(encoding, QGNetSupportEncoding):
             raise ValueError(f"support_encoding must be a QGNetSupportEncoding, got {type(encoding).__name__}")
         _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
-        query_features = self.down_query(self._mid_level(layer2, layer3))
+        query_features = self.down_query(pfenet_mid_level(layer2, layer3))
         feature_size = query_features.shape[-2:]
         prior_region = resize_mask(self.query_prior_region(pixel_values, layer4), feature_size)
         guided_region = multi_shot_prior_mask(
