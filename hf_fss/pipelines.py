@@ -18,6 +18,10 @@ size: values 0 / 1, 1 = target; with several classes 0 = background and i = the 
 float32 probability of the target, `(C, h, w)` with C classes) and `labels` (`labels[v]` names the mask value v).
 With `return_maps=True` it also holds `maps`: the method's intermediate maps (`outputs.maps`, e.g. `prior`), each
 brought to the query's size like the logits and with values in [0, 1], `(h, w)` float32, `(C, h, w)` with C classes.
+With `return_support_predictions=True` it also holds `support_predictions`: for a model that segments the supports
+back from the query (`outputs.support_logits`, e.g. CRCNet's symmetric prediction), one dict per support image (a list
+per class with several classes) with `mask`, `scores` at that support's size and `iou` with its given annotation;
+`None` for a model that does not.
 
 Several classes are independent binary episodes, one per support set, combined per pixel: the class with the highest
 target probability wins where that probability exceeds `threshold` (default 0.5), background elsewhere. With one class
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +41,7 @@ from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .image_processing_fss import FewShotSegmentationImageProcessor
+from .image_processing_fss import IGNORE_INDEX, FewShotSegmentationImageProcessor
 from .modeling_fss import SupportEncoding
 
 __all__ = ["DEFAULT_THRESHOLD", "PIPELINE_TASK", "FewShotSegmentationPipeline", "SupportSets", "register_pipeline"]
@@ -53,6 +57,8 @@ class SupportSets:
 
     labels: list[str]
     encodings: list[SupportEncoding]
+    masks: list[list[np.ndarray]] = field(default_factory=list)
+    """Per class, per support image: the given annotation at the image's size, `(h, w)` uint8 in {0, 1, 255}."""
 
     def __len__(self) -> int:
         return len(self.encodings)
@@ -97,6 +103,12 @@ class FewShotSegmentationPipeline(Pipeline):
             (`outputs.maps`) by name, each resized to the original query size (bilinear, the PFENet geometry of
             the logits) with values in [0, 1] (a map outside [0, 1] is min-max scaled): `(h, w)` float32 arrays,
             `(C, h, w)` with C classes.
+        return_support_predictions (`bool`, defaults to `False`): also return `support_predictions`, the supports
+            segmented back from the query when the model fills `outputs.support_logits`, else `None`: per support
+            image a dict with `mask` (0 / 1 at the support's size, PIL or numpy as `output_type`), `scores` (`(h, w)`
+            float32 target probability, resized like the query's) and `iou` (`float`, intersection over union of
+            `mask` with the given annotation, its ignored pixels left out: how consistent the query prediction is);
+            a list of K dicts, a list of C such lists with C classes.
     """
 
     _load_processor = False
@@ -113,12 +125,18 @@ class FewShotSegmentationPipeline(Pipeline):
 
     # -------------------------------------------------------------------------------------------- parameters
 
-    def _sanitize_parameters(self, support_sets=None, threshold=None, output_type=None, return_maps=None, **kwargs):
+    def _sanitize_parameters(
+        self, support_sets=None, threshold=None, output_type=None, return_maps=None, return_support_predictions=None,
+        **kwargs,
+    ):  # fmt: skip
         if kwargs:
             raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for the {PIPELINE_TASK} pipeline")
         forward_params, postprocess_params = {}, {}
         if return_maps is not None:
             forward_params["return_maps"] = postprocess_params["return_maps"] = bool(return_maps)
+        if return_support_predictions:
+            forward_params["return_support_predictions"] = True
+            postprocess_params["support_masks"] = support_sets.masks if support_sets is not None else []
         if support_sets is not None:
             forward_params["support_sets"] = support_sets
             postprocess_params["labels"] = support_sets.labels
@@ -136,8 +154,11 @@ class FewShotSegmentationPipeline(Pipeline):
 
     def _support_set(
         self, images: Any, masks: Any, boxes: Any, class_ids: Any, names: tuple[str, str, str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocess one support set, shot by shot, with errors naming the pipeline's argument."""
+    ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+        """
+        Preprocess one support set, shot by shot, with errors naming the pipeline's argument: `(1, K, 3, S, S)`
+        pixels, `(1, K, S, S)` masks, and each given annotation at its image's size (`(h, w)` uint8 {0, 1, 255}).
+        """
         image_name, mask_name, box_name = names
         if images is None:
             raise ValueError(f"`{image_name}` is required: the support image(s) showing the class")
@@ -175,7 +196,7 @@ class FewShotSegmentationPipeline(Pipeline):
         if boxes is not None and any(c is not None for c in id_list):
             raise ValueError(f"support_class_id does not apply to `{box_name}`")
         single = len(image_list) == 1 and not isinstance(images, (list, tuple))
-        pixels, labels = [], []
+        pixels, labels, originals = [], [], []
         for k, (image, annotation, class_id) in enumerate(zip(image_list, annotations, id_list)):
             shot_image = image_name if single else f"{image_name}[{k}]"
             shot_annotation = annotation_name if single else f"{annotation_name}[{k}]"
@@ -196,7 +217,10 @@ class FewShotSegmentationPipeline(Pipeline):
                 raise ValueError(message) from err
             pixels.append(batch["support_pixel_values"][0, 0])
             labels.append(batch["support_masks"][0, 0])
-        return torch.stack(pixels)[None], torch.stack(labels)[None]
+            # Decoded again (checked above) for the annotation at full size, which scores the support predictions.
+            size = self.image_processor.to_rgb_array(image, shot_image).shape[:2]
+            originals.append(self.image_processor.annotation_to_mask(annotation, size, class_id, allow_empty=True))
+        return torch.stack(pixels)[None], torch.stack(labels)[None], originals
 
     def _parse_support_sets(self, supports, support_image, support_mask, support_box, support_class_id):
         single = any(v is not None for v in (support_image, support_mask, support_box, support_class_id))
@@ -255,16 +279,17 @@ class FewShotSegmentationPipeline(Pipeline):
         `pipe(queries, support_encoding=pipe.encode_supports(...))`. Arguments as in the call.
         """
         sets = self._parse_support_sets(supports, support_image, support_mask, support_box, support_class_id)
-        labels, encodings = [], []
+        labels, encodings, originals = [], [], []
         for name, (images, masks, boxes, class_ids, names) in sets:
-            pixel_values, mask_values = self._support_set(images, masks, boxes, class_ids, names)
+            pixel_values, mask_values, given = self._support_set(images, masks, boxes, class_ids, names)
             with self.device_placement(), torch.no_grad():
                 encoding = self.model.encode_support(
                     pixel_values.to(self.device, dtype=self.model.dtype), mask_values.to(self.device)
                 )
             labels.append(name)
             encodings.append(encoding)
-        return SupportSets(labels=labels, encodings=encodings)
+            originals.append(given)
+        return SupportSets(labels=labels, encodings=encodings, masks=originals)
 
     # ---------------------------------------------------------------------------------------------- calling
 
@@ -310,7 +335,9 @@ class FewShotSegmentationPipeline(Pipeline):
         pixel_values = torch.from_numpy(processor.resize_and_pad_rgb(rgb))[None]
         return {"pixel_values": pixel_values.to(self.model.dtype), "original_size": tuple(rgb.shape[:2])}
 
-    def _forward(self, model_inputs, support_sets: SupportSets | None = None, return_maps: bool = False):
+    def _forward(
+        self, model_inputs, support_sets: SupportSets | None = None, return_maps=False, return_support_predictions=False
+    ):  # fmt: skip
         if support_sets is None:
             raise ValueError("no support set: call the pipeline with `support_image` and `support_mask`")
         pixel_values = model_inputs["pixel_values"]
@@ -319,6 +346,9 @@ class FewShotSegmentationPipeline(Pipeline):
         if return_maps:  # name -> (C, 1, h, w), the names every class's output has
             names = [name for name in (outputs[0].maps or {}) if all(name in (o.maps or {}) for o in outputs)]
             result["maps"] = {name: torch.cat([o.maps[name][:1, :1] for o in outputs]) for name in names}
+        if return_support_predictions:  # per class (K, 2, s, s); None when the model gives none
+            given = all(o.support_logits is not None for o in outputs)
+            result["support_logits"] = [o.support_logits[0] for o in outputs] if given else None
         return result
 
     def _resize_maps(self, maps: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -332,9 +362,25 @@ class FewShotSegmentationPipeline(Pipeline):
             resized[name] = value.clamp(0, 1).numpy().astype(np.float32)
         return resized
 
+    def _support_predictions(self, logits: list[torch.Tensor], masks: list[list[np.ndarray]], threshold, output_type):
+        """Per class, per support: logits `(K, 2, s, s)` -> `mask`, `scores` at the given annotation's size, `iou`."""
+        classes = []
+        for class_logits, class_masks in zip(logits, masks):
+            shots = []
+            for shot_logits, given in zip(class_logits, class_masks):
+                scores = self.image_processor.resize_logits(shot_logits.float(), given.shape).softmax(dim=0)[1]
+                mask = (scores > threshold).numpy().astype(np.uint8)
+                predicted, target = (mask == 1) & (given != IGNORE_INDEX), given == 1  # ignored pixels left out
+                iou = float((predicted & target).sum() / max((predicted | target).sum(), 1))
+                image = Image.fromarray(mask) if output_type == "pil" else mask
+                shots.append({"mask": image, "scores": scores.numpy().astype(np.float32), "iou": iou})
+            classes.append(shots)
+        return classes
+
     def postprocess(
-        self, model_outputs, labels=None, threshold=DEFAULT_THRESHOLD, output_type="pil", return_maps=False
-    ):
+        self, model_outputs, labels=None, threshold=DEFAULT_THRESHOLD, output_type="pil", return_maps=False,
+        support_masks=None,
+    ):  # fmt: skip
         logits = self.image_processor.resize_logits(model_outputs["logits"].float(), model_outputs["original_size"])
         scores = logits.softmax(dim=1)[:, 1]  # (C, h, w) target probabilities
         if scores.shape[0] == 1:
@@ -354,6 +400,10 @@ class FewShotSegmentationPipeline(Pipeline):
         if return_maps:
             maps = self._resize_maps(model_outputs.get("maps", {}), model_outputs["original_size"])
             result["maps"] = {name: value[0] if scores.shape[0] == 1 else value for name, value in maps.items()}
+        if support_masks is not None:  # asked for
+            predicted = model_outputs.get("support_logits")
+            predicted = predicted and self._support_predictions(predicted, support_masks, threshold, output_type)
+            result["support_predictions"] = predicted[0] if predicted and len(predicted) == 1 else predicted
         return result
 
 

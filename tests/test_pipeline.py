@@ -382,3 +382,73 @@ def test_a_two_pass_model_matches_model_and_processor_and_returns_both_of_its_ma
     np.testing.assert_array_equal(result["mask"], expected)
     assert set(result["maps"]) == set(model.output_maps) == {"first_pass", "pseudo_mask"}
     assert all(value.shape == (90, 130) for value in result["maps"].values())
+
+
+# ----------------------------------------------------------------------------------------- support predictions
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_support_predictions_of_crcnet_are_at_each_support_size_and_match_the_model(one_thread):
+    """CRCNet segments each support back from the query (`support_logits`): the pipeline returns them resized to
+    each support's own size like the query's logits, thresholded, with the IoU against the given mask."""
+    torch.manual_seed(0)
+    tiny = {"reduce_dim": 16, "cross_reference_reduction": 4, "refinement_steps": 2, "shot_fusion": "average"}
+    model = hf_fss.CRCNetModel(hf_fss.CRCNetConfig(backbone_kwargs=dict(TINY_RESNET), image_size=SIZE, **tiny))
+    crcnet_pipe = pipeline("few-shot-segmentation", model=model.eval())
+    query, supports = _image(50, 70, seed=40), [_image(90, 70, seed=41), _image(40, 52, seed=42)]  # resized, kept
+    masks = [_mask(90, 70, (5, 10, 50, 60)), _mask(40, 52, (10, 5, 40, 30))]
+    masks[1][0, :] = 255  # an ignored row: left out of the IoU
+    result = crcnet_pipe(query, support_image=supports, support_mask=masks, return_support_predictions=True)
+    predictions = result["support_predictions"]
+    assert len(predictions) == 2 and [p["mask"].size for p in predictions] == [(70, 90), (52, 40)]
+    processor = crcnet_pipe.image_processor
+    inputs = processor(images=query, support_images=supports, support_masks=masks, return_tensors="pt")
+    with torch.no_grad():
+        support_logits = model(**inputs).support_logits  # (1, K, 2, S, S)
+    for shot_logits, prediction, given in zip(support_logits[0], predictions, masks):
+        expected = processor.resize_logits(shot_logits, given.shape).softmax(dim=0)[1].numpy()
+        np.testing.assert_allclose(prediction["scores"], expected, atol=1e-5)
+        mask = np.asarray(prediction["mask"])
+        np.testing.assert_array_equal(mask, (prediction["scores"] > 0.5).astype(np.uint8))
+        predicted, target = (mask == 1) & (given != 255), given == 1
+        assert prediction["iou"] == pytest.approx((predicted & target).sum() / max((predicted | target).sum(), 1))
+    several = crcnet_pipe(
+        query, supports={"a": (supports, masks), "b": (supports[1], (0, 0, 20, 20))}, output_type="numpy",
+        return_support_predictions=True,
+    )  # fmt: skip
+    assert [len(shots) for shots in several["support_predictions"]] == [2, 1]
+    assert several["support_predictions"][1][0]["mask"].shape == (40, 52)
+    assert "support_predictions" not in crcnet_pipe(query, support_image=supports, support_mask=masks)
+
+
+def test_a_model_without_support_prediction_returns_none(one_thread):
+    torch.manual_seed(0)
+    tiny = {"reduce_dim": 16, "background_prototype_dim": 16, "pyramid_bins": (6, 3), "image_size": SIZE}
+    model = hf_fss.NTRENetModel(hf_fss.NTRENetConfig(backbone_kwargs=dict(TINY_RESNET), **tiny)).eval()
+    ntrenet_pipe = pipeline("few-shot-segmentation", model=model)
+    support, mask = _image(40, 40, seed=43), _mask(40, 40, (5, 5, 25, 30))
+    result = ntrenet_pipe(
+        _image(40, 40, seed=44), support_image=support, support_mask=mask, return_support_predictions=True
+    )
+    assert result["support_predictions"] is None and "mask" in result
+
+
+def test_support_prediction_iou_counts_the_given_mask_and_leaves_ignored_pixels_out(pipe):
+    """IoU of known canvas logits against a given mask: 40x52 supports are not resized, so the canvas is cropped."""
+    given = _mask(40, 52, (0, 0, 20, 20))  # 400 target pixels
+    given[30:, :] = 255
+    predicted = np.zeros((SIZE, SIZE), dtype=np.float32)
+    predicted[0:20, 10:30] = 1  # 200 of them hit, 200 more predicted
+    predicted[30:40, :] = 1  # predicted on ignored pixels: not counted
+    logits = torch.from_numpy(np.stack([-predicted, predicted]) * 10)[None]  # (K=1, 2, S, S)
+    (shots,) = pipe._support_predictions([logits], [[given]], threshold=0.5, output_type="numpy")
+    assert shots[0]["iou"] == pytest.approx(200 / 600)
+    assert shots[0]["mask"].shape == (40, 52) and int(shots[0]["mask"].sum()) == 400 + 10 * 52
