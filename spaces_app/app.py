@@ -31,6 +31,7 @@ from hf_fss import FewShotSegmentationPipeline, utils  # noqa: E402
 DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64
 OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_fss_space", 3600, 5.0
+PIPE_OPTIONS = {"return_maps": True, "return_support_predictions": True, "output_type": "numpy"}
 SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
 NO_MODEL_MESSAGE = (
@@ -238,13 +239,28 @@ def _segment(registry: ModelRegistry, spec: str | None, episodes: dict, names: t
     pipe = registry.get(spec)
     try:
         encoding, cached = registry.encode(spec or registry.default, supports=dict(zip(names, episodes.values())))
-        return pipe(list(paths), support_encoding=encoding, return_maps=True, output_type="numpy"), cached
+        return pipe(list(paths), support_encoding=encoding, **PIPE_OPTIONS), cached
     except ValueError as err:
         raise user_error(str(err).replace("`images", "`queries"), "Input") from err  # named as in the app
 
 
-def _pictures(pipe, path, result, names, colors, png, prefix: str) -> tuple[tuple, list, list]:
-    """One query's overlay (with the share of each class), its mask files, and its maps captioned by the model."""
+def _support_pictures(pipe, supports: list, result: dict, names, colors, png, prefix: str) -> list[tuple]:
+    """Each support with its mask predicted back from the query, when the model gives one (else nothing)."""
+    if not (predicted := result.get("support_predictions")):
+        return []
+    method, pictures = type(pipe.model).__name__.removesuffix("Model"), []
+    for c, (name, images, shots) in enumerate(zip(names, supports, predicted if len(names) > 1 else [predicted])):
+        for k, (image, shot) in enumerate(zip(images, shots)):
+            label, rgb = f"support {k + 1}{f' [{name}]' if len(names) > 1 else ''}", pipe.image_processor.to_rgb_array
+            drawn = png(f"{prefix}_support_{k + 1}_{name}.png", overlay(rgb(image, label), shot["mask"], [colors[c]]))
+            caption = f"predicted back from the query ({method}'s symmetric prediction); IoU {shot['iou']:.2f}"
+            pictures.append((drawn, f"{label}: {caption} with the marked target"))
+    return pictures
+
+
+def _pictures(pipe, path, result, names, colors, png, prefix: str, supports: list) -> tuple[tuple, list, list]:
+    """One query's overlay (with the share of each class), its mask files, its maps captioned by the model, and the
+    supports predicted back from it (`supports`: each class's support images)."""
     image, qname = pipe.image_processor.to_rgb_array(path, "query").astype(np.uint8), Path(str(path)).stem
     parts = [f"{n} {(result['mask'] == c + 1).mean():.1%}" for c, n in enumerate(names)]
     picture = (png(f"{prefix}_{qname}.png", overlay(image, result["mask"], colors)), f"{qname}: {', '.join(parts)}")
@@ -255,7 +271,7 @@ def _pictures(pipe, path, result, names, colors, png, prefix: str) -> tuple[tupl
             drawn = heat_map(image, values[c] if values.ndim == 3 else values, key in pipe.model.binary_maps)
             caption = f"{key}{f' [{name}]' if len(names) > 1 else ''}. {map_caption(pipe.model, key)}"
             maps.append((png(f"{prefix}_{key}_{name}.png", drawn), caption))
-    return picture, files, maps
+    return picture, files, maps + _support_pictures(pipe, supports, result, names, colors, png, prefix)
 
 
 def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes):
@@ -265,8 +281,9 @@ def run_ui(registry: ModelRegistry, model_id, mode, queries, *editors_and_boxes)
     start = time.perf_counter()
     results, cached = _segment(registry, model_id, episodes, names, paths)
     gallery, maps, files, png = [], [], [], functools.partial(_save_png, _output_folder())
+    supports = [images for images, _ in episodes.values()]
     for i, (path, result) in enumerate(zip(paths, results)):
-        (picture, caption), masks, pictures = _pictures(pipe, path, result, names, colors, png, str(i + 1))
+        (picture, caption), masks, pictures = _pictures(pipe, path, result, names, colors, png, str(i + 1), supports)
         gallery.append((picture, f"{i + 1}. {caption}"))
         files += masks
         maps += [(picture, f"{i + 1}. {caption}") for picture, caption in pictures]
@@ -282,13 +299,13 @@ def compare_ui(registry: ModelRegistry, mode, queries, *editors_and_boxes):
     if not registry.specs:
         raise user_error(NO_MODEL_MESSAGE)
     episodes, paths, names, colors = _episode_inputs(mode, queries, editors_and_boxes)
-    gallery, png = [], functools.partial(_save_png, _output_folder())
+    gallery, png, supports = [], functools.partial(_save_png, _output_folder()), [s for s, _ in episodes.values()]
     table = ["| model | method | seconds (support + query) | maps |", "|---|---|---|---|"]
     for index, spec in enumerate(registry.specs):
         pipe, start = registry.get(spec), time.perf_counter()
         (result,), cached = _segment(registry, spec, episodes, names, paths[:1])
         seconds = time.perf_counter() - start
-        (picture, caption), _, maps = _pictures(pipe, paths[0], result, names, colors, png, f"m{index + 1}")
+        (picture, caption), _, maps = _pictures(pipe, paths[0], result, names, colors, png, f"m{index + 1}", supports)
         method = pipe.model.config.model_type
         gallery += [(picture, f"{spec} ({method}, {seconds:.2f} s): {caption}")]
         gallery += [(picture, f"{spec}: {caption}") for picture, caption in maps]
@@ -303,13 +320,15 @@ def segment_api(registry: ModelRegistry, support_image, support_mask, query_imag
     pipe, start = registry.get(model), time.perf_counter()
     try:
         encoding, cached = registry.encode(model, support_image=support_image, support_mask=support_mask)
-        result = pipe(query_image, support_encoding=encoding, return_maps=True, output_type="numpy")
+        result = pipe(query_image, support_encoding=encoding, **PIPE_OPTIONS)
     except ValueError as err:
         raise user_error(str(err).replace("`images", "`query_image"), "Input") from err
     mask, image = result["mask"], pipe.image_processor.to_rgb_array(query_image, "query_image").astype(np.uint8)
     info = {"model": model, "model_type": pipe.model.config.model_type, "query_size": [mask.shape[1], mask.shape[0]]}
     info.update(target_fraction=round(float(mask.mean()), 6), support_encoding_cached=cached)
     info.update(maps=sorted(result["maps"]), seconds=round(time.perf_counter() - start, 3))
+    if result["support_predictions"]:  # a model that segments the support back from the query
+        info["support_iou"] = round(result["support_predictions"][0]["iou"], 6)
     png = functools.partial(_save_png, _output_folder())
     return png("mask.png", mask * 255), png("overlay.png", overlay(image, mask, [CLASS_COLORS["blue"]])), info
 
@@ -390,7 +409,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
         details = gr.Markdown(elem_id="details")
         with gr.Row(equal_height=False):
             result = gr.Gallery(label="Masks over the queries", columns=2, elem_id="result", **FIT)
-            maps = gr.Gallery(label="Intermediate maps (scale below each)", columns=3, elem_id="maps", **FIT)
+            maps = gr.Gallery(label="Maps (scale below each), support predictions", columns=3, elem_id="maps", **FIT)
         with gr.Accordion("Download the masks (PNG of each query's size, 255 = target)", open=False):
             mask_files = gr.File(show_label=False, file_count="multiple", elem_id="masks")
         run.click(functools.partial(run_ui, registry), [model_box, mode, queries, *editors, *boxes],
@@ -401,7 +420,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
             )
             compare_table = gr.Markdown(elem_id="compare-details")
             compared = gr.Gallery(
-                label="Each model: its mask, then its own maps", columns=4, elem_id="compared", **FIT
+                label="Each model: its mask, its maps, its support predictions", columns=4, elem_id="compared", **FIT
             )
         compare.click(functools.partial(compare_ui, registry), [mode, queries, *editors, *boxes],
                       [compared, compare_table], api_visibility="private")  # fmt: skip

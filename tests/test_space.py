@@ -19,6 +19,8 @@ from PIL import Image
 from hf_fss import (
     CosinePriorConfig,
     CosinePriorModel,
+    CRCNetConfig,
+    CRCNetModel,
     FewShotSegmentationImageProcessor,
     NTRENetConfig,
     NTRENetModel,
@@ -72,6 +74,28 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def crcnet_dir(tmp_path_factory):
+    """A saved tiny CRCNet (it segments the supports back from the query) and its processor."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_crcnet")
+    tiny = {"reduce_dim": 16, "cross_reference_reduction": 4, "refinement_steps": 2, "finetune_steps": 2}
+    CRCNetModel(
+        CRCNetConfig(backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]}, image_size=96, **tiny)
+    ).save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=96).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def registry(model_dir):
     return app.ModelRegistry([str(model_dir)])
 
@@ -95,15 +119,15 @@ def episode(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """The app on a free localhost port with FSS_MODELS = the tiny model folder."""
+def server(model_dir, crcnet_dir, tmp_path_factory):
+    """The app on a free localhost port with FSS_MODELS = the tiny model folders (the cosine prior is the default)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FSS_MODELS", str(model_dir))
+        patch.setenv("FSS_MODELS", f"{model_dir},{crcnet_dir}")
         patch.setenv("NO_PROXY", "127.0.0.1,localhost")
         patch.setenv("no_proxy", "127.0.0.1,localhost")
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         demo = app.build_demo(examples=tmp_path_factory.mktemp("examples"))
-        assert demo.registry.specs == [str(model_dir)]
+        assert demo.registry.specs == [str(model_dir), str(crcnet_dir)]
         port = _free_port()
         app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
@@ -200,6 +224,44 @@ def test_compare_ui_runs_every_model_on_the_same_supports_with_its_own_maps(mode
         app.compare_ui(app.ModelRegistry([]), "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
 
 
+def test_the_supports_crcnet_predicts_back_are_shown_with_their_iou(model_dir, crcnet_dir, episode, one_thread):
+    """Run and Compare show each support with the mask the model predicts back from the query, for a model that
+    gives one (CRCNet), and nothing extra for one that does not (the cosine prior)."""
+    image, target = episode["image"], episode["target"]
+    layer = np.zeros((*target.shape, 4), np.uint8)
+    layer[target] = (*app.CLASS_COLORS["blue"], 150)
+    editors = [_editor(image, layer)] + [None] * (app.MAX_SUPPORTS - 1)
+    queries = [str(episode["dir"] / "query_rgba.png"), str(episode["dir"] / "support.png")]
+    registry = app.ModelRegistry([str(model_dir), str(crcnet_dir)])
+    _, maps, _, _ = app.run_ui(registry, str(crcnet_dir), "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
+    pipe = registry.get(str(crcnet_dir))
+    for index, query in enumerate(queries):  # each query's maps, then the support as predicted back from it
+        result = pipe(query, support_image=image, support_mask=target, return_support_predictions=True)
+        (shot,) = result["support_predictions"]
+        picture, caption = [(p, c) for p, c in maps if c.startswith(f"{index + 1}. support")][0]
+        assert caption == (
+            f"{index + 1}. support 1: predicted back from the query (CRCNet's symmetric prediction); "
+            f"IoU {shot['iou']:.2f} with the marked target"
+        )
+        expected = app.overlay(image.astype(np.float32), np.asarray(shot["mask"]), [app.CLASS_COLORS["blue"]])
+        np.testing.assert_array_equal(np.asarray(Image.open(picture)), np.asarray(expected))
+    assert sum("refinement_step" in c for _, c in maps) == 2 * 2  # the refinement steps are shown too
+    gallery, _ = app.compare_ui(registry, "brush", queries, *editors, *[""] * app.MAX_SUPPORTS)
+    supports = [c for _, c in gallery if "predicted back" in c]
+    assert len(supports) == 1 and supports[0].startswith(f"{crcnet_dir}: support 1:")
+    assert len(gallery) == 2 + 1 + len(pipe.model.output_maps) + 1  # each model's mask and maps, CRCNet's support
+    # Two classes (brush colours) on one support: a picture per class, in its colour.
+    layer[:20, :20] = (*app.CLASS_COLORS["magenta"], 150)
+    two = app.run_ui(registry, str(crcnet_dir), "brush", queries[:1], _editor(image, layer), *[None] * 4, *[""] * 5)
+    assert [c.split(":")[0] for _, c in two[1] if "predicted back" in c] == [
+        "1. support 1 [blue]",
+        "1. support 1 [magenta]",
+    ]
+    files = [str(episode["dir"] / name) for name in ("support.png", "mask.png")] + queries[:1]
+    assert 0.0 <= app.segment_api(registry, *files, str(crcnet_dir))[2]["support_iou"] <= 1.0  # `/segment`'s summary
+    assert "support_iou" not in app.segment_api(registry, *files)[2]  # the cosine prior, the default
+
+
 def test_error_messages_name_the_problem(registry, episode, tmp_path):
     folder = episode["dir"]
     support, mask = str(folder / "support.png"), str(folder / "mask.png")
@@ -281,7 +343,7 @@ def test_examples_are_rendered_into_a_cache_not_the_source_tree(tmp_path, monkey
 # --------------------------------------------------------------------------------------------------------- API
 
 
-def test_segment_api_through_gradio_client(server, registry, episode, tmp_path):
+def test_segment_api_through_gradio_client(server, registry, crcnet_dir, episode, tmp_path, one_thread):
     from gradio_client import Client, handle_file
 
     folder = episode["dir"]
@@ -305,7 +367,15 @@ def test_segment_api_through_gradio_client(server, registry, episode, tmp_path):
         assert opened.format == "PNG"
         np.testing.assert_array_equal(np.asarray(opened), expected["mask"] * 255)
     assert Image.open(overlay_path).size == (150, 90)
-    assert info["maps"] == ["prior"] and info["query_size"] == [150, 90]
+    assert info["maps"] == ["prior"] and info["query_size"] == [150, 90] and "support_iou" not in info
+    # CRCNet also segments the support back from the query: its IoU with the given mask is in the summary.
+    crcnet = client.predict(*(handle_file(files[k]) for k in "smq"), model=str(crcnet_dir), api_name="/segment")[2]
+    expected = app.ModelRegistry([str(crcnet_dir)]).get(None)(
+        files["q"], support_image=files["s"], support_mask=files["m"], return_support_predictions=True
+    )
+    assert crcnet["model_type"] == "crcnet" and crcnet["support_iou"] == round(
+        expected["support_predictions"][0]["iou"], 6
+    )
 
     # Errors reach the client with the pipeline's message.
     with pytest.raises(Exception, match=re.escape("has size 60x60 (h x w) but its image has size 120x120")):
