@@ -2,7 +2,7 @@
 Class splits of the few-shot segmentation benchmarks: which classes a fold tests (novel) and trains on (base).
 
 - PASCAL-5i (20 classes, 4 folds): fold i tests classes 5i+1..5i+5 and trains on the other 15 (PFENet, HSNet).
-- COCO-20i (80 classes, 4 folds), two conventions exist in the literature:
+- COCO-20i (80 classes): two 4-fold conventions exist in the literature, and CANet's single class split:
   `"interleaved"` (default): fold i tests {4k + i + 1 : k = 0..19}, i.e. 1, 5, 9, ... for fold 0. This is PFENet's
   `use_split_coco=True` and HSNet's split, which later work reports on.
   `"contiguous"`: fold i tests 20i+1..20i+20 (PFENet's `use_split_coco=False`; PANet's and SMCP's COCO label
@@ -12,7 +12,8 @@ Class splits of the few-shot segmentation benchmarks: which classes a fold tests
   training, 20 classes for validation, and 20 classes for the test"; its Table 13). Neither paper publishes the
   class lists, so the lists are this project's choice, a deterministic rule: the 80 classes in the standard
   COCO category order (`hf_fss.data.schema.COCO_CLASSES`, i.e. ascending category id), in contiguous blocks.
-  Numbers under this convention are comparable with Table 13 only as far as the published split matches it.
+  Numbers under this convention are comparable with Table 13 only as far as the papers' unpublished split
+  matches this one.
     base (train, 1-40): person, bicycle, car, motorcycle, airplane, bus, train, truck, boat, traffic light,
       fire hydrant, stop sign, parking meter, bench, bird, cat, dog, horse, sheep, cow, elephant, bear, zebra,
       giraffe, backpack, umbrella, handbag, tie, suitcase, frisbee, skis, snowboard, sports ball, kite,
@@ -23,7 +24,8 @@ Class splits of the few-shot segmentation benchmarks: which classes a fold tests
       keyboard, cell phone, microwave, oven, toaster, sink, refrigerator, book, clock, vase, scissors,
       teddy bear, hair drier, toothbrush
   The validation classes are in `FoldSplit.validation`: training never learns them (they are treated like the
-  novel classes) and validates on them (see `hf_fss.training.episodic.build_data`).
+  novel classes) and selects its best model on episodes of them drawn from the test split's (val2014) images,
+  never on a test class (see `hf_fss.training.episodic.build_data`).
 - synthetic (the embedded benchmark of `hf_fss.data.synthetic`, 20 classes, 4 folds): the PASCAL-5i rule.
 - folder (a user's images built by `scripts/prepare_dataset.py folder`) has a fixed class split like FSS-1000,
   recorded by the build: novel = the classes of its `test` split, base = those of `train` (`fold` is ignored).
