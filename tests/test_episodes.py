@@ -131,6 +131,110 @@ def test_synthetic_folds_and_errors():
         fold_classes("fss1000")
 
 
+CANET = fold_classes("coco20i", 0, "canet_40_20_20")
+
+
+def test_coco_canet_40_20_20_split():
+    from hf_fss.data.folds import num_folds
+    from hf_fss.data.schema import COCO_CLASSES
+
+    assert (len(CANET.base), len(CANET.validation), len(CANET.novel)) == (40, 20, 20)
+    assert sorted(CANET.base + CANET.validation + CANET.novel) == list(range(1, 81))  # disjoint, covering 1..80
+    # The documented rule: COCO category order in blocks 1-40 / 41-60 / 61-80.
+    assert (CANET.base[0], CANET.base[-1], CANET.validation[0], CANET.novel[0]) == (1, 40, 41, 61)
+    assert [COCO_CLASSES[c] for c in (CANET.validation[0], CANET.novel[0], CANET.novel[-1])] == [
+        "wine glass",
+        "dining table",
+        "toothbrush",
+    ]
+    assert CANET.unseen == CANET.validation + CANET.novel
+    assert fold_classes("coco20i", np.int64(0), "canet_40_20_20") == CANET
+    assert num_folds("coco20i", "canet_40_20_20") == 1 and num_folds("coco20i") == 4
+    for fold in (1, 3, -1, True):
+        with pytest.raises(ValueError, match="canet_40_20_20.*fold must be 0"):
+            fold_classes("coco20i", fold, "canet_40_20_20")
+    with pytest.raises(ValueError, match="coco20i only"):
+        fold_classes("pascal5i", 0, "canet_40_20_20")
+    with pytest.raises(ValueError, match="base and validation classes overlap: \\[6\\]"):
+        FoldSplit(novel=(1,), base=(5, 6), validation=(6, 7))
+    assert FOLD0.validation == () and FOLD0.unseen == FOLD0.novel  # the folds without validation classes
+
+
+def test_protocol_takes_canet_convention_for_coco_only():
+    from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
+
+    protocol = get_protocol("pfenet", benchmark="coco20i", fold_convention="canet_40_20_20")
+    assert protocol.fold_convention == "canet_40_20_20" and protocol.fold_split(0) == CANET
+    assert EvaluationProtocol.from_dict(protocol.to_dict()) == protocol
+    with pytest.raises(ValueError, match="fold_convention 'canet_40_20_20' does not apply to pascal5i"):
+        get_protocol("pfenet", benchmark="pascal5i", fold_convention="canet_40_20_20")
+    with pytest.raises(ValueError, match="fold must be 0"):
+        protocol.fold_split(2)
+
+
+def test_validation_classes_are_kept_out_of_training(pascal):
+    """A split with validation classes: training treats them as it treats the novel classes (every policy)."""
+    fold = FoldSplit(novel=(1, 2, 3), base=tuple(range(9, 21)), validation=tuple(range(4, 9)))
+    train = pascal["train"]
+    validation = set(fold.validation)
+    has_validation = [bool(validation.intersection(ids)) for ids in train["class_ids"]]
+    for policy, expected in (("background", 0), ("ignore", 255), ("exclude", None)):
+        ds = EpisodicTrainDataset(
+            train, fold, shot=1, size=SIDE, seed=0, novel_class_policy=policy, augmentation=_identity_augmentation
+        )
+        checked = 0
+        for index in range(len(ds)):
+            query, class_id, supports = ds.sample_episode(index)
+            assert class_id in fold.base
+            if policy == "exclude":
+                assert not has_validation[query] and not any(has_validation[s] for s in supports)
+            elif has_validation[query] and checked < 3:
+                checked += 1
+                on_validation = torch.from_numpy(np.isin(_stored_label(train, query), fold.validation))
+                item = ds[index]
+                assert (item["labels"][on_validation] == expected).all()
+                assert (item["semantic_labels"][on_validation] == expected).all()
+        assert policy == "exclude" or checked > 0
+
+
+def _coco_like(num, seed, class_pool, prefix):
+    from hf_fss.data.schema import COCO_CLASSES
+
+    rng = np.random.default_rng(seed)
+    rows = [_random_row(rng, rng.choice(class_pool, size=2, replace=False).tolist()) for _ in range(num)]
+    return _rows_to_dataset(rows, names=COCO_CLASSES, prefix=prefix)
+
+
+def test_training_validates_on_the_validation_classes(monkeypatch):
+    """build_data under canet_40_20_20: no held-out images; validation episodes of the 20 validation classes
+    (validation split), test episodes of the 20 test classes, training items of the 40 base classes only."""
+    import hf_fss.data
+    from hf_fss.training.arguments import EpisodicArguments
+    from hf_fss.training.episodic import build_data
+
+    pool = [1, 2, 3, 41, 42, 61, 62]  # base, validation and test classes in both splits
+    coco = DatasetDict({"train": _coco_like(40, 0, pool, "trn"), "validation": _coco_like(40, 1, pool, "val")})
+    monkeypatch.setattr(hf_fss.data, "load_benchmark", lambda *args, **kwargs: coco)
+    args = EpisodicArguments(
+        dataset="coco-like",
+        benchmark="coco20i",
+        fold_convention="canet_40_20_20",
+        image_size=64,
+        num_validation_episodes=30,
+        num_eval_episodes=30,
+    )
+    data = build_data(args, seed=0)
+    assert data.fold == CANET and len(data.train_dataset.holdout_indices) == 0
+    assert data.validation.class_ids == CANET.validation and "validation classes" in data.validation.description
+    assert {e.class_id for e in data.validation.episodes} == {41, 42}
+    assert {e.class_id for e in data.test.episodes} == {61, 62}
+    val_ids = set(coco["validation"]["image_id"])
+    assert all({e.query, *e.supports} <= val_ids for e in data.validation.episodes)
+    assert {data.train_dataset.sample_episode(i)[1] for i in range(data.train_dataset.num_items)} <= {1, 2, 3}
+    with pytest.raises(ValueError, match="fold must be 0"):
+        EpisodicArguments(dataset="coco-like", benchmark="coco20i", fold_convention="canet_40_20_20", fold=1)
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 

@@ -121,6 +121,59 @@ def test_hsnet_protocol_and_box_supports(tiny_model, tmp_path):
     assert metrics["annotation"] == "bbox"
 
 
+@pytest.fixture(scope="module")
+def coco_like(tmp_path_factory):
+    """A saved COCO-20i-shaped validation split (80 class names) holding two test and one validation class of
+    CANet's 40 / 20 / 20 split, each object 48 x 48 px (eligible)."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    from hf_fss.data.schema import COCO_CLASSES, benchmark_features
+
+    rng = np.random.default_rng(0)
+    data = {"image_id": [], "image": [], "label": [], "class_ids": [], "class_areas": []}
+    for i, classes in enumerate([(61, 41), (62, 61), (41, 62), (61,), (62, 41), (41,)]):
+        label = np.zeros((100, 100), np.uint8)
+        for k, c in enumerate(classes):
+            label[1:49, 1 + 50 * k : 49 + 50 * k] = c
+        data["image_id"].append(f"val_{i}")
+        data["image"].append(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8))
+        data["label"].append(label)
+        data["class_ids"].append(list(classes))
+        data["class_areas"].append([48 * 48] * len(classes))
+    folder = tmp_path_factory.mktemp("coco-like") / "data"
+    DatasetDict({"validation": Dataset.from_dict(data, features=benchmark_features(COCO_CLASSES))}).save_to_disk(
+        folder
+    )
+    return folder
+
+
+def test_canet_40_20_20_convention_from_evaluate_and_compare(tiny_model, coco_like, tmp_path, capsys):
+    from hf_fss.data.schema import COCO_CLASSES
+    from hf_fss.evaluation import compare
+
+    flags = ["--dataset", str(coco_like), "--benchmark", "coco20i", "--fold-convention", "canet_40_20_20"]
+    out = tmp_path / "metrics.json"
+    common = ["--model", str(tiny_model), *flags, "--num-episodes", "6", "--num-threads", "1", "--output", str(out)]
+    assert main([*common, "--save-episodes", str(tmp_path / "episodes.jsonl")]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["protocol"]["fold_convention"] == "canet_40_20_20"
+    assert set(metrics["per_class_iou"]) == {COCO_CLASSES[c] for c in range(61, 81)}  # the 20 test classes
+    # Episodes of the test classes present (61, 62), never of the validation class 41 the images also hold.
+    assert {e.class_id for e in load_episodes_jsonl(tmp_path / "episodes.jsonl")} == {61, 62}
+    assert main([*common, "--fold", "1"]) != 0
+    assert "fold must be 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses an unknown convention
+        main([*common, "--fold-convention", "canet"])
+
+    compare_flags = ["--models", str(tiny_model), *flags, "--num-episodes", "6", "--output-dir", str(tmp_path / "cmp")]
+    args = compare.build_parser().parse_args(compare_flags)
+    context = compare._prepare(args)
+    assert context["fold"].novel == tuple(range(61, 81)) and context["protocol"].fold_convention == "canet_40_20_20"
+    lists = context["episodes"].values()
+    assert {e.class_id for listed in lists for e in listed["episodes"]} == {61, 62}
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -146,6 +146,19 @@ def test_card_of_a_converted_checkpoint_says_so(tiny_ntrenet):
     assert PLACEHOLDERS.search(card.content) is None
 
 
+def test_card_names_coco_canet_split_instead_of_fold_0(tiny_ntrenet):
+    """COCO's canet_40_20_20 is one class split, not PFENet's fold 0: the card and the model index say which."""
+    protocol = {"name": "pfenet", "benchmark": "coco20i", "fold_convention": "canet_40_20_20"}
+    metrics = {**METRICS, "per_class_iou": {"toilet": 0.4}, "protocol": protocol}
+    training = {**TRAINING, "benchmark": "coco20i", "fold_convention": "canet_40_20_20"}
+    card = render_model_card(tiny_ntrenet.config, metrics=metrics, training=training)
+    miou = next(r for r in card.data.eval_results if r.metric_type == "mean_iou")
+    assert miou.dataset_name == "COCO-20i 40 / 20 / 20 class split (CANet's setting) (1-shot)"
+    assert miou.dataset_config == "canet_40_20_20-1shot-pfenet"
+    assert "trained on the base classes of COCO-20i, 40 / 20 / 20 class split (CANet's setting)" in card.text
+    assert "COCO-20i fold 0" not in card.text
+
+
 def test_undefined_values_are_left_out_of_the_model_index():
     metrics = {**METRICS, "precision": float("nan"), "per_class_iou": {"cat": float("nan"), "dog": 0.5}}
     metrics.pop("fold")

@@ -683,6 +683,41 @@ def test_coco20i_release_defects(tmp_path, caplog):
     assert "annotation 402" in caplog.text and "61" in caplog.text
 
 
+def test_coco20i_canet_40_20_20_test_episodes_are_test_classes(tmp_path):
+    """The raw COCO fixture, its val2014 extended with images of a test, a validation and a base class: under
+    CANet's 40 / 20 / 20 split, test episodes are drawn only for the 20 test classes (61-80)."""
+    from hf_fss.data import fold_classes, make_test_episodes
+    from hf_fss.data.builders import build_coco20i
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_val2014.json"
+    data = json.loads(ann_path.read_text())
+    rng = np.random.default_rng(6)
+    vif = "COCO_val2014_0000000000{}.jpg"
+    # (image id, category ids): 90 toothbrush (class 80, test), 67 dining table (61, test), 47 cup (42, validation),
+    # 18 dog (17, base).
+    contents = {43: (90, 47), 44: (90, 67), 45: (47, 18), 46: (67, 47), 47: (18,)}
+    for image_id, categories in contents.items():
+        data["images"].append({"id": image_id, "file_name": vif.format(image_id), "height": 12, "width": 16})
+        write_jpeg(coco["root"] / "val2014" / vif.format(image_id), _rgb(rng, 12, 16))
+        for k, category in enumerate(categories):
+            box = _box(12, 16, 1, 11, 1 + 7 * k, 7 + 7 * k)
+            segmentation = {"size": [12, 16], "counts": _rle_counts(box)}
+            ann = {"id": 500 + 10 * image_id + k, "image_id": image_id, "category_id": category, "iscrowd": 0}
+            data["annotations"].append({**ann, "segmentation": segmentation})
+    ann_path.write_text(json.dumps(data))
+
+    validation = _saved(build_coco20i(coco["root"], cache_dir=tmp_path / "cache"), tmp_path)["validation"]
+    assert sorted(validation["image_id"], key=int) == ["42", "43", "44", "45", "46", "47"]
+    fold = fold_classes("coco20i", 0, "canet_40_20_20")
+    rows = _rows(validation)
+    for classes, expected in ((fold.novel, {61, 80}), (fold.validation, {42})):
+        episodes = make_test_episodes(validation, classes, 40, shot=1, seed=0, min_area=1)
+        assert {e.class_id for e in episodes} == expected
+        for episode in episodes:  # the class is in the query and the support
+            assert all(episode.class_id in rows[i]["class_ids"] for i in (episode.query, *episode.supports))
+
+
 def test_fss1000_release_defects(tmp_path, caplog):
     from hf_fss.data.builders import build_fss1000
 

@@ -275,8 +275,8 @@ class EpisodicTrainDataset(Dataset):
 
     Args:
         dataset: a benchmark `train` split (`datasets.Dataset` with the columns of `hf_fss.data.schema`).
-        fold: `FoldSplit` of the fold (`fold_classes(...)`): episodes use `fold.base`; `fold.novel` is what
-            `novel_class_policy` acts on.
+        fold: `FoldSplit` of the fold (`fold_classes(...)`): episodes use `fold.base`; `fold.unseen` (the novel
+            classes, and the validation classes of a split that has them) is what `novel_class_policy` acts on.
         shot: number of supports K.
         size: side S of the square training crops.
         seed: base seed; item `i` of epoch `e` uses `np.random.default_rng([seed, e, i])` (PFENet seeds with 321).
@@ -353,7 +353,7 @@ class EpisodicTrainDataset(Dataset):
         class_ids, class_areas = _read_class_columns(dataset)
         self.holdout_indices = _holdout_rows(len(dataset), holdout_fraction, holdout_seed, holdout_min_images)
         excluded = set(self.holdout_indices.tolist())
-        novel = set(fold.novel)
+        novel = set(fold.unseen)  # validation classes (COCO canet_40_20_20) are kept out of training as well
         num_dropped_novel = 0
         if novel_class_policy == "exclude":
             with_novel = {row for row, ids in enumerate(class_ids) if novel.intersection(ids)}
@@ -399,7 +399,7 @@ class EpisodicTrainDataset(Dataset):
     def _build_luts(self) -> None:
         """Value lookup tables for dense label maps: policy (applied before augmentation) and semantic ids."""
         policy = np.arange(256, dtype=np.uint8)
-        for c in self.fold.novel:
+        for c in self.fold.unseen:
             if c < 256:
                 policy[c] = IGNORE_INDEX if self.novel_class_policy == "ignore" else 0
         semantic = np.zeros(256, dtype=np.int64)
@@ -457,7 +457,7 @@ class EpisodicTrainDataset(Dataset):
         semantic[IGNORE_INDEX] = IGNORE_INDEX
         if row_class in self._base_rank:
             semantic[1] = self._base_rank[row_class]
-        elif row_class in set(self.fold.novel) and self.novel_class_policy == "ignore":
+        elif row_class in set(self.fold.unseen) and self.novel_class_policy == "ignore":
             semantic[1] = IGNORE_INDEX
         return None, target, semantic, 1
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
+from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import aggregate_seeds
 from hf_fss.evaluation.runner import (
     _load_model_and_processor,
@@ -398,7 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or Hub id")
     parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder")
     parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
-    parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved or contiguous")
+    parser.add_argument(
+        "--fold-convention",
+        default=None,
+        choices=COCO_CONVENTIONS,
+        help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
+    )
     parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument("--split", default=None, help="split of the test episodes (default: as evaluate.py)")
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")

@@ -73,13 +73,13 @@ __all__ = [
 ]
 
 IOU_AGGREGATIONS = ("sum-over-episodes", "mean-per-episode")
-# "contiguous" / "interleaved" are the COCO-20i conventions of `hf_fss.data.folds`; PASCAL-5i (and the synthetic
-# benchmark) only has contiguous folds and FSS-1000 a fixed class split.
-FOLD_CONVENTIONS = ("contiguous", "interleaved", "fixed")
+# "contiguous" / "interleaved" / "canet_40_20_20" are the COCO-20i conventions of `hf_fss.data.folds`; PASCAL-5i
+# (and the synthetic benchmark) only has contiguous folds and FSS-1000 a fixed class split.
+FOLD_CONVENTIONS = ("contiguous", "interleaved", "canet_40_20_20", "fixed")
 _BENCHMARK_CONVENTIONS = {
     "pascal5i": ("contiguous",),
     "synthetic": ("contiguous",),
-    "coco20i": ("contiguous", "interleaved"),
+    "coco20i": ("contiguous", "interleaved", "canet_40_20_20"),
     "fss1000": ("fixed",),
     "folder": ("fixed",),
 }
@@ -109,8 +109,8 @@ class EvaluationProtocol:
             episodes) or `"mean-per-episode"` (class IoU = mean of the episodes' foreground IoUs).
         num_episodes: test episodes per seed; None = every test image once as query (HSNet's FSS-1000).
         seeds: one run per seed; results over several seeds are combined with `aggregate_seeds`.
-        fold_convention: `"contiguous"`, `"interleaved"` (COCO-20i, see `hf_fss.data.folds`) or `"fixed"`
-            (FSS-1000's class split).
+        fold_convention: `"contiguous"`, `"interleaved"`, `"canet_40_20_20"` (COCO-20i, see `hf_fss.data.folds`)
+            or `"fixed"` (FSS-1000's class split).
         shot_fusion: how k-shot predictions combine the shots: `"feature-average"` (PFENet), `"mask-vote"`
             (HSNet), `"prototype-average"` (PANet); recorded, the model implements it.
         annotation: label files and image set the episodes come from, e.g. `"SegmentationClassAug:val"`.

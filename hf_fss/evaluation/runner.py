@@ -43,6 +43,7 @@ from hf_fss.data.episodes import (
     save_episodes_jsonl,
     shard_bounds,
 )
+from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.file_utils import atomic_write_text
@@ -308,7 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
     )
     parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
-    parser.add_argument("--fold-convention", default=None, help="COCO-20i only: interleaved (default) or contiguous")
+    parser.add_argument(
+        "--fold-convention",
+        default=None,
+        choices=COCO_CONVENTIONS,
+        help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
+    )
     parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
     parser.add_argument(
         "--split", default=None, help="split of the test episodes (default: validation; fss1000, folder: test)"

@@ -59,6 +59,14 @@ _BENCHMARK_NAMES = {
     "folder": "a custom image folder",
     "synthetic": "hf_fss synthetic benchmark",
 }
+# Class splits named instead of "fold N" in a card: a single split is not fold 0 of a folded benchmark.
+_SPLIT_NAMES = {"canet_40_20_20": "40 / 20 / 20 class split (CANet's setting)"}
+
+
+def _split_name(fold_convention: Any) -> str | None:
+    return _SPLIT_NAMES.get(fold_convention) if isinstance(fold_convention, str) else None
+
+
 _BACKBONE_NAMES = {
     "resnet50": "ResNet-50",
     "resnet101": "ResNet-101",
@@ -256,7 +264,9 @@ def _evaluation(metrics: Mapping[str, Any], training: Mapping[str, Any] | None) 
 def _result_title(setting: Mapping[str, Any]) -> str:
     benchmark = setting["benchmark"]
     parts = [_BENCHMARK_NAMES.get(benchmark, benchmark) if benchmark else "Few-shot segmentation benchmark"]
-    if setting["fold"] is not None:
+    if _split_name(setting["protocol"].get("fold_convention")):
+        parts.append(_split_name(setting["protocol"]["fold_convention"]))
+    elif setting["fold"] is not None:
         parts.append(f"fold {setting['fold']}")
     title = " ".join(parts)
     details = []
@@ -270,7 +280,9 @@ def _result_title(setting: Mapping[str, Any]) -> str:
 def _dataset_config(setting: Mapping[str, Any]) -> str | None:
     """`fold0-1shot-pfenet`: the Hub groups results by dataset type and config, so each setting needs its own."""
     parts = []
-    if setting["fold"] is not None:
+    if _split_name(setting["protocol"].get("fold_convention")):
+        parts.append(str(setting["protocol"]["fold_convention"]))
+    elif setting["fold"] is not None:
         parts.append(f"fold{setting['fold']}")
     if setting["shot"] is not None:
         parts.append(f"{setting['shot']}shot")
@@ -427,7 +439,9 @@ def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
         text += ", converted from a checkpoint of the official code"
     elif benchmark is not None:
         text += f", trained on the base classes of {_BENCHMARK_NAMES.get(benchmark, benchmark)}"
-        if fold is not None:
+        if _split_name(_lookup(training, "fold_convention")):
+            text += f", {_split_name(_lookup(training, 'fold_convention'))}"
+        elif fold is not None:
             text += f" fold {fold}"
         if shot is not None:
             text += f" with {shot}-shot episodes"

@@ -185,7 +185,8 @@ class EpisodicArguments:
     )
     fold: int = field(default=0, metadata={"help": "fold whose novel classes are held out"})
     fold_convention: str | None = field(
-        default=None, metadata={"help": "COCO-20i folds: interleaved (default) or contiguous"}
+        default=None,
+        metadata={"help": "COCO-20i folds: interleaved (default), contiguous or canet_40_20_20 (fold 0 only)"},
     )
     shot: int = field(default=1, metadata={"help": "K, support images per training episode"})
     image_size: int = field(default=473, metadata={"help": "training crop side and the model's test image size"})
@@ -232,7 +233,7 @@ class EpisodicArguments:
 
     def __post_init__(self):
         import hf_fss
-        from hf_fss.data.folds import COCO_CONVENTIONS, normalize_benchmark_name
+        from hf_fss.data.folds import COCO_CONVENTIONS, fold_classes, normalize_benchmark_name
         from hf_fss.evaluation.protocols import PROTOCOLS
 
         if self.model_type not in hf_fss.MODEL_CLASSES:
@@ -258,6 +259,8 @@ class EpisodicArguments:
                 raise ValueError(f"fold_convention applies to coco20i only, not to {self.benchmark}")
             if self.fold_convention not in COCO_CONVENTIONS:
                 raise ValueError(f"fold_convention must be one of {COCO_CONVENTIONS}, got {self.fold_convention!r}")
+            if self.fold_convention == "canet_40_20_20":
+                fold_classes("coco20i", self.fold, self.fold_convention)  # a single split: any fold but 0 raises
         if self.eval_protocol.lower() not in PROTOCOLS:
             raise ValueError(f"unknown eval_protocol {self.eval_protocol!r}; presets are {sorted(PROTOCOLS)}")
         self.eval_protocol = self.eval_protocol.lower()

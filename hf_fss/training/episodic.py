@@ -6,7 +6,8 @@ loop of `hf_fss.training.loop` (one loop for a laptop CPU, one GPU, N GPUs and s
 Run folder (`--output-dir`):
 
     final/            the model after the last step (save_pretrained + image processor + model card + metrics.json)
-    best/             the model with the best validation mIoU (held-out base-class episodes by default)
+    best/             the model with the best validation mIoU (held-out base-class episodes by default; the
+                      validation classes' episodes for a split that has them, COCO's canet_40_20_20)
     checkpoints/      step_XXXXXXXX/ training states (safetensors + JSON, checksum manifest), staged then renamed
     logs/             tracker output (tensorboard), when a tracker is on
     run.json          the run record: resolved arguments, data, batch sizes, processes, steps, metrics
@@ -152,7 +153,8 @@ def _train_dataset(dataset, fold, args: EpisodicArguments, seed: int, extra_inpu
         blur_p=0.5 if args.gaussian_blur else 0.0,
         flip_p=0.5 if args.horizontal_flip else 0.0,
     )
-    holdout = args.wants_validation and not args.select_on_test_fold
+    # A split with validation classes (COCO canet_40_20_20) validates on them, so no training image is held out.
+    holdout = args.wants_validation and not args.select_on_test_fold and not fold.validation
     return EpisodicTrainDataset(
         dataset["train"],
         fold,
@@ -214,6 +216,11 @@ def build_data(args: EpisodicArguments, seed: int, extra_inputs: tuple[str, ...]
     if args.wants_validation:
         if args.select_on_test_fold:
             split, classes, what = test_split, fold.novel, f"{test_split_name}, novel classes (test fold)"
+        elif fold.validation:
+            # The validation classes (never trained on) in the test split's images: disjoint from the test classes,
+            # and these images are not training images, so none of their validation-class pixels was learnt as
+            # background.
+            split, classes, what = test_split, fold.validation, f"{test_split_name}, validation classes"
         else:
             split, classes, what = train_dataset.validation_split(), fold.base, "held-out train images, base classes"
         protocol = protocol_for(base_protocol, args.benchmark, num_episodes=args.num_validation_episodes, seeds=[seed])
