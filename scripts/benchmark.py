@@ -18,12 +18,15 @@ means large temporary tensors are mapped fresh from the OS on every call (and ha
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
 
-Against the official code: `--official ntrenet=DIR` (repeatable, one per method) builds the official model from the
-checkout DIR (built out of tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights
-into the hf_fss model, and times both on the same episodes, interleaved (official, hf_fss, official, ...), full
-episode per call, reporting the medians, the ratio hf_fss / official and the largest logit difference:
+Against the official code: `--official METHOD=DIR` (repeatable, one per method; ntrenet, qgnet and smcp have a
+builder: `build_official_model` in their converter) builds the official model from the checkout DIR (built out of
+tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights into the hf_fss model, and
+times both on the same episodes, interleaved (official, hf_fss, official, ...), full episode per call, reporting the
+medians, the ratio hf_fss / official and the largest logit difference. A shot the official code cannot run (SMCP's is
+1-shot only) is listed as not run, with the reason:
 
     python scripts/benchmark.py --official ntrenet=../official/ntrenet --shots 1 5 --iterations 5 --num-threads 2
+    python scripts/benchmark.py --official qgnet=../official/qgnet --official smcp=../official/smcp --shots 1
 """
 
 from __future__ import annotations
@@ -312,9 +315,15 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
 
 
 def compare_official(model_type: str, source_dir: str, shot: int, args, device) -> dict:
-    """The official model of `source_dir` vs the hf_fss model with its weights: interleaved full episodes."""
+    """
+    The official model of `source_dir` vs the hf_fss model with its weights: interleaved full episodes. A setting the
+    official code cannot run (its builder raises `ValueError`) gives a row with the reason in `not_run` instead.
+    """
     image_size = args.image_size or default_image_size(model_type)
-    built = official_builder(model_type)(source_dir, shot=shot, image_size=image_size)
+    try:
+        built = official_builder(model_type)(source_dir, shot=shot, image_size=image_size)
+    except ValueError as error:  # a setting the official code cannot run (e.g. SMCP with K > 1): say so, go on
+        return {"model_type": model_type, "shot": shot, "image_size": image_size, "not_run": str(error)}
     official, ours = built.module.to(device), built.ours.to(device)
     query, support, masks = random_episode(args.batch_size, shot, image_size, device)
     with torch.no_grad():
@@ -397,8 +406,9 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         metavar="METHOD=DIR",
-        help="time the official code of METHOD from its checkout DIR against hf_fss with the same weights, "
-        "interleaved (instead of the per-method table); repeatable",
+        help="time the official code of METHOD (one whose converter defines build_official_model: ntrenet, qgnet, "
+        "smcp) from its checkout DIR against hf_fss with the same weights, interleaved (instead of the per-method "
+        "table); repeatable",
     )
     parser.add_argument("--no-training", dest="training", action="store_false", help="skip the training-step timing")
     parser.add_argument("--channels-last", action="store_true", help="model and query in channels_last memory format")
@@ -471,13 +481,16 @@ def _report_official(sources: dict[str, str], args, device) -> int:
         f"{'method':<10}{'K':>3}{'size':>6}{'official ms':>13}{'hf_fss ms':>11}{'hf_fss/official':>17}{'max|diff|':>11}"
     )
     for r in rows:
+        if "not_run" in r:
+            print(f"{r['model_type']:<10}{r['shot']:>3}{r['image_size']:>6}  not run: {r['not_run']}")
+            continue
         print(
             f"{r['model_type']:<10}{r['shot']:>3}{r['image_size']:>6}{r['official_latency_ms']:>13.1f}"
             f"{r['hf_fss_latency_ms']:>11.1f}{r['hf_fss_over_official']:>17.3f}{r['max_abs_logit_difference']:>11.1e}"
         )
     print(f"medians of {args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     _write_record(args.output, device, rows)
-    return 0
+    return 0 if any("not_run" not in r for r in rows) else 1
 
 
 def _write_record(path: Path | None, device: torch.device, rows: list[dict], **extra) -> None:

@@ -124,6 +124,83 @@ def test_official_flag_errors_name_the_problem(tmp_path, capsys):
         benchmark.official_builder("ntrenet")(tmp_path)
 
 
+# A stand-in for the official SMCP checkout: the module path (models/vgg_test.py, no __init__.py, as upstream), its
+# `from torchvision import models` + `models.vgg16()`, the constructor and forward signatures, the checkpoint key names
+# and the forward's one CUDA-only statement, around a tiny hf_fss SMCP. The pseudo-mask `label` multiplies the query,
+# so the forward fails unless the builder's device fix put it on the query's device.
+SMCP_STAND_IN = """
+import numpy as np
+import torch
+from torch import nn
+from torchvision import models
+
+from hf_fss import SMCPConfig, SMCPModel
+from hf_fss.models.smcp.convert_smcp import our_key_to_original
+
+
+class Encoder(nn.Module):
+    def __init__(self, pretrained_path=None):
+        super().__init__()
+        self.vgg_layers = len(models.vgg16().features)
+        tiny = {"backbone_kwargs": {"base_width": 4}, "reduce_dim": 16, "bottleneck_dim": 8, "num_base_classes": 5}
+        self.inner = SMCPModel(SMCPConfig(**tiny))
+
+    def state_dict(self, *args, **kwargs):
+        return {our_key_to_original(k): v for k, v in self.inner.state_dict().items()}
+
+    def forward(self, sup_imgs, qry_imgs, sup_mask):
+        label = np.ones(qry_imgs.shape[-2:], dtype=np.int64)
+        label = torch.from_numpy(label).cuda().unsqueeze(0).unsqueeze(0)
+        return self.inner(qry_imgs * label, sup_imgs[:, None], sup_mask[:, None].long()).logits
+"""
+
+
+def _smcp_stand_in_checkout(folder: Path) -> Path:
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "vgg_test.py").write_text(SMCP_STAND_IN)
+    return folder
+
+
+def _torchvision_modules() -> dict:
+    return {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
+
+
+def test_official_smcp_runs_the_unmodified_checkout_and_lists_the_shots_it_cannot(tmp_path, capsys):
+    checkout = _smcp_stand_in_checkout(tmp_path / "smcp")
+    before, torchvision_before = (checkout / "models" / "vgg_test.py").read_text(), _torchvision_modules()
+    output = tmp_path / "official.json"
+    argv = ["--official", f"smcp={checkout}", "--shots", "1", "2", "--image-size", "65", "--iterations", "1"]
+    assert benchmark.main([*argv, "--warmup", "0", "--output", str(output)]) == 0
+    one, two = json.loads(output.read_text())["results"]
+    assert (one["model_type"], one["shot"], two["shot"]) == ("smcp", 1, 2)
+    assert one["max_abs_logit_difference"] < 1e-5 and len(one["calls_s"]["official"]) == 1
+    assert "1-shot only" in two["not_run"] and "official_latency_ms" not in two
+    out = capsys.readouterr().out
+    assert "hf_fss/official" in out and "not run: the official SMCP code is 1-shot only" in out
+    # The fixes were made in memory: the file still has its .cuda(), and the import left no module behind.
+    assert (checkout / "models" / "vgg_test.py").read_text() == before
+    assert _torchvision_modules() == torchvision_before and "models.vgg_test" not in sys.modules
+
+
+def test_official_smcp_builder_errors_name_the_problem(tmp_path):
+    from hf_fss.models.smcp.convert_smcp import build_official_model
+
+    checkout = _smcp_stand_in_checkout(tmp_path / "smcp")
+    built = build_official_model(checkout, image_size=33)
+    assert built.module.vgg_layers == 31  # torchvision's VGG-16 `features`, real or the stand-in
+    episode = (torch.zeros(2, 3, 33, 33), torch.zeros(2, 1, 3, 33, 33), torch.zeros(2, 1, 33, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="one episode per call"):
+        built.forward(*episode)
+    with pytest.raises(ValueError, match="1-shot only"):
+        build_official_model(checkout, shot=5)
+    with pytest.raises(FileNotFoundError, match="does not hold models/vgg_test.py"):
+        build_official_model(tmp_path)
+    edited = checkout / "models" / "vgg_test.py"
+    edited.write_text(SMCP_STAND_IN.replace(".cuda()", ""))  # someone's CPU copy: not the file the fix is for
+    with pytest.raises(ValueError, match=r"holds 'torch.from_numpy\(label\).cuda\(\)' 0 times"):
+        build_official_model(checkout)
+
+
 def test_flops_are_counted_and_each_method_has_its_own_test_size():
     from hf_fss import NTRENetConfig, NTRENetModel
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,20 @@ def _isolated_package(source_dir: Path, package: str) -> Iterator[None]:
         purge()
 
 
-def import_from_checkout(source_dir: str | Path, module: str, attribute: str) -> object:
+def import_from_checkout(
+    source_dir: str | Path, module: str, attribute: str, source_edits: Mapping[str, str] | None = None
+) -> object:
     """
     `attribute` of `module` (e.g. `"model.ourmodel"`, `"NTRENet"`) imported from the checkout `source_dir` alone.
 
+    Args:
+        source_edits (`Mapping[str, str]`, *optional*): exact text replacements `{old: new}` made in memory in
+            `module`'s source before it runs, for the fixes a checkout needs to run here (e.g. a `.cuda()` call);
+            the checkout's file is left unchanged. Each `old` must occur exactly once.
+
     Raises:
         `FileNotFoundError`: `source_dir` is not a folder or lacks the module's file (both are named).
+        `ValueError`: an `old` of `source_edits` does not occur exactly once in the module's file (both named).
     """
     source_dir = Path(source_dir).expanduser().resolve()
     relative = Path(*module.split("."))
@@ -74,7 +83,29 @@ def import_from_checkout(source_dir: str | Path, module: str, attribute: str) ->
             "(built out of tree, with the fixes it needs to run here)"
         )
     with _isolated_package(source_dir, module.split(".")[0]):
+        if source_edits:
+            return getattr(_import_edited(source_dir / relative.with_suffix(".py"), module, source_edits), attribute)
         return getattr(importlib.import_module(module), attribute)
+
+
+def _import_edited(file: Path, module: str, source_edits: Mapping[str, str]) -> object:
+    source = file.read_text(encoding="utf-8")
+    for old, new in source_edits.items():
+        count = source.count(old)
+        if count != 1:
+            raise ValueError(
+                f"{file} holds {old!r} {count} times, not once: it is not the official code this fix was written "
+                "for (give an unmodified checkout of the official repository)"
+            )
+        source = source.replace(old, new)
+    parent = module.rpartition(".")[0]
+    if parent and (file.parent / "__init__.py").is_file():
+        importlib.import_module(parent)  # a regular package's __init__ runs first, as in a plain import
+    spec = importlib.util.spec_from_file_location(module, file)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded  # purged with the package when the import is done
+    exec(compile(source, str(file), "exec"), loaded.__dict__)  # the checkout's own code, as a plain import runs it
+    return loaded
 
 
 def official_builder(model_type: str) -> Callable[..., OfficialModel]:

@@ -20,18 +20,25 @@ them continues the same way (it has no effect on inference).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
-from collections.abc import Mapping
+import sys
+import types
+from collections.abc import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ...backbones import smcp_backbone_key_map
-from ...backbones.vgg import DILATED_VGG16_STAGE_BOUNDS
+from ...backbones.vgg import _VGG16_CFG, DILATED_VGG16_STAGE_BOUNDS
 from ..conversion import load_official_state_dict, load_original_state_dict, unwrap_state_dict
 from .configuration_smcp import SMCPConfig
 from .modeling_smcp import SMCPModel
 
 __all__ = [
+    "build_official_model",
     "convert_smcp_checkpoint",
     "convert_smcp_state_dict",
     "infer_smcp_config",
@@ -40,6 +47,11 @@ __all__ = [
 ]
 
 OFFICIAL_ASPP_RATES = (6, 12, 18, 24)
+# The official test-time model: models/vgg_test.py's `Encoder` (two passes, the second with the fused prototype).
+OFFICIAL_TEST_MODULE = "models.vgg_test"
+# Its one CUDA-only statement: `Encoder.forward` moves the first-pass pseudo-mask (built with numpy on the CPU) to the
+# GPU with `.cuda()`. `build_official_model` moves it to the query's device instead, so the module runs on CPU too.
+OFFICIAL_DEVICE_FIX = {"torch.from_numpy(label).cuda()": "torch.from_numpy(label).to(qry_imgs.device)"}
 _BACKBONE_PREFIX = "backbone."
 
 
@@ -144,3 +156,113 @@ def convert_smcp_checkpoint(
         model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
     )
     return model
+
+
+def _torchvision_vgg16_layout(**kwargs) -> nn.Module:
+    # What the official constructor reads of `torchvision.models.vgg16()`: its `features` list (13 x [Conv2d 3x3
+    # padding 1, ReLU(inplace)] with MaxPool2d(2, 2) closing each of the 5 blocks), with torchvision's initialisation
+    # (convolutions Kaiming-normal on fan-out, zero biases). `classifier` has torchvision's layers on the meta device:
+    # the official code lists them and drops them, so they cost nothing here.
+    if kwargs.get("pretrained") or kwargs.get("weights") is not None:
+        raise ValueError("the torchvision stand-in of build_official_model has no ImageNet weights")
+    layers, in_channels = [], 3
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(in_channels, 64 * item, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        in_channels = 64 * item
+    vgg = nn.Module()
+    vgg.features = nn.Sequential(*layers)
+    vgg.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+    linear = {"device": "meta"}
+    vgg.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 4096, **linear), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(4096, 4096, **linear), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 1000, **linear),
+    )  # fmt: skip
+    return vgg
+
+
+@contextlib.contextmanager
+def _torchvision_for_import() -> Iterator[None]:
+    # The official module does `from torchvision import models` and calls only `models.vgg16()`. hf_fss does not
+    # depend on torchvision (its wheels pin a torch build); when it cannot be imported, a stand-in offering that one
+    # constructor is put in `sys.modules` for the duration of the import only.
+    before = set(sys.modules)
+    try:
+        importlib.import_module("torchvision")
+    except Exception:  # missing, or a wheel whose compiled operators do not match this torch
+        for name in set(sys.modules) - before:
+            if name == "torchvision" or name.startswith("torchvision."):
+                del sys.modules[name]
+    else:
+        yield
+        return
+    stand_in, models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
+    models.vgg16 = _torchvision_vgg16_layout
+    stand_in.models = models
+    sys.modules.update({"torchvision": stand_in, "torchvision.models": models})
+    try:
+        yield
+    finally:
+        del sys.modules["torchvision"], sys.modules["torchvision.models"]
+
+
+def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 417, seed: int = 0):
+    """
+    The official SMCP test-time model (`Encoder` of `models/vgg_test.py` in a checkout of the official repository,
+    commit 191fbff) with seeded random weights, and the hf_fss model converted from them, for
+    `scripts/benchmark.py --official smcp=DIR`.
+
+    The checkout is used unmodified; the fixes it needs to run here are made at import, in memory:
+    - its one `.cuda()` (`Encoder.forward` moving the first-pass pseudo-mask to the GPU) becomes a move to the
+      query's device (`OFFICIAL_DEVICE_FIX`), so it runs on CPU and on GPU;
+    - if `torchvision` cannot be imported (hf_fss does not depend on it), a stand-in `torchvision.models.vgg16()`
+      building torchvision's VGG-16 layer list with its initialisation is in `sys.modules` during the import only
+      (removed afterwards). The official test constructor loads no ImageNet file, so no weights are needed.
+
+    The returned `forward(query (1, 3, H, W), support (1, 1, 3, H, W), support_masks (1, 1, H, W) in {0, 1, 255})`
+    calls the official `Encoder(support image, query, support mask == 1)` as test.py does and upsamples its
+    (1, 2, h, w) logits to the query's size (bilinear, align_corners=False), like test.py; it raises `ValueError`
+    for a batch of several episodes, which the official forward cannot take (it reads the first episode's
+    pseudo-mask only).
+
+    Args:
+        source_dir: root of the official checkout.
+        shot (`int`): K of the episodes; the official code supports 1 only.
+        image_size (`int`): test size (the official 417), in the hf_fss config.
+        seed (`int`): seed of the official model's own initialisation (torchvision's VGG-16 init for the backbone).
+
+    Returns:
+        [`hf_fss.models.official.OfficialModel`]
+
+    Raises:
+        `FileNotFoundError`: `source_dir` lacks `models/vgg_test.py`.
+        `ValueError`: `shot` > 1 (the official forward broadcasts one support's mask against the support features
+            and crashes for K > 1), or `models/vgg_test.py` is not the official file the device fix was written for.
+    """
+    from ..official import OfficialModel, import_from_checkout
+
+    if shot != 1:
+        raise ValueError(
+            f"the official SMCP code is 1-shot only (its Encoder.forward pools the prototype with one support mask "
+            f"and crashes for K > 1), got shot={shot}; compare K > 1 with hf_fss alone"
+        )
+    with _torchvision_for_import():
+        official_class = import_from_checkout(source_dir, OFFICIAL_TEST_MODULE, "Encoder", OFFICIAL_DEVICE_FIX)
+    torch.manual_seed(seed)
+    official = official_class().eval()
+    ours, _ = convert_smcp_state_dict(official.state_dict(), image_size=image_size, shot=shot)
+
+    def forward(query, support, support_masks):
+        if query.shape[0] != 1:
+            raise ValueError(
+                f"the official SMCP forward takes one episode per call (batch 1), got a batch of {query.shape[0]}"
+            )
+        logits = official(support[:, 0], query, (support_masks[:, 0] == 1).to(query.dtype))
+        return F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=False)
+
+    return OfficialModel(official, forward, ours, f"{source_dir}: models/vgg_test.py Encoder")
