@@ -164,6 +164,7 @@ def test_bad_recipe_keys_and_values_are_named(tmp_path):
         (["--dataset", "synthetic", "--benchmark", "voc2099"], "voc2099"),
         (["--config", "no/such/recipe.yaml"], "no/such/recipe.yaml"),
         (["--dataset", "no/such_dataset_folder_or_hub_id/x"], "no/such_dataset_folder_or_hub_id/x"),
+        (["--learning-rte", "0.1"], "unrecognized arguments: --learning-rte 0.1"),
     ],
 )
 def test_bad_input_exits_non_zero_and_writes_nothing(tmp_path, capsys, flags, message):

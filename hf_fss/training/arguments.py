@@ -383,6 +383,9 @@ def parse_groups(
     recipe = load_recipe(config, groups) if config is not None else {}
     recipe_model = dict(recipe.pop("model_kwargs", None) or {})
     parser.set_defaults(**recipe, config=config)
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's wording, not HfArgumentParser's "not used by the HfArgumentParser"
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help for the flags)")
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     for group in parsed:
         if hasattr(group, "config"):
