@@ -93,9 +93,29 @@ def test_bad_model_path_or_dataset_is_a_clear_error(models, tmp_path, capsys):
     assert main(["--models", models["prior"], str(tmp_path / "no_such_model"), *DATA, "--output-dir", out]) == 2
     err = capsys.readouterr().err
     assert "no_such_model" in err and "Traceback" not in err
-    assert main(["--models", models["prior"], "--dataset", str(tmp_path / "no_such_data"), "--output-dir", out]) == 2
+    no_data = ["--dataset", str(tmp_path / "no_such_data")]
+    assert main(["--models", models["prior"], models["prior"], *no_data, "--output-dir", out]) == 2
     err = capsys.readouterr().err
     assert "folder not found" in err and "no_such_data" in err
+    assert main(["--models", models["prior"], *DATA, "--output-dir", out]) == 2
+    assert "at least two --models" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--models",
+                models["prior"],
+                models["prior"],
+                *DATA,
+                "--fold-convention",
+                "contiguous",
+                "--output-dir",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "applies to COCO-20i only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_paired_test_detects_a_real_difference():

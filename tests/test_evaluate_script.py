@@ -166,7 +166,16 @@ def test_canet_40_20_20_convention_from_evaluate_and_compare(tiny_model, coco_li
     with pytest.raises(SystemExit):  # argparse refuses an unknown convention
         main([*common, "--fold-convention", "canet"])
 
-    compare_flags = ["--models", str(tiny_model), *flags, "--num-episodes", "6", "--output-dir", str(tmp_path / "cmp")]
+    compare_flags = [
+        "--models",
+        str(tiny_model),
+        str(tiny_model),
+        *flags,
+        "--num-episodes",
+        "6",
+        "--output-dir",
+        str(tmp_path / "cmp"),
+    ]
     args = compare.build_parser().parse_args(compare_flags)
     context = compare._prepare(args)
     assert context["fold"].novel == tuple(range(61, 81)) and context["protocol"].fold_convention == "canet_40_20_20"
@@ -185,6 +194,8 @@ def test_canet_40_20_20_convention_from_evaluate_and_compare(tiny_model, coco_li
         (["--shot-fusion", "finetune"], "shot_fusion"),
         (["--model-kwargs", '{"reduce_dimm": 8}'], "did you mean 'reduce_dim'"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+        # a COCO-only flag on another benchmark is refused, not silently ignored
+        (["--fold-convention", "canet_40_20_20", "--fold", "1"], "applies to COCO-20i only"),
     ],
 )
 def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, flags, message):

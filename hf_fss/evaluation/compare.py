@@ -38,6 +38,7 @@ from hf_fss.evaluation.runner import (
     _load_model_and_processor,
     _synthetic_kwargs,
     class_names_of,
+    coco_fold_convention,
     default_feature_cache_bytes,
     default_test_split,
     evaluate_model,
@@ -436,6 +437,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     from hf_fss.data.loading import benchmark_required_message, infer_benchmark
     from hf_fss.evaluation.protocols import get_protocol
 
+    if len(args.models) < 2:
+        raise ValueError(
+            f"compare.py needs at least two --models, got {len(args.models)}; score one model with evaluate.py"
+        )
     for model in args.models:
         check_model_path(model)  # before any data is built
     if args.shot < 1 or args.batch_size < 1:
@@ -446,12 +451,14 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if benchmark is None:
         raise ValueError(benchmark_required_message(args.dataset))
     benchmark = normalize_benchmark_name(benchmark)
+    convention = coco_fold_convention(args.fold_convention, benchmark)
+    if not has_class_split(benchmark):
+        fold_classes(benchmark, args.fold, convention)  # a bad fold is refused before any data is built
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
     split_name = args.split or default_test_split(dataset, benchmark)
     if split_name not in dataset:
         raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
     split = dataset[split_name]
-    convention = args.fold_convention if benchmark == "coco20i" else None
     fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
     base = get_protocol(args.protocol, benchmark=benchmark)
     seeds = args.seeds or list(base.seeds)

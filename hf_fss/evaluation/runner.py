@@ -109,6 +109,21 @@ def default_test_split(dataset: Mapping[str, Any], benchmark: str) -> str:
     raise ValueError(f"the dataset has no 'validation' split to draw test episodes from (splits: {sorted(dataset)})")
 
 
+def coco_fold_convention(fold_convention: str | None, benchmark: str) -> str | None:
+    """
+    The `--fold-convention` to use for `benchmark`: the given one for COCO-20i (None = the protocol's default).
+
+    Raises:
+        `ValueError`: a convention given for another benchmark (it would otherwise be silently ignored).
+    """
+    if fold_convention is not None and benchmark != "coco20i":
+        raise ValueError(
+            f"--fold-convention {fold_convention} applies to COCO-20i only, not to the {benchmark} benchmark; "
+            "drop the flag"
+        )
+    return fold_convention
+
+
 def protocol_for(
     name: str | EvaluationProtocol,
     benchmark: str,
@@ -503,6 +518,9 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if benchmark is None:
         raise ValueError(benchmark_required_message(args.dataset))
     benchmark = normalize_benchmark_name(benchmark)
+    convention = coco_fold_convention(args.fold_convention, benchmark)
+    if not has_class_split(benchmark):
+        fold_classes(benchmark, args.fold, convention)  # a bad fold is refused before any data is built
     if args.shot < 1:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")
     if args.batch_size < 1:
@@ -516,7 +534,6 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if split_name not in dataset:
         raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
     split = dataset[split_name]
-    convention = args.fold_convention if benchmark == "coco20i" else None
     fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
 
     # The episode file is checked against the split before the model is loaded.
