@@ -353,6 +353,27 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
         assert calls.count(True) == 2 * 3  # 3 finetuning steps, each both directions, with autograd
         assert torch.isfinite(adapted).all() and not torch.allclose(adapted, averaged)
 
+    @pytest.mark.parametrize("feature_levels", ["layer3+layer4", "layer2+layer3"])
+    def test_cached_evaluation_is_bit_identical(self, feature_levels):
+        # The evaluation feature cache serves the backbone's stages, layer4 (the prior's features) included.
+        from hf_fss.backbones import FeatureCache
+        from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+        from hf_fss.evaluation.runner import evaluate_model
+
+        model = self.get_model(feature_levels=feature_levels, shot_fusion="average", freeze_backbone=True)
+        split = load_benchmark("synthetic", num_train=0, num_val=60, image_size=128)["validation"]
+        novel = fold_classes("synthetic", 0).novel
+        episodes = make_test_episodes(split, novel, 4, shot=2, seed=3)
+        processor = FewShotSegmentationImageProcessor(image_size=65)
+        cache = FeatureCache(1 << 30)
+        runs = [
+            evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False, feature_cache=c)
+            for c in (None, cache, cache)
+        ]
+        assert cache.hits > 0
+        assert json.dumps(runs[1], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
+        assert json.dumps(runs[2], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
+
     def test_the_head_refuses_a_prior_that_does_not_match_the_switch(self):
         model = self.get_model().eval()
         features = torch.randn(1, 16, 9, 11)
