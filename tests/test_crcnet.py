@@ -374,6 +374,12 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
         assert json.dumps(runs[1], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
         assert json.dumps(runs[2], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
 
+    def test_the_card_states_the_prior_only_when_the_checkpoint_has_it(self):
+        from hf_fss.hub.model_card import render_model_card
+
+        assert '"PFENet + CRC" variant' in render_model_card(CRCNetConfig(prior_mask=True)).text
+        assert '"PFENet + CRC" variant' not in render_model_card(CRCNetConfig()).text
+
     def test_the_head_refuses_a_prior_that_does_not_match_the_switch(self):
         model = self.get_model().eval()
         features = torch.randn(1, 16, 9, 11)
