@@ -272,6 +272,124 @@ class TestCRCNet(FewShotModelTesterMixin):
         assert all(p.grad is None for p in model.parameters())
 
 
+class TestCRCNetPriorMask(FewShotModelTesterMixin):
+    """The "PFENet + CRC" variant (`prior_mask=True`): the shared tests, and the prior reaching the refinement."""
+
+    model_class = CRCNetModel
+    config_kwargs = {**TINY_CRCNET, "prior_mask": True}
+
+    def test_frozen_extractors_are_bit_identical_after_a_training_step(self):
+        self.config_kwargs = {**TINY_CRCNET, "prior_mask": True, "freeze_backbone": True}
+        super().test_frozen_extractors_are_bit_identical_after_a_training_step()
+
+    def test_the_switch_changes_the_output_through_the_prior_channel_only(self):
+        reference = self.get_model(prior_mask=False).eval()
+        model = self.get_model().eval()
+        state = reference.state_dict()
+        weight = state["head.refinement.input.0.weight"]
+        assert model.head.refinement.input[0].weight.shape[1] == weight.shape[1] + 1  # one more input channel
+        with torch.no_grad():
+            for parameter in reference.head.parameters():
+                parameter.mul_(3.0)  # as the ablation test: make every path visible in the output
+            prior_weight = torch.randn_like(weight[:, :1])
+            state = {**reference.state_dict()}
+            state["head.refinement.input.0.weight"] = torch.cat(
+                [state["head.refinement.input.0.weight"], 0 * prior_weight], 1
+            )
+            model.load_state_dict(state)
+            query, support, masks, _ = self.episode(batch_size=1, shot=1)
+            expected = reference(query, support, masks).logits
+            torch.testing.assert_close(model(query, support, masks).logits, expected)  # a zero prior weight: the same
+            model.head.refinement.input[0].weight[:, -1:] = 3.0 * prior_weight
+            assert (model(query, support, masks).logits - expected).abs().max() > 1e-3
+
+    @pytest.mark.parametrize("feature_levels", ["layer3+layer4", "layer2+layer3"])
+    def test_the_prior_channel_is_the_cosine_prior_of_the_layer4_features(self, feature_levels):
+        from hf_fss.modules import cosine_prior_mask, resize_mask
+
+        model = self.get_model(feature_levels=feature_levels, inference_scales=[1.0]).eval()
+        inputs = []
+        model.head.refinement.input.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        query, support, masks, _ = self.episode(batch_size=1, shot=1)
+        with torch.no_grad():
+            outputs = model(query, support, masks)
+            query_high = model.backbone.forward_stages(query, 0, 5)[4]
+            support_high = model.backbone.forward_stages(support[:, 0], 0, 5)[4]
+        size = inputs[0].shape[-2:]
+        support_mask = resize_mask((masks == 1).float(), size)
+        expected = cosine_prior_mask(query_high, support_high, support_mask, output_size=size)
+        assert len(inputs) == 2  # the query from the support, then the support from the query
+        torch.testing.assert_close(inputs[0][:, -1:], expected, rtol=0, atol=1e-6)
+        assert expected.amin() == 0 and expected.amax() > 0.99  # min-max normalised
+        query_mask = resize_mask(outputs.logits.softmax(dim=1)[:, 1:], size)  # the predicted query probability
+        expected = cosine_prior_mask(support_high, query_high, query_mask, output_size=size)
+        torch.testing.assert_close(inputs[1][:, -1:], expected, rtol=0, atol=1e-4)
+
+    def test_training_with_and_without_labels_feeds_the_prior_in_both_directions(self):
+        model = self.get_model().train()
+        priors, inputs, compute = [], [], model._prior
+        model._prior = lambda *args: priors.append(compute(*args)) or priors[-1]
+        model.head.refinement.input.register_forward_pre_hook(lambda module, args: inputs.append(args[0][:, -1:]))
+        query, support, masks, labels = self.episode(batch_size=2, shot=2)
+        model(query, support, masks, labels=labels).loss.backward()
+        assert len(priors) == 2 and all(p.shape[0] == 4 and not p.requires_grad for p in priors)  # 2 x 2 pairs
+        assert all(p.amin() >= 0 and p.amax() <= 1 and p.amax() > 0.99 for p in priors)
+        assert all(torch.equal(p, x) for p, x in zip(priors, inputs))  # query, then support direction
+        assert model.head.refinement.input[0].weight.grad[:, -1].abs().sum() > 0  # the prior channel is trained
+        outputs = model(query, support, masks)  # no query label: the query prediction only
+        assert outputs.logits.shape == (2, 2, self.image_size, self.image_width) and len(priors) == 3
+
+    def test_five_shot_finetuning_runs_with_the_prior(self):
+        model = self.get_model(shot_fusion="finetune+average", finetune_steps=3).eval()
+        calls = []
+        model.head.refinement.input.register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+        query, support, masks, _ = self.episode(batch_size=1, shot=5)
+        with torch.no_grad():
+            encoding = model.encode_support(support, masks)
+            assert [tuple(x.shape[:2]) for x in encoding.high_features] == [(1, 5)] * 3  # per inference scale
+            adapted = model(query, support_encoding=encoding).logits
+            model.config.shot_fusion = "average"
+            averaged = model(query, support, masks).logits
+        assert calls.count(True) == 2 * 3  # 3 finetuning steps, each both directions, with autograd
+        assert torch.isfinite(adapted).all() and not torch.allclose(adapted, averaged)
+
+    @pytest.mark.parametrize("feature_levels", ["layer3+layer4", "layer2+layer3"])
+    def test_cached_evaluation_is_bit_identical(self, feature_levels):
+        # The evaluation feature cache serves the backbone's stages, layer4 (the prior's features) included.
+        from hf_fss.backbones import FeatureCache
+        from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+        from hf_fss.evaluation.runner import evaluate_model
+
+        model = self.get_model(feature_levels=feature_levels, shot_fusion="average", freeze_backbone=True)
+        split = load_benchmark("synthetic", num_train=0, num_val=60, image_size=128)["validation"]
+        novel = fold_classes("synthetic", 0).novel
+        episodes = make_test_episodes(split, novel, 4, shot=2, seed=3)
+        processor = FewShotSegmentationImageProcessor(image_size=65)
+        cache = FeatureCache(1 << 30)
+        runs = [
+            evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False, feature_cache=c)
+            for c in (None, cache, cache)
+        ]
+        assert cache.hits > 0
+        assert json.dumps(runs[1], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
+        assert json.dumps(runs[2], sort_keys=True) == json.dumps(runs[0], sort_keys=True)
+
+    def test_the_card_states_the_prior_only_when_the_checkpoint_has_it(self):
+        from hf_fss.hub.model_card import render_model_card
+
+        assert '"PFENet + CRC" variant' in render_model_card(CRCNetConfig(prior_mask=True)).text
+        assert '"PFENet + CRC" variant' not in render_model_card(CRCNetConfig()).text
+
+    def test_the_head_refuses_a_prior_that_does_not_match_the_switch(self):
+        model = self.get_model().eval()
+        features = torch.randn(1, 16, 9, 11)
+        with pytest.raises(ValueError, match="prior_mask=True"):
+            model.head(features, features, torch.ones(1, 1, 9, 11), steps=1)
+        plain = self.get_model(prior_mask=False).eval()
+        with pytest.raises(ValueError, match="prior_mask=False"):
+            plain.head(features, features, torch.ones(1, 1, 9, 11), steps=1, prior=torch.zeros(1, 1, 9, 11))
+
+
 def _recording(step, record):
     def wrapped(features, cache):
         logits = step(features, cache)

@@ -100,6 +100,14 @@ class CRCNetConfig(FewShotSegmentationConfig):
         (section 2.3's "multiple feature levels and field-of-views"); `"concat"`: CANet's single concat + residual.
     intermediate_loss (`bool`, *optional*, defaults to `False`):
         (9) Average the losses of every unrolled step instead of taking the last step's.
+    prior_mask (`bool`, *optional*, defaults to `False`):
+        The paper's "PFENet + CRC" variant (Tables 8 and 12: CRCNet's modules built on PFENet): PFENet's
+        training-free prior mask (cosine similarity of the frozen backbone's layer4 features of target and reference,
+        max over the reference's foreground positions, min-max normalised per image; `cosine_prior_mask`) joins the
+        mask refinement module's input as one more channel, for every (target, reference) pair: query from support,
+        support from query, training, K-shot finetuning. The layer4 features are never trained through (computed
+        without autograd for `feature_levels` without layer4, detached otherwise, as PFENet). `False` is CRCNet as
+        in the paper's main model.
 
     Loss (Eq. 5, `(L_QM + L_SM) + co_occurrence_loss_weight (L_QMsub + L_SMsub)`):
 
@@ -181,6 +189,7 @@ class CRCNetConfig(FewShotSegmentationConfig):
     refinement_cache_format: CacheFormat = "probabilities"
     refinement_combined_block: CombinedBlock = "encoder_decoder"
     intermediate_loss: bool = False
+    prior_mask: bool = False
 
     support_loss_weight: float = 1.0
     co_occurrence_loss_weight: float = 0.1

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import masked_average_pooling, resize_mask
+from ...modules import cosine_prior_mask, masked_average_pooling, resize_mask
 from .configuration_crcnet import CRCNetConfig
 
 __all__ = ["DIFFERENCES_FROM_PAPER", "CRCNetHead", "CRCNetModel", "CRCNetSupportEncoding", "PairPrediction"]
@@ -75,6 +75,10 @@ DIFFERENCES_FROM_PAPER = (
     "label is unknown), at scale 1 only; training conditions it on the query label, as the paper.",
     "K-shot training: each support-query pair of a K-shot episode is a 1-shot pair; the query losses are averaged "
     "over the K pairs (the paper trains 1-shot).",
+    "Option `prior_mask` (default off: the paper's main model): the 'PFENet + CRC' variant of Tables 8 / 12, built "
+    "here as CRCNet plus PFENet's training-free prior mask (cosine prior of the frozen layer4 features) as one more "
+    "channel of the mask refinement input, for every (target, reference) pair; the paper does not say where its "
+    "variant feeds the prior.",
 )
 
 
@@ -333,7 +337,8 @@ class CRCNetHead(nn.Module):
         cache_channels = 0
         if config.use_refinement_cache:
             cache_channels = 2 if config.refinement_cache_format == "probabilities" else 1
-        in_channels = dim * (1 + bool(conditionals))
+        # The prior mask (`prior_mask`) joins the refinement input as one more channel, as PFENet's FEM input.
+        in_channels = dim * (1 + bool(conditionals)) + int(config.prior_mask)
         self.refinement = MaskRefinement(dim, in_channels, cache_channels, config.refinement_combined_block)
 
     def initial_cache(self, features: torch.Tensor) -> torch.Tensor | None:
@@ -363,6 +368,7 @@ class CRCNetHead(nn.Module):
         grad_steps: int = 1,
         target_is_query: bool = True,
         co_occurrence: bool = True,
+        prior: torch.Tensor | None = None,
     ) -> PairPrediction:
         """
         Args:
@@ -373,7 +379,17 @@ class CRCNetHead(nn.Module):
             grad_steps (`int`): the last `grad_steps` steps keep autograd (the cache is detached between steps).
             target_is_query (`bool`): which FC pair of an unshared cross-reference module sees which image.
             co_occurrence (`bool`): also run the co-occurrence heads.
+            prior (`torch.FloatTensor` of shape `(B, 1, h, w)`, *optional*): the target's prior mask in [0, 1]
+                (`cosine_prior_mask`); required with `prior_mask=True`, refused without.
+
+        Raises:
+            `ValueError`: `prior` given without `config.prior_mask`, or missing with it.
         """
+        if (prior is not None) != self.config.prior_mask:
+            raise ValueError(
+                f"CRCNetHead got prior={'a tensor' if prior is not None else None} with "
+                f"prior_mask={self.config.prior_mask}: pass the prior mask exactly when prior_mask=True"
+            )
         features_target, features_reference = target, reference
         target_co = reference_co = None
         if hasattr(self, "cross_reference"):
@@ -388,6 +404,8 @@ class CRCNetHead(nn.Module):
         else:
             conditional = self._conditional(target, reference, reference_mask)
         inputs = target if conditional is None else torch.cat([conditional, target], dim=1)
+        if prior is not None:
+            inputs = torch.cat([inputs, prior], dim=1)
         features = self.refinement.features(inputs)
         cache = self.initial_cache(features)
         steps = steps if cache is not None else 1
@@ -417,6 +435,9 @@ class CRCNetSupportEncoding(SupportEncoding):
         adapted_parameters (`tuple` of `torch.FloatTensor`, each `(batch_size, *parameter_shape)`, *optional*):
             the head's parameters finetuned on each support set (K-shot finetuning), in `head.named_parameters()`
             order; None when not finetuned.
+        high_features (`tuple` of `torch.FloatTensor` of shape `(batch_size, shot, C4, h_s, w_s)`, *optional*):
+            the frozen backbone's layer4 features of the supports, one per scale (no autograd), for the prior mask;
+            None unless `prior_mask`.
     """
 
     scales: torch.FloatTensor | None = None
@@ -424,6 +445,7 @@ class CRCNetSupportEncoding(SupportEncoding):
     feature_masks: tuple[torch.FloatTensor, ...] | None = None
     labels: torch.LongTensor | None = None
     adapted_parameters: tuple[torch.FloatTensor, ...] | None = None
+    high_features: tuple[torch.FloatTensor, ...] | None = None
 
 
 _LEVELS = {"layer3+layer4": (3, 4), "layer2+layer3": (2, 3), "layer4": (4,)}
@@ -439,6 +461,11 @@ def _resize_images(pixel_values: torch.Tensor, scale: float) -> torch.Tensor:
 def _shot_mean(x: torch.Tensor, shot: int) -> torch.Tensor:
     """`(N * shot, ...)` -> `(N, ...)`: the mean over the shots of each support set."""
     return x.unflatten(0, (-1, shot)).mean(dim=1)
+
+
+def _repeat_shots(x: torch.Tensor | None, shot: int) -> torch.Tensor | None:
+    """`(N, ...)` -> `(N * shot, ...)`: each item repeated for the shots of its support set (None stays None)."""
+    return None if x is None else x.unsqueeze(1).expand(-1, shot, *x.shape[1:]).flatten(0, 1)
 
 
 def _target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -495,11 +522,32 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     # --- encoder -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Siamese encoder: `(N, 3, H, W)` -> `(N, reduce_dim, H / 8, W / 8)` (the configured stages, projected)."""
+        return self._encode(pixel_values, high_level=False)[0]
+
+    def _encode(self, pixel_values: torch.Tensor, high_level: bool | None = None):
+        """
+        `(N, 3, H, W)` -> (encoder features `(N, reduce_dim, h, w)`, layer4 features `(N, C4, h, w)` or None). The
+        layer4 features (for the prior mask; `high_level` defaults to `config.prior_mask`) never carry autograd:
+        detached when layer4 is one of the encoder's levels, else computed once more from layer3 under no_grad.
+        """
+        high_level = self.config.prior_mask if high_level is None else high_level
         levels = _LEVELS[self.config.feature_levels]
         stages = self.backbone.forward_stages(pixel_values, 0, max(levels) + 1)
         size = stages[levels[-1]].shape[-2:]
-        features = torch.cat([_upsample(stages[level], size) for level in levels], dim=1)
-        return self.encoder_projection(features)
+        features = self.encoder_projection(torch.cat([_upsample(stages[level], size) for level in levels], dim=1))
+        if not high_level:
+            return features, None
+        if len(stages) > 4:
+            return features, stages[4].detach()
+        with torch.no_grad():
+            return features, self.backbone.forward_stages(stages[3], 4, 5)[0]
+
+    def _prior(self, target_high, reference_high, reference_mask, size) -> torch.Tensor | None:
+        """PFENet's prior mask of the targets `(N, 1, *size)` from the layer4 features `(N, C4, h, w)` of targets and
+        references and the references' masks `(N, 1, h', w')`; None when `prior_mask` is off."""
+        if target_high is None:
+            return None
+        return cosine_prior_mask(target_high, reference_high, reference_mask.detach(), output_size=tuple(size))
 
     def _scales(self) -> tuple[float, ...]:
         return (1.0,) if self.training else tuple(self.config.inference_scales)
@@ -509,11 +557,13 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         images = support_pixel_values.flatten(0, 1)
         targets = _target_mask(support_masks.flatten(0, 1))
         scales = self._scales()
-        features, feature_masks = [], []
+        features, feature_masks, high_features = [], [], []
         for scale in scales:
-            scaled = self.encode_images(_resize_images(images, scale))
+            scaled, high = self._encode(_resize_images(images, scale))
             features.append(scaled.unflatten(0, (batch_size, shot)))
             feature_masks.append(resize_mask(targets, scaled.shape[-2:]).unflatten(0, (batch_size, shot)))
+            if high is not None:
+                high_features.append(high.unflatten(0, (batch_size, shot)))
         adapted = None
         if not self.training and shot > 1 and self.config.shot_fusion != "average":
             adapted = self._finetune_support_sets(support_pixel_values, support_masks)
@@ -524,6 +574,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             feature_masks=tuple(feature_masks),
             labels=support_masks.long(),
             adapted_parameters=adapted,
+            high_features=tuple(high_features) if high_features else None,
         )
 
     # --- K-shot finetuning (section 4.6) -------------------------------------------------------------------------
@@ -536,8 +587,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         adapted = []
         for images, masks in zip(support_pixel_values, support_masks):
             with torch.no_grad():
-                features = self.encode_images(images).detach()
-                flipped = self.encode_images(images.flip(-1)).detach() if self.config.finetune_flip else None
+                features = self._encode(images)
+                flipped = self._encode(images.flip(-1)) if self.config.finetune_flip else None
             adapted.append(self._finetune(features, flipped, masks.long()))
         return tuple(torch.stack(values) for values in zip(*adapted))
 
@@ -548,12 +599,12 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         `finetune_seed`, so a support set always gives the same result.
 
         Args:
-            features, flipped (`torch.FloatTensor` of shape `(K, reduce_dim, h, w)`): encoder features of the
-                supports and of their flips (None without flips).
+            features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
+                or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips).
             labels (`torch.LongTensor` of shape `(K, H, W)`): support masks {0, 1, 255}.
         """
         config = self.config
-        shot = features.shape[0]
+        shot = features[0].shape[0]
         pairs = [(i, j) for i in range(shot) for j in range(shot) if i != j or config.finetune_pairs == "all"]
         params = {name: p.detach().clone().requires_grad_(True) for name, p in self.head.named_parameters()}
         if config.finetune_optimizer == "sgd":
@@ -567,14 +618,18 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             for _ in range(config.finetune_steps):
                 target, reference = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
                 flip = flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
-                source, pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
+                (source, high), pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
                 pair_labels = pair_labels[[target, reference]]
+                pair_high = (
+                    (None, None) if high is None else (high[target : target + 1], high[reference : reference + 1])
+                )
                 loss, _ = self._pair_losses(
                     params,
                     source[target : target + 1],
                     source[reference : reference + 1],
                     pair_labels[:1],
                     pair_labels[1:],
+                    pair_high,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -595,27 +650,34 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         names = [name for name, _ in self.head.named_parameters()]
         return {name: value[index] for name, value in zip(names, encoding.adapted_parameters)}
 
-    def _predict_query(self, query_features, encoding, scale_index, params) -> tuple[PairPrediction, int]:
-        """The query (`(N, C, h, w)`) predicted from every support of the N support sets: one batch of N * K pairs."""
+    def _predict_query(self, query, encoding, scale_index, params) -> tuple[PairPrediction, int]:
+        """
+        The query (`query`: encoder features `(N, C, h, w)` and layer4 features or None) predicted from every
+        support of the N support sets: one batch of N * K pairs.
+        """
         support = encoding.features[scale_index]
         batch_size, shot = support.shape[:2]
         if params is not None and self.config.shot_fusion == "finetune":
-            support, shot = support[:, :1], 1  # finetune only: the first support conditions the prediction
-        query = query_features.unsqueeze(1).expand(-1, shot, -1, -1, -1).flatten(0, 1)
+            shot = 1  # finetune only: the first support conditions the prediction
+        query_features, query_high = (_repeat_shots(x, shot) for x in query)
         masks = encoding.feature_masks[scale_index][:, :shot].flatten(0, 1)
+        support_high = None if query_high is None else encoding.high_features[scale_index][:, :shot].flatten(0, 1)
+        prior = self._prior(query_high, support_high, masks, query_features.shape[-2:])
         steps = self.config.refinement_steps
-        return self._run_head(params, query, support.flatten(0, 1), masks, steps), shot
+        support = support[:, :shot].flatten(0, 1)
+        return self._run_head(params, query_features, support, masks, steps, prior=prior), shot
 
     def _infer_scale(self, pixel_values, encoding, scale_index, scale):
         """Fused target probability `(B, 1, H, W)` at one scale, plus the per-step maps and the query features."""
-        query_features = self.encode_images(_resize_images(pixel_values, scale))
+        query = self._encode(_resize_images(pixel_values, scale))
         groups = range(pixel_values.shape[0]) if encoding.adapted_parameters is not None else [None]
         probabilities, steps, co_occurrence = [], [], []
         for index in groups:
             selected = slice(None) if index is None else slice(index, index + 1)
             params = None if index is None else self._head_parameters(encoding, index)
             sub_encoding = encoding if index is None else _select(encoding, selected)
-            prediction, shot = self._predict_query(query_features[selected], sub_encoding, scale_index, params)
+            selected_query = tuple(None if x is None else x[selected] for x in query)
+            prediction, shot = self._predict_query(selected_query, sub_encoding, scale_index, params)
             target = _shot_mean(_upsample(prediction.logits[-1].softmax(dim=1)[:, 1:], pixel_values.shape[-2:]), shot)
             probabilities.append(target)
             steps.append([_shot_mean(logits.softmax(dim=1)[:, 1:], shot) for logits in prediction.logits])
@@ -624,10 +686,14 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         maps = {f"refinement_step_{t + 1}": torch.cat(step) for t, step in enumerate(zip(*steps))}
         if co_occurrence:
             maps["co_occurrence"] = torch.cat(co_occurrence)
-        return torch.cat(probabilities), maps, query_features
+        return torch.cat(probabilities), maps, query
 
-    def _predict_supports(self, query_features, query_probability, encoding, scale_index) -> torch.Tensor:
-        """Each support predicted from the query and its predicted probability: `(B, K, 2, H_s, W_s)` logits."""
+    def _predict_supports(self, query, query_probability, encoding, scale_index) -> torch.Tensor:
+        """
+        Each support predicted from the query (`query`: encoder features `(B, C, h, w)` and layer4 features or None)
+        and its predicted probability `(B, 1, H, W)`: `(B, K, 2, H_s, W_s)` logits.
+        """
+        query_features, query_high = query
         support = encoding.features[scale_index]
         batch_size, shot = support.shape[:2]
         mask = resize_mask(query_probability, query_features.shape[-2:])
@@ -636,11 +702,17 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             selected = slice(None) if index is None else slice(index, index + 1)
             params = None if index is None else self._head_parameters(encoding, index)
             count = support[selected].shape[0]
-            query = query_features[selected].unsqueeze(1).expand(-1, shot, -1, -1, -1).flatten(0, 1)
-            query_mask = mask[selected].unsqueeze(1).expand(-1, shot, -1, -1, -1).flatten(0, 1)
+            target = support[selected].flatten(0, 1)
+            reference = _repeat_shots(query_features[selected], shot)
+            reference_mask = _repeat_shots(mask[selected], shot)
+            prior = None
+            if query_high is not None:
+                target_high = encoding.high_features[scale_index][selected].flatten(0, 1)
+                reference_high = _repeat_shots(query_high[selected], shot)
+                prior = self._prior(target_high, reference_high, reference_mask, target.shape[-2:])
             prediction = self._run_head(
-                params, support[selected].flatten(0, 1), query, query_mask, self.config.refinement_steps,
-                target_is_query=False, co_occurrence=False,
+                params, target, reference, reference_mask, self.config.refinement_steps,
+                target_is_query=False, co_occurrence=False, prior=prior,
             )  # fmt: skip
             logits.append(prediction.logits[-1].unflatten(0, (count, shot)))
         logits = torch.cat(logits)
@@ -683,20 +755,25 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         """The loss of the final step, or the mean over the steps that kept autograd (`intermediate_loss`)."""
         return torch.stack([self._cross_entropy(x, labels) for x in step_logits[-grad_steps:]]).mean()
 
-    def _pair_losses(self, params, query, support, query_labels, support_labels):
+    def _pair_losses(self, params, query, support, query_labels, support_labels, high=(None, None)):
         """
         Eq. 5 for N (query, support) pairs: the query from the support (QM, QM_sub, SM_sub) and the support from the
-        query label (SM). Features `(N, C, h, w)`, labels `(N, H, W)` in {0, 1, 255}. Returns the total loss, the
-        named terms, and the two predictions.
+        query label (SM). Features `(N, C, h, w)`, labels `(N, H, W)` in {0, 1, 255}, `high` the (query, support)
+        layer4 features `(N, C4, h, w)` for the prior masks (None without `prior_mask`). Returns the total loss,
+        the named terms, and the two predictions.
         """
         config = self.config
         steps, grad_steps = self._training_steps()
+        query_high, support_high = high
         support_mask = resize_mask(_target_mask(support_labels), support.shape[-2:])
         query_mask = resize_mask(_target_mask(query_labels), query.shape[-2:])
-        forward = self._run_head(params, query, support, support_mask, steps, grad_steps)
+        query_prior = self._prior(query_high, support_high, support_mask, query.shape[-2:])
+        support_prior = self._prior(support_high, query_high, query_mask, support.shape[-2:])
+        forward = self._run_head(params, query, support, support_mask, steps, grad_steps, prior=query_prior)
         backward = self._run_head(
-            params, support, query, query_mask, steps, grad_steps, target_is_query=False, co_occurrence=False
-        )
+            params, support, query, query_mask, steps, grad_steps,
+            target_is_query=False, co_occurrence=False, prior=support_prior,
+        )  # fmt: skip
         losses = {
             "query": self._step_loss(forward.logits, query_labels, grad_steps),
             "support": self._step_loss(backward.logits, support_labels, grad_steps),
@@ -713,18 +790,25 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         """Every (query, support) pair of the batch as a 1-shot pair; logits averaged over the K pairs."""
         support = encoding.features[0]
         batch_size, shot = support.shape[:2]
-        query = self.encode_images(pixel_values)
-        query_pairs = query.unsqueeze(1).expand(-1, shot, -1, -1, -1).flatten(0, 1)
+        query, query_high = self._encode(pixel_values)
+        query_pairs, query_high = _repeat_shots(query, shot), _repeat_shots(query_high, shot)
+        support_high = None if query_high is None else encoding.high_features[0].flatten(0, 1)
         size = pixel_values.shape[-2:]
         if labels is None:  # no query label: predict the query only
             steps, _ = self._training_steps()
             masks = encoding.feature_masks[0].flatten(0, 1)
-            forward = self.head(query_pairs, support.flatten(0, 1), masks, steps)
+            prior = self._prior(query_high, support_high, masks, query.shape[-2:])
+            forward = self.head(query_pairs, support.flatten(0, 1), masks, steps, prior=prior)
             logits = _upsample(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
             return FewShotSegmentationOutput(logits=logits, maps=self._training_maps(forward, shot))
         query_labels = labels.long().unsqueeze(1).expand(-1, shot, -1, -1).flatten(0, 1)
         total, (losses, forward, backward) = self._pair_losses(
-            None, query_pairs, support.flatten(0, 1), query_labels, encoding.labels.flatten(0, 1)
+            None,
+            query_pairs,
+            support.flatten(0, 1),
+            query_labels,
+            encoding.labels.flatten(0, 1),
+            (query_high, support_high),
         )
         logits = _upsample(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
         support_logits = _upsample(backward.logits[-1], encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
