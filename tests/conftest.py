@@ -44,3 +44,12 @@ def random_episode(batch_size=2, shot=1, size=65, generator=None, width=None):
     labels = torch.zeros(batch_size, height, width, dtype=torch.long)
     labels[:, height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 1
     return query, support, masks, labels
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

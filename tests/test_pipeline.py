@@ -387,15 +387,6 @@ def test_a_two_pass_model_matches_model_and_processor_and_returns_both_of_its_ma
 # ----------------------------------------------------------------------------------------- support predictions
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_support_predictions_of_crcnet_are_at_each_support_size_and_match_the_model(one_thread):
     """CRCNet segments each support back from the query (`support_logits`): the pipeline returns them resized to
     each support's own size like the query's logits, thresholded, with the IoU against the given mask."""

@@ -86,15 +86,6 @@ def crcnet_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def registry(model_dir):
     return app.ModelRegistry([str(model_dir)])
