@@ -80,7 +80,7 @@ def test_compare_writes_table_chart_and_identical_episodes(models, tmp_path, cap
 
     # A second run reuses the written lists: same hash. Other settings on the same folder are refused.
     hash_before = comparison["episode_hash"]
-    argv_prior = ["--models", models["prior"], *argv[4:]]
+    argv_prior = ["--models", models["prior"], models["prior"], *argv[4:]]
     assert main(argv_prior) == 0
     assert json.loads((out / "comparison.json").read_text())["episode_hash"] == hash_before
     capsys.readouterr()
