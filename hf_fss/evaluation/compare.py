@@ -37,8 +37,8 @@ from hf_fss.evaluation.metrics import aggregate_seeds
 from hf_fss.evaluation.runner import (
     _load_model_and_processor,
     _synthetic_kwargs,
+    checked_fold_convention,
     class_names_of,
-    coco_fold_convention,
     default_feature_cache_bytes,
     default_test_split,
     evaluate_model,
@@ -451,9 +451,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if benchmark is None:
         raise ValueError(benchmark_required_message(args.dataset))
     benchmark = normalize_benchmark_name(benchmark)
-    convention = coco_fold_convention(args.fold_convention, benchmark)
-    if not has_class_split(benchmark):
-        fold_classes(benchmark, args.fold, convention)  # a bad fold is refused before any data is built
+    convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
     split_name = args.split or default_test_split(dataset, benchmark)
     if split_name not in dataset:

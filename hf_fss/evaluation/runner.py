@@ -109,18 +109,25 @@ def default_test_split(dataset: Mapping[str, Any], benchmark: str) -> str:
     raise ValueError(f"the dataset has no 'validation' split to draw test episodes from (splits: {sorted(dataset)})")
 
 
-def coco_fold_convention(fold_convention: str | None, benchmark: str) -> str | None:
+def checked_fold_convention(fold_convention: str | None, benchmark: str, fold: int) -> str | None:
     """
-    The `--fold-convention` to use for `benchmark`: the given one for COCO-20i (None = the protocol's default).
+    The `--fold-convention` to use for `benchmark` (the given one for COCO-20i; None = the protocol's default),
+    checked together with `fold` before any data is built (benchmarks with a fixed class split need their data).
 
     Raises:
-        `ValueError`: a convention given for another benchmark (it would otherwise be silently ignored).
+        `ValueError`: a convention given for another benchmark (it would otherwise be silently ignored), or a fold
+            the benchmark / convention does not have.
     """
+    from hf_fss.data import fold_classes
+    from hf_fss.data.folds import has_class_split
+
     if fold_convention is not None and benchmark != "coco20i":
         raise ValueError(
             f"--fold-convention {fold_convention} applies to COCO-20i only, not to the {benchmark} benchmark; "
             "drop the flag"
         )
+    if not has_class_split(benchmark):
+        fold_classes(benchmark, fold, fold_convention)
     return fold_convention
 
 
@@ -518,9 +525,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if benchmark is None:
         raise ValueError(benchmark_required_message(args.dataset))
     benchmark = normalize_benchmark_name(benchmark)
-    convention = coco_fold_convention(args.fold_convention, benchmark)
-    if not has_class_split(benchmark):
-        fold_classes(benchmark, args.fold, convention)  # a bad fold is refused before any data is built
+    convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     if args.shot < 1:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")
     if args.batch_size < 1:
