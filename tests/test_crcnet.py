@@ -380,6 +380,27 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
         assert '"PFENet + CRC" variant' in render_model_card(CRCNetConfig(prior_mask=True)).text
         assert '"PFENet + CRC" variant' not in render_model_card(CRCNetConfig()).text
 
+    def test_the_card_describes_the_checkpoint_not_the_defaults(self):
+        # The quickstart's settings: a 32-channel encoder, 5 refinement steps, one scale, no support prediction.
+        from hf_fss.hub.model_card import render_model_card
+
+        small = CRCNetConfig(
+            reduce_dim=32, refinement_steps=5, inference_scales=[1.0], predict_support=False, shot_fusion="average",
+            conditioning="local", use_cross_reference=False,
+        )  # fmt: skip
+        method = lambda text: text[text.index("## What the method does") : text.index("## Paper")]  # noqa: E731
+        text = method(render_model_card(small).text)
+        assert "projected to 32 channels" in text and "256 channels" not in text
+        assert "10 in the paper, 5 in this checkpoint" in text
+        assert "1.0 in this checkpoint" in text
+        assert "`predict_support=False`" in text and "the supports are segmented too" not in text
+        assert '`shot_fusion` (this checkpoint: `"average"`)' in text
+        assert "local condition only" in text and "a global condition" not in text
+        assert "Cross-reference module**: switched off" in text
+        text = method(render_model_card(CRCNetConfig()).text)
+        assert "projected to 256 channels" in text and "the supports are segmented too" in text
+        assert "a global condition" in text and "a local one" in text and "switched off" not in text
+
     def test_the_head_refuses_a_prior_that_does_not_match_the_switch(self):
         model = self.get_model().eval()
         features = torch.randn(1, 16, 9, 11)
