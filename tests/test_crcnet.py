@@ -162,12 +162,7 @@ class TestCRCNet(FewShotModelTesterMixin):
         own = model.state_dict()
         shared = {k: v for k, v in reference.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(shared, strict=False)
-        # An untrained head with torch's default init predicts almost the same everywhere (its activations shrink
-        # layer after layer); scaled weights make every path visible in the output.
-        with torch.no_grad():
-            for head in (reference.head, model.head):
-                for parameter in head.parameters():
-                    parameter.mul_(3.0)
+        # The He init (module_init) keeps every path's activations at scale, so each switch shows in the output.
         query, support, masks, _ = self.episode(batch_size=1, shot=1)
         with torch.no_grad():
             expected, got = reference(query, support, masks).logits, model(query, support, masks).logits
@@ -289,8 +284,6 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
         weight = state["head.refinement.input.0.weight"]
         assert model.head.refinement.input[0].weight.shape[1] == weight.shape[1] + 1  # one more input channel
         with torch.no_grad():
-            for parameter in reference.head.parameters():
-                parameter.mul_(3.0)  # as the ablation test: make every path visible in the output
             prior_weight = torch.randn_like(weight[:, :1])
             state = {**reference.state_dict()}
             state["head.refinement.input.0.weight"] = torch.cat(
@@ -300,7 +293,7 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
             query, support, masks, _ = self.episode(batch_size=1, shot=1)
             expected = reference(query, support, masks).logits
             torch.testing.assert_close(model(query, support, masks).logits, expected)  # a zero prior weight: the same
-            model.head.refinement.input[0].weight[:, -1:] = 3.0 * prior_weight
+            model.head.refinement.input[0].weight[:, -1:] = prior_weight
             assert (model(query, support, masks).logits - expected).abs().max() > 1e-3
 
     @pytest.mark.parametrize("feature_levels", ["layer3+layer4", "layer2+layer3"])
@@ -432,3 +425,27 @@ def test_every_crcnet_recipe_parses_and_builds_its_config(recipe):
     if recipe != "quickstart_synthetic":  # the paper's settings (section 5.1)
         assert (loop_args.learning_rate, args.image_size, config.refinement_steps) == (0.0025, 321, 10)
         assert config.inference_scales == (0.75, 1.0, 1.25) and not config.freeze_backbone
+
+
+@pytest.mark.parametrize("module_init", ["kaiming_normal", "torch_default"])
+def test_module_init_sets_the_modules_convs_and_leaves_the_backbone_alone(module_init, tmp_path):
+    # (15): He init (std sqrt(2 / fan_in), zero bias) for every conv outside the backbone; the backbone keeps its own.
+    models = {}
+    for init in ("kaiming_normal", "torch_default"):
+        torch.manual_seed(0)
+        models[init] = CRCNetModel(CRCNetConfig(**TINY_CRCNET, module_init=init))
+    model = models[module_init]
+    convs = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not n.startswith("backbone")
+    ]
+    weights = torch.cat([m.weight.flatten() / (2.0 / m.weight[0].numel()) ** 0.5 for _, m in convs])
+    biases = torch.cat([m.bias for _, m in convs])
+    if module_init == "kaiming_normal":
+        assert abs(weights.std().item() - 1.0) < 0.05 and not biases.any()
+    else:  # PyTorch's default: uniform, std 1 / sqrt(3 fan_in), i.e. sqrt(1/6) of He's
+        assert abs(weights.std().item() - 6**-0.5) < 0.05 and biases.abs().sum() > 0
+    backbones = [m.backbone.state_dict() for m in models.values()]
+    assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+    model.save_pretrained(tmp_path)  # a loaded checkpoint is not re-initialised
+    loaded = CRCNetModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())

@@ -19,6 +19,7 @@ RefinementTraining = Literal["unrolled", "random_history"]
 ShotFusion = Literal["average", "finetune", "finetune+average"]
 FinetunePairs = Literal["distinct", "all"]
 FinetuneOptimizer = Literal["sgd", "adam"]
+ModuleInit = Literal["kaiming_normal", "torch_default"]
 
 FEATURE_LEVELS = get_args(FeatureLevels)
 SHOT_FUSION_MODES = get_args(ShotFusion)
@@ -45,6 +46,13 @@ class CRCNetConfig(FewShotSegmentationConfig):
         Channels of every 3x3 conv of the modules ("kernel 3x3 and 256 channels, followed by ReLU", section 5.1).
     encoder_dropout (`float`, *optional*, defaults to 0.5):
         `Dropout2d` after the encoder projection (CANet's `layer5`).
+    module_init (`str`, *optional*, defaults to `"kaiming_normal"`):
+        (15) Initialisation of every conv outside the backbone (the encoder projection and the head), which the
+        paper does not give. The modules have no normalisation layer and the deepest path is 12 convs + ReLU from
+        the encoder to a classifier: `"kaiming_normal"` (He et al. 2015: normal, fan-in, ReLU gain, zero bias) keeps
+        the activations' scale along it; `"torch_default"` (PyTorch's uniform with `a=sqrt(5)`, what every other
+        hf_fss model keeps) shrinks it about 6x in variance per layer, and trained from random weights the model
+        then predicts all-background for its first ~200 steps. The backbone keeps its own initialisation.
 
     Cross-reference module (section 4.3, Fig. 3):
 
@@ -167,6 +175,7 @@ class CRCNetConfig(FewShotSegmentationConfig):
     feature_levels: FeatureLevels = "layer3+layer4"
     reduce_dim: int = 256
     encoder_dropout: float = 0.5
+    module_init: ModuleInit = "kaiming_normal"
 
     use_cross_reference: bool = True
     cross_reference_activation: CrossReferenceActivation = "sigmoid"

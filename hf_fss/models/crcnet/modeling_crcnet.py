@@ -71,6 +71,10 @@ DIFFERENCES_FROM_PAPER = (
     "model is trained with masks (the paper's Table 14 setting).",
     "(14) Evaluation: PFENet's protocol (1000 episodes, seed 321, labels at original size), as every hf_fss model; "
     "the paper does not give its episode count or seeds.",
+    "(15) Initialisation (not in the method notes' checklist; the paper gives none): every conv outside the "
+    "backbone is He-initialised (normal, fan-in, ReLU gain, zero bias; `module_init`), since the modules have no "
+    "normalisation layer; PyTorch's default init leaves a model trained from random weights at all-background for "
+    "its first ~200 steps.",
     "Support prediction at inference: the support is conditioned on the predicted query probability (the query "
     "label is unknown), at scale 1 only; training conditions it on the query label, as the paper.",
     "K-shot training: each support-query pair of a K-shot episode is a 1-shot pair; the query losses are averaged "
@@ -518,6 +522,15 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         maps = {f"refinement_step_{t}": f"target probability after refinement step {t}" for t in range(1, most + 1)}
         maps["co_occurrence"] = "probability of the object co-occurring in query and support (cross-reference head)"
         return maps
+
+    def _init_weights(self, module):
+        # (15) He init for the modules' convs: no normalisation layer keeps their activations' scale otherwise.
+        if self.config.module_init == "kaiming_normal" and isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
     # --- encoder -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
