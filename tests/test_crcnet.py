@@ -190,8 +190,10 @@ class TestCRCNet(FewShotModelTesterMixin):
     def test_config_refuses_a_model_that_never_compares_query_and_support(self):
         with pytest.raises(StrictDataclassError, match="conditioning='unconditioned' with use_cross_reference=False"):
             CRCNetConfig(conditioning="unconditioned", use_cross_reference=False)
-        with pytest.raises(StrictDataclassError, match="inference_scales"):
-            CRCNetConfig(inference_scales=[])
+        for scales in ([], [0.0], [-1.0], [float("nan")], [float("inf")]):
+            with pytest.raises(StrictDataclassError, match="positive, finite scales"):
+                CRCNetConfig(inference_scales=scales)
+        assert CRCNetConfig(inference_scales=[0.75, 1, 2]).inference_scales == (0.75, 1.0, 2.0)  # a recipe's [1]
         with pytest.raises(ValueError, match="unknown field.*did you mean 'shot_fusion'"):
             CRCNetConfig(shot_fussion="average")
 
@@ -379,7 +381,7 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
 
         small = CRCNetConfig(
             reduce_dim=32, refinement_steps=5, inference_scales=[1.0], predict_support=False, shot_fusion="average",
-            conditioning="local", use_cross_reference=False,
+            conditioning="local", use_cross_reference=False, module_init="torch_default",
         )  # fmt: skip
         method = lambda text: text[text.index("## What the method does") : text.index("## Paper")]  # noqa: E731
         text = method(render_model_card(small).text)
@@ -390,9 +392,11 @@ class TestCRCNetPriorMask(FewShotModelTesterMixin):
         assert '`shot_fusion` (this checkpoint: `"average"`)' in text
         assert "local condition only" in text and "a global condition" not in text
         assert "Cross-reference module**: switched off" in text
+        assert '`module_init="torch_default"`' in text and "He init" not in text
         text = method(render_model_card(CRCNetConfig()).text)
         assert "projected to 256 channels" in text and "the supports are segmented too" in text
         assert "a global condition" in text and "a local one" in text and "switched off" not in text
+        assert '`module_init="kaiming_normal"`' in text
 
     def test_the_head_refuses_a_prior_that_does_not_match_the_switch(self):
         model = self.get_model().eval()

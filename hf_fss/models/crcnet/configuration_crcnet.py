@@ -1,6 +1,7 @@
 """Configuration of CRCNet (Liu et al., "CRCNet: Few-shot Segmentation with Cross-Reference and Region-Global
 Conditional Networks", IJCV 2022)."""
 
+import math
 from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
@@ -203,7 +204,7 @@ class CRCNetConfig(FewShotSegmentationConfig):
     support_loss_weight: float = 1.0
     co_occurrence_loss_weight: float = 0.1
 
-    inference_scales: list[float] | tuple[float, ...] = (0.75, 1.0, 1.25)
+    inference_scales: list[float | int] | tuple[float | int, ...] = (0.75, 1.0, 1.25)
     predict_support: bool = True
 
     shot_fusion: ShotFusion = "finetune+average"
@@ -222,9 +223,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
 
     def validate_inference_scales(self):
         """Part of `@strict` validation."""
-        if not self.inference_scales or any(s <= 0 for s in self.inference_scales):
+        if not self.inference_scales or not all(math.isfinite(s) and s > 0 for s in self.inference_scales):
             raise ValueError(
-                f"inference_scales must be a non-empty list of positive scales, got {self.inference_scales}; "
+                f"inference_scales must be a non-empty list of positive, finite scales, got {self.inference_scales}; "
                 "use [1.0] for single-scale inference"
             )
 
