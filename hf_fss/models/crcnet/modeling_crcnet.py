@@ -71,7 +71,7 @@ DIFFERENCES_FROM_PAPER = (
     "model is trained with masks (the paper's Table 14 setting).",
     "(14) Evaluation: PFENet's protocol (1000 episodes, seed 321, labels at original size), as every hf_fss model; "
     "the paper does not give its episode count or seeds.",
-    "(15) Initialisation (not in the method notes' checklist; the paper gives none): every conv outside the "
+    "(15) Initialisation (not in the method notes' checklist; the paper does not give it): every conv outside the "
     "backbone is He-initialised (normal, fan-in, ReLU gain, zero bias; `module_init`), since the modules have no "
     "normalisation layer; PyTorch's default init leaves a model trained from random weights at all-background for "
     "its first ~200 steps.",
