@@ -52,8 +52,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
         paper does not give. The modules have no normalisation layer and the deepest path is 12 convs + ReLU from
         the encoder to a classifier: `"kaiming_normal"` (He et al. 2015: normal, fan-in, ReLU gain, zero bias) keeps
         the activations' scale along it; `"torch_default"` (PyTorch's uniform with `a=sqrt(5)`, what every other
-        hf_fss model keeps) shrinks it about 6x in variance per layer, and trained from random weights the model
-        then predicts all-background for its first ~200 steps. The backbone keeps its own initialisation.
+        hf_fss model keeps) shrinks it about 6x in variance per layer, and a model trained from random weights learns
+        more slowly (the synthetic quickstart: 59.05 novel-class mIoU after 120 steps instead of 73.86). The
+        backbone keeps its own initialisation.
 
     Cross-reference module (section 4.3, Fig. 3):
 

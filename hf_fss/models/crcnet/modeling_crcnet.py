@@ -73,8 +73,8 @@ DIFFERENCES_FROM_PAPER = (
     "the paper does not give its episode count or seeds.",
     "(15) Initialisation (not in the method notes' checklist; the paper does not give it): every conv outside the "
     "backbone is He-initialised (normal, fan-in, ReLU gain, zero bias; `module_init`), since the modules have no "
-    "normalisation layer; PyTorch's default init leaves a model trained from random weights at all-background for "
-    "its first ~200 steps.",
+    "normalisation layer; with PyTorch's default init a model trained from random weights learns more slowly (the "
+    "synthetic quickstart: 59.05 novel-class mIoU instead of 73.86).",
     "Support prediction at inference: the support is conditioned on the predicted query probability (the query "
     "label is unknown), at scale 1 only; training conditions it on the query label, as the paper.",
     "K-shot training: each support-query pair of a K-shot episode is a 1-shot pair; the query losses are averaged "
