@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESNET
+from conftest import TINY_RESNET, single_thread
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
 
@@ -27,13 +27,7 @@ TINY_CRCNET = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 class TestCRCNet(FewShotModelTesterMixin):
@@ -431,25 +425,25 @@ def test_every_crcnet_recipe_parses_and_builds_its_config(recipe):
         assert config.inference_scales == (0.75, 1.0, 1.25) and not config.freeze_backbone
 
 
-@pytest.mark.parametrize("module_init", ["kaiming_normal", "torch_default"])
-def test_module_init_sets_the_modules_convs_and_leaves_the_backbone_alone(module_init, tmp_path):
+def test_module_init_sets_the_modules_convs_and_leaves_the_backbone_alone(tmp_path):
     # (15): He init (std sqrt(2 / fan_in), zero bias) for every conv outside the backbone; the backbone keeps its own.
     models = {}
     for init in ("kaiming_normal", "torch_default"):
         torch.manual_seed(0)
         models[init] = CRCNetModel(CRCNetConfig(**TINY_CRCNET, module_init=init))
-    model = models[module_init]
-    convs = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not n.startswith("backbone")
-    ]
-    weights = torch.cat([m.weight.flatten() / (2.0 / m.weight[0].numel()) ** 0.5 for _, m in convs])
-    biases = torch.cat([m.bias for _, m in convs])
-    if module_init == "kaiming_normal":
-        assert abs(weights.std().item() - 1.0) < 0.05 and not biases.any()
-    else:  # PyTorch's default: uniform, std 1 / sqrt(3 fan_in), i.e. sqrt(1/6) of He's
-        assert abs(weights.std().item() - 6**-0.5) < 0.05 and biases.abs().sum() > 0
+    for init, model in models.items():
+        convs = [
+            m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not n.startswith("backbone")
+        ]
+        weights = torch.cat([m.weight.flatten() / (2.0 / m.weight[0].numel()) ** 0.5 for m in convs])
+        biases = torch.cat([m.bias for m in convs])
+        if init == "kaiming_normal":
+            assert abs(weights.std().item() - 1.0) < 0.05 and not biases.any()
+        else:  # PyTorch's default: uniform, std 1 / sqrt(3 fan_in), i.e. sqrt(1/6) of He's
+            assert abs(weights.std().item() - 6**-0.5) < 0.05 and biases.abs().sum() > 0
     backbones = [m.backbone.state_dict() for m in models.values()]
     assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+    model = models["kaiming_normal"]
     model.save_pretrained(tmp_path)  # a loaded checkpoint is not re-initialised
     loaded = CRCNetModel.from_pretrained(tmp_path)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
