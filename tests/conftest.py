@@ -46,10 +46,17 @@ def random_episode(batch_size=2, shot=1, size=65, generator=None, width=None):
     return query, support, masks, labels
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine (CRCNet's loops are 20x slower).
+def single_thread():
+    """
+    One torch thread for the duration (a generator for fixtures): tiny models gain nothing from intra-op threads on
+    a shared 2-core machine, spinning OpenMP threads slow them down a lot (CRCNet's loops 20x), and one thread is what
+    `accelerate launch` gives each process. A test module runs all its tests so with
+    `_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)`.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+one_thread = pytest.fixture(single_thread)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESNET
+from conftest import TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.evaluation.compare import main, paired_test
@@ -21,12 +21,7 @@ DATA = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num
         "--synthetic-image-size", "128", "--num-threads", "1"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import single_thread
 
 from hf_fss import (
     CRCNetConfig,
@@ -26,14 +27,7 @@ DATA_FLAGS = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthet
               "--synthetic-image-size", "128", "--num-threads", "1"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads slow them down a
-    lot; one thread is also what `accelerate launch` gives each process (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 TINY_MODELS = {

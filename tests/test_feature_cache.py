@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESNET
+from conftest import TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.backbones import FeatureCache
@@ -23,12 +23,7 @@ from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
 SIZE = 65
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")

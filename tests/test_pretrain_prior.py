@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RESNET, reset_accelerate
+from conftest import TINY_RESNET, reset_accelerate, single_thread
 from safetensors.torch import load_file
 
 from hf_fss.backbones import DilatedResNet, convert_backbone_state_dict
@@ -33,12 +33,7 @@ TINY = ["--dataset", "synthetic", "--synthetic-num-train", "48", "--synthetic-nu
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _run(output_dir: Path, *flags: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import reset_accelerate
+from conftest import reset_accelerate, single_thread
 from safetensors.torch import load_file
 
 import hf_fss
@@ -58,14 +58,7 @@ TINY_RECIPE = {
 TINY_DATA_FLAGS = ["--synthetic-num-train", "100", "--synthetic-num-val", "60", "--synthetic-image-size", "128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads slow them down a
-    lot; one thread is also what `accelerate launch` gives each process (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
