@@ -18,6 +18,7 @@ for an image that kept its size the `h x w` corner is cropped directly.
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from typing import Any
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "FewShotSegmentationImageProcessor",
     "FewShotSegmentationImageProcessorKwargs",
+    "load_image_processor",
 ]
 
 IGNORE_INDEX = 255
@@ -1019,3 +1022,42 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 )
             results.append([self._logits_to_mask(item, size, threshold) for item, size in zip(row, sizes)])
         return results
+
+
+def load_image_processor(name_or_path: str | os.PathLike | None, image_size: int) -> FewShotSegmentationImageProcessor:
+    """
+    The image processor saved with a model (`preprocessor_config.json` of a folder or Hub repo), else, when there is
+    no such file (a converted checkpoint, a model built in memory: `name_or_path` empty), one built from the model's
+    `image_size`. The pipeline, `scripts/evaluate.py` and the Space load processors this one way.
+
+    Raises:
+        `ValueError`: the file exists but is not valid JSON, names another processor type, or holds an invalid
+            setting (image_size 0, a 2-value mean, a zero std, an unknown resample); the message names the file.
+    """
+    if not name_or_path:
+        return FewShotSegmentationImageProcessor(image_size=image_size)
+    path = cached_file(
+        str(name_or_path),
+        IMAGE_PROCESSOR_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:
+        return FewShotSegmentationImageProcessor(image_size=image_size)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({err}); save the processor again") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object of processor settings, got {type(settings).__name__}")
+    kind = settings.get("image_processor_type", FewShotSegmentationImageProcessor.__name__)
+    if kind != FewShotSegmentationImageProcessor.__name__:
+        raise ValueError(
+            f"{path} names image_processor_type {kind!r}, not FewShotSegmentationImageProcessor; save "
+            "FewShotSegmentationImageProcessor(image_size=...) there, or delete the file to use the model's image_size"
+        )
+    try:
+        return FewShotSegmentationImageProcessor.from_pretrained(name_or_path)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}; fix the file or save the processor again") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
@@ -223,6 +224,31 @@ def _key_list(keys: list[str], limit: int = 8) -> str:
     return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
 
 
+def _size_mismatch_message(config, mismatched: list) -> str:
+    """
+    Why a checkpoint's tensors do not fit the model built from `config`: the config field whose value is the size
+    that differs when it can be told (the backbone's fields for `backbone.*`), else the first key with both shapes.
+    """
+    key, file_shape, model_shape = sorted(tuple(item) for item in mismatched)[0]
+    file_shape, model_shape = tuple(file_shape), tuple(model_shape)
+    shapes = f"{key} is {file_shape} in the file but {model_shape} in the model"
+    count = f"{len(mismatched)} tensor(s) differ in shape"
+    fix = "load the config.json saved with these weights"
+    if key.split(".")[0] in ("backbone", "prior_extractor"):
+        return f"does not fit the model's backbone / backbone_kwargs ({shapes}; {count}); {fix}"
+    if len(file_shape) == len(model_shape):
+        axis = next(i for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b)
+        own, needed = model_shape[axis], file_shape[axis]
+        fields = [
+            f.name
+            for f in dataclasses.fields(config)
+            if type(getattr(config, f.name, None)) is int and getattr(config, f.name) == own
+        ]
+        if len(fields) == 1:
+            return f"needs {fields[0]}={needed} but the config has {fields[0]}={own} ({shapes}; {count}); {fix}"
+    return f"does not fit the model ({shapes}; {count}); {fix}"
+
+
 class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     """
     Base class of the hf_fss models.
@@ -315,20 +341,40 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         have is refused instead of loading with re-initialised layers.
 
         Raises:
-            `OSError`: the weights file is empty, truncated or not safetensors (the file is named).
-            `ValueError`: missing or unexpected weights (their names are listed).
+            `OSError`: the weights file is empty, truncated or not safetensors (the file is named), or a local folder
+                has no config.json.
+            `ValueError`: missing or unexpected weights (their names are listed), or weights whose shapes do not fit
+                the configuration (the config field responsible when it can be told, e.g. `reduce_dim`, else the
+                first key with both shapes), unless `ignore_mismatched_sizes=True` asks to re-initialise them.
         """
         kwargs.setdefault("use_safetensors", True)
         output_loading_info = kwargs.pop("output_loading_info", False)
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", ""))
+        if (
+            kwargs.get("config") is None
+            and os.path.isdir(folder)
+            and not os.path.isfile(os.path.join(folder, "config.json"))
+        ):
+            # Without it transformers would build the default configuration and fail on the shapes.
+            raise OSError(f"{folder} has no config.json beside its weights; copy the config.json saved with the model")
+        # Mismatched shapes are collected here and refused below with the config field responsible.
+        reinitialise_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path,
+                *args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
             )
         except SafetensorError as error:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
                 f"{weights} is not a complete safetensors file ({error}); save or download the model again"
             ) from None
+        if info["mismatched_keys"] and not reinitialise_mismatched:
+            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise ValueError(f"{weights} {_size_mismatch_message(model.config, info['mismatched_keys'])}")
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
