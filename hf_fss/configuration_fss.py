@@ -2,9 +2,14 @@
 
 import dataclasses
 import difflib
+import math
+import numbers
+import os
 from typing import Literal, get_args
 
+import torch
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 # ImageNet weights each backbone starts from when `use_pretrained_backbone=True` and no path is given, keyed by
@@ -37,6 +42,14 @@ _PRETRAINED_CONFIG_KWARGS = frozenset(
 _PRETRAINED_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PreTrainedConfig))
 Backbone = Literal["resnet50", "resnet101", "vgg16_bn", "vgg16_dilated"]
 BACKBONES = get_args(Backbone)
+
+
+class ConfigFieldError(ValueError):
+    """A config that cannot load, in one line naming its source (`folder/config.json`) and the field at fault."""
+
+    def __init__(self, detail: str, source=None):
+        self.detail = detail
+        super().__init__(f"{_config_source(source)}: {detail}; fix config.json or the keyword argument")
 
 
 @strict(accept_kwargs=True)
@@ -87,7 +100,16 @@ class FewShotSegmentationConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         check_unknown_config_fields(type(self), kwargs)
+        check_dtype_name(self.dtype)  # PreTrainedConfig looks it up in torch and fails with an AttributeError
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.from_pretrained`, whose errors name the config.json (see `from_dict`)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ConfigFieldError as err:  # `from_dict` is not told the source here: name it now
+            raise ConfigFieldError(err.detail, pretrained_model_name_or_path) from None
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -95,17 +117,35 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         `PreTrainedConfig.from_dict`, where a keyword argument that is no field (`from_pretrained(path, image_sise=97)`)
         is a `ValueError` naming it, as in the constructor, instead of being dropped. A caller that asks for the
         unused ones (`return_unused_kwargs=True`: a model's `from_pretrained` handing them to the model) gets them.
+
+        Raises:
+            `ValueError`: one line naming the config's source (the `config.json` loaded) and the field that is
+                unknown, null where a value is needed, of the wrong type or out of range (including NaN).
         """
-        if kwargs.get("return_unused_kwargs", False):
-            return super().from_dict(config_dict, **kwargs)
-        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        check_unknown_config_fields(cls, unused)
+        source = kwargs.get("name_or_path") or config_dict.get("_name_or_path") or config_dict.get("name_or_path")
+        try:
+            if kwargs.get("return_unused_kwargs", False):
+                return super().from_dict(config_dict, **kwargs)
+            config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+            check_unknown_config_fields(cls, unused)
+        except (StrictDataclassError, ValueError) as err:
+            raise ConfigFieldError(
+                " ".join(line.strip() for line in str(err).splitlines() if line.strip()), source
+            ) from None
         return config
 
     def validate_image_size(self):
         """Part of `@strict` validation."""
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+
+    def validate_finite(self):
+        """Part of `@strict` validation: no field (of any method) holds NaN or infinity, alone or in a sequence."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name, None)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in items):
+                raise ValueError(f"{field.name} must hold finite numbers, got {value!r}")
 
     @property
     def backbone_weights(self) -> str:
@@ -121,6 +161,26 @@ class FewShotSegmentationConfig(PreTrainedConfig):
                 'weights, or use backbone_kwargs={"stem": "7x7"} to start from microsoft/resnet-50 / -101'
             )
         return default
+
+
+def check_dtype_name(dtype) -> None:
+    """
+    Raises:
+        `ValueError`: `dtype` is neither None, "auto", a `torch.dtype` nor the name of one (`"bfloat16"`).
+    """
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+
+
+def _config_source(name_or_path) -> str:
+    """What a config was loaded from, for error messages: `folder/config.json`, else the repo id or "config"."""
+    if not name_or_path:
+        return "config"
+    if os.path.isdir(str(name_or_path)):
+        return os.path.join(str(name_or_path), "config.json")
+    return f"config.json of {name_or_path}"
 
 
 def _is_pretrained_config_attribute(name: str) -> bool:

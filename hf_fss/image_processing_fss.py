@@ -18,6 +18,7 @@ for an image that kept its size the `h x w` corner is cropped directly.
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from typing import Any
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "FewShotSegmentationImageProcessor",
     "FewShotSegmentationImageProcessorKwargs",
+    "load_image_processor",
 ]
 
 IGNORE_INDEX = 255
@@ -127,11 +130,29 @@ def _preview_values(values: np.ndarray, limit: int = 8) -> str:
 
 
 def _looks_like_label_map(values: np.ndarray) -> bool:
-    """Sorted distinct mask values that are class ids (integers below 128, maybe 255), not a grayscale mask."""
+    """Sorted distinct mask values that could be class ids (integers below 128, maybe 255), not a grayscale mask."""
     if not np.all(np.mod(values, 1) == 0) or values[0] < 0:
         return False
     mid = values[(values >= MASK_THRESHOLD) & (values < IGNORE_INDEX)]
     return mid.size == 0 and bool(np.any((values > 1) & (values < MASK_THRESHOLD)))
+
+
+def _is_faint_grayscale(array: np.ndarray, values: np.ndarray) -> bool:
+    """
+    Whether a mask whose values could be class ids (all below 128) is rather a faint anti-aliased mask (a thin
+    stroke downscaled with bilinear): it has values between 0 and its maximum, and none of them fills a 3x3
+    neighbourhood anywhere. The classes of a label map are regions with an inside; anti-aliasing ramps are edges.
+    """
+    labels = np.where(array == IGNORE_INDEX, 0, array).astype(np.float32)
+    top = float(labels.max())
+    between = (labels > 0) & (labels < top)
+    if not between.any():
+        return False
+    kernel = np.ones((3, 3), np.uint8)
+    flat = cv2.erode(labels, kernel, borderType=cv2.BORDER_REPLICATE) == cv2.dilate(
+        labels, kernel, borderType=cv2.BORDER_REPLICATE
+    )
+    return not bool((between & flat).any())
 
 
 def _open_image(path: str | os.PathLike, name: str) -> Image.Image:
@@ -161,11 +182,22 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
-def _channels_last(array: np.ndarray) -> np.ndarray:
-    """Move a leading channel axis (C, H, W) with C in 1..4 to the end; (H, W, C) arrays pass unchanged."""
-    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
-        return np.moveaxis(array, 0, -1)
-    return array
+def _channels_last(array: np.ndarray, name: str) -> np.ndarray:
+    """
+    Move a leading channel axis (C, H, W) with C in 1..4 to the end; (H, W, C) arrays pass unchanged.
+
+    Raises:
+        `ValueError`: both ends are in 1..4 (`(3, 40, 3)`: a 3-wide channels-first image or a 3-high
+            channels-last one), which no rule can tell apart.
+    """
+    if array.ndim != 3 or array.shape[0] not in (1, 2, 3, 4):
+        return array
+    if array.shape[-1] in (1, 2, 3, 4):
+        raise ValueError(
+            f"`{name}` has shape {tuple(array.shape)}, which reads as channels-first (C, H, W) and channels-last "
+            "(H, W, C) alike; pass it as a PIL image (Image.fromarray of the (H, W, C) uint8 array)"
+        )
+    return np.moveaxis(array, 0, -1)
 
 
 def _align_corners_axis(count: int, size: int, longer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -254,7 +286,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             evaluated on.
 
     Inputs accepted as images: `PIL.Image.Image`, `np.ndarray` or `torch.Tensor` of shape `(H, W)`, `(H, W, 1)`,
-    `(H, W, 3)` or `(H, W, 4)` (channels-first `(C, H, W)` is recognised too), uint8 in `[0, 255]` or float in
+    `(H, W, 3)` or `(H, W, 4)` (channels-first `(C, H, W)` is recognised too; a shape whose both ends are 1..4, such
+    as `(3, 40, 3)`, is a `ValueError` asking for a PIL image), uint8 in `[0, 255]` or float in
     `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
     an `http(s)://` URL). Grayscale is repeated to RGB. An image with transparency (RGBA, grayscale + alpha, a
     palette with a transparent colour, an `(H, W, 4)` array) is composited onto white: `rgb * a + 255 * (1 - a)`
@@ -277,12 +310,15 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
       naming both sizes), white = target: boolean, `{0, 1}` (1 = target), `{0, 255}` (255 = target) or
       `{0, 1, 255}` (1 = target, 255 = ignore); any other grayscale mask (anti-aliased, JPEG) is thresholded,
       target where the value is at least 128 (at least 0.5 for a float mask in [0, 1]; a 16-bit mask is read on
-      its own scale: `{0, 65535}` is binary, and the threshold is 32768). Integer values that are
-      all below 128 or 255 (e.g. `{0, 3, 7}`) are taken for a label map and need a class id. An RGB mask counts by
+      its own scale: `{0, 65535}` is binary, and the threshold is 32768). -1 marks ignore like 255 (`{0, 1, -1}`).
+      Integer values that are all below 128 or 255 (e.g. `{0, 3, 7}`) are taken for a label map and need a class
+      id, unless they are a faint anti-aliased mask (values between 0 and the maximum that only ever form edges, never
+      a 3x3 region, e.g. a thin stroke downscaled with bilinear): that one is target where it is at least half its
+      maximum. A `(C, H, W)` array with C in 2..4 (stacked masks) is a `ValueError`. An RGB mask counts by
       its brightest channel (the same rules); an RGBA (or grayscale + alpha) mask whose alpha varies is target where
       alpha > 0, one with constant alpha counts by its colour;
     - a label map together with a class id (`support_class_ids` / `class_ids`): target where `label == class_id`,
-      ignore where `label == 255`, background elsewhere. PIL palette (`"P"`) images are read as palette indices;
+      ignore where `label` is 255 or -1, background elsewhere. PIL palette (`"P"`) images are read as palette indices;
     - a box `(x0, y0, x1, y1)` in pixel coordinates of its image (rounded to integers): target on rows `y0..y1-1`
       and columns `x0..x1-1`, background elsewhere. Class ids do not apply to boxes.
     """
@@ -457,7 +493,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"`{name}` must be a PIL image, a numpy array, a torch tensor or a file path, got {_describe(image)}"
             )
-        array = _channels_last(image)
+        array = _channels_last(image, name)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim == 2:
@@ -520,7 +556,14 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 f"`{name}` must be a mask (PIL image, numpy array, torch tensor or file path) or a box "
                 f"(x0, y0, x1, y1), got {_describe(annotation)}"
             )
-        array = _channels_last(annotation)
+        if annotation.ndim == 3 and annotation.shape[0] in (2, 3, 4) and annotation.shape[-1] > 4:
+            # Several stacked masks, far more often than a channels-first colour mask: never one RGB mask.
+            raise ValueError(
+                f"`{name}` has shape {tuple(annotation.shape)}: one annotation per support image is an (H, W) mask; "
+                f"pass {annotation.shape[0]} support images with a list of {annotation.shape[0]} masks, or a colour "
+                "mask as (H, W, C)"
+            )
+        array = _channels_last(annotation, name)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
@@ -592,7 +635,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 )
             array = channels[..., 0]
         mask = np.zeros(array.shape, dtype=np.uint8)
-        mask[array == IGNORE_INDEX] = IGNORE_INDEX
+        mask[(array == IGNORE_INDEX) | (array == -1)] = IGNORE_INDEX
         mask[array == class_id] = 1
         return mask
 
@@ -611,6 +654,15 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             raise ValueError(f"`{name}` contains NaN or infinite values")
         values = np.unique(array)
         present = set(values.tolist())
+        if values[0] < 0:  # -1, torch's usual ignore value, reads like 255; other negatives mean nothing here
+            if not present <= {-1, 0, 1, 255}:
+                raise ValueError(
+                    f"`{name}` has negative values {_preview_values(values[values < 0])}; a mask holds 0 "
+                    "(background), 1 or 255 (target) and 255 or -1 (ignore)"
+                )
+            array = np.where(array == -1, IGNORE_INDEX, array.astype(np.int64))  # int8 cannot hold 255
+            values = np.unique(array)
+            present = set(values.tolist())
         mask = np.zeros(array.shape, dtype=np.uint8)
         white, threshold = IGNORE_INDEX, MASK_THRESHOLD
         if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize > 1:
@@ -627,10 +679,12 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
             mask[array == white] = 1
         elif np.issubdtype(array.dtype, np.floating) and values[0] >= 0 and values[-1] <= 1:
             mask[array >= 0.5] = 1  # a soft mask in [0, 1]
+        elif _looks_like_label_map(values) and _is_faint_grayscale(array, values):
+            mask[array >= values[values != IGNORE_INDEX][-1] / 2] = 1  # faint: thresholded at half its maximum
         elif _looks_like_label_map(values):
             raise ValueError(
                 f"`{name}` has values {_preview_values(values)}: a label map rather than a mask (white = target); "
-                f"pass `{class_ids_name}` with the class to segment"
+                f"pass `{class_ids_name}` with the class to segment (a faint grayscale mask: scale it to 0..255)"
             )
         else:
             mask[array >= threshold] = 1  # a grayscale mask: white = target
@@ -968,3 +1022,42 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
                 )
             results.append([self._logits_to_mask(item, size, threshold) for item, size in zip(row, sizes)])
         return results
+
+
+def load_image_processor(name_or_path: str | os.PathLike | None, image_size: int) -> FewShotSegmentationImageProcessor:
+    """
+    The image processor saved with a model (`preprocessor_config.json` of a folder or Hub repo), else, when there is
+    no such file (a converted checkpoint, a model built in memory: `name_or_path` empty), one built from the model's
+    `image_size`. The pipeline, `scripts/evaluate.py` and the Space load processors this one way.
+
+    Raises:
+        `ValueError`: the file exists but is not valid JSON, names another processor type, or holds an invalid
+            setting (image_size 0, a 2-value mean, a zero std, an unknown resample); the message names the file.
+    """
+    if not name_or_path:
+        return FewShotSegmentationImageProcessor(image_size=image_size)
+    path = cached_file(
+        str(name_or_path),
+        IMAGE_PROCESSOR_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:
+        return FewShotSegmentationImageProcessor(image_size=image_size)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({err}); save the processor again") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object of processor settings, got {type(settings).__name__}")
+    kind = settings.get("image_processor_type", FewShotSegmentationImageProcessor.__name__)
+    if kind != FewShotSegmentationImageProcessor.__name__:
+        raise ValueError(
+            f"{path} names image_processor_type {kind!r}, not FewShotSegmentationImageProcessor; save "
+            "FewShotSegmentationImageProcessor(image_size=...) there, or delete the file to use the model's image_size"
+        )
+    try:
+        return FewShotSegmentationImageProcessor.from_pretrained(name_or_path)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}; fix the file or save the processor again") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
@@ -96,23 +97,52 @@ def _check_finite(name: str, values: torch.Tensor) -> None:
         raise ValueError(f"{name} holds NaN or infinite values; normalise real images with the image processor")
 
 
-def _check_mask_values(name: str, mask: torch.Tensor) -> None:
+def _check_device(name: str, values: torch.Tensor, device: torch.device | None) -> None:
+    # Before any check reads the values: a meta or other-device tensor would fail inside them.
+    if device is not None and values.device != device:
+        raise ValueError(f"{name} is on {values.device} but the model is on {device}; move it with .to(model.device)")
+
+
+def _check_pixels(name: str, values: torch.Tensor, device: torch.device | None) -> None:
+    """Device, a side of zero size, a dtype that is not float (raw uint8 pixels), then NaN / infinity."""
+    _check_device(name, values, device)
+    if 0 in values.shape[-2:]:
+        raise ValueError(f"{name} holds images of zero size {tuple(values.shape[-2:])} (height, width)")
+    if not values.is_floating_point():
+        raise ValueError(
+            f"{name} must be a float tensor of normalised pixels, got dtype {values.dtype}; preprocess raw "
+            "images with the image processor (FewShotSegmentationImageProcessor)"
+        )
+    _check_finite(name, values)
+
+
+def _check_mask_values(name: str, mask: torch.Tensor, device: torch.device | None = None) -> None:
+    _check_device(name, mask, device)
+    if mask.is_complex():
+        raise ValueError(f"{name} must be an integer, bool or float tensor, got dtype {mask.dtype}")
     if mask.is_floating_point() and not bool((mask == mask.round()).all()):
         raise ValueError(f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got fractional values")
     invalid = (mask != 0) & (mask != 1) & (mask != 255)
     if bool(invalid.any()):
         found = sorted({int(v) for v in mask[invalid].unique()[:5].tolist()})
-        raise ValueError(
-            f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got also {found}; for a label map, "
-            "select the class first (mask == class_id), or give the processor `support_class_ids`"
+        fix = (
+            f"mark ignored pixels with 255: {name}.masked_fill({name} < 0, 255)"
+            if min(found) < 0
+            else "for a label map, select the class first (mask == class_id), or give the processor `support_class_ids`"
         )
+        raise ValueError(f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got also {found}; {fix}")
 
 
-def check_query_inputs(pixel_values, labels=None) -> None:
-    """Raise a `ValueError` naming the argument when the query images or labels are malformed."""
+def check_query_inputs(pixel_values, labels=None, device: torch.device | None = None) -> None:
+    """
+    Raise a `ValueError` naming the argument when the query inputs are malformed: `pixel_values` not a float
+    `(batch, 3, height, width)` tensor (integer pixels are refused: they are not normalised), a zero-size side,
+    NaN / infinity, a tensor on another `device` than the model's, or `labels` of another shape or with values other
+    than 0, 1, 255 (any integer, bool or whole-valued float dtype is accepted).
+    """
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {_shape(pixel_values)}")
-    _check_finite("pixel_values", pixel_values)
+    _check_pixels("pixel_values", pixel_values, device)
     if labels is not None:
         expected = (pixel_values.shape[0], *pixel_values.shape[2:])
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
@@ -120,11 +150,16 @@ def check_query_inputs(pixel_values, labels=None) -> None:
                 f"labels must have shape (batch, height, width) = {expected} to match pixel_values "
                 f"{tuple(pixel_values.shape)}, got {_shape(labels)}"
             )
-        _check_mask_values("labels", labels)
+        _check_mask_values("labels", labels, device)
 
 
-def check_support_inputs(support_pixel_values, support_masks, batch_size=None, require_target=True) -> None:
-    """Raise a `ValueError` naming the argument when the support images or masks are malformed."""
+def check_support_inputs(
+    support_pixel_values, support_masks, batch_size=None, require_target=True, device: torch.device | None = None
+) -> None:
+    """
+    Raise a `ValueError` naming the argument when the supports are malformed: the checks of `check_query_inputs`,
+    batch / shot / size agreement and, if `require_target`, at least one target pixel (value 1) per mask.
+    """
     if support_pixel_values is None or support_masks is None:
         raise ValueError(
             "support_pixel_values and support_masks are required unless a support_encoding from "
@@ -158,8 +193,8 @@ def check_support_inputs(support_pixel_values, support_masks, batch_size=None, r
             f"support_pixel_values holds {support_pixel_values.shape[0]} support sets but pixel_values holds "
             f"{batch_size} queries"
         )
-    _check_finite("support_pixel_values", support_pixel_values)
-    _check_mask_values("support_masks", support_masks)
+    _check_pixels("support_pixel_values", support_pixel_values, device)
+    _check_mask_values("support_masks", support_masks, device)
     if require_target:
         has_target = (support_masks == 1).flatten(2).any(-1)
         if not bool(has_target.all()):
@@ -187,6 +222,31 @@ def _weights_file(name_or_path, subfolder: str = "") -> str:
 def _key_list(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def _size_mismatch_message(config, mismatched: list) -> str:
+    """
+    Why a checkpoint's tensors do not fit the model built from `config`: the config field whose value is the size
+    that differs when it can be told (the backbone's fields for `backbone.*`), else the first key with both shapes.
+    """
+    key, file_shape, model_shape = sorted(tuple(item) for item in mismatched)[0]
+    file_shape, model_shape = tuple(file_shape), tuple(model_shape)
+    shapes = f"{key} is {file_shape} in the file but {model_shape} in the model"
+    count = f"{len(mismatched)} tensor(s) differ in shape"
+    fix = "load the config.json saved with these weights"
+    if key.split(".")[0] in ("backbone", "prior_extractor"):
+        return f"does not fit the model's backbone / backbone_kwargs ({shapes}; {count}); {fix}"
+    if len(file_shape) == len(model_shape):
+        axis = next(i for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b)
+        own, needed = model_shape[axis], file_shape[axis]
+        fields = [
+            f.name
+            for f in dataclasses.fields(config)
+            if type(getattr(config, f.name, None)) is int and getattr(config, f.name) == own
+        ]
+        if len(fields) == 1:
+            return f"needs {fields[0]}={needed} but the config has {fields[0]}={own} ({shapes}; {count}); {fix}"
+    return f"does not fit the model ({shapes}; {count}); {fix}"
 
 
 class FewShotSegmentationPreTrainedModel(PreTrainedModel):
@@ -281,20 +341,40 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         have is refused instead of loading with re-initialised layers.
 
         Raises:
-            `OSError`: the weights file is empty, truncated or not safetensors (the file is named).
-            `ValueError`: missing or unexpected weights (their names are listed).
+            `OSError`: the weights file is empty, truncated or not safetensors (the file is named), or a local folder
+                has no config.json.
+            `ValueError`: missing or unexpected weights (their names are listed), or weights whose shapes do not fit
+                the configuration (the config field responsible when it can be told, e.g. `reduce_dim`, else the
+                first key with both shapes), unless `ignore_mismatched_sizes=True` asks to re-initialise them.
         """
         kwargs.setdefault("use_safetensors", True)
         output_loading_info = kwargs.pop("output_loading_info", False)
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", ""))
+        if (
+            kwargs.get("config") is None
+            and os.path.isdir(folder)
+            and not os.path.isfile(os.path.join(folder, "config.json"))
+        ):
+            # Without it transformers would build the default configuration and fail on the shapes.
+            raise OSError(f"{folder} has no config.json beside its weights; copy the config.json saved with the model")
+        # Mismatched shapes are collected here and refused below with the config field responsible.
+        reinitialise_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path,
+                *args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
             )
         except SafetensorError as error:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
                 f"{weights} is not a complete safetensors file ({error}); save or download the model again"
             ) from None
+        if info["mismatched_keys"] and not reinitialise_mismatched:
+            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise ValueError(f"{weights} {_size_mismatch_message(model.config, info['mismatched_keys'])}")
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
@@ -377,9 +457,11 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         Encode a support set once to segment many queries with `model(pixel_values, support_encoding=...)`.
 
         Args:
-            support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`)
+            support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`): normalised
+                support images of any float dtype (cast to the model's), on the model's device.
             support_masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
-                1 = target class, 0 = background, 255 = ignore.
+                1 = target class, 0 = background, 255 = ignore; any integer, bool or whole-valued float dtype (cast
+                to int64).
             support_inputs: the support-side inputs the model declares (`support_inputs`).
 
         Raises:
@@ -388,8 +470,13 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         query, support = self._route_inputs(support_inputs, encoding_given=False)
         if query:
             raise ValueError(f"{sorted(query)} are query-side inputs: pass them to model(...), not encode_support")
-        check_support_inputs(support_pixel_values, support_masks, require_target=not self.training)
+        check_support_inputs(support_pixel_values, support_masks, require_target=not self.training, device=self.device)
+        support_pixel_values, support_masks = self._cast_inputs(support_pixel_values, support_masks)
         return self._encode_support(support_pixel_values, support_masks, **support)
+
+    def _cast_inputs(self, pixels: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked inputs in the dtypes the methods compute with: pixels in the model's float dtype, masks int64."""
+        return pixels.to(self.dtype), None if masks is None else masks.long()
 
     def forward(
         self,
@@ -404,12 +491,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised query images.
+                Every tensor input must be on the model's device. Pixels of any float dtype (float64, float16,
+                bfloat16) are cast to the model's dtype; integer pixels (raw uint8 images) are refused, as they are
+                not normalised: the image processor prepares them.
             support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`):
                 normalised support images.
             support_masks (`torch.LongTensor` of shape `(batch_size, shot, height, width)`):
-                1 = target class, 0 = background, 255 = ignore (padding).
+                1 = target class, 0 = background, 255 = ignore (padding); any integer, bool or whole-valued float
+                dtype, cast to int64. Other values (e.g. -1 for ignore) are refused.
             labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-                query target masks in {0, 1, 255}; when given, `loss` is computed.
+                query target masks in {0, 1, 255} (dtypes as `support_masks`); when given, `loss` is computed.
             support_encoding (`SupportEncoding`, *optional*):
                 the result of `encode_support`, used instead of support images and masks.
             kwargs: the extra inputs the model declares in `query_inputs` / `support_inputs` (e.g. `class_ids`).
@@ -420,13 +511,19 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         Raises:
             `ValueError`: malformed inputs (naming the argument), or a keyword input the model does not declare.
         """
-        check_query_inputs(pixel_values, labels)
+        check_query_inputs(pixel_values, labels, device=self.device)
         query_inputs, support_inputs = self._route_inputs(kwargs, encoding_given=support_encoding is not None)
         batch_size = pixel_values.shape[0]
+        pixel_values, labels = self._cast_inputs(pixel_values, labels)
         if support_encoding is None:
             check_support_inputs(
-                support_pixel_values, support_masks, batch_size=batch_size, require_target=not self.training
+                support_pixel_values,
+                support_masks,
+                batch_size=batch_size,
+                require_target=not self.training,
+                device=self.device,
             )
+            support_pixel_values, support_masks = self._cast_inputs(support_pixel_values, support_masks)
             support_encoding = self._encode_support(support_pixel_values, support_masks, **support_inputs)
         else:
             if support_pixel_values is not None or support_masks is not None:

@@ -41,7 +41,7 @@ from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .image_processing_fss import IGNORE_INDEX, FewShotSegmentationImageProcessor
+from .image_processing_fss import IGNORE_INDEX, FewShotSegmentationImageProcessor, load_image_processor
 from .modeling_fss import SupportEncoding
 
 __all__ = ["DEFAULT_THRESHOLD", "PIPELINE_TASK", "FewShotSegmentationPipeline", "SupportSets", "register_pipeline"]
@@ -112,14 +112,26 @@ class FewShotSegmentationPipeline(Pipeline):
     """
 
     _load_processor = False
-    _load_image_processor = None  # loaded from the model path when it has one, else built from config.image_size
+    _load_image_processor = False  # `__init__` loads it: a broken preprocessor_config.json must not become defaults
     _load_feature_extractor = False
     _load_tokenizer = False
     _load_video_processor = False
 
     def __init__(self, model, *args, image_processor=None, **kwargs):
+        """
+        `image_processor` defaults to the one saved with the model (`preprocessor_config.json`), else one built from
+        `model.config.image_size` when the model has no such file.
+
+        Raises:
+            `ValueError`: `image_processor` is not a `FewShotSegmentationImageProcessor`, or the model's
+                `preprocessor_config.json` is broken or names another processor type (the file is named).
+        """
         if image_processor is None:
-            image_processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
+            image_processor = load_image_processor(model.name_or_path, model.config.image_size)
+        if not isinstance(image_processor, FewShotSegmentationImageProcessor):
+            raise ValueError(
+                f"image_processor must be a FewShotSegmentationImageProcessor, got {type(image_processor).__name__}"
+            )
         super().__init__(model, *args, image_processor=image_processor, **kwargs)
         self.model.eval()
 

@@ -188,6 +188,8 @@ def test_canet_40_20_20_convention_from_evaluate_and_compare(tiny_model, coco_li
         (["--shot-fusion", "finetune"], "shot_fusion"),
         (["--model-kwargs", '{"reduce_dimm": 8}'], "did you mean 'reduce_dim'"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+        # an override that changes layer sizes names the field the weights need (issue 22, kind 8)
+        (["--model-kwargs", '{"reduce_dim": 24}'], "needs reduce_dim=16 but the config has reduce_dim=24"),
         # a COCO-only flag on another benchmark is refused, not silently ignored
         (["--fold-convention", "canet_40_20_20", "--fold", "1"], "applies to COCO-20i only"),
     ],

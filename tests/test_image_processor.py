@@ -587,3 +587,100 @@ def test_post_processing_matches_the_l_by_l_path(processor, size):
     masks = processor.post_process_semantic_segmentation(logits, target_sizes=[size] * 3)
     for mask, reference in zip(masks, old.argmax(dim=1)):
         assert torch.equal(mask, reference)
+
+
+# Issue 22, kind 6: inputs misread or refused deep inside.
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 3), (3, 40, 4), (1, 40, 2), (4, 30, 1)])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_shape_that_reads_as_chw_and_hwc_alike_is_refused_saying_how_to_pass_it(processor, shape, kind):
+    image = np.zeros(shape, dtype=np.uint8) if kind == "numpy" else torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"`images` has shape .*channels-first .* alike; pass it as a PIL image"):
+        processor(images=image)
+    # The unambiguous forms of the same pixels are read as such.
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 5, 3), dtype=np.uint8)
+    channels_first = processor(images=np.ascontiguousarray(rgb.transpose(2, 0, 1)))["pixel_values"]
+    np.testing.assert_array_equal(channels_first, processor(images=Image.fromarray(rgb))["pixel_values"])
+
+
+def test_stacked_masks_for_one_support_are_refused_not_read_as_a_colour_mask(processor):
+    image = np.zeros((40, 50, 3), dtype=np.uint8)
+    masks = np.stack([_ellipse(40, 50, 20, 25, r, r) for r in (5, 10, 15)])
+    for stacked in (masks, torch.from_numpy(masks)):
+        with pytest.raises(
+            ValueError, match=r"has shape \(3, 40, 50\): one annotation per support image .* list of 3"
+        ):
+            processor(images=image, support_images=[image], support_masks=[stacked])
+    batch = processor(images=image, support_images=[image] * 3, support_masks=list(masks))
+    np.testing.assert_array_equal(batch["support_masks"][0, :, :40, :50], masks)
+
+
+def test_minus_one_marks_ignore_like_255(processor, tmp_path):
+    target = _ellipse(40, 50, 20, 25, 10, 15).astype(np.int64)
+    target[:4] = -1
+    expected = np.where(target == -1, 255, target)
+    for annotation in (target, torch.from_numpy(target), target.astype(np.int8)):
+        np.testing.assert_array_equal(processor.annotation_to_mask(annotation, (40, 50)), expected)
+    label_map = np.where(target == 1, 7, target)
+    np.testing.assert_array_equal(processor.annotation_to_mask(label_map, (40, 50), class_id=7), expected)
+    with pytest.raises(ValueError, match=r"negative values \[-100\] .*255 or -1 \(ignore\)"):
+        processor.annotation_to_mask(np.where(target == -1, -100, target), (40, 50))
+
+
+def test_a_faint_antialiased_mask_is_thresholded_at_half_its_maximum_not_called_a_label_map(processor, tmp_path):
+    # A one-pixel stroke drawn at 8x and downscaled with bilinear: values 0 .. ~31, all on edges.
+    big = np.zeros((320, 400), dtype=np.uint8)
+    big[np.arange(300) + 10, np.arange(300) + 40] = 255
+    faint = Image.fromarray(big).resize((50, 40), Image.BILINEAR)
+    faint.save(tmp_path / "faint.png")
+    values = np.asarray(faint)
+    assert 8 < values.max() < 128 and len(np.unique(values)) > 3
+    image = np.zeros((40, 50, 3), dtype=np.uint8)
+    batch = processor(images=image, support_images=[image], support_masks=[tmp_path / "faint.png"])
+    np.testing.assert_array_equal(batch["support_masks"][0, 0, :40, :50], values >= values.max() / 2)
+    # A label map whose classes are regions stays a label map needing a class id.
+    label_map = _ellipse(40, 50, 20, 25, 10, 15) * 3 + _ellipse(40, 50, 5, 5, 4, 4) * 7
+    with pytest.raises(ValueError, match=r"label map.*support_class_ids"):
+        processor(images=image, support_images=[image], support_masks=[label_map])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "LA", "CMYK", "1", "RGBA"])
+def test_pil_images_of_every_mode_are_read_as_their_rgb_view(processor, tmp_path, mode):
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    gray = Image.fromarray(rgb).convert("L")
+    image = {
+        "I;16": Image.fromarray(np.asarray(gray).astype(np.uint16) * 257),
+        "I": gray.convert("I"),
+        "F": gray.convert("F"),
+        "1": gray.convert("1"),
+    }.get(mode) or Image.fromarray(rgb).convert(mode)
+    expected = {"I;16": gray, "I": gray, "F": gray, "1": gray.convert("1").convert("L"), "LA": gray}.get(mode)
+    expected = expected or image.convert("RGB")
+    got = processor.to_rgb_array(image, "images")
+    np.testing.assert_allclose(got, np.asarray(expected.convert("RGB"), dtype=np.float32), atol=1e-3)
+
+
+def test_lists_of_mixed_kinds_read_each_item_alike(processor, tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mask = _ellipse(40, 50, 20, 25, 10, 15)
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    Image.fromarray(mask * 255).save(tmp_path / "mask.png")
+    images = [rgb, Image.fromarray(rgb), torch.from_numpy(rgb), tmp_path / "image.png", rgb / 255.0]
+    annotations = [
+        mask,
+        Image.fromarray(mask * 255),
+        torch.from_numpy(mask).bool(),
+        tmp_path / "mask.png",
+        mask * 255.0,
+    ]
+    batch = processor(images=images, support_images=[[i] for i in images], support_masks=[[a] for a in annotations])
+    for key in ("pixel_values", "support_pixel_values", "support_masks"):
+        for item in batch[key][1:]:
+            np.testing.assert_allclose(item, batch[key][0], atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("shape", [(0, 50, 3), (40, 0), (3, 0, 50)])
+def test_an_image_with_a_zero_size_side_is_refused_naming_it(processor, shape):
+    with pytest.raises(ValueError, match=r"`images` is empty: shape"):
+        processor(images=np.zeros(shape, dtype=np.uint8))

@@ -170,6 +170,57 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(call, message):
         call(model, query, support, masks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_float_pixels_of_any_precision_are_cast_to_the_model_dtype(dtype):
+    model = tiny_prior_model()
+    query, support, masks, labels = random_episode(batch_size=2, shot=2)
+    with torch.no_grad():
+        reference = model(query.to(dtype).float(), support.to(dtype).float(), masks).logits
+        got = model(query.to(dtype), support.to(dtype), masks).logits
+    assert got.dtype == model.dtype
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.float32])
+def test_masks_and_labels_of_any_integral_dtype_give_the_int64_result(dtype):
+    model = tiny_prior_model()
+    query, support, masks, labels = random_episode(batch_size=2, shot=2)
+    masks[..., -3:, :] = 0  # 255 does not fit bool / int8
+    with torch.no_grad():
+        reference = model(query, support, masks, labels=labels)
+        got = model(query, support, masks.to(dtype), labels=labels.to(dtype))
+    torch.testing.assert_close(got.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, reference.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda m, q, s, k, y: m((q * 255).to(torch.uint8), s, k),
+            "pixel_values must be a float tensor.*uint8.*image processor",
+        ),
+        (lambda m, q, s, k, y: m(q, s.to(torch.uint8), k), "support_pixel_values must be a float tensor.*uint8"),
+        (lambda m, q, s, k, y: m(q.to("meta"), s, k), r"pixel_values is on meta but the model is on cpu; move it"),
+        (lambda m, q, s, k, y: m(q, s.to("meta"), k), r"support_pixel_values is on meta but the model is on cpu"),
+        (lambda m, q, s, k, y: m(q, s, k.to("meta")), r"support_masks is on meta but the model is on cpu"),
+        (lambda m, q, s, k, y: m(q, s, k, labels=y.to("meta")), r"labels is on meta but the model is on cpu"),
+        (lambda m, q, s, k, y: m.encode_support(s.to("meta"), k), r"support_pixel_values is on meta"),
+        (lambda m, q, s, k, y: m(q[..., :0], s, k), r"pixel_values holds images of zero size \(65, 0\)"),
+        (lambda m, q, s, k, y: m(q, s[..., :0, :], k[..., :0, :]), r"support_pixel_values holds images of zero size"),
+        (lambda m, q, s, k, y: m(q, s, k.masked_fill(k == 255, -1)), r"got also \[-1\]; mark ignored pixels with 255"),
+        (lambda m, q, s, k, y: m(q, s, k, labels=y - 1), r"labels .*got also \[-1\]; mark ignored pixels with 255"),
+        (lambda m, q, s, k, y: m(q, s, k, labels=y.float() / 2), "labels must hold only .* fractional"),
+    ],
+)
+def test_inputs_of_a_wrong_dtype_device_or_size_are_refused_naming_the_argument(call, message):
+    model = tiny_prior_model()
+    query, support, masks, labels = random_episode(batch_size=2, shot=2)
+    with pytest.raises(ValueError, match=message) as error:
+        call(model, query, support, masks, labels)
+    assert "\n" not in str(error.value)
+
+
 def test_config_rejects_unknown_backbone():
     # huggingface_hub's strict validation names the field and the allowed values.
     with pytest.raises(StrictDataclassError, match="backbone.*expected one of .*resnet50.*got resnet18"):

@@ -443,3 +443,41 @@ def test_support_prediction_iou_counts_the_given_mask_and_leaves_ignored_pixels_
     (shots,) = pipe._support_predictions([logits], [[given]], threshold=0.5, output_type="numpy")
     assert shots[0]["iou"] == pytest.approx(200 / 600)
     assert shots[0]["mask"].shape == (40, 52) and int(shots[0]["mask"].sum()) == 400 + 10 * 52
+
+
+# Issue 22, kind 8: a broken preprocessor_config.json is an error naming it, never replaced by defaults.
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"image_size": 0}, "`image_size` must be a positive int, got 0"),
+        ({"image_mean": [0.1, 0.2]}, "`image_mean` and `image_std` need 3 values"),
+        ({"image_std": [0, 1, 1]}, "positive std"),
+        ({"resample": 99}, "`resample` must be a PILImageResampling value, got 99"),
+        ({"image_processor_type": "ViTImageProcessor"}, "names image_processor_type 'ViTImageProcessor'"),
+    ],
+)
+def test_a_broken_preprocessor_config_is_refused_by_the_pipeline_and_evaluate_alike(tmp_path, model, changes, message):
+    import json
+
+    from hf_fss.evaluation.runner import _load_model_and_processor
+
+    model.save_pretrained(tmp_path)
+    FewShotSegmentationImageProcessor(image_size=SIZE).save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    for load in (
+        lambda: pipeline("few-shot-segmentation", model=str(tmp_path)),
+        lambda: _load_model_and_processor(str(tmp_path)),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            load()
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_without_a_preprocessor_config_the_model_image_size_is_used(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    assert pipeline("few-shot-segmentation", model=str(tmp_path)).image_processor.image_size == SIZE
+    with pytest.raises(ValueError, match="image_processor must be a FewShotSegmentationImageProcessor"):
+        FewShotSegmentationPipeline(model, image_processor=object())

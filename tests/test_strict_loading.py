@@ -131,3 +131,75 @@ def test_a_value_of_the_wrong_type_names_the_field():
     assert "expected int" in str(error.value)
     with pytest.raises(StrictDataclassFieldValidationError, match="freeze_backbone"):
         CosinePriorConfig(freeze_backbone="yes")
+
+
+# Issue 22, kind 8: configs that load wrongly give one line naming the file and the field.
+
+
+def _edited_config(saved, tmp_path, **changes):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    config = json.loads((saved / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"reduce_dim": None}, "Field 'reduce_dim' expected int, got NoneType"),
+        ({"reduce_dim": "16"}, "Field 'reduce_dim' expected int, got str"),
+        ({"reduce_dim": -1}, "reduce_dim must be positive, got -1"),
+        ({"feature_dropout": float("nan")}, "feature_dropout must hold finite numbers, got nan"),
+        ({"contrastive_temperature": float("inf")}, "contrastive_temperature must hold finite numbers, got inf"),
+        ({"pyramid_bins": [9, float("nan"), 2, 1]}, "pyramid_bins must hold finite numbers"),
+        ({"image_size": None}, "Field 'image_size' expected int, got NoneType"),
+        ({"dtype": "float99"}, "dtype must name a torch dtype such as 'float32' or 'bfloat16', got 'float99'"),
+    ],
+)
+@pytest.mark.parametrize(
+    "loader", [AutoConfig.from_pretrained, AutoModel.from_pretrained, NTRENetModel.from_pretrained]
+)
+def test_a_broken_field_of_config_json_is_one_line_naming_the_file_and_field(
+    saved, tmp_path, changes, message, loader
+):
+    folder = _edited_config(saved, tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as error:
+        loader(folder)
+    text = str(error.value)
+    assert text.startswith(str(folder / "config.json")) and "\n" not in text
+
+
+@pytest.mark.parametrize("loader", [AutoModel.from_pretrained, NTRENetModel.from_pretrained])
+def test_an_override_that_changes_layer_sizes_names_the_field_the_weights_need(saved, loader):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors needs reduce_dim=16 but the config has reduce_dim=32 \("
+    ) as error:
+        loader(saved, reduce_dim=32)
+    assert "\n" not in str(error.value) and "ignore_mismatched_sizes" not in str(error.value)
+    with pytest.raises(ValueError, match=r"Field 'reduce_dim' expected int, got str"):
+        loader(saved, reduce_dim="x")
+
+
+def test_backbone_kwargs_null_names_the_backbone_fields_and_both_shapes(saved, tmp_path):
+    folder = _edited_config(saved, tmp_path, backbone_kwargs=None)
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the model's backbone / backbone_kwargs \(backbone\..* is \(8,\) in the file but \(64,\) in the model",
+    ):
+        AutoModel.from_pretrained(folder)
+
+
+def test_reinitialising_mismatched_sizes_stays_available_when_asked(saved):
+    model = NTRENetModel.from_pretrained(saved, reduce_dim=32, ignore_mismatched_sizes=True)
+    assert model.config.reduce_dim == 32
+
+
+def test_a_folder_without_config_json_is_refused_naming_it(saved, tmp_path):
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    with pytest.raises(OSError, match="has no config.json beside its weights"):
+        NTRENetModel.from_pretrained(folder)

@@ -461,21 +461,13 @@ def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | Non
 
 def _load_model_and_processor(name_or_path: str, overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
     # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
-    from transformers import AutoImageProcessor
-
-    from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
+    from hf_fss.image_processing_fss import load_image_processor
 
     check_model_path(name_or_path)
     model = load_model_with_overrides(name_or_path, overrides)
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        # A converted checkpoint may come without preprocessor_config.json: the test geometry of its config.
-        logger.warning(
-            "no image processor in %s (%s); using image_size=%d", name_or_path, err, model.config.image_size
-        )
-        processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
-    return model, processor
+    # A converted checkpoint may come without preprocessor_config.json (the config's image_size is used); a broken
+    # one is an error naming the file, as with AutoImageProcessor, never replaced by defaults.
+    return model, load_image_processor(name_or_path, model.config.image_size)
 
 
 def _seeds_and_episode_count(args: argparse.Namespace, base, fixed, fold) -> tuple[list[int], int]:
