@@ -750,3 +750,54 @@ def test_fss1000_release_defects(tmp_path, caplog):
     assert "exact scale x1/2" in text and "binarised on its brightest channel" in text
     assert "is a colour image" in text and "mask of" in text and "not a scale" in text
     assert "cat/10.jpeg" in caplog.text and "zebra/2" in caplog.text
+
+
+# ------------------------------------------------------------------------------- lists as users save them
+
+
+def _one_line_error(err: str, *names) -> None:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(str(name) in lines[0] for name in names), lines[0]
+
+
+def test_pascal5i_lists_saved_by_windows_editors(tmp_path, capsys):
+    """A BOM + CRLF val.txt used to turn its first id into an unknown one, so that image landed in train."""
+    from hf_fss.data.builders import build_report
+
+    voc = write_voc_sbd(tmp_path / "pascal")
+    lists = voc["voc"] / "ImageSets" / "Segmentation"
+    (lists / "val.txt").write_bytes(b"\xef\xbb\xbf2007_000003\r\n2007_000004\r\n")
+    # Tabs, trailing blanks, a blank line, a repeated id and a VOC val id in VOC train.
+    (lists / "train.txt").write_bytes(b"2007_000002\t\r\n\r\n2007_000001  \r\n2007_000002\r\n2007_000004\r\n")
+    (voc["sbd"] / "dataset" / "val.txt").write_text("2008_000011\n2008_000012\n", encoding="utf-16")  # with a BOM
+    out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 0
+    dd = datasets.load_from_disk(str(out))
+    assert dd["train"]["image_id"][:] == ["2007_000001", "2007_000002", "2008_000010", "2008_000011", "2008_000012"]
+    assert dd["validation"]["image_id"][:] == ["2007_000003", "2007_000004"]
+    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    assert len(problems) == 2
+    assert "lists 2007_000002 again on line 4" in problems[0]
+    assert "2007_000004 is listed in both" in problems[1] and "kept in validation only" in problems[1]
+    assert "train: 5 rows, 8 classes; defects of the release: 2 fixed, 0 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("caf\u00e9\n".encode("latin-1"), "is not utf-8 text"),
+        ("2007_000003\n".encode("utf-16-le"), "NUL characters"),  # UTF-16 saved without a byte-order mark
+    ],
+    ids=["latin-1", "utf-16-without-bom"],
+)
+def test_pascal5i_list_in_another_encoding_is_one_line_naming_it(tmp_path, capsys, data, expected):
+    voc = write_voc_sbd(tmp_path / "pascal")
+    val = voc["voc"] / "ImageSets" / "Segmentation" / "val.txt"
+    val.write_bytes(data)
+    out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 1
+    err = capsys.readouterr().err
+    _one_line_error(err, val, expected, "save it as UTF-8")
+    assert not out.exists()
+    _no_leftovers(out)
