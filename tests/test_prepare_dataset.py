@@ -801,3 +801,37 @@ def test_pascal5i_list_in_another_encoding_is_one_line_naming_it(tmp_path, capsy
     _one_line_error(err, val, expected, "save it as UTF-8")
     assert not out.exists()
     _no_leftovers(out)
+
+
+def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
+    """A `categories` list without bicycle (id 2) used to renumber every later class (dog 17 -> 16) with only a
+    warning, so the fixed-id COCO-20i folds picked the wrong classes."""
+    from hf_fss.data.builders import build_report
+    from hf_fss.data.schema import COCO_CLASSES
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_train2014.json"
+    data = json.loads(ann_path.read_text())
+    data["categories"] = [c for c in data["categories"] if c["id"] != 2] + [{"id": 91, "name": "hat"}]
+    ann_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # saved with a BOM, too
+    out = tmp_path / "out"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
+    assert "train: 3 rows, 7 classes; defects of the release: 3 fixed" in capsys.readouterr().out
+    dd = datasets.load_from_disk(str(out))
+    for image_id, row in _rows(dd["train"]).items():
+        _check_row(row, coco["labels"][image_id], coco["images"][image_id])  # bicycle still 2, toothbrush 80
+    assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
+    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    assert "category 91 ('hat') is not one of COCO's 80" in problems[0]
+    assert "COCO category 2 ('bicycle') is missing" in problems[1] and "class 2 keeps its id" in problems[1]
+
+    # A category renamed (not COCO's file) and a file that is not JSON: one line naming the file, nothing written.
+    data["categories"][0]["name"] = "human"
+    ann_path.write_text(json.dumps(data))
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "renamed"]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "category 1 is named 'human', COCO 2014's is 'person'")
+    ann_path.write_text(json.dumps(data)[:-10])
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "broken"]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "is not valid JSON")
+    assert not (tmp_path / "renamed").exists() and not (tmp_path / "broken").exists()
+    _no_leftovers(tmp_path / "broken")
