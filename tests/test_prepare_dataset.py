@@ -835,3 +835,16 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     _one_line_error(capsys.readouterr().err, ann_path, "is not valid JSON")
     assert not (tmp_path / "renamed").exists() and not (tmp_path / "broken").exists()
     _no_leftovers(tmp_path / "broken")
+
+
+def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path, capsys):
+    """`synthetic --num-val 0` used to be saved, moved into place, and only then fail to load (a traceback)."""
+    pytest.importorskip("hf_fss.data.synthetic")
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "old.txt").write_text("previous build")
+    argv = ["synthetic", "--num-train", "3", "--num-val", "0", "--image-size", "32", "--output-dir", out]
+    assert _main([*argv, "--overwrite"]) == 1
+    _one_line_error(capsys.readouterr().err, "the validation split of the build has no rows", "--num-val")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier output is untouched
+    _no_leftovers(out)
