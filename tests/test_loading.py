@@ -109,3 +109,21 @@ def test_resolve_benchmark_takes_an_older_folder_at_its_word(saved_synthetic, tm
     assert resolve_benchmark("org/name", "coco20i") == "coco20i"
     with pytest.raises(ValueError, match="--benchmark is required"):
         resolve_benchmark(str(tmp_path / "foreign"), None)
+
+
+def test_an_episodes_file_saved_by_a_windows_editor_reads_the_same(tmp_path):
+    from hf_fss.data.episodes import Episode, load_episodes_jsonl
+
+    lines = [
+        '{"query": "a", "supports": ["b"], "class_id": 3}',
+        '{"query": "c", "supports": ["d", "e"], "class_id": 1}',
+    ]
+    expected = [Episode("a", ("b",), 3), Episode("c", ("d", "e"), 1)]
+    path = tmp_path / "episodes.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert load_episodes_jsonl(path) == expected
+    path.write_text("\n".join(lines), encoding="utf-16")
+    assert load_episodes_jsonl(path) == expected
+    path.write_bytes("\n".join(lines).encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(ValueError, match=r"episodes file .*episodes\.jsonl holds NUL characters.*save it as UTF-8"):
+        load_episodes_jsonl(path)
