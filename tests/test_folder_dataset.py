@@ -219,3 +219,56 @@ def test_readme_commands_end_to_end(tmp_path):
     comparison = json.loads((tmp_path / "comparison" / "comparison.json").read_text())
     assert list(comparison["results"]) == ["seed321", "seed1"] and comparison["setup"]["benchmark"] == "folder"
     assert (tmp_path / "comparison" / "comparison.png").is_file()
+
+
+def test_symlinks_and_unicode_forms_of_class_folders(tmp_path, capsys):
+    """A symlinked folder used to become a class made of every other class's images; a folder name macOS stored
+    decomposed (NFD) did not match the name typed in a split list (NFC)."""
+    from hf_fss.data.builders import build_report
+
+    root = write_class_folders(tmp_path / "fss_like")
+    (root / "cup").rename(root / "cafe\u0301")  # NFD, as macOS writes it
+    (root / "everything").symlink_to(root, target_is_directory=True)
+    (root / "leaf" / "9.jpg").symlink_to(root / "shoe" / "1.jpg")  # the same file under another class
+    (root / "leaf" / "9.png").symlink_to(root / "shoe" / "1.png")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_bytes("\ufeffcaf\u00e9\r\nleaf\r\nshoe\r\nkey\r\n".encode())  # NFC, BOM, CRLF
+    (lists / "val.txt").write_text("bottle\n", encoding="utf-16")
+    (lists / "test.txt").write_text("lamp\n")
+    out = tmp_path / "mine"
+    status, text = _prepare(capsys, "--images", root, "--class-folders", "--split-dir", lists, "--output-dir", out)
+    assert status == 0, text
+    assert "train: 12 rows, 4 classes; defects of the release: 0 fixed, 2 skipped" in text
+    dataset = load_benchmark(str(out))
+    names = dataset["train"].features["class_ids"].feature.names
+    assert names == ["background", "bottle", "caf\u00e9", "key", "lamp", "leaf", "shoe"]
+    assert fold_classes("folder", dataset=dataset).base == (2, 3, 5, 6)
+    image_ids = {i for split in dataset.values() for i in split["image_id"]}
+    assert len(image_ids) == 18 and not any(i.startswith("everything/") for i in image_ids)
+    assert "leaf/9" not in image_ids
+    skipped = {e["id"]: e["problem"] for e in build_report(dataset["train"])["skipped"]}
+    assert "symlinked folder: not a class" in skipped["everything"]
+    assert "is a symlink to" in skipped["leaf/9.jpg"] and "shoe/1.jpg" in skipped["leaf/9.jpg"]
+
+
+def test_class_names_equal_up_to_unicode_normalisation_are_one_line_telling_them_apart(tmp_path, capsys):
+    root = write_class_folders(tmp_path / "fss_like")
+    (root / "cup").rename(root / "cafe\u0301")
+    (root / "leaf").rename(root / "caf\u00e9")
+    out = tmp_path / "mine"
+    status, text = _prepare(capsys, "--images", root, "--class-folders", "--output-dir", out)
+    assert status == 1 and not out.exists()
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in text
+    assert (
+        "class folders: 'cafe\\u0301' and 'caf\\xe9' name one class more than once" in lines[0]
+        and "Unicode NFC" in lines[0]
+        and "rename" in lines[0]
+    )
+
+    images, masks, names = write_label_folder(tmp_path / "raw")
+    names.write_text("\n".join([*CLASS_NAMES, "caf\u00e9", "cafe\u0301"]) + "\n", encoding="utf-16")
+    status, text = _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", out)
+    assert status == 1 and not out.exists()
+    assert f"class names file {names}: 'cafe\\u0301' and 'caf\\xe9' name one class" in text

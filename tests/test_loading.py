@@ -60,3 +60,70 @@ def test_training_and_evaluation_infer_the_benchmark_of_a_saved_folder(tmp_path)
     assert args.benchmark == "synthetic"
     with pytest.raises(ValueError, match="--benchmark is required .* one of pascal5i, coco20i, synthetic, fss1000"):
         EpisodicArguments(dataset="org/name", model_type="ntrenet")
+
+
+@pytest.fixture
+def saved_synthetic(tmp_path):
+    folder = tmp_path / "bench"
+    load_benchmark("synthetic", num_train=4, num_val=2, image_size=32).save_to_disk(str(folder))
+    return folder
+
+
+def test_a_contradicting_benchmark_is_refused_by_every_script(saved_synthetic, tmp_path, capsys):
+    """`--dataset synthetic --benchmark pascal5i` used to train and write a card claiming PASCAL-5i fold 0."""
+    from hf_fss.evaluation.compare import main as compare_main
+    from hf_fss.evaluation.runner import main as evaluate_main
+    from hf_fss.training.episodic import main as train_main
+
+    models = [tmp_path / "model_a", tmp_path / "model_b"]
+    for model in models:
+        model.mkdir()
+    out = tmp_path / "out"
+    for dataset, benchmark in (("synthetic", "pascal5i"), (str(saved_synthetic), "COCO-20i")):
+        data = ["--dataset", dataset, "--benchmark", benchmark]
+        runs = {  # (main, argv)
+            "train.py": (train_main, [*data, "--output-dir", str(out), "--max-steps", "1"]),
+            "evaluate.py": (evaluate_main, ["--model", str(models[0]), *data, "--output", str(out / "m.json")]),
+            "compare.py": (compare_main, ["--models", *map(str, models), *data, "--output-dir", str(out)]),
+        }
+        for script, (main, argv) in runs.items():
+            assert main(argv) == 2, script
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith(f"{script}: error: --benchmark {benchmark}"), err
+            assert f"contradicts --dataset {dataset!r}, which is synthetic" in err
+            assert "or pass --benchmark synthetic" in err
+            assert not out.exists(), script
+
+
+def test_resolve_benchmark_takes_an_older_folder_at_its_word(saved_synthetic, tmp_path):
+    from hf_fss.data.loading import resolve_benchmark
+
+    assert resolve_benchmark(str(saved_synthetic), None) == "synthetic"
+    assert resolve_benchmark(str(saved_synthetic), "Synthetic") == "synthetic"
+    # A folder that recorded no benchmark (a foreign or older save) and a Hub id: --benchmark as given.
+    foreign = datasets.load_from_disk(str(saved_synthetic))
+    for split in foreign.values():
+        split.info.description = ""
+    foreign.save_to_disk(str(tmp_path / "foreign"))
+    assert resolve_benchmark(str(tmp_path / "foreign"), "pascal5i") == "pascal5i"
+    assert resolve_benchmark("org/name", "coco20i") == "coco20i"
+    with pytest.raises(ValueError, match="--benchmark is required"):
+        resolve_benchmark(str(tmp_path / "foreign"), None)
+
+
+def test_an_episodes_file_saved_by_a_windows_editor_reads_the_same(tmp_path):
+    from hf_fss.data.episodes import Episode, load_episodes_jsonl
+
+    lines = [
+        '{"query": "a", "supports": ["b"], "class_id": 3}',
+        '{"query": "c", "supports": ["d", "e"], "class_id": 1}',
+    ]
+    expected = [Episode("a", ("b",), 3), Episode("c", ("d", "e"), 1)]
+    path = tmp_path / "episodes.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert load_episodes_jsonl(path) == expected
+    path.write_text("\n".join(lines), encoding="utf-16")
+    assert load_episodes_jsonl(path) == expected
+    path.write_bytes("\n".join(lines).encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(ValueError, match=r"episodes file .*episodes\.jsonl holds NUL characters.*save it as UTF-8"):
+        load_episodes_jsonl(path)

@@ -750,3 +750,101 @@ def test_fss1000_release_defects(tmp_path, caplog):
     assert "exact scale x1/2" in text and "binarised on its brightest channel" in text
     assert "is a colour image" in text and "mask of" in text and "not a scale" in text
     assert "cat/10.jpeg" in caplog.text and "zebra/2" in caplog.text
+
+
+# ------------------------------------------------------------------------------- lists as users save them
+
+
+def _one_line_error(err: str, *names) -> None:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(str(name) in lines[0] for name in names), lines[0]
+
+
+def test_pascal5i_lists_saved_by_windows_editors(tmp_path, capsys):
+    """A BOM + CRLF val.txt used to turn its first id into an unknown one, so that image landed in train."""
+    from hf_fss.data.builders import build_report
+
+    voc = write_voc_sbd(tmp_path / "pascal")
+    lists = voc["voc"] / "ImageSets" / "Segmentation"
+    (lists / "val.txt").write_bytes(b"\xef\xbb\xbf2007_000003\r\n2007_000004\r\n")
+    # Tabs, trailing blanks, a blank line, a repeated id and a VOC val id in VOC train.
+    (lists / "train.txt").write_bytes(b"2007_000002\t\r\n\r\n2007_000001  \r\n2007_000002\r\n2007_000004\r\n")
+    (voc["sbd"] / "dataset" / "val.txt").write_text("2008_000011\n2008_000012\n", encoding="utf-16")  # with a BOM
+    out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 0
+    dd = datasets.load_from_disk(str(out))
+    assert dd["train"]["image_id"][:] == ["2007_000001", "2007_000002", "2008_000010", "2008_000011", "2008_000012"]
+    assert dd["validation"]["image_id"][:] == ["2007_000003", "2007_000004"]
+    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    assert len(problems) == 2
+    assert "lists 2007_000002 again on line 4" in problems[0]
+    assert "2007_000004 is listed in both" in problems[1] and "kept in validation only" in problems[1]
+    assert "train: 5 rows, 8 classes; defects of the release: 2 fixed, 0 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("caf\u00e9\n".encode("latin-1"), "is not utf-8 text"),
+        ("2007_000003\n".encode("utf-16-le"), "NUL characters"),  # UTF-16 saved without a byte-order mark
+    ],
+    ids=["latin-1", "utf-16-without-bom"],
+)
+def test_pascal5i_list_in_another_encoding_is_one_line_naming_it(tmp_path, capsys, data, expected):
+    voc = write_voc_sbd(tmp_path / "pascal")
+    val = voc["voc"] / "ImageSets" / "Segmentation" / "val.txt"
+    val.write_bytes(data)
+    out = tmp_path / "out"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 1
+    err = capsys.readouterr().err
+    _one_line_error(err, val, expected, "save it as UTF-8")
+    assert not out.exists()
+    _no_leftovers(out)
+
+
+def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
+    """A `categories` list without bicycle (id 2) used to renumber every later class (dog 17 -> 16) with only a
+    warning, so the fixed-id COCO-20i folds picked the wrong classes."""
+    from hf_fss.data.builders import build_report
+    from hf_fss.data.schema import COCO_CLASSES
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_train2014.json"
+    data = json.loads(ann_path.read_text())
+    data["categories"] = [c for c in data["categories"] if c["id"] != 2] + [{"id": 91, "name": "hat"}]
+    ann_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # saved with a BOM, too
+    out = tmp_path / "out"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
+    assert "train: 3 rows, 7 classes; defects of the release: 3 fixed" in capsys.readouterr().out
+    dd = datasets.load_from_disk(str(out))
+    for image_id, row in _rows(dd["train"]).items():
+        _check_row(row, coco["labels"][image_id], coco["images"][image_id])  # bicycle still 2, toothbrush 80
+    assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
+    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    assert "category 91 ('hat') is not one of COCO's 80" in problems[0]
+    assert "COCO category 2 ('bicycle') is missing" in problems[1] and "class 2 keeps its id" in problems[1]
+
+    # A category renamed (not COCO's file) and a file that is not JSON: one line naming the file, nothing written.
+    data["categories"][0]["name"] = "human"
+    ann_path.write_text(json.dumps(data))
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "renamed"]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "category 1 is named 'human', COCO 2014's is 'person'")
+    ann_path.write_text(json.dumps(data)[:-10])
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "broken"]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "is not valid JSON")
+    assert not (tmp_path / "renamed").exists() and not (tmp_path / "broken").exists()
+    _no_leftovers(tmp_path / "broken")
+
+
+def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path, capsys):
+    """`synthetic --num-val 0` used to be saved, moved into place, and only then fail to load (a traceback)."""
+    pytest.importorskip("hf_fss.data.synthetic")
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "old.txt").write_text("previous build")
+    argv = ["synthetic", "--num-train", "3", "--num-val", "0", "--image-size", "32", "--output-dir", out]
+    assert _main([*argv, "--overwrite"]) == 1
+    _one_line_error(capsys.readouterr().err, "the validation split of the build has no rows", "--num-val")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier output is untouched
+    _no_leftovers(out)

@@ -579,21 +579,21 @@ def load_episodes_jsonl(path: str | os.PathLike, split: Any = None) -> list[Epis
     Raises:
         `ValueError`: naming the file, the line, the episode's image ids and what is wrong.
     """
+    from .text import read_user_text
+
     episodes, numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                episode = Episode(
-                    str(record["query"]), tuple(str(s) for s in record["supports"]), int(record["class_id"])
-                )
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{os.fspath(path)}:{number}: not an episode record ({err})") from err
-            _check_episode(episode, f"{os.fspath(path)}:{number}")
-            episodes.append(episode)
-            numbers.append(number)
+    # Read as editors save it: a BOM, CRLF or UTF-16 with a BOM are fine; another encoding is one line naming it.
+    for number, line in enumerate(read_user_text(path, "episodes file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            episode = Episode(str(record["query"]), tuple(str(s) for s in record["supports"]), int(record["class_id"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{os.fspath(path)}:{number}: not an episode record ({err})") from err
+        _check_episode(episode, f"{os.fspath(path)}:{number}")
+        episodes.append(episode)
+        numbers.append(number)
     if split is not None:
         _check_episodes_against_split(episodes, [f"{os.fspath(path)}:{n}" for n in numbers], split)
     return episodes

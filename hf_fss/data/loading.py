@@ -13,9 +13,10 @@ from pathlib import Path
 import datasets
 
 from ..utils import looks_local
-from .folds import BENCHMARKS
+from .folds import BENCHMARKS, normalize_benchmark_name
 
-__all__ = ["infer_benchmark", "load_benchmark", "looks_local"]  # looks_local: hf_fss.utils, re-exported
+# looks_local: hf_fss.utils, re-exported
+__all__ = ["infer_benchmark", "load_benchmark", "looks_local", "resolve_benchmark"]
 
 # How each builder's DatasetInfo.description starts (see hf_fss.data.builders and hf_fss.data.synthetic).
 _DESCRIPTION_PREFIXES = {
@@ -111,3 +112,34 @@ def benchmark_required_message(dataset: str) -> str:
         f"--benchmark is required with --dataset {dataset!r} (its kind cannot be read from it); "
         f"one of {', '.join(BENCHMARKS)}"
     )
+
+
+def resolve_benchmark(dataset: str | os.PathLike | datasets.DatasetDict, benchmark: str | None) -> str:
+    """
+    The benchmark a run on `dataset` uses: `benchmark` (any spelling `normalize_benchmark_name` accepts) checked
+    against the one the dataset recorded when it was built (`infer_benchmark`), or that one when `benchmark` is
+    None. A dataset that recorded none (a Hub id, an older or foreign folder) takes `benchmark` as given.
+
+    Raises:
+        ValueError: `benchmark` contradicts the recorded one (naming both), is unknown, or is None while nothing
+            is recorded (`benchmark_required_message`); one line each.
+        FileNotFoundError: `benchmark` is None and `dataset` looks like a local path that does not exist.
+    """
+    name = dataset if isinstance(dataset, str) else "the dataset"
+    if benchmark is None:
+        recorded = infer_benchmark(dataset)
+        if recorded is None:
+            raise ValueError(benchmark_required_message(str(name)))
+        return recorded
+    given = normalize_benchmark_name(benchmark)
+    try:
+        recorded = infer_benchmark(dataset)
+    except FileNotFoundError:
+        return given  # nothing recorded to contradict; loading the dataset reports the missing folder
+    if recorded is not None and given != recorded:
+        # Training or scoring one benchmark under another's folds would label the results with the wrong classes.
+        raise ValueError(
+            f"--benchmark {benchmark} contradicts --dataset {name!r}, which is {recorded} (recorded when it was "
+            f"built); give a {given} dataset (scripts/prepare_dataset.py {given}) or pass --benchmark {recorded}"
+        )
+    return given

@@ -25,6 +25,10 @@ COCO_CLASSES = (
 )  # fmt: skip
 
 
+# COCO's category id of each class id 1..80 (the ids have gaps: 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused).
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
+
 def benchmark_features(class_names) -> Features:
     """
     Columns of a benchmark split. `label` is a single-channel PNG whose pixel values are class ids (0 background,

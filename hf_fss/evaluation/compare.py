@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, data, fold, protocol, episode lists: what every model is scored with."""
     from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import has_class_split, normalize_benchmark_name
-    from hf_fss.data.loading import benchmark_required_message, infer_benchmark
+    from hf_fss.data.folds import has_class_split
+    from hf_fss.data.loading import resolve_benchmark
     from hf_fss.evaluation.protocols import get_protocol
 
     if len(args.models) < 2:
@@ -447,10 +447,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--shot and --batch-size must be >= 1")
     if not 0 < args.confidence < 1 or args.num_bootstrap < 1:
         raise ValueError("--confidence must lie in (0, 1) and --num-bootstrap be >= 1")
-    benchmark = args.benchmark or infer_benchmark(args.dataset)
-    if benchmark is None:
-        raise ValueError(benchmark_required_message(args.dataset))
-    benchmark = normalize_benchmark_name(benchmark)
+    benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
     convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
     split_name = args.split or default_test_split(dataset, benchmark)

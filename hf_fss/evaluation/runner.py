@@ -507,16 +507,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import has_class_split, normalize_benchmark_name
+    from hf_fss.data.folds import has_class_split
 
     if args.seed is not None and args.seeds is not None:
         raise ValueError("give either --seed or --seeds, not both")
-    from hf_fss.data.loading import benchmark_required_message, infer_benchmark
+    from hf_fss.data.loading import resolve_benchmark
 
-    benchmark = args.benchmark or infer_benchmark(args.dataset)  # "synthetic", or what a prepare_dataset.py folder is
-    if benchmark is None:
-        raise ValueError(benchmark_required_message(args.dataset))
-    benchmark = normalize_benchmark_name(benchmark)
+    benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
     convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     if args.shot < 1:
         raise ValueError(f"--shot must be >= 1, got {args.shot}")

@@ -233,7 +233,7 @@ class EpisodicArguments:
 
     def __post_init__(self):
         import hf_fss
-        from hf_fss.data.folds import COCO_CONVENTIONS, fold_classes, normalize_benchmark_name
+        from hf_fss.data.folds import COCO_CONVENTIONS, fold_classes
         from hf_fss.evaluation.protocols import PROTOCOLS
 
         if self.model_type not in hf_fss.MODEL_CLASSES:
@@ -247,13 +247,10 @@ class EpisodicArguments:
         if not all(isinstance(k, str) for k in self.model_kwargs):
             raise ValueError(f"model_kwargs keys must be config field names, got {list(self.model_kwargs)}")
         _check_finite(self)
-        if self.benchmark is None:
-            from hf_fss.data.loading import benchmark_required_message, infer_benchmark
+        from hf_fss.data.loading import resolve_benchmark
 
-            self.benchmark = infer_benchmark(self.dataset)  # "synthetic", or what a prepare_dataset.py folder is
-            if self.benchmark is None:
-                raise ValueError(benchmark_required_message(self.dataset))
-        self.benchmark = normalize_benchmark_name(self.benchmark)
+        # What a prepare_dataset.py folder (or "synthetic") recorded; a contradicting --benchmark is refused.
+        self.benchmark = resolve_benchmark(self.dataset, self.benchmark)
         if self.fold_convention is not None:
             if self.benchmark != "coco20i":
                 raise ValueError(f"fold_convention applies to coco20i only, not to {self.benchmark}")

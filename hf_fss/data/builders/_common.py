@@ -17,6 +17,7 @@ import PIL.Image
 from datasets import Dataset
 
 from ..schema import IGNORE_INDEX, benchmark_features
+from ..text import read_user_text
 
 logger = logging.getLogger("hf_fss.data.builders")
 
@@ -54,16 +55,19 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_id_list(path: str | os.PathLike) -> list[str]:
+def read_id_list(path: str | os.PathLike, listing: list | None = None) -> list[str]:
     """
     Ids listed one per line in `path`, in file order, without duplicates.
 
-    Besides bare ids (VOC / SBD lists) this accepts the DeepLab list format, whose lines hold paths such as
+    The file is read as users save it (`hf_fss.data.text.read_user_text`: a BOM, CRLF line ends or UTF-16 with a
+    BOM are fine; other encodings are a ValueError naming the file); blank lines, tabs and trailing whitespace are
+    ignored. Besides bare ids (VOC / SBD lists) this accepts the DeepLab list format, whose lines hold paths such as
     `/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`: the first token's file stem is the id.
+    An id listed again is dropped and, with `listing`, reported there (a `build_split` listing entry).
     """
     path = require_file(path, "id list")
     ids, seen = [], set()
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(read_user_text(path, "id list").split("\n"), start=1):
         tokens = line.split()
         if not tokens:
             continue
@@ -71,9 +75,13 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
         stem, dot, suffix = name.rpartition(".")
         if dot and suffix.lower() in {"jpg", "jpeg", "png", "mat"}:
             name = stem
-        if name not in seen:
-            seen.add(name)
-            ids.append(name)
+        if name in seen:
+            if listing is not None:
+                problem = f"{path} lists {name} again on line {number}: listed once"
+                listing.append({"id": name, "action": "fixed", "problem": problem, "row": False})
+            continue
+        seen.add(name)
+        ids.append(name)
     return ids
 
 

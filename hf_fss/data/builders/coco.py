@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -16,10 +15,9 @@ from datasets import DatasetDict
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from ..schema import COCO_CLASSES, IGNORE_INDEX
+from ..schema import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX
+from ..text import read_user_text
 from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
-
-logger = logging.getLogger(__name__)
 
 
 def _clean_polygons(segmentation: list, height: int, width: int, source: str, fixes: list) -> list[list[float]]:
@@ -133,11 +131,16 @@ def _coco_row(item, fixes: list) -> dict:
 
 
 def _load_coco(path: Path) -> COCO:
-    with path.open() as f:
-        data = json.load(f)
+    """The instances file at `path` indexed by pycocotools; ValueError naming it when it is not one."""
+    try:
+        data = json.loads(read_user_text(path, "COCO annotation file"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
     for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{path} is not a COCO instances file: no {key!r}")
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ValueError(f"{path} is not a COCO instances file: no {key!r} list")
+        if not all(isinstance(entry, dict) and "id" in entry for entry in data[key]):
+            raise ValueError(f"{path}: every entry of {key!r} must be an object with an 'id'")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -148,11 +151,11 @@ def _load_coco(path: Path) -> COCO:
 def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, list, list[dict]]:
     """
     The items of one split (image_id, image_path, height, width, annotations), the cache signature, and what
-    listing found: images absent from disk and annotations of unlisted image ids (skipped), annotations of
-    unknown categories (painted as ignore).
+    listing found: categories missing or unknown (see `coco_class_of`), images absent from disk and annotations
+    of unlisted image ids (skipped), annotations of unknown categories (painted as ignore).
     """
-    class_of = {cat_id: i + 1 for i, cat_id in enumerate(sorted(coco.cats))}
-    items, signature, listing = [], [file_signature(ann_file)], []
+    class_of, listing = coco_class_of(coco, ann_file)
+    items, signature = [], [file_signature(ann_file)]
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
         image_path = images_dir / str(info.get("file_name", ""))
@@ -186,16 +189,36 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
     return items, signature, listing
 
 
-def coco_class_names(coco: COCO, source: Path) -> list[str]:
-    """["background", *category names in ascending category-id order]; warns when they differ from COCO_CLASSES."""
-    names = ["background"] + [coco.cats[c]["name"] for c in sorted(coco.cats)]
-    if len(names) > IGNORE_INDEX:
-        raise ValueError(f"{source} has {len(names) - 1} categories; at most {IGNORE_INDEX - 1} fit in a label map")
-    if tuple(names) != COCO_CLASSES:
-        logger.warning(
-            "categories of %s differ from the COCO 2014 ones; using the file's %d names", source, len(names) - 1
+def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]:
+    """
+    {category id: class id} by the category id itself against COCO 2014's table (`COCO_CATEGORY_IDS`, class id =
+    position + 1), never by position in the file, so a category the file lacks cannot renumber the later ones;
+    and the listing entries that report each category of the table missing from `source` (its class then has
+    no pixels) and each category of `source` outside the table (its annotations are ignore, 255).
+
+    Raises:
+        ValueError: a category of the table named differently in `source` (not COCO's categories), one line.
+    """
+    table = dict(zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:]))
+    listing = []
+    for cat_id, category in sorted(coco.cats.items(), key=lambda kv: str(kv[0])):
+        name = category.get("name")
+        if cat_id not in table:
+            problem = f"{source.name}: category {cat_id!r} ({name!r}) is not one of COCO's 80: "
+            problem += "its pixels are ignore (255)"
+            listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+        elif name != table[cat_id]:
+            raise ValueError(
+                f"{source}: category {cat_id} is named {name!r}, COCO 2014's is {table[cat_id]!r}; COCO-20i needs "
+                "COCO's own instances_*2014.json"
+            )
+    for cat_id in sorted(set(table) - set(coco.cats)):
+        problem = (
+            f"{source.name}: COCO category {cat_id} ({table[cat_id]!r}) is missing from its categories: class "
+            f"{COCO_CATEGORY_IDS.index(cat_id) + 1} keeps its id, and its annotations are read by that id"
         )
-    return names
+        listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+    return {cat_id: i + 1 for i, cat_id in enumerate(COCO_CATEGORY_IDS)}, listing
 
 
 def build_coco20i(
@@ -205,8 +228,10 @@ def build_coco20i(
     COCO-20i (all 80 classes; folds are chosen at sampling time) from `coco_root` holding `train2014/`,
     `val2014/` and `annotations/instances_{train,val}2014.json`.
 
-    Category ids map to class ids 1..80 in ascending category-id order, with the JSON's names (a warning when
-    they differ from `COCO_CLASSES`; train and val must agree). Label maps are rasterised with pycocotools from
+    Category ids map to class ids 1..80 by the id itself against COCO 2014's table (`coco_class_of`): a
+    category missing from the file's `categories` keeps its class id and is reported, one outside the table is
+    reported and its annotations are ignore (255), one named differently from COCO's is a ValueError; the class
+    names are `COCO_CLASSES`. Label maps are rasterised with pycocotools from
     polygons and RLEs (see `rasterize` for the overlap and crowd rules: the smallest instance wins, uncovered
     crowd pixels are 255). Every image listed in the JSON is kept, also those without annotations (all
     background, `class_ids` empty), so the splits are exactly train2014 and val2014. `image_id` is the COCO
@@ -220,15 +245,11 @@ def build_coco20i(
     annotations pointing to an image id the file does not list. Grayscale / CMYK images are converted to RGB.
     """
     root = require_dir(coco_root, "COCO root")
-    splits, names = {}, None
+    splits = {}
     for split, tag in (("train", "train2014"), ("validation", "val2014")):
         images_dir = require_dir(root / tag, "COCO image folder")
         ann_file = require_file(root / "annotations" / f"instances_{tag}.json", "COCO annotation file")
         coco = _load_coco(ann_file)
-        split_names = coco_class_names(coco, ann_file)
-        if names is not None and split_names != names:
-            raise ValueError(f"the categories of {ann_file} differ from those of the train annotations")
-        names = split_names
         items, signature, listing = _coco_items(coco, images_dir, ann_file)
         description = (
             f"COCO-20i {split} (80 classes, category ids -> 1..80 in ascending id order, 255 = uncovered crowd), "
@@ -240,7 +261,7 @@ def build_coco20i(
             split: build_split(
                 _coco_row,
                 items,
-                names,
+                COCO_CLASSES,
                 split=split,
                 signature=["coco20i", signature],
                 description=description,

@@ -30,6 +30,7 @@ import numpy as np
 import PIL.Image
 from datasets import DatasetDict
 
+from ..text import normalize_name, read_text_lines
 from ._common import (
     SkipRow,
     build_split,
@@ -64,40 +65,89 @@ def recorded_class_split(split_description: str) -> dict[str, tuple[int, ...]] |
     return {name: tuple(int(c) for c in ids) for name, ids in decoded.items()}
 
 
-def _list_images(root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
-    """Image files under `root` (recursively, hidden entries skipped) by their path relative to it, without suffix."""
+def _list_images(
+    root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, notes: list | None = None, targets: dict | None = None
+) -> dict[str, Path]:
+    """
+    Image files under `root` (recursively, hidden entries skipped) by their path relative to it, without suffix.
+
+    Symlinks are not followed into duplicates: a symlinked sub-folder is not read (a link to a parent or sibling
+    folder would list its images twice), and a symlinked file whose target is a real file of the tree (or the
+    target of an earlier link) is left out. Both are appended to `notes` as (path under root's parent, problem).
+    `targets` ({resolved path: the path that owns it}, default `_real_files(root)`) is shared across calls so that
+    duplicates across class folders are found too.
+    """
     found: dict[str, Path] = {}
+    targets = _real_files(root) if targets is None else targets
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+        if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix.lower() in suffixes:
-            key = relative.with_suffix("").as_posix()
-            if key in found:
-                raise ValueError(f"two images share the name {key!r}: {found[key]} and {path}; rename one")
-            found[key] = path
+        where = path.relative_to(root.parent).as_posix()
+        if path.is_symlink() and path.is_dir():
+            _note(notes, where, f"{path} is a symlinked folder: not followed (its images would repeat)")
+            continue
+        if not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        key = relative.with_suffix("").as_posix()
+        if key in found:
+            raise ValueError(f"two images share the name {key!r}: {found[key]} and {path}; rename one")
+        owner = targets.setdefault(path.resolve(), path)
+        if owner != path:
+            _note(notes, where, f"{path} is a symlink to {owner}, listed already: left out as a duplicate")
+            continue
+        found[key] = path
     return found
+
+
+def _real_files(root: Path) -> dict[Path, Path]:
+    """{resolved path: path} of the files under `root` that are not symlinks (they own their content)."""
+    return {path.resolve(): path for path in root.rglob("*") if path.is_file() and not path.is_symlink()}
+
+
+def _note(notes: list | None, key: str, problem: str) -> None:
+    if notes is not None:
+        notes.append((key, problem))
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """
     Class names by id from a text file: line k names class id k, line 0 the background (blank lines are not
-    allowed inside the list: they would shift the ids). ValueError for duplicate or missing names.
+    allowed inside the list: they would shift the ids). Read as editors save it (`read_text_lines`: BOM, CRLF,
+    UTF-16 with a BOM), names in Unicode NFC. ValueError for duplicate (also up to normalisation) or missing names.
     """
-    lines = require_file(path, "class names file").read_text().splitlines()
-    while lines and not lines[-1].strip():
+    require_file(path, "class names file")
+    lines = read_text_lines(path, "class names file")
+    while lines and not lines[-1]:
         lines.pop()
-    names = [line.strip() for line in lines]
+    names = [normalize_name(line) for line in lines]
     if len(names) < 2:
         raise ValueError(f"class names file {path} must name the background (line 0) and at least one class")
     if "" in names:
         raise ValueError(f"class names file {path}: line {names.index('')} is blank; line k names class id k")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"class names file {path} names {duplicates} more than once")
+    _refuse_duplicates(lines, f"class names file {path}")
     if len(names) > _MAX_DENSE_ID + 1:
         raise ValueError(f"class names file {path} names {len(names) - 1} classes; label maps hold at most 254")
     return names
+
+
+def _refuse_duplicates(raw_names: Sequence[str], where: str) -> None:
+    """ValueError naming the names of `raw_names` that are equal in NFC; written with ascii() escapes when they
+    differ only in their Unicode form (NFC vs NFD), so the two do not print identically."""
+    by_form: dict[str, list[str]] = {}
+    for raw in raw_names:
+        by_form.setdefault(normalize_name(raw), []).append(raw)
+    repeated = {form: spellings for form, spellings in by_form.items() if len(spellings) > 1}
+    if not repeated:
+        return
+    shown = [
+        repr(form) if len(set(spellings)) == 1 else " and ".join(ascii(s) for s in sorted(set(spellings)))
+        for form, spellings in sorted(repeated.items())
+    ]
+    raise ValueError(
+        f"{where}: {'; '.join(shown)} name one class more than once (class names are compared in Unicode NFC); "
+        "rename or remove one"
+    )
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -116,14 +166,15 @@ def _check_size(image_path: Path, mask_path: Path, mask_shape: tuple[int, int]) 
         raise SkipRow(f"image {image_path} is {width}x{height} but its mask {mask_path} is {mw}x{mh}")
 
 
-def _scan_label_maps(images: Path, masks: Path, names: list[str] | None):
-    """(entries [(id, image, mask, present ids)], problems, class names) of the label-map layout."""
+def _scan_label_maps(images: Path, masks: Path, names: list[str] | None, notes: list):
+    """(entries [(id, image, mask, present ids)], problems, class names) of the label-map layout; symlinks not
+    followed into duplicates are noted in `notes` (see `_list_images`)."""
     if images == masks:
         raise ValueError(
             "label maps need their own --masks folder (the images folder is only one with --class-folders)"
         )
     entries, problems = [], []
-    for key, image_path in _list_images(images).items():
+    for key, image_path in _list_images(images, notes=notes).items():
         mask_path = masks / f"{key}.png"
         if not mask_path.is_file():
             problems.append((key, f"image {image_path} has no mask {mask_path}"))
@@ -153,17 +204,22 @@ def _scan_label_maps(images: Path, masks: Path, names: list[str] | None):
     return entries, problems, names
 
 
-def _scan_class_folders(images: Path, masks: Path):
-    """(entries, problems, class names) of the per-class folder layout; a row's ids are [its folder's id]."""
-    folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    names = ["background", *(p.name for p in folders)]
+def _scan_class_folders(images: Path, masks: Path, notes: list):
+    """(entries, problems, class names) of the per-class folder layout; a row's ids are [its folder's id]. Symlinked
+    class folders are not classes, and duplicates by symlink are left out: both noted in `notes` (key, problem)."""
+    candidates = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    for link in (p for p in candidates if p.is_symlink()):
+        _note(notes, link.name, f"{link} is a symlinked folder: not a class (its images would repeat another's)")
+    folders = [p for p in candidates if not p.is_symlink()]
+    _refuse_duplicates([p.name for p in folders], f"--images {images}, its class folders")
+    names = ["background", *(normalize_name(p.name) for p in folders)]
     if len(names) - 1 > _MAX_DENSE_ID:
         logger.info("%d classes: rows store binary masks (1 = the row's class), as FSS-1000", len(names) - 1)
-    entries, problems = [], []
+    entries, problems, targets = [], [], _real_files(images)
     for class_id, folder in enumerate(folders, start=1):
         # The FSS-1000 layout (masks in the images' folders): the .png files beside the images are the masks.
         suffixes = (".jpg", ".jpeg") if images == masks else IMAGE_SUFFIXES
-        for key, image_path in _list_images(folder, suffixes).items():
+        for key, image_path in _list_images(folder, suffixes, notes, targets).items():
             mask_path = masks / folder.name / f"{key}.png"
             row_id = f"{folder.name}/{key}"
             if not mask_path.is_file():
@@ -197,8 +253,8 @@ def _class_split(names: list[str], present: set[int], split_dir, seed: int) -> d
         by_name = {name: i for i, name in enumerate(names)}
         out, seen = {}, {}
         for split, filename in SPLIT_FILES.items():
-            text = require_file(root / filename, f"class list of the {split} split").read_text()
-            listed = [line.strip() for line in text.splitlines() if line.strip()]
+            require_file(root / filename, f"class list of the {split} split")
+            listed = [normalize_name(line) for line in read_text_lines(root / filename, "class list") if line]
             unknown = [n for n in listed if n not in by_name or by_name[n] == 0]
             if unknown:
                 raise ValueError(f"{root / filename} lists classes {unknown} that are not class names {names[1:]}")
@@ -273,6 +329,10 @@ def build_folder(
         seed: seed of that split.
         skip_invalid: leave out (and report) images with bad input instead of raising.
 
+    Symlinks are not followed into duplicates: a symlinked folder is not read (nor a class), a symlinked image whose
+    target is already listed is left out; both are in the train split's build report. Class names (folders, names
+    file, split lists) are compared in Unicode NFC, so a folder name macOS wrote decomposed matches its typed form.
+
     Rows: an image is in the test split when it shows a test class, else in validation when it shows a validation
     class, else in train. The class split is recorded in each split's `info.description` (`recorded_class_split`),
     which `hf_fss.data.folds.fold_classes("folder", dataset=...)` reads: novel = the test classes, base = the
@@ -286,12 +346,14 @@ def build_folder(
     masks = require_dir(masks_dir if masks_dir is not None else images_dir, "--masks folder")
     if class_folders and class_names_file is not None:
         raise ValueError("--class-names applies to label maps; with --class-folders the folder names are the classes")
+    notes: list[tuple[str, str]] = []  # symlinks not followed into duplicates: reported, never an error
     if class_folders:
-        entries, problems, names = _scan_class_folders(images, masks)
+        entries, problems, names = _scan_class_folders(images, masks, notes)
     else:
         names = read_class_names(class_names_file) if class_names_file is not None else None
-        entries, problems, names = _scan_label_maps(images, masks, names)
+        entries, problems, names = _scan_label_maps(images, masks, names, notes)
     listing = _raise_or_report(problems, skip_invalid)
+    listing += [{"id": key, "action": "skipped", "problem": problem, "row": False} for key, problem in notes]
     if not entries:
         raise ValueError(f"no usable image with a mask in {images} (masks looked up in {masks})")
     present = {c for entry in entries for c in entry[3]}

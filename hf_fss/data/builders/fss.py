@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 from datasets import DatasetDict
 
+from ..text import read_text_lines
 from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ def _image_order(path: Path):
 
 
 def read_class_list(path: Path) -> list[str]:
-    """Class names, one per line (HSNet's split files); blank lines ignored, surrounding whitespace stripped."""
-    return [
-        line.strip() for line in require_file(path, "FSS-1000 split list").read_text().splitlines() if line.strip()
-    ]
+    """Class names, one per line (HSNet's split files); blank lines ignored, surrounding whitespace stripped; read
+    as editors save it (BOM, CRLF, UTF-16 with a BOM; else a ValueError naming the file)."""
+    require_file(path, "FSS-1000 split list")
+    return [line for line in read_text_lines(path, "FSS-1000 split list") if line]
 
 
 def fallback_split(class_names: list[str], seed: int = 0) -> dict[str, list[str]]:

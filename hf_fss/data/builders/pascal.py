@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from ._common import (
     require_dir,
     require_file,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_voc_root(voc_root: str | os.PathLike) -> Path:
@@ -154,6 +151,20 @@ def _image_path(image_id: str, voc: Path, sbd: Path | None) -> Path:
     return path
 
 
+def _in_both(train_ids: list[str], val_ids: set[str], train_file: Path, val_file: Path) -> list[dict]:
+    """Listing entries for the ids of a train list that the val list also holds: they stay in validation only."""
+    return [
+        {
+            "id": image_id,
+            "action": "fixed",
+            "problem": f"{image_id} is listed in both {train_file} and {val_file}: kept in validation only",
+            "row": False,
+        }
+        for image_id in train_ids
+        if image_id in val_ids
+    ]
+
+
 def build_pascal5i(
     voc_root: str | os.PathLike,
     sbd_root: str | os.PathLike | None = None,
@@ -184,7 +195,9 @@ def build_pascal5i(
     Defects of single files do not stop the build (see `build_split`): fixed and reported are a label that is an
     exact scale of its image (resized nearest), an RGB rendering of VOC's palette (mapped back to ids) and an SBD
     map stored as floats (cast); skipped and reported are a listed id whose image or label is missing, an
-    unreadable or truncated file, a label of another shape than its image, and ids outside the 20 classes.
+    unreadable or truncated file, a label of another shape than its image, and ids outside the 20 classes. The
+    lists are read as editors save them (BOM, CRLF, UTF-16 with a BOM; see `read_id_list`); an id listed twice,
+    or in a train list and VOC val, is reported (it is kept once, in validation).
     """
     if (sbd_root is None) == (aug_label_dir is None):
         raise ValueError("pass exactly one of sbd_root (SBD benchmark_RELEASE/dataset) and aug_label_dir")
@@ -192,9 +205,11 @@ def build_pascal5i(
         raise ValueError("train_list only applies with aug_label_dir")
     voc = resolve_voc_root(voc_root)
     voc_sets = voc / "ImageSets" / "Segmentation"
-    voc_train = read_id_list(require_file(voc_sets / "train.txt", "VOC segmentation list"))
-    voc_val = read_id_list(require_file(voc_sets / "val.txt", "VOC segmentation list"))
+    train_listing, val_listing = [], []  # what reading the lists found, reported with each split
+    voc_train = read_id_list(require_file(voc_sets / "train.txt", "VOC segmentation list"), train_listing)
+    voc_val = read_id_list(require_file(voc_sets / "val.txt", "VOC segmentation list"), val_listing)
     val_set = set(voc_val)
+    train_listing += _in_both(voc_train, val_set, voc_sets / "train.txt", voc_sets / "val.txt")
 
     def voc_item(image_id: str, sbd: Path | None = None) -> tuple:
         label = voc / "SegmentationClass" / f"{image_id}.png"
@@ -203,7 +218,8 @@ def build_pascal5i(
     sbd = None
     if sbd_root is not None:
         sbd = resolve_sbd_root(sbd_root)
-        sbd_ids = read_id_list(sbd / "train.txt") + read_id_list(sbd / "val.txt")
+        # SBD's lists hold VOC val images by design (they are left out of train silently, as in PFENet's list).
+        sbd_ids = read_id_list(sbd / "train.txt", train_listing) + read_id_list(sbd / "val.txt", train_listing)
         train_ids = sorted((set(sbd_ids) | set(voc_train)) - val_set)
         voc_labelled = set(voc_train)  # VOC val ids never reach train
         train_items = []
@@ -220,10 +236,8 @@ def build_pascal5i(
     else:
         aug = require_dir(aug_label_dir, "SegmentationClassAug folder")
         if train_list is not None:
-            listed = read_id_list(train_list)
-            dropped = sorted(set(listed) & val_set)
-            if dropped:
-                logger.warning("dropping %d VOC val ids listed in %s from train", len(dropped), train_list)
+            listed = read_id_list(train_list, train_listing)
+            train_listing += _in_both(listed, val_set, Path(train_list), voc_sets / "val.txt")
             train_ids = sorted(set(listed) - val_set)
             origin = f"the ids of {Path(train_list)}"
         else:
@@ -242,8 +256,12 @@ def build_pascal5i(
 
     header = "PASCAL-5i (PASCAL VOC 2012 + SBD augmentation, 20 classes, 255 = ignore), built by hf_fss: "
     splits = {
-        "train": (train_items, header + source),
-        "validation": (val_items, header + f"validation = VOC2012 val from {voc} with VOC SegmentationClass labels"),
+        "train": (train_items, header + source, train_listing),
+        "validation": (
+            val_items,
+            header + f"validation = VOC2012 val from {voc} with VOC SegmentationClass labels",
+            val_listing,
+        ),
     }
     return DatasetDict(
         {
@@ -256,7 +274,8 @@ def build_pascal5i(
                 description=description,
                 cache_dir=cache_dir,
                 num_proc=num_proc,
+                listing_report=listing,
             )
-            for name, (items, description) in splits.items()
+            for name, (items, description, listing) in splits.items()
         }
     )

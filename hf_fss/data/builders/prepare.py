@@ -164,10 +164,27 @@ def split_summary(name: str, dataset) -> str:
     return line
 
 
+def verify_splits(dataset: DatasetDict, what: str) -> None:
+    """ValueError naming the first split of `dataset` (`what` names where it is) that has no rows or cannot be read
+    back: a DatasetDict with an empty split is saved by `save_to_disk` but `load_from_disk` cannot open it."""
+    for name, split in dataset.items():
+        if split.num_rows == 0:
+            raise ValueError(
+                f"the {name} split of {what} has no rows; nothing was written (every split needs one row at least; "
+                "synthetic: --num-train and --num-val >= 1)"
+            )
+        _ = split[0]  # decodes one row: an unreadable split fails here, before the rename
+
+
 def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_proc: int | None = None) -> None:
-    """save_to_disk into `staging`, then swap it in for `output_dir` (whose old content, if any, is dropped)."""
+    """
+    save_to_disk into `staging`, read it back and check every split (`verify_splits`), then swap it in for
+    `output_dir` (whose old content, if any, is dropped). A split that fails leaves `output_dir` untouched.
+    """
+    verify_splits(dataset, "the build")
     written = staging / "dataset"
     dataset.save_to_disk(str(written), num_proc=num_proc)
+    verify_splits(load_from_disk(str(written)), f"the saved copy {written}")
     if output_dir.exists():
         output_dir.rename(staging / "replaced")  # removed with the staging folder
     written.rename(output_dir)
