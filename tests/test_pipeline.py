@@ -443,3 +443,17 @@ def test_support_prediction_iou_counts_the_given_mask_and_leaves_ignored_pixels_
     (shots,) = pipe._support_predictions([logits], [[given]], threshold=0.5, output_type="numpy")
     assert shots[0]["iou"] == pytest.approx(200 / 600)
     assert shots[0]["mask"].shape == (40, 52) and int(shots[0]["mask"].sum()) == 400 + 10 * 52
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_a_dtype_the_model_instance_does_not_run_in_is_refused(model, dtype):
+    # transformers applies `dtype` only when it loads the model: for an instance it would be silently ignored
+    with pytest.raises(
+        ValueError, match=r"^`dtype` is torch\.(bfloat|float)16 but the model runs in torch\.float32: "
+    ):
+        pipeline("few-shot-segmentation", model=model, dtype=dtype)
+    with pytest.raises(ValueError, match="`dtype` must be 'auto' or a floating-point dtype"):
+        pipeline("few-shot-segmentation", model=model, dtype=torch.int8)
+    assert model.dtype == torch.float32  # the instance is left as it was
+    half = CosinePriorModel(model.config).to(torch.bfloat16).eval()
+    assert pipeline("few-shot-segmentation", model=half, dtype=torch.bfloat16).model is half
