@@ -509,7 +509,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             `FewShotSegmentationOutput` (or a tuple if `return_dict=False`).
 
         Raises:
-            `ValueError`: malformed inputs (naming the argument), or a keyword input the model does not declare.
+            `ValueError`: malformed inputs (naming the argument), a keyword input the model does not declare, or (in
+                eval mode) logits that are not finite, naming the likely cause (see `_check_finite_logits`).
         """
         check_query_inputs(pixel_values, labels, device=self.device)
         query_inputs, support_inputs = self._route_inputs(kwargs, encoding_given=support_encoding is not None)
@@ -534,8 +535,31 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
         outputs = self._segment(pixel_values, support_encoding, labels=labels, **query_inputs)
+        if not self.training:  # in training the loop's non-finite loss check names the step instead
+            self._check_finite_logits(outputs.logits)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
+
+    def _check_finite_logits(self, logits: torch.Tensor | None) -> None:
+        """
+        Raise a `ValueError` when logits are not finite, naming the model and the likely cause: the inputs were
+        checked finite, so either the weights are not finite or an intermediate overflowed (float16's range ends at
+        65504).
+        """
+        if logits is None or bool(torch.isfinite(logits).all()):
+            return
+        dtype = str(self.dtype).removeprefix("torch.")
+        broken = next(
+            (n for n, t in self.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None
+        )
+        if broken is not None:
+            cause = f"its weights are not finite ({broken}): the checkpoint is damaged or its training diverged"
+        elif self.dtype in (torch.float16, torch.bfloat16):
+            wider = "bfloat16 or float32" if self.dtype == torch.float16 else "float32"
+            cause = f"an intermediate overflowed in {dtype} (reduced precision): run the model in {wider}"
+        else:
+            cause = f"an intermediate overflowed in {dtype}: check the input normalisation and the config"
+        raise ValueError(f"{type(self).__name__} produced non-finite logits from finite inputs; {cause}")
 
     def _encode_support(self, support_pixel_values: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
         raise NotImplementedError(f"{type(self).__name__} must implement _encode_support")

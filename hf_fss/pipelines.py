@@ -81,9 +81,33 @@ def _as_list(value: Any, *, boxes: bool = False) -> list[Any]:
     return [value]
 
 
+def _check_dtype(model: torch.nn.Module, dtype: Any) -> None:
+    """
+    `pipeline(..., dtype=...)` must hold for the model that runs: transformers applies it only when it loads the
+    model (a folder or Hub id), ignores it for a model instance, and falls back to float32 when loading in it fails.
+
+    Raises:
+        `ValueError`: `dtype` is not a floating-point dtype, or differs from the model's.
+    """
+    if dtype is None or dtype == "auto":
+        return
+    wanted = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(wanted, torch.dtype) or not wanted.is_floating_point:
+        raise ValueError(f"`dtype` must be 'auto' or a floating-point dtype such as torch.bfloat16, got {dtype!r}")
+    if wanted != model.dtype:
+        raise ValueError(
+            f"`dtype` is {wanted} but the model runs in {model.dtype}: convert a model instance first with "
+            f"model.to({wanted}), or give its folder or Hub id to load it in {wanted}"
+        )
+
+
 class FewShotSegmentationPipeline(Pipeline):
     """
     Few-shot segmentation of query images given annotated supports; see the module docstring for the call forms.
+
+    `pipeline(..., dtype=torch.bfloat16)` (or `torch.float16`) loads a folder or Hub id in that dtype; a model instance
+    must already have it (else a `ValueError`). Images are fed in the model's dtype; scores, masks and maps are computed
+    in float32.
 
     Call arguments:
         images: a query image (PIL image, array, tensor, path or URL) or a list of them. Images and masks are
@@ -126,6 +150,7 @@ class FewShotSegmentationPipeline(Pipeline):
             `ValueError`: `image_processor` is not a `FewShotSegmentationImageProcessor`, or the model's
                 `preprocessor_config.json` is broken or names another processor type (the file is named).
         """
+        _check_dtype(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
         if image_processor is None:
             image_processor = load_image_processor(model.name_or_path, model.config.image_size)
         if not isinstance(image_processor, FewShotSegmentationImageProcessor):

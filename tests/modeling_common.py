@@ -8,10 +8,16 @@ purpose: the official code of several methods assumes square maps.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
+
+import numpy as np
 import pytest
 import torch
 from conftest import random_episode
 from torch import nn
+from transformers import pipeline
 
 from hf_fss.backbones import StagedBackbone
 
@@ -24,6 +30,9 @@ class FewShotModelTesterMixin:
     # Eval logits of a batch and of its items one by one agree to this tolerance (convolutions may pick other kernels
     # for other batch sizes).
     batch_tolerance = 1e-5
+    # Config overrides under which the method's test-time adaptation diverges (CRCNet's K-shot finetuning at a huge
+    # learning rate): every shot-fusion mode must still give finite logits.
+    divergent_overrides: dict = {}
 
     # --- hooks ---------------------------------------------------------------------------------------------------
     def get_model(self, **overrides):
@@ -163,6 +172,88 @@ class FewShotModelTesterMixin:
         }
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             calls[case]()
+
+    # --- reduced precision and non-finite outputs -----------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_reduced_precision_through_from_pretrained_and_the_pipeline(self, tmp_path, dtype):
+        model = self.get_model().eval()
+        model.save_pretrained(tmp_path)
+        loaded = self.model_class.from_pretrained(tmp_path, dtype=dtype).eval()
+        assert loaded.dtype == dtype
+        query, support, masks, _ = self.episode(batch_size=2, shot=2)
+        with torch.no_grad():
+            reference = model(query, support, masks).logits.softmax(dim=1)[:, 1]
+            logits = loaded(query.to(dtype), support.to(dtype), masks).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+        difference = (logits.float().softmax(dim=1)[:, 1] - reference).abs()
+        assert difference.mean() < 0.01 and difference.max() < 0.05, (difference.mean(), difference.max())
+
+        rng = np.random.default_rng(0)
+        images = [(rng.random((50, 70, 3)) * 255).astype(np.uint8) for _ in range(3)]
+        mask = np.zeros((50, 70), dtype=np.uint8)
+        mask[10:30, 20:50] = 1
+        supports = {"support_image": images[1:], "support_mask": [mask, mask], "output_type": "numpy"}
+        low = pipeline("few-shot-segmentation", model=str(tmp_path), dtype=dtype)
+        assert low.model.dtype == dtype
+        result = low(images[0], **supports)
+        full = pipeline("few-shot-segmentation", model=str(tmp_path))(images[0], **supports)
+        assert result["scores"].dtype == np.float32 and np.isfinite(result["scores"]).all()
+        assert np.abs(result["scores"] - full["scores"]).mean() < 0.01
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    def test_reduced_precision_through_evaluate_script(self, tmp_path, dtype):
+        from hf_fss.evaluation.runner import main
+
+        self.get_model().save_pretrained(tmp_path / "model")
+        data = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+                "--synthetic-image-size", "128", "--num-threads", "1", "--num-episodes", "2", "--shot", "2"]  # fmt: skip
+        metrics = {}
+        for name in ("float32", dtype):
+            out = tmp_path / f"{name}.json"
+            assert main(["--model", str(tmp_path / "model"), *data, "--dtype", name, "--output", str(out)]) == 0
+            metrics[name] = json.loads(out.read_text())
+        assert metrics[dtype]["dtype"] == dtype and 0.0 <= metrics[dtype]["miou"] <= 1.0
+        assert abs(metrics[dtype]["miou"] - metrics["float32"]["miou"]) < 0.05
+
+    def _shot_fusion_modes(self) -> tuple:
+        """The values of the config's `shot_fusion` field (its `Literal` type), or `(None,)` without that field."""
+        fields = {f.name: f for f in dataclasses.fields(self.model_class.config_class)}
+        if "shot_fusion" not in fields:
+            return (None,)
+        modes = typing.get_args(fields["shot_fusion"].type)
+        assert modes, f"shot_fusion of {self.model_class.config_class.__name__} is not a Literal of its modes"
+        return modes
+
+    def test_every_shot_fusion_mode_gives_finite_logits_even_when_adaptation_diverges(self):
+        query, support, masks, _ = self.episode(batch_size=2, shot=2)
+        for overrides in [{}, self.divergent_overrides] if self.divergent_overrides else [{}]:
+            for mode in self._shot_fusion_modes():
+                fusion = {} if mode is None else {"shot_fusion": mode}
+                model = self.get_model(**overrides, **fusion).eval()
+                with torch.no_grad():
+                    logits = model(query, support, masks).logits
+                assert torch.isfinite(logits).all(), (mode, overrides)
+
+    @pytest.mark.parametrize(
+        ("case", "message"),
+        [
+            ("nan_weight", r"non-finite logits from finite inputs; its weights are not finite \(backbone\."),
+            ("float16_overflow", r"non-finite logits from finite inputs; an intermediate overflowed in float16"),
+        ],
+    )
+    def test_non_finite_logits_raise_a_value_error_naming_the_model_and_the_cause(self, case, message):
+        model = self.get_model().eval()
+        query, support, masks, _ = self.episode(batch_size=1, shot=2)
+        first_conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            if case == "nan_weight":
+                first_conv.weight[0, 0, 0, 0] = float("nan")
+            else:  # finite float16 weights and images whose products exceed float16's range (65504)
+                model.half()
+                first_conv.weight.div_(first_conv.weight.abs().max()).mul_(60000)
+                query, support = query.half() * 100, support.half() * 100
+            with pytest.raises(ValueError, match=f"^{self.model_class.__name__} produced {message}"):
+                model(query, support, masks)
 
 
 def assert_extractor_skipped_by_sync_batchnorm(model: nn.Module) -> None:

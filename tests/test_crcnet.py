@@ -33,6 +33,7 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 class TestCRCNet(FewShotModelTesterMixin):
     model_class = CRCNetModel
     config_kwargs = TINY_CRCNET
+    divergent_overrides = {"finetune_learning_rate": 1e4}
 
     def test_frozen_extractors_are_bit_identical_after_a_training_step(self):
         # The paper trains the encoder end to end (the default); CANet's frozen encoder is the option tested here.
@@ -209,6 +210,53 @@ class TestCRCNet(FewShotModelTesterMixin):
         for key, value in model.state_dict().items():
             assert torch.equal(before[key], value), key
         assert all(p.grad is None for p in model.parameters())
+
+    @pytest.mark.parametrize("learning_rate", [1e4, 1e30])  # an exploding loss; a NaN loss at the second step
+    def test_diverging_finetuning_stops_and_keeps_the_unadapted_head_with_one_warning(self, learning_rate, caplog):
+        model = self.get_model(finetune_learning_rate=learning_rate, finetune_steps=5).eval()
+        query, support, masks, _ = self.episode(batch_size=2, shot=3)
+        stops = CRCNetModel.finetune_stops
+        with torch.no_grad():
+            encoding = model.encode_support(support, masks)
+            adapted = model(query, support_encoding=encoding).logits
+            model.config.shot_fusion = "average"
+            averaged = model(query, support, masks).logits
+        assert CRCNetModel.finetune_stops - stops == 2  # both support sets of the batch
+        warnings = [r.getMessage() for r in caplog.records if "finetuning" in r.getMessage()]
+        assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+        assert "support set 0 diverged (at step 2 the loss is" in warnings[0]
+        assert "keeps the unadapted head; lower finetune_learning_rate" in warnings[0]
+        for own, values in zip(model.head.parameters(), encoding.adapted_parameters):
+            assert torch.equal(values[0], own) and torch.equal(values[1], own)
+        assert torch.isfinite(adapted).all()
+        torch.testing.assert_close(adapted, averaged, rtol=0, atol=1e-6)
+
+    def test_finetuning_at_the_default_learning_rate_is_not_stopped(self, caplog):
+        model = self.get_model(finetune_steps=5).eval()
+        _, support, masks, _ = self.episode(batch_size=1, shot=3)
+        stops = CRCNetModel.finetune_stops
+        with torch.no_grad():
+            model.encode_support(support, masks)
+        assert CRCNetModel.finetune_stops == stops and "diverged" not in caplog.text
+
+    @pytest.mark.parametrize("ratio", [1.0, 0.5, float("nan")])
+    def test_config_refuses_a_loss_ratio_that_stops_every_finetuning(self, ratio):
+        with pytest.raises(
+            (ValueError, StrictDataclassError), match="finetune_max_loss_ratio must be a number above 1"
+        ):
+            CRCNetConfig(finetune_max_loss_ratio=ratio)
+
+    def test_finetuning_in_reduced_precision_runs_in_float32_and_returns_the_models_dtype(self):
+        query, support, masks, _ = self.episode(batch_size=1, shot=3)
+        model = self.get_model(finetune_steps=3).eval()
+        with torch.no_grad():
+            full = model.encode_support(support, masks).adapted_parameters
+            model.to(torch.bfloat16)
+            low = model.encode_support(support.bfloat16(), masks).adapted_parameters
+        assert all(p.dtype == torch.bfloat16 for p in low)
+        # float32 finetuning from the bfloat16 weights lands near the float32 run (bfloat16 SGD would drop updates)
+        for a, b in zip(full, low):
+            torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.02)
 
     def test_one_encoding_finetunes_once_for_four_queries(self):
         model = self.get_model(shot_fusion="finetune").eval()

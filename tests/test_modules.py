@@ -355,3 +355,16 @@ def test_aspp_init_survives_a_generic_conv_init():
         elif isinstance(module, torch.nn.Conv2d):
             raise AssertionError("every ASPP convolution is an ASPPBranch")
     assert all(abs(conv.weight.std().item() - 0.01) < 5e-4 for conv in aspp.conv2d_list)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosine_prior_of_layer4_sized_features_is_finite_in_reduced_precision(dtype):
+    # 2048 channels of magnitude ~100 (a ResNet-50 layer4): the dot products reach ~2e7, beyond float16's 65504
+    generator = torch.Generator().manual_seed(0)
+    query, support = (100 * torch.rand(1, 2048, 6, 7, generator=generator) for _ in range(2))
+    mask = torch.zeros(1, 1, 6, 7)
+    mask[..., 2:4, 2:5] = 1
+    full = cosine_prior_mask(query, support, mask)
+    low = cosine_prior_mask(query.to(dtype), support.to(dtype), mask.to(dtype))
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), full, rtol=0, atol=0.05)

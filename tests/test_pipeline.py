@@ -481,3 +481,17 @@ def test_without_a_preprocessor_config_the_model_image_size_is_used(tmp_path, mo
     assert pipeline("few-shot-segmentation", model=str(tmp_path)).image_processor.image_size == SIZE
     with pytest.raises(ValueError, match="image_processor must be a FewShotSegmentationImageProcessor"):
         FewShotSegmentationPipeline(model, image_processor=object())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_a_dtype_the_model_instance_does_not_run_in_is_refused(model, dtype):
+    # transformers applies `dtype` only when it loads the model: for an instance it would be silently ignored
+    with pytest.raises(
+        ValueError, match=r"^`dtype` is torch\.(bfloat|float)16 but the model runs in torch\.float32: "
+    ):
+        pipeline("few-shot-segmentation", model=model, dtype=dtype)
+    with pytest.raises(ValueError, match="`dtype` must be 'auto' or a floating-point dtype"):
+        pipeline("few-shot-segmentation", model=model, dtype=torch.int8)
+    assert model.dtype == torch.float32  # the instance is left as it was
+    half = CosinePriorModel(model.config).to(torch.bfloat16).eval()
+    assert pipeline("few-shot-segmentation", model=half, dtype=torch.bfloat16).model is half

@@ -62,6 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# `--dtype` choices: the weights' and images' dtype during evaluation.
+DTYPES = ("float32", "bfloat16", "float16")
+
 # The inputs every model takes; the other keys of a test batch (targets, sizes, ids) stay on the host unless the
 # model declares them (`model.query_inputs` / `model.support_inputs`, e.g. `class_ids`).
 _MODEL_INPUTS = ("pixel_values", "support_pixel_values", "support_masks")
@@ -159,6 +162,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _model_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch tensor on `device`; images (floating point) in the model's `dtype`, masks and ids unchanged."""
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
 class _ImageKeys:
     """Feature-cache keys of a test batch's images: (split fingerprint, image id, processor settings, tensor shape)."""
 
@@ -246,7 +259,8 @@ def evaluate_model(
 
     Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
-    test batch holds (`class_ids`), never an undeclared one.
+    test batch holds (`class_ids`), never an undeclared one. Images are fed in the model's dtype (a model loaded in
+    bfloat16 / float16 runs in it); post-processing and the metric are float32 and integer counts whatever it is.
     """
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
@@ -267,6 +281,7 @@ def evaluate_model(
         generator=torch.Generator().manual_seed(0),
     )
     device = accelerator.device if accelerator is not None else _model_device(model)
+    dtype = _model_dtype(model)
     if episode_records is not None and num_processes > 1:
         raise ValueError("episode_records needs a single process (each process would only see its shard)")
     record = episode_records is not None
@@ -286,7 +301,7 @@ def evaluate_model(
         with autocast, cached:
             for batch in tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True):
                 names = model_input_names(model, batch)
-                inputs = {key: batch[key].to(device) for key in names}
+                inputs = {key: _model_input(batch[key], device, dtype) for key in names}
                 registered = (
                     feature_cache.images(image_keys.of(batch, inputs))
                     if feature_cache is not None
@@ -395,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
             "of the available RAM up to 4 GiB on CPU; 0 turns it off"
         ),
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype the model runs in (default float32); the metric is computed in float32 whatever it is",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
     parser.add_argument("--output", default="metrics.json", help="where to write the metrics (default metrics.json)")
     return parser
@@ -432,10 +453,11 @@ def model_config_overrides(args: Any) -> dict[str, Any]:
     return overrides
 
 
-def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | None = None):
+def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | None = None, dtype: str = "float32"):
     """
     `AutoModel.from_pretrained` with some config fields changed (evaluation settings such as CRCNet's
-    `shot_fusion`); the weights are unchanged. Works for any model type: a field its config lacks is refused.
+    `shot_fusion`), in `dtype` (one of `DTYPES`); the weights are unchanged. Works for any model type: a field its
+    config lacks is refused.
 
     Raises:
         `ValueError`: a field the model's config does not have (named, with the closest field) or a bad value.
@@ -448,7 +470,7 @@ def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | Non
     from hf_fss.configuration_fss import check_unknown_config_fields
 
     if not overrides:
-        return AutoModel.from_pretrained(name_or_path)
+        return AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
     config = AutoConfig.from_pretrained(name_or_path)
     known = {f.name for f in dataclasses.fields(type(config))}
     check_unknown_config_fields(type(config), {k: v for k, v in overrides.items() if k not in known})
@@ -456,15 +478,17 @@ def load_model_with_overrides(name_or_path: str, overrides: dict[str, Any] | Non
         config = type(config).from_dict({**config.to_dict(), **overrides})
     except StrictDataclassError as err:
         raise ValueError(f"config override {overrides} rejected by {type(config).__name__}: {err}") from None
-    return AutoModel.from_pretrained(name_or_path, config=config)
+    return AutoModel.from_pretrained(name_or_path, config=config, dtype=getattr(torch, dtype))
 
 
-def _load_model_and_processor(name_or_path: str, overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
+def _load_model_and_processor(
+    name_or_path: str, overrides: dict[str, Any] | None = None, dtype: str = "float32"
+) -> tuple[Any, Any]:
     # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
     from hf_fss.image_processing_fss import load_image_processor
 
     check_model_path(name_or_path)
-    model = load_model_with_overrides(name_or_path, overrides)
+    model = load_model_with_overrides(name_or_path, overrides, dtype)
     # A converted checkpoint may come without preprocessor_config.json (the config's image_size is used); a broken
     # one is an error naming the file, as with AutoImageProcessor, never replaced by defaults.
     return model, load_image_processor(name_or_path, model.config.image_size)
@@ -533,7 +557,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     # The episode file is checked against the split before the model is loaded.
     fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
     overrides = model_config_overrides(args)
-    model, processor = _load_model_and_processor(args.model, overrides)
+    model, processor = _load_model_and_processor(args.model, overrides, args.dtype)
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
@@ -588,6 +612,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             "shot": args.shot,
             "annotation": args.annotation,
             "model_overrides": overrides,
+            "dtype": args.dtype,
             "episodes_file": args.episodes_file,
             "num_processes": accelerator.num_processes,
         }

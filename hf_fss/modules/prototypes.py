@@ -130,8 +130,12 @@ def cosine_prior_mask(
             Resize the prior to this size (bilinear, `align_corners=True`). Defaults to `(height, width)`.
 
     Returns:
-        `torch.Tensor` of shape `(batch_size, 1, height, width)` (or `output_size`) with values in `[0, 1]`.
+        `torch.Tensor` of shape `(batch_size, 1, height, width)` (or `output_size`) with values in `[0, 1]`, in the
+        features' dtype. The similarities are computed in float32 whatever that dtype is: the dot products of
+        2048-channel layer-4 features overflow float16 (max 65504) on an ordinary image.
     """
+    dtype = query_features.dtype
+    query_features, support_features = query_features.float(), support_features.float()
     batch_size, channels, height, width = query_features.shape
     if support_features.shape[:2] != (batch_size, channels):
         raise ValueError(
@@ -155,7 +159,7 @@ def cosine_prior_mask(
     prior = prior.view(batch_size, 1, height, width)
     if output_size is not None:
         prior = resize_mask(prior, output_size)
-    return prior
+    return prior.to(dtype)
 
 
 def multi_shot_prior_mask(

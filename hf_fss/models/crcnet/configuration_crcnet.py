@@ -155,6 +155,11 @@ class CRCNetConfig(FewShotSegmentationConfig):
         (the paper's "at most k^2 pairs").
     finetune_flip (`bool`, *optional*, defaults to `True`):
         (11) Each step flips the pair horizontally with probability 0.5.
+    finetune_max_loss_ratio (`float`, *optional*, defaults to 10.0):
+        Divergence guard of the finetuning (not in the paper): it stops when a step's loss is not finite or exceeds
+        this many times the first step's loss, or when it leaves non-finite weights, and that support set keeps the
+        unadapted head (a one-line warning says so); its prediction is then the `"average"` fusion's. A model
+        built from random weights diverges so at the default `finetune_learning_rate`.
     finetune_seed (`int`, *optional*, defaults to 0):
         Seed of the pair and flip draws: the same support set always gives the same finetuned weights.
     shot (`int`, *optional*, defaults to 1):
@@ -215,6 +220,7 @@ class CRCNetConfig(FewShotSegmentationConfig):
     finetune_momentum: float = 0.9
     finetune_pairs: FinetunePairs = "distinct"
     finetune_flip: bool = True
+    finetune_max_loss_ratio: float = 10.0
     finetune_seed: int = 0
     shot: int = 1
 
@@ -261,6 +267,10 @@ class CRCNetConfig(FewShotSegmentationConfig):
             )
         if self.finetune_learning_rate <= 0:
             raise ValueError(f"finetune_learning_rate must be positive, got {self.finetune_learning_rate}")
+        if not self.finetune_max_loss_ratio > 1.0:  # also refuses NaN
+            raise ValueError(
+                f"finetune_max_loss_ratio must be a number above 1 (e.g. 10.0), got {self.finetune_max_loss_ratio}"
+            )
         for name in ("support_loss_weight", "co_occurrence_loss_weight", "finetune_momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

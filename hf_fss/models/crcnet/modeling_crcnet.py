@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from transformers.utils import logging
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from ...modules import cosine_prior_mask, masked_average_pooling, resize_mask
 from .configuration_crcnet import CRCNetConfig
 
 __all__ = ["DIFFERENCES_FROM_PAPER", "CRCNetHead", "CRCNetModel", "CRCNetSupportEncoding", "PairPrediction"]
+
+logger = logging.get_logger(__name__)
 
 # Every point the paper (no official code) leaves open, and the choice made here; the model card lists them. The
 # numbers refer to the ambiguity checklist of the project's method notes (section D.3).
@@ -204,7 +207,9 @@ class LocalConditional(nn.Module):
     """
     Local conditional module (section 4.4, Fig. 6, Eq. 1-3): `M_sim = theta(F_t)^T delta(F_r)` (`HW_t x HW_r`),
     `M' = softmax_rows(M_sim * mask_r)` (Eq. 2; `mask_mode` chooses the literal product, a `-inf` fill or no mask),
-    `F'_t = F_r M'^T`: every target position aggregates reference features.
+    `F'_t = F_r M'^T`: every target position aggregates reference features. The similarities and their softmax are
+    computed in float32 whatever the model's dtype: a sum over `key_dim` products overflows float16 and bfloat16
+    rounds the attention weights too coarsely.
     """
 
     def __init__(self, channels: int, key_dim: int, mask_mode: str, scaled: bool):
@@ -217,16 +222,16 @@ class LocalConditional(nn.Module):
     def forward(self, target: torch.Tensor, reference: torch.Tensor, reference_mask: torch.Tensor) -> torch.Tensor:
         """`target` `(B, C, h, w)`, `reference` `(B, C, h', w')`, `reference_mask` `(B, 1, h', w')` in [0, 1]."""
         batch_size, channels, height, width = target.shape
-        query = self.theta(target).flatten(2)  # (B, d, HW_t)
-        key = self.delta(reference).flatten(2)  # (B, d, HW_r)
-        similarity = torch.bmm(query.transpose(1, 2), key) * self.scale  # (B, HW_t, HW_r)
-        mask = reference_mask.flatten(2)  # (B, 1, HW_r), broadcast over rows
+        query = self.theta(target).flatten(2).float()  # (B, d, HW_t)
+        key = self.delta(reference).flatten(2).float()  # (B, d, HW_r)
+        similarity = torch.bmm(query.transpose(1, 2), key) * self.scale  # (B, HW_t, HW_r), float32
+        mask = reference_mask.flatten(2).float()  # (B, 1, HW_r), broadcast over rows
         if self.mask_mode == "multiply":
             similarity = similarity * mask
         elif self.mask_mode == "neg_inf":
             # finfo.min rather than -inf: a mask empty at feature size gives uniform weights, not NaN.
             similarity = similarity.masked_fill(mask <= 0, torch.finfo(similarity.dtype).min)
-        attention = similarity.softmax(dim=-1)
+        attention = similarity.softmax(dim=-1).to(reference.dtype)
         attended = torch.bmm(reference.flatten(2), attention.transpose(1, 2))  # (B, C, HW_t)
         return attended.reshape(batch_size, channels, height, width)
 
@@ -467,14 +472,25 @@ def _shot_mean(x: torch.Tensor, shot: int) -> torch.Tensor:
     return x.unflatten(0, (-1, shot)).mean(dim=1)
 
 
+def _as_float32(features: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The (encoder, layer4) features of `_encode` in float32 (None stays None), for the float32 finetuning."""
+    return tuple(None if x is None else x.float() for x in features)
+
+
+def _probability(logits: torch.Tensor) -> torch.Tensor:
+    """`(N, 2, h, w)` logits -> `(N, 1, h, w)` float32 target probability (softmax in float32 for any dtype)."""
+    return logits.float().softmax(dim=1)[:, 1:]
+
+
 def _repeat_shots(x: torch.Tensor | None, shot: int) -> torch.Tensor | None:
     """`(N, ...)` -> `(N * shot, ...)`: each item repeated for the shots of its support set (None stays None)."""
     return None if x is None else x.unsqueeze(1).expand(-1, shot, *x.shape[1:]).flatten(0, 1)
 
 
-def _target_mask(labels: torch.Tensor) -> torch.Tensor:
-    """`(..., H, W)` labels {0, 1, 255} -> `(..., 1, H, W)` float target mask (ignored pixels are background)."""
-    return (labels == 1).unsqueeze(-3).float()
+def _target_mask(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(..., H, W)` labels {0, 1, 255} -> `(..., 1, H, W)` target mask of `dtype`, the features' (ignored pixels are
+    background)."""
+    return (labels == 1).unsqueeze(-3).to(dtype)
 
 
 class CRCNetModel(FewShotSegmentationPreTrainedModel):
@@ -498,6 +514,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
 
     config_class = CRCNetConfig
     finetune_count = 0  # support sets finetuned so far (class-wide), for tests and benchmarks
+    finetune_stops = 0  # of which diverged and kept the unadapted head (class-wide)
 
     def __init__(self, config: CRCNetConfig):
         super().__init__(config)
@@ -568,7 +585,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     def _encode_support(self, support_pixel_values, support_masks) -> CRCNetSupportEncoding:
         batch_size, shot = support_pixel_values.shape[:2]
         images = support_pixel_values.flatten(0, 1)
-        targets = _target_mask(support_masks.flatten(0, 1))
+        targets = _target_mask(support_masks.flatten(0, 1), images.dtype)
         scales = self._scales()
         features, feature_masks, high_features = [], [], []
         for scale in scales:
@@ -594,32 +611,44 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     def _finetune_support_sets(self, support_pixel_values, support_masks) -> tuple[torch.Tensor, ...]:
         """
         Finetune a copy of the head on each support set (batch item) and return the adapted parameters stacked over
-        the batch, in `head.named_parameters()` order. The model's own weights are never touched. The encoder is
-        fixed, so the features of the supports and of their horizontal flips are computed once, without autograd.
+        the batch, in `head.named_parameters()` order and the model's dtype. The model's own weights are never
+        touched. The encoder is fixed, so the features of the supports and of their horizontal flips are computed
+        once, without autograd, in the model's dtype; the finetuning itself runs in float32 (see `_finetune`).
         """
         adapted = []
-        for images, masks in zip(support_pixel_values, support_masks):
+        for index, (images, masks) in enumerate(zip(support_pixel_values, support_masks)):
             with torch.no_grad():
-                features = self._encode(images)
-                flipped = self._encode(images.flip(-1)) if self.config.finetune_flip else None
-            adapted.append(self._finetune(features, flipped, masks.long()))
-        return tuple(torch.stack(values) for values in zip(*adapted))
+                features = _as_float32(self._encode(images))
+                flipped = _as_float32(self._encode(images.flip(-1))) if self.config.finetune_flip else None
+            adapted.append(self._finetune(features, flipped, masks.long(), index))
+        dtypes = [p.dtype for p in self.head.parameters()]
+        return tuple(torch.stack(values).to(dtype) for values, dtype in zip(zip(*adapted), dtypes))
 
-    def _finetune(self, features, flipped, labels) -> tuple[torch.Tensor, ...]:
+    def _finetune(self, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...]:
         """
         `finetune_steps` optimiser steps on one random ordered pair of supports each (with a random horizontal
         flip), the training loss of Eq. 5 on both predictions; pairs and flips from a generator seeded with
-        `finetune_seed`, so a support set always gives the same result.
+        `finetune_seed`, so a support set always gives the same result. The head's copy, its gradients, the loss and
+        the optimiser state are float32 whatever the model's dtype (float16 gradients overflow, and bfloat16 drops
+        updates smaller than 1/256 of a weight).
+
+        Finetuning stops when a step's loss is not finite or exceeds `finetune_max_loss_ratio` times the first
+        step's, or when it leaves non-finite weights: the support set then keeps the unadapted head (one warning).
 
         Args:
             features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
-                or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips).
+                or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips),
+                float32.
             labels (`torch.LongTensor` of shape `(K, H, W)`): support masks {0, 1, 255}.
+            index (`int`): the support set's index in the batch, for the warning.
+
+        Returns:
+            `tuple` of float32 tensors: the head's parameters, adapted or (after a stop) unchanged.
         """
         config = self.config
         shot = features[0].shape[0]
         pairs = [(i, j) for i in range(shot) for j in range(shot) if i != j or config.finetune_pairs == "all"]
-        params = {name: p.detach().clone().requires_grad_(True) for name, p in self.head.named_parameters()}
+        params = {name: p.detach().float().clone().requires_grad_(True) for name, p in self.head.named_parameters()}
         if config.finetune_optimizer == "sgd":
             optimizer = torch.optim.SGD(
                 params.values(), lr=config.finetune_learning_rate, momentum=config.finetune_momentum
@@ -627,8 +656,10 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         else:
             optimizer = torch.optim.Adam(params.values(), lr=config.finetune_learning_rate)
         generator = torch.Generator().manual_seed(config.finetune_seed)
+        type(self).finetune_count += 1
+        first_loss = None
         with torch.enable_grad():
-            for _ in range(config.finetune_steps):
+            for step in range(config.finetune_steps):
                 target, reference = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
                 flip = flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
                 (source, high), pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
@@ -644,11 +675,27 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
                     pair_labels[1:],
                     pair_high,
                 )
+                value = float(loss.detach())
+                first_loss = value if first_loss is None else first_loss
+                if not math.isfinite(value) or value > config.finetune_max_loss_ratio * first_loss:
+                    return self._finetune_stopped(index, f"at step {step + 1} the loss is {value:.4g}", first_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        type(self).finetune_count += 1
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            return self._finetune_stopped(index, "the last step left non-finite weights", first_loss)
         return tuple(p.detach() for p in params.values())
+
+    def _finetune_stopped(self, index: int, reason: str, first_loss: float | None) -> tuple[torch.Tensor, ...]:
+        """Warn (one line) that the finetuning of support set `index` diverged; return the unadapted head."""
+        type(self).finetune_stops += 1
+        logger.warning(
+            f"CRCNet K-shot finetuning of support set {index} diverged ({reason}; first step {first_loss:.4g}, "
+            f"limit finetune_max_loss_ratio={self.config.finetune_max_loss_ratio:g} x that): it keeps the unadapted "
+            f"head; lower finetune_learning_rate ({self.config.finetune_learning_rate:g}) or use "
+            "shot_fusion='average'"
+        )
+        return tuple(p.detach().float() for p in self.head.parameters())
 
     # --- predictions ---------------------------------------------------------------------------------------------
     def _run_head(self, params, *args, **kwargs) -> PairPrediction:
@@ -681,7 +728,10 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         return self._run_head(params, query_features, support, masks, steps, prior=prior), shot
 
     def _infer_scale(self, pixel_values, encoding, scale_index, scale):
-        """Fused target probability `(B, 1, H, W)` at one scale, plus the per-step maps and the query features."""
+        """
+        Fused target probability `(B, 1, H, W)` at one scale, plus the per-step maps and the query features. The
+        probabilities (softmax, shot and scale averages) are float32 whatever the model's dtype.
+        """
         query = self._encode(_resize_images(pixel_values, scale))
         groups = range(pixel_values.shape[0]) if encoding.adapted_parameters is not None else [None]
         probabilities, steps, co_occurrence = [], [], []
@@ -691,11 +741,11 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             sub_encoding = encoding if index is None else _select(encoding, selected)
             selected_query = tuple(None if x is None else x[selected] for x in query)
             prediction, shot = self._predict_query(selected_query, sub_encoding, scale_index, params)
-            target = _shot_mean(_upsample(prediction.logits[-1].softmax(dim=1)[:, 1:], pixel_values.shape[-2:]), shot)
-            probabilities.append(target)
-            steps.append([_shot_mean(logits.softmax(dim=1)[:, 1:], shot) for logits in prediction.logits])
+            target = _upsample(_probability(prediction.logits[-1]), pixel_values.shape[-2:])
+            probabilities.append(_shot_mean(target, shot))
+            steps.append([_shot_mean(_probability(logits), shot) for logits in prediction.logits])
             if prediction.target_co_occurrence is not None:
-                co_occurrence.append(_shot_mean(prediction.target_co_occurrence.softmax(dim=1)[:, 1:], shot))
+                co_occurrence.append(_shot_mean(_probability(prediction.target_co_occurrence), shot))
         maps = {f"refinement_step_{t + 1}": torch.cat(step) for t, step in enumerate(zip(*steps))}
         if co_occurrence:
             maps["co_occurrence"] = torch.cat(co_occurrence)
@@ -709,7 +759,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         query_features, query_high = query
         support = encoding.features[scale_index]
         batch_size, shot = support.shape[:2]
-        mask = resize_mask(query_probability, query_features.shape[-2:])
+        mask = resize_mask(query_probability.to(query_features.dtype), query_features.shape[-2:])
         logits = []
         for index in range(batch_size) if encoding.adapted_parameters is not None else [None]:
             selected = slice(None) if index is None else slice(index, index + 1)
@@ -740,8 +790,9 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             total = total + probability
             if index == main:
                 maps, main_features, main_probability = scale_maps, query_features, probability
+        # Clamped and logged in float32: 1 - 1e-6 rounds to 1 in float16 / bfloat16 and its log1p(-p) to -inf.
         probability = (total / len(scales)).clamp(1e-6, 1 - 1e-6)
-        logits = torch.cat([torch.log1p(-probability), torch.log(probability)], dim=1)
+        logits = torch.cat([torch.log1p(-probability), torch.log(probability)], dim=1).to(pixel_values.dtype)
         support_logits = None
         if self.config.predict_support:
             support_logits = self._predict_supports(main_features, main_probability, encoding, main)
@@ -759,7 +810,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         return steps, steps if config.intermediate_loss else 1
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = _upsample(logits, labels.shape[-2:])
+        """2-class cross-entropy at the labels' size, in float32 whatever the model's dtype."""
+        logits = _upsample(logits.float(), labels.shape[-2:])
         if not bool((labels != self.config.ignore_index).any()):
             return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph
         return F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index)
@@ -778,8 +830,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         config = self.config
         steps, grad_steps = self._training_steps()
         query_high, support_high = high
-        support_mask = resize_mask(_target_mask(support_labels), support.shape[-2:])
-        query_mask = resize_mask(_target_mask(query_labels), query.shape[-2:])
+        support_mask = resize_mask(_target_mask(support_labels, support.dtype), support.shape[-2:])
+        query_mask = resize_mask(_target_mask(query_labels, query.dtype), query.shape[-2:])
         query_prior = self._prior(query_high, support_high, support_mask, query.shape[-2:])
         support_prior = self._prior(support_high, query_high, query_mask, support.shape[-2:])
         forward = self._run_head(params, query, support, support_mask, steps, grad_steps, prior=query_prior)
