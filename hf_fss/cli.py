@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -143,7 +144,54 @@ class OneLineErrors:
 
 
 class ScriptArgumentParser(OneLineErrors, argparse.ArgumentParser):
-    """The scripts' `argparse.ArgumentParser`, whose usage errors are one line."""
+    """
+    The scripts' `argparse.ArgumentParser`: usage errors are one line, and `add_argument(..., allowed=Range(...))`
+    declares a numeric flag's range (its `type` and a note in `--help` follow from it), which `check_ranges(args)`
+    checks after parsing, for this parser, its parents and its sub-commands at once.
+    """
+
+    def add_argument(self, *args: Any, allowed: Range | None = None, **kwargs: Any) -> argparse.Action:
+        if allowed is None:
+            return super().add_argument(*args, **kwargs)
+        kwargs.setdefault("type", int if allowed.integer else float)
+        kwargs["help"] = f"{kwargs.get('help') or ''} ({allowed.describe()})".lstrip()
+        action = super().add_argument(*args, **kwargs)
+        action.allowed = allowed  # read by check_ranges; shared with the parsers this one is a parent of
+        return action
+
+    def parse_checked(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """`parse_args`, then `check_ranges`: a value out of range is a usage error (one line, exit status 2)."""
+        args = self.parse_args(argv)
+        try:
+            self.check_ranges(args)
+        except ValueError as err:
+            self.error(str(err))
+        return args
+
+    def check_ranges(self, args: argparse.Namespace) -> None:
+        """
+        Check every ranged flag `args` holds (each item of a list-valued one); unset (None) passes.
+
+        Raises:
+            `ValueError`: one line naming the flag, its range and the value given.
+        """
+        for action in _actions(self):
+            allowed = getattr(action, "allowed", None)
+            value = getattr(args, action.dest, None) if allowed is not None else None
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and not allowed.contains(item):
+                    raise ValueError(f"{action.option_strings[-1]} must be {allowed.describe()}, got {item!r}")
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The actions of `parser` and of its sub-commands' parsers."""
+    found = []
+    for action in parser._actions:
+        found.append(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found.extend(_actions(sub))
+    return found
 
 
 _OS_ERROR_HINTS = {
