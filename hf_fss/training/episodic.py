@@ -35,6 +35,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel
 
 from hf_fss import hub
+from hf_fss.cli import os_error_line
 from hf_fss.evaluation.runner import (
     class_names_of,
     default_test_split,
@@ -42,11 +43,13 @@ from hf_fss.evaluation.runner import (
     protocol_for,
     write_json_atomic,
 )
+from hf_fss.file_utils import check_output_path
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, arguments_dict
 from hf_fss.training.loop import (
     LoopCallback,
     NonFiniteError,
     TrainingLoop,
+    checkpoint_bytes,
     create_accelerator,
     create_dataloader,
     create_optimizer,
@@ -455,14 +458,16 @@ def train(loop_args: LoopArguments, args: EpisodicArguments) -> dict[str, Any]:
     before anything is written.
     """
     started = time.time()
+    check_output_path(loop_args.output_dir, "--output-dir")  # before any work: a file there, a read-only folder
     accelerator = create_accelerator(loop_args)
     try:
-        return _train(loop_args, args, accelerator, started)
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            return _train(loop_args, args, accelerator, started, held)
     finally:
         accelerator.end_training()
 
 
-def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accelerator, started: float) -> dict:
+def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started: float, held) -> dict:
     # Same seed on every process: identical initial weights and, with the seeded sampler, identical data order.
     set_seed(loop_args.seed)
     # Everything that can fail on bad input happens before the output folder is touched. The training set emits
@@ -482,7 +487,9 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
     initial_backbone = None
     if args.compare_baseline and hasattr(model, "backbone"):
         initial_backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    output_dir = prepare_output_dir(loop_args, accelerator)
+    needed = checkpoint_bytes(model, loop_args.optimizer)
+    check_output_path(loop_args.output_dir, "--output-dir", needed_bytes=needed)
+    output_dir = prepare_output_dir(loop_args, accelerator, held)
     if loop_args.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             logger.warning("sync_batchnorm: SyncBatchNorm needs GPUs; keeping BatchNorm on CPU")
@@ -619,7 +626,10 @@ def main(argv: list[str] | None = None, quickstart_recipe: str | os.PathLike | N
     try:
         loop_args, episodic_args = parse_args(argv, quickstart_recipe=quickstart_recipe)
         train(loop_args, episodic_args)
-    except (ValueError, FileNotFoundError) as err:
+    except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
+        print(f"train.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
