@@ -100,6 +100,13 @@ SEED = Range(0, 2**32 - 1, integer=True)
 IMAGE_SIDE = Range(32, integer=True)
 
 
+def _refusal(allowed: Range, value: Any, unset: str = "") -> str:
+    """'must be <range>, got <value>'; a NaN or an infinity is named as such first (it passes every comparison)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r} (allowed: {allowed.describe()}{unset})"
+    return f"must be {allowed.describe()}{unset}, got {value!r}"
+
+
 def check_ranges(group: Any) -> None:
     """
     Check every field of the dataclass instance `group` whose metadata holds a `"range"`; a field whose default is
@@ -118,7 +125,7 @@ def check_ranges(group: Any) -> None:
         if not allowed.contains(value):
             unset = " (or unset)" if spec.default is None else ""
             flag = "--" + spec.name.replace("_", "-")
-            raise ValueError(f"{flag}: {spec.name} must be {allowed.describe()}{unset}, got {value!r}")
+            raise ValueError(f"{flag}: {spec.name} {_refusal(allowed, value, unset)}")
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -180,7 +187,7 @@ class ScriptArgumentParser(OneLineErrors, argparse.ArgumentParser):
             value = getattr(args, action.dest, None) if allowed is not None else None
             for item in value if isinstance(value, list) else [value]:
                 if item is not None and not allowed.contains(item):
-                    raise ValueError(f"{action.option_strings[-1]} must be {allowed.describe()}, got {item!r}")
+                    raise ValueError(f"{action.option_strings[-1]} {_refusal(allowed, item)}")
 
 
 def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

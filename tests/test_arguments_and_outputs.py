@@ -45,7 +45,10 @@ def _one_line(err: str, prog: str) -> str:
     [
         (["--max-grad-norm", "-1"], "--max-grad-norm: max_grad_norm must be a finite number > 0 (or unset), got -1.0"),
         (["--learning-rate", "0"], "--learning-rate: learning_rate must be a finite number > 0, got 0.0"),
-        (["--learning-rate", "inf"], "--learning-rate: learning_rate must be a finite number > 0, got inf"),
+        (
+            ["--learning-rate", "inf"],
+            "--learning-rate: learning_rate must be a finite number, got inf (allowed: a finite number > 0)",
+        ),
         (["--image-size", "7"], "--image-size: image_size must be an integer >= 32, got 7"),
         (["--momentum", "1.5"], "--momentum: momentum must be a finite number in [0, 1), got 1.5"),
         (["--seed", "-1"], "--seed: seed must be an integer in [0, 4294967295], got -1"),
@@ -87,7 +90,10 @@ def test_evaluate_flags_out_of_range(tmp_path, capsys):
     for flags, expected in (
         (["--shot", "0"], "--shot must be an integer >= 1, got 0"),
         (["--seeds", "1", "-2"], "--seeds must be an integer in [0, 4294967295], got -2"),
-        (["--inference-scales", "nan"], "--inference-scales must be a finite number > 0, got nan"),
+        (
+            ["--inference-scales", "nan"],
+            "--inference-scales must be a finite number, got nan (allowed: a finite number > 0)",
+        ),
     ):
         assert evaluate_main(["--model", str(tmp_path / "model"), "--output", str(out), *flags]) == 2
         assert expected in _one_line(capsys.readouterr().err, "evaluate.py")
