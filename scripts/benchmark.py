@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import hf_fss  # noqa: E402
+from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, ScriptArgumentParser, json_object  # noqa: E402
 from hf_fss.file_utils import atomic_write_text  # noqa: E402
 from hf_fss.models.official import official_builder  # noqa: E402
 from hf_fss.utils import set_num_threads  # noqa: E402
@@ -362,7 +363,7 @@ def _official_sources(values: list[str], parser: argparse.ArgumentParser) -> dic
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ScriptArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: px the test size; full ms / sys ms / minflt are the medians per full-episode call (wall "
@@ -379,19 +380,19 @@ def main(argv=None) -> int:
         "--model-types", nargs="+", default=sorted(hf_fss.MODEL_CLASSES), choices=sorted(hf_fss.MODEL_CLASSES)
     )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SIZES))
-    parser.add_argument("--shots", nargs="+", type=int, default=[1])
+    parser.add_argument("--shots", nargs="+", allowed=POSITIVE_INT, default=[1])
     parser.add_argument(
-        "--image-size", type=int, default=None, help="test size of every method (default: each method's own)"
+        "--image-size", allowed=IMAGE_SIDE, default=None, help="test size of every method (default: each method's own)"
     )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1)
+    parser.add_argument("--iterations", allowed=POSITIVE_INT, default=5)
+    parser.add_argument("--warmup", allowed=NON_NEGATIVE_INT, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--num-threads",
         "--threads",
         dest="threads",
-        type=int,
+        allowed=POSITIVE_INT,
         default=None,
         help="torch threads (default: the cores available divided by the processes on this machine)",
     )
@@ -416,13 +417,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     parser.add_argument(
         "--model-kwargs",
-        type=json.loads,
+        type=json_object,
         default=None,
         help="JSON object of config fields, applied to each method whose config has them, e.g. "
         '\'{"shot_fusion": "average", "finetune_steps": 50}\'',
     )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_checked(argv)
     if args.model_kwargs:
         fields = set().union(
             *({f.name for f in dataclasses.fields(hf_fss.MODEL_CLASSES[m][0])} for m in args.model_types)
@@ -430,8 +431,6 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.model_kwargs) - fields)
         if unknown:
             parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
-    if min(args.shots) < 1 or args.iterations < 1 or args.batch_size < 1:
-        parser.error("--shots, --iterations and --batch-size must be >= 1")
     official = _official_sources(args.official, parser)
     set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -35,25 +35,31 @@ CONVERTERS = {
 }
 
 
-def _load_converter(model_type: str):
-    module_name, function_name = CONVERTERS[model_type].split(":")
+def _import(module_name: str):
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
         if err.name != "hf_fss":
             raise
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        module = importlib.import_module(module_name)
-    return getattr(module, function_name)
+        return importlib.import_module(module_name)
+
+
+def _load_converter(model_type: str):
+    module_name, function_name = CONVERTERS[model_type].split(":")
+    return getattr(_import(module_name), function_name)
 
 
 def _bin(value: str) -> int | float:
-    number = float(value)
+    """A pyramid bin: an int side > 1, or a fraction of the feature map in (0, 1]."""
+    number = _import("hf_fss.cli").POSITIVE(value)
     return int(number) if number > 1 and number.is_integer() else number
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    cli = _import("hf_fss.cli")
+    POSITIVE_INT, IMAGE_SIDE = cli.POSITIVE_INT, cli.IMAGE_SIDE  # noqa: N806 (the shared range constants)
+    parser = cli.ScriptArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model-type", required=True, choices=sorted(CONVERTERS), help="method of the checkpoint")
@@ -66,12 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, type=Path, help="folder to write (save_pretrained layout)")
     parser.add_argument(
         "--image-size",
-        type=int,
+        allowed=IMAGE_SIDE,
         default=None,
         help="test image size for the config and processor (default: the method's, 473 NTRENet / QGNet, 417 SMCP)",
     )
     parser.add_argument(
-        "--shot", type=int, default=1, help="K the checkpoint was trained with, recorded in the config (default 1)"
+        "--shot",
+        allowed=POSITIVE_INT,
+        default=1,
+        help="K the checkpoint was trained with, recorded in the config (default 1)",
     )
     parser.add_argument(
         "--pyramid-bins",
@@ -86,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="QGNet, MoCo checkpoint of the prior extractor: the encoder to take (default encoder_k, as the official code)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_checked(argv)
+    return args
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,19 @@ def _import_push_to_hub():
     return push_to_hub
 
 
+def _import_cli():
+    try:
+        import hf_fss.cli as cli
+    except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
+        if err.name != "hf_fss":
+            raise
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import hf_fss.cli as cli
+    return cli
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _import_cli().ScriptArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

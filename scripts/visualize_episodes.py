@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from hf_fss.cli import IMAGE_SIDE, POSITIVE_INT, SEED, ScriptArgumentParser  # noqa: E402
 from hf_fss.data.episodes import make_test_episodes  # noqa: E402
 from hf_fss.data.folds import fold_classes, num_folds  # noqa: E402
 from hf_fss.data.schema import IGNORE_INDEX  # noqa: E402
@@ -78,15 +79,17 @@ def draw(dataset, episodes, scale: int) -> Image.Image:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--seed", type=int, default=0, help="benchmark seed (and episode sampling seed)")
-    parser.add_argument("--num-episodes", type=int, default=4)
+    parser.add_argument("--seed", allowed=SEED, default=0, help="benchmark seed (and episode sampling seed)")
+    parser.add_argument("--num-episodes", allowed=POSITIVE_INT, default=4)
     parser.add_argument("--fold", type=int, default=0, choices=range(num_folds("synthetic")))
-    parser.add_argument("--num-images", type=int, default=200, help="validation images to build and sample from")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the benchmark's default")
-    parser.add_argument("--scale", type=int, default=2, help="pixel magnification of the panels")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--num-images", allowed=POSITIVE_INT, default=200, help="validation images to build and sample from"
+    )
+    parser.add_argument("--image-size", allowed=IMAGE_SIDE, default=None, help="default: the benchmark's default")
+    parser.add_argument("--scale", allowed=POSITIVE_INT, default=2, help="pixel magnification of the panels")
+    args = parser.parse_checked(argv)
 
     kwargs = {} if args.image_size is None else {"image_size": args.image_size}
     # Episodes come from the validation split, where the fold's novel classes are evaluated.

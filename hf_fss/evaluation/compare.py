@@ -31,6 +31,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
+from hf_fss.cli import (
+    IMAGE_SIDE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    ScriptArgumentParser,
+    os_error_line,
+)
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
 from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import aggregate_seeds
@@ -386,9 +396,11 @@ def per_class_chart(comparison: Mapping[str, Any], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ command line
 
+_CONFIDENCE = Range(0, 1, low_open=True, high_open=True)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> ScriptArgumentParser:
+    parser = ScriptArgumentParser(
         prog="compare.py",
         description=(
             "Score several few-shot segmentation models on one identical episode list (per seed of the protocol) and "
@@ -399,31 +411,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names", nargs="+", default=None, help="labels of the models (default: folder names)")
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or Hub id")
     parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder")
-    parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
+    parser.add_argument(
+        "--fold", allowed=NON_NEGATIVE_INT, default=0, help="fold whose novel classes are tested (default 0)"
+    )
     parser.add_argument(
         "--fold-convention",
         default=None,
         choices=COCO_CONVENTIONS,
         help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
     )
-    parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
+    parser.add_argument("--shot", allowed=POSITIVE_INT, default=1, help="support images per episode (default 1)")
     parser.add_argument("--split", default=None, help="split of the test episodes (default: as evaluate.py)")
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
-    parser.add_argument("--num-episodes", type=int, default=None, help="episodes per seed (default: the protocol's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="episode seeds (default: the protocol's)")
-    parser.add_argument("--annotation", default="mask", choices=("mask", "bbox", "scribble"))
-    parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
-    parser.add_argument("--num-bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")
     parser.add_argument(
-        "--feature-cache-mb", type=float, default=None, help="as evaluate.py (default: on, sized to the machine)"
+        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
     )
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the cores available)")
+    parser.add_argument(
+        "--seeds", allowed=SEED, nargs="+", default=None, help="episode seeds (default: the protocol's)"
+    )
+    parser.add_argument("--annotation", default="mask", choices=("mask", "bbox", "scribble"))
+    parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1, help="episodes per forward pass (default 1)")
+    parser.add_argument(
+        "--num-bootstrap", allowed=POSITIVE_INT, default=2000, help="bootstrap resamples (default 2000)"
+    )
+    parser.add_argument("--confidence", allowed=_CONFIDENCE, default=0.95, help="confidence level (default 0.95)")
+    parser.add_argument(
+        "--feature-cache-mb",
+        allowed=NON_NEGATIVE,
+        default=None,
+        help="as evaluate.py (default: on, sized to the machine)",
+    )
+    parser.add_argument(
+        "--num-threads", allowed=POSITIVE_INT, default=None, help="torch threads (default: the cores available)"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
-    parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
-    parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
-    parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
-    parser.add_argument("--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed")
+    parser.add_argument(
+        "--synthetic-num-train", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: train images"
+    )
+    parser.add_argument(
+        "--synthetic-num-val", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: validation images"
+    )
+    parser.add_argument(
+        "--synthetic-image-size", allowed=IMAGE_SIDE, default=None, help="synthetic benchmark: image side"
+    )
+    parser.add_argument("--synthetic-seed", allowed=SEED, default=0, help="synthetic benchmark: generation seed")
     parser.add_argument(
         "--output-dir", default="comparison", help="where the episode lists and results go (default comparison/)"
     )
@@ -443,10 +474,6 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         )
     for model in args.models:
         check_model_path(model)  # before any data is built
-    if args.shot < 1 or args.batch_size < 1:
-        raise ValueError("--shot and --batch-size must be >= 1")
-    if not 0 < args.confidence < 1 or args.num_bootstrap < 1:
-        raise ValueError("--confidence must lie in (0, 1) and --num-bootstrap be >= 1")
     benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
     convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
@@ -461,8 +488,6 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     protocol = protocol_for(base, benchmark, num_episodes=num_episodes, seeds=seeds, fold_convention=convention)
     episodes = episode_lists(split, fold.novel, args.shot, seeds, num_episodes, Path(args.output_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if args.feature_cache_mb is not None and args.feature_cache_mb < 0:
-        raise ValueError(f"--feature-cache-mb must be >= 0, got {args.feature_cache_mb}")
     cache_bytes = (
         default_feature_cache_bytes(device) if args.feature_cache_mb is None else int(args.feature_cache_mb * 2**20)
     )
@@ -533,8 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        parser.check_ranges(args)
         comparison = compare_models(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except OSError as err:
+        print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(markdown_table(comparison))

@@ -33,6 +33,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
+from hf_fss.cli import (
+    IMAGE_SIDE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    ScriptArgumentParser,
+    os_error_line,
+)
 from hf_fss.data.episodes import (
     ANNOTATION_KINDS,
     Episode,
@@ -329,8 +339,8 @@ def evaluate_model(
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ScriptArgumentParser:
+    parser = ScriptArgumentParser(
         prog="evaluate.py",
         description=(
             "Evaluate a few-shot segmentation model on fixed, seeded test episodes and write metrics.json. "
@@ -345,21 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
     )
-    parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
+    parser.add_argument(
+        "--fold", allowed=NON_NEGATIVE_INT, default=0, help="fold whose novel classes are tested (default 0)"
+    )
     parser.add_argument(
         "--fold-convention",
         default=None,
         choices=COCO_CONVENTIONS,
         help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
     )
-    parser.add_argument("--shot", type=int, default=1, help="support images per episode (default 1)")
+    parser.add_argument("--shot", allowed=POSITIVE_INT, default=1, help="support images per episode (default 1)")
     parser.add_argument(
         "--split", default=None, help="split of the test episodes (default: validation; fss1000, folder: test)"
     )
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
-    parser.add_argument("--num-episodes", type=int, default=None, help="episodes per seed (default: the protocol's)")
-    parser.add_argument("--seed", type=int, default=None, help="episode seed (default: the protocol's seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean and std over runs")
+    parser.add_argument(
+        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
+    )
+    parser.add_argument("--seed", allowed=SEED, default=None, help="episode seed (default: the protocol's seeds)")
+    parser.add_argument("--seeds", allowed=SEED, nargs="+", default=None, help="several seeds: mean and std over runs")
     parser.add_argument("--episodes-file", default=None, help="JSON Lines episode list to evaluate instead")
     parser.add_argument("--save-episodes", default=None, help="export the episode list (JSON Lines) to this file")
     parser.add_argument(
@@ -368,19 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ANNOTATION_KINDS,
         help="support annotation derived from the mask (default mask)",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="episodes per forward pass (default 1)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1, help="episodes per forward pass (default 1)")
+    parser.add_argument("--num-workers", allowed=NON_NEGATIVE_INT, default=0, help="DataLoader workers (default 0)")
     parser.add_argument(
         "--num-threads",
-        type=int,
+        allowed=POSITIVE_INT,
         default=None,
         help="torch threads per process (default: the cores available divided by the processes on this machine)",
     )
-    parser.add_argument("--synthetic-num-train", type=int, default=None, help="synthetic benchmark: train images")
-    parser.add_argument("--synthetic-num-val", type=int, default=None, help="synthetic benchmark: validation images")
-    parser.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic benchmark: image side")
     parser.add_argument(
-        "--synthetic-seed", type=int, default=0, help="synthetic benchmark: generation seed (default 0)"
+        "--synthetic-num-train", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: train images"
+    )
+    parser.add_argument(
+        "--synthetic-num-val", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: validation images"
+    )
+    parser.add_argument(
+        "--synthetic-image-size", allowed=IMAGE_SIDE, default=None, help="synthetic benchmark: image side"
+    )
+    parser.add_argument(
+        "--synthetic-seed", allowed=SEED, default=0, help="synthetic benchmark: generation seed (default 0)"
     )
     parser.add_argument(
         "--model-kwargs",
@@ -395,14 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--inference-scales",
-        type=float,
+        allowed=POSITIVE,
         nargs="+",
         default=None,
         help="override the model's `inference_scales` config field (CRCNet: e.g. 1.0 for single scale)",
     )
     parser.add_argument(
         "--feature-cache-mb",
-        type=float,
+        allowed=NON_NEGATIVE,
         default=None,
         help=(
             "memory for the frozen extractors' features of the images already seen, reused across episodes and "
@@ -640,8 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        parser.check_ranges(args)
         run_evaluation(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except OSError as err:
+        print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

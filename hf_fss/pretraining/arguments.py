@@ -8,10 +8,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from hf_fss.training.arguments import LoopArguments, _check, _check_choices, _check_finite
+from hf_fss.cli import (
+    IMAGE_SIDE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    check_ranges,
+)
+from hf_fss.training.arguments import _FRACTION, LoopArguments, _check_choices
 
 __all__ = ["PRETRAIN_DESCRIPTION", "PRETRAIN_GROUPS", "PRETRAIN_QUICKSTART", "PretrainingArguments"]
 
+# MoCo's key encoder update: m = 0 copies the query encoder, m = 1 never moves.
+_KEY_MOMENTUM = Range(0, 1)
 PRETRAIN_QUICKSTART = Path(str(resources.files("hf_fss") / "recipes" / "prior" / "quickstart_synthetic.yaml"))
 
 
@@ -31,26 +43,41 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "also the benchmark's evaluation split(s): the paper's 'all images' (the test queries)"},
     )
-    synthetic_num_train: int | None = field(default=None, metadata={"help": "synthetic benchmark: train images"})
-    synthetic_num_val: int | None = field(default=None, metadata={"help": "synthetic benchmark: validation images"})
-    synthetic_image_size: int | None = field(default=None, metadata={"help": "synthetic benchmark: image side"})
-    synthetic_seed: int = field(default=0, metadata={"help": "synthetic benchmark: generation seed"})
-    image_size: int = field(default=224, metadata={"help": "side of the image views (MoCo: 224)"})
-    patch_size: int | None = field(default=None, metadata={"help": "side of the patch views (default image_size)"})
+    synthetic_num_train: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
+    )
+    synthetic_num_val: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
+    )
+    synthetic_image_size: int | None = field(
+        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
+    )
+    synthetic_seed: int = field(default=0, metadata={"range": SEED, "help": "synthetic benchmark: generation seed"})
+    image_size: int = field(default=224, metadata={"range": IMAGE_SIDE, "help": "side of the image views (MoCo: 224)"})
+    patch_size: int | None = field(
+        default=None, metadata={"range": IMAGE_SIDE, "help": "side of the patch views (default image_size)"}
+    )
     # --- local patches -------------------------------------------------------------------------------------------
     local_form: Literal["patch", "pooled"] = field(
         default="patch",
         metadata={"help": "patch: superpixel crops as extra inputs (paper Fig. 3); pooled: mask pooling (option)"},
     )
     superpixels: Literal["slic", "felzenszwalb"] = field(default="slic", metadata={"help": "patch generator"})
-    slic_segments: int = field(default=100, metadata={"help": "skimage slic n_segments"})
-    slic_compactness: float = field(default=10.0, metadata={"help": "skimage slic compactness (Eq. 2's m)"})
-    slic_sigma: float = field(default=0.0, metadata={"help": "skimage slic sigma"})
-    felzenszwalb_scale: float = field(default=1.0, metadata={"help": "skimage felzenszwalb scale"})
-    felzenszwalb_sigma: float = field(default=0.8, metadata={"help": "skimage felzenszwalb sigma"})
-    felzenszwalb_min_size: int = field(default=20, metadata={"help": "skimage felzenszwalb min_size"})
+    slic_segments: int = field(default=100, metadata={"range": POSITIVE_INT, "help": "skimage slic n_segments"})
+    slic_compactness: float = field(
+        default=10.0, metadata={"range": POSITIVE, "help": "skimage slic compactness (Eq. 2's m)"}
+    )
+    slic_sigma: float = field(default=0.0, metadata={"range": NON_NEGATIVE, "help": "skimage slic sigma"})
+    felzenszwalb_scale: float = field(default=1.0, metadata={"range": POSITIVE, "help": "skimage felzenszwalb scale"})
+    felzenszwalb_sigma: float = field(
+        default=0.8, metadata={"range": NON_NEGATIVE, "help": "skimage felzenszwalb sigma"}
+    )
+    felzenszwalb_min_size: int = field(
+        default=20, metadata={"range": NON_NEGATIVE_INT, "help": "skimage felzenszwalb min_size"}
+    )
     superpixel_min_area: float = field(
-        default=0.01, metadata={"help": "superpixels under this share of the image are never sampled"}
+        default=0.01,
+        metadata={"range": _FRACTION, "help": "superpixels under this share of the image are never sampled"},
     )
     superpixel_cache_dir: str | None = field(
         default=None, metadata={"help": "on-disk superpixel cache (default <output_dir>/superpixels)"}
@@ -63,20 +90,31 @@ class PretrainingArguments:
     init_weights: str | None = field(
         default=None, metadata={"help": "initialise both encoders' backbones from these weights (default: random)"}
     )
-    head_hidden_dim: int | None = field(default=None, metadata={"help": "MLP head hidden width (default: C_last)"})
-    embedding_dim: int = field(default=128, metadata={"help": "embedding (key) width"})
-    queue_size: int = field(default=65536, metadata={"help": "image key queue K (Eq. 1)"})
-    patch_queue_size: int = field(default=65536, metadata={"help": "patch key queue M (Eq. 6)"})
-    temperature: float = field(default=0.2, metadata={"help": "tau of both losses (MoCo v2)"})
-    key_momentum: float = field(default=0.999, metadata={"help": "key encoder momentum m"})
-    global_weight: float = field(default=1.0, metadata={"help": "weight of L_global (0: local only, Table VI)"})
-    local_weight: float = field(default=1.0, metadata={"help": "weight of L_local (0: global only, Table VI)"})
+    head_hidden_dim: int | None = field(
+        default=None, metadata={"range": POSITIVE_INT, "help": "MLP head hidden width (default: C_last)"}
+    )
+    embedding_dim: int = field(default=128, metadata={"range": POSITIVE_INT, "help": "embedding (key) width"})
+    queue_size: int = field(default=65536, metadata={"range": POSITIVE_INT, "help": "image key queue K (Eq. 1)"})
+    patch_queue_size: int = field(default=65536, metadata={"range": POSITIVE_INT, "help": "patch key queue M (Eq. 6)"})
+    temperature: float = field(default=0.2, metadata={"range": POSITIVE, "help": "tau of both losses (MoCo v2)"})
+    key_momentum: float = field(default=0.999, metadata={"range": _KEY_MOMENTUM, "help": "key encoder momentum m"})
+    global_weight: float = field(
+        default=1.0, metadata={"range": NON_NEGATIVE, "help": "weight of L_global (0: local only, Table VI)"}
+    )
+    local_weight: float = field(
+        default=1.0, metadata={"range": NON_NEGATIVE, "help": "weight of L_local (0: global only, Table VI)"}
+    )
     symmetric: bool = field(default=False, metadata={"help": "symmetric loss (MoCo colab); MoCo v2 is one-way"})
     bn_splits: int | None = field(
-        default=None, metadata={"help": "SplitBatchNorm splits (default: 8 on one process, else 1 = Shuffle-BN)"}
+        default=None,
+        metadata={
+            "range": POSITIVE_INT,
+            "help": "SplitBatchNorm splits (default: 8 on one process, else 1 = Shuffle-BN)",
+        },
     )
     base_learning_rate: float = field(
-        default=0.03, metadata={"help": "SGD lr per 256 images; --learning-rate = this x global batch / 256"}
+        default=0.03,
+        metadata={"range": POSITIVE, "help": "SGD lr per 256 images; --learning-rate = this x global batch / 256"},
     )
     lr_schedule: Literal["cosine_epoch", "loop"] = field(
         default="cosine_epoch",
@@ -92,13 +130,20 @@ class PretrainingArguments:
     probe: bool = field(
         default=False, metadata={"help": "after training: region-map recall and k-NN probe vs a random extractor"}
     )
-    probe_fold: int = field(default=0, metadata={"help": "probe: the fold whose base classes are used"})
-    probe_train_images: int = field(default=600, metadata={"help": "probe: k-NN bank images (training split)"})
-    probe_test_images: int = field(default=300, metadata={"help": "probe: test images (evaluation split)"})
+    probe_fold: int = field(
+        default=0, metadata={"range": NON_NEGATIVE_INT, "help": "probe: the fold whose base classes are used"}
+    )
+    probe_train_images: int = field(
+        default=600, metadata={"range": POSITIVE_INT, "help": "probe: k-NN bank images (training split)"}
+    )
+    probe_test_images: int = field(
+        default=300, metadata={"range": NON_NEGATIVE_INT, "help": "probe: test images (evaluation split)"}
+    )
     num_threads: int | None = field(
         default=None,
         metadata={
-            "help": "torch threads per process (default: the cores / processes on this machine; 1 for tiny models)"
+            "range": POSITIVE_INT,
+            "help": "torch threads per process (default: the cores / processes on this machine; 1 for tiny models)",
         },
     )
     queue_digest_file: str | None = field(
@@ -111,8 +156,13 @@ class PretrainingArguments:
                 self.backbone_kwargs = json.loads(self.backbone_kwargs)
             except json.JSONDecodeError as err:
                 raise ValueError(f"--backbone-kwargs must be a JSON object ({err})") from err
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
+            raise ValueError(
+                f"--backbone-kwargs must be a JSON object of DilatedResNet arguments such as '{{\"depth\": 50}}', "
+                f"got {type(self.backbone_kwargs).__name__} {self.backbone_kwargs!r}"
+            )
         self.backbone_kwargs = dict(self.backbone_kwargs or {"depth": 50, "stem": "7x7"})
-        _check_finite(self)
+        check_ranges(self)
         _check_choices(
             self,
             {
@@ -122,16 +172,8 @@ class PretrainingArguments:
                 "export_encoder": ("encoder_k", "encoder_q"),
             },
         )
-        _check(
-            self,
-            positive=("image_size", "embedding_dim", "queue_size", "patch_queue_size", "probe_train_images"),
-            optional_positive=("patch_size", "bn_splits", "head_hidden_dim", "num_threads"),
-            non_negative=("global_weight", "local_weight", "probe_fold", "probe_test_images"),
-        )
         if self.global_weight + self.local_weight == 0:
             raise ValueError("global_weight and local_weight are both 0: nothing to train; set one > 0")
-        if self.temperature <= 0 or self.base_learning_rate <= 0:
-            raise ValueError("temperature and base_learning_rate must be > 0")
 
     @property
     def uses_local(self) -> bool:

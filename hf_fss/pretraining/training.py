@@ -8,6 +8,7 @@ with a card, optionally probed (`hf_fss.pretraining.probe`) and pushed to the Hu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from hf_fss.cli import os_error_line
+from hf_fss.file_utils import check_output_path
 from hf_fss.training.arguments import LoopArguments, arguments_dict, parse_groups
 from hf_fss.training.loop import (
     LoopCallback,
@@ -159,7 +162,9 @@ def resume_settings(args: PretrainingArguments) -> dict[str, Any]:
 def pretrain(loop_args: LoopArguments, args: PretrainingArguments) -> dict[str, Any]:
     """Run the pretraining described by the two groups; returns the run record (also `<output_dir>/run.json`)."""
     started = time.time()
+    check_output_path(loop_args.output_dir, "--output-dir")  # before any work: a file there, a read-only folder
     accelerator = create_accelerator(loop_args)
+    held = contextlib.ExitStack()  # the output folder's lock, released however the run ends
     try:
         set_seed(loop_args.seed)  # identical initial weights and queues on every process
         dataset, splits = build_dataset(loop_args, args)
@@ -169,7 +174,7 @@ def pretrain(loop_args: LoopArguments, args: PretrainingArguments) -> dict[str, 
             raise ValueError(f"{len(dataset)} images do not fill one batch of {loop_args.batch_size} per process")
         model = build_model(loop_args, args, accelerator.num_processes)
         checkpoint = resolve_checkpoint(loop_args, say=accelerator.print)
-        output_dir = prepare_output_dir(loop_args, accelerator)
+        output_dir = prepare_output_dir(loop_args, accelerator, held)
         callback = MomentumCallback(args.queue_digest_file)
         loop = TrainingLoop(accelerator, loop_args, output_dir, [callback], settings=resume_settings(args))
         loop.prepare(model, create_optimizer(model, loop_args), create_dataloader(dataset, loop_args))
@@ -192,6 +197,7 @@ def pretrain(loop_args: LoopArguments, args: PretrainingArguments) -> dict[str, 
             return record
         return _finish(loop, loop_args, args, record, started)
     finally:
+        held.close()
         accelerator.end_training()
 
 
@@ -322,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None or args.num_threads is not None:  # default: the cores shared among processes (hf_fss.utils)
             set_num_threads(args.num_threads)
         pretrain(loop_args, args)
-    except (ValueError, FileNotFoundError) as err:
+    except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
+        print(f"pretrain_prior.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"pretrain_prior.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:

@@ -18,9 +18,11 @@ otherwise the packaged recipe of the same relative name. With no `--config` and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +31,18 @@ from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser
+
+from hf_fss.cli import (
+    IMAGE_SIDE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    OneLineErrors,
+    Range,
+    check_ranges,
+)
 
 __all__ = [
     "QUICKSTART_RECIPE",
@@ -55,25 +69,9 @@ _RECIPE_ALIASES = {"model": "model_kwargs"}
 _SCHEDULERS = ("poly", "polynomial", "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
 
 
-def _check(group: Any, positive=(), optional_positive=(), non_negative=()) -> None:
-    for name in positive:
-        if getattr(group, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(group, name)}")
-    for name in optional_positive:
-        value = getattr(group, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
-    for name in non_negative:
-        if getattr(group, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(group, name)}")
-
-
-def _check_finite(group: Any) -> None:
-    # float("nan") / float("inf") parse as floats: a NaN learning rate would train NaN weights.
-    for spec in dataclasses.fields(group):
-        value = getattr(group, spec.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{spec.name} must be a finite number, got {value}")
+_MOMENTUM = Range(0, 1, high_open=True)
+_FRACTION = Range(0, 1, high_open=True)
+_ROTATION = Range(-180, 180)
 
 
 def _check_choices(group: Any, choices: dict[str, tuple]) -> None:
@@ -81,6 +79,25 @@ def _check_choices(group: Any, choices: dict[str, tuple]) -> None:
     for name, allowed in choices.items():
         if getattr(group, name) not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(group, name)!r}")
+
+
+def _model_kwargs(value: Any) -> dict[str, Any]:
+    """`--model-kwargs` / the recipe's `model:` as a dict; a JSON text is parsed; anything but an object refused."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model-kwargs must be a JSON object, got {value!r} ({err})") from err
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--model-kwargs (recipe key model) must be a JSON object of model-config fields such as "
+            f"'{{\"reduce_dim\": 64}}', got {type(value).__name__} {value!r}"
+        )
+    if not all(isinstance(k, str) for k in value):
+        raise ValueError(f"--model-kwargs keys must be model-config field names, got {list(value)}")
+    return dict(value)
 
 
 @dataclass
@@ -93,25 +110,39 @@ class LoopArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "allow writing into a folder that already holds a run"}
     )
-    seed: int = field(default=321, metadata={"help": "seed of weights, data order, augmentation and dropout"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process"})
+    seed: int = field(
+        default=321, metadata={"range": SEED, "help": "seed of weights, data order, augmentation and dropout"}
+    )
+    num_workers: int = field(
+        default=0, metadata={"range": NON_NEGATIVE_INT, "help": "DataLoader worker processes per training process"}
+    )
 
     # --- optimisation --------------------------------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (the papers) or adamw"})
-    learning_rate: float = field(default=0.01, metadata={"help": "initial learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    learning_rate: float = field(default=0.01, metadata={"range": POSITIVE, "help": "initial learning rate"})
+    momentum: float = field(default=0.9, metadata={"range": _MOMENTUM, "help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"range": NON_NEGATIVE, "help": "weight decay"})
     lr_scheduler: str = field(
         default="poly",
         metadata={"help": "poly: lr * (1 - step / max_steps) ** lr_power (the papers); or a transformers schedule"},
     )
-    lr_power: float = field(default=0.9, metadata={"help": "power of the poly schedule"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    batch_size: int = field(default=8, metadata={"help": "items (episodes) per process per forward pass"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
-    epochs: int = field(default=50, metadata={"help": "passes over the training items (unless --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides --epochs"})
-    max_grad_norm: float | None = field(default=None, metadata={"help": "clip gradients to this norm"})
+    lr_power: float = field(default=0.9, metadata={"range": POSITIVE, "help": "power of the poly schedule"})
+    warmup_steps: int = field(default=0, metadata={"range": NON_NEGATIVE_INT, "help": "linear warm-up steps"})
+    batch_size: int = field(
+        default=8, metadata={"range": POSITIVE_INT, "help": "items (episodes) per process per forward pass"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"range": POSITIVE_INT, "help": "forward passes per optimizer step"}
+    )
+    epochs: int = field(
+        default=50, metadata={"range": NON_NEGATIVE_INT, "help": "passes over the training items (unless --max-steps)"}
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"range": POSITIVE_INT, "help": "optimizer steps; overrides --epochs"}
+    )
+    max_grad_norm: float | None = field(
+        default=None, metadata={"range": POSITIVE, "help": "clip gradients to this norm"}
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "no / fp16 / bf16 (default: what `accelerate launch` was given)"}
     )
@@ -126,17 +157,28 @@ class LoopArguments:
     # --- checkpoints, logging, hub -------------------------------------------------------------------------------
     checkpointing_steps: int | None = field(
         default=None,
-        metadata={"help": "save the training state (safetensors + JSON, verified on resume) every N steps"},
+        metadata={
+            "range": POSITIVE_INT,
+            "help": "save the training state (safetensors + JSON, verified on resume) every N steps",
+        },
     )
-    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N"})
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"range": POSITIVE_INT, "help": "keep only the newest N"}
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "checkpoint folder, or 'latest' for the newest one of --output-dir that verifies"},
     )
     stop_after_steps: int | None = field(
-        default=None, metadata={"help": "debug: stop as if killed after N steps (after that step's checkpoint)"}
+        default=None,
+        metadata={
+            "range": POSITIVE_INT,
+            "help": "debug: stop as if killed after N steps (after that step's checkpoint)",
+        },
     )
-    logging_steps: int = field(default=10, metadata={"help": "log loss terms and learning rate every N steps"})
+    logging_steps: int = field(
+        default=10, metadata={"range": POSITIVE_INT, "help": "log loss terms and learning rate every N steps"}
+    )
     report_to: str = field(
         default="auto",
         metadata={
@@ -148,15 +190,9 @@ class LoopArguments:
 
     def __post_init__(self):
         _check_choices(self, {"optimizer": ("sgd", "adamw"), "mixed_precision": (None, "no", "fp16", "bf16")})
-        _check_finite(self)
         if self.lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {list(_SCHEDULERS)}")
-        _check(
-            self,
-            positive=("batch_size", "gradient_accumulation_steps", "logging_steps"),
-            optional_positive=("max_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"),
-            non_negative=("epochs", "num_workers", "warmup_steps"),
-        )
+        check_ranges(self)
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("give --epochs >= 1 or --max-steps")
 
@@ -183,48 +219,75 @@ class EpisodicArguments:
     benchmark: str | None = field(
         default=None, metadata={"help": "pascal5i, coco20i, fss1000, synthetic or folder (default: inferred)"}
     )
-    fold: int = field(default=0, metadata={"help": "fold whose novel classes are held out"})
+    fold: int = field(default=0, metadata={"range": NON_NEGATIVE_INT, "help": "fold whose novel classes are held out"})
     fold_convention: str | None = field(
         default=None,
         metadata={"help": "COCO-20i folds: interleaved (default), contiguous or canet_40_20_20 (fold 0 only)"},
     )
-    shot: int = field(default=1, metadata={"help": "K, support images per training episode"})
-    image_size: int = field(default=473, metadata={"help": "training crop side and the model's test image size"})
+    shot: int = field(default=1, metadata={"range": POSITIVE_INT, "help": "K, support images per training episode"})
+    image_size: int = field(
+        default=473, metadata={"range": IMAGE_SIDE, "help": "training crop side and the model's test image size"}
+    )
     novel_class_policy: Literal["background", "ignore", "exclude"] = field(
         default="background", metadata={"help": "novel-class pixels in training images: background / ignore / drop"}
     )
-    scale_min: float = field(default=0.9, metadata={"help": "augmentation: smallest random scale"})
-    scale_max: float = field(default=1.1, metadata={"help": "augmentation: largest random scale"})
-    rotate_min: float = field(default=-10.0, metadata={"help": "augmentation: rotation range, degrees (symmetric)"})
-    rotate_max: float = field(default=10.0, metadata={"help": "augmentation: rotation range, degrees (symmetric)"})
+    scale_min: float = field(default=0.9, metadata={"range": POSITIVE, "help": "augmentation: smallest random scale"})
+    scale_max: float = field(default=1.1, metadata={"range": POSITIVE, "help": "augmentation: largest random scale"})
+    rotate_min: float = field(
+        default=-10.0, metadata={"range": _ROTATION, "help": "augmentation: rotation range, degrees (symmetric)"}
+    )
+    rotate_max: float = field(
+        default=10.0, metadata={"range": _ROTATION, "help": "augmentation: rotation range, degrees (symmetric)"}
+    )
     horizontal_flip: bool = field(default=True, metadata={"help": "augmentation: random horizontal flips"})
     gaussian_blur: bool = field(default=True, metadata={"help": "augmentation: random 5x5 Gaussian blur"})
-    synthetic_num_train: int | None = field(default=None, metadata={"help": "synthetic benchmark: train images"})
-    synthetic_num_val: int | None = field(default=None, metadata={"help": "synthetic benchmark: validation images"})
-    synthetic_image_size: int | None = field(default=None, metadata={"help": "synthetic benchmark: image side"})
-    synthetic_seed: int = field(default=0, metadata={"help": "synthetic benchmark: generation seed"})
+    synthetic_num_train: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
+    )
+    synthetic_num_val: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
+    )
+    synthetic_image_size: int | None = field(
+        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
+    )
+    synthetic_seed: int = field(default=0, metadata={"range": SEED, "help": "synthetic benchmark: generation seed"})
 
     # --- validation (model selection) and final evaluation -------------------------------------------------------
     validation_every_epochs: int = field(
         default=1,
-        metadata={"help": "validate every N epochs (0: never)", "aliases": ["--eval-every-epochs"]},
+        metadata={
+            "range": NON_NEGATIVE_INT,
+            "help": "validate every N epochs (0: never)",
+            "aliases": ["--eval-every-epochs"],
+        },
     )
-    validation_steps: int | None = field(default=None, metadata={"help": "also validate every N optimizer steps"})
-    num_validation_episodes: int = field(default=1000, metadata={"help": "validation episodes (base classes)"})
+    validation_steps: int | None = field(
+        default=None, metadata={"range": POSITIVE_INT, "help": "also validate every N optimizer steps"}
+    )
+    num_validation_episodes: int = field(
+        default=1000, metadata={"range": NON_NEGATIVE_INT, "help": "validation episodes (base classes)"}
+    )
     validation_fraction: float = field(
-        default=0.05, metadata={"help": "share of the training images held out for validation"}
+        default=0.05, metadata={"range": _FRACTION, "help": "share of the training images held out for validation"}
     )
-    validation_min_images: int = field(default=100, metadata={"help": "hold out at least this many images"})
+    validation_min_images: int = field(
+        default=100, metadata={"range": NON_NEGATIVE_INT, "help": "hold out at least this many images"}
+    )
     select_on_test_fold: bool = field(
         default=False,
         metadata={"help": "select the best model on the test fold's novel classes, as the papers did (not advised)"},
     )
     eval_protocol: str = field(default="pfenet", metadata={"help": "pfenet, hsnet or panet"})
     num_eval_episodes: int | None = field(
-        default=None, metadata={"help": "final novel-class test episodes (default: the protocol's count)"}
+        default=None,
+        metadata={"range": POSITIVE_INT, "help": "final novel-class test episodes (default: the protocol's count)"},
     )
-    eval_seed: int | None = field(default=None, metadata={"help": "test episode seed (default: the protocol's)"})
-    eval_batch_size: int = field(default=1, metadata={"help": "episodes per forward pass in evaluation"})
+    eval_seed: int | None = field(
+        default=None, metadata={"range": SEED, "help": "test episode seed (default: the protocol's)"}
+    )
+    eval_batch_size: int = field(
+        default=1, metadata={"range": POSITIVE_INT, "help": "episodes per forward pass in evaluation"}
+    )
     evaluate_at_end: bool = field(default=True, metadata={"help": "test the final (and best) model on novel classes"})
     compare_baseline: bool = field(
         default=False,
@@ -234,21 +297,13 @@ class EpisodicArguments:
     def __post_init__(self):
         import hf_fss
         from hf_fss.data.folds import COCO_CONVENTIONS, fold_classes
+        from hf_fss.data.loading import resolve_benchmark
         from hf_fss.evaluation.protocols import PROTOCOLS
 
         if self.model_type not in hf_fss.MODEL_CLASSES:
             raise ValueError(f"unknown model type {self.model_type!r}; registered: {sorted(hf_fss.MODEL_CLASSES)}")
-        if isinstance(self.model_kwargs, str):
-            try:
-                self.model_kwargs = json.loads(self.model_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r} ({err})") from err
-        self.model_kwargs = dict(self.model_kwargs or {})
-        if not all(isinstance(k, str) for k in self.model_kwargs):
-            raise ValueError(f"model_kwargs keys must be config field names, got {list(self.model_kwargs)}")
-        _check_finite(self)
-        from hf_fss.data.loading import resolve_benchmark
-
+        self.model_kwargs = _model_kwargs(self.model_kwargs)
+        check_ranges(self)
         # What a prepare_dataset.py folder (or "synthetic") recorded; a contradicting --benchmark is refused.
         self.benchmark = resolve_benchmark(self.dataset, self.benchmark)
         if self.fold_convention is not None:
@@ -262,15 +317,7 @@ class EpisodicArguments:
             raise ValueError(f"unknown eval_protocol {self.eval_protocol!r}; presets are {sorted(PROTOCOLS)}")
         self.eval_protocol = self.eval_protocol.lower()
         _check_choices(self, {"novel_class_policy": ("background", "ignore", "exclude")})
-        _check(
-            self,
-            positive=("shot", "image_size", "eval_batch_size"),
-            optional_positive=("validation_steps", "num_eval_episodes"),
-            non_negative=("validation_every_epochs", "num_validation_episodes"),
-        )
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
-        if not 0 < self.scale_min <= self.scale_max:
+        if not self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         if not math.isclose(-self.rotate_min, self.rotate_max) or self.rotate_max < 0:
             raise ValueError(
@@ -344,11 +391,25 @@ TRAIN_DESCRIPTION = (
 )
 
 
+class _Parser(OneLineErrors, HfArgumentParser):
+    """`HfArgumentParser` with one-line usage errors, taking each field's `"range"` metadata into its `--help`."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        allowed = field.metadata.get("range")
+        if allowed is not None:  # argparse's add_argument takes no "range" keyword: checked by check_ranges
+            field = copy.copy(field)
+            metadata = {k: v for k, v in field.metadata.items() if k != "range"}
+            metadata["help"] = f"{metadata.get('help', '')} ({allowed.describe()})".lstrip()
+            field.metadata = types.MappingProxyType(metadata)
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
 def build_parser(
     groups: Sequence[type] = TRAIN_GROUPS, prog: str = "train.py", description: str = TRAIN_DESCRIPTION
 ) -> HfArgumentParser:
     """The parser of `groups`, named `prog` in its usage line (the script, also under `accelerate launch`)."""
-    parser = HfArgumentParser(list(groups))
+    parser = _Parser(list(groups))
     parser.prog, parser.description = prog, description
     return parser
 
@@ -378,7 +439,7 @@ def parse_groups(
     if config is not None:
         config = str(resolve_recipe_path(config))
     recipe = load_recipe(config, groups) if config is not None else {}
-    recipe_model = dict(recipe.pop("model_kwargs", None) or {})
+    recipe_model = _model_kwargs(recipe.pop("model_kwargs", None))
     parser.set_defaults(**recipe, config=config)
     _, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse's wording, not HfArgumentParser's "not used by the HfArgumentParser"

@@ -19,6 +19,7 @@ NTRENet's `class_ids`) and the batch goes to the model as it is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -30,9 +31,11 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel
 
 from hf_fss import hub
+from hf_fss.cli import os_error_line
 from hf_fss.evaluation.runner import (
     class_names_of,
     default_test_split,
@@ -40,11 +43,13 @@ from hf_fss.evaluation.runner import (
     protocol_for,
     write_json_atomic,
 )
+from hf_fss.file_utils import check_output_path
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, arguments_dict
 from hf_fss.training.loop import (
     LoopCallback,
     NonFiniteError,
     TrainingLoop,
+    checkpoint_bytes,
     create_accelerator,
     create_dataloader,
     create_optimizer,
@@ -86,18 +91,12 @@ def resume_settings(args: EpisodicArguments, model) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- construction
 
 
-def build_model(args: EpisodicArguments, fold=None) -> tuple[Any, Any]:
-    """
-    The model to train and its processor: `args.model_name_or_path` (`from_pretrained`), or a fresh config of
-    `args.model_type` whose extractors then load their pretrained weights (`load_pretrained_extractors`). A fresh
-    config with a `num_base_classes` field (SMCP's multi-class head) gets the fold's number of base classes unless
-    the recipe sets it.
-    """
+def _config_kwargs(args: EpisodicArguments, fold=None) -> dict[str, Any]:
+    """The model-config fields the run sets: `model_kwargs`, `image_size`, `shot`, SMCP's `num_base_classes`."""
     import hf_fss
     from hf_fss.configuration_fss import check_unknown_config_fields
-    from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
 
-    config_class, model_class = hf_fss.MODEL_CLASSES[args.model_type]
+    config_class = hf_fss.MODEL_CLASSES[args.model_type][0]
     kwargs = dict(args.model_kwargs)
     if "image_size" in kwargs and kwargs["image_size"] != args.image_size:
         raise ValueError(
@@ -111,10 +110,57 @@ def build_model(args: EpisodicArguments, fold=None) -> tuple[Any, Any]:
     check_unknown_config_fields(config_class, kwargs)
     if fold is not None and hasattr(config_class, "num_base_classes") and args.model_name_or_path is None:
         kwargs.setdefault("num_base_classes", len(fold.base))
-    if args.model_name_or_path is not None:
-        model = model_class.from_pretrained(args.model_name_or_path, **kwargs)
-    else:
-        model = model_class(config_class(**kwargs))
+    return kwargs
+
+
+@contextlib.contextmanager
+def _model_kwargs_errors():
+    """The config validator's refusal of a `--model-kwargs` / recipe `model:` value, as one line naming the field."""
+    try:
+        yield
+    except StrictDataclassError as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(f"--model-kwargs (recipe key model): {' '.join(str(cause).split())}") from err
+
+
+def check_model_kwargs(args: EpisodicArguments) -> None:
+    """
+    Build (and drop) the config the run will use, so an unknown field or a value the config's validator refuses
+    is reported before any data is built.
+
+    Raises:
+        `ValueError`: one line naming the field.
+    """
+    import hf_fss
+
+    config_class = hf_fss.MODEL_CLASSES[args.model_type][0]
+    kwargs = _config_kwargs(args)
+    if args.model_name_or_path is None:
+        with _model_kwargs_errors():
+            config_class(**kwargs)
+
+
+def build_model(args: EpisodicArguments, fold=None) -> tuple[Any, Any]:
+    """
+    The model to train and its processor: `args.model_name_or_path` (`from_pretrained`), or a fresh config of
+    `args.model_type` whose extractors then load their pretrained weights (`load_pretrained_extractors`). A fresh
+    config with a `num_base_classes` field (SMCP's multi-class head) gets the fold's number of base classes unless
+    the recipe sets it.
+
+    Raises:
+        `ValueError`: a config field that does not exist or a value its validator refuses, naming the field.
+    """
+    import hf_fss
+    from hf_fss.image_processing_fss import FewShotSegmentationImageProcessor
+
+    config_class, model_class = hf_fss.MODEL_CLASSES[args.model_type]
+    kwargs = _config_kwargs(args, fold)
+    with _model_kwargs_errors():
+        if args.model_name_or_path is not None:
+            model = model_class.from_pretrained(args.model_name_or_path, **kwargs)
+        else:
+            model = model_class(config_class(**kwargs))
+    if args.model_name_or_path is None:
         model.load_pretrained_extractors()
     processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
     return model, processor
@@ -412,14 +458,16 @@ def train(loop_args: LoopArguments, args: EpisodicArguments) -> dict[str, Any]:
     before anything is written.
     """
     started = time.time()
+    check_output_path(loop_args.output_dir, "--output-dir")  # before any work: a file there, a read-only folder
     accelerator = create_accelerator(loop_args)
     try:
-        return _train(loop_args, args, accelerator, started)
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            return _train(loop_args, args, accelerator, started, held)
     finally:
         accelerator.end_training()
 
 
-def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accelerator, started: float) -> dict:
+def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started: float, held) -> dict:
     # Same seed on every process: identical initial weights and, with the seeded sampler, identical data order.
     set_seed(loop_args.seed)
     # Everything that can fail on bad input happens before the output folder is touched. The training set emits
@@ -427,6 +475,7 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
     import hf_fss
 
     model_class = hf_fss.MODEL_CLASSES[args.model_type][1]
+    check_model_kwargs(args)
     data = build_data(args, loop_args.seed, extra_inputs=model_class.query_inputs + model_class.support_inputs)
     model, processor = build_model(args, fold=data.fold)
     checkpoint = resolve_checkpoint(loop_args, say=accelerator.print)
@@ -438,7 +487,9 @@ def _train(loop_args: LoopArguments, args: EpisodicArguments, accelerator: Accel
     initial_backbone = None
     if args.compare_baseline and hasattr(model, "backbone"):
         initial_backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    output_dir = prepare_output_dir(loop_args, accelerator)
+    needed = checkpoint_bytes(model, loop_args.optimizer)
+    check_output_path(loop_args.output_dir, "--output-dir", needed_bytes=needed)
+    output_dir = prepare_output_dir(loop_args, accelerator, held)
     if loop_args.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             logger.warning("sync_batchnorm: SyncBatchNorm needs GPUs; keeping BatchNorm on CPU")
@@ -575,7 +626,10 @@ def main(argv: list[str] | None = None, quickstart_recipe: str | os.PathLike | N
     try:
         loop_args, episodic_args = parse_args(argv, quickstart_recipe=quickstart_recipe)
         train(loop_args, episodic_args)
-    except (ValueError, FileNotFoundError) as err:
+    except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
+        print(f"train.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:

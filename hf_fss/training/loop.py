@@ -28,6 +28,7 @@ already seen in its epoch, so on CPU a resumed run ends with the same weights, b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,9 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from hf_fss.cli import os_error_line
 from hf_fss.evaluation.runner import needs_cpu_fallback
+from hf_fss.file_utils import OutputLock
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 from hf_fss.training.arguments import LoopArguments
 from hf_fss.training.checkpoint import (
@@ -74,6 +77,7 @@ __all__ = [
     "create_scheduler",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "checkpoint_bytes",
     "prepare_output_dir",
     "remove_stale_checkpoint_staging",
     "resolve_checkpoint",
@@ -266,8 +270,12 @@ def resolve_checkpoint(args: LoopArguments, say=print) -> Path | None:
     return None
 
 
-def prepare_output_dir(args: LoopArguments, accelerator: Accelerator) -> Path:
-    """Create the run folder; refuse one holding another run unless resuming or `--overwrite-output-dir`."""
+def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: contextlib.ExitStack) -> Path:
+    """
+    Create and hold the run folder (`hf_fss.file_utils.OutputLock`, by the main process, released when `held`
+    closes); refuse one that another live run holds, or that holds another run unless resuming or
+    `--overwrite-output-dir`. Nothing is changed before the folder is held.
+    """
     output_dir = Path(args.output_dir)
     previous_run = (output_dir / "run.json").exists() or (output_dir / "checkpoints").exists()
     if previous_run and not args.resume_from_checkpoint and not args.overwrite_output_dir:
@@ -275,14 +283,36 @@ def prepare_output_dir(args: LoopArguments, accelerator: Accelerator) -> Path:
             f"output_dir {str(output_dir)!r} already holds a run; pass --resume-from-checkpoint latest to continue it "
             "or --overwrite-output-dir to start over"
         )
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(OutputLock(output_dir).acquire(say=accelerator.print))
+        except ValueError as err:
+            refused = [str(err)]
+        except OSError as err:
+            refused = [f"--output-dir {str(output_dir)!r}: {os_error_line(err)}"]
+    if accelerator.num_processes > 1:  # every process stops when the main one is refused
+        refused = broadcast_object_list(refused)
+    if refused[0] is not None:
+        raise ValueError(refused[0])
     if accelerator.is_main_process:
         if previous_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
             # Stale checkpoints of the old run must not be picked up by a later `--resume-from-checkpoint latest`.
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_checkpoint_staging(output_dir)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """
+    About the disk a run folder needs: one checkpoint (weights in float32 plus the optimizer's state: SGD's momentum
+    buffer, AdamW's two moments, of the trainable weights) and two saved models (`final/`, `best/`).
+    """
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return 3 * weights + trainable * (2 if optimizer == "adamw" else 1)
 
 
 def remove_stale_checkpoint_staging(output_dir: str | os.PathLike) -> list[Path]:
@@ -336,14 +366,19 @@ def save_checkpoint(loop: TrainingLoop, step: int) -> Path:
         staging = [str(make_staging_dir(final, STAGING_TAG))]
     staging = Path(broadcast_object_list(staging)[0])
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.save_model(loop.model, staging, max_shard_size="1000GB", safe_serialization=True)
-        save_tree(loop.optimizer.state_dict(), staging, "optimizer")
-        save_tree(loop.lr_scheduler.state_dict(), staging, "scheduler")
-        if accelerator.scaler is not None:
-            save_tree(accelerator.scaler.state_dict(), staging, "scaler")
-        save_tree({name: obj.state_dict() for name, obj in loop.state_objects.items()}, staging, "training_state")
-    save_tree(_rng_state(accelerator), staging, f"rng_state_{accelerator.process_index}")
+    try:
+        if accelerator.is_main_process:
+            accelerator.save_model(loop.model, staging, max_shard_size="1000GB", safe_serialization=True)
+            save_tree(loop.optimizer.state_dict(), staging, "optimizer")
+            save_tree(loop.lr_scheduler.state_dict(), staging, "scheduler")
+            if accelerator.scaler is not None:
+                save_tree(accelerator.scaler.state_dict(), staging, "scaler")
+            save_tree({name: obj.state_dict() for name, obj in loop.state_objects.items()}, staging, "training_state")
+        save_tree(_rng_state(accelerator), staging, f"rng_state_{accelerator.process_index}")
+    except OSError:
+        # A full disk mid-save: drop the partial checkpoint, so the earlier ones stay the newest and nothing is lost.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(staging, step, loop.settings)

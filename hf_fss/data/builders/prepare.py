@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from datasets import DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
+from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 
 from ._common import build_report
@@ -30,16 +31,18 @@ STAGING_TAG = "partial"
 LEGACY_STAGING = r"\.{}\.[A-Za-z0-9_]{{8}}\.partial"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ScriptArgumentParser:
     """The argparse parser: one subcommand per benchmark, common output options on each."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = ScriptArgumentParser(add_help=False)
     common.add_argument("--output-dir", required=True, type=Path, help="where save_to_disk writes the DatasetDict")
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     common.add_argument("--push-to-hub", metavar="REPO", help="also push the DatasetDict to this Hub dataset repo")
     common.add_argument("--private", action="store_true", help="make a newly created Hub repo private")
-    common.add_argument("--num-proc", type=int, default=None, help="worker processes for building and saving")
+    common.add_argument(
+        "--num-proc", allowed=POSITIVE_INT, default=None, help="worker processes for building and saving"
+    )
 
-    parser = argparse.ArgumentParser(
+    parser = ScriptArgumentParser(
         prog="prepare_dataset.py", description="Build a few-shot segmentation benchmark as a Hugging Face dataset."
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{pascal5i,coco20i,fss1000,synthetic,folder}")
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     fss = sub.add_parser("fss1000", parents=[common], help="FSS-1000")
     fss.add_argument("--fss-root", required=True, type=Path, help="one folder per class of N.jpg + N.png")
     fss.add_argument("--split-dir", type=Path, help="folder with trn.txt, val.txt, test.txt (HSNet data/splits/fss)")
-    fss.add_argument("--seed", type=int, default=0, help="seed of the fallback class split (without --split-dir)")
+    fss.add_argument("--seed", allowed=SEED, default=0, help="seed of the fallback class split (without --split-dir)")
 
     folder = sub.add_parser(
         "folder", parents=[common], help="your own images and masks (label maps, or per-class folders of binary masks)"
@@ -82,16 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument(
         "--split-dir", type=Path, help="folder with train.txt, val.txt, test.txt of class names (default: seeded)"
     )
-    folder.add_argument("--seed", type=int, default=0, help="seed of the class split (without --split-dir)")
+    folder.add_argument("--seed", allowed=SEED, default=0, help="seed of the class split (without --split-dir)")
     folder.add_argument(
         "--skip-invalid", action="store_true", help="leave out (and report) images with bad input instead of failing"
     )
 
     synthetic = sub.add_parser("synthetic", parents=[common], help="the synthetic benchmark (no download)")
-    synthetic.add_argument("--seed", type=int)
-    synthetic.add_argument("--num-train", type=int)
-    synthetic.add_argument("--num-val", type=int)
-    synthetic.add_argument("--image-size", type=int)
+    synthetic.add_argument("--seed", allowed=SEED)
+    synthetic.add_argument("--num-train", allowed=NON_NEGATIVE_INT)
+    synthetic.add_argument("--num-val", allowed=NON_NEGATIVE_INT)
+    synthetic.add_argument("--image-size", allowed=IMAGE_SIDE)
     return parser
 
 
@@ -193,7 +196,7 @@ def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_p
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 build error, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_checked(argv)
     output_dir: Path = args.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output-dir {output_dir} exists and is not a directory")
