@@ -26,10 +26,14 @@ def _processes_on_this_machine() -> int:
 
 def default_num_threads() -> int:
     """
-    Intra-op threads for one process: the cores available to it (`os.sched_getaffinity`) divided by the processes
-    running on this machine (`LOCAL_WORLD_SIZE`, else `WORLD_SIZE`, as `accelerate launch` sets them), at least 1.
-    Oversubscribed cores make CPU runs several times slower for bit-identical results.
+    Intra-op threads for one process: `OMP_NUM_THREADS` when it is set to a positive integer (the user's choice, and
+    what `accelerate launch` gives each process), else the cores available to it (`os.sched_getaffinity`) divided by
+    the processes running on this machine (`LOCAL_WORLD_SIZE`, else `WORLD_SIZE`), at least 1. Oversubscribed cores
+    make CPU runs several times slower, and another thread count can change the last bits of the results.
     """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     return max(1, _available_cores() // _processes_on_this_machine())
 
 

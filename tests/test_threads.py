@@ -27,7 +27,7 @@ def restore_threads():
     ],
 )
 def test_cores_are_shared_between_the_processes_of_a_machine(monkeypatch, env, cores, expected):
-    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -35,8 +35,20 @@ def test_cores_are_shared_between_the_processes_of_a_machine(monkeypatch, env, c
     assert default_num_threads() == expected
 
 
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("0", 4), ("", 4), ("two", 4)])
+def test_omp_num_threads_is_honoured_when_it_names_a_count(monkeypatch, value, expected):
+    # `OMP_NUM_THREADS=1 python scripts/evaluate.py` must run one thread (1 and 2 processes then give identical
+    # metrics); a value that names no positive count falls back to the cores shared among the processes.
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert default_num_threads() == expected
+
+
 def test_set_num_threads_uses_the_flag_or_the_default(restore_threads, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert set_num_threads() == 1 and torch.get_num_threads() == 1
