@@ -83,6 +83,15 @@ def test_compare_writes_table_chart_and_identical_episodes(models, tmp_path, cap
     assert "written for another comparison" in capsys.readouterr().err
 
 
+def test_dataset_is_required(models, tmp_path, capsys):
+    """No silent synthetic default: compare.py without --dataset exits 2 naming the flag, writing nothing."""
+    out = tmp_path / "comparison"
+    with pytest.raises(SystemExit) as exited:
+        main(["--models", models["prior"], models["ntrenet"], "--output-dir", str(out)])
+    assert exited.value.code == 2 and "required: --dataset" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
 def test_bad_model_path_or_dataset_is_a_clear_error(models, tmp_path, capsys):
     out = str(tmp_path / "x")
     assert main(["--models", models["prior"], str(tmp_path / "no_such_model"), *DATA, "--output-dir", out]) == 2

@@ -200,6 +200,19 @@ def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, f
     assert not out.exists()
 
 
+def test_dataset_is_required_and_an_existing_metrics_json_is_left_alone(tiny_model, tmp_path, monkeypatch, capsys):
+    """Without --dataset, evaluate.py used to score the synthetic benchmark and overwrite ./metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"miou": 0.5}')
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", str(tiny_model), "--fold", "0", "--shot", "1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("the following arguments are required: --dataset")
+    assert (tmp_path / "metrics.json").read_text() == '{"miou": 0.5}' and sorted(tmp_path.iterdir()) == [
+        tmp_path / "metrics.json"
+    ]
+
+
 @pytest.fixture(scope="module")
 def tiny_crcnet(tmp_path_factory):
     torch.manual_seed(0)

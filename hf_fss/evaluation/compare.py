@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--models", nargs="+", required=True, help="save_pretrained folders or Hub model ids")
     parser.add_argument("--names", nargs="+", default=None, help="labels of the models (default: folder names)")
-    parser.add_argument("--dataset", default="synthetic", help="'synthetic', a prepare_dataset.py folder or Hub id")
+    # Required, as evaluate.py's: no silent synthetic default.
+    parser.add_argument("--dataset", required=True, help="'synthetic', a prepare_dataset.py folder or a Hub id")
     parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder")
     parser.add_argument("--fold", type=int, default=0, help="fold whose novel classes are tested (default 0)")
     parser.add_argument(

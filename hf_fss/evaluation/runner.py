@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub model id")
+    # Required: a default would score the synthetic benchmark when a user forgot the flag, and overwrite metrics.json.
     parser.add_argument(
-        "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
+        "--dataset", required=True, help="'synthetic' (the embedded benchmark), a prepare_dataset.py folder or a Hub id"
     )
     parser.add_argument(
         "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
