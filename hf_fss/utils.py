@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-__all__ = ["check_model_path", "default_num_threads", "looks_local", "set_num_threads"]
+__all__ = [
+    "RUN_FOLDER_MODELS",
+    "check_model_path",
+    "default_num_threads",
+    "looks_local",
+    "resolve_model_path",
+    "run_folder_model",
+    "set_num_threads",
+]
+
+logger = logging.getLogger(__name__)
+
+# The models a training run folder (`train.py --output-dir`) holds, in the order one is taken for the folder:
+# best/ (selected on validation episodes, never on the test classes), else final/ (the last step; a run without
+# validation has only it). checkpoints/ hold training states for resuming, not models.
+RUN_FOLDER_MODELS = ("best", "final")
 
 
 def _available_cores() -> int:
@@ -82,3 +98,35 @@ def check_model_path(name_or_path: str) -> None:
             f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
             "model id ORG/NAME"
         )
+
+
+def run_folder_model(folder: str | os.PathLike) -> Path | None:
+    """The model a training run folder stands for: `folder/best`, else `folder/final` (the first of
+    `RUN_FOLDER_MODELS` holding a `config.json`); None when `folder` is itself a model folder or holds neither."""
+    folder = Path(folder).expanduser()
+    if (folder / "config.json").is_file():
+        return None
+    return next((folder / n for n in RUN_FOLDER_MODELS if (folder / n / "config.json").is_file()), None)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """
+    The `from_pretrained` argument for a `--model` (scripts), `FSS_MODELS` entry (Space) or pipeline model: a
+    training run folder becomes its `best/` (else `final/`), logged as a warning naming the folder taken; a model
+    folder or a Hub id is returned unchanged.
+
+    Raises:
+        `FileNotFoundError`: an existing local folder that is neither a model folder (no `config.json`) nor a run
+            folder holding `best/` or `final/`.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return str(name_or_path)
+    model = run_folder_model(path)
+    if model is None:
+        raise FileNotFoundError(
+            f"{name_or_path} holds no model: no config.json, and no best/ or final/ model folder as a training run "
+            "folder has; give a folder written by save_pretrained (e.g. outputs/RUN/best) or a Hub model id ORG/NAME"
+        )
+    logger.warning("hf_fss: %s is a training run folder: using its %s/", name_or_path, model.name)
+    return str(model)

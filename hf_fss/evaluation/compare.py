@@ -270,7 +270,7 @@ def _evaluate_one(name_or_path: str, context: Mapping[str, Any], args: argparse.
     metrics = dict(runs[0]) if len(runs) == 1 else {**aggregate_seeds(runs), "runs": runs}
     episodes = sum(len(listed["episodes"]) for listed in context["episodes"].values())
     return {
-        "model": name_or_path,
+        "model": model.name_or_path,  # the folder taken for a run folder
         "model_type": model.config.model_type,
         "metrics": metrics,
         "records": records,
