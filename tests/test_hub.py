@@ -111,8 +111,10 @@ def test_card_from_a_real_model_and_metrics_reads_back_with_model_index(tmp_path
     assert miou.task_type == "image-segmentation" and miou.metric_name == "mIoU"
     assert miou.dataset_type == "pascal5i" and miou.dataset_name == "PASCAL-5i fold 0 (1-shot)"
     assert miou.dataset_config == "fold0-1shot-pfenet" and miou.dataset_args["shot"] == 1
-    assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "transformers"
-    assert "ntrenet" in card.data.tags and "pascal5i" in card.data.tags
+    # library_name hf_fss (issue 22 changed it from transformers): the Hub's snippet is the card's, with import hf_fss.
+    assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "hf_fss"
+    assert "import hf_fss" in card.text.split("```python")[1].split("```")[0]
+    assert "transformers" in card.data.tags and "ntrenet" in card.data.tags and "pascal5i" in card.data.tags
     # A tiny test backbone is not passed off as the published ResNet-50.
     assert "ResNet-50 (resized: base_width=8, depths=[1, 1, 1, 1])" in card.text
 
