@@ -33,6 +33,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .image_processing_fss import IGNORE_INDEX, FewShotSegmentationImageProcessor
 from .modeling_fss import SupportEncoding
@@ -112,16 +114,29 @@ class FewShotSegmentationPipeline(Pipeline):
     """
 
     _load_processor = False
-    _load_image_processor = None  # loaded from the model path when it has one, else built from config.image_size
+    _load_image_processor = None  # loaded from the model path when it has one, else see `_default_processor`
     _load_feature_extractor = False
     _load_tokenizer = False
     _load_video_processor = False
 
     def __init__(self, model, *args, image_processor=None, **kwargs):
         if image_processor is None:
-            image_processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
+            image_processor = self._default_processor(model)
         super().__init__(model, *args, image_processor=image_processor, **kwargs)
         self.model.eval()
+
+    @staticmethod
+    def _default_processor(model) -> FewShotSegmentationImageProcessor:
+        """
+        The processor saved beside the model's weights when they came from a local folder (a model instance, or a
+        training run folder, whose path `pipeline()` cannot read a processor from), else one built from
+        `config.image_size` (a converted checkpoint without `preprocessor_config.json`). Hub models are not looked
+        up again here: `pipeline()` loads their processor itself.
+        """
+        folder = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+        if str(folder) not in ("", ".") and (folder / IMAGE_PROCESSOR_NAME).is_file():
+            return FewShotSegmentationImageProcessor.from_pretrained(folder)
+        return FewShotSegmentationImageProcessor(image_size=model.config.image_size)
 
     # -------------------------------------------------------------------------------------------- parameters
 

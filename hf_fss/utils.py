@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 __all__ = [
     "RUN_FOLDER_MODELS",
+    "RUN_FOLDER_MODEL_TYPE",
     "check_model_path",
     "default_num_threads",
     "looks_local",
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 # best/ (selected on validation episodes, never on the test classes), else final/ (the last step; a run without
 # validation has only it). checkpoints/ hold training states for resuming, not models.
 RUN_FOLDER_MODELS = ("best", "final")
+# `model_type` of the marker `config.json` that training writes into a run folder (`hf_fss.run_folder`): with it,
+# `AutoModel.from_pretrained` and `pipeline()` take the run folder too. A folder holding it is a run, not a model.
+RUN_FOLDER_MODEL_TYPE = "fss_run"
 
 
 def _available_cores() -> int:
@@ -100,11 +105,25 @@ def check_model_path(name_or_path: str) -> None:
         )
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """`folder` holds a model's `config.json` (not the run folder marker)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError):  # unreadable: a model folder whose loading will say what is wrong
+        return True
+    return model_type != RUN_FOLDER_MODEL_TYPE
+
+
 def run_folder_model(folder: str | os.PathLike) -> Path | None:
     """The model a training run folder stands for: `folder/best`, else `folder/final` (the first of
-    `RUN_FOLDER_MODELS` holding a `config.json`); None when `folder` is itself a model folder or holds neither."""
+    `RUN_FOLDER_MODELS` holding a `config.json`); None when `folder` is itself a model folder or holds neither.
+    A run folder is recognised by its marker `config.json` (`model_type` "fss_run") or, for runs from before the
+    marker, by having no `config.json`."""
     folder = Path(folder).expanduser()
-    if (folder / "config.json").is_file():
+    if _is_model_folder(folder):
         return None
     return next((folder / n for n in RUN_FOLDER_MODELS if (folder / n / "config.json").is_file()), None)
 
@@ -116,13 +135,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     folder or a Hub id is returned unchanged.
 
     Raises:
-        `FileNotFoundError`: an existing local folder that is neither a model folder (no `config.json`) nor a run
-            folder holding `best/` or `final/`.
+        `FileNotFoundError`: an existing local folder that is neither a model folder (no model `config.json`) nor a
+            run folder holding `best/` or `final/`.
     """
     path = Path(name_or_path).expanduser()
-    if not path.is_dir() or (path / "config.json").is_file():
+    if not path.is_dir() or _is_model_folder(path):
         return str(name_or_path)
     model = run_folder_model(path)
+    if model is None and (path / "config.json").is_file():  # the marker: a run that has saved no model yet
+        raise FileNotFoundError(
+            f"{name_or_path} is a training run folder that holds no model yet: no best/ (saved at the first "
+            "validation) and no final/ (saved at the end); resume the run or give another model folder"
+        )
     if model is None:
         raise FileNotFoundError(
             f"{name_or_path} holds no model: no config.json, and no best/ or final/ model folder as a training run "

@@ -238,6 +238,22 @@ def test_a_folder_holding_no_model_is_named_with_the_fix(tmp_path, capsys):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_run_folder_with_its_marker_config_json_is_still_a_run_folder(tiny_model, tmp_path, capsys):
+    """Training marks its run folder with a config.json ("fss_run", for AutoModel): evaluate.py still takes best/."""
+    from hf_fss.run_folder import write_run_folder_marker
+
+    run = tmp_path / "run"
+    write_run_folder_marker(run)
+    assert _evaluate(run, tmp_path / "none.json", "--num-episodes", "2") == 2  # a run that saved no model yet
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type" not in err
+    assert err.startswith(f"evaluate.py: error: {run} is a training run folder that holds no model yet: no best/")
+    assert not (tmp_path / "none.json").exists()
+    shutil.copytree(tiny_model, run / "best")
+    assert _evaluate(run, tmp_path / "best.json", "--num-episodes", "2") == 0
+    assert json.loads((tmp_path / "best.json").read_text())["model"] == str(run / "best")
+
+
 @pytest.fixture(scope="module")
 def tiny_crcnet(tmp_path_factory):
     torch.manual_seed(0)

@@ -435,6 +435,27 @@ def test_push_script(tmp_path, tiny_ntrenet, processor, hub_calls, monkeypatch, 
     assert len(err) == 1 and err[0].startswith("push_to_hub.py: error: ") and "pickle" in err[0]
 
 
+def test_push_script_takes_a_run_folder_as_its_best_model(
+    tmp_path, tiny_ntrenet, processor, hub_calls, monkeypatch, capsys, caplog
+):
+    """`--model-dir outputs/RUN` (the script's own example) used to be refused as lacking model.safetensors."""
+    from hf_fss.run_folder import write_run_folder_marker
+
+    run = tmp_path / "run"
+    for name in ("final", "best"):
+        save_pretrained_with_card(tiny_ntrenet, processor, run / name, metrics=METRICS)
+    write_run_folder_marker(run)
+    (run / "run.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import push_to_hub as script
+
+    assert script.main(["--model-dir", str(run), "--repo-id", REPO_ID]) == 0
+    upload = hub_calls[-1][2]
+    assert "config.json" in upload["uploaded"] and "run.json" not in upload["uploaded"]
+    assert f"uploaded {run / 'best'} to {REPO_ID}" in capsys.readouterr().out
+    assert f"{run} is a training run folder: using its best/" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ Hub id, offline cache
 
 
