@@ -12,6 +12,7 @@ __all__ = [
     "RUN_FOLDER_MODEL_TYPE",
     "check_model_path",
     "default_num_threads",
+    "is_model_folder",
     "looks_local",
     "resolve_model_path",
     "run_folder_model",
@@ -105,9 +106,9 @@ def check_model_path(name_or_path: str) -> None:
         )
 
 
-def _is_model_folder(folder: Path) -> bool:
-    """`folder` holds a model's `config.json` (not the run folder marker)."""
-    config = folder / "config.json"
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """`folder` holds a model's `config.json` (not a training run folder's marker one)."""
+    config = Path(folder).expanduser() / "config.json"
     if not config.is_file():
         return False
     try:
@@ -123,7 +124,7 @@ def run_folder_model(folder: str | os.PathLike) -> Path | None:
     A run folder is recognised by its marker `config.json` (`model_type` "fss_run") or, for runs from before the
     marker, by having no `config.json`."""
     folder = Path(folder).expanduser()
-    if _is_model_folder(folder):
+    if is_model_folder(folder):
         return None
     return next((folder / n for n in RUN_FOLDER_MODELS if (folder / n / "config.json").is_file()), None)
 
@@ -139,7 +140,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
             run folder holding `best/` or `final/`.
     """
     path = Path(name_or_path).expanduser()
-    if not path.is_dir() or _is_model_folder(path):
+    if not path.is_dir() or is_model_folder(path):
         return str(name_or_path)
     model = run_folder_model(path)
     if model is None and (path / "config.json").is_file():  # the marker: a run that has saved no model yet

@@ -49,7 +49,8 @@ def examples_dir() -> Path:
 def resolve_model_specs(value: str | None = None) -> list[str]:
     """`value` or `$FSS_MODELS` (comma-separated Hub ids or folders), else the quickstart's model, else none."""
     specs = [s.strip() for s in (value if value is not None else os.environ.get("FSS_MODELS", "")).split(",")]
-    if not any(specs) and ((_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR) / "config.json").is_file():
+    # A run folder's marker config.json is no model: the quickstart is offered once it saved best/ or final/.
+    if not any(specs) and utils.is_model_folder(_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR):
         return [str(DEFAULT_MODEL_DIR.relative_to(REPO_ROOT))]
     return [s for s in specs if s]
 

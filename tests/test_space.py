@@ -295,6 +295,14 @@ def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch, c
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "missing")
     monkeypatch.delenv("FSS_MODELS", raising=False)
     assert app.resolve_model_specs() == []
+    # The quickstart run folder, marked by training before it saved a model, is offered only once it has one.
+    from hf_fss.run_folder import write_run_folder_marker
+
+    quickstart = write_run_folder_marker(tmp_path / "quickstart").parent
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", quickstart)
+    assert app.resolve_model_specs() == []
+    shutil.copytree(model_dir, quickstart / "final")
+    assert app._local_path(str(quickstart)) == quickstart / "final"
     with caplog.at_level(logging.WARNING, logger="hf_fss.utils"):
         model = app.load_pipeline(str(run)).model
     assert model.config.model_type == "cosine_prior" and model.name_or_path == str(run / "best")
