@@ -16,6 +16,7 @@ from .models.ntrenet import NTRENetConfig, NTRENetModel
 from .models.qgnet import QGNetConfig, QGNetModel
 from .models.smcp import SMCPConfig, SMCPModel
 from .pipelines import FewShotSegmentationPipeline, register_pipeline
+from .run_folder import RunFolderConfig, RunFolderModel
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,9 @@ def _register_auto_classes() -> None:
         AutoImageProcessor.register(
             config_class, image_processor_classes={"pil": FewShotSegmentationImageProcessor}, exist_ok=True
         )
+    # A training run folder's marker config.json: AutoModel / pipeline() load its best/ (else final/) model.
+    AutoConfig.register(RunFolderConfig.model_type, RunFolderConfig, exist_ok=True)
+    AutoModel.register(RunFolderConfig, RunFolderModel, exist_ok=True)
 
 
 _register_auto_classes()
@@ -56,6 +60,8 @@ __all__ = [
     "NTRENetModel",
     "QGNetConfig",
     "QGNetModel",
+    "RunFolderConfig",
+    "RunFolderModel",
     "SMCPConfig",
     "SMCPModel",
     "SupportEncoding",

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
-__all__ = ["check_model_path", "default_num_threads", "looks_local", "set_num_threads"]
+__all__ = [
+    "RUN_FOLDER_MODELS",
+    "RUN_FOLDER_MODEL_TYPE",
+    "check_model_path",
+    "default_num_threads",
+    "is_model_folder",
+    "looks_local",
+    "resolve_model_path",
+    "run_folder_model",
+    "set_num_threads",
+]
+
+logger = logging.getLogger(__name__)
+
+# The models a training run folder (`train.py --output-dir`) holds, in the order one is taken for the folder:
+# best/ (selected on validation episodes, never on the test classes), else final/ (the last step; a run without
+# validation has only it). checkpoints/ hold training states for resuming, not models.
+RUN_FOLDER_MODELS = ("best", "final")
+# `model_type` of the marker `config.json` that training writes into a run folder (`hf_fss.run_folder`): with it,
+# `AutoModel.from_pretrained` and `pipeline()` take the run folder too. A folder holding it is a run, not a model.
+RUN_FOLDER_MODEL_TYPE = "fss_run"
 
 
 def _available_cores() -> int:
@@ -86,3 +108,54 @@ def check_model_path(name_or_path: str) -> None:
             f"model folder not found: {name_or_path} ({what}); give a folder written by save_pretrained or a Hub "
             "model id ORG/NAME"
         )
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """`folder` holds a model's `config.json` (not a training run folder's marker one)."""
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError):  # unreadable: a model folder whose loading will say what is wrong
+        return True
+    return model_type != RUN_FOLDER_MODEL_TYPE
+
+
+def run_folder_model(folder: str | os.PathLike) -> Path | None:
+    """The model a training run folder stands for: `folder/best`, else `folder/final` (the first of
+    `RUN_FOLDER_MODELS` holding a `config.json`); None when `folder` is itself a model folder or holds neither.
+    A run folder is recognised by its marker `config.json` (`model_type` "fss_run") or, for runs from before the
+    marker, by having no `config.json`."""
+    folder = Path(folder).expanduser()
+    if is_model_folder(folder):
+        return None
+    return next((folder / n for n in RUN_FOLDER_MODELS if (folder / n / "config.json").is_file()), None)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """
+    The `from_pretrained` argument for a `--model` (scripts), `FSS_MODELS` entry (Space) or pipeline model: a
+    training run folder becomes its `best/` (else `final/`), logged as a warning naming the folder taken; a model
+    folder or a Hub id is returned unchanged.
+
+    Raises:
+        `FileNotFoundError`: an existing local folder that is neither a model folder (no model `config.json`) nor a
+            run folder holding `best/` or `final/`.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or is_model_folder(path):
+        return str(name_or_path)
+    model = run_folder_model(path)
+    if model is None and (path / "config.json").is_file():  # the marker: a run that has saved no model yet
+        raise FileNotFoundError(
+            f"{name_or_path} is a training run folder that holds no model yet: no best/ (saved at the first "
+            "validation) and no final/ (saved at the end); resume the run or give another model folder"
+        )
+    if model is None:
+        raise FileNotFoundError(
+            f"{name_or_path} holds no model: no config.json, and no best/ or final/ model folder as a training run "
+            "folder has; give a folder written by save_pretrained (e.g. outputs/RUN/best) or a Hub model id ORG/NAME"
+        )
+    logger.warning("hf_fss: %s is a training run folder: using its %s/", name_or_path, model.name)
+    return str(model)

@@ -49,18 +49,19 @@ def examples_dir() -> Path:
 def resolve_model_specs(value: str | None = None) -> list[str]:
     """`value` or `$FSS_MODELS` (comma-separated Hub ids or folders), else the quickstart's model, else none."""
     specs = [s.strip() for s in (value if value is not None else os.environ.get("FSS_MODELS", "")).split(",")]
-    if not any(specs) and ((_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR) / "config.json").is_file():
+    # A run folder's marker config.json is no model: the quickstart is offered once it saved best/ or final/.
+    if not any(specs) and utils.is_model_folder(_local_path(str(DEFAULT_MODEL_DIR)) or DEFAULT_MODEL_DIR):
         return [str(DEFAULT_MODEL_DIR.relative_to(REPO_ROOT))]
     return [s for s in specs if s]
 
 
 def _local_path(spec: str) -> Path | None:
-    """The folder `spec` names (from the working dir, else the repo; a run folder: its best/, else final/), or None."""
+    """The folder `spec` names (from the working dir, else the repo; a run folder: its best/, else final/, the rule
+    of `hf_fss.utils.run_folder_model` that evaluate.py and compare.py follow too), or None."""
     path = Path(spec).expanduser()
     for f in [path] if path.is_absolute() else [path, REPO_ROOT / path]:
         if f.is_dir():
-            return next((m for m in (f, f / "best", f / "final") if (m / "config.json").is_file()), f)
-    return None
+            return Path(utils.resolve_model_path(f)) if utils.run_folder_model(f) else f  # the choice is logged
 
 
 class ModelRegistry:
@@ -115,7 +116,9 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
     try:
         if local is None and not isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
             huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
-        return pipeline("few-shot-segmentation", model=str(local or spec), device=DEVICE)
+        # A local folder holding no model is named as such, not reported as a config.json without "model_type".
+        model = utils.resolve_model_path(local) if local else spec
+        return pipeline("few-shot-segmentation", model=model, device=DEVICE)
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
         hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"
         raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err

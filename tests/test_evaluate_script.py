@@ -5,6 +5,8 @@ equality is checked in test_training.py, on a model trained by a 2-process launc
 """
 
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -200,6 +202,59 @@ def test_bad_input_exits_non_zero_without_output(tiny_model, tmp_path, capsys, f
     assert main([*arguments, *flags]) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dataset_is_required_and_an_existing_metrics_json_is_left_alone(tiny_model, tmp_path, monkeypatch, capsys):
+    """Without --dataset, evaluate.py used to score the synthetic benchmark and overwrite ./metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"miou": 0.5}')
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", str(tiny_model), "--fold", "0", "--shot", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the following arguments are required: --dataset" in err
+    assert (tmp_path / "metrics.json").read_text() == '{"miou": 0.5}' and sorted(tmp_path.iterdir()) == [
+        tmp_path / "metrics.json"
+    ]
+
+
+def test_a_run_folder_is_taken_as_its_best_model_and_the_choice_is_logged(tiny_model, tmp_path, caplog):
+    """`--model outputs/RUN` (the run folder, not RUN/best): its best/, else final/, as the Space does."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model, run / "final")
+    flags = ["--num-episodes", "2"]
+    with caplog.at_level(logging.WARNING, logger="hf_fss.utils"):
+        assert _evaluate(run, tmp_path / "final.json", *flags) == 0
+    assert json.loads((tmp_path / "final.json").read_text())["model"] == str(run / "final")
+    assert f"{run} is a training run folder: using its final/" in caplog.text
+    shutil.copytree(tiny_model, run / "best")
+    assert _evaluate(run, tmp_path / "best.json", *flags) == 0
+    assert json.loads((tmp_path / "best.json").read_text())["model"] == str(run / "best")
+
+
+def test_a_folder_holding_no_model_is_named_with_the_fix(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run stopped before best/ or final/ was written
+    assert _evaluate(tmp_path / "run", tmp_path / "metrics.json", "--num-episodes", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type" not in err
+    assert err.startswith(f"evaluate.py: error: {tmp_path / 'run'} holds no model") and "best/ or final/" in err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_run_folder_with_its_marker_config_json_is_still_a_run_folder(tiny_model, tmp_path, capsys):
+    """Training marks its run folder with a config.json ("fss_run", for AutoModel): evaluate.py still takes best/."""
+    from hf_fss.run_folder import write_run_folder_marker
+
+    run = tmp_path / "run"
+    write_run_folder_marker(run)
+    assert _evaluate(run, tmp_path / "none.json", "--num-episodes", "2") == 2  # a run that saved no model yet
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type" not in err
+    assert err.startswith(f"evaluate.py: error: {run} is a training run folder that holds no model yet: no best/")
+    assert not (tmp_path / "none.json").exists()
+    shutil.copytree(tiny_model, run / "best")
+    assert _evaluate(run, tmp_path / "best.json", "--num-episodes", "2") == 0
+    assert json.loads((tmp_path / "best.json").read_text())["model"] == str(run / "best")
 
 
 @pytest.fixture(scope="module")

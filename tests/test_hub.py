@@ -111,8 +111,10 @@ def test_card_from_a_real_model_and_metrics_reads_back_with_model_index(tmp_path
     assert miou.task_type == "image-segmentation" and miou.metric_name == "mIoU"
     assert miou.dataset_type == "pascal5i" and miou.dataset_name == "PASCAL-5i fold 0 (1-shot)"
     assert miou.dataset_config == "fold0-1shot-pfenet" and miou.dataset_args["shot"] == 1
-    assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "transformers"
-    assert "ntrenet" in card.data.tags and "pascal5i" in card.data.tags
+    # library_name hf_fss (issue 22 changed it from transformers): the Hub's snippet is the card's, with import hf_fss.
+    assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "hf_fss"
+    assert "import hf_fss" in card.text.split("```python")[1].split("```")[0]
+    assert "transformers" in card.data.tags and "ntrenet" in card.data.tags and "pascal5i" in card.data.tags
     # A tiny test backbone is not passed off as the published ResNet-50.
     assert "ResNet-50 (resized: base_width=8, depths=[1, 1, 1, 1])" in card.text
 
@@ -431,6 +433,27 @@ def test_push_script(tmp_path, tiny_ntrenet, processor, hub_calls, monkeypatch, 
     assert script.main(["--model-dir", str(folder), "--repo-id", REPO_ID]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("push_to_hub.py: error: ") and "pickle" in err[0]
+
+
+def test_push_script_takes_a_run_folder_as_its_best_model(
+    tmp_path, tiny_ntrenet, processor, hub_calls, monkeypatch, capsys, caplog
+):
+    """`--model-dir outputs/RUN` (the script's own example) used to be refused as lacking model.safetensors."""
+    from hf_fss.run_folder import write_run_folder_marker
+
+    run = tmp_path / "run"
+    for name in ("final", "best"):
+        save_pretrained_with_card(tiny_ntrenet, processor, run / name, metrics=METRICS)
+    write_run_folder_marker(run)
+    (run / "run.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import push_to_hub as script
+
+    assert script.main(["--model-dir", str(run), "--repo-id", REPO_ID]) == 0
+    upload = hub_calls[-1][2]
+    assert "config.json" in upload["uploaded"] and "run.json" not in upload["uploaded"]
+    assert f"uploaded {run / 'best'} to {REPO_ID}" in capsys.readouterr().out
+    assert f"{run} is a training run folder: using its best/" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ Hub id, offline cache

@@ -1,9 +1,12 @@
 """`--dataset` resolution shared by the scripts."""
 
 import datasets
+import huggingface_hub
 import pytest
+from huggingface_hub.errors import RepositoryNotFoundError
 
 from hf_fss.data import load_benchmark
+from hf_fss.data.loading import check_hub_dataset
 
 
 def test_synthetic_is_built_on_the_fly_and_a_saved_folder_loads_back(tmp_path):
@@ -39,8 +42,10 @@ def test_a_missing_local_folder_is_folder_not_found_without_hub_lookups(tmp_path
             infer_benchmark(missing)
 
 
-def test_a_saved_synthetic_folder_is_recognised_as_synthetic(tmp_path):
+def test_a_saved_synthetic_folder_is_recognised_as_synthetic(tmp_path, monkeypatch):
     from hf_fss.data import infer_benchmark
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", lambda *a, **k: None)  # "org/name" exists on the Hub
     from hf_fss.data.loading import benchmark_required_message
 
     built = load_benchmark("synthetic", num_train=4, num_val=2, image_size=32)
@@ -127,3 +132,43 @@ def test_an_episodes_file_saved_by_a_windows_editor_reads_the_same(tmp_path):
     path.write_bytes("\n".join(lines).encode("utf-16-le"))  # no byte-order mark
     with pytest.raises(ValueError, match=r"episodes file .*episodes\.jsonl holds NUL characters.*save it as UTF-8"):
         load_episodes_jsonl(path)
+
+
+@pytest.mark.parametrize("hub", ["unreachable", "not found"])
+def test_a_missing_folder_under_a_missing_parent_is_one_hub_probe_then_one_line(tmp_path, monkeypatch, capsys, hub):
+    """`--dataset data/pascal5i` where no data/ exists has the shape of a Hub id: it was reported as a missing
+    --benchmark, then as minutes of Hub retries. Now: one probe with a timeout, then the folder and the fix."""
+    from hf_fss.evaluation.runner import main
+
+    probes = []
+
+    def dataset_info(repo_id, timeout=None, **kwargs):
+        probes.append((repo_id, timeout))
+        if hub == "not found":
+            raise RepositoryNotFoundError("404", response=None)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets' retries were reached"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.chdir(tmp_path)
+    check_hub_dataset.cache_clear()
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "metrics.json"
+    assert main(["--model", "model", "--dataset", "data/pascal5i", "--fold", "0", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--benchmark" not in err
+    assert (
+        f"--dataset 'data/pascal5i': neither a local folder ({tmp_path / 'data' / 'pascal5i'} does not exist)" in err
+    )
+    assert "scripts/prepare_dataset.py KIND --output-dir data/pascal5i" in err
+    assert probes == [("data/pascal5i", 10.0)] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_cached_hub_dataset_is_not_probed(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "dataset_info", lambda *a, **k: pytest.fail("a cached dataset was probed"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    (tmp_path / "datasets--org--cached").mkdir()
+    check_hub_dataset.cache_clear()
+    assert check_hub_dataset("org/cached") is None

@@ -1,6 +1,8 @@
 """The Gradio Space (spaces_app/app.py) on the pipeline: `/segment` equals it, errors, brush strokes, the page."""
 
+import functools
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -282,7 +284,7 @@ def test_error_messages_name_the_problem(registry, episode, tmp_path):
         app.ModelRegistry([]).get(None)
 
 
-def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch):
+def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     shutil.copytree(model_dir, run / "final")
     assert app._local_path(str(run)) == run / "final"
@@ -293,7 +295,18 @@ def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "missing")
     monkeypatch.delenv("FSS_MODELS", raising=False)
     assert app.resolve_model_specs() == []
-    assert app.load_pipeline(str(run)).model.config.model_type == "cosine_prior"
+    # The quickstart run folder, marked by training before it saved a model, is offered only once it has one.
+    from hf_fss.run_folder import write_run_folder_marker
+
+    quickstart = write_run_folder_marker(tmp_path / "quickstart").parent
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", quickstart)
+    assert app.resolve_model_specs() == []
+    shutil.copytree(model_dir, quickstart / "final")
+    assert app._local_path(str(quickstart)) == quickstart / "final"
+    with caplog.at_level(logging.WARNING, logger="hf_fss.utils"):
+        model = app.load_pipeline(str(run)).model
+    assert model.config.model_type == "cosine_prior" and model.name_or_path == str(run / "best")
+    assert f"{run} is a training run folder: using its best/" in caplog.text  # the rule evaluate.py follows too
 
 
 def test_large_images_keep_their_size(registry, episode):
@@ -489,21 +502,29 @@ def test_user_errors_are_plain_text_persistent_and_logged_once(registry, episode
 
 
 def test_a_missing_folder_or_unreachable_hub_model_fails_fast(tmp_path, monkeypatch):
+    """Fast by construction, not by a wall-clock bound: a local path never reaches the Hub, and a Hub id is probed
+    once with the Space's timeout instead of transformers' retries."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
-    for spec, message in [
-        ("outputs/missing", "Model folder 'outputs/missing' not found"),
-        ("./missing/model/best", "not found"),
-        ("no-such-org-hf-fss/no-such-model", "Could not load model 'no-such-org-hf-fss/no-such-model' (check the Hub"),
+    for spec, message, probes in [
+        ("outputs/missing", "Model folder 'outputs/missing' not found", []),
+        ("./missing/model/best", "not found", []),
+        ("outputs", "outputs holds no model: no config.json, and no best/ or final/", []),
+        (
+            "no-such-org-hf-fss/no-such-model",
+            "Could not load model 'no-such-org-hf-fss/no-such-model' (check the Hub",
+            [("no-such-org-hf-fss/no-such-model", app.HUB_TIMEOUT_S)],
+        ),
     ]:
-        monkeypatch.setattr(app.huggingface_hub, "model_info", _unreachable)
-        start = time.perf_counter()
+        calls = []
+        monkeypatch.setattr(app.huggingface_hub, "model_info", functools.partial(_unreachable, calls))
         with pytest.raises(gr.Error, match=re.escape(message)) as raised:
             app.ModelRegistry([spec]).get(None)
-        assert time.perf_counter() - start < 5 and raised.value.duration is None and raised.value.title == "Model"
+        assert calls == probes and raised.value.duration is None and raised.value.title == "Model"
 
 
-def _unreachable(*args, **kwargs):
+def _unreachable(calls, repo_id, timeout=None, **kwargs):
+    calls.append((repo_id, timeout))
     raise ConnectionError("[Errno -2] Name or service not known")
 
 

@@ -58,6 +58,6 @@ def test_set_num_threads_uses_the_flag_or_the_default(restore_threads, monkeypat
 
 
 def test_evaluate_exposes_num_threads():
-    args = build_parser().parse_args(["--model", "m", "--num-threads", "3"])
+    args = build_parser().parse_args(["--model", "m", "--dataset", "synthetic", "--num-threads", "3"])
     assert args.num_threads == 3
-    assert build_parser().parse_args(["--model", "m"]).num_threads is None
+    assert build_parser().parse_args(["--model", "m", "--dataset", "synthetic"]).num_threads is None

@@ -8,6 +8,7 @@ run in this process (`hf_fss.training.main`) except the multi-process launch, wh
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -308,6 +309,70 @@ def test_saved_folder_loads_and_evaluates_to_the_reported_miou(uninterrupted_run
     metrics = json.loads(out.read_text())
     assert metrics["miou"] == reported["miou"]
     assert metrics["per_class_iou"] == reported["per_class_iou"]
+
+
+# What a user runs in a new Python: the run folder given to AutoModel and to pipeline(), after `import hf_fss`.
+_LOAD_RUN_FOLDER = """
+import sys
+import torch
+import hf_fss
+from transformers import AutoModel, pipeline
+
+run, out = sys.argv[1], sys.argv[2]
+model = AutoModel.from_pretrained(run)
+segmenter = pipeline("few-shot-segmentation", model=run)
+torch.save({
+    "model": (type(model).__name__, model.name_or_path, model.state_dict()),
+    "pipeline": (type(segmenter.model).__name__, segmenter.model.name_or_path, segmenter.model.state_dict()),
+    "processor": segmenter.image_processor.to_dict(),
+}, out)
+"""
+
+
+def _load_run_folder(run: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _LOAD_RUN_FOLDER, str(run), str(out)], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_automodel_and_pipeline_take_a_run_folder_as_its_best_model(uninterrupted_run, tmp_path):
+    """
+    `AutoModel.from_pretrained(run)` / `pipeline(..., model=run)` used to fail with transformers' "Should have a
+    `model_type` key": training now writes a marker config.json, and both load best/ (else final/), saying which, with
+    best/'s weights and best/'s saved image processor (not one built from defaults).
+    """
+    assert json.loads((uninterrupted_run / "config.json").read_text())["model_type"] == "fss_run"
+    # A copy whose best/ processor differs from the defaults, so that a default processor cannot pass for it.
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    processor_file = run / "best" / "preprocessor_config.json"
+    saved = json.loads(processor_file.read_text())
+    assert saved["pad_with_mean"] is False
+    processor_file.write_text(json.dumps({**saved, "pad_with_mean": True}))
+
+    loaded = _load_run_folder(run, tmp_path / "loaded.pt")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stderr.count(f"{run} is a training run folder: using its best/") == 2  # AutoModel, pipeline()
+    result = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    weights = load_file(run / "best" / "model.safetensors")
+    for name, path, state in (result["model"], result["pipeline"]):
+        assert (name, path) == ("NTRENetModel", str(run / "best"))
+        assert weights.keys() <= state.keys()
+        assert all(torch.equal(state[key], value) for key, value in weights.items())
+    assert result["processor"]["pad_with_mean"] is True and result["processor"]["image_size"] == 65
+
+    # Without best/ the run's final/ is taken; without either, one line says the run holds no model yet.
+    shutil.rmtree(run / "best")
+    loaded = _load_run_folder(run, tmp_path / "final.pt")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert torch.load(tmp_path / "final.pt", weights_only=False)["model"][1] == str(run / "final")
+    shutil.rmtree(run / "final")
+    from transformers import AutoModel
+
+    with pytest.raises(FileNotFoundError, match=r"is a training run folder that holds no model yet: no best/"):
+        AutoModel.from_pretrained(run)
 
 
 @pytest.mark.slow

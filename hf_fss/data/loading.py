@@ -6,6 +6,7 @@ and name the benchmark a dataset is (`infer_benchmark`), so `--benchmark` can be
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..utils import looks_local
 from .folds import BENCHMARKS, normalize_benchmark_name
 
 # looks_local: hf_fss.utils, re-exported
-__all__ = ["infer_benchmark", "load_benchmark", "looks_local", "resolve_benchmark"]
+__all__ = ["check_hub_dataset", "infer_benchmark", "load_benchmark", "looks_local", "resolve_benchmark"]
 
 # How each builder's DatasetInfo.description starts (see hf_fss.data.builders and hf_fss.data.synthetic).
 _DESCRIPTION_PREFIXES = {
@@ -35,6 +36,44 @@ def _folder_not_found(dataset: str, path: Path) -> str:
     )
 
 
+HUB_TIMEOUT_S = 10.0  # one probe of a Hub dataset id, instead of datasets' retries (about a minute offline)
+
+
+def _in_hub_cache(dataset: str) -> bool:
+    """Whether `dataset` was downloaded before (then datasets may load it offline)."""
+    import huggingface_hub
+
+    hub = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    return hub.is_dir() or (Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).is_dir()
+
+
+@functools.lru_cache(maxsize=8)  # infer_benchmark and load_benchmark ask for the same id
+def check_hub_dataset(dataset: str) -> None:
+    """
+    An `org/name` `--dataset` that is not a local folder must be a Hub dataset: one probe with a timeout, unless it is
+    cached, so `data/pascal5i` missing in a folder without `data/` is not reported as minutes of Hub retries.
+
+    Raises:
+        `FileNotFoundError`: neither the folder nor a reachable Hub dataset; the message names both and the fix.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if _in_hub_cache(dataset):
+        return
+    try:
+        huggingface_hub.dataset_info(dataset, timeout=HUB_TIMEOUT_S)
+        return
+    except RepositoryNotFoundError:
+        why = "no such Hub dataset (or a private one: set HF_TOKEN)"
+    except Exception as err:  # noqa: BLE001 - offline, DNS, timeout: the Hub cannot tell
+        why = f"the Hub cannot be reached: {type(err).__name__}"
+    raise FileNotFoundError(
+        f"--dataset {dataset!r}: neither a local folder ({Path(dataset).absolute()} does not exist) nor a Hub dataset "
+        f"({why}); build the folder with scripts/prepare_dataset.py KIND --output-dir {dataset}, or pass 'synthetic'"
+    )
+
+
 def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs) -> datasets.DatasetDict:
     """
     The benchmark as a `DatasetDict`.
@@ -44,7 +83,8 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
             `scripts/prepare_dataset.py` (any of its kinds, `synthetic` included) is read with
             `datasets.load_from_disk`; an `org/name` that is not a local path is a Hub dataset id for
             `datasets.load_dataset`. A path that looks local (see `looks_local`) and does not exist raises
-            FileNotFoundError at once, without touching the network.
+            FileNotFoundError at once, without touching the network; an `org/name` that is neither a folder nor a
+            cached or reachable Hub dataset raises it after one probe (`check_hub_dataset`).
         synthetic_seed, synthetic_kwargs: passed to `build_synthetic` for `"synthetic"`.
     """
     if dataset == "synthetic":
@@ -65,6 +105,7 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
         raise ValueError(
             f"--dataset {dataset!r} is neither 'synthetic', an existing folder, nor a Hub dataset id (org/name)"
         )
+    check_hub_dataset(dataset)
     return datasets.load_dataset(dataset)
 
 
@@ -88,8 +129,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
     Which of `BENCHMARKS` a `--dataset` is: `"synthetic"` for the name `synthetic`; for a folder written by
     `scripts/prepare_dataset.py` (or a loaded DatasetDict) the kind its builder recorded at the start of
     `DatasetInfo.description`. None when it cannot be told (a Hub id, a foreign folder): then `--benchmark`
-    must be given, one of `BENCHMARKS`. A path that looks local and does not exist is a FileNotFoundError
-    ("folder not found"), so a typo is not reported as a missing `--benchmark`.
+    must be given, one of `BENCHMARKS`. A path that looks local and does not exist, or an `org/name` that is neither
+    a folder nor a Hub dataset, is a FileNotFoundError, so a typo is not reported as a missing `--benchmark`.
     """
     if isinstance(dataset, datasets.DatasetDict):
         descriptions = [split.info.description or "" for split in dataset.values()]
@@ -99,6 +140,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
         path = Path(dataset).expanduser()
         if not path.exists() and looks_local(str(dataset)):
             raise FileNotFoundError(_folder_not_found(str(dataset), path))
+        if not path.exists() and str(dataset).count("/") == 1:  # a Hub id, or a folder under a missing parent
+            check_hub_dataset(str(dataset))
         descriptions = _saved_descriptions(path) if path.is_dir() else []
     kinds = {
         kind for text in descriptions for prefix, kind in _DESCRIPTION_PREFIXES.items() if text.startswith(prefix)

@@ -57,7 +57,7 @@ from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.file_utils import atomic_write_text
-from hf_fss.utils import check_model_path, set_num_threads
+from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
 
 __all__ = [
     "class_names_of",
@@ -349,8 +349,9 @@ def build_parser() -> ScriptArgumentParser:
         ),
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained, or a Hub model id")
+    # Required: a default would score the synthetic benchmark when a user forgot the flag, and overwrite metrics.json.
     parser.add_argument(
-        "--dataset", default="synthetic", help="'synthetic' (default), a prepare_dataset.py folder or a Hub dataset id"
+        "--dataset", required=True, help="'synthetic' (the embedded benchmark), a prepare_dataset.py folder or Hub id"
     )
     parser.add_argument(
         "--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder (default: inferred)"
@@ -508,6 +509,7 @@ def _load_model_and_processor(
     from hf_fss.image_processing_fss import load_image_processor
 
     check_model_path(name_or_path)
+    name_or_path = resolve_model_path(name_or_path)  # a training run folder: its best/, else final/ (logged)
     model = load_model_with_overrides(name_or_path, overrides, dtype)
     # A converted checkpoint may come without preprocessor_config.json (the config's image_size is used); a broken
     # one is an error naming the file, as with AutoImageProcessor, never replaced by defaults.
@@ -624,7 +626,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         metrics["runs"] = runs
     metrics.update(
         {
-            "model": args.model,
+            "model": model.name_or_path,  # the folder taken for a run folder
             "dataset": args.dataset,
             "benchmark": benchmark,
             "split": split_name,

@@ -509,7 +509,13 @@ def render_model_card(
         if section is not None:
             results.append(section)
 
-    tags = ["hf_fss", "few-shot-segmentation", "few-shot-semantic-segmentation", model_type.replace("_", "-")]
+    tags = [
+        "hf_fss",
+        "transformers",
+        "few-shot-segmentation",
+        "few-shot-semantic-segmentation",
+        model_type.replace("_", "-"),
+    ]
     benchmarks = {_benchmark_key(_lookup(training, "benchmark"))} | {
         _evaluation(m, training)["benchmark"] for m in metrics_list
     }
@@ -521,7 +527,7 @@ def render_model_card(
             candidate = config.backbone_weights
             base_model = candidate if _looks_like_hub_id(candidate) else None
     card_data = ModelCardData(
-        library_name="transformers",
+        library_name="hf_fss",  # the Hub shows its usage snippet (with `import hf_fss`), not a transformers one
         pipeline_tag="image-segmentation",
         license=(training or {}).get("license"),
         tags=tags,

@@ -12,6 +12,8 @@ Run folder (`--output-dir`):
     logs/             tracker output (tensorboard), when a tracker is on
     run.json          the run record: resolved arguments, data, batch sizes, processes, steps, metrics
     baseline_metrics.json   with --compare-baseline: the cosine prior with the initial backbone, same test episodes
+    config.json       a marker (`model_type` "fss_run", `hf_fss.run_folder`): `AutoModel.from_pretrained(run folder)`
+                      and `pipeline(model=run folder)` load best/, else final/
 
 The training dataset emits the extra inputs the model declares (`model.query_inputs + model.support_inputs`, e.g.
 NTRENet's `class_ids`) and the batch goes to the model as it is.
@@ -44,6 +46,7 @@ from hf_fss.evaluation.runner import (
     write_json_atomic,
 )
 from hf_fss.file_utils import check_output_path
+from hf_fss.run_folder import write_run_folder_marker
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, arguments_dict
 from hf_fss.training.loop import (
     LoopCallback,
@@ -490,6 +493,8 @@ def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started
     needed = checkpoint_bytes(model, loop_args.optimizer)
     check_output_path(loop_args.output_dir, "--output-dir", needed_bytes=needed)
     output_dir = prepare_output_dir(loop_args, accelerator, held)
+    if accelerator.is_main_process:  # AutoModel / pipeline() then take the run folder (its best/, else final/)
+        write_run_folder_marker(output_dir)
     if loop_args.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             logger.warning("sync_batchnorm: SyncBatchNorm needs GPUs; keeping BatchNorm on CPU")
