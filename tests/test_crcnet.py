@@ -256,6 +256,20 @@ class TestCRCNet(FewShotModelTesterMixin):
         torch.testing.assert_close(again, adapted, rtol=0, atol=0)
         torch.testing.assert_close(adapted, averaged, rtol=0, atol=1e-6)
 
+    def test_evaluate_script_counts_the_support_sets_that_kept_the_unadapted_head(self, tmp_path, capsys):
+        from hf_fss.evaluation.runner import main
+
+        self.get_model(finetune_learning_rate=1e30).save_pretrained(tmp_path / "model")
+        data = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+                "--synthetic-image-size", "128", "--num-threads", "1", "--num-episodes", "2", "--shot", "2"]  # fmt: skip
+        out = tmp_path / "metrics.json"
+        for seeds, count in ((["--seed", "0"], 2), (["--seeds", "0", "1"], 4)):  # summed over seeds
+            assert main(["--model", str(tmp_path / "model"), *data, *seeds, "--output", str(out)]) == 0
+            assert json.loads(out.read_text())["unadapted_support_sets"] == count
+        assert "2 of 2 support sets kept the unadapted model (their adaptation diverged)" in capsys.readouterr().out
+        assert main(["--model", str(tmp_path / "model"), *data, "--shot-fusion", "average", "--output", str(out)]) == 0
+        assert "unadapted_support_sets" not in json.loads(out.read_text())  # no adaptation, nothing to count
+
     def test_finetuning_at_the_default_learning_rate_is_not_stopped(self, divergence_log):
         model = self.get_model(finetune_steps=5).eval()
         _, support, masks, _ = self.episode(batch_size=1, shot=3)
