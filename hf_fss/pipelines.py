@@ -86,14 +86,20 @@ def _check_dtype(model: torch.nn.Module, dtype: Any) -> None:
     `pipeline(..., dtype=...)` must hold for the model that runs: transformers applies it only when it loads the
     model (a folder or Hub id), ignores it for a model instance, and falls back to float32 when loading in it fails.
 
+    A misspelt name (`dtype="bf16"`) reaches this check too: transformers 5 falls back to float32 when loading in
+    it fails (logging a line), so the model loads and this check names the argument.
+
     Raises:
-        `ValueError`: `dtype` is not a floating-point dtype, or differs from the model's.
+        `ValueError`: `dtype` is not a floating-point dtype or its torch name, or differs from the model's.
     """
     if dtype is None or dtype == "auto":
         return
     wanted = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(wanted, torch.dtype) or not wanted.is_floating_point:
-        raise ValueError(f"`dtype` must be 'auto' or a floating-point dtype such as torch.bfloat16, got {dtype!r}")
+        raise ValueError(
+            f"`dtype` must be 'auto' or a floating-point dtype such as torch.bfloat16 or its name ('bfloat16', "
+            f"'float16', 'float32'), got {dtype!r}"
+        )
     if wanted != model.dtype:
         raise ValueError(
             f"`dtype` is {wanted} but the model runs in {model.dtype}: convert a model instance first with "

@@ -98,6 +98,14 @@ def test_the_crcnet_card_lists_every_open_point_with_the_choice_taken():
     assert config.shot_fusion == "finetune+average" and '`"finetune+average"`' in text
 
 
+def test_the_crcnet_card_states_the_finetuning_divergence_guard_of_its_checkpoint():
+    text = render_model_card(CRCNetConfig(finetune_max_loss_ratio=4.0)).text
+    assert "not in the paper" in text and "exceeds 4.0 times the first step's (`finetune_max_loss_ratio`)" in text
+    assert "keeps the unadapted modules" in text and "exceeds 10.0 times" not in text
+    default = render_model_card(CRCNetConfig()).text
+    assert "exceeds 10.0 times the first step's" in default and CRCNetConfig().finetune_max_loss_ratio == 10.0
+
+
 @pytest.mark.parametrize("config_class", [QGNetConfig, SMCPConfig, CRCNetConfig])
 def test_the_card_names_the_data_the_weights_were_trained_on(config_class):
     synthetic = render_model_card(config_class(), training={"benchmark": "synthetic", "fold": 0, "shot": 1}).text

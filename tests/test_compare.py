@@ -162,3 +162,34 @@ def test_paired_test_detects_a_real_difference():
     assert not paired_test({0: good}, {0: noise}, num_bootstrap=300)["significant"]
     with pytest.raises(ValueError, match="not on the same episodes"):
         paired_test({0: good}, {0: good[:-1]})
+
+
+def test_compare_runs_every_model_in_the_given_dtype_and_records_it(models, tmp_path, capsys, monkeypatch):
+    from hf_fss.evaluation import compare
+
+    dtypes = []
+
+    def evaluate_model(model, *args, **kwargs):  # records the dtype each model is scored in (warm-ups included)
+        dtypes.append(model.dtype)
+        return real_evaluate_model(model, *args, **kwargs)
+
+    real_evaluate_model = compare.evaluate_model
+    monkeypatch.setattr(compare, "evaluate_model", evaluate_model)
+    out = tmp_path / "cmp"
+    argv = ["--models", models["ntrenet"], models["prior"], *DATA, "--num-episodes", "2", "--seeds", "1",
+            "--num-bootstrap", "20", "--output-dir", str(out)]  # fmt: skip
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["setup"]["dtype"] == "bfloat16" and len(dtypes) >= 2 and set(dtypes) == {torch.bfloat16}
+    first_run, dtypes[:] = len(dtypes), []
+    assert "models in bfloat16" in (out / "comparison.md").read_text()
+    for result in comparison["results"].values():
+        assert np.isfinite(result["metrics"]["miou"]) and result["metrics"]["num_episodes"] == 2
+    assert main(argv) == 0  # the default: float32, recorded too
+    assert json.loads((out / "comparison.json").read_text())["setup"]["dtype"] == "float32"
+    assert len(dtypes) == first_run and set(dtypes) == {torch.float32}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a name outside the choices, one line, nothing written
+        main([*argv[:-1], str(tmp_path / "other"), "--dtype", "bf16"])
+    assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
+    assert "argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ and K-shot finetuning on a copy of the head (weights untouched, once per support
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
 
 from hf_fss import CRCNetConfig, CRCNetModel, FewShotSegmentationImageProcessor
+from hf_fss.models.crcnet import modeling_crcnet
 from hf_fss.models.crcnet.configuration_crcnet import SHOT_FUSION_MODES
 
 TINY_CRCNET = {
@@ -28,6 +30,21 @@ TINY_CRCNET = {
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
+
+
+@pytest.fixture
+def divergence_log(caplog):
+    """The records of CRCNet's divergence log (INFO and up), with transformers' `warning_once` memory cleared so
+    that a warning an earlier test emitted is emitted again."""
+    logging.Logger.warning_once.cache_clear()
+    caplog.set_level(logging.INFO, logger=modeling_crcnet.__name__)
+    yield caplog
+    logging.Logger.warning_once.cache_clear()
+
+
+def _logged(caplog, level: int) -> list[str]:
+    """The messages CRCNet's module logged at `level`."""
+    return [r.getMessage() for r in caplog.records if r.name == modeling_crcnet.__name__ and r.levelno == level]
 
 
 class TestCRCNet(FewShotModelTesterMixin):
@@ -186,7 +203,8 @@ class TestCRCNet(FewShotModelTesterMixin):
         with pytest.raises(StrictDataclassError, match="conditioning='unconditioned' with use_cross_reference=False"):
             CRCNetConfig(conditioning="unconditioned", use_cross_reference=False)
         for scales in ([], [0.0], [-1.0], [float("nan")], [float("inf")]):
-            with pytest.raises(StrictDataclassError, match="positive, finite scales"):
+            # NaN / inf are caught first by the config's generic finiteness check (issue 22, kind 8)
+            with pytest.raises(StrictDataclassError, match="positive, finite scales|must hold finite numbers"):
                 CRCNetConfig(inference_scales=scales)
         assert CRCNetConfig(inference_scales=[0.75, 1, 2]).inference_scales == (0.75, 1.0, 2.0)  # a recipe's [1]
         with pytest.raises(ValueError, match="unknown field.*did you mean 'shot_fusion'"):
@@ -212,37 +230,83 @@ class TestCRCNet(FewShotModelTesterMixin):
         assert all(p.grad is None for p in model.parameters())
 
     @pytest.mark.parametrize("learning_rate", [1e4, 1e30])  # an exploding loss; a NaN loss at the second step
-    def test_diverging_finetuning_stops_and_keeps_the_unadapted_head_with_one_warning(self, learning_rate, caplog):
+    def test_diverging_finetuning_stops_and_keeps_the_unadapted_head_with_one_warning(
+        self, learning_rate, divergence_log
+    ):
         model = self.get_model(finetune_learning_rate=learning_rate, finetune_steps=5).eval()
         query, support, masks, _ = self.episode(batch_size=2, shot=3)
-        stops = CRCNetModel.finetune_stops
         with torch.no_grad():
             encoding = model.encode_support(support, masks)
             adapted = model(query, support_encoding=encoding).logits
+            again = model(query, support, masks).logits  # the same support sets diverge again: no second warning
             model.config.shot_fusion = "average"
             averaged = model(query, support, masks).logits
-        assert CRCNetModel.finetune_stops - stops == 2  # both support sets of the batch
-        warnings = [r.getMessage() for r in caplog.records if "finetuning" in r.getMessage()]
-        assert len(warnings) == 2 and all("\n" not in w for w in warnings)
-        assert "support set 0 diverged (at step 2 the loss is" in warnings[0]
+        assert encoding.finetune_diverged.tolist() == [True, True]  # both support sets of the batch
+        warnings = _logged(divergence_log, logging.WARNING)
+        assert len(warnings) == 1 and "\n" not in warnings[0]
+        assert "CRCNet K-shot finetuning diverged" in warnings[0]
         assert "keeps the unadapted head; lower finetune_learning_rate" in warnings[0]
+        details = _logged(divergence_log, logging.INFO)
+        assert len(details) == 4  # each support set, each time it is finetuned
+        assert "support set 0 diverged: at step 2 the loss is" in details[0]
+        assert "support set 1 diverged: at step 2 the loss is" in details[1]
         for own, values in zip(model.head.parameters(), encoding.adapted_parameters):
             assert torch.equal(values[0], own) and torch.equal(values[1], own)
         assert torch.isfinite(adapted).all()
+        torch.testing.assert_close(again, adapted, rtol=0, atol=0)
         torch.testing.assert_close(adapted, averaged, rtol=0, atol=1e-6)
 
-    def test_finetuning_at_the_default_learning_rate_is_not_stopped(self, caplog):
+    def test_evaluate_script_counts_the_support_sets_that_kept_the_unadapted_head(self, tmp_path, capsys):
+        from hf_fss.evaluation.runner import main
+
+        self.get_model(finetune_learning_rate=1e30).save_pretrained(tmp_path / "model")
+        data = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+                "--synthetic-image-size", "128", "--num-threads", "1", "--num-episodes", "2", "--shot", "2"]  # fmt: skip
+        out = tmp_path / "metrics.json"
+        for seeds, count in ((["--seed", "0"], 2), (["--seeds", "0", "1"], 4)):  # summed over seeds
+            assert main(["--model", str(tmp_path / "model"), *data, *seeds, "--output", str(out)]) == 0
+            assert json.loads(out.read_text())["unadapted_support_sets"] == count
+        assert "2 of 2 support sets kept the unadapted model (their adaptation diverged)" in capsys.readouterr().out
+        assert main(["--model", str(tmp_path / "model"), *data, "--shot-fusion", "average", "--output", str(out)]) == 0
+        assert "unadapted_support_sets" not in json.loads(out.read_text())  # no adaptation, nothing to count
+
+    def test_finetuning_at_the_default_learning_rate_is_not_stopped(self, divergence_log):
         model = self.get_model(finetune_steps=5).eval()
         _, support, masks, _ = self.episode(batch_size=1, shot=3)
-        stops = CRCNetModel.finetune_stops
         with torch.no_grad():
-            model.encode_support(support, masks)
-        assert CRCNetModel.finetune_stops == stops and "diverged" not in caplog.text
+            encoding = model.encode_support(support, masks)
+        assert encoding.finetune_diverged.tolist() == [False]
+        assert not _logged(divergence_log, logging.WARNING) and not _logged(divergence_log, logging.INFO)
+        own = dict(model.head.named_parameters())
+        assert any(not torch.equal(own[n], a[0]) for n, a in zip(own, encoding.adapted_parameters))
+
+    def test_an_evaluation_where_every_finetuning_diverges_warns_once_and_counts_them(self, divergence_log):
+        from hf_fss.data import fold_classes, load_benchmark, make_test_episodes
+        from hf_fss.evaluation.runner import evaluate_model
+
+        split = load_benchmark("synthetic", num_train=0, num_val=60, image_size=128)["validation"]
+        novel = fold_classes("synthetic", 0).novel
+        episodes = make_test_episodes(split, novel, 3, shot=2, seed=0)
+        processor = FewShotSegmentationImageProcessor(image_size=65)
+        results = {}
+        for rate in (1e30, 0.0025):
+            model = self.get_model(finetune_learning_rate=rate, finetune_steps=3)
+            results[rate] = evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False)
+        assert results[1e30]["unadapted_support_sets"] == 3  # every episode's support set
+        assert results[0.0025]["unadapted_support_sets"] == 0
+        assert len(_logged(divergence_log, logging.WARNING)) == 1
+        assert len(_logged(divergence_log, logging.INFO)) == 3
+        model.config.shot_fusion = "average"  # a model that does not adapt to its support set: no such key
+        assert "unadapted_support_sets" not in evaluate_model(
+            model, processor, split, episodes, class_ids=novel, progress=False
+        )
 
     @pytest.mark.parametrize("ratio", [1.0, 0.5, float("nan")])
     def test_config_refuses_a_loss_ratio_that_stops_every_finetuning(self, ratio):
         with pytest.raises(
-            (ValueError, StrictDataclassError), match="finetune_max_loss_ratio must be a number above 1"
+            # NaN is caught first by the config's generic finiteness check (issue 22, kind 8)
+            (ValueError, StrictDataclassError),
+            match="finetune_max_loss_ratio must (be a number above 1|hold finite)",
         ):
             CRCNetConfig(finetune_max_loss_ratio=ratio)
 
@@ -465,7 +529,9 @@ def _recording(step, record):
 def test_every_crcnet_recipe_parses_and_builds_its_config(recipe):
     from hf_fss.training import parse_args
 
-    loop_args, args = parse_args(["--config", f"recipes/crcnet/{recipe}.yaml", "--dataset", "synthetic"])
+    # A real benchmark's recipe on the synthetic data is refused (issue 22, kind 1): give it a (not built) folder.
+    dataset = "synthetic" if recipe == "quickstart_synthetic" else "data/some-folder"
+    loop_args, args = parse_args(["--config", f"recipes/crcnet/{recipe}.yaml", "--dataset", dataset])
     assert args.model_type == "crcnet"
     config = CRCNetConfig(**args.model_kwargs)
     if recipe != "quickstart_synthetic":  # the paper's settings (section 5.1)

@@ -495,3 +495,16 @@ def test_a_dtype_the_model_instance_does_not_run_in_is_refused(model, dtype):
     assert model.dtype == torch.float32  # the instance is left as it was
     half = CosinePriorModel(model.config).to(torch.bfloat16).eval()
     assert pipeline("few-shot-segmentation", model=half, dtype=torch.bfloat16).model is half
+
+
+@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])
+def test_a_misspelt_dtype_name_is_one_line_naming_the_argument(model, tmp_path, argument):
+    # transformers falls back to float32 when loading a folder in an unknown dtype; the pipeline then refuses it
+    model.save_pretrained(tmp_path)
+    for source in (model, str(tmp_path)):
+        with pytest.raises(ValueError) as error:
+            pipeline("few-shot-segmentation", model=source, **{argument: "bf16"})
+        message = str(error.value)
+        assert message.startswith("`dtype` must be 'auto' or a floating-point dtype") and "\n" not in message
+        assert "its name ('bfloat16', 'float16', 'float32'), got 'bf16'" in message
+    assert pipeline("few-shot-segmentation", model=str(tmp_path), dtype="bfloat16").model.dtype == torch.bfloat16

@@ -46,12 +46,13 @@ from hf_fss.cli import (
 )
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
 from hf_fss.data.folds import COCO_CONVENTIONS
-from hf_fss.evaluation.metrics import aggregate_seeds
 from hf_fss.evaluation.runner import (
+    DTYPES,
     _load_model_and_processor,
     _synthetic_kwargs,
     checked_fold_convention,
     class_names_of,
+    combine_seed_runs,
     default_feature_cache_bytes,
     default_test_split,
     evaluate_model,
@@ -286,7 +287,7 @@ def _release_memory(device: torch.device) -> None:
 
 def _warm_up_process(name_or_path: str, context: Mapping[str, Any], args: argparse.Namespace) -> None:
     """Pay the process's one-time costs (imports, thread pools, first allocations) before any model is measured."""
-    model, processor = _load_model_and_processor(name_or_path)
+    model, processor = _load_model_and_processor(name_or_path, dtype=args.dtype)
     _warm_up(model.to(context["device"]), processor, context, args)
     del model, processor
     _release_memory(context["device"])
@@ -298,7 +299,7 @@ def _evaluate_one(name_or_path: str, context: Mapping[str, Any], args: argparse.
     device = context["device"]
     _release_memory(device)
     with PeakMemory(device) as memory:
-        model, processor = _load_model_and_processor(name_or_path)
+        model, processor = _load_model_and_processor(name_or_path, dtype=args.dtype)
         model.to(device)
         _warm_up(model, processor, context, args)
         cache_bytes = context["cache_bytes"]
@@ -324,7 +325,7 @@ def _evaluate_one(name_or_path: str, context: Mapping[str, Any], args: argparse.
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - start
             runs.append(result)
-    metrics = dict(runs[0]) if len(runs) == 1 else {**aggregate_seeds(runs), "runs": runs}
+    metrics = combine_seed_runs(runs)
     episodes = sum(len(listed["episodes"]) for listed in context["episodes"].values())
     return {
         "model": model.name_or_path,  # the folder taken for a run folder
@@ -390,7 +391,8 @@ def markdown_table(comparison: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"{setup['benchmark']} fold {setup['fold']}, {setup['shot']}-shot, protocol {setup['protocol']['name']}, "
-        f"seeds {setup['seeds']}, {setup['episodes_per_seed']} episodes per seed; episode list sha256 "
+        f"seeds {setup['seeds']}, {setup['episodes_per_seed']} episodes per seed, models in "
+        f"{setup.get('dtype', 'float32')}; episode list sha256 "
         f"`{comparison['episode_hash']}`. mIoU, FB-IoU, precision and class IoU in %; ± is the std over seeds.",
     ]
     if comparison["paired"]:
@@ -492,6 +494,12 @@ def build_parser() -> ScriptArgumentParser:
     parser.add_argument(
         "--num-threads", allowed=POSITIVE_INT, default=None, help="torch threads (default: the cores available)"
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype every model runs in (default float32), as evaluate.py; the metric is computed in float32",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     parser.add_argument(
         "--synthetic-num-train", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: train images"
@@ -588,6 +596,7 @@ def compare_models(args: argparse.Namespace) -> dict[str, Any]:
             "episodes_per_seed": len(next(iter(context["episodes"].values()))["episodes"]),
             "protocol": context["protocol"].to_dict(),
             "device": str(context["device"]),
+            "dtype": args.dtype,
             "batch_size": args.batch_size,
         },
         "results": {name: {k: v for k, v in r.items() if k != "records"} for name, r in results.items()},

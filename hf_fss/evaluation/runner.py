@@ -177,6 +177,20 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _segment(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, int | None]:
+    """
+    `model(**inputs)` in two calls, `encode_support` then the forward with the encoding (the same computation), to
+    read the encoding's `finetune_diverged` flags: returns the outputs and how many support sets of the batch kept
+    an unadapted head, None for a model whose encoding has no such flags (it does not adapt to its support set).
+    """
+    query_side = set(getattr(model, "query_inputs", ())) | {"pixel_values"}
+    support = {k: v for k, v in inputs.items() if k not in query_side}
+    encoding = model.encode_support(**support)
+    outputs = model(**{k: v for k, v in inputs.items() if k in query_side}, support_encoding=encoding)
+    diverged = getattr(encoding, "finetune_diverged", None)
+    return outputs, None if diverged is None else int(diverged.sum())
+
+
 def _model_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A batch tensor on `device`; images (floating point) in the model's `dtype`, masks and ids unchanged."""
     return value.to(device, dtype) if value.is_floating_point() else value.to(device)
@@ -271,6 +285,10 @@ def evaluate_model(
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
     test batch holds (`class_ids`), never an undeclared one. Images are fed in the model's dtype (a model loaded in
     bfloat16 / float16 runs in it); post-processing and the metric are float32 and integer counts whatever it is.
+
+    For a model whose support encoding flags support sets whose adaptation diverged (`finetune_diverged`, CRCNet's
+    K-shot finetuning), the result also holds `unadapted_support_sets`: how many episodes were predicted with the
+    unadapted model (0 when none).
     """
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
@@ -306,6 +324,7 @@ def evaluate_model(
     image_keys = _ImageKeys(split, processor, episodes)
     cached = feature_cache.attach(model) if feature_cache is not None else contextlib.nullcontext()
     was_training = model.training
+    unadapted = None  # support sets whose adaptation diverged (None: the model does not adapt to them)
     model.eval()
     try:
         with autocast, cached:
@@ -318,7 +337,9 @@ def evaluate_model(
                     else contextlib.nullcontext()
                 )
                 with registered:
-                    outputs = model(**inputs)
+                    outputs, diverged = _segment(model, inputs)
+                if diverged is not None:
+                    unadapted = (unadapted or 0) + diverged
                 sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
                 predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
                 targets = batch["target"]
@@ -331,9 +352,16 @@ def evaluate_model(
         model.train(was_training)
     if num_processes > 1:
         metric.reduce(accelerator.reduce)
+        # Every process reduces (a shard may hold no episode, hence no encoding): [count, adapts].
+        counts = torch.tensor([unadapted or 0, unadapted is not None], device=device)
+        total, adapts = (int(v) for v in accelerator.reduce(counts, reduction="sum"))
+        unadapted = total if adapts else None
     if record:
         episode_records.extend({"episode_index": i, **r} for i, r in zip(indices, metric.episode_records))
-    return metric.compute()
+    result = metric.compute()
+    if unadapted is not None:
+        result["unadapted_support_sets"] = unadapted
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -548,6 +576,27 @@ def _feature_cache(feature_cache_mb: float | None, device) -> FeatureCache | Non
     return FeatureCache(cache_bytes) if cache_bytes > 0 else None
 
 
+def combine_seed_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """
+    The result of one or several seeds' `evaluate_model` runs: a copy of the only run, else `aggregate_seeds` with
+    the `runs` and, for a model that adapts to its support sets, the total `unadapted_support_sets`.
+    """
+    if len(runs) == 1:
+        return dict(runs[0])
+    metrics = {**aggregate_seeds(runs), "runs": list(runs)}
+    if "unadapted_support_sets" in runs[0]:
+        metrics["unadapted_support_sets"] = sum(run["unadapted_support_sets"] for run in runs)
+    return metrics
+
+
+def _unadapted_note(result: Mapping[str, Any]) -> str:
+    """The log's note on the episodes predicted by an unadapted model (its adaptation diverged), or ''."""
+    count = result.get("unadapted_support_sets", 0)
+    if not count:
+        return ""
+    return f"; {count} of {result['num_episodes']} support sets kept the unadapted model (their adaptation diverged)"
+
+
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`)."""
     from accelerate import Accelerator
@@ -615,15 +664,11 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(
             f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
             f"precision {100 * result['precision']:.2f}  ({result['num_episodes']} episodes, "
-            f"{time.perf_counter() - started:.1f} s)"
+            f"{time.perf_counter() - started:.1f} s){_unadapted_note(result)}"
         )
         runs.append(result)
 
-    if len(runs) == 1:
-        metrics = dict(runs[0])
-    else:
-        metrics = aggregate_seeds(runs)
-        metrics["runs"] = runs
+    metrics = combine_seed_runs(runs)
     metrics.update(
         {
             "model": model.name_or_path,  # the folder taken for a run folder

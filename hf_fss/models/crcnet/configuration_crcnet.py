@@ -158,8 +158,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
     finetune_max_loss_ratio (`float`, *optional*, defaults to 10.0):
         Divergence guard of the finetuning (not in the paper): it stops when a step's loss is not finite or exceeds
         this many times the first step's loss, or when it leaves non-finite weights, and that support set keeps the
-        unadapted head (a one-line warning says so); its prediction is then the `"average"` fusion's. A model
-        built from random weights diverges so at the default `finetune_learning_rate`.
+        unadapted head (a one-line warning, logged once per process, says so; the support encoding's
+        `finetune_diverged` marks each such support set and evaluate.py reports their count). A model built from
+        random weights diverges so at the default `finetune_learning_rate`.
     finetune_seed (`int`, *optional*, defaults to 0):
         Seed of the pair and flip draws: the same support set always gives the same finetuned weights.
     shot (`int`, *optional*, defaults to 1):

@@ -68,6 +68,10 @@ DIFFERENCES_FROM_PAPER = (
     "training loss (both directions, co-occurrence terms, 2 unrolled steps), seeded; then the query is predicted "
     "with every support and the probabilities averaged ('finetune+average'; 'finetune' uses the first support, "
     "'average' skips finetuning).",
+    "K-shot finetuning divergence guard (not in the paper): a support set's finetuning stops when a step's loss is "
+    "not finite or exceeds `finetune_max_loss_ratio` times the first step's, or when it leaves non-finite weights; "
+    "that support set keeps the unadapted head (a warning logged once; the encoding's `finetune_diverged` marks it "
+    "and evaluate.py counts it in `unadapted_support_sets`). A model trained from random weights diverges so.",
     "(12) Optimisation: momentum 0.9, weight decay 5e-4, batch 4, poly 0.9 schedule and 321 crops from CANet (the "
     "paper gives SGD, lr 0.0025, 200 epochs only); set in the recipes.",
     "(13) Box supports: the union of the class's instance boxes (the `bbox` annotation), at test time only; the "
@@ -447,6 +451,9 @@ class CRCNetSupportEncoding(SupportEncoding):
         high_features (`tuple` of `torch.FloatTensor` of shape `(batch_size, shot, C4, h_s, w_s)`, *optional*):
             the frozen backbone's layer4 features of the supports, one per scale (no autograd), for the prior mask;
             None unless `prior_mask`.
+        finetune_diverged (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): True for each support set
+            whose finetuning diverged (`finetune_max_loss_ratio`) and that keeps the unadapted head in
+            `adapted_parameters`; None when not finetuned. Evaluation counts them.
     """
 
     scales: torch.FloatTensor | None = None
@@ -455,6 +462,7 @@ class CRCNetSupportEncoding(SupportEncoding):
     labels: torch.LongTensor | None = None
     adapted_parameters: tuple[torch.FloatTensor, ...] | None = None
     high_features: tuple[torch.FloatTensor, ...] | None = None
+    finetune_diverged: torch.BoolTensor | None = None
 
 
 _LEVELS = {"layer3+layer4": (3, 4), "layer2+layer3": (2, 3), "layer4": (4,)}
@@ -514,7 +522,6 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
 
     config_class = CRCNetConfig
     finetune_count = 0  # support sets finetuned so far (class-wide), for tests and benchmarks
-    finetune_stops = 0  # of which diverged and kept the unadapted head (class-wide)
 
     def __init__(self, config: CRCNetConfig):
         super().__init__(config)
@@ -594,9 +601,9 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             feature_masks.append(resize_mask(targets, scaled.shape[-2:]).unflatten(0, (batch_size, shot)))
             if high is not None:
                 high_features.append(high.unflatten(0, (batch_size, shot)))
-        adapted = None
+        adapted = diverged = None
         if not self.training and shot > 1 and self.config.shot_fusion != "average":
-            adapted = self._finetune_support_sets(support_pixel_values, support_masks)
+            adapted, diverged = self._finetune_support_sets(support_pixel_values, support_masks)
         return CRCNetSupportEncoding(
             shot=shot,
             scales=torch.tensor(scales, device=images.device).expand(batch_size, -1),
@@ -605,26 +612,34 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             labels=support_masks.long(),
             adapted_parameters=adapted,
             high_features=tuple(high_features) if high_features else None,
+            finetune_diverged=diverged,
         )
 
     # --- K-shot finetuning (section 4.6) -------------------------------------------------------------------------
-    def _finetune_support_sets(self, support_pixel_values, support_masks) -> tuple[torch.Tensor, ...]:
+    def _finetune_support_sets(
+        self, support_pixel_values, support_masks
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """
         Finetune a copy of the head on each support set (batch item) and return the adapted parameters stacked over
-        the batch, in `head.named_parameters()` order and the model's dtype. The model's own weights are never
-        touched. The encoder is fixed, so the features of the supports and of their horizontal flips are computed
-        once, without autograd, in the model's dtype; the finetuning itself runs in float32 (see `_finetune`).
+        the batch, in `head.named_parameters()` order and the model's dtype, and a `(batch_size,)` bool tensor, True
+        where the finetuning diverged and the unadapted head was kept. The model's own weights are never touched.
+        The encoder is fixed, so the features of the supports and of their horizontal flips are computed once,
+        without autograd, in the model's dtype; the finetuning itself runs in float32 (see `_finetune`).
         """
-        adapted = []
+        adapted, diverged = [], []
+        unadapted = tuple(p.detach().float() for p in self.head.parameters())
         for index, (images, masks) in enumerate(zip(support_pixel_values, support_masks)):
             with torch.no_grad():
                 features = _as_float32(self._encode(images))
                 flipped = _as_float32(self._encode(images.flip(-1))) if self.config.finetune_flip else None
-            adapted.append(self._finetune(features, flipped, masks.long(), index))
+            params = self._finetune(features, flipped, masks.long(), index)
+            diverged.append(params is None)
+            adapted.append(unadapted if params is None else params)
         dtypes = [p.dtype for p in self.head.parameters()]
-        return tuple(torch.stack(values).to(dtype) for values, dtype in zip(zip(*adapted), dtypes))
+        stacked = tuple(torch.stack(values).to(dtype) for values, dtype in zip(zip(*adapted), dtypes))
+        return stacked, torch.tensor(diverged, device=support_pixel_values.device)
 
-    def _finetune(self, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...]:
+    def _finetune(self, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
         """
         `finetune_steps` optimiser steps on one random ordered pair of supports each (with a random horizontal
         flip), the training loss of Eq. 5 on both predictions; pairs and flips from a generator seeded with
@@ -633,17 +648,17 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         updates smaller than 1/256 of a weight).
 
         Finetuning stops when a step's loss is not finite or exceeds `finetune_max_loss_ratio` times the first
-        step's, or when it leaves non-finite weights: the support set then keeps the unadapted head (one warning).
+        step's, or when it leaves non-finite weights (see `_log_divergence`).
 
         Args:
             features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
                 or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips),
                 float32.
             labels (`torch.LongTensor` of shape `(K, H, W)`): support masks {0, 1, 255}.
-            index (`int`): the support set's index in the batch, for the warning.
+            index (`int`): the support set's index in the batch, for the log.
 
         Returns:
-            `tuple` of float32 tensors: the head's parameters, adapted or (after a stop) unchanged.
+            `tuple` of float32 tensors: the head's adapted parameters; None when the finetuning diverged.
         """
         config = self.config
         shot = features[0].shape[0]
@@ -678,24 +693,31 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
                 value = float(loss.detach())
                 first_loss = value if first_loss is None else first_loss
                 if not math.isfinite(value) or value > config.finetune_max_loss_ratio * first_loss:
-                    return self._finetune_stopped(index, f"at step {step + 1} the loss is {value:.4g}", first_loss)
+                    return self._log_divergence(index, f"at step {step + 1} the loss is {value:.4g}", first_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-            return self._finetune_stopped(index, "the last step left non-finite weights", first_loss)
+            return self._log_divergence(index, "the last step left non-finite weights", first_loss)
         return tuple(p.detach() for p in params.values())
 
-    def _finetune_stopped(self, index: int, reason: str, first_loss: float | None) -> tuple[torch.Tensor, ...]:
-        """Warn (one line) that the finetuning of support set `index` diverged; return the unadapted head."""
-        type(self).finetune_stops += 1
-        logger.warning(
-            f"CRCNet K-shot finetuning of support set {index} diverged ({reason}; first step {first_loss:.4g}, "
-            f"limit finetune_max_loss_ratio={self.config.finetune_max_loss_ratio:g} x that): it keeps the unadapted "
-            f"head; lower finetune_learning_rate ({self.config.finetune_learning_rate:g}) or use "
-            "shot_fusion='average'"
+    def _log_divergence(self, index: int, reason: str, first_loss: float | None) -> None:
+        """
+        Log that the finetuning of support set `index` diverged: the cause and the fix once per process and
+        setting (`warning_once`: an evaluation where every finetuning diverges would print one line per episode),
+        the support set and its losses at INFO level each time. Returns None (no adapted parameters).
+        """
+        config = self.config
+        logger.warning_once(
+            "CRCNet K-shot finetuning diverged (a step's loss was not finite or above finetune_max_loss_ratio="
+            f"{config.finetune_max_loss_ratio:g} x the first step's, or it left non-finite weights): such a support "
+            "set keeps the unadapted head; lower finetune_learning_rate "
+            f"({config.finetune_learning_rate:g}) or use shot_fusion='average' (logged once; the support encoding's "
+            "finetune_diverged marks each such support set and evaluate.py counts them)"
         )
-        return tuple(p.detach().float() for p in self.head.parameters())
+        first = "none" if first_loss is None else f"{first_loss:.4g}"  # None: finetune_steps=0
+        logger.info(f"CRCNet K-shot finetuning of support set {index} diverged: {reason} (first step's loss {first})")
+        return None
 
     # --- predictions ---------------------------------------------------------------------------------------------
     def _run_head(self, params, *args, **kwargs) -> PairPrediction:
