@@ -443,6 +443,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         )
     for model in args.models:
         check_model_path(model)  # before any data is built
+    for model in dict.fromkeys(args.models):
+        # Every model loads (config.json, weights, preprocessor_config.json) before the episode lists are written:
+        # a broken last model must not fail after the others ran and left files behind. Loaded again when scored.
+        _load_model_and_processor(model)
     if args.shot < 1 or args.batch_size < 1:
         raise ValueError("--shot and --batch-size must be >= 1")
     if not 0 < args.confidence < 1 or args.num_bootstrap < 1:
