@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -243,6 +245,26 @@ def _key_list(keys: list[str], limit: int = 8) -> str:
     return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_load_report(quiet: bool):
+    """
+    Drop transformers' load report (one WARNING of `transformers.modeling_utils`) while loading. A filter, not a
+    level: transformers runs extra checks and warnings of its own when that logger's level is WARNING or above.
+    """
+    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    if quiet:
+        logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
 def _size_mismatch_message(config, mismatched: list) -> str:
     """
     Why a checkpoint's tensors do not fit the model built from `config`: the config field whose value is the size
@@ -389,13 +411,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         # Mismatched shapes are collected here and refused below with the config field responsible.
         reinitialise_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
+            # transformers' multi-line load report lists what is refused below in one line: kept only when the
+            # caller asked to re-initialise mismatched weights, where it is the record of what was re-initialised.
+            with _quiet_load_report(not reinitialise_mismatched):
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path,
+                    *args,
+                    output_loading_info=True,
+                    ignore_mismatched_sizes=True,
+                    **kwargs,
+                )
         except SafetensorError as error:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
