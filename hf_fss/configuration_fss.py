@@ -112,6 +112,24 @@ class FewShotSegmentationConfig(PreTrainedConfig):
             raise ConfigFieldError(err.detail, pretrained_model_name_or_path) from None
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """
+        `PreTrainedConfig.get_config_dict`, refusing a config.json written for another method (transformers only
+        logs a warning and the fields then fail one by one).
+
+        Raises:
+            `ValueError`: one line naming the config.json, its `model_type` and the class that loads it.
+        """
+        config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found is not None and found != cls.model_type and cls is not FewShotSegmentationConfig:
+            raise ValueError(
+                f"{_config_source(pretrained_model_name_or_path)} has model_type {found!r}, not {cls.model_type!r}: "
+                f"{_loader_hint(found)}"
+            )
+        return config_dict, unused
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """
         `PreTrainedConfig.from_dict`, where a keyword argument that is no field (`from_pretrained(path, image_sise=97)`)
@@ -172,6 +190,19 @@ def check_dtype_name(dtype) -> None:
         return
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+
+
+def _loader_hint(model_type: str) -> str:
+    """How to load a config.json of `model_type`: its hf_fss classes, or the list of hf_fss model types."""
+    from . import MODEL_CLASSES  # the registry imports every method, which imports this module
+
+    if model_type in MODEL_CLASSES:
+        config_class, model_class = MODEL_CLASSES[model_type]
+        return (
+            f"load it with {model_class.__name__} / {config_class.__name__}, or with AutoModel / AutoConfig, which "
+            "pick the class from model_type"
+        )
+    return f"it is no hf_fss model (their model types: {', '.join(sorted(MODEL_CLASSES))})"
 
 
 def _config_source(name_or_path) -> str:

@@ -1024,15 +1024,22 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         return results
 
 
-def load_image_processor(name_or_path: str | os.PathLike | None, image_size: int) -> FewShotSegmentationImageProcessor:
+def load_image_processor(
+    name_or_path: str | os.PathLike | None, image_size: int, min_size: int = 1
+) -> FewShotSegmentationImageProcessor:
     """
     The image processor saved with a model (`preprocessor_config.json` of a folder or Hub repo), else, when there is
     no such file (a converted checkpoint, a model built in memory: `name_or_path` empty), one built from the model's
     `image_size`. The pipeline, `scripts/evaluate.py` and the Space load processors this one way.
 
+    Args:
+        min_size (`int`, *optional*, defaults to 1): the smallest image side the model takes (the larger side of
+            `model.min_input_size()`); the processor's `image_size` (the side of the images it makes) must reach it.
+
     Raises:
         `ValueError`: the file exists but is not valid JSON, names another processor type, or holds an invalid
-            setting (image_size 0, a 2-value mean, a zero std, an unknown resample); the message names the file.
+            setting (image_size 0 or below `min_size`, a 2-value mean, a zero std, an unknown resample); the message
+            names the file.
     """
     if not name_or_path:
         return FewShotSegmentationImageProcessor(image_size=image_size)
@@ -1058,6 +1065,12 @@ def load_image_processor(name_or_path: str | os.PathLike | None, image_size: int
             "FewShotSegmentationImageProcessor(image_size=...) there, or delete the file to use the model's image_size"
         )
     try:
-        return FewShotSegmentationImageProcessor.from_pretrained(name_or_path)
+        processor = FewShotSegmentationImageProcessor.from_pretrained(name_or_path)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}; fix the file or save the processor again") from None
+    if processor.image_size < min_size:
+        raise ValueError(
+            f"{path}: image_size {processor.image_size} is below {min_size}, the smallest image side the model "
+            f"takes; set image_size >= {min_size} (the model's config has image_size={image_size})"
+        )
+    return processor

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -103,11 +105,23 @@ def _check_device(name: str, values: torch.Tensor, device: torch.device | None) 
         raise ValueError(f"{name} is on {values.device} but the model is on {device}; move it with .to(model.device)")
 
 
-def _check_pixels(name: str, values: torch.Tensor, device: torch.device | None) -> None:
-    """Device, a side of zero size, a dtype that is not float (raw uint8 pixels), then NaN / infinity."""
+def _check_pixels(
+    name: str, values: torch.Tensor, device: torch.device | None, min_size: tuple[int, int] | None = None
+) -> None:
+    """
+    Device, a side of zero size or below `min_size` (the model's smallest input), a dtype that is not float (raw
+    uint8 pixels), then NaN / infinity.
+    """
     _check_device(name, values, device)
     if 0 in values.shape[-2:]:
         raise ValueError(f"{name} holds images of zero size {tuple(values.shape[-2:])} (height, width)")
+    height, width = values.shape[-2:]
+    if min_size is not None and (height < min_size[0] or width < min_size[1]):
+        raise ValueError(
+            f"{name} holds images of {height}x{width} (height x width) but the model takes at least "
+            f"{min_size[0]}x{min_size[1]} (its backbone's pooling would leave no pixel); give larger images, or an "
+            f"image processor with image_size >= {max(min_size)}"
+        )
     if not values.is_floating_point():
         raise ValueError(
             f"{name} must be a float tensor of normalised pixels, got dtype {values.dtype}; preprocess raw "
@@ -133,16 +147,18 @@ def _check_mask_values(name: str, mask: torch.Tensor, device: torch.device | Non
         raise ValueError(f"{name} must hold only 0 (background), 1 (target) and 255 (ignore), got also {found}; {fix}")
 
 
-def check_query_inputs(pixel_values, labels=None, device: torch.device | None = None) -> None:
+def check_query_inputs(
+    pixel_values, labels=None, device: torch.device | None = None, min_size: tuple[int, int] | None = None
+) -> None:
     """
     Raise a `ValueError` naming the argument when the query inputs are malformed: `pixel_values` not a float
-    `(batch, 3, height, width)` tensor (integer pixels are refused: they are not normalised), a zero-size side,
-    NaN / infinity, a tensor on another `device` than the model's, or `labels` of another shape or with values other
+    `(batch, 3, height, width)` tensor (integer pixels are refused: they are not normalised), a zero-size side or
+    one below `min_size` (`(height, width)`, the model's `min_input_size()`), NaN / infinity, a tensor on another `device` than the model's, or `labels` of another shape or with values other
     than 0, 1, 255 (any integer, bool or whole-valued float dtype is accepted).
     """
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {_shape(pixel_values)}")
-    _check_pixels("pixel_values", pixel_values, device)
+    _check_pixels("pixel_values", pixel_values, device, min_size)
     if labels is not None:
         expected = (pixel_values.shape[0], *pixel_values.shape[2:])
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
@@ -154,7 +170,12 @@ def check_query_inputs(pixel_values, labels=None, device: torch.device | None = 
 
 
 def check_support_inputs(
-    support_pixel_values, support_masks, batch_size=None, require_target=True, device: torch.device | None = None
+    support_pixel_values,
+    support_masks,
+    batch_size=None,
+    require_target=True,
+    device: torch.device | None = None,
+    min_size: tuple[int, int] | None = None,
 ) -> None:
     """
     Raise a `ValueError` naming the argument when the supports are malformed: the checks of `check_query_inputs`,
@@ -193,7 +214,7 @@ def check_support_inputs(
             f"support_pixel_values holds {support_pixel_values.shape[0]} support sets but pixel_values holds "
             f"{batch_size} queries"
         )
-    _check_pixels("support_pixel_values", support_pixel_values, device)
+    _check_pixels("support_pixel_values", support_pixel_values, device, min_size)
     _check_mask_values("support_masks", support_masks, device)
     if require_target:
         has_target = (support_masks == 1).flatten(2).any(-1)
@@ -222,6 +243,26 @@ def _weights_file(name_or_path, subfolder: str = "") -> str:
 def _key_list(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_load_report(quiet: bool):
+    """
+    Drop transformers' load report (one WARNING of `transformers.modeling_utils`) while loading. A filter, not a
+    level: transformers runs extra checks and warnings of its own when that logger's level is WARNING or above.
+    """
+    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    if quiet:
+        logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
 
 
 def _size_mismatch_message(config, mismatched: list) -> str:
@@ -312,6 +353,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 module._is_hf_initialized = True
         super().post_init()
 
+    def min_input_size(self) -> tuple[int, int]:
+        """
+        The smallest `(height, width)` of an image this model takes, from its feature extractors' convolutions and
+        pooling (`StagedBackbone.min_input_size`): `(8, 8)` for SMCP's dilated VGG-16, `(1, 1)` for the ResNets and
+        VGG16BN. The methods' own layers keep any feature map of at least one pixel (padded convolutions, adaptive
+        pools whose PFENet bins are at least 1). `forward` / `encode_support` refuse smaller images.
+        """
+        sizes = [extractor.min_input_size() for extractor in self.feature_extractors().values()] or [(1, 1)]
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
+
     def pretrained_weight_sources(self) -> dict[str, str]:
         """Extractor name -> weights to start training from (Hub id, folder or safetensors file); empty if none."""
         return {"backbone": self.config.backbone_weights} if self.config.use_pretrained_backbone else {}
@@ -360,13 +411,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         # Mismatched shapes are collected here and refused below with the config field responsible.
         reinitialise_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
+            # transformers' multi-line load report lists what is refused below in one line: kept only when the
+            # caller asked to re-initialise mismatched weights, where it is the record of what was re-initialised.
+            with _quiet_load_report(not reinitialise_mismatched):
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path,
+                    *args,
+                    output_loading_info=True,
+                    ignore_mismatched_sizes=True,
+                    **kwargs,
+                )
         except SafetensorError as error:
             weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
@@ -470,7 +524,13 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         query, support = self._route_inputs(support_inputs, encoding_given=False)
         if query:
             raise ValueError(f"{sorted(query)} are query-side inputs: pass them to model(...), not encode_support")
-        check_support_inputs(support_pixel_values, support_masks, require_target=not self.training, device=self.device)
+        check_support_inputs(
+            support_pixel_values,
+            support_masks,
+            require_target=not self.training,
+            device=self.device,
+            min_size=self.min_input_size(),
+        )
         support_pixel_values, support_masks = self._cast_inputs(support_pixel_values, support_masks)
         return self._encode_support(support_pixel_values, support_masks, **support)
 
@@ -491,7 +551,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised query images.
-                Every tensor input must be on the model's device. Pixels of any float dtype (float64, float16,
+                Every tensor input must be on the model's device, and every image at least `min_input_size()`
+                (height, width). Pixels of any float dtype (float64, float16,
                 bfloat16) are cast to the model's dtype; integer pixels (raw uint8 images) are refused, as they are
                 not normalised: the image processor prepares them.
             support_pixel_values (`torch.FloatTensor` of shape `(batch_size, shot, 3, height, width)`):
@@ -512,7 +573,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             `ValueError`: malformed inputs (naming the argument), a keyword input the model does not declare, or (in
                 eval mode) logits that are not finite, naming the likely cause (see `_check_finite_logits`).
         """
-        check_query_inputs(pixel_values, labels, device=self.device)
+        check_query_inputs(pixel_values, labels, device=self.device, min_size=self.min_input_size())
         query_inputs, support_inputs = self._route_inputs(kwargs, encoding_given=support_encoding is not None)
         batch_size = pixel_values.shape[0]
         pixel_values, labels = self._cast_inputs(pixel_values, labels)
@@ -523,6 +584,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 batch_size=batch_size,
                 require_target=not self.training,
                 device=self.device,
+                min_size=self.min_input_size(),
             )
             support_pixel_values, support_masks = self._cast_inputs(support_pixel_values, support_masks)
             support_encoding = self._encode_support(support_pixel_values, support_masks, **support_inputs)

@@ -153,15 +153,22 @@ class FewShotSegmentationPipeline(Pipeline):
         `model.config.image_size` when the model has no such file.
 
         Raises:
-            `ValueError`: `image_processor` is not a `FewShotSegmentationImageProcessor`, or the model's
-                `preprocessor_config.json` is broken or names another processor type (the file is named).
+            `ValueError`: `image_processor` is not a `FewShotSegmentationImageProcessor` or makes images smaller
+                than the model takes (`model.min_input_size()`), or the model's `preprocessor_config.json` is broken,
+                names another processor type or has such an image_size (the file is named).
         """
         _check_dtype(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
+        min_side = max(model.min_input_size())
         if image_processor is None:
-            image_processor = load_image_processor(model.name_or_path, model.config.image_size)
+            image_processor = load_image_processor(model.name_or_path, model.config.image_size, min_side)
         if not isinstance(image_processor, FewShotSegmentationImageProcessor):
             raise ValueError(
                 f"image_processor must be a FewShotSegmentationImageProcessor, got {type(image_processor).__name__}"
+            )
+        if image_processor.image_size < min_side:
+            raise ValueError(
+                f"image_processor has image_size {image_processor.image_size} but {type(model).__name__} takes images "
+                f"of at least {min_side}x{min_side}; give it image_size >= {min_side}"
             )
         super().__init__(model, *args, image_processor=image_processor, **kwargs)
         self.model.eval()

@@ -193,3 +193,33 @@ def test_compare_runs_every_model_in_the_given_dtype_and_records_it(models, tmp_
         main([*argv[:-1], str(tmp_path / "other"), "--dtype", "bf16"])
     assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
     assert "argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("file", "changes", "message"),
+    [
+        ("preprocessor_config.json", {"image_std": [0, 1, 1]}, "positive std"),
+        ("config.json", {"reduce_dim": None}, "Field 'reduce_dim' expected int, got NoneType"),
+        ("config.json", {"reduce_dim": 32}, "needs reduce_dim=16 but the config has reduce_dim=32"),
+    ],
+)
+def test_a_broken_model_folder_is_one_line_exit_2_and_nothing_written(models, tmp_path, file, changes, message):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["ntrenet"], broken)
+    path = broken / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    out = tmp_path / "cmp"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+    argv = ["--models", models["prior"], str(broken), *DATA, "--num-episodes", "2", "--output-dir", str(out)]
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    # Besides transformers' "Loading weights" progress bar, one line (no load report, no traceback).
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and lines[0].startswith("compare.py: error: "), result.stderr
+    assert message in lines[0] and str(broken) in lines[0]
+    assert not out.exists()

@@ -221,6 +221,71 @@ def test_inputs_of_a_wrong_dtype_device_or_size_are_refused_naming_the_argument(
     assert "\n" not in str(error.value)
 
 
+# A tiny configuration of every registered method, with the backbone each method can be given.
+TINY_METHODS = {
+    "cosine_prior": {"backbone_kwargs": dict(TINY_RESNET)},
+    "crcnet": {
+        "backbone_kwargs": dict(TINY_RESNET),
+        "reduce_dim": 8,
+        "cross_reference_reduction": 4,
+        "refinement_steps": 2,
+    },
+    "ntrenet": {"backbone_kwargs": dict(TINY_RESNET), "reduce_dim": 8, "background_prototype_dim": 8},
+    "ntrenet_vgg": {"backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 4}, "reduce_dim": 8},
+    "qgnet": {
+        "backbone_kwargs": dict(TINY_RESNET),
+        "prior_extractor_kwargs": {"stem": "7x7", **TINY_RESNET},
+        "reduce_dim": 8,
+    },
+    "smcp": {"backbone_kwargs": {"base_width": 4}, "reduce_dim": 8, "bottleneck_dim": 4, "num_base_classes": 3},
+}
+# What each backbone's convolutions and pooling allow: SMCP's dilated VGG-16 has three floor-mode 2x2 pools.
+SMALLEST_INPUT = {"smcp": (8, 8)}
+
+
+def tiny_method(name):
+    config_class, model_class = hf_fss.MODEL_CLASSES[name.split("_vgg")[0]]
+    torch.manual_seed(0)
+    return model_class(config_class(**TINY_METHODS[name])).eval()
+
+
+def test_every_method_has_a_tiny_configuration_here():
+    assert {name.split("_vgg")[0] for name in TINY_METHODS} == set(hf_fss.MODEL_CLASSES)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_METHODS))
+def test_every_method_segments_images_of_its_smallest_input_size(name):
+    model = tiny_method(name)
+    height, width = model.min_input_size()
+    assert (height, width) == SMALLEST_INPUT.get(name, (1, 1))
+    assert max(height, width) <= 32  # the configs' image_size floor (validate_image_size) is never too small
+    query, support, masks, _ = random_episode(batch_size=1, shot=1, size=height, width=width)
+    masks[...] = 1
+    with torch.no_grad():
+        assert model(query, support, masks).logits.shape == (1, 2, height, width)
+
+
+@pytest.mark.parametrize(
+    ("size", "argument"),
+    [((7, 65), "pixel_values"), ((65, 2), "pixel_values"), ((7, 7), "support_pixel_values")],
+)
+def test_images_below_the_smallest_input_size_are_refused_naming_the_argument(size, argument):
+    model = tiny_method("smcp")
+    query, support, masks, _ = random_episode(batch_size=1, shot=1, size=9, width=9)
+    small_query, small_support, small_masks, _ = random_episode(batch_size=1, shot=1, size=size[0], width=size[1])
+    small_masks[...] = 1
+    calls = {
+        "pixel_values": lambda: model(small_query, support, masks),
+        "support_pixel_values": lambda: model.encode_support(small_support, small_masks),
+    }
+    expected = rf"^{argument} holds images of {size[0]}x{size[1]} \(height x width\) but the model takes at least 8x8 "
+    with pytest.raises(ValueError, match=expected + r".*image processor with image_size >= 8$") as error:
+        calls[argument]()
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=f"^support_pixel_values holds images of {size[0]}x{size[1]}"):
+        model(query, small_support, small_masks)
+
+
 def test_config_rejects_unknown_backbone():
     # huggingface_hub's strict validation names the field and the allowed values.
     with pytest.raises(StrictDataclassError, match="backbone.*expected one of .*resnet50.*got resnet18"):

@@ -508,3 +508,45 @@ def test_a_misspelt_dtype_name_is_one_line_naming_the_argument(model, tmp_path, 
         assert message.startswith("`dtype` must be 'auto' or a floating-point dtype") and "\n" not in message
         assert "its name ('bfloat16', 'float16', 'float32'), got 'bf16'" in message
     assert pipeline("few-shot-segmentation", model=str(tmp_path), dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def smcp_folder(tmp_path_factory):
+    """A tiny SMCP model saved with its processor: its dilated VGG-16 takes images of at least 8x8."""
+    folder = tmp_path_factory.mktemp("smcp")
+    torch.manual_seed(0)
+    config = hf_fss.SMCPConfig(backbone_kwargs={"base_width": 4}, reduce_dim=8, bottleneck_dim=4, num_base_classes=3)
+    hf_fss.SMCPModel(config).save_pretrained(folder)
+    FewShotSegmentationImageProcessor(image_size=SIZE).save_pretrained(folder)
+    return folder
+
+
+def test_a_processor_image_size_below_the_model_smallest_input_is_refused_naming_it(tmp_path, smcp_folder):
+    import json
+    import shutil
+
+    from hf_fss.evaluation.runner import _load_model_and_processor
+
+    folder = tmp_path / "smcp"
+    shutil.copytree(smcp_folder, folder)
+    path = folder / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "image_size": 4, "size_divisor": 4}))
+    for load in (
+        lambda: pipeline("few-shot-segmentation", model=str(folder)),
+        lambda: _load_model_and_processor(str(folder)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"image_size 4 is below 8, the smallest image side the model takes"
+        ) as err:
+            load()
+        assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+    model = hf_fss.SMCPModel.from_pretrained(smcp_folder)
+    tiny = FewShotSegmentationImageProcessor(image_size=4, size_divisor=4)
+    with pytest.raises(
+        ValueError, match=r"^image_processor has image_size 4 but SMCPModel takes images of at least 8x8"
+    ):
+        pipeline("few-shot-segmentation", model=model, image_processor=tiny)
+    # The smallest size itself segments.
+    smallest = pipeline("few-shot-segmentation", model=model, image_processor=tiny.with_options(image_size=8))
+    result = smallest(_image(20, 30, 0), support_image=_image(20, 30, 1), support_mask=_mask(20, 30, (5, 5, 15, 15)))
+    assert result["mask"].size == (30, 20)

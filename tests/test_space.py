@@ -566,3 +566,26 @@ def test_the_typed_box_is_drawn_on_the_support(episode):
     drawn = np.asarray(Image.open(shown["value"]))
     assert shown["visible"] is True and tuple(drawn[20, 30]) == app.CLASS_COLORS["blue"]
     assert tuple(drawn[40, 30]) != app.CLASS_COLORS["blue"]
+
+
+@pytest.mark.parametrize(
+    ("file", "changes", "message"),
+    [
+        ("preprocessor_config.json", {"image_size": 0}, "`image_size` must be a positive int, got 0"),
+        ("config.json", {"image_size": None}, "Field 'image_size' expected int, got NoneType"),
+        ("config.json", {"model_type": "ntrenet"}, "unknown field"),
+    ],
+)
+def test_a_broken_model_folder_in_fss_models_is_one_line_naming_the_file(model_dir, tmp_path, file, changes, message):
+    import json
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_dir, folder)
+    path = folder / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(gr.Error) as raised:
+        app.ModelRegistry([str(folder)]).get(None)
+    text = raised.value.message
+    assert re.match(re.escape(f"Could not load model {str(folder)!r}: ") + r"\w*Error: " + re.escape(str(path)), text)
+    assert message in text
+    assert "\n" not in text and raised.value.title == "Model"

@@ -9,7 +9,14 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from hf_fss import CosinePriorConfig, FewShotSegmentationConfig, NTRENetConfig, NTRENetModel
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationConfig,
+    NTRENetConfig,
+    NTRENetModel,
+    QGNetModel,
+)
 
 TINY_NTRENET = {"reduce_dim": 16, "background_prototype_dim": 24, "pyramid_bins": (9, 4, 2, 1), "image_size": 65}
 
@@ -202,4 +209,29 @@ def test_a_folder_without_config_json_is_refused_naming_it(saved, tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
     with pytest.raises(OSError, match="has no config.json beside its weights"):
+        NTRENetModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "loader", [CosinePriorModel.from_pretrained, CosinePriorConfig.from_pretrained, QGNetModel.from_pretrained]
+)
+def test_a_config_json_of_another_method_names_its_model_type_and_the_class_to_use(saved, loader, capfd):
+    with pytest.raises(ValueError) as error:
+        loader(saved)
+    text = str(error.value)
+    assert text.startswith(f"{saved / 'config.json'} has model_type 'ntrenet', not ")
+    assert text.endswith(
+        "load it with NTRENetModel / NTRENetConfig, or with AutoModel / AutoConfig, which pick the class from model_type"
+    )
+    assert "\n" not in text and "unknown field" not in text
+    assert "You are using a model of type" not in capfd.readouterr().err  # transformers' warning no longer precedes it
+    assert type(AutoModel.from_pretrained(saved)) is NTRENetModel
+
+
+def test_a_config_json_of_no_hf_fss_method_lists_the_model_types(saved, tmp_path):
+    folder = _edited_config(saved, tmp_path, model_type="bert")
+    with pytest.raises(
+        ValueError,
+        match=r"has model_type 'bert', not 'ntrenet': it is no hf_fss model \(their model types: cosine_prior, crcnet",
+    ):
         NTRENetModel.from_pretrained(folder)

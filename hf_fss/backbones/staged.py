@@ -153,6 +153,21 @@ class StagedBackbone(nn.Module):
             return batch_size
         return min(batch_size, max(1, CPU_CHUNK_BYTES // max(1, self.activation_bytes(x, start, end))))
 
+    def min_input_size(self) -> tuple[int, int]:
+        """
+        The smallest `(height, width)` of an image that every convolution and pooling of the stages maps to at
+        least one pixel (torch's output-size rules, `ceil_mode` included), found by walking them back from a
+        one-pixel output. Derived from the modules, so it follows the configuration: `(1, 1)` for the padded
+        ResNets and VGG16BN's ceil-mode pools, `(8, 8)` for SMCP's dilated VGG-16 (three floor-mode 2x2 pools).
+        The layers are taken as one chain, exact for these backbones (a ResNet's parallel shortcut maps one pixel
+        to one like its main path).
+        """
+        layers = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+        sides = [1, 1]
+        for layer in reversed(layers):
+            sides = [_input_side(layer, axis, side) for axis, side in enumerate(sides)]
+        return sides[0], sides[1]
+
     def activation_bytes(self, x: torch.Tensor, start: int, end: int) -> int:
         """Bytes of the largest stage activation for one image of `x` (stages `start .. end - 1`)."""
         height, width = x.shape[-2:]
@@ -163,3 +178,30 @@ class StagedBackbone(nn.Module):
             size = self.channels[index] * -(-height // scale) * -(-width // scale)
             largest = max(largest, size * (self.stem_expansion if index == 0 else 1))
         return largest * x.element_size()
+
+
+def _pair(value, axis: int) -> int:
+    return value[axis] if isinstance(value, (tuple, list)) else value
+
+
+def _output_side(layer: nn.Module, axis: int, side: int) -> int:
+    """Output side of a `Conv2d`, `MaxPool2d` or `AvgPool2d` along `axis` for an input side `side` (torch's rule)."""
+    if getattr(layer, "padding", 0) == "same":
+        return side
+    padding = 0 if layer.padding == "valid" else _pair(layer.padding, axis)
+    kernel, stride = _pair(layer.kernel_size, axis), _pair(layer.stride, axis)
+    dilation = _pair(getattr(layer, "dilation", 1), axis)
+    span = side + 2 * padding - dilation * (kernel - 1) - 1
+    if not getattr(layer, "ceil_mode", False):
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    # torch drops a last window that would start in the right padding only.
+    return out - 1 if (out - 1) * stride >= side + padding else out
+
+
+def _input_side(layer: nn.Module, axis: int, wanted: int) -> int:
+    """The smallest input side along `axis` whose output side through `layer` is at least `wanted`."""
+    side = 1
+    while _output_side(layer, axis, side) < wanted:
+        side += 1
+    return side
