@@ -239,15 +239,20 @@ def test_symlinks_and_unicode_forms_of_class_folders(tmp_path, capsys):
     out = tmp_path / "mine"
     status, text = _prepare(capsys, "--images", root, "--class-folders", "--split-dir", lists, "--output-dir", out)
     assert status == 0, text
-    assert "train: 12 rows, 4 classes; defects of the release: 0 fixed, 2 skipped" in text
+    # Normalising the two lists and the NFD folder name is counted too (issue 22: the report counts each kind).
+    counts = "list_normalised 2, name_normalised 1, symlink_skipped 2"
+    assert f"train: 12 rows, 4 classes; defects of the release: 3 fixed, 2 skipped ({counts};" in text
     dataset = load_benchmark(str(out))
     names = dataset["train"].features["class_ids"].feature.names
     assert names == ["background", "bottle", "caf\u00e9", "key", "lamp", "leaf", "shoe"]
     assert fold_classes("folder", dataset=dataset).base == (2, 3, 5, 6)
     image_ids = {i for split in dataset.values() for i in split["image_id"]}
     assert len(image_ids) == 18 and not any(i.startswith("everything/") for i in image_ids)
-    assert "leaf/9" not in image_ids
-    skipped = {e["id"]: e["problem"] for e in build_report(dataset["train"])["skipped"]}
+    assert "leaf/9" not in image_ids and "caf\u00e9/1" in image_ids  # row ids carry the NFC name too
+    report = build_report(dataset["train"])
+    assert report["counts"] == {"list_normalised": 2, "name_normalised": 1, "symlink_skipped": 2}
+    assert "'cafe\\u0301' is not in Unicode NFC" in report["fixed"][0]["problem"]
+    skipped = {e["id"]: e["problem"] for e in report["skipped"]}
     assert "symlinked folder: not a class" in skipped["everything"]
     assert "is a symlink to" in skipped["leaf/9.jpg"] and "shoe/1.jpg" in skipped["leaf/9.jpg"]
 

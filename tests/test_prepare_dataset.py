@@ -776,11 +776,23 @@ def test_pascal5i_lists_saved_by_windows_editors(tmp_path, capsys):
     dd = datasets.load_from_disk(str(out))
     assert dd["train"]["image_id"][:] == ["2007_000001", "2007_000002", "2008_000010", "2008_000011", "2008_000012"]
     assert dd["validation"]["image_id"][:] == ["2007_000003", "2007_000004"]
-    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    # Issue 22 (round two) has the report count the lists read with a BOM / CRLF / as UTF-16 too, one number a kind.
+    report = build_report(dd["train"])
+    assert report["counts"] == {"list_normalised": 2, "duplicate_id": 1, "train_id_in_val": 1}
+    problems = {e["kind"]: e["problem"] for e in report["fixed"] if e["kind"] != "list_normalised"}
     assert len(problems) == 2
-    assert "lists 2007_000002 again on line 4" in problems[0]
-    assert "2007_000004 is listed in both" in problems[1] and "kept in validation only" in problems[1]
-    assert "train: 5 rows, 8 classes; defects of the release: 2 fixed, 0 skipped" in capsys.readouterr().out
+    assert "lists 2007_000002 again on line 4" in problems["duplicate_id"]
+    assert "2007_000004 is listed in both" in problems["train_id_in_val"]
+    assert "kept in validation only" in problems["train_id_in_val"]
+    normalised = [e["problem"] for e in report["fixed"] if e["kind"] == "list_normalised"]
+    assert f"{lists / 'train.txt'} is saved with CRLF line ends" in normalised[0]
+    assert f"{voc['sbd'] / 'dataset' / 'val.txt'} is saved as UTF-16" in normalised[1]
+    assert build_report(dd["validation"])["counts"] == {"list_normalised": 1}
+    assert "UTF-8 byte-order mark and with CRLF" in build_report(dd["validation"])["fixed"][0]["problem"]
+    out = capsys.readouterr().out
+    counts = "list_normalised 2, duplicate_id 1, train_id_in_val 1"
+    assert f"train: 5 rows, 8 classes; defects of the release: 4 fixed, 0 skipped ({counts};" in out
+    assert "validation: 2 rows, 3 classes; defects of the release: 1 fixed, 0 skipped (list_normalised 1;" in out
 
 
 @pytest.mark.parametrize(
@@ -816,12 +828,19 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     ann_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # saved with a BOM, too
     out = tmp_path / "out"
     assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
-    assert "train: 3 rows, 7 classes; defects of the release: 3 fixed" in capsys.readouterr().out
+    # The BOM is counted as well (issue 22, round two: one number per kind in the summary and the report).
+    counts = "list_normalised 1, coco_category_missing 1, coco_category_unknown 1, file_fixed 1"
+    out_text = capsys.readouterr().out
+    assert f"train: 3 rows, 7 classes; defects of the release: 4 fixed, 0 skipped ({counts};" in out_text
     dd = datasets.load_from_disk(str(out))
     for image_id, row in _rows(dd["train"]).items():
         _check_row(row, coco["labels"][image_id], coco["images"][image_id])  # bicycle still 2, toothbrush 80
     assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
-    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    report = build_report(dd["train"])
+    kinds = ("list_normalised", "coco_category_missing", "coco_category_unknown", "file_fixed")
+    assert report["counts"] == dict.fromkeys(kinds, 1)
+    assert "instances_train2014.json is saved with a UTF-8 byte-order mark" in report["fixed"][0]["problem"]
+    problems = [e["problem"] for e in report["fixed"] if e["kind"] != "list_normalised"]
     assert "category 91 ('hat') is not one of COCO's 80" in problems[0]
     assert "COCO category 2 ('bicycle') is missing" in problems[1] and "class 2 keeps its id" in problems[1]
 

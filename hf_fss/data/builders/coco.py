@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from ..schema import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX
 from ..text import read_user_text
-from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
+from ._common import SkipRow, build_split, file_signature, make_row, report_entry, require_dir, require_file
 
 
 def _clean_polygons(segmentation: list, height: int, width: int, source: str, fixes: list) -> list[list[float]]:
@@ -130,10 +130,11 @@ def _coco_row(item, fixes: list) -> dict:
     return make_row(image_id, Path(image_path), label, f"the annotations of COCO image {image_id}", fixes)
 
 
-def _load_coco(path: Path) -> COCO:
-    """The instances file at `path` indexed by pycocotools; ValueError naming it when it is not one."""
+def _load_coco(path: Path, notes: list | None = None) -> COCO:
+    """The instances file at `path` indexed by pycocotools; ValueError naming it when it is not one. A file saved
+    with a BOM, CRLF line ends or as UTF-16 is read, and noted in `notes` (see `read_user_text`)."""
     try:
-        data = json.loads(read_user_text(path, "COCO annotation file"))
+        data = json.loads(read_user_text(path, "COCO annotation file", notes))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     for key in ("images", "annotations", "categories"):
@@ -161,7 +162,7 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
         image_path = images_dir / str(info.get("file_name", ""))
         if not info.get("file_name") or not image_path.is_file():
             problem = f"image of COCO id {image_id} not found: {image_path} (listed in {ann_file.name})"
-            listing.append({"id": str(image_id), "action": "skipped", "problem": problem})
+            listing.append(report_entry(image_id, "file_skipped", problem, row=True))
             continue
         annotations = []
         for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
@@ -171,7 +172,7 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
                     f"{ann_file.name}: annotation {ann['id']} has unknown category {ann.get('category_id')!r}: "
                     "its pixels are ignore (255)"
                 )
-                listing.append({"id": str(image_id), "action": "fixed", "problem": problem})
+                listing.append(report_entry(image_id, "unknown_category_annotation", problem))
             annotations.append((ann["id"], class_id, int(ann.get("iscrowd", 0)), ann.get("segmentation", [])))
         items.append((str(image_id), str(image_path), info.get("height", 0), info.get("width", 0), annotations))
         signature.append(file_signature(image_path))
@@ -185,7 +186,7 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
     )
     for ann_id, image_id in orphans:
         problem = f"{ann_file.name}: annotation {ann_id} points to image id {image_id!r}, which the file does not list"
-        listing.append({"id": f"annotation {ann_id}", "action": "skipped", "problem": problem, "row": False})
+        listing.append(report_entry(f"annotation {ann_id}", "orphan_annotation", problem))
     return items, signature, listing
 
 
@@ -206,7 +207,7 @@ def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]
         if cat_id not in table:
             problem = f"{source.name}: category {cat_id!r} ({name!r}) is not one of COCO's 80: "
             problem += "its pixels are ignore (255)"
-            listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+            listing.append(report_entry(f"category {cat_id}", "coco_category_unknown", problem))
         elif name != table[cat_id]:
             raise ValueError(
                 f"{source}: category {cat_id} is named {name!r}, COCO 2014's is {table[cat_id]!r}; COCO-20i needs "
@@ -217,7 +218,7 @@ def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]
             f"{source.name}: COCO category {cat_id} ({table[cat_id]!r}) is missing from its categories: class "
             f"{COCO_CATEGORY_IDS.index(cat_id) + 1} keeps its id, and its annotations are read by that id"
         )
-        listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+        listing.append(report_entry(f"category {cat_id}", "coco_category_missing", problem))
     return {cat_id: i + 1 for i, cat_id in enumerate(COCO_CATEGORY_IDS)}, listing
 
 
@@ -249,8 +250,10 @@ def build_coco20i(
     for split, tag in (("train", "train2014"), ("validation", "val2014")):
         images_dir = require_dir(root / tag, "COCO image folder")
         ann_file = require_file(root / "annotations" / f"instances_{tag}.json", "COCO annotation file")
-        coco = _load_coco(ann_file)
+        notes: list[str] = []
+        coco = _load_coco(ann_file, notes)
         items, signature, listing = _coco_items(coco, images_dir, ann_file)
+        listing[:0] = [report_entry(ann_file.name, "list_normalised", note) for note in notes]
         description = (
             f"COCO-20i {split} (80 classes, category ids -> 1..80 in ascending id order, 255 = uncovered crowd), "
             f"built by hf_fss from {ann_file} and {images_dir}; overlaps go to the smallest instance"

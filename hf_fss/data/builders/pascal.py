@@ -19,6 +19,7 @@ from ._common import (
     make_row,
     read_id_list,
     read_index_png,
+    report_entry,
     require_dir,
     require_file,
 )
@@ -154,12 +155,11 @@ def _image_path(image_id: str, voc: Path, sbd: Path | None) -> Path:
 def _in_both(train_ids: list[str], val_ids: set[str], train_file: Path, val_file: Path) -> list[dict]:
     """Listing entries for the ids of a train list that the val list also holds: they stay in validation only."""
     return [
-        {
-            "id": image_id,
-            "action": "fixed",
-            "problem": f"{image_id} is listed in both {train_file} and {val_file}: kept in validation only",
-            "row": False,
-        }
+        report_entry(
+            image_id,
+            "train_id_in_val",
+            f"{image_id} is listed in both {train_file} and {val_file}: kept in validation only",
+        )
         for image_id in train_ids
         if image_id in val_ids
     ]
