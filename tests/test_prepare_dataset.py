@@ -867,3 +867,71 @@ def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path,
     _one_line_error(capsys.readouterr().err, "the validation split of the build has no rows", "--num-val")
     assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier output is untouched
     _no_leftovers(out)
+
+
+# ------------------------------------------------------------------ FSS-1000 class folders as users lay them out
+
+
+def test_fss1000_symlinks_unicode_names_and_lists_are_read_right_and_counted(tmp_path, capsys):
+    """A symlinked class folder used to become a class of another's images, a symlinked image a duplicate row, and
+    a class folder macOS named in NFD did not match its NFC name in the split list (a "not found" error)."""
+    from hf_fss.data.builders import build_report
+
+    fss = write_fss(tmp_path / "fss")
+    root, splits = fss["root"], fss["splits"]
+    (root / "dog").rename(root / "cre\u0300me")  # NFD, as macOS writes it; the list below names it in NFC
+    (root / "everything").symlink_to(root, target_is_directory=True)  # in no list: not a class, reported
+    (root / "apple" / "11.jpg").symlink_to(root / "bus" / "1.jpg")  # bus/1 again under apple
+    (root / "apple" / "11.png").symlink_to(root / "bus" / "1.png")
+    (root / "fish").mkdir()  # a class folder in no split list: not used, reported
+    write_jpeg(root / "fish" / "1.jpg", _rgb(np.random.default_rng(7), 12, 14))
+    (root / "fish" / "1.png").write_bytes((root / "bus" / "1.png").read_bytes())
+    (splits / "trn.txt").write_bytes(b"\xef\xbb\xbfbus\t\r\napple  \r\n\r\ncat\r\nbus\r\n")  # BOM, CRLF, a repeat
+    (splits / "val.txt").write_text("cr\u00e8me\n", encoding="utf-16")
+    out = tmp_path / "out"
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", out]) == 0
+    summary = capsys.readouterr().out
+    dd = datasets.load_from_disk(str(out))
+    names = ["background", *sorted(["abe's_flyingfish", "apple", "bus", "cat", "cr\u00e8me", "zebra"])]
+    assert dd["train"].features["class_ids"].feature.names == names
+    assert dd["validation"]["image_id"][:] == ["cr\u00e8me/1", "cr\u00e8me/2", "cr\u00e8me/10"]
+    assert dd["validation"]["class_ids"][:] == [[names.index("cr\u00e8me")]] * 3
+    for image_id, row in _rows(dd["validation"]).items():
+        np.testing.assert_array_equal(np.array(row["label"]), fss["masks"]["dog/" + image_id.split("/")[1]])
+    train_ids = dd["train"]["image_id"][:]
+    assert train_ids == [f"{c}/{n}" for c in ("apple", "bus", "cat") for n in (1, 2, 10)]  # no apple/11, no fish
+    assert not any(i.startswith("everything/") for split in dd.values() for i in split["image_id"])
+
+    train, validation = build_report(dd["train"]), build_report(dd["validation"])
+    kinds = {"list_normalised": 1, "duplicate_id": 1, "name_normalised": 1, "symlink_skipped": 2}
+    assert train["counts"] == {**kinds, "unlisted_class": 1}
+    assert validation["counts"] == {"list_normalised": 1}  # the folder's NFD name is in train's report
+    problems = {(e["kind"], e["id"]): e["problem"] for e in train["fixed"] + train["skipped"]}
+    assert (
+        "trn.txt is saved with a UTF-8 byte-order mark and with CRLF line ends"
+        in problems["list_normalised", "trn.txt"]
+    )
+    assert "lists class 'bus' again" in problems["duplicate_id", "bus"]
+    assert "'cre\\u0300me' is not in Unicode NFC: read as 'cr\\xe8me'" in problems["name_normalised", "cr\u00e8me"]
+    assert "symlinked folder: not a class" in problems["symlink_skipped", "everything"]
+    assert f"is a symlink to {root / 'bus' / '1.jpg'}" in problems["symlink_skipped", "apple/11.jpg"]
+    assert "in no split list" in problems["unlisted_class", "fish"]
+    assert "saved as UTF-16" in validation["fixed"][0]["problem"]
+    counts = "list_normalised 1, duplicate_id 1, name_normalised 1, symlink_skipped 2, unlisted_class 1"
+    assert f"train: 9 rows, 3 classes; defects of the release: 3 fixed, 3 skipped ({counts};" in summary
+    assert "validation: 3 rows, 1 classes; defects of the release: 1 fixed, 0 skipped" in summary
+
+    # A listed class whose folder is a symlink, and two folders whose names differ only in their Unicode form, are
+    # one line naming them; nothing is written.
+    (root / "zebra").rename(tmp_path / "zebra")
+    (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)
+    bad = tmp_path / "bad"
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, "class 'zebra'", splits / "test.txt", "is a symlinked folder")
+    (root / "zebra").unlink()
+    (tmp_path / "zebra").rename(root / "zebra")
+    (root / "cr\u00e8me").mkdir()
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, root, "'cre\\u0300me' and 'cr\\xe8me' name one class more than once")
+    assert not bad.exists()
+    _no_leftovers(bad)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..text import normalize_name
+from ..text import normalize_name, read_text_lines
 from ._common import report_entry
 
 
@@ -85,3 +85,25 @@ def is_duplicate_link(path: Path, targets: dict[Path, Path], listing: list, entr
     problem = f"{path} is a symlink to {owner}, listed already: left out as a duplicate"
     listing.append(report_entry(entry_id, "symlink_skipped", problem))
     return True
+
+
+def read_name_list(path: Path, notes: list, what: str = "class list") -> list[str]:
+    """
+    The class names listed one per line in `path` (a split list), in NFC, each once, in file order. Read as editors
+    save it (`read_text_lines`: BOM, CRLF, UTF-16 with a BOM; blank lines, tabs and trailing blanks ignored); a
+    file so normalised ("list_normalised"), names not in NFC ("name_normalised") and names listed again
+    ("duplicate_id") are noted in `notes` as report entries.
+
+    Raises:
+        ValueError: the file is in another encoding (one line naming it, see `read_user_text`).
+    """
+    texts: list[str] = []
+    lines = [line for line in read_text_lines(path, what, texts) if line]
+    notes.extend(report_entry(path.name, "list_normalised", text) for text in texts)
+    listed: list[str] = []
+    for name in normalized_names(lines, str(path), notes):
+        if name in listed:
+            notes.append(report_entry(name, "duplicate_id", f"{path} lists class {name!r} again: listed once"))
+        else:
+            listed.append(name)
+    return listed

@@ -42,7 +42,7 @@ from ._common import (
     require_file,
 )
 from ._layout import class_folders as list_class_folders
-from ._layout import is_duplicate_link, normalized_names, real_files, refuse_duplicate_names
+from ._layout import is_duplicate_link, normalized_names, read_name_list, real_files, refuse_duplicate_names
 from .fss import fallback_split, read_fss_mask
 
 logger = logging.getLogger(__name__)
@@ -219,30 +219,15 @@ def _split_of_image(present: Sequence[int], class_split: Mapping[str, Sequence[i
     return "train"
 
 
-def _read_split_list(path: Path, notes: list) -> list[str]:
-    """The class names of one split list in NFC, each once; a file saved with a BOM / CRLF / as UTF-16, names not
-    in NFC and names listed again are noted in `notes` (report entries)."""
-    texts: list[str] = []
-    lines = [line for line in read_text_lines(path, "class list", texts) if line]
-    notes.extend(report_entry(path.name, "list_normalised", text) for text in texts)
-    listed = []
-    for name in normalized_names(lines, str(path), notes):
-        if name in listed:
-            notes.append(report_entry(name, "duplicate_id", f"{path} lists class {name!r} again: listed once"))
-        else:
-            listed.append(name)
-    return listed
-
-
 def _class_split(names: list[str], present: set[int], split_dir, seed: int, notes: list) -> dict[str, list[int]]:
-    """Class ids of train / validation / test: from split lists of names (read by `_read_split_list`, what it
-    normalised noted in `notes`), or seeded over the classes present."""
+    """Class ids of train / validation / test: from split lists of names (read by `_layout.read_name_list`, what
+    it normalised noted in `notes`), or seeded over the classes present."""
     if split_dir is not None:
         root = require_dir(split_dir, "class split folder")
         by_name = {name: i for i, name in enumerate(names)}
         out, seen = {}, {}
         for split, filename in SPLIT_FILES.items():
-            listed = _read_split_list(require_file(root / filename, f"class list of the {split} split"), notes)
+            listed = read_name_list(require_file(root / filename, f"class list of the {split} split"), notes)
             unknown = [n for n in listed if n not in by_name or by_name[n] == 0]
             if unknown:
                 raise ValueError(f"{root / filename} lists classes {unknown} that are not class names {names[1:]}")
