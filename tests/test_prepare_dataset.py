@@ -377,6 +377,50 @@ def test_pascal5i_aug_label_dir(raw, tmp_path):
     assert datasets.load_from_disk(str(out))["train"]["image_id"][:] == ["2007_000001", "2008_000010"]
 
 
+def test_pascal5i_aug_label_dir_as_unzipped(tmp_path, capsys):
+    """The folder SegmentationClassAug.zip was unzipped into, with macOS's `._{id}.png` AppleDouble files beside
+    the labels and one `.PNG`: read right (the `._` files used to be ids of missing images, the `.PNG` was lost);
+    an unreadable RGB label is skipped naming its file; a folder without labels is one line naming it."""
+    from hf_fss.data.builders import build_report
+    from hf_fss.data.builders.pascal import voc_colormap
+
+    voc = write_voc_sbd(tmp_path / "pascal")
+    (tmp_path / "unzipped").mkdir()
+    aug = write_aug_dir(tmp_path / "unzipped", voc)
+    for label in [*aug.iterdir()]:
+        (aug / f"._{label.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (aug / "2008_000010.png").rename(aug / "2008_000010.PNG")
+    voc_label = voc["voc"] / "SegmentationClass" / "2007_000004.png"
+    PIL.Image.fromarray(voc_colormap()[voc["labels"]["2007_000004"]]).save(voc_label)
+    _truncate(voc_label)
+    out = tmp_path / "out"
+    assert (
+        _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", tmp_path / "unzipped", "--output-dir", out])
+        == 0
+    )
+    dd = datasets.load_from_disk(str(out))
+    train = _rows(dd["train"])
+    assert list(train) == ["2007_000001", "2007_000002", "2008_000010"]
+    for image_id, row in train.items():
+        _check_row(row, voc["labels"]["aug:" + image_id], voc["images"][image_id])
+    assert dd["validation"]["image_id"][:] == ["2007_000003"]
+    skipped = build_report(dd["validation"])["skipped"]
+    assert [e["id"] for e in skipped] == ["2007_000004"] and f"cannot read label {voc_label}" in skipped[0]["problem"]
+    assert build_report(dd["validation"])["counts"] == {"file_skipped": 1}
+    assert "validation: 1 rows, 2 classes; defects of the release: 0 fixed, 1 skipped (file_skipped 1;" in (
+        capsys.readouterr().out
+    )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "._2007_000001.png").write_bytes(b"\x00\x05\x16\x07")
+    bad = tmp_path / "bad"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", empty, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, f"SegmentationClassAug folder {empty} holds no", "--aug-label-dir")
+    assert not bad.exists()
+    _no_leftovers(bad)
+
+
 def test_sbd_struct_access_styles(raw):
     from hf_fss.data.builders.pascal import _struct_field
 
