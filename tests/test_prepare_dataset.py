@@ -900,6 +900,41 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     _no_leftovers(tmp_path / "broken")
 
 
+def test_coco20i_image_ids_listed_twice_or_not_whole_numbers(tmp_path, capsys):
+    """pycocotools keeps the last of two entries with one image id, silently; an id that is a list was a TypeError
+    from deep inside pycocotools."""
+    from hf_fss.data.builders import build_report
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_train2014.json"
+    data = json.loads(ann_path.read_text())
+    by_id = {entry["id"]: entry for entry in data["images"]}
+    data["images"] += [dict(by_id[25]), {**by_id[30], "file_name": "COCO_train2014_000000000009.jpg"}]
+    ann_path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
+    counts = "duplicate_id 1, file_fixed 1, file_skipped 1"  # the fixture's own defect is the fixed file
+    assert (
+        f"train: 2 rows, 6 classes; defects of the release: 2 fixed, 1 skipped ({counts};" in capsys.readouterr().out
+    )
+    train = datasets.load_from_disk(str(out))["train"]
+    for image_id, row in _rows(train).items():
+        _check_row(row, coco["labels"][image_id], coco["images"][image_id])
+    assert train["image_id"][:] == ["9", "25"]  # 30 is listed as two different images: left out
+    report = build_report(train)
+    assert report["counts"] == {"duplicate_id": 1, "file_fixed": 1, "file_skipped": 1}
+    assert "lists image id 25 2 times: listed once" in report["fixed"][0]["problem"]
+    assert "lists image id 30 2 times, as different images" in report["skipped"][0]["problem"]
+
+    data["images"][0]["id"] = [9]
+    ann_path.write_text(json.dumps(data))
+    bad = tmp_path / "bad"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "'images' has id [9]; COCO ids are whole numbers")
+    assert not bad.exists()
+    _no_leftovers(bad)
+
+
 def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path, capsys):
     """`synthetic --num-val 0` used to be saved, moved into place, and only then fail to load (a traceback)."""
     pytest.importorskip("hf_fss.data.synthetic")

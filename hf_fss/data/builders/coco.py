@@ -142,6 +142,9 @@ def _load_coco(path: Path, notes: list | None = None) -> COCO:
             raise ValueError(f"{path} is not a COCO instances file: no {key!r} list")
         if not all(isinstance(entry, dict) and "id" in entry for entry in data[key]):
             raise ValueError(f"{path}: every entry of {key!r} must be an object with an 'id'")
+        bad = next((e["id"] for e in data[key] if isinstance(e["id"], bool) or not isinstance(e["id"], int)), None)
+        if bad is not None:  # pycocotools would index by it (a list is a TypeError deep inside) or never match it
+            raise ValueError(f"{path}: an entry of {key!r} has id {bad!r}; COCO ids are whole numbers")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -152,12 +155,15 @@ def _load_coco(path: Path, notes: list | None = None) -> COCO:
 def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, list, list[dict]]:
     """
     The items of one split (image_id, image_path, height, width, annotations), the cache signature, and what
-    listing found: categories missing or unknown (see `coco_class_of`), images absent from disk and annotations
-    of unlisted image ids (skipped), annotations of unknown categories (painted as ignore).
+    listing found: categories missing or unknown (see `coco_class_of`), image ids listed twice (see
+    `_repeated_images`), images absent from disk and annotations of unlisted image ids (skipped), annotations of
+    unknown categories (painted as ignore).
     """
     class_of, listing = coco_class_of(coco, ann_file)
+    conflicting, repeated = _repeated_images(coco, ann_file)
+    listing += repeated
     items, signature = [], [file_signature(ann_file)]
-    for image_id in sorted(coco.imgs):
+    for image_id in sorted(set(coco.imgs) - conflicting):
         info = coco.imgs[image_id]
         image_path = images_dir / str(info.get("file_name", ""))
         if not info.get("file_name") or not image_path.is_file():
@@ -188,6 +194,30 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
         problem = f"{ann_file.name}: annotation {ann_id} points to image id {image_id!r}, which the file does not list"
         listing.append(report_entry(f"annotation {ann_id}", "orphan_annotation", problem))
     return items, signature, listing
+
+
+def _repeated_images(coco: COCO, ann_file: Path) -> tuple[set[int], list[dict]]:
+    """
+    Image ids `ann_file` lists more than once (pycocotools silently keeps the last entry): identical entries are
+    kept once ("duplicate_id"); entries that differ are all left out ("file_skipped"), since which image the
+    annotations belong to cannot be told. Returns the ids left out and the report entries.
+    """
+    entries: dict[int, list[dict]] = {}
+    for info in coco.dataset["images"]:
+        entries.setdefault(info["id"], []).append(info)
+    conflicting, listing = set(), []
+    for image_id, infos in sorted(entries.items()):
+        if len(infos) < 2:
+            continue
+        where = f"{ann_file.name} lists image id {image_id} {len(infos)} times"
+        if all(info == infos[0] for info in infos):
+            listing.append(report_entry(image_id, "duplicate_id", f"{where}: listed once"))
+            continue
+        conflicting.add(image_id)
+        names = [info.get("file_name") for info in infos]
+        problem = f"{where}, as different images {names}: left out (which one its annotations are on is unknown)"
+        listing.append(report_entry(image_id, "file_skipped", problem, row=True))
+    return conflicting, listing
 
 
 def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]:
