@@ -277,3 +277,28 @@ def test_class_names_equal_up_to_unicode_normalisation_are_one_line_telling_them
     status, text = _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", out)
     assert status == 1 and not out.exists()
     assert f"class names file {names}: 'cafe\\u0301' and 'caf\\xe9' name one class" in text
+
+
+def test_a_class_listed_twice_is_recorded_once_and_counted(tmp_path, capsys):
+    """A split list naming a class twice used to record it twice in the class split (base classes (1, 1, ...)),
+    so episodes drew it twice as often; the names file's UTF-16 is counted too."""
+    from hf_fss.data.builders import build_report
+
+    images, masks, names = write_label_folder(tmp_path / "raw", per_class=2)
+    names.write_text("\n".join(CLASS_NAMES) + "\n", encoding="utf-16")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("cup\nleaf\ncup\nshoe\nkey\n")
+    (lists / "val.txt").write_text("bottle\n")
+    (lists / "test.txt").write_text("lamp\n")
+    out = tmp_path / "mine"
+    argv = ["--images", images, "--masks", masks, "--class-names", names, "--split-dir", lists, "--output-dir", out]
+    status, text = _prepare(capsys, *argv)
+    assert status == 0, text
+    assert "defects of the release: 2 fixed, 0 skipped (list_normalised 1, duplicate_id 1;" in text
+    dataset = load_benchmark(str(out))
+    assert fold_classes("folder", dataset=dataset).base == (1, 2, 3, 4)
+    report = build_report(dataset["train"])
+    assert report["counts"] == {"list_normalised": 1, "duplicate_id": 1}
+    assert f"{lists / 'train.txt'} lists class 'cup' again" in report["fixed"][1]["problem"]
+    assert f"class names file {names} is saved as UTF-16" in report["fixed"][0]["problem"]
