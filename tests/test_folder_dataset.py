@@ -239,15 +239,20 @@ def test_symlinks_and_unicode_forms_of_class_folders(tmp_path, capsys):
     out = tmp_path / "mine"
     status, text = _prepare(capsys, "--images", root, "--class-folders", "--split-dir", lists, "--output-dir", out)
     assert status == 0, text
-    assert "train: 12 rows, 4 classes; defects of the release: 0 fixed, 2 skipped" in text
+    # Normalising the two lists and the NFD folder name is counted too (issue 22: the report counts each kind).
+    counts = "list_normalised 2, name_normalised 1, symlink_skipped 2"
+    assert f"train: 12 rows, 4 classes; defects of the release: 3 fixed, 2 skipped ({counts};" in text
     dataset = load_benchmark(str(out))
     names = dataset["train"].features["class_ids"].feature.names
     assert names == ["background", "bottle", "caf\u00e9", "key", "lamp", "leaf", "shoe"]
     assert fold_classes("folder", dataset=dataset).base == (2, 3, 5, 6)
     image_ids = {i for split in dataset.values() for i in split["image_id"]}
     assert len(image_ids) == 18 and not any(i.startswith("everything/") for i in image_ids)
-    assert "leaf/9" not in image_ids
-    skipped = {e["id"]: e["problem"] for e in build_report(dataset["train"])["skipped"]}
+    assert "leaf/9" not in image_ids and "caf\u00e9/1" in image_ids  # row ids carry the NFC name too
+    report = build_report(dataset["train"])
+    assert report["counts"] == {"list_normalised": 2, "name_normalised": 1, "symlink_skipped": 2}
+    assert "'cafe\\u0301' is not in Unicode NFC" in report["fixed"][0]["problem"]
+    skipped = {e["id"]: e["problem"] for e in report["skipped"]}
     assert "symlinked folder: not a class" in skipped["everything"]
     assert "is a symlink to" in skipped["leaf/9.jpg"] and "shoe/1.jpg" in skipped["leaf/9.jpg"]
 
@@ -272,3 +277,28 @@ def test_class_names_equal_up_to_unicode_normalisation_are_one_line_telling_them
     status, text = _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", out)
     assert status == 1 and not out.exists()
     assert f"class names file {names}: 'cafe\\u0301' and 'caf\\xe9' name one class" in text
+
+
+def test_a_class_listed_twice_is_recorded_once_and_counted(tmp_path, capsys):
+    """A split list naming a class twice used to record it twice in the class split (base classes (1, 1, ...)),
+    so episodes drew it twice as often; the names file's UTF-16 is counted too."""
+    from hf_fss.data.builders import build_report
+
+    images, masks, names = write_label_folder(tmp_path / "raw", per_class=2)
+    names.write_text("\n".join(CLASS_NAMES) + "\n", encoding="utf-16")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("cup\nleaf\ncup\nshoe\nkey\n")
+    (lists / "val.txt").write_text("bottle\n")
+    (lists / "test.txt").write_text("lamp\n")
+    out = tmp_path / "mine"
+    argv = ["--images", images, "--masks", masks, "--class-names", names, "--split-dir", lists, "--output-dir", out]
+    status, text = _prepare(capsys, *argv)
+    assert status == 0, text
+    assert "defects of the release: 2 fixed, 0 skipped (list_normalised 1, duplicate_id 1;" in text
+    dataset = load_benchmark(str(out))
+    assert fold_classes("folder", dataset=dataset).base == (1, 2, 3, 4)
+    report = build_report(dataset["train"])
+    assert report["counts"] == {"list_normalised": 1, "duplicate_id": 1}
+    assert f"{lists / 'train.txt'} lists class 'cup' again" in report["fixed"][1]["problem"]
+    assert f"class names file {names} is saved as UTF-16" in report["fixed"][0]["problem"]

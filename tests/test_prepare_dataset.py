@@ -377,6 +377,50 @@ def test_pascal5i_aug_label_dir(raw, tmp_path):
     assert datasets.load_from_disk(str(out))["train"]["image_id"][:] == ["2007_000001", "2008_000010"]
 
 
+def test_pascal5i_aug_label_dir_as_unzipped(tmp_path, capsys):
+    """The folder SegmentationClassAug.zip was unzipped into, with macOS's `._{id}.png` AppleDouble files beside
+    the labels and one `.PNG`: read right (the `._` files used to be ids of missing images, the `.PNG` was lost);
+    an unreadable RGB label is skipped naming its file; a folder without labels is one line naming it."""
+    from hf_fss.data.builders import build_report
+    from hf_fss.data.builders.pascal import voc_colormap
+
+    voc = write_voc_sbd(tmp_path / "pascal")
+    (tmp_path / "unzipped").mkdir()
+    aug = write_aug_dir(tmp_path / "unzipped", voc)
+    for label in [*aug.iterdir()]:
+        (aug / f"._{label.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (aug / "2008_000010.png").rename(aug / "2008_000010.PNG")
+    voc_label = voc["voc"] / "SegmentationClass" / "2007_000004.png"
+    PIL.Image.fromarray(voc_colormap()[voc["labels"]["2007_000004"]]).save(voc_label)
+    _truncate(voc_label)
+    out = tmp_path / "out"
+    assert (
+        _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", tmp_path / "unzipped", "--output-dir", out])
+        == 0
+    )
+    dd = datasets.load_from_disk(str(out))
+    train = _rows(dd["train"])
+    assert list(train) == ["2007_000001", "2007_000002", "2008_000010"]
+    for image_id, row in train.items():
+        _check_row(row, voc["labels"]["aug:" + image_id], voc["images"][image_id])
+    assert dd["validation"]["image_id"][:] == ["2007_000003"]
+    skipped = build_report(dd["validation"])["skipped"]
+    assert [e["id"] for e in skipped] == ["2007_000004"] and f"cannot read label {voc_label}" in skipped[0]["problem"]
+    assert build_report(dd["validation"])["counts"] == {"file_skipped": 1}
+    assert "validation: 1 rows, 2 classes; defects of the release: 0 fixed, 1 skipped (file_skipped 1;" in (
+        capsys.readouterr().out
+    )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "._2007_000001.png").write_bytes(b"\x00\x05\x16\x07")
+    bad = tmp_path / "bad"
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", empty, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, f"SegmentationClassAug folder {empty} holds no", "--aug-label-dir")
+    assert not bad.exists()
+    _no_leftovers(bad)
+
+
 def test_sbd_struct_access_styles(raw):
     from hf_fss.data.builders.pascal import _struct_field
 
@@ -776,11 +820,23 @@ def test_pascal5i_lists_saved_by_windows_editors(tmp_path, capsys):
     dd = datasets.load_from_disk(str(out))
     assert dd["train"]["image_id"][:] == ["2007_000001", "2007_000002", "2008_000010", "2008_000011", "2008_000012"]
     assert dd["validation"]["image_id"][:] == ["2007_000003", "2007_000004"]
-    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    # Issue 22 (round two) has the report count the lists read with a BOM / CRLF / as UTF-16 too, one number a kind.
+    report = build_report(dd["train"])
+    assert report["counts"] == {"list_normalised": 2, "duplicate_id": 1, "train_id_in_val": 1}
+    problems = {e["kind"]: e["problem"] for e in report["fixed"] if e["kind"] != "list_normalised"}
     assert len(problems) == 2
-    assert "lists 2007_000002 again on line 4" in problems[0]
-    assert "2007_000004 is listed in both" in problems[1] and "kept in validation only" in problems[1]
-    assert "train: 5 rows, 8 classes; defects of the release: 2 fixed, 0 skipped" in capsys.readouterr().out
+    assert "lists 2007_000002 again on line 4" in problems["duplicate_id"]
+    assert "2007_000004 is listed in both" in problems["train_id_in_val"]
+    assert "kept in validation only" in problems["train_id_in_val"]
+    normalised = [e["problem"] for e in report["fixed"] if e["kind"] == "list_normalised"]
+    assert f"{lists / 'train.txt'} is saved with CRLF line ends" in normalised[0]
+    assert f"{voc['sbd'] / 'dataset' / 'val.txt'} is saved as UTF-16" in normalised[1]
+    assert build_report(dd["validation"])["counts"] == {"list_normalised": 1}
+    assert "UTF-8 byte-order mark and with CRLF" in build_report(dd["validation"])["fixed"][0]["problem"]
+    out = capsys.readouterr().out
+    counts = "list_normalised 2, duplicate_id 1, train_id_in_val 1"
+    assert f"train: 5 rows, 8 classes; defects of the release: 4 fixed, 0 skipped ({counts};" in out
+    assert "validation: 2 rows, 3 classes; defects of the release: 1 fixed, 0 skipped (list_normalised 1;" in out
 
 
 @pytest.mark.parametrize(
@@ -816,12 +872,19 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     ann_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # saved with a BOM, too
     out = tmp_path / "out"
     assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
-    assert "train: 3 rows, 7 classes; defects of the release: 3 fixed" in capsys.readouterr().out
+    # The BOM is counted as well (issue 22, round two: one number per kind in the summary and the report).
+    counts = "list_normalised 1, coco_category_missing 1, coco_category_unknown 1, file_fixed 1"
+    out_text = capsys.readouterr().out
+    assert f"train: 3 rows, 7 classes; defects of the release: 4 fixed, 0 skipped ({counts};" in out_text
     dd = datasets.load_from_disk(str(out))
     for image_id, row in _rows(dd["train"]).items():
         _check_row(row, coco["labels"][image_id], coco["images"][image_id])  # bicycle still 2, toothbrush 80
     assert tuple(dd["train"].features["class_ids"].feature.names) == COCO_CLASSES
-    problems = [e["problem"] for e in build_report(dd["train"])["fixed"]]
+    report = build_report(dd["train"])
+    kinds = ("list_normalised", "coco_category_missing", "coco_category_unknown", "file_fixed")
+    assert report["counts"] == dict.fromkeys(kinds, 1)
+    assert "instances_train2014.json is saved with a UTF-8 byte-order mark" in report["fixed"][0]["problem"]
+    problems = [e["problem"] for e in report["fixed"] if e["kind"] != "list_normalised"]
     assert "category 91 ('hat') is not one of COCO's 80" in problems[0]
     assert "COCO category 2 ('bicycle') is missing" in problems[1] and "class 2 keeps its id" in problems[1]
 
@@ -837,6 +900,41 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     _no_leftovers(tmp_path / "broken")
 
 
+def test_coco20i_image_ids_listed_twice_or_not_whole_numbers(tmp_path, capsys):
+    """pycocotools keeps the last of two entries with one image id, silently; an id that is a list was a TypeError
+    from deep inside pycocotools."""
+    from hf_fss.data.builders import build_report
+
+    coco = write_coco(tmp_path / "coco")
+    ann_path = coco["root"] / "annotations" / "instances_train2014.json"
+    data = json.loads(ann_path.read_text())
+    by_id = {entry["id"]: entry for entry in data["images"]}
+    data["images"] += [dict(by_id[25]), {**by_id[30], "file_name": "COCO_train2014_000000000009.jpg"}]
+    ann_path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", out]) == 0
+    counts = "duplicate_id 1, file_fixed 1, file_skipped 1"  # the fixture's own defect is the fixed file
+    assert (
+        f"train: 2 rows, 6 classes; defects of the release: 2 fixed, 1 skipped ({counts};" in capsys.readouterr().out
+    )
+    train = datasets.load_from_disk(str(out))["train"]
+    for image_id, row in _rows(train).items():
+        _check_row(row, coco["labels"][image_id], coco["images"][image_id])
+    assert train["image_id"][:] == ["9", "25"]  # 30 is listed as two different images: left out
+    report = build_report(train)
+    assert report["counts"] == {"duplicate_id": 1, "file_fixed": 1, "file_skipped": 1}
+    assert "lists image id 25 2 times: listed once" in report["fixed"][0]["problem"]
+    assert "lists image id 30 2 times, as different images" in report["skipped"][0]["problem"]
+
+    data["images"][0]["id"] = [9]
+    ann_path.write_text(json.dumps(data))
+    bad = tmp_path / "bad"
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, ann_path, "'images' has id [9]; COCO ids are whole numbers")
+    assert not bad.exists()
+    _no_leftovers(bad)
+
+
 def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path, capsys):
     """`synthetic --num-val 0` used to be saved, moved into place, and only then fail to load (a traceback)."""
     pytest.importorskip("hf_fss.data.synthetic")
@@ -848,3 +946,71 @@ def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path,
     _one_line_error(capsys.readouterr().err, "the validation split of the build has no rows", "--num-val")
     assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier output is untouched
     _no_leftovers(out)
+
+
+# ------------------------------------------------------------------ FSS-1000 class folders as users lay them out
+
+
+def test_fss1000_symlinks_unicode_names_and_lists_are_read_right_and_counted(tmp_path, capsys):
+    """A symlinked class folder used to become a class of another's images, a symlinked image a duplicate row, and
+    a class folder macOS named in NFD did not match its NFC name in the split list (a "not found" error)."""
+    from hf_fss.data.builders import build_report
+
+    fss = write_fss(tmp_path / "fss")
+    root, splits = fss["root"], fss["splits"]
+    (root / "dog").rename(root / "cre\u0300me")  # NFD, as macOS writes it; the list below names it in NFC
+    (root / "everything").symlink_to(root, target_is_directory=True)  # in no list: not a class, reported
+    (root / "apple" / "11.jpg").symlink_to(root / "bus" / "1.jpg")  # bus/1 again under apple
+    (root / "apple" / "11.png").symlink_to(root / "bus" / "1.png")
+    (root / "fish").mkdir()  # a class folder in no split list: not used, reported
+    write_jpeg(root / "fish" / "1.jpg", _rgb(np.random.default_rng(7), 12, 14))
+    (root / "fish" / "1.png").write_bytes((root / "bus" / "1.png").read_bytes())
+    (splits / "trn.txt").write_bytes(b"\xef\xbb\xbfbus\t\r\napple  \r\n\r\ncat\r\nbus\r\n")  # BOM, CRLF, a repeat
+    (splits / "val.txt").write_text("cr\u00e8me\n", encoding="utf-16")
+    out = tmp_path / "out"
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", out]) == 0
+    summary = capsys.readouterr().out
+    dd = datasets.load_from_disk(str(out))
+    names = ["background", *sorted(["abe's_flyingfish", "apple", "bus", "cat", "cr\u00e8me", "zebra"])]
+    assert dd["train"].features["class_ids"].feature.names == names
+    assert dd["validation"]["image_id"][:] == ["cr\u00e8me/1", "cr\u00e8me/2", "cr\u00e8me/10"]
+    assert dd["validation"]["class_ids"][:] == [[names.index("cr\u00e8me")]] * 3
+    for image_id, row in _rows(dd["validation"]).items():
+        np.testing.assert_array_equal(np.array(row["label"]), fss["masks"]["dog/" + image_id.split("/")[1]])
+    train_ids = dd["train"]["image_id"][:]
+    assert train_ids == [f"{c}/{n}" for c in ("apple", "bus", "cat") for n in (1, 2, 10)]  # no apple/11, no fish
+    assert not any(i.startswith("everything/") for split in dd.values() for i in split["image_id"])
+
+    train, validation = build_report(dd["train"]), build_report(dd["validation"])
+    kinds = {"list_normalised": 1, "duplicate_id": 1, "name_normalised": 1, "symlink_skipped": 2}
+    assert train["counts"] == {**kinds, "unlisted_class": 1}
+    assert validation["counts"] == {"list_normalised": 1}  # the folder's NFD name is in train's report
+    problems = {(e["kind"], e["id"]): e["problem"] for e in train["fixed"] + train["skipped"]}
+    assert (
+        "trn.txt is saved with a UTF-8 byte-order mark and with CRLF line ends"
+        in problems["list_normalised", "trn.txt"]
+    )
+    assert "lists class 'bus' again" in problems["duplicate_id", "bus"]
+    assert "'cre\\u0300me' is not in Unicode NFC: read as 'cr\\xe8me'" in problems["name_normalised", "cr\u00e8me"]
+    assert "symlinked folder: not a class" in problems["symlink_skipped", "everything"]
+    assert f"is a symlink to {root / 'bus' / '1.jpg'}" in problems["symlink_skipped", "apple/11.jpg"]
+    assert "in no split list" in problems["unlisted_class", "fish"]
+    assert "saved as UTF-16" in validation["fixed"][0]["problem"]
+    counts = "list_normalised 1, duplicate_id 1, name_normalised 1, symlink_skipped 2, unlisted_class 1"
+    assert f"train: 9 rows, 3 classes; defects of the release: 3 fixed, 3 skipped ({counts};" in summary
+    assert "validation: 3 rows, 1 classes; defects of the release: 1 fixed, 0 skipped" in summary
+
+    # A listed class whose folder is a symlink, and two folders whose names differ only in their Unicode form, are
+    # one line naming them; nothing is written.
+    (root / "zebra").rename(tmp_path / "zebra")
+    (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)
+    bad = tmp_path / "bad"
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, "class 'zebra'", splits / "test.txt", "is a symlinked folder")
+    (root / "zebra").unlink()
+    (tmp_path / "zebra").rename(root / "zebra")
+    (root / "cr\u00e8me").mkdir()
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    _one_line_error(capsys.readouterr().err, root, "'cre\\u0300me' and 'cr\\xe8me' name one class more than once")
+    assert not bad.exists()
+    _no_leftovers(bad)

@@ -24,10 +24,11 @@ _BOMS = (
 _FIX = "save it as UTF-8 (or UTF-16 with a byte-order mark)"
 
 
-def read_user_text(path: str | os.PathLike, what: str) -> str:
+def read_user_text(path: str | os.PathLike, what: str, notes: list | None = None) -> str:
     """
     The text of the file at `path` (`what` names it in errors, e.g. "VOC segmentation list"), with the BOM removed
-    and every line end turned into "\\n".
+    and every line end turned into "\\n". With `notes`, what was normalised (a BOM, UTF-16 / UTF-32, CRLF or CR
+    line ends) is appended there as one sentence naming the file, so a build report can count it.
 
     Raises:
         FileNotFoundError: `path` is not a file.
@@ -45,13 +46,29 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise ValueError(f"{what} {path} is not {encoding} text ({err.reason} at byte {err.start}); {_FIX}") from None
     if "\x00" in text:
         raise ValueError(f"{what} {path} holds NUL characters (UTF-16 without a byte-order mark?); {_FIX}")
+    changed = _normalised(encoding, text)
+    if changed and notes is not None:
+        notes.append(f"{what} {path} is saved {' and '.join(changed)}: read as text")
     # str.splitlines also splits at form feeds and Unicode separators; only real line ends count here.
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """The lines of `read_user_text(path, what)`, each stripped of surrounding whitespace (tabs, trailing blanks)."""
-    return [line.strip() for line in read_user_text(path, what).split("\n")]
+def _normalised(encoding: str, text: str) -> list[str]:
+    """What `read_user_text` changes in a file's bytes: its byte-order mark / encoding and its line ends."""
+    changed = []
+    if encoding != "utf-8":
+        changed.append("with a UTF-8 byte-order mark" if encoding == "utf-8-sig" else f"as {encoding.upper()}")
+    if "\r\n" in text:
+        changed.append("with CRLF line ends")
+    elif "\r" in text:
+        changed.append("with CR line ends")
+    return changed
+
+
+def read_text_lines(path: str | os.PathLike, what: str, notes: list | None = None) -> list[str]:
+    """The lines of `read_user_text(path, what, notes)`, each stripped of surrounding whitespace (tabs, trailing
+    blanks)."""
+    return [line.strip() for line in read_user_text(path, what, notes).split("\n")]
 
 
 def normalize_name(name: str) -> str:

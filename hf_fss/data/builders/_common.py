@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -31,9 +32,36 @@ REPORT_MARKER = "\n\nBuild report (JSON): "
 MAX_SKIPPED_SHARE = 0.5
 _REPORT_LOG_LINES = 20
 
+# What a build-report entry is: {kind: (action, meaning)}. The report and prepare_dataset.py's summary count the
+# entries of each kind, so a build that normalised lists or dropped symlinks says so in numbers.
+REPORT_KINDS = {
+    "list_normalised": ("fixed", "a list / annotation file saved with a BOM, CRLF or CR line ends, or as UTF-16"),
+    "duplicate_id": ("fixed", "an id or class name listed again: kept once"),
+    "train_id_in_val": ("fixed", "an id listed for train and for validation: kept in validation only"),
+    "name_normalised": ("fixed", "a class name in another Unicode form (e.g. NFD): compared and stored in NFC"),
+    "coco_category_missing": ("fixed", "a COCO category missing from the file: its class keeps its id"),
+    "coco_category_unknown": ("fixed", "a category outside COCO's 80: its pixels are ignore (255)"),
+    "unknown_category_annotation": ("fixed", "an annotation of a category outside COCO's 80: painted ignore (255)"),
+    "file_fixed": ("fixed", "a raw file with a defect that has an obvious fix (resized, mapped back, cast, ...)"),
+    "symlink_skipped": ("skipped", "a symlinked folder, or a symlink to a file already used: not followed"),
+    "stray_file": ("skipped", "a file of a class folder that is no image or mask: not used"),
+    "unlisted_class": ("skipped", "a class folder in no split list: not used"),
+    "orphan_annotation": ("skipped", "an annotation of an image the file does not list"),
+    "file_skipped": ("skipped", "a missing, unreadable or unfixable file: its row is left out"),
+}
+
 
 class SkipRow(ValueError):
     """A raw file with a defect that has no obvious fix: its row is left out and reported."""
+
+
+def report_entry(entry_id: str, kind: str, problem: str, *, row: bool = False) -> dict:
+    """
+    An entry of a `build_split` listing report: `kind` is one of `REPORT_KINDS` (which says whether it was fixed
+    or skipped); `row=True` when it stands for a row of the split left out (counted against MAX_SKIPPED_SHARE).
+    """
+    action = REPORT_KINDS[kind][0]
+    return {"id": str(entry_id), "action": action, "kind": kind, "problem": problem, "row": row}
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -63,11 +91,15 @@ def read_id_list(path: str | os.PathLike, listing: list | None = None) -> list[s
     BOM are fine; other encodings are a ValueError naming the file); blank lines, tabs and trailing whitespace are
     ignored. Besides bare ids (VOC / SBD lists) this accepts the DeepLab list format, whose lines hold paths such as
     `/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`: the first token's file stem is the id.
-    An id listed again is dropped and, with `listing`, reported there (a `build_split` listing entry).
+    An id listed again is dropped and, with `listing`, reported there (a `build_split` listing entry), as is a
+    file saved with a BOM, CRLF line ends or as UTF-16 (kind "list_normalised").
     """
     path = require_file(path, "id list")
-    ids, seen = [], set()
-    for number, line in enumerate(read_user_text(path, "id list").split("\n"), start=1):
+    ids, seen, notes = [], set(), []
+    text = read_user_text(path, "id list", notes)
+    if listing is not None:
+        listing.extend(report_entry(path.name, "list_normalised", note) for note in notes)
+    for number, line in enumerate(text.split("\n"), start=1):
         tokens = line.split()
         if not tokens:
             continue
@@ -78,7 +110,7 @@ def read_id_list(path: str | os.PathLike, listing: list | None = None) -> list[s
         if name in seen:
             if listing is not None:
                 problem = f"{path} lists {name} again on line {number}: listed once"
-                listing.append({"id": name, "action": "fixed", "problem": problem, "row": False})
+                listing.append(report_entry(name, "duplicate_id", problem))
             continue
         seen.add(name)
         ids.append(name)
@@ -221,9 +253,9 @@ def rows_with_report(items: Sequence, row_fn: Callable[[tuple, list], dict], rep
         try:
             row = row_fn(item, fixes)
         except (ValueError, OSError) as err:  # SkipRow is a ValueError
-            entries.append({"id": str(item[0]), "action": "skipped", "problem": str(err)})
+            entries.append(report_entry(item[0], "file_skipped", str(err), row=True))
             continue
-        entries.extend({"id": str(item[0]), "action": "fixed", "problem": fix} for fix in fixes)
+        entries.extend(report_entry(item[0], "file_fixed", fix) for fix in fixes)
         yield row
     if items:
         report_path = Path(report_dir)
@@ -232,21 +264,37 @@ def rows_with_report(items: Sequence, row_fn: Callable[[tuple, list], dict], rep
         (report_path / f"{name[:24]}.json").write_text(json.dumps(entries))
 
 
-def build_report(dataset: Dataset) -> dict[str, list[dict]]:
+def build_report(dataset: Dataset) -> dict:
     """
-    What the build of this split fixed and skipped: `{"fixed": [...], "skipped": [...]}`, each entry
-    `{"id": image id (or file), "problem": what was wrong and, for a fix, what was done}`. Read from the JSON that
-    `build_split` appends to `dataset.info.description` (kept by `save_to_disk` / `load_from_disk`); empty lists
-    for a dataset without one.
+    What the build of this split fixed and skipped: `{"fixed": [...], "skipped": [...], "counts": {kind: n}}`,
+    each entry `{"id": image id (or file), "kind": one of REPORT_KINDS, "problem": what was wrong and, for a fix,
+    what was done}`, and `counts` the number of entries of each kind present (in `REPORT_KINDS` order). Read from
+    the JSON that `build_split` appends to `dataset.info.description` (kept by `save_to_disk` /
+    `load_from_disk`); empty for a dataset without one. Entries of builds older than the kinds count as
+    "file_fixed" / "file_skipped".
     """
     description = dataset.info.description or ""
     if REPORT_MARKER not in description:
-        return {"fixed": [], "skipped": []}
-    return json.loads(description.split(REPORT_MARKER, 1)[1])
+        return {"fixed": [], "skipped": [], "counts": {}}
+    report = json.loads(description.split(REPORT_MARKER, 1)[1])
+    for action in ("fixed", "skipped"):
+        for entry in report[action]:
+            entry.setdefault("kind", f"file_{action}")
+    report.setdefault("counts", count_kinds(report))
+    return report
 
 
-def _collect_report(report_dir: Path, listing: Sequence[dict], items: Sequence) -> dict[str, list[dict]]:
-    """What listing found, then the shards' entries in row order, as {"fixed": [...], "skipped": [...]}."""
+def count_kinds(report: dict) -> dict[str, int]:
+    """{kind: number of entries} of a report's "fixed" and "skipped" entries, in `REPORT_KINDS` order (others
+    after), kinds without entries left out."""
+    found = Counter(entry["kind"] for action in ("fixed", "skipped") for entry in report[action])
+    order = {kind: i for i, kind in enumerate(REPORT_KINDS)}
+    return {kind: found[kind] for kind in sorted(found, key=lambda k: (order.get(k, len(order)), k))}
+
+
+def _collect_report(report_dir: Path, listing: Sequence[dict], items: Sequence) -> dict:
+    """What listing found, then the shards' entries in row order, as {"fixed": [...], "skipped": [...],
+    "counts": {kind: n}} (see `build_report`)."""
     order = {str(item[0]): i for i, item in enumerate(items)}
     entries, seen = [], set()
     for path in sorted(report_dir.glob("*.json")) if report_dir.is_dir() else []:
@@ -256,13 +304,19 @@ def _collect_report(report_dir: Path, listing: Sequence[dict], items: Sequence) 
                 seen.add(key)
                 entries.append(entry)
     entries = [*listing, *sorted(entries, key=lambda e: order.get(e["id"], len(order)))]
-    return {
-        action: [{"id": e["id"], "problem": e["problem"]} for e in entries if e["action"] == action]
+    report = {
+        action: [
+            {"id": e["id"], "kind": e.get("kind", f"file_{action}"), "problem": e["problem"]}
+            for e in entries
+            if e["action"] == action
+        ]
         for action in ("fixed", "skipped")
     }
+    report["counts"] = count_kinds(report)
+    return report
 
 
-def _log_report(split: str, report: dict[str, list[dict]]) -> None:
+def _log_report(split: str, report: dict) -> None:
     for action in ("fixed", "skipped"):
         entries = report[action]
         for entry in entries[:_REPORT_LOG_LINES]:
@@ -276,11 +330,17 @@ def _log_report(split: str, report: dict[str, list[dict]]) -> None:
             )
     if report["fixed"] or report["skipped"]:
         logger.warning(
-            "%s split: %d defects of the release fixed, %d skipped",
+            "%s split: %d defects of the release fixed, %d skipped (%s)",
             split,
             len(report["fixed"]),
             len(report["skipped"]),
+            format_counts(report["counts"]),
         )
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """`counts` of `build_report` as one phrase, e.g. "list_normalised 2, duplicate_id 1"."""
+    return ", ".join(f"{kind} {number}" for kind, number in counts.items())
 
 
 def build_split(
@@ -303,8 +363,7 @@ def build_split(
     in contiguous shards, so the row order does not depend on `num_proc`. `signature` (JSON-serialisable: the
     source paths, ids, file sizes and times) fingerprints the build: an unchanged release reuses the cache in
     `cache_dir` (with its report), a changed one is rebuilt, and large annotation objects are never hashed.
-    `listing_report` holds what the builder fixed or skipped while listing the release (entries with "id",
-    "action", "problem"). The report is logged and appended to `info.description` (see `build_report`); a
+    `listing_report` holds what the builder fixed or skipped while listing the release (`report_entry`s). The report is logged and appended to `info.description` (see `build_report`); a
     split without rows, or with more than half of them skipped, is a ValueError naming the first problems.
     """
     if not items:

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from ..schema import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX
 from ..text import read_user_text
-from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
+from ._common import SkipRow, build_split, file_signature, make_row, report_entry, require_dir, require_file
 
 
 def _clean_polygons(segmentation: list, height: int, width: int, source: str, fixes: list) -> list[list[float]]:
@@ -130,10 +130,11 @@ def _coco_row(item, fixes: list) -> dict:
     return make_row(image_id, Path(image_path), label, f"the annotations of COCO image {image_id}", fixes)
 
 
-def _load_coco(path: Path) -> COCO:
-    """The instances file at `path` indexed by pycocotools; ValueError naming it when it is not one."""
+def _load_coco(path: Path, notes: list | None = None) -> COCO:
+    """The instances file at `path` indexed by pycocotools; ValueError naming it when it is not one. A file saved
+    with a BOM, CRLF line ends or as UTF-16 is read, and noted in `notes` (see `read_user_text`)."""
     try:
-        data = json.loads(read_user_text(path, "COCO annotation file"))
+        data = json.loads(read_user_text(path, "COCO annotation file", notes))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     for key in ("images", "annotations", "categories"):
@@ -141,6 +142,9 @@ def _load_coco(path: Path) -> COCO:
             raise ValueError(f"{path} is not a COCO instances file: no {key!r} list")
         if not all(isinstance(entry, dict) and "id" in entry for entry in data[key]):
             raise ValueError(f"{path}: every entry of {key!r} must be an object with an 'id'")
+        bad = next((e["id"] for e in data[key] if isinstance(e["id"], bool) or not isinstance(e["id"], int)), None)
+        if bad is not None:  # pycocotools would index by it (a list is a TypeError deep inside) or never match it
+            raise ValueError(f"{path}: an entry of {key!r} has id {bad!r}; COCO ids are whole numbers")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -151,17 +155,20 @@ def _load_coco(path: Path) -> COCO:
 def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, list, list[dict]]:
     """
     The items of one split (image_id, image_path, height, width, annotations), the cache signature, and what
-    listing found: categories missing or unknown (see `coco_class_of`), images absent from disk and annotations
-    of unlisted image ids (skipped), annotations of unknown categories (painted as ignore).
+    listing found: categories missing or unknown (see `coco_class_of`), image ids listed twice (see
+    `_repeated_images`), images absent from disk and annotations of unlisted image ids (skipped), annotations of
+    unknown categories (painted as ignore).
     """
     class_of, listing = coco_class_of(coco, ann_file)
+    conflicting, repeated = _repeated_images(coco, ann_file)
+    listing += repeated
     items, signature = [], [file_signature(ann_file)]
-    for image_id in sorted(coco.imgs):
+    for image_id in sorted(set(coco.imgs) - conflicting):
         info = coco.imgs[image_id]
         image_path = images_dir / str(info.get("file_name", ""))
         if not info.get("file_name") or not image_path.is_file():
             problem = f"image of COCO id {image_id} not found: {image_path} (listed in {ann_file.name})"
-            listing.append({"id": str(image_id), "action": "skipped", "problem": problem})
+            listing.append(report_entry(image_id, "file_skipped", problem, row=True))
             continue
         annotations = []
         for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
@@ -171,7 +178,7 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
                     f"{ann_file.name}: annotation {ann['id']} has unknown category {ann.get('category_id')!r}: "
                     "its pixels are ignore (255)"
                 )
-                listing.append({"id": str(image_id), "action": "fixed", "problem": problem})
+                listing.append(report_entry(image_id, "unknown_category_annotation", problem))
             annotations.append((ann["id"], class_id, int(ann.get("iscrowd", 0)), ann.get("segmentation", [])))
         items.append((str(image_id), str(image_path), info.get("height", 0), info.get("width", 0), annotations))
         signature.append(file_signature(image_path))
@@ -185,8 +192,32 @@ def _coco_items(coco: COCO, images_dir: Path, ann_file: Path) -> tuple[list, lis
     )
     for ann_id, image_id in orphans:
         problem = f"{ann_file.name}: annotation {ann_id} points to image id {image_id!r}, which the file does not list"
-        listing.append({"id": f"annotation {ann_id}", "action": "skipped", "problem": problem, "row": False})
+        listing.append(report_entry(f"annotation {ann_id}", "orphan_annotation", problem))
     return items, signature, listing
+
+
+def _repeated_images(coco: COCO, ann_file: Path) -> tuple[set[int], list[dict]]:
+    """
+    Image ids `ann_file` lists more than once (pycocotools silently keeps the last entry): identical entries are
+    kept once ("duplicate_id"); entries that differ are all left out ("file_skipped"), since which image the
+    annotations belong to cannot be told. Returns the ids left out and the report entries.
+    """
+    entries: dict[int, list[dict]] = {}
+    for info in coco.dataset["images"]:
+        entries.setdefault(info["id"], []).append(info)
+    conflicting, listing = set(), []
+    for image_id, infos in sorted(entries.items()):
+        if len(infos) < 2:
+            continue
+        where = f"{ann_file.name} lists image id {image_id} {len(infos)} times"
+        if all(info == infos[0] for info in infos):
+            listing.append(report_entry(image_id, "duplicate_id", f"{where}: listed once"))
+            continue
+        conflicting.add(image_id)
+        names = [info.get("file_name") for info in infos]
+        problem = f"{where}, as different images {names}: left out (which one its annotations are on is unknown)"
+        listing.append(report_entry(image_id, "file_skipped", problem, row=True))
+    return conflicting, listing
 
 
 def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]:
@@ -206,7 +237,7 @@ def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]
         if cat_id not in table:
             problem = f"{source.name}: category {cat_id!r} ({name!r}) is not one of COCO's 80: "
             problem += "its pixels are ignore (255)"
-            listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+            listing.append(report_entry(f"category {cat_id}", "coco_category_unknown", problem))
         elif name != table[cat_id]:
             raise ValueError(
                 f"{source}: category {cat_id} is named {name!r}, COCO 2014's is {table[cat_id]!r}; COCO-20i needs "
@@ -217,7 +248,7 @@ def coco_class_of(coco: COCO, source: Path) -> tuple[dict[int, int], list[dict]]
             f"{source.name}: COCO category {cat_id} ({table[cat_id]!r}) is missing from its categories: class "
             f"{COCO_CATEGORY_IDS.index(cat_id) + 1} keeps its id, and its annotations are read by that id"
         )
-        listing.append({"id": f"category {cat_id}", "action": "fixed", "problem": problem, "row": False})
+        listing.append(report_entry(f"category {cat_id}", "coco_category_missing", problem))
     return {cat_id: i + 1 for i, cat_id in enumerate(COCO_CATEGORY_IDS)}, listing
 
 
@@ -249,8 +280,10 @@ def build_coco20i(
     for split, tag in (("train", "train2014"), ("validation", "val2014")):
         images_dir = require_dir(root / tag, "COCO image folder")
         ann_file = require_file(root / "annotations" / f"instances_{tag}.json", "COCO annotation file")
-        coco = _load_coco(ann_file)
+        notes: list[str] = []
+        coco = _load_coco(ann_file, notes)
         items, signature, listing = _coco_items(coco, images_dir, ann_file)
+        listing[:0] = [report_entry(ann_file.name, "list_normalised", note) for note in notes]
         description = (
             f"COCO-20i {split} (80 classes, category ids -> 1..80 in ascending id order, 255 = uncovered crowd), "
             f"built by hf_fss from {ann_file} and {images_dir}; overlaps go to the smallest instance"

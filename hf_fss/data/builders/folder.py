@@ -30,16 +30,19 @@ import numpy as np
 import PIL.Image
 from datasets import DatasetDict
 
-from ..text import normalize_name, read_text_lines
+from ..text import read_text_lines
 from ._common import (
     SkipRow,
     build_split,
     file_signature,
     make_row,
     read_index_png,
+    report_entry,
     require_dir,
     require_file,
 )
+from ._layout import class_folders as list_class_folders
+from ._layout import is_duplicate_link, normalized_names, read_name_list, real_files, refuse_duplicate_names
 from .fss import fallback_split, read_fss_mask
 
 logger = logging.getLogger(__name__)
@@ -66,88 +69,61 @@ def recorded_class_split(split_description: str) -> dict[str, tuple[int, ...]] |
 
 
 def _list_images(
-    root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, notes: list | None = None, targets: dict | None = None
+    root: Path, notes: list, suffixes: Sequence[str] = IMAGE_SUFFIXES, targets: dict | None = None
 ) -> dict[str, Path]:
     """
     Image files under `root` (recursively, hidden entries skipped) by their path relative to it, without suffix.
 
-    Symlinks are not followed into duplicates: a symlinked sub-folder is not read (a link to a parent or sibling
-    folder would list its images twice), and a symlinked file whose target is a real file of the tree (or the
-    target of an earlier link) is left out. Both are appended to `notes` as (path under root's parent, problem).
-    `targets` ({resolved path: the path that owns it}, default `_real_files(root)`) is shared across calls so that
-    duplicates across class folders are found too.
+    Symlinks are not followed into duplicates (`_layout`): a symlinked sub-folder is not read (a link to a parent
+    or sibling folder would list its images twice), and a symlinked file whose target is a real file of the tree
+    (or the target of an earlier link) is left out. Both are appended to `notes` as "symlink_skipped" report
+    entries. `targets` ({resolved path: the path that owns it}, default `real_files(root)`) is shared across calls
+    so that duplicates across class folders are found too.
     """
     found: dict[str, Path] = {}
-    targets = _real_files(root) if targets is None else targets
+    targets = real_files(root) if targets is None else targets
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
         where = path.relative_to(root.parent).as_posix()
         if path.is_symlink() and path.is_dir():
-            _note(notes, where, f"{path} is a symlinked folder: not followed (its images would repeat)")
+            problem = f"{path} is a symlinked folder: not followed (its images would repeat)"
+            notes.append(report_entry(where, "symlink_skipped", problem))
             continue
         if not path.is_file() or path.suffix.lower() not in suffixes:
             continue
         key = relative.with_suffix("").as_posix()
         if key in found:
             raise ValueError(f"two images share the name {key!r}: {found[key]} and {path}; rename one")
-        owner = targets.setdefault(path.resolve(), path)
-        if owner != path:
-            _note(notes, where, f"{path} is a symlink to {owner}, listed already: left out as a duplicate")
-            continue
-        found[key] = path
+        if not is_duplicate_link(path, targets, notes, where):
+            found[key] = path
     return found
 
 
-def _real_files(root: Path) -> dict[Path, Path]:
-    """{resolved path: path} of the files under `root` that are not symlinks (they own their content)."""
-    return {path.resolve(): path for path in root.rglob("*") if path.is_file() and not path.is_symlink()}
-
-
-def _note(notes: list | None, key: str, problem: str) -> None:
-    if notes is not None:
-        notes.append((key, problem))
-
-
-def read_class_names(path: str | os.PathLike) -> list[str]:
+def read_class_names(path: str | os.PathLike, notes: list | None = None) -> list[str]:
     """
     Class names by id from a text file: line k names class id k, line 0 the background (blank lines are not
     allowed inside the list: they would shift the ids). Read as editors save it (`read_text_lines`: BOM, CRLF,
-    UTF-16 with a BOM), names in Unicode NFC. ValueError for duplicate (also up to normalisation) or missing names.
+    UTF-16 with a BOM), names in Unicode NFC; with `notes`, a file so normalised ("list_normalised") and each name
+    that was not in NFC ("name_normalised") are appended there as report entries. ValueError for duplicate (also
+    up to normalisation) or missing names.
     """
+    notes = [] if notes is None else notes
     require_file(path, "class names file")
-    lines = read_text_lines(path, "class names file")
+    texts: list[str] = []
+    lines = read_text_lines(path, "class names file", texts)
+    notes.extend(report_entry(Path(path).name, "list_normalised", text) for text in texts)
     while lines and not lines[-1]:
         lines.pop()
-    names = [normalize_name(line) for line in lines]
-    if len(names) < 2:
+    if len(lines) < 2:
         raise ValueError(f"class names file {path} must name the background (line 0) and at least one class")
-    if "" in names:
-        raise ValueError(f"class names file {path}: line {names.index('')} is blank; line k names class id k")
-    _refuse_duplicates(lines, f"class names file {path}")
-    if len(names) > _MAX_DENSE_ID + 1:
-        raise ValueError(f"class names file {path} names {len(names) - 1} classes; label maps hold at most 254")
-    return names
-
-
-def _refuse_duplicates(raw_names: Sequence[str], where: str) -> None:
-    """ValueError naming the names of `raw_names` that are equal in NFC; written with ascii() escapes when they
-    differ only in their Unicode form (NFC vs NFD), so the two do not print identically."""
-    by_form: dict[str, list[str]] = {}
-    for raw in raw_names:
-        by_form.setdefault(normalize_name(raw), []).append(raw)
-    repeated = {form: spellings for form, spellings in by_form.items() if len(spellings) > 1}
-    if not repeated:
-        return
-    shown = [
-        repr(form) if len(set(spellings)) == 1 else " and ".join(ascii(s) for s in sorted(set(spellings)))
-        for form, spellings in sorted(repeated.items())
-    ]
-    raise ValueError(
-        f"{where}: {'; '.join(shown)} name one class more than once (class names are compared in Unicode NFC); "
-        "rename or remove one"
-    )
+    if "" in lines:
+        raise ValueError(f"class names file {path}: line {lines.index('')} is blank; line k names class id k")
+    refuse_duplicate_names(lines, f"class names file {path}")
+    if len(lines) > _MAX_DENSE_ID + 1:
+        raise ValueError(f"class names file {path} names {len(lines) - 1} classes; label maps hold at most 254")
+    return normalized_names(lines, f"class names file {path}", notes)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -174,7 +150,7 @@ def _scan_label_maps(images: Path, masks: Path, names: list[str] | None, notes: 
             "label maps need their own --masks folder (the images folder is only one with --class-folders)"
         )
     entries, problems = [], []
-    for key, image_path in _list_images(images, notes=notes).items():
+    for key, image_path in _list_images(images, notes).items():
         mask_path = masks / f"{key}.png"
         if not mask_path.is_file():
             problems.append((key, f"image {image_path} has no mask {mask_path}"))
@@ -205,23 +181,20 @@ def _scan_label_maps(images: Path, masks: Path, names: list[str] | None, notes: 
 
 
 def _scan_class_folders(images: Path, masks: Path, notes: list):
-    """(entries, problems, class names) of the per-class folder layout; a row's ids are [its folder's id]. Symlinked
-    class folders are not classes, and duplicates by symlink are left out: both noted in `notes` (key, problem)."""
-    candidates = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    for link in (p for p in candidates if p.is_symlink()):
-        _note(notes, link.name, f"{link} is a symlinked folder: not a class (its images would repeat another's)")
-    folders = [p for p in candidates if not p.is_symlink()]
-    _refuse_duplicates([p.name for p in folders], f"--images {images}, its class folders")
-    names = ["background", *(normalize_name(p.name) for p in folders)]
+    """(entries, problems, class names) of the per-class folder layout; a row's ids are [its folder's id] and its id
+    "<class>/<name>" with the class name in NFC. Symlinked class folders are not classes, duplicates by symlink are
+    left out, and folder names are read in NFC: each noted in `notes` (see `_layout.class_folders`)."""
+    by_name = list_class_folders(images, f"--images {images}, its class folders", notes)
+    names = ["background", *by_name]
     if len(names) - 1 > _MAX_DENSE_ID:
         logger.info("%d classes: rows store binary masks (1 = the row's class), as FSS-1000", len(names) - 1)
-    entries, problems, targets = [], [], _real_files(images)
-    for class_id, folder in enumerate(folders, start=1):
+    entries, problems, targets = [], [], real_files(images)
+    for class_id, (name, folder) in enumerate(by_name.items(), start=1):
         # The FSS-1000 layout (masks in the images' folders): the .png files beside the images are the masks.
         suffixes = (".jpg", ".jpeg") if images == masks else IMAGE_SUFFIXES
-        for key, image_path in _list_images(folder, suffixes, notes, targets).items():
+        for key, image_path in _list_images(folder, notes, suffixes, targets).items():
             mask_path = masks / folder.name / f"{key}.png"
-            row_id = f"{folder.name}/{key}"
+            row_id = f"{name}/{key}"
             if not mask_path.is_file():
                 problems.append((row_id, f"image {image_path} has no mask {mask_path}"))
                 continue
@@ -246,15 +219,15 @@ def _split_of_image(present: Sequence[int], class_split: Mapping[str, Sequence[i
     return "train"
 
 
-def _class_split(names: list[str], present: set[int], split_dir, seed: int) -> dict[str, list[int]]:
-    """Class ids of train / validation / test: from split lists of names, or seeded over the classes present."""
+def _class_split(names: list[str], present: set[int], split_dir, seed: int, notes: list) -> dict[str, list[int]]:
+    """Class ids of train / validation / test: from split lists of names (read by `_layout.read_name_list`, what
+    it normalised noted in `notes`), or seeded over the classes present."""
     if split_dir is not None:
         root = require_dir(split_dir, "class split folder")
         by_name = {name: i for i, name in enumerate(names)}
         out, seen = {}, {}
         for split, filename in SPLIT_FILES.items():
-            require_file(root / filename, f"class list of the {split} split")
-            listed = [normalize_name(line) for line in read_text_lines(root / filename, "class list") if line]
+            listed = read_name_list(require_file(root / filename, f"class list of the {split} split"), notes)
             unknown = [n for n in listed if n not in by_name or by_name[n] == 0]
             if unknown:
                 raise ValueError(f"{root / filename} lists classes {unknown} that are not class names {names[1:]}")
@@ -301,7 +274,7 @@ def _raise_or_report(problems: list[tuple[str, str]], skip_invalid: bool) -> lis
             + (f"\n  ... and {more} more" if more > 0 else "")
             + "\nfix them, or pass --skip-invalid to leave them out (they are then listed in the build report)"
         )
-    return [{"id": key, "action": "skipped", "problem": problem} for key, problem in problems]
+    return [report_entry(key, "file_skipped", problem, row=True) for key, problem in problems]
 
 
 def build_folder(
@@ -330,8 +303,10 @@ def build_folder(
         skip_invalid: leave out (and report) images with bad input instead of raising.
 
     Symlinks are not followed into duplicates: a symlinked folder is not read (nor a class), a symlinked image whose
-    target is already listed is left out; both are in the train split's build report. Class names (folders, names
-    file, split lists) are compared in Unicode NFC, so a folder name macOS wrote decomposed matches its typed form.
+    target is already listed is left out. Class names (folders, names file, split lists) are compared in Unicode
+    NFC, so a folder name macOS wrote decomposed matches its typed form. Each of these, a list saved with a BOM /
+    CRLF / as UTF-16 and a class listed twice in a split list are in the train split's build report, counted by
+    kind (`REPORT_KINDS`).
 
     Rows: an image is in the test split when it shows a test class, else in validation when it shows a validation
     class, else in train. The class split is recorded in each split's `info.description` (`recorded_class_split`),
@@ -346,18 +321,18 @@ def build_folder(
     masks = require_dir(masks_dir if masks_dir is not None else images_dir, "--masks folder")
     if class_folders and class_names_file is not None:
         raise ValueError("--class-names applies to label maps; with --class-folders the folder names are the classes")
-    notes: list[tuple[str, str]] = []  # symlinks not followed into duplicates: reported, never an error
+    notes: list[dict] = []  # symlinks skipped, names and lists normalised: reported, never an error
     if class_folders:
         entries, problems, names = _scan_class_folders(images, masks, notes)
     else:
-        names = read_class_names(class_names_file) if class_names_file is not None else None
+        names = read_class_names(class_names_file, notes) if class_names_file is not None else None
         entries, problems, names = _scan_label_maps(images, masks, names, notes)
     listing = _raise_or_report(problems, skip_invalid)
-    listing += [{"id": key, "action": "skipped", "problem": problem, "row": False} for key, problem in notes]
     if not entries:
         raise ValueError(f"no usable image with a mask in {images} (masks looked up in {masks})")
     present = {c for entry in entries for c in entry[3]}
-    class_split = _class_split(names, present, split_dir, seed)
+    class_split = _class_split(names, present, split_dir, seed, notes)
+    listing += notes
     layout = "folders" if class_folders else "labels"
     items: dict[str, list] = {split: [] for split in SPLIT_FILES}
     signature: dict[str, list] = {split: [] for split in SPLIT_FILES}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -10,10 +9,9 @@ import numpy as np
 import PIL.Image
 from datasets import DatasetDict
 
-from ..text import read_text_lines
-from ._common import SkipRow, build_split, file_signature, make_row, require_dir, require_file
-
-logger = logging.getLogger(__name__)
+from ._common import SkipRow, build_split, file_signature, make_row, report_entry, require_dir, require_file
+from ._layout import class_folders as list_class_folders
+from ._layout import is_duplicate_link, read_name_list, real_files
 
 SPLIT_FILES = {"train": "trn.txt", "validation": "val.txt", "test": "test.txt"}
 # Class counts of the published split (HSNet's data/splits/fss): 520 train / 240 val / 240 test of 1000.
@@ -71,12 +69,14 @@ def _fss_row(item, fixes: list) -> dict:
     return row
 
 
-def _is_class_dir(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith((".", "__")) and any(_images(path))
-
-
-def _images(class_dir: Path):
-    return (p for p in class_dir.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
+def _images(class_dir: Path, targets: dict[Path, Path] | None = None, listing: list | None = None) -> list[Path]:
+    """The N.jpg images of a class folder. With `targets` (`_layout.real_files` of the root), a symlink to an image
+    the tree already holds is left out and reported in `listing` (`_layout.is_duplicate_link`)."""
+    images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
+    if targets is None:
+        return images
+    where = f"{class_dir.name}/{{}}"
+    return [p for p in images if not is_duplicate_link(p, targets, listing, where.format(p.name))]
 
 
 def _stray_files(class_dir: Path, images: list[Path]) -> list[Path]:
@@ -90,11 +90,45 @@ def _image_order(path: Path):
     return (0, int(path.stem), "") if path.stem.isdigit() else (1, 0, path.stem)
 
 
-def read_class_list(path: Path) -> list[str]:
-    """Class names, one per line (HSNet's split files); blank lines ignored, surrounding whitespace stripped; read
-    as editors save it (BOM, CRLF, UTF-16 with a BOM; else a ValueError naming the file)."""
+def read_class_list(path: Path, listing: list | None = None) -> list[str]:
+    """
+    Class names, one per line (HSNet's split files), in Unicode NFC, each once; blank lines ignored, surrounding
+    whitespace stripped; read as editors save it (BOM, CRLF, UTF-16 with a BOM; else a ValueError naming the file).
+    With `listing`, what was normalised and names listed again are reported there (`_layout.read_name_list`).
+    """
     require_file(path, "FSS-1000 split list")
-    return [line for line in read_text_lines(path, "FSS-1000 split list") if line]
+    return read_name_list(path, [] if listing is None else listing, "FSS-1000 split list")
+
+
+def _class_folders(root: Path, listing: list) -> dict[str, Path]:
+    """{NFC name: folder} of the class folders of `root`, symlinked ones not followed (`_layout.class_folders`)."""
+    return list_class_folders(root, f"FSS-1000 root {root}, its class folders", listing)
+
+
+def _listed_split(root: Path, split_root: Path, folders: dict[str, Path], listings: dict[str, list]):
+    """
+    The {split: sorted class names} of HSNet's split lists in `split_root` (what reading them normalised goes to
+    `listings[split]`) and the train split's report of class folders in no list. ValueError for a class listed in
+    two splits or whose folder is a symlink; FileNotFoundError for a listed class without a folder.
+    """
+    split_classes = {split: read_class_list(split_root / name, listings[split]) for split, name in SPLIT_FILES.items()}
+    seen: dict[str, str] = {}
+    for split, classes in split_classes.items():
+        for name in classes:
+            if seen.setdefault(name, split) != split:
+                raise ValueError(f"class {name!r} is listed in both the {seen[name]} and the {split} split")
+            if name not in folders and (root / name).is_symlink():
+                raise ValueError(
+                    f"class {name!r} (listed in {split_root / SPLIT_FILES[split]}) is a symlinked folder "
+                    f"{root / name}: not followed, its images would repeat another's; copy the folder there"
+                )
+            if name not in folders:
+                require_dir(root / name, f"FSS-1000 class folder of {name!r} (listed in {split_root})")
+    for name in sorted(set(folders) - set(seen)):
+        if any(_images(folders[name])):
+            problem = f"class folder {folders[name]} is in no split list of {split_root}: not used"
+            listings["train"].append(report_entry(name, "unlisted_class", problem))
+    return {split: sorted(classes) for split, classes in split_classes.items()}
 
 
 def fallback_split(class_names: list[str], seed: int = 0) -> dict[str, list[str]]:
@@ -132,8 +166,14 @@ def build_fss1000(
     `fss_root` holds one folder per class with `N.jpg` + `N.png` (white = class). With `split_dir`, the classes
     of each split are read from `trn.txt`, `val.txt` and `test.txt` (one class name per line: the lists HSNet
     publishes in data/splits/fss), every listed class must have a folder, and the class names are all listed
-    classes (folders not listed are skipped with a warning). Without it, the class names are the folders holding
+    classes (folders not listed are not used, and reported). Without it, the class names are the folders holding
     `.jpg` files (hidden and `__*` folders ignored) and the split is `fallback_split(names, seed)`.
+
+    As in the own-folder builder (`_layout`), symlinks are not followed into duplicates: a symlinked class folder is
+    not a class (reported; listing one is a ValueError), and a symlinked image whose target the tree already holds
+    is left out (reported). Class names, of folders and in the lists, are compared in Unicode NFC (a folder name
+    macOS stored decomposed matches the list); names equal up to normalisation are a ValueError. Lists saved with
+    a BOM, CRLF or as UTF-16 are read and reported, a class listed twice in a list is kept once and reported.
 
     Class ids are global: 1 + index in the sorted class names, the `class_ids` ClassLabel being
     ["background", *sorted names] (HSNet numbers classes per split instead). `label` is binary (1 = the row's
@@ -147,44 +187,38 @@ def build_fss1000(
     class folder (`10.jpeg`, a `.png` without its `.jpg`) are reported as not used.
     """
     root = require_dir(fss_root, "FSS-1000 root")
+    listings: dict[str, list] = {split: [] for split in SPLIT_FILES}  # what listing found, reported per split
+    folders = _class_folders(root, listings["train"])
     if split_dir is not None:
         split_root = require_dir(split_dir, "FSS-1000 split folder")
-        split_classes = {split: read_class_list(split_root / name) for split, name in SPLIT_FILES.items()}
-        seen: dict[str, str] = {}
-        for split, classes in split_classes.items():
-            for name in classes:
-                if name in seen and seen[name] != split:
-                    raise ValueError(f"class {name!r} is listed in both the {seen[name]} and the {split} split")
-                seen[name] = split
-                require_dir(root / name, f"FSS-1000 class folder of {name!r} (listed in {split_root})")
-        names = sorted(seen)
-        unlisted = sorted(p.name for p in root.iterdir() if _is_class_dir(p) and p.name not in seen)
-        if unlisted:
-            logger.warning("%d class folders of %s are in no split list and are skipped", len(unlisted), root)
-        split_classes = {split: sorted(set(classes)) for split, classes in split_classes.items()}
+        split_classes = _listed_split(root, split_root, folders, listings)
+        names = sorted(name for classes in split_classes.values() for name in classes)
         how = f"class splits from {split_root}/{{trn,val,test}}.txt"
     else:
-        names = sorted(p.name for p in root.iterdir() if _is_class_dir(p))
+        names = sorted(name for name, folder in folders.items() if any(_images(folder)))
         if not names:
             raise ValueError(f"no class folders (holding N.jpg + N.png) found in {root}")
         split_classes = fallback_split(names, seed)
         how = f"fallback class split: 520/240/240 proportions, numpy default_rng({seed}) permutation of sorted names"
 
     class_id = {name: i + 1 for i, name in enumerate(names)}
+    targets = real_files(root)
     dd = {}
     for split, classes in split_classes.items():
-        items, signature, listing = [], [], []
+        items, signature, listing = [], [], listings[split]
         for name in classes:
-            images = sorted(_images(root / name), key=_image_order)
-            if not images:
-                raise ValueError(f"FSS-1000 class folder {root / name} holds no .jpg images")
+            folder = folders.get(name, root / name)  # a listed hidden / `__*` folder is not in `folders`
+            every = _images(folder)
+            images = sorted(_images(folder, targets, listing), key=_image_order)
+            if not every:
+                raise ValueError(f"FSS-1000 class folder {folder} holds no .jpg images")
             for image_path in images:
                 mask_path = image_path.with_suffix(".png")  # a missing mask is reported when the row is built
                 items.append((f"{name}/{image_path.stem}", str(image_path), str(mask_path), class_id[name]))
                 signature.append([file_signature(image_path), file_signature(mask_path)])
-            for stray in _stray_files(root / name, images):
+            for stray in _stray_files(folder, every):
                 problem = f"{stray} is not an N.jpg image or the N.png mask of one: not used"
-                listing.append({"id": f"{name}/{stray.name}", "action": "skipped", "problem": problem, "row": False})
+                listing.append(report_entry(f"{name}/{stray.name}", "stray_file", problem))
         description = (
             f"FSS-1000 {split} ({len(classes)} of {len(names)} classes; binary labels, 1 = the row's class), built "
             f"by hf_fss from {root}; {how}; class id = 1 + index in the sorted class names"

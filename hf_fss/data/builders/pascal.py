@@ -19,6 +19,7 @@ from ._common import (
     make_row,
     read_id_list,
     read_index_png,
+    report_entry,
     require_dir,
     require_file,
 )
@@ -32,6 +33,34 @@ def resolve_voc_root(voc_root: str | os.PathLike) -> Path:
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         require_dir(root / sub, "PASCAL VOC 2012 folder")
     return root
+
+
+def resolve_aug_dir(aug_label_dir: str | os.PathLike) -> dict[str, Path]:
+    """
+    {id: label path} of a SegmentationClassAug folder's `{id}.png` maps, given it or the folder it was unzipped
+    into (holding SegmentationClassAug/). The suffix is matched in any case (`.PNG`); hidden files (macOS's
+    `._{id}.png` AppleDouble copies, which would be taken for ids) are ignored.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: it holds no `{id}.png` label (one line naming it).
+    """
+    root = require_dir(aug_label_dir, "SegmentationClassAug folder")
+    labels = _png_labels(root)
+    if not labels and (root / "SegmentationClassAug").is_dir():
+        root = root / "SegmentationClassAug"
+        labels = _png_labels(root)
+    if not labels:
+        raise ValueError(
+            f"SegmentationClassAug folder {root} holds no {{id}}.png label maps; pass --aug-label-dir the folder "
+            "holding them (e.g. VOC2012/SegmentationClassAug)"
+        )
+    return labels
+
+
+def _png_labels(folder: Path) -> dict[str, Path]:
+    paths = (p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
+    return {p.stem: p for p in sorted(paths) if p.is_file()}
 
 
 def resolve_sbd_root(sbd_root: str | os.PathLike) -> Path:
@@ -116,9 +145,12 @@ def read_voc_label(path: Path, fixes: list) -> np.ndarray:
     of VOC's palette (what some conversions write) mapped back through the palette (a fix, noted in `fixes`).
     An RGB label with colours outside the palette's classes is a SkipRow.
     """
-    with PIL.Image.open(path) as image:
-        mode = image.mode
-        rgb = np.array(image.convert("RGB")) if mode in ("RGB", "RGBA") else None
+    try:
+        with PIL.Image.open(path) as image:
+            mode = image.mode
+            rgb = np.array(image.convert("RGB")) if mode in ("RGB", "RGBA") else None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's "image file is truncated" does not name the file
+        raise ValueError(f"cannot read label {path}: {err}") from err
     if rgb is None:
         return read_index_png(path)
     colors = voc_colormap()
@@ -154,12 +186,11 @@ def _image_path(image_id: str, voc: Path, sbd: Path | None) -> Path:
 def _in_both(train_ids: list[str], val_ids: set[str], train_file: Path, val_file: Path) -> list[dict]:
     """Listing entries for the ids of a train list that the val list also holds: they stay in validation only."""
     return [
-        {
-            "id": image_id,
-            "action": "fixed",
-            "problem": f"{image_id} is listed in both {train_file} and {val_file}: kept in validation only",
-            "row": False,
-        }
+        report_entry(
+            image_id,
+            "train_id_in_val",
+            f"{image_id} is listed in both {train_file} and {val_file}: kept in validation only",
+        )
         for image_id in train_ids
         if image_id in val_ids
     ]
@@ -184,7 +215,8 @@ def build_pascal5i(
       `train.txt`, `val.txt`. train = (SBD train + SBD val + VOC train) minus VOC val, the 10582 "aug" images.
       Labels come from VOC's SegmentationClass for ids in VOC's segmentation lists and from SBD otherwise, which
       is how SegmentationClassAug was made (so SBD-only images have no 255 boundary).
-    - `aug_label_dir`: a ready SegmentationClassAug/ folder of single-channel `{id}.png` maps. train = the ids of
+    - `aug_label_dir`: a ready SegmentationClassAug/ folder of single-channel `{id}.png` maps (or the folder it
+      was unzipped into; hidden `._{id}.png` files ignored, see `resolve_aug_dir`). train = the ids of
       `train_list` (e.g. train_aug.txt; bare ids or DeepLab "image label" path lines) if given, else every
       `{id}.png` in the folder, minus VOC val in both cases; labels from that folder.
 
@@ -234,18 +266,19 @@ def build_pascal5i(
             "(labels: VOC SegmentationClass where VOC has them, else SBD cls/*.mat)"
         )
     else:
-        aug = require_dir(aug_label_dir, "SegmentationClassAug folder")
+        aug_labels = resolve_aug_dir(aug_label_dir)
+        aug = next(iter(aug_labels.values())).parent
         if train_list is not None:
             listed = read_id_list(train_list, train_listing)
             train_listing += _in_both(listed, val_set, Path(train_list), voc_sets / "val.txt")
             train_ids = sorted(set(listed) - val_set)
             origin = f"the ids of {Path(train_list)}"
         else:
-            train_ids = sorted({p.stem for p in aug.glob("*.png")} - val_set)
+            train_ids = sorted(set(aug_labels) - val_set)
             origin = f"every label in {aug}"
         train_items = []
         for image_id in train_ids:
-            label = aug / f"{image_id}.png"
+            label = aug_labels.get(image_id, aug / f"{image_id}.png")  # a missing one is reported with its row
             train_items.append((image_id, str(_image_path(image_id, voc, None)), str(label), "png"))
         source = f"train = {origin} minus VOC val, labels from {aug}, images from {voc}"
 

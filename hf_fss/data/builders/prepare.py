@@ -24,7 +24,7 @@ from datasets.exceptions import DatasetGenerationError
 from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 
-from ._common import build_report
+from ._common import build_report, format_counts
 
 STAGING_TAG = "partial"
 # Staging folders of earlier versions: `.{name}.XXXXXXXX.partial` (tempfile.mkdtemp, no pid recorded).
@@ -153,7 +153,7 @@ def build(args: argparse.Namespace, cache_dir: Path | None = None) -> DatasetDic
 
 def split_summary(name: str, dataset) -> str:
     """One line: split name, rows, how many distinct classes (background and ignore excluded) it holds, and how many
-    defects of the raw release the build fixed and skipped."""
+    defects of the raw release the build fixed and skipped, with the number of each kind (`REPORT_KINDS`)."""
     if "class_ids" not in dataset.column_names:
         return f"{name}: {dataset.num_rows} rows"
     ids = pc.unique(pc.list_flatten(dataset.data.column("class_ids")))
@@ -162,7 +162,8 @@ def split_summary(name: str, dataset) -> str:
     if report["fixed"] or report["skipped"]:
         line += (
             f"; defects of the release: {len(report['fixed'])} fixed, {len(report['skipped'])} skipped "
-            "(listed above and in the dataset info: hf_fss.data.builders.build_report)"
+            f"({format_counts(report['counts'])}; listed above and in the dataset info: "
+            "hf_fss.data.builders.build_report)"
         )
     return line
 
