@@ -95,7 +95,10 @@ def test_evaluate_flags_out_of_range(tmp_path, capsys):
             "--inference-scales must be a finite number, got nan (allowed: a finite number > 0)",
         ),
     ):
-        assert evaluate_main(["--model", str(tmp_path / "model"), "--output", str(out), *flags]) == 2
+        assert (
+            evaluate_main(["--model", str(tmp_path / "model"), "--dataset", "synthetic", "--output", str(out), *flags])
+            == 2
+        )
         assert expected in _one_line(capsys.readouterr().err, "evaluate.py")
     assert not out.exists()
 
@@ -105,7 +108,11 @@ def test_evaluate_flags_out_of_range(tmp_path, capsys):
     [
         ("benchmark.py", ["--image-size", "7"], "--image-size must be an integer >= 32, got 7"),
         ("benchmark.py", ["--model-kwargs", "[1,2]"], "--model-kwargs: must be a JSON object"),
-        ("compare.py", ["--models", "a", "b", "--confidence", "1"], "--confidence must be a finite number in (0, 1)"),
+        (
+            "compare.py",
+            ["--models", "a", "b", "--dataset", "synthetic", "--confidence", "1"],
+            "--confidence must be a finite number in (0, 1)",
+        ),
         ("prepare_dataset.py", ["synthetic", "--num-proc", "0"], "--num-proc must be an integer >= 1, got 0"),
         ("visualize_episodes.py", ["--scale", "0"], "--scale must be an integer >= 1, got 0"),
         (
