@@ -48,9 +48,8 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from hf_fss.cli import os_error_line
 from hf_fss.evaluation.runner import needs_cpu_fallback
-from hf_fss.file_utils import OutputLock
+from hf_fss.file_utils import OutputLock, hold_on_main_process
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 from hf_fss.training.arguments import LoopArguments
 from hf_fss.training.checkpoint import (
@@ -283,19 +282,7 @@ def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: cont
             f"output_dir {str(output_dir)!r} already holds a run; pass --resume-from-checkpoint latest to continue it "
             "or --overwrite-output-dir to start over"
         )
-    refused = [None]
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(OutputLock(output_dir).acquire(say=accelerator.print))
-        except ValueError as err:
-            refused = [str(err)]
-        except OSError as err:
-            refused = [f"--output-dir {str(output_dir)!r}: {os_error_line(err)}"]
-    if accelerator.num_processes > 1:  # every process stops when the main one is refused
-        refused = broadcast_object_list(refused)
-    if refused[0] is not None:
-        raise ValueError(refused[0])
+    hold_on_main_process(OutputLock(output_dir), accelerator, held)  # every process stops when refused
     if accelerator.is_main_process:
         if previous_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
             # Stale checkpoints of the old run must not be picked up by a later `--resume-from-checkpoint latest`.
