@@ -54,7 +54,7 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool = True, n
     if path.exists() and path.is_dir() != folder:
         kind = "a file" if folder else "a folder"
         raise ValueError(f"{flag} {str(path)!r} is {kind}; give a {'folder' if folder else 'file'} path")
-    existing = path if path.exists() else path.parent
+    existing = path if folder and path.exists() else path.parent  # a file is replaced by a rename in its folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
