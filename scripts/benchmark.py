@@ -413,6 +413,7 @@ def _official_sources(values: list[str], parser: argparse.ArgumentParser) -> dic
 
 def main(argv=None) -> int:
     parser = ScriptArgumentParser(
+        prog="benchmark.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: px the test size; full ms / sys ms / minflt are the medians per full-episode call (wall "

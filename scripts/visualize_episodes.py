@@ -80,7 +80,9 @@ def draw(dataset, episodes, scale: int) -> Image.Image:
 
 
 def main(argv=None) -> None:
-    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(
+        prog="visualize_episodes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--seed", allowed=SEED, default=0, help="benchmark seed (and episode sampling seed)")
     parser.add_argument("--num-episodes", allowed=POSITIVE_INT, default=4)
@@ -94,16 +96,16 @@ def main(argv=None) -> None:
 
     try:
         check_output_path(args.output, "--output", folder=False)  # before the benchmark is built
-    except ValueError as err:
-        parser.error(str(err))
-    kwargs = {} if args.image_size is None else {"image_size": args.image_size}
-    # Episodes come from the validation split, where the fold's novel classes are evaluated.
-    dataset = build_synthetic(seed=args.seed, num_train=0, num_val=args.num_images, **kwargs)["validation"]
-    sheet = draw(dataset, sample_episodes(dataset, args.fold, args.num_episodes, args.seed), args.scale)
-    try:
+        kwargs = {} if args.image_size is None else {"image_size": args.image_size}
+        # Episodes come from the validation split, where the fold's novel classes are evaluated.
+        dataset = build_synthetic(seed=args.seed, num_train=0, num_val=args.num_images, **kwargs)["validation"]
+        # Too few --num-images for an episode of the fold is a ValueError naming the classes: one line too.
+        sheet = draw(dataset, sample_episodes(dataset, args.fold, args.num_episodes, args.seed), args.scale)
         write_png(sheet, args.output)
     except OSError as err:  # a full disk: one line, an earlier sheet intact
         parser.exit(2, f"{parser.prog}: error: {os_error_line(err) if err.errno else err}\n")
+    except ValueError as err:
+        parser.error(str(err))
     print(f"wrote {args.output} ({args.num_episodes} episodes, fold {args.fold})")
 
 
