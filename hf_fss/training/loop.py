@@ -529,47 +529,51 @@ class TrainingLoop:
         )
         running: dict[str, list[torch.Tensor]] = {}
         model.train()
-        for epoch in range(starting_epoch, self.num_epochs):
-            if state.global_step >= self.max_steps or self.stopped:
-                break
-            # The sampler's permutation and the dataset's per-item randomness both follow the epoch.
-            self.dataloader.set_epoch(epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            batches = self.dataloader
-            if epoch == starting_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(self.dataloader, skip_batches)
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    outputs = model(**batch)
-                    self._check_loss(outputs)
-                    accelerator.backward(outputs.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                for name, value in {"loss": outputs.loss, **(getattr(outputs, "losses", None) or {})}.items():
-                    running.setdefault(name, []).append(value.detach().float())
-                if not accelerator.sync_gradients:
-                    continue
-                for callback in self.callbacks:
-                    callback.on_optimizer_step(self)
-                state.global_step += 1
-                self.progress.update(1)
-                if state.global_step % args.logging_steps == 0 or state.global_step == self.max_steps:
-                    self._log(running)
-                for callback in self.callbacks:
-                    callback.on_step_end(self)
-                if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
-                    self.stopped = True
+        try:
+            for epoch in range(starting_epoch, self.num_epochs):
+                if state.global_step >= self.max_steps or self.stopped:
                     break
-                if state.global_step >= self.max_steps:
-                    break
-        self.progress.close()
-        self.progress = None
+                # The sampler's permutation and the dataset's per-item randomness both follow the epoch.
+                self.dataloader.set_epoch(epoch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                batches = self.dataloader
+                if epoch == starting_epoch and skip_batches:
+                    batches = accelerator.skip_first_batches(self.dataloader, skip_batches)
+                for batch in batches:
+                    with accelerator.accumulate(model):
+                        outputs = model(**batch)
+                        self._check_loss(outputs)
+                        accelerator.backward(outputs.loss)
+                        if accelerator.sync_gradients and args.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    for name, value in {"loss": outputs.loss, **(getattr(outputs, "losses", None) or {})}.items():
+                        running.setdefault(name, []).append(value.detach().float())
+                    if not accelerator.sync_gradients:
+                        continue
+                    for callback in self.callbacks:
+                        callback.on_optimizer_step(self)
+                    state.global_step += 1
+                    self.progress.update(1)
+                    if state.global_step % args.logging_steps == 0 or state.global_step == self.max_steps:
+                        self._log(running)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self)
+                    if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                    if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
+                        self.stopped = True
+                        break
+                    if state.global_step >= self.max_steps:
+                        break
+        finally:
+            # Closing ends the bar's line, so an error printed after it (a full disk, a non-finite loss) starts on
+            # its own line instead of running on after the bar.
+            self.progress.close()
+            self.progress = None
         return state
 
     def _log(self, running: dict[str, list[torch.Tensor]]) -> None:
