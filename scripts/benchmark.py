@@ -44,12 +44,20 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import hf_fss  # noqa: E402
-from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, ScriptArgumentParser, json_object  # noqa: E402
-from hf_fss.file_utils import atomic_write_text  # noqa: E402
+from hf_fss.cli import (  # noqa: E402
+    IMAGE_SIDE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    ScriptArgumentParser,
+    json_object,
+    os_error_line,
+)
+from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path  # noqa: E402
 from hf_fss.models.official import official_builder  # noqa: E402
 from hf_fss.utils import set_num_threads  # noqa: E402
 
@@ -73,17 +81,58 @@ TINY_BACKBONE_KWARGS = {
 QUERIES_PER_SUPPORT = 8
 
 
-def build_model(
+# Config fields the flags set: `--model-kwargs` must not set them too (the inputs are drawn at --image-size).
+FLAG_FIELDS = {"image_size": "--image-size", "chunk_extractors_on_cpu": "--no-chunking"}
+
+
+def build_config(
     model_type: str, size: str, image_size: int, chunking: bool = True, model_kwargs: dict | None = None
-) -> torch.nn.Module:
-    config_class, model_class = hf_fss.MODEL_CLASSES[model_type]
+) -> hf_fss.FewShotSegmentationConfig:
+    """
+    The config of `model_type` at `size` ("tiny" / "base"), with the `model_kwargs` fields its config has.
+
+    Raises:
+        `ValueError` / `huggingface_hub.errors.StrictDataclassError`: a value the config's validator refuses.
+    """
+    config_class = hf_fss.MODEL_CLASSES[model_type][0]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     # `--model-kwargs` fields apply to the methods whose config has them (e.g. CRCNet's `shot_fusion`).
     overrides = {k: v for k, v in {**SIZES[size], **(model_kwargs or {})}.items() if k in defaults}
     if size == "tiny" and "backbone_kwargs" not in overrides:
         overrides["backbone_kwargs"] = TINY_BACKBONE_KWARGS[defaults["backbone"]]
-    config = config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
-    return model_class(config).eval()
+    return config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
+
+
+def build_model(
+    model_type: str, size: str, image_size: int, chunking: bool = True, model_kwargs: dict | None = None
+) -> torch.nn.Module:
+    config = build_config(model_type, size, image_size, chunking, model_kwargs)
+    return hf_fss.MODEL_CLASSES[model_type][1](config).eval()
+
+
+def check_model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """
+    Build (and drop) every config the run will time, so a `--model-kwargs` field no selected method has, one a flag
+    sets, or a value a config validator refuses is a usage error naming the field (one line, exit 2) before any
+    timing, not a traceback minutes into the run.
+    """
+    if not args.model_kwargs:
+        return
+    fields = set().union(*({f.name for f in dataclasses.fields(hf_fss.MODEL_CLASSES[m][0])} for m in args.model_types))
+    unknown = sorted(set(args.model_kwargs) - fields)
+    if unknown:
+        parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
+    clash = sorted(set(args.model_kwargs) & set(FLAG_FIELDS))
+    if clash:
+        parser.error(f"--model-kwargs {clash[0]!r}: set it with {FLAG_FIELDS[clash[0]]} instead")
+    for model_type in args.model_types:
+        for size in args.sizes:
+            image_size = args.image_size or default_image_size(model_type)
+            try:
+                build_config(model_type, size, image_size, args.chunking, args.model_kwargs)
+            except (StrictDataclassError, ValueError) as err:
+                cause = err.__cause__ if err.__cause__ is not None else err
+                parser.error(f"--model-kwargs: {model_type} ({size}) refuses it: {' '.join(str(cause).split())}")
 
 
 def random_episode(batch_size: int, shot: int, image_size: int, device: torch.device):
@@ -364,6 +413,7 @@ def _official_sources(values: list[str], parser: argparse.ArgumentParser) -> dic
 
 def main(argv=None) -> int:
     parser = ScriptArgumentParser(
+        prog="benchmark.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Columns: px the test size; full ms / sys ms / minflt are the medians per full-episode call (wall "
@@ -424,14 +474,22 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", type=Path, help="also write the results as JSON")
     args = parser.parse_checked(argv)
-    if args.model_kwargs:
-        fields = set().union(
-            *({f.name for f in dataclasses.fields(hf_fss.MODEL_CLASSES[m][0])} for m in args.model_types)
-        )
-        unknown = sorted(set(args.model_kwargs) - fields)
-        if unknown:
-            parser.error(f"--model-kwargs {unknown}: no selected method's config has these fields")
+    check_model_kwargs(args, parser)
     official = _official_sources(args.official, parser)
+    try:
+        if args.output:  # before any timing: a folder there, an unwritable place
+            check_output_path(args.output, "--output", folder=False)
+        # Two benchmarks writing one --output would silently lose one record: the second is refused naming the first.
+        with OutputLock(args.output, "--output", beside=True) if args.output else contextlib.nullcontext():
+            return _run(args, official)
+    except OSError as err:  # a full disk when the record is written: one line, any earlier file intact
+        parser.exit(2, f"{parser.prog}: error: {os_error_line(err) if err.errno else err}\n")
+    except ValueError as err:  # the output check, or another run holding --output
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _run(args: argparse.Namespace, official: dict[str, str]) -> int:
+    """Time what `args` selects (or the official code against hf_fss), print the table, write `--output`."""
     set_num_threads(args.threads)
     device = torch.device(args.device)
     if official:

@@ -102,7 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Convert; on a bad checkpoint print one line `convert_original_checkpoint.py: error: ...` and return 2."""
     args = parse_args(argv)
+    file_utils = _import("hf_fss.file_utils")
     try:
+        # Before the (slow) conversion: a file where the folder goes, an unwritable place.
+        file_utils.check_output_path(args.output_dir, "--output-dir")
         if not args.checkpoint.is_file():
             raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist or is not a file")
         converter = _load_converter(args.model_type)
@@ -112,12 +115,14 @@ def main(argv=None) -> int:
         if args.moco_encoder is not None:
             options["moco_encoder"] = args.moco_encoder
         model = converter(args.checkpoint, args.output_dir, shot=args.shot, **options)
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).splitlines())
-        if str(args.checkpoint) not in message:
-            message = f"{args.checkpoint}: {message}"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except OSError as err:
+        if err.errno is None:  # the checkpoint's own problem, in its words
+            return _refuse(args, str(err))
+        # A full disk or a refused write names its own path (the output's, or the checkpoint's when unreadable).
+        print(f"{PROG}: error: {_import('hf_fss.cli').os_error_line(err)}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        return _refuse(args, str(err))
     # A QGNet MoCo checkpoint converts to a prior extractor (a backbone, no config).
     backbone = model.config.backbone if hasattr(model, "config") else f"{type(model).__name__} prior extractor"
     print(
@@ -125,6 +130,15 @@ def main(argv=None) -> int:
         f"{sum(p.numel() for p in model.parameters()):,} parameters)"
     )
     return 0
+
+
+def _refuse(args: argparse.Namespace, text: str) -> int:
+    """Print one line naming the checkpoint (and the output check's flag as it comes); the exit status, 2."""
+    message = " ".join(text.splitlines())
+    if str(args.checkpoint) not in message and not message.startswith("--output-dir"):
+        message = f"{args.checkpoint}: {message}"
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -89,7 +89,11 @@ def main(argv=None) -> int:
             update_card=False if args.keep_card else None,
         )
     except (ValueError, OSError) as err:  # bad folder or repo id, or the Hub's HubUploadError: one line, status 2
-        print(f"{PROG}: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
+            message = _import_cli().os_error_line(err)  # a folder one may not read: the path and what to do
+        else:
+            message = " ".join(str(err).splitlines())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     url = (
         getattr(commit, "pr_url", None)

@@ -19,11 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hf_fss.cli import IMAGE_SIDE, POSITIVE_INT, SEED, ScriptArgumentParser  # noqa: E402
+from hf_fss.cli import IMAGE_SIDE, POSITIVE_INT, SEED, ScriptArgumentParser, os_error_line  # noqa: E402
 from hf_fss.data.episodes import make_test_episodes  # noqa: E402
 from hf_fss.data.folds import fold_classes, num_folds  # noqa: E402
 from hf_fss.data.schema import IGNORE_INDEX  # noqa: E402
 from hf_fss.data.synthetic import SYNTHETIC_CLASSES, build_synthetic  # noqa: E402
+from hf_fss.file_utils import check_output_path  # noqa: E402
 
 IGNORE_COLOUR = np.array([255, 255, 255], np.float32)
 HEADER = 18
@@ -79,7 +80,9 @@ def draw(dataset, episodes, scale: int) -> Image.Image:
 
 
 def main(argv=None) -> None:
-    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(
+        prog="visualize_episodes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--seed", allowed=SEED, default=0, help="benchmark seed (and episode sampling seed)")
     parser.add_argument("--num-episodes", allowed=POSITIVE_INT, default=4)
@@ -91,18 +94,30 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", allowed=POSITIVE_INT, default=2, help="pixel magnification of the panels")
     args = parser.parse_checked(argv)
 
-    kwargs = {} if args.image_size is None else {"image_size": args.image_size}
-    # Episodes come from the validation split, where the fold's novel classes are evaluated.
-    dataset = build_synthetic(seed=args.seed, num_train=0, num_val=args.num_images, **kwargs)["validation"]
-    sheet = draw(dataset, sample_episodes(dataset, args.fold, args.num_episodes, args.seed), args.scale)
+    try:
+        check_output_path(args.output, "--output", folder=False)  # before the benchmark is built
+        kwargs = {} if args.image_size is None else {"image_size": args.image_size}
+        # Episodes come from the validation split, where the fold's novel classes are evaluated.
+        dataset = build_synthetic(seed=args.seed, num_train=0, num_val=args.num_images, **kwargs)["validation"]
+        # Too few --num-images for an episode of the fold is a ValueError naming the classes: one line too.
+        sheet = draw(dataset, sample_episodes(dataset, args.fold, args.num_episodes, args.seed), args.scale)
+        write_png(sheet, args.output)
+    except OSError as err:  # a full disk: one line, an earlier sheet intact
+        parser.exit(2, f"{parser.prog}: error: {os_error_line(err) if err.errno else err}\n")
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {args.output} ({args.num_episodes} episodes, fold {args.fold})")
 
-    # Write next to the target and rename, so a reader never sees a half-written file.
-    output = args.output
+
+def write_png(sheet: Image.Image, output: Path) -> None:
+    """Write `sheet` next to `output` and rename, so a reader never sees a half-written file (nor a stray one)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, output)
-    print(f"wrote {output} ({args.num_episodes} episodes, fold {args.fold})")
+    try:
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

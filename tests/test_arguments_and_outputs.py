@@ -230,8 +230,8 @@ def test_a_full_disk_mid_save_keeps_the_earlier_checkpoints(recipe, tmp_path, ca
     monkeypatch.setattr(loop_module, "save_tree", full_disk)
     capsys.readouterr()
     assert _run(recipe, out, "--checkpointing-steps", "1", "--resume-from-checkpoint", "latest") == 2
-    # The progress bar (no newline of its own) precedes the error on stderr: one error, one line.
-    errors = re.findall(r"train\.py: error: .*", capsys.readouterr().err)
+    # The progress bar precedes the error on stderr; closed, it ends its line: one error, on a line of its own.
+    errors = re.findall(r"^train\.py: error: .*", capsys.readouterr().err, flags=re.MULTILINE)
     assert len(errors) == 1, errors
     line = errors[0]
     assert "scheduler.json: the disk is full: free some space or choose another folder" in line

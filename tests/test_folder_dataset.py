@@ -139,7 +139,7 @@ def _bad(tmp_path, capsys, breaker, *extra) -> str:
     breaker(images, masks, names)
     out = tmp_path / "out"
     status, text = _prepare(capsys, "--images", images, "--masks", masks, *extra, "--output-dir", out)
-    assert status == 1 and not out.exists()
+    assert status == 2 and not out.exists()
     return text
 
 
@@ -263,7 +263,7 @@ def test_class_names_equal_up_to_unicode_normalisation_are_one_line_telling_them
     (root / "leaf").rename(root / "caf\u00e9")
     out = tmp_path / "mine"
     status, text = _prepare(capsys, "--images", root, "--class-folders", "--output-dir", out)
-    assert status == 1 and not out.exists()
+    assert status == 2 and not out.exists()
     lines = [line for line in text.splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in text
     assert (
@@ -275,7 +275,7 @@ def test_class_names_equal_up_to_unicode_normalisation_are_one_line_telling_them
     images, masks, names = write_label_folder(tmp_path / "raw")
     names.write_text("\n".join([*CLASS_NAMES, "caf\u00e9", "cafe\u0301"]) + "\n", encoding="utf-16")
     status, text = _prepare(capsys, "--images", images, "--masks", masks, "--class-names", names, "--output-dir", out)
-    assert status == 1 and not out.exists()
+    assert status == 2 and not out.exists()
     assert f"class names file {names}: 'cafe\\u0301' and 'caf\\xe9' name one class" in text
 
 

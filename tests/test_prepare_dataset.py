@@ -415,7 +415,7 @@ def test_pascal5i_aug_label_dir_as_unzipped(tmp_path, capsys):
     empty.mkdir()
     (empty / "._2007_000001.png").write_bytes(b"\x00\x05\x16\x07")
     bad = tmp_path / "bad"
-    assert _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", empty, "--output-dir", bad]) == 1
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--aug-label-dir", empty, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, f"SegmentationClassAug folder {empty} holds no", "--aug-label-dir")
     assert not bad.exists()
     _no_leftovers(bad)
@@ -459,7 +459,7 @@ def test_pascal5i_missing_listed_file(raw, tmp_path, capsys):
     for mat in (sbd / "cls").glob("2008_*.mat"):
         mat.unlink()
     out = tmp_path / "out2"
-    assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 1
+    assert _main(["pascal5i", "--voc-root", raw["voc"]["voc"], "--sbd-root", sbd, "--output-dir", out]) == 2
     err = capsys.readouterr().err
     assert "the train split lost 3 of its 5 rows" in err and "wrong source folder" in err
     assert not out.exists()
@@ -468,7 +468,7 @@ def test_pascal5i_missing_listed_file(raw, tmp_path, capsys):
 
 def test_missing_folder_exits_with_clear_error(script_runs):
     run = script_runs["missing"]
-    assert run["rc"] == 1
+    assert run["rc"] == 2
     assert "no_such_voc" in run["stderr"] and "not found" in run["stderr"]
     assert "Traceback" not in run["stderr"]
     assert not run["dir"].exists()
@@ -852,7 +852,7 @@ def test_pascal5i_list_in_another_encoding_is_one_line_naming_it(tmp_path, capsy
     val = voc["voc"] / "ImageSets" / "Segmentation" / "val.txt"
     val.write_bytes(data)
     out = tmp_path / "out"
-    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 1
+    assert _main(["pascal5i", "--voc-root", voc["voc"], "--sbd-root", voc["sbd"], "--output-dir", out]) == 2
     err = capsys.readouterr().err
     _one_line_error(err, val, expected, "save it as UTF-8")
     assert not out.exists()
@@ -891,10 +891,10 @@ def test_coco20i_maps_categories_by_id_not_by_position(tmp_path, capsys):
     # A category renamed (not COCO's file) and a file that is not JSON: one line naming the file, nothing written.
     data["categories"][0]["name"] = "human"
     ann_path.write_text(json.dumps(data))
-    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "renamed"]) == 1
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "renamed"]) == 2
     _one_line_error(capsys.readouterr().err, ann_path, "category 1 is named 'human', COCO 2014's is 'person'")
     ann_path.write_text(json.dumps(data)[:-10])
-    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "broken"]) == 1
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", tmp_path / "broken"]) == 2
     _one_line_error(capsys.readouterr().err, ann_path, "is not valid JSON")
     assert not (tmp_path / "renamed").exists() and not (tmp_path / "broken").exists()
     _no_leftovers(tmp_path / "broken")
@@ -929,7 +929,7 @@ def test_coco20i_image_ids_listed_twice_or_not_whole_numbers(tmp_path, capsys):
     data["images"][0]["id"] = [9]
     ann_path.write_text(json.dumps(data))
     bad = tmp_path / "bad"
-    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", bad]) == 1
+    assert _main(["coco20i", "--coco-root", coco["root"], "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, ann_path, "'images' has id [9]; COCO ids are whole numbers")
     assert not bad.exists()
     _no_leftovers(bad)
@@ -942,7 +942,7 @@ def test_an_empty_split_is_refused_before_anything_is_moved_into_place(tmp_path,
     out.mkdir()
     (out / "old.txt").write_text("previous build")
     argv = ["synthetic", "--num-train", "3", "--num-val", "0", "--image-size", "32", "--output-dir", out]
-    assert _main([*argv, "--overwrite"]) == 1
+    assert _main([*argv, "--overwrite"]) == 2
     _one_line_error(capsys.readouterr().err, "the validation split of the build has no rows", "--num-val")
     assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier output is untouched
     _no_leftovers(out)
@@ -1005,12 +1005,12 @@ def test_fss1000_symlinks_unicode_names_and_lists_are_read_right_and_counted(tmp
     (root / "zebra").rename(tmp_path / "zebra")
     (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)
     bad = tmp_path / "bad"
-    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, "class 'zebra'", splits / "test.txt", "is a symlinked folder")
     (root / "zebra").unlink()
     (tmp_path / "zebra").rename(root / "zebra")
     (root / "cr\u00e8me").mkdir()
-    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 1
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, root, "'cre\\u0300me' and 'cr\\xe8me' name one class more than once")
     assert not bad.exists()
     _no_leftovers(bad)

@@ -90,8 +90,12 @@ def test_convert_script_prints_no_traceback(tmp_path):
 @pytest.mark.parametrize(
     "script, flags, expected",
     [
-        ("train.py", ["--max-steps", "-1"], "train.py: error: max_steps must be >= 1"),
-        ("pretrain_prior.py", ["--max-steps", "-1"], "pretrain_prior.py: error: max_steps must be >= 1"),
+        ("train.py", ["--max-steps", "-1"], "train.py: error: --max-steps: max_steps must be an integer >= 1"),
+        (
+            "pretrain_prior.py",
+            ["--max-steps", "-1"],
+            "pretrain_prior.py: error: --max-steps: max_steps must be an integer >= 1",
+        ),
         (
             "evaluate.py",
             ["--model", "./missing", "--dataset", "synthetic", "--fold", "0", "--shot", "1"],

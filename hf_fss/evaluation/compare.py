@@ -59,7 +59,7 @@ from hf_fss.evaluation.runner import (
     protocol_for,
     write_json_atomic,
 )
-from hf_fss.file_utils import atomic_write_text
+from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path
 from hf_fss.utils import check_model_path, set_num_threads
 
 __all__ = ["compare_models", "episode_lists", "main", "paired_test"]
@@ -621,7 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parser.check_ranges(args)
-        comparison = compare_models(args)
+        check_output_path(args.output_dir, "--output-dir")  # before any work: a file there, an unwritable place
+        # Two comparisons into one folder would mix episode lists and results: the second is refused naming the first.
+        with OutputLock(args.output_dir):
+            comparison = compare_models(args)
     except OSError as err:
         print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
         return 2

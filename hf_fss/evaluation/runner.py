@@ -56,7 +56,7 @@ from hf_fss.data.episodes import (
 from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
-from hf_fss.file_utils import atomic_write_text
+from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path, hold_on_main_process
 from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
 
 __all__ = [
@@ -597,8 +597,25 @@ def _unadapted_note(result: Mapping[str, Any]) -> str:
     return f"; {count} of {result['num_episodes']} support sets kept the unadapted model (their adaptation diverged)"
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`)."""
+def check_outputs(args: argparse.Namespace) -> None:
+    """
+    Check, before any work, that `--output` (and `--save-episodes`) can be written: a file path, not a folder, in a
+    place one may write.
+
+    Raises:
+        `ValueError`: one line naming the flag, the path and what to do.
+    """
+    check_output_path(args.output, "--output", folder=False)
+    if args.save_episodes:
+        check_output_path(args.save_episodes, "--save-episodes", folder=False)
+
+
+def run_evaluation(args: argparse.Namespace, held: contextlib.ExitStack) -> dict[str, Any]:
+    """
+    Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`). The
+    main process holds `--output` (`hf_fss.file_utils.OutputLock`) until `held` closes, so two evaluations writing
+    the same file do not silently lose one result: the second is refused naming the first.
+    """
     from accelerate import Accelerator
 
     from hf_fss.data import fold_classes, load_benchmark
@@ -618,6 +635,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     set_num_threads(args.num_threads)
 
     accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
+    hold_on_main_process(OutputLock(args.output, "--output", beside=True), accelerator, held)
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
     split_name = args.split or default_test_split(dataset, benchmark)
     if split_name not in dataset:
@@ -708,7 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parser.check_ranges(args)
-        run_evaluation(args)
+        check_outputs(args)
+        with contextlib.ExitStack() as held:
+            run_evaluation(args, held)
     except OSError as err:
         print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
         return 2

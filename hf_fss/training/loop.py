@@ -48,9 +48,8 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from hf_fss.cli import os_error_line
 from hf_fss.evaluation.runner import needs_cpu_fallback
-from hf_fss.file_utils import OutputLock
+from hf_fss.file_utils import OutputLock, hold_on_main_process
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 from hf_fss.training.arguments import LoopArguments
 from hf_fss.training.checkpoint import (
@@ -283,19 +282,7 @@ def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: cont
             f"output_dir {str(output_dir)!r} already holds a run; pass --resume-from-checkpoint latest to continue it "
             "or --overwrite-output-dir to start over"
         )
-    refused = [None]
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(OutputLock(output_dir).acquire(say=accelerator.print))
-        except ValueError as err:
-            refused = [str(err)]
-        except OSError as err:
-            refused = [f"--output-dir {str(output_dir)!r}: {os_error_line(err)}"]
-    if accelerator.num_processes > 1:  # every process stops when the main one is refused
-        refused = broadcast_object_list(refused)
-    if refused[0] is not None:
-        raise ValueError(refused[0])
+    hold_on_main_process(OutputLock(output_dir), accelerator, held)  # every process stops when refused
     if accelerator.is_main_process:
         if previous_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
             # Stale checkpoints of the old run must not be picked up by a later `--resume-from-checkpoint latest`.
@@ -542,47 +529,51 @@ class TrainingLoop:
         )
         running: dict[str, list[torch.Tensor]] = {}
         model.train()
-        for epoch in range(starting_epoch, self.num_epochs):
-            if state.global_step >= self.max_steps or self.stopped:
-                break
-            # The sampler's permutation and the dataset's per-item randomness both follow the epoch.
-            self.dataloader.set_epoch(epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            batches = self.dataloader
-            if epoch == starting_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(self.dataloader, skip_batches)
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    outputs = model(**batch)
-                    self._check_loss(outputs)
-                    accelerator.backward(outputs.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                for name, value in {"loss": outputs.loss, **(getattr(outputs, "losses", None) or {})}.items():
-                    running.setdefault(name, []).append(value.detach().float())
-                if not accelerator.sync_gradients:
-                    continue
-                for callback in self.callbacks:
-                    callback.on_optimizer_step(self)
-                state.global_step += 1
-                self.progress.update(1)
-                if state.global_step % args.logging_steps == 0 or state.global_step == self.max_steps:
-                    self._log(running)
-                for callback in self.callbacks:
-                    callback.on_step_end(self)
-                if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
-                    self.stopped = True
+        try:
+            for epoch in range(starting_epoch, self.num_epochs):
+                if state.global_step >= self.max_steps or self.stopped:
                     break
-                if state.global_step >= self.max_steps:
-                    break
-        self.progress.close()
-        self.progress = None
+                # The sampler's permutation and the dataset's per-item randomness both follow the epoch.
+                self.dataloader.set_epoch(epoch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                batches = self.dataloader
+                if epoch == starting_epoch and skip_batches:
+                    batches = accelerator.skip_first_batches(self.dataloader, skip_batches)
+                for batch in batches:
+                    with accelerator.accumulate(model):
+                        outputs = model(**batch)
+                        self._check_loss(outputs)
+                        accelerator.backward(outputs.loss)
+                        if accelerator.sync_gradients and args.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    for name, value in {"loss": outputs.loss, **(getattr(outputs, "losses", None) or {})}.items():
+                        running.setdefault(name, []).append(value.detach().float())
+                    if not accelerator.sync_gradients:
+                        continue
+                    for callback in self.callbacks:
+                        callback.on_optimizer_step(self)
+                    state.global_step += 1
+                    self.progress.update(1)
+                    if state.global_step % args.logging_steps == 0 or state.global_step == self.max_steps:
+                        self._log(running)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self)
+                    if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                    if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
+                        self.stopped = True
+                        break
+                    if state.global_step >= self.max_steps:
+                        break
+        finally:
+            # Closing ends the bar's line, so an error printed after it (a full disk, a non-finite loss) starts on
+            # its own line instead of running on after the bar.
+            self.progress.close()
+            self.progress = None
         return state
 
     def _log(self, running: dict[str, list[torch.Tensor]]) -> None:

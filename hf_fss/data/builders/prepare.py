@@ -5,7 +5,7 @@ save it with `save_to_disk` and optionally push it to the Hub.
 The dataset is written into a hidden staging sibling of `--output-dir` (`.{name}.partial.{host}.{pid}.{random}`,
 see `hf_fss.staging`) and renamed into place only when complete, so an interrupted run never leaves a half-written
 output; the next run removes the staging folders killed runs left behind. A non-empty `--output-dir` is refused
-unless `--overwrite` is given.
+unless `--overwrite` is given, and so is one another build holds (`hf_fss.file_utils.OutputLock`, beside it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 from datasets import DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
-from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser
+from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser, os_error_line
+from hf_fss.file_utils import OutputLock, check_output_path
 from hf_fss.staging import make_staging_dir, remove_stale_staging
 
 from ._common import build_report, format_counts
@@ -195,35 +196,29 @@ def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 build error, 2 usage error)."""
+    """
+    Run the command line; returns the exit status: 0 saved, 2 refused (a usage error, input the build cannot use,
+    another run building into the same `--output-dir`, or an operating-system error such as a full disk), with one
+    line on stderr and nothing written: an earlier output stays as it was.
+    """
     parser = build_parser()
     args = parser.parse_checked(argv)
     output_dir: Path = args.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output-dir {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
-        parser.error(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it")
-
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Staging folders of killed runs (their writer's pid is dead) are removed; a live run's are left alone.
-    remove_stale_staging(output_dir, STAGING_TAG, legacy=[LEGACY_STAGING.format(re.escape(output_dir.name))])
-    staging = make_staging_dir(output_dir, STAGING_TAG)
-    # The build's log (each defect of the raw release fixed or skipped) goes to stderr.
-    log_handler = logging.StreamHandler(sys.stderr)
-    log_handler.setFormatter(logging.Formatter(f"{parser.prog}: %(levelname)s: %(message)s"))
-    build_logger = logging.getLogger("hf_fss.data")
-    build_logger.addHandler(log_handler)
     try:
-        dataset = build(args, cache_dir=staging / "cache")
-        save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
-    except (FileNotFoundError, NotADirectoryError, ValueError, DatasetGenerationError, ImportError) as err:
+        check_output_path(output_dir, "--output-dir")  # before any work: an unwritable place, a file on the way
+        # Held beside the folder, which is replaced whole: two builds into one --output-dir would replace each other.
+        with OutputLock(output_dir, beside=True):
+            if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
+                parser.error(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it")
+            _build_and_save(args, parser.prog)
+    except (OSError, ValueError, DatasetGenerationError, ImportError) as err:
         # Errors raised while generating rows arrive wrapped in DatasetGenerationError; report the cause.
         cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ is not None else err
-        print(f"{parser.prog}: error: {cause}", file=sys.stderr)
-        return 1
-    finally:
-        build_logger.removeHandler(log_handler)
-        shutil.rmtree(staging, ignore_errors=True)
+        line = os_error_line(cause) if isinstance(cause, OSError) and cause.errno else " ".join(str(cause).split())
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
+        return 2
 
     saved = load_from_disk(str(output_dir))
     print(f"saved {args.benchmark} to {output_dir}")
@@ -233,3 +228,22 @@ def main(argv: list[str] | None = None) -> int:
         saved.push_to_hub(args.push_to_hub, private=args.private or None)
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
+
+
+def _build_and_save(args: argparse.Namespace, prog: str) -> None:
+    """Build into a staging folder beside `--output-dir` and swap it in (`save_atomically`); the staging goes."""
+    output_dir: Path = args.output_dir
+    # Staging folders of killed runs (their writer's pid is dead) are removed; a live run's are left alone.
+    remove_stale_staging(output_dir, STAGING_TAG, legacy=[LEGACY_STAGING.format(re.escape(output_dir.name))])
+    staging = make_staging_dir(output_dir, STAGING_TAG)
+    # The build's log (each defect of the raw release fixed or skipped) goes to stderr.
+    log_handler = logging.StreamHandler(sys.stderr)
+    log_handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s"))
+    build_logger = logging.getLogger("hf_fss.data")
+    build_logger.addHandler(log_handler)
+    try:
+        dataset = build(args, cache_dir=staging / "cache")
+        save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
+    finally:
+        build_logger.removeHandler(log_handler)
+        shutil.rmtree(staging, ignore_errors=True)
