@@ -43,6 +43,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 # Official PFENet deep stem: nn.Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool).
 _PFENET_STEM_NAMES = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+_PFENET_STEM_INDEX = {name: index for index, name in _PFENET_STEM_NAMES.items()}
 
 # torchvision vgg16 `features` index -> (stage, local index) of DilatedVGG16; pool4 (23) and pool5 (30) are gone.
 _TV_VGG16_TO_DILATED = {
@@ -114,6 +115,17 @@ def pfenet_backbone_key_map(key: str, backbone: str = "resnet") -> str:
     if index not in _PFENET_STEM_NAMES or not param:
         raise ValueError(f"{key!r}: PFENet's ResNet stem has parameters only at layer0.{{0,1,3,4,6,7}}.")
     return f"layer0.{_PFENET_STEM_NAMES[index]}.{param}"
+
+
+def pfenet_backbone_key_to_original(key: str, backbone: str = "resnet") -> str:
+    """
+    The inverse of `pfenet_backbone_key_map`: a key of `DilatedResNet(stem="deep")` (`backbone="resnet"`) or `VGG16BN`
+    (`"vgg"`, `"vgg16_bn"`) to the PFENet-lineage official name, e.g. `"layer0.conv2.weight"` -> `"layer0.3.weight"`.
+    """
+    if backbone.startswith("resnet") and key.startswith("layer0."):
+        _, child, param = key.split(".", 2)
+        return f"layer0.{_PFENET_STEM_INDEX[child]}.{param}"
+    return key
 
 
 def smcp_backbone_key_map(key: str) -> str:
