@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .configuration_fss import FewShotSegmentationConfig
 from .image_processing_fss import FewShotSegmentationImageProcessor
 from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
+from .models import MODEL_CLASSES
 from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
 from .models.crcnet import CRCNetConfig, CRCNetModel
 from .models.ntrenet import NTRENetConfig, NTRENetModel
@@ -20,17 +21,9 @@ from .run_folder import RunFolderConfig, RunFolderModel
 
 __version__ = "0.1.0"
 
-# (config, model) of every registered method; each gets the shared image processor.
-MODEL_CLASSES = {
-    CosinePriorConfig.model_type: (CosinePriorConfig, CosinePriorModel),
-    CRCNetConfig.model_type: (CRCNetConfig, CRCNetModel),
-    NTRENetConfig.model_type: (NTRENetConfig, NTRENetModel),
-    QGNetConfig.model_type: (QGNetConfig, QGNetModel),
-    SMCPConfig.model_type: (SMCPConfig, SMCPModel),
-}
-
 
 def _register_auto_classes() -> None:
+    # The registry lives in hf_fss.models (MODEL_CLASSES, re-exported here); each method gets the shared processor.
     for model_type, (config_class, model_class) in MODEL_CLASSES.items():
         AutoConfig.register(model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)

@@ -17,6 +17,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def no_onednn():
+    """
+    The native CPU conv kernels instead of oneDNN for a whole test module (`pytestmark =
+    pytest.mark.usefixtures("no_onednn")`): oneDNN sets up a kernel for every new conv shape, which costs more than
+    the tiny convs of the test models themselves; the native kernels make the training tests several times cheaper.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 def reset_accelerate() -> None:
     """Forget Accelerate's process-wide state, as a new launch would (several runs share one test process)."""
     from accelerate.state import AcceleratorState, GradientState

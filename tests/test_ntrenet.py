@@ -37,16 +37,7 @@ def tiny_model(backbone="resnet50", backbone_kwargs=None, **kwargs) -> NTRENetMo
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_onednn():
-    # oneDNN sets up a kernel for every new conv shape, which costs more than these tiny convs themselves; the native
-    # CPU kernels make the training tests several times cheaper.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+pytestmark = pytest.mark.usefixtures("no_onednn")  # conftest: native conv kernels, cheaper for tiny convs
 
 
 @pytest.fixture(scope="module")

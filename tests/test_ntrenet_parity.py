@@ -40,24 +40,19 @@ distractor (DO) mask are all mixed at every pyramid scale, and the BG prototype 
 official initialisation). `test_pinned_logits_can_fail` perturbs one weight and checks the comparison notices.
 """
 
-import importlib.util
 import zlib
-from pathlib import Path
 
+import parity_common as parity
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_COMMIT = "1fe13ad"
 SEED = 20240  # weights
 # Inputs. NTRENet takes argmaxes (BG and initial maps) inside the network; a pixel whose two logits nearly tie could flip
 # with float rounding and change the DO prototype. Among episode seeds 20240..20279 this one has the widest smallest
 # margin, 1.5e-4, over the ties that would change the DO mask (both K, every scale), against ~1e-6 of rounding noise.
 EPISODE_SEED = 20251
-SIZE = 97  # (SIZE - 1) % 8 == 0, as the official forward asserts
-STRIDE = 24  # logits[0, :, ::STRIDE, ::STRIDE]: 2 x 5 x 5 values
-REDUCE_DIM = 256
-NUM_BINS = 4
+SIZE, STRIDE, REDUCE_DIM, NUM_BINS = parity.PFENET_GEOMETRY  # 97 x 97 episodes, logits[0, :, ::24, ::24], 256, 4
 # The official classifiers end with a 2-class 1x1 conv with bias; these biases (class 0, class 1) keep their argmax
 # maps mixed on the generated weights.
 CLASSIFIER_BIAS = {
@@ -72,69 +67,40 @@ CLASSIFIER_BIAS = {
 
 def official_layout() -> dict[str, tuple[int, ...]]:
     """Every key of the official `NTRENet(layers=50)` state dict with its shape (ResNet-50 deep stem + NTRENet head)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, out_channels, in_channels, kernel, bias=False):
-        shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
-        if bias:
-            shapes[f"{name}.bias"] = (out_channels,)
-
-    def batchnorm(name, channels):
-        for param in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{name}.{param}"] = (channels,)
-        shapes[f"{name}.num_batches_tracked"] = ()
-
-    # layer0 = Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool)
-    conv("layer0.0", 64, 3, 3)
-    batchnorm("layer0.1", 64)
-    conv("layer0.3", 64, 64, 3)
-    batchnorm("layer0.4", 64)
-    conv("layer0.6", 128, 64, 3)
-    batchnorm("layer0.7", 128)
-    in_channels = 128
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
-        for block in range(blocks):
-            prefix = f"layer{stage}.{block}"
-            conv(f"{prefix}.conv1", planes, in_channels, 1)
-            batchnorm(f"{prefix}.bn1", planes)
-            conv(f"{prefix}.conv2", planes, planes, 3)
-            batchnorm(f"{prefix}.bn2", planes)
-            conv(f"{prefix}.conv3", planes * 4, planes, 1)
-            batchnorm(f"{prefix}.bn3", planes * 4)
-            if block == 0:
-                conv(f"{prefix}.downsample.0", planes * 4, in_channels, 1)
-                batchnorm(f"{prefix}.downsample.1", planes * 4)
-            in_channels = planes * 4
-
+    shapes = parity.OfficialLayout()
+    shapes.pspnet_stem()
+    shapes.resnet50_stages("", 128)
     r = REDUCE_DIM
     for head in ("cls", "bg_cls"):
-        conv(f"{head}.0", r, r, 3)
-        conv(f"{head}.3", 2, r, 1, bias=True)
-    conv("down_query.0", r, 1024 + 512, 1)
-    conv("down_supp.0", r, 1024 + 512, 1)
-    conv("down_bg.0", r, 2 * r, 1)
+        shapes.conv(f"{head}.0", r, r, 3)
+        shapes.conv(f"{head}.3", 2, r, 1, bias=True)
+    shapes.conv("down_query.0", r, 1024 + 512, 1)
+    shapes.conv("down_supp.0", r, 1024 + 512, 1)
+    shapes.conv("down_bg.0", r, 2 * r, 1)
     for i in range(NUM_BINS):
-        conv(f"init_merge1.{i}.0", r, 2 * r, 1)
-        conv(f"init_merge2.{i}.0", r, 2 * r + 1, 1)
-        conv(f"init_merge3.{i}.0", r, 2 * r, 1)
+        shapes.conv(f"init_merge1.{i}.0", r, 2 * r, 1)
+        shapes.conv(f"init_merge2.{i}.0", r, 2 * r + 1, 1)
+        shapes.conv(f"init_merge3.{i}.0", r, 2 * r, 1)
         for pair in ("inital_beta_conv", "beta_conv"):
-            conv(f"{pair}.{i}.0", r, r, 3)
-            conv(f"{pair}.{i}.2", r, r, 3)
+            shapes.conv(f"{pair}.{i}.0", r, r, 3)
+            shapes.conv(f"{pair}.{i}.2", r, r, 3)
         for head in ("inital_inner_cls", "inner_cls"):
-            conv(f"{head}.{i}.0", r, r, 3)
-            conv(f"{head}.{i}.3", 2, r, 1, bias=True)
-    conv("res1.0", r, NUM_BINS * r, 1)
+            shapes.conv(f"{head}.{i}.0", r, r, 3)
+            shapes.conv(f"{head}.{i}.3", 2, r, 1, bias=True)
+    shapes.conv("res1.0", r, NUM_BINS * r, 1)
     for pair in ("res2", "bg_res1"):
-        conv(f"{pair}.0", r, r, 3)
-        conv(f"{pair}.2", r, r, 3)
+        shapes.conv(f"{pair}.0", r, r, 3)
+        shapes.conv(f"{pair}.2", r, r, 3)
     for i in range(NUM_BINS - 1):
-        conv(f"alpha_conv.{i}.0", 256, 512, 1)
+        shapes.conv(f"alpha_conv.{i}.0", 256, 512, 1)
     shapes["bg_prototype"] = (1, r, 1, 1)
     return shapes
 
 
-def _classifier_bias(key: str):
-    return CLASSIFIER_BIAS.get(key, (0.0, 0.0) if key.endswith(".3.bias") else None)
+def _draw(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    if key == "bg_prototype":
+        return torch.randn(shape, generator=g)
+    return parity.pfenet_tensor(key, shape, g, CLASSIFIER_BIAS)
 
 
 def official_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -142,45 +108,12 @@ def official_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     The seeded checkpoint in the official layout (bare keys). Each tensor comes from its own generator seeded with
     `seed + crc32(key)`, so it depends only on its key and shape.
     """
-    state = {}
-    for key, shape in official_layout().items():
-        g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
-        name = key.rsplit(".", 1)[-1]
-        if name == "num_batches_tracked":
-            value = torch.tensor(0, dtype=torch.long)
-        elif key == "bg_prototype":
-            value = torch.randn(shape, generator=g)
-        elif name == "weight" and len(shape) == 4:  # conv: He-normal on fan-in
-            fan_in = shape[1] * shape[2] * shape[3]
-            value = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif name == "weight":  # BN scale; the last BN of a residual branch smaller, so depth does not blow up
-            low, high = (0.1, 0.3) if key.endswith("bn3.weight") else (0.5, 1.0)
-            value = torch.empty(shape).uniform_(low, high, generator=g)
-        elif name == "running_var":
-            value = torch.empty(shape).uniform_(0.5, 2.0, generator=g)
-        elif name == "running_mean":
-            value = torch.randn(shape, generator=g) * 0.1
-        elif name == "bias" and (bias := _classifier_bias(key)) is not None:
-            value = torch.tensor(bias) + torch.randn(shape, generator=g) * 0.01
-        elif name == "bias":  # BN shift
-            value = torch.randn(shape, generator=g) * 0.1
-        else:
-            raise AssertionError(f"no rule for {key}")
-        state[key] = value.float() if value.is_floating_point() else value
-    return state
+    return parity.seeded_state_dict(official_layout(), seed, _draw)
 
 
 def episode(shot: int, size: int = SIZE, seed: int = EPISODE_SEED):
     """Seeded query image and `shot` supports with a target rectangle each (and a strip of ignored 255 pixels)."""
-    g = torch.Generator().manual_seed(seed + shot)
-    query = torch.randn(1, 3, size, size, generator=g)
-    support = torch.randn(1, shot, 3, size, size, generator=g)
-    masks = torch.zeros(1, shot, size, size, dtype=torch.long)
-    for k in range(shot):
-        top, left = 8 + 6 * k, 12 + 5 * k
-        masks[0, k, top : top + size // 2, left : left + size // 3] = 1
-    masks[..., -4:, :] = 255
-    return query, support, masks
+    return parity.seeded_episode(seed + shot, shot, size, lambda k: (8 + 6 * k, 12 + 5 * k), ignored_rows=4)
 
 
 # The official model's logits on `episode(K)` with `official_state_dict()`: `logits[0, :, ::STRIDE, ::STRIDE]` (2 x 5
@@ -229,47 +162,18 @@ PINNED = {
 ATOL = 1e-4
 
 
-def _run_converter(checkpoint: Path, output_dir: Path):
-    spec = importlib.util.spec_from_file_location("_convert_cli", ROOT / "scripts" / "convert_original_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(["--model-type", "ntrenet", "--checkpoint", str(checkpoint), "--output-dir", str(output_dir)]) == 0
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from transformers import AutoModel
-
-    import hf_fss  # noqa: F401  (registers the auto classes)
-
-    folder = tmp_path_factory.mktemp("ntrenet_parity")
-    checkpoint = folder / "train_epoch_200.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in official_state_dict().items()}}, checkpoint)
-    _run_converter(checkpoint, folder / "converted")
-    checkpoint.unlink()
-    return AutoModel.from_pretrained(folder / "converted").eval()
-
-
-def _logits(model, shot):
-    with torch.no_grad():
-        return model(*episode(shot)).logits
-
-
-def _matches_pinned(logits, shot) -> bool:
-    pinned = PINNED[shot]
-    got_slice = logits[0, :, ::STRIDE, ::STRIDE]
-    got_means = logits.mean(dim=(2, 3))[0]
-    return torch.allclose(got_slice, torch.tensor(pinned["slice"]), rtol=0, atol=ATOL) and torch.allclose(
-        got_means, torch.tensor(pinned["means"]), rtol=0, atol=ATOL
+    checkpoint = {"state_dict": {"module." + k: v for k, v in official_state_dict().items()}}
+    return parity.convert_with_cli(
+        "ntrenet", checkpoint, tmp_path_factory.mktemp("ntrenet_parity") / "train_epoch_200.pth"
     )
 
 
 def test_pins_belong_to_the_official_commit_the_model_names():
-    import inspect
-
     from hf_fss import NTRENetModel
 
-    assert f"commit {OFFICIAL_COMMIT}" in Path(inspect.getfile(NTRENetModel)).read_text()
+    assert parity.names_commit(NTRENetModel, OFFICIAL_COMMIT)
 
 
 def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_key():
@@ -277,8 +181,7 @@ def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_k
     # 400 entries, as the official NTRENet(layers=50).state_dict(), which loaded it with strict=True
     assert len(layout) == 400 and layout["layer0.6.weight"] == (128, 64, 3, 3)
     state = official_state_dict()
-    assert state.keys() == layout.keys()
-    assert all(tuple(state[k].shape) == shape for k, shape in layout.items())
+    parity.assert_has_layout(state, layout)
     g = torch.Generator().manual_seed(SEED + zlib.crc32(b"bg_prototype"))
     assert torch.equal(state["bg_prototype"], torch.randn(1, REDUCE_DIM, 1, 1, generator=g))
     g = torch.Generator().manual_seed(SEED + zlib.crc32(b"layer4.2.conv3.weight"))
@@ -288,26 +191,14 @@ def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_k
 @pytest.mark.slow
 @pytest.mark.parametrize("shot", [1, 5])
 def test_converted_model_reproduces_pinned_official_logits(converted, shot):
-    logits = _logits(converted, shot)
-    assert logits.shape == (1, 2, SIZE, SIZE)
-    pinned = PINNED[shot]
-    torch.testing.assert_close(logits[0, :, ::STRIDE, ::STRIDE], torch.tensor(pinned["slice"]), rtol=0, atol=ATOL)
-    torch.testing.assert_close(logits.mean(dim=(2, 3))[0], torch.tensor(pinned["means"]), rtol=0, atol=ATOL)
+    parity.assert_reproduces_pinned(converted, episode(shot), PINNED[shot], SIZE, STRIDE, ATOL)
 
 
 @pytest.mark.slow
 def test_pinned_logits_can_fail(converted):
     """One backbone weight (of 44.5 million) moved by 0.05 moves the slice by ~5e-3, far outside the tolerance."""
     weight = converted.get_parameter(_ours("layer3.2.conv2.weight"))
-    original = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight[0, 0, 1, 1] += 0.05
-        assert not _matches_pinned(_logits(converted, 1), 1)
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
-    assert _matches_pinned(_logits(converted, 1), 1)
+    parity.assert_nudge_is_noticed(converted, weight, episode(1), PINNED[1], STRIDE, ATOL)
 
 
 def _ours(official_key: str) -> str:

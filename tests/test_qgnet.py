@@ -35,15 +35,7 @@ def tiny_model(**overrides) -> QGNetModel:
     return QGNetModel(QGNetConfig(**{**TINY, **overrides})).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_onednn():
-    # oneDNN builds a kernel for every new conv shape, which costs more than these tiny convs themselves.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+pytestmark = pytest.mark.usefixtures("no_onednn")  # conftest: native conv kernels, cheaper for tiny convs
 
 
 # --- configuration ---------------------------------------------------------------------------------------------------

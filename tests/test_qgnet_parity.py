@@ -34,21 +34,17 @@ tolerance (`MAP_WEIGHT_STD`), and the classifier biases are shifted so that the 
 `test_pinned_logits_can_fail` perturbs one prior-extractor weight and checks the comparison notices.
 """
 
-import importlib.util
 import zlib
 from pathlib import Path
 
+import parity_common as parity
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_COMMIT = "1e77b35"
 SEED = 20250  # weights
 EPISODE_SEED = 20260
-SIZE = 97  # (SIZE - 1) % 8 == 0, as the official forward asserts
-STRIDE = 24  # logits[0, :, ::STRIDE, ::STRIDE]: 2 x 5 x 5 values
-REDUCE_DIM = 256
-NUM_BINS = 4
+SIZE, STRIDE, REDUCE_DIM, NUM_BINS = parity.PFENET_GEOMETRY  # 97 x 97 episodes, logits[0, :, ::24, ::24], 256, 4
 # Standard deviation of the init_merge weights on the guided (512) and prior (513) map channels; the other 512 input
 # channels get He-normal weights (std ~0.06), with which the two maps would hardly matter.
 MAP_WEIGHT_STD = 1.0
@@ -58,65 +54,41 @@ CLASSIFIER_BIAS = {"cls.3.bias": (0.0, 7.8)}
 
 def official_layout() -> dict[str, tuple[int, ...]]:
     """Every key of the official `PFENet_QGNet.PFENet(layers=50)` state dict with its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, out_channels, in_channels, kernel, bias=False):
-        shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
-        if bias:
-            shapes[f"{name}.bias"] = (out_channels,)
-
-    def batchnorm(name, channels):
-        for param in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{name}.{param}"] = (channels,)
-        shapes[f"{name}.num_batches_tracked"] = ()
-
-    def stages(suffix, in_channels):
-        for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
-            for block in range(blocks):
-                prefix = f"layer{stage}{suffix}.{block}"
-                conv(f"{prefix}.conv1", planes, in_channels, 1)
-                batchnorm(f"{prefix}.bn1", planes)
-                conv(f"{prefix}.conv2", planes, planes, 3)
-                batchnorm(f"{prefix}.bn2", planes)
-                conv(f"{prefix}.conv3", planes * 4, planes, 1)
-                batchnorm(f"{prefix}.bn3", planes * 4)
-                if block == 0:
-                    conv(f"{prefix}.downsample.0", planes * 4, in_channels, 1)
-                    batchnorm(f"{prefix}.downsample.1", planes * 4)
-                in_channels = planes * 4
-
+    shapes = parity.OfficialLayout()
     # prior extractor: torchvision stem Sequential(conv1 7x7, bn1, relu, maxpool) + ResNet-50 stages
-    conv("layer0_unsuper.0", 64, 3, 7)
-    batchnorm("layer0_unsuper.1", 64)
-    stages("_unsuper", 64)
-    # backbone: PSPNet deep stem Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool)
-    conv("layer0.0", 64, 3, 3)
-    batchnorm("layer0.1", 64)
-    conv("layer0.3", 64, 64, 3)
-    batchnorm("layer0.4", 64)
-    conv("layer0.6", 128, 64, 3)
-    batchnorm("layer0.7", 128)
-    stages("", 128)
+    shapes.conv("layer0_unsuper.0", 64, 3, 7)
+    shapes.batchnorm("layer0_unsuper.1", 64)
+    shapes.resnet50_stages("_unsuper", 64)
+    # backbone: PSPNet deep stem + ResNet-50 stages
+    shapes.pspnet_stem()
+    shapes.resnet50_stages("", 128)
 
     r = REDUCE_DIM
-    conv("cls.0", r, r, 3)
-    conv("cls.3", 2, r, 1, bias=True)
-    conv("down_query.0", r, 1024 + 512, 1)
-    conv("down_supp.0", r, 1024 + 512, 1)
+    shapes.conv("cls.0", r, r, 3)
+    shapes.conv("cls.3", 2, r, 1, bias=True)
+    shapes.conv("down_query.0", r, 1024 + 512, 1)
+    shapes.conv("down_supp.0", r, 1024 + 512, 1)
     for i in range(NUM_BINS):
-        conv(f"init_merge.{i}.0", r, 2 * r + 2, 1)
-        conv(f"beta_conv.{i}.0", r, r, 3)
-        conv(f"beta_conv.{i}.2", r, r, 3)
-        conv(f"inner_cls.{i}.0", r, r, 3)
-        conv(f"inner_cls.{i}.3", 2, r, 1, bias=True)
-    conv("res1.0", r, NUM_BINS * r, 1)
-    conv("res2.0", r, r, 3)
-    conv("res2.2", r, r, 3)
+        shapes.conv(f"init_merge.{i}.0", r, 2 * r + 2, 1)
+        shapes.conv(f"beta_conv.{i}.0", r, r, 3)
+        shapes.conv(f"beta_conv.{i}.2", r, r, 3)
+        shapes.conv(f"inner_cls.{i}.0", r, r, 3)
+        shapes.conv(f"inner_cls.{i}.3", 2, r, 1, bias=True)
+    shapes.conv("res1.0", r, NUM_BINS * r, 1)
+    shapes.conv("res2.0", r, r, 3)
+    shapes.conv("res2.2", r, r, 3)
     for i in range(NUM_BINS - 1):
-        conv(f"alpha_conv.{i}.0", 256, 512, 1)
-    conv("down_learn_super.0", r, 2048, 3)
-    conv("down_learn_unsuper.0", r, 2048, 3)
+        shapes.conv(f"alpha_conv.{i}.0", 256, 512, 1)
+    shapes.conv("down_learn_super.0", r, 2048, 3)
+    shapes.conv("down_learn_unsuper.0", r, 2048, 3)
     return shapes
+
+
+def _draw(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    value = parity.pfenet_tensor(key, shape, g, CLASSIFIER_BIAS)
+    if key.startswith("init_merge.") and key.endswith(".weight"):  # the guided and prior map channels, same stream
+        value[:, 2 * REDUCE_DIM :] = torch.randn(shape[0], 2, 1, 1, generator=g) * MAP_WEIGHT_STD
+    return value
 
 
 def official_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -124,45 +96,16 @@ def official_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     The seeded checkpoint in the official layout (bare keys). Each tensor comes from its own generator seeded with
     `seed + crc32(key)`, so it depends only on its key and shape.
     """
-    state = {}
-    for key, shape in official_layout().items():
-        g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
-        name = key.rsplit(".", 1)[-1]
-        if name == "num_batches_tracked":
-            value = torch.tensor(0, dtype=torch.long)
-        elif name == "weight" and len(shape) == 4:  # conv: He-normal on fan-in
-            fan_in = shape[1] * shape[2] * shape[3]
-            value = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-            if key.startswith("init_merge."):
-                value[:, 2 * REDUCE_DIM :] = torch.randn(shape[0], 2, 1, 1, generator=g) * MAP_WEIGHT_STD
-        elif name == "weight":  # BN scale; the last BN of a residual branch smaller, so depth does not blow up
-            low, high = (0.1, 0.3) if key.endswith("bn3.weight") else (0.5, 1.0)
-            value = torch.empty(shape).uniform_(low, high, generator=g)
-        elif name == "running_var":
-            value = torch.empty(shape).uniform_(0.5, 2.0, generator=g)
-        elif name == "running_mean":
-            value = torch.randn(shape, generator=g) * 0.1
-        elif name == "bias" and key.endswith(".3.bias"):  # 2-class classifiers
-            value = torch.tensor(CLASSIFIER_BIAS.get(key, (0.0, 0.0))) + torch.randn(shape, generator=g) * 0.01
-        elif name == "bias":  # BN shift
-            value = torch.randn(shape, generator=g) * 0.1
-        else:
-            raise AssertionError(f"no rule for {key}")
-        state[key] = value.float() if value.is_floating_point() else value
-    return state
+    return parity.seeded_state_dict(official_layout(), seed, _draw)
 
 
 def episode(shot: int, size: int = SIZE, seed: int = EPISODE_SEED):
     """Seeded query image and `shot` supports with a target rectangle each (and a strip of ignored 255 pixels)."""
-    g = torch.Generator().manual_seed(seed + shot)
-    query = torch.randn(1, 3, size, size, generator=g)
-    support = torch.randn(1, shot, 3, size, size, generator=g)
-    masks = torch.zeros(1, shot, size, size, dtype=torch.long)
-    for k in range(shot):
-        top, left = size // 12 + size // 16 * k, size // 8 + size // 19 * k
-        masks[0, k, top : top + size // 2, left : left + size // 3] = 1
-    masks[..., -4:, :] = 255
-    return query, support, masks
+
+    def corner(k):
+        return size // 12 + size // 16 * k, size // 8 + size // 19 * k
+
+    return parity.seeded_episode(seed + shot, shot, size, corner, ignored_rows=4)
 
 
 # The official model's logits on `episode(K)` with `official_state_dict()`: `logits[0, :, ::STRIDE, ::STRIDE]` (2 x 5
@@ -214,24 +157,10 @@ MEASURED = {(1, SIZE): 2.67e-5, (5, SIZE): 2.15e-5, (1, 473): 3.15e-5, (5, 473):
 ATOL = 1e-4
 
 
-def _run_converter(checkpoint: Path, output_dir: Path):
-    spec = importlib.util.spec_from_file_location("_convert_cli", ROOT / "scripts" / "convert_original_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(["--model-type", "qgnet", "--checkpoint", str(checkpoint), "--output-dir", str(output_dir)]) == 0
-
-
 def convert_official_state_dict(state_dict: dict, folder: Path):
     """Save `state_dict` as train.py does, convert it with the CLI and load the result."""
-    from transformers import AutoModel
-
-    import hf_fss  # noqa: F401  (registers the auto classes)
-
-    checkpoint = folder / "train_epoch_200.pth"
-    torch.save({"epoch": 200, "state_dict": {"module." + k: v for k, v in state_dict.items()}}, checkpoint)
-    _run_converter(checkpoint, folder / "converted")
-    checkpoint.unlink()
-    return AutoModel.from_pretrained(folder / "converted").eval()
+    checkpoint = {"epoch": 200, "state_dict": {"module." + k: v for k, v in state_dict.items()}}
+    return parity.convert_with_cli("qgnet", checkpoint, folder / "train_epoch_200.pth")
 
 
 @pytest.fixture(scope="module")
@@ -239,26 +168,10 @@ def converted(tmp_path_factory):
     return convert_official_state_dict(official_state_dict(), tmp_path_factory.mktemp("qgnet_parity"))
 
 
-def _logits(model, shot):
-    with torch.no_grad():
-        return model(*episode(shot)).logits
-
-
-def _matches_pinned(logits, shot) -> bool:
-    pinned = PINNED[shot]
-    got_slice = logits[0, :, ::STRIDE, ::STRIDE]
-    got_means = logits.mean(dim=(2, 3))[0]
-    return torch.allclose(got_slice, torch.tensor(pinned["slice"]), rtol=0, atol=ATOL) and torch.allclose(
-        got_means, torch.tensor(pinned["means"]), rtol=0, atol=ATOL
-    )
-
-
 def test_pins_belong_to_the_official_commit_the_model_names():
-    import inspect
-
     from hf_fss import QGNetModel
 
-    assert f"commit {OFFICIAL_COMMIT}" in Path(inspect.getfile(QGNetModel)).read_text()
+    assert parity.names_commit(QGNetModel, OFFICIAL_COMMIT)
 
 
 def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_key():
@@ -267,33 +180,20 @@ def test_generated_checkpoint_has_the_official_layout_and_depends_only_on_each_k
     assert len(layout) == 685 and layout["init_merge.0.0.weight"] == (256, 514, 1, 1)
     assert layout["layer0_unsuper.0.weight"] == (64, 3, 7, 7) and layout["layer0.6.weight"] == (128, 64, 3, 3)
     state = official_state_dict()
-    assert state.keys() == layout.keys()
-    assert all(tuple(state[k].shape) == shape for k, shape in layout.items())
+    parity.assert_has_layout(state, layout)
     g = torch.Generator().manual_seed(SEED + zlib.crc32(b"layer4_unsuper.2.conv3.weight"))
     expected = torch.randn(2048, 512, 1, 1, generator=g) * (2.0 / 512) ** 0.5
     assert torch.equal(state["layer4_unsuper.2.conv3.weight"], expected)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shot", [1, 5])
-def test_converted_model_reproduces_pinned_official_logits(converted, shot):
-    logits = _logits(converted, shot)
-    assert logits.shape == (1, 2, SIZE, SIZE)
-    pinned = PINNED[shot]
-    torch.testing.assert_close(logits[0, :, ::STRIDE, ::STRIDE], torch.tensor(pinned["slice"]), rtol=0, atol=ATOL)
-    torch.testing.assert_close(logits.mean(dim=(2, 3))[0], torch.tensor(pinned["means"]), rtol=0, atol=ATOL)
-
-
-@pytest.mark.slow
 def test_pinned_logits_can_fail(converted):
     """One weight of the prior extractor moved by 0.05 moves the logits far outside the tolerance."""
     weight = converted.get_parameter("prior_extractor.layer3.2.conv2.weight")
-    original = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight[0, 0, 1, 1] += 0.05
-        assert not _matches_pinned(_logits(converted, 1), 1)
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
-    assert _matches_pinned(_logits(converted, 1), 1)
+    parity.assert_nudge_is_noticed(converted, weight, episode(1), PINNED[1], STRIDE, ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shot", [1, 5])
+def test_converted_model_reproduces_pinned_official_logits(converted, shot):
+    parity.assert_reproduces_pinned(converted, episode(shot), PINNED[shot], SIZE, STRIDE, ATOL)

@@ -24,15 +24,7 @@ def semantic_labels(shape, num_base_classes=5, seed=0):
     return labels.masked_fill(torch.rand(shape, generator=generator) < 0.05, 255)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_onednn():
-    # oneDNN sets up a kernel for every new conv shape, which costs more than these tiny convs themselves.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+pytestmark = pytest.mark.usefixtures("no_onednn")  # conftest: native conv kernels, cheaper for tiny convs
 
 
 class TestSMCPModel(FewShotModelTesterMixin):

@@ -36,14 +36,13 @@ converter still checks (every key matched). `test_pinned_logits_can_fail` pertur
 comparison notices.
 """
 
-import importlib.util
 import zlib
 from pathlib import Path
 
+import parity_common as parity
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_COMMIT = "191fbff"
 SEED = 4170
 EPISODE_SEED = 417
@@ -60,25 +59,20 @@ _FEATURE_CONVS = {
 
 def official_layout() -> dict[str, tuple[int, ...]]:
     """Every key of the official `Encoder().state_dict()` (models/vgg.py) with its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, out_channels, in_channels, kernel):
-        shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
-        shapes[f"{name}.bias"] = (out_channels,)
-
+    shapes = parity.OfficialLayout()
     for index, (out_channels, in_channels) in _FEATURE_CONVS.items():
-        conv(f"features.{index}", out_channels, in_channels, 3)
+        shapes.conv(f"features.{index}", out_channels, in_channels, 3, bias=True)
     for branch in range(4):
-        conv(f"classifier.conv2d_list.{branch}", 21, 512, 3)
-    conv("feat_rd.0", 512, 1024, 3)
+        shapes.conv(f"classifier.conv2d_list.{branch}", 21, 512, 3, bias=True)
+    shapes.conv("feat_rd.0", 512, 1024, 3, bias=True)
     for name in ("p1.0", "p2.0", "p3.0", "feat_fuse.0", "feat_fuse.2"):
-        conv(f"pyramid_m.{name}", 512, 512, 3)
+        shapes.conv(f"pyramid_m.{name}", 512, 512, 3, bias=True)
     for residual in ("residule1", "residule2"):
-        conv(f"pyramid_m.{residual}.0", 64, 512, 1)
-        conv(f"pyramid_m.{residual}.2", 64, 64, 3)
-        conv(f"pyramid_m.{residual}.4", 512, 64, 1)
+        shapes.conv(f"pyramid_m.{residual}.0", 64, 512, 1, bias=True)
+        shapes.conv(f"pyramid_m.{residual}.2", 64, 64, 3, bias=True)
+        shapes.conv(f"pyramid_m.{residual}.4", 512, 64, 1, bias=True)
     for branch in range(4):
-        conv(f"classifier_2.conv2d_list.{branch}", 2, 512, 3)
+        shapes.conv(f"classifier_2.conv2d_list.{branch}", 2, 512, 3, bias=True)
     return shapes
 
 
@@ -88,9 +82,8 @@ def official_state_dict(seed: int = SEED, classifier_2_bias: float = CLASSIFIER_
     of it rather than the official N(0, 0.01^2), so that the logits are a few units), biases N(0, 0.1^2). Each tensor depends
     only on its key and shape (and `classifier_2_bias`).
     """
-    state = {}
-    for key, shape in official_layout().items():
-        g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+
+    def draw(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
         if key.endswith(".weight"):
             fan_in = shape[1] * shape[2] * shape[3]
             # The four ASPP branches are summed: a tenth of He's scale keeps the logits at a few units.
@@ -100,19 +93,14 @@ def official_state_dict(seed: int = SEED, classifier_2_bias: float = CLASSIFIER_
             value = torch.randn(shape, generator=g) * 0.1
         if key == "classifier_2.conv2d_list.0.bias":
             value[1] += classifier_2_bias
-        state[key] = value
-    return state
+        return value
+
+    return parity.seeded_state_dict(official_layout(), seed, draw)
 
 
 def episode(size: int = SIZE, seed: int = EPISODE_SEED):
     """Seeded query image and one support with a target rectangle (and a strip of ignored 255 pixels)."""
-    g = torch.Generator().manual_seed(seed)
-    query = torch.randn(1, 3, size, size, generator=g)
-    support = torch.randn(1, 1, 3, size, size, generator=g)
-    masks = torch.zeros(1, 1, size, size, dtype=torch.long)
-    masks[0, 0, 60 : 60 + size // 2, 90 : 90 + size // 3] = 1
-    masks[..., -8:, :] = 255
-    return query, support, masks
+    return parity.seeded_episode(seed, 1, size, lambda k: (60, 90), ignored_rows=8)
 
 
 # The official model's logits on `episode()` with `official_state_dict()`: `logits[0, :, ::STRIDE, ::STRIDE]` (2 x 5 x
@@ -164,24 +152,9 @@ MEASURED_MAX_ABS_DIFF = {"first": 1.16e-5, "final": 1.09e-5}
 ATOL = 1e-4
 
 
-def _run_converter(checkpoint: Path, output_dir: Path):
-    spec = importlib.util.spec_from_file_location("_convert_cli", ROOT / "scripts" / "convert_original_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(["--model-type", "smcp", "--checkpoint", str(checkpoint), "--output-dir", str(output_dir)]) == 0
-
-
 def convert_official(folder: Path, state: dict[str, torch.Tensor]):
     """Write `state` as the official .pth, convert it with the CLI and load the result."""
-    from transformers import AutoModel
-
-    import hf_fss  # noqa: F401  (registers the auto classes)
-
-    checkpoint = folder / "25000.pth"
-    torch.save({"module." + k: v for k, v in state.items()}, checkpoint)
-    _run_converter(checkpoint, folder / "converted")
-    checkpoint.unlink()
-    return AutoModel.from_pretrained(folder / "converted").eval()
+    return parity.convert_with_cli("smcp", {"module." + k: v for k, v in state.items()}, folder / "25000.pth")
 
 
 def first_and_final_logits(model) -> dict[str, torch.Tensor]:
@@ -202,13 +175,6 @@ def converted(tmp_path_factory):
     return convert_official(tmp_path_factory.mktemp("smcp_parity"), official_state_dict())
 
 
-def _matches_pinned(logits: torch.Tensor, name: str) -> bool:
-    pinned = PINNED[name]
-    return torch.allclose(
-        logits[0, :, ::STRIDE, ::STRIDE], torch.tensor(pinned["slice"]), rtol=0, atol=ATOL
-    ) and torch.allclose(logits.mean(dim=(2, 3))[0], torch.tensor(pinned["means"]), rtol=0, atol=ATOL)
-
-
 def test_pins_belong_to_the_official_commit_and_the_layout_has_the_official_size():
     layout = official_layout()
     # 36,582,556 parameters, as the official Encoder, which loaded the generated state dict with strict=True.
@@ -226,21 +192,12 @@ def test_converted_model_reproduces_pinned_official_logits(converted):
     for name in ("first", "final"):
         logits = outputs[name]
         assert logits.shape == (1, 2, SIZE, SIZE)
-        pinned = PINNED[name]
-        torch.testing.assert_close(logits[0, :, ::STRIDE, ::STRIDE], torch.tensor(pinned["slice"]), rtol=0, atol=ATOL)
-        torch.testing.assert_close(logits.mean(dim=(2, 3))[0], torch.tensor(pinned["means"]), rtol=0, atol=ATOL)
+        parity.assert_matches_pinned(logits, PINNED[name], STRIDE, ATOL)
     assert not torch.allclose(outputs["first"], outputs["final"], atol=ATOL)
 
 
 @pytest.mark.slow
 def test_pinned_logits_can_fail(converted):
     """One weight of feat_rd moved by 0.05 moves the final logits far outside the tolerance."""
-    weight = converted.feat_rd[0].weight
-    original = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight[0, 0, 1, 1] += 0.05
-        assert not _matches_pinned(first_and_final_logits(converted)["final"], "final")
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
+    with parity.nudged(converted.feat_rd[0].weight, 0.05):
+        assert not parity.matches_pinned(first_and_final_logits(converted)["final"], PINNED["final"], STRIDE, ATOL)

@@ -19,6 +19,7 @@ from .weights import (
     convert_backbone_state_dict,
     load_backbone_weights,
     pfenet_backbone_key_map,
+    pfenet_backbone_key_to_original,
     select_moco_encoder,
     smcp_backbone_key_map,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "convert_backbone_state_dict",
     "load_backbone_weights",
     "pfenet_backbone_key_map",
+    "pfenet_backbone_key_to_original",
     "select_moco_encoder",
     "smcp_backbone_key_map",
 ]

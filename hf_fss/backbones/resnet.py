@@ -83,6 +83,8 @@ class DilatedResNet(StagedBackbone):
     `(1, 128, 119, 119)`, `layer1` `(1, 256, 119, 119)`, `layer2..4` `(1, 512 | 1024 | 2048, 60, 60)`.
     """
 
+    weight_family = "resnet"
+
     def __init__(
         self,
         depth: int = 50,

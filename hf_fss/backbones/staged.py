@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .weights import load_backbone_weights
+
 # glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap calls: every such
 # activation is page-faulted in 4 KiB at a time and unmapped when freed. Keeping each activation of a chunk below
 # this bound lets the allocator reuse its heap (issue 16: 2.35 M faults / 5.2 s of system time per 5-shot episode
@@ -52,6 +54,9 @@ class StagedBackbone(nn.Module):
     batchnorm_eval = False
     chunk_on_cpu = True
     weights_source: str | None = None
+    # The checkpoint layouts `load_weights` maps from: "resnet", "vgg16_bn" or "vgg16_dilated" (see
+    # `hf_fss.backbones.weights`); None: the class loads no pretrained weights.
+    weight_family: str | None = None
     # Set by `FeatureCache.attach(model)` for the duration of an evaluation; None otherwise.
     feature_cache = None
     feature_cache_name: str | None = None
@@ -73,8 +78,6 @@ class StagedBackbone(nn.Module):
         Load pretrained weights in place; see `hf_fss.backbones.load_backbone_weights` (every expected key must be
         matched, or a `ValueError` names the missing ones).
         """
-        from .weights import load_backbone_weights
-
         load_backbone_weights(self, name_or_path, revision=revision, moco_encoder=moco_encoder)
         self.weights_source = str(name_or_path)
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .staged import StagedBackbone
+from .weights import DILATED_VGG16_STAGE_BOUNDS, VGG16_BN_STAGE_BOUNDS  # the stage cuts are the weight layouts
+
+__all__ = ["DILATED_VGG16_STAGE_BOUNDS", "VGG16_BN_STAGE_BOUNDS", "VGG16BN", "DilatedVGG16"]
 
 # VGG-16 (configuration "D") as multiples of base_width; "M" is a 2x2 max pool.
 _VGG16_CFG = (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M")
-
-# Where PFENet cuts torchvision's vgg16_bn `features` into layer0..layer4: stage k is `features[b[k]:b[k + 1]]`.
-# pool5 (features[43]) is dropped.
-VGG16_BN_STAGE_BOUNDS = (0, 7, 14, 24, 34, 43)
-
-# Where we cut SMCP's encoder `features` (torchvision vgg16 without pool4/pool5, then fc6, ReLU, fc7, ReLU):
-#   0-4 conv1_x + pool1 | 5-9 conv2_x + pool2 | 10-16 conv3_x + pool3 | 17-22 conv4_x | 23-32 conv5_x, fc6, fc7.
-DILATED_VGG16_STAGE_BOUNDS = (0, 5, 10, 17, 23, 33)
 
 
 def _split_stages(backbone: nn.Module, modules: list[nn.Module], bounds: tuple[int, ...]) -> None:
@@ -57,6 +52,8 @@ class VGG16BN(StagedBackbone):
     Example shapes for `base_width=64` and a `(1, 3, 473, 473)` input: `(1, 64, 237, 237)`, `(1, 128, 119, 119)`,
     `(1, 256, 60, 60)`, `(1, 512, 30, 30)`, `(1, 512, 30, 30)`.
     """
+
+    weight_family = "vgg16_bn"
 
     def __init__(self, base_width: int = 64):
         super().__init__()
@@ -115,6 +112,8 @@ class DilatedVGG16(StagedBackbone):
     Example shapes for `base_width=64` and a `(1, 3, 417, 417)` input: `(1, 64, 208, 208)`,
     `(1, 128, 104, 104)`, `(1, 256, 52, 52)`, `(1, 512, 52, 52)`, `(1, 512, 52, 52)`.
     """
+
+    weight_family = "vgg16_dilated"
 
     def __init__(self, base_width: int = 64, fc_channels: int | None = None):
         super().__init__()

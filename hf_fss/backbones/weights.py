@@ -36,13 +36,20 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 from torch import nn
 
-from .resnet import DilatedResNet
-from .vgg import DILATED_VGG16_STAGE_BOUNDS, VGG16_BN_STAGE_BOUNDS, VGG16BN, DilatedVGG16
-
 WEIGHTS_NAME = "model.safetensors"
+
+# Where PFENet cuts torchvision's vgg16_bn `features` into layer0..layer4: stage k is `features[b[k]:b[k + 1]]`.
+# pool5 (features[43]) is dropped. (`VGG16BN` is built on these cuts; they live here, with the other layouts, so that
+# this module needs no backbone class and the base class can load weights without an import circle.)
+VGG16_BN_STAGE_BOUNDS = (0, 7, 14, 24, 34, 43)
+
+# Where we cut SMCP's encoder `features` (torchvision vgg16 without pool4/pool5, then fc6, ReLU, fc7, ReLU):
+#   0-4 conv1_x + pool1 | 5-9 conv2_x + pool2 | 10-16 conv3_x + pool3 | 17-22 conv4_x | 23-32 conv5_x, fc6, fc7.
+DILATED_VGG16_STAGE_BOUNDS = (0, 5, 10, 17, 23, 33)
 
 # Official PFENet deep stem: nn.Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool).
 _PFENET_STEM_NAMES = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+_PFENET_STEM_INDEX = {name: index for index, name in _PFENET_STEM_NAMES.items()}
 
 # torchvision vgg16 `features` index -> (stage, local index) of DilatedVGG16; pool4 (23) and pool5 (30) are gone.
 _TV_VGG16_TO_DILATED = {
@@ -114,6 +121,17 @@ def pfenet_backbone_key_map(key: str, backbone: str = "resnet") -> str:
     if index not in _PFENET_STEM_NAMES or not param:
         raise ValueError(f"{key!r}: PFENet's ResNet stem has parameters only at layer0.{{0,1,3,4,6,7}}.")
     return f"layer0.{_PFENET_STEM_NAMES[index]}.{param}"
+
+
+def pfenet_backbone_key_to_original(key: str, backbone: str = "resnet") -> str:
+    """
+    The inverse of `pfenet_backbone_key_map`: a key of `DilatedResNet(stem="deep")` (`backbone="resnet"`) or `VGG16BN`
+    (`"vgg"`, `"vgg16_bn"`) to the PFENet-lineage official name, e.g. `"layer0.conv2.weight"` -> `"layer0.3.weight"`.
+    """
+    if backbone.startswith("resnet") and key.startswith("layer0."):
+        _, child, param = key.split(".", 2)
+        return f"layer0.{_PFENET_STEM_INDEX[child]}.{param}"
+    return key
 
 
 def smcp_backbone_key_map(key: str) -> str:
@@ -222,7 +240,8 @@ def _detect_layout(keys: list[str]) -> str:
 
 def _key_map_for(backbone: nn.Module, layout: str) -> tuple[Callable[[str], str | None], tuple[str, ...]]:
     """The key map from `layout` to `backbone` and the prefixes of backbone keys it may leave unfilled."""
-    if isinstance(backbone, DilatedResNet):
+    family = getattr(backbone, "weight_family", None)  # set by each StagedBackbone class
+    if family == "resnet":
         if layout == "transformers_resnet":
             if backbone.stem != "7x7":
                 raise ValueError(
@@ -234,12 +253,12 @@ def _key_map_for(backbone: nn.Module, layout: str) -> tuple[Callable[[str], str 
             return _torchvision_resnet_key_map, ()
         if layout == "stages":
             return (lambda key: pfenet_backbone_key_map(key, "resnet")), ()
-    elif isinstance(backbone, VGG16BN):
+    elif family == "vgg16_bn":
         if layout == "torchvision_vgg":
             return _torchvision_vgg16_bn_key_map, ()
         if layout == "stages":
             return (lambda key: pfenet_backbone_key_map(key, "vgg")), ()
-    elif isinstance(backbone, DilatedVGG16):
+    elif family == "vgg16_dilated":
         if layout == "torchvision_vgg":
             # ImageNet VGG has no convolutional fc6 / fc7.
             return _torchvision_vgg16_dilated_key_map, ("layer4.6.", "layer4.8.")

@@ -1,8 +1,12 @@
 """
-What every converter of an official checkpoint shares: reading the `.pth` safely (`torch.load(weights_only=True)`,
-never unpickling code), unwrapping its state dict, and putting it into the hf_fss model through the method's key
-maps with every key accounted for. The method's own key maps and config inference stay in its
-`models/<method>/convert_<method>.py`.
+The one entry point of checkpoint conversion: reading an official `.pth` safely (`torch.load(weights_only=True)`,
+never unpickling code), unwrapping its state dict, inferring the config, putting the weights into the hf_fss model
+through the method's key maps with every key accounted for (`convert_state_dict`), and writing the
+`save_pretrained` folder with its card (`convert_checkpoint`).
+
+A method's `models/<method>/convert_<method>.py` holds what is its own, gathered in an [`OfficialFormat`]: its key
+maps and config inference; its `convert_<method>_state_dict` / `convert_<method>_checkpoint` call the two functions
+here.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,15 +23,114 @@ from torch import nn
 
 __all__ = [
     "PFENET_PYRAMID_BINS",
+    "OfficialFormat",
+    "convert_checkpoint",
+    "convert_state_dict",
     "load_checkpoint_tensors",
     "load_official_state_dict",
     "load_original_state_dict",
     "pyramid_bins_of",
+    "resnet_spec_of",
     "unwrap_state_dict",
 ]
 
 # The pyramid scales of PFENet's feature enrichment module in every official PFENet-lineage config.
 PFENET_PYRAMID_BINS = (60, 30, 15, 8)
+# A ResNet's name from its layer3 block count (another count is a ResNet-50 with its own `depths`).
+_RESNET_BY_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101"}
+_STANDARD_RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+
+
+KeyMap = Callable[[str], str]
+PathLike = str | os.PathLike
+# The scale sizes of a PFENet-lineage pyramid (sides > 1, or fractions of the feature map in (0, 1]); None: official.
+PyramidBins = Sequence[int | float] | None
+
+
+@dataclass(frozen=True)
+class OfficialFormat:
+    """
+    What converting one method's official checkpoints takes; each `convert_<method>.py` defines one.
+
+    Args:
+        method (`str`): the method's name in messages, e.g. `"NTRENet"`.
+        repository (`str`): the official repository, recorded as the source in the converted folder's card.
+        model_class (`type`): the hf_fss model class, built from the inferred config.
+        infer_config (`Callable`): `(bare official state dict, **options) -> config`; `options` are config fields
+            (`image_size`, `shot`, ...) and the method's own inference options (e.g. `pyramid_bins`).
+        key_maps (`Callable`): `config -> (to_ours, to_original)`, the method's key maps for that architecture
+            (`to_ours` raises `ValueError` for a key it does not know).
+    """
+
+    method: str
+    repository: str
+    model_class: type
+    infer_config: Callable[..., Any]
+    key_maps: Callable[[Any], tuple[KeyMap, KeyMap]]
+
+
+def convert_state_dict(official: OfficialFormat, state_dict: Mapping, **options) -> tuple[nn.Module, Any]:
+    """
+    Build the hf_fss model holding an official state dict's weights.
+
+    Args:
+        official (`OfficialFormat`): the method's format.
+        state_dict: the official state dict, with or without the `state_dict` wrapper / `module.` prefixes.
+        options: passed to `official.infer_config`.
+
+    Returns:
+        `tuple(model, config)`, the model in eval mode.
+
+    Raises:
+        `ValueError`: the config cannot be inferred, or a list of every missing (by its official name), unexpected or
+            mis-shaped key.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    config = official.infer_config(state_dict, **options)
+    to_ours, to_original = official.key_maps(config)
+    model = load_official_state_dict(official.model_class(config), state_dict, to_ours, to_original, official.method)
+    return model, config
+
+
+def convert_checkpoint(
+    official: OfficialFormat,
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    image_size: int,
+    shot: int = 1,
+    tensors: Any = None,
+    **options,
+) -> nn.Module:
+    """
+    Convert an official `.pth` into `output_dir` (`config.json`, `model.safetensors`, `preprocessor_config.json` and
+    a model card saying where the weights come from), written atomically.
+
+    Args:
+        official (`OfficialFormat`): the method's format.
+        checkpoint: path of the official checkpoint.
+        output_dir: folder written by `save_pretrained`.
+        image_size (`int`): test size, saved in the config and the image processor.
+        shot (`int`, *optional*, defaults to 1): K the checkpoint was trained with (metadata).
+        tensors (*optional*): what `load_checkpoint_tensors(checkpoint)` returned, when the caller has read the file
+            already (QGNet tells MoCo files apart first); else the file is read here.
+        options: the method's other inference options (e.g. `pyramid_bins`).
+
+    Returns:
+        The converted model, in eval mode.
+
+    Raises:
+        `ValueError`: unreadable file, or a checkpoint that does not match the method (see `convert_state_dict`).
+    """
+    from ..hub import save_pretrained_with_card  # the card renderer sits above the models
+    from ..image_processing_fss import FewShotSegmentationImageProcessor
+
+    state_dict = load_original_state_dict(checkpoint) if tensors is None else tensors
+    model, _ = convert_state_dict(official, state_dict, image_size=image_size, shot=shot, **options)
+    record = {"converted_from": os.path.basename(checkpoint), "shot": shot, "source": official.repository}
+    save_pretrained_with_card(
+        model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
+    )
+    return model
 
 
 def load_original_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -163,3 +267,30 @@ def pyramid_bins_of(state_dict: Mapping[str, torch.Tensor], merge_prefix: str, p
             f"pyramid_bins={tuple(pyramid_bins)} has {len(pyramid_bins)} scales, the checkpoint {num_bins}"
         )
     return tuple(pyramid_bins)
+
+
+def resnet_spec_of(
+    state_dict: Mapping[str, torch.Tensor], stage_prefix: str, method: str, what: str = "backbone"
+) -> tuple[str, dict]:
+    """
+    `(backbone name, DilatedResNet kwargs)` of the ResNet whose stage `i` keys start with `stage_prefix.format(i)`
+    (e.g. `"layer{}."`): depth from the block counts, width from `layer1.0.conv1` (so that tiny test checkpoints
+    convert too); `base_width` / `depths` are given only where they differ from the named ResNet's.
+
+    Raises:
+        `ValueError`: a stage has no keys (`method` and `what`, e.g. `"QGNet"`, `"prior extractor"`, are named).
+    """
+    depths = []
+    for stage in range(1, 5):
+        prefix = stage_prefix.format(stage)
+        blocks = {int(k[len(prefix) :].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
+        if not blocks:
+            article = "an" if method[0] in "AEFHILMNORSX" else "a"  # as the letter is spoken: "an NTRENet", "a QGNet"
+            raise ValueError(f"not {article} {method} checkpoint: no {what} keys `{prefix}*`")
+        depths.append(max(blocks) + 1)
+    name = _RESNET_BY_LAYER3_BLOCKS.get(depths[2], "resnet50")
+    width = state_dict[stage_prefix.format(1) + "0.conv1.weight"].shape[0]
+    kwargs = {} if width == 64 else {"base_width": int(width)}
+    if tuple(depths) != _STANDARD_RESNET_DEPTHS[name]:
+        kwargs["depths"] = depths
+    return name, kwargs

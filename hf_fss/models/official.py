@@ -5,12 +5,13 @@ hf_fss never ships or imports official code by itself: `scripts/benchmark.py --o
 official module of a checkout the user built out of tree (with only the fixes it needs to run on their device)
 against the hf_fss model converted from the same weights. A method supports this when its converter module
 (`hf_fss.models.<method>.convert_<method>`) defines `build_official_model(source_dir, shot, image_size)` returning an
-[`OfficialModel`].
+[`OfficialModel`], built with `build_official` (or `build_pfenet_official` for the PFENet lineage).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -21,7 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["OfficialModel", "import_from_checkout", "official_builder"]
+from . import MODEL_CLASSES
+from .conversion import PFENET_PYRAMID_BINS, OfficialFormat, convert_state_dict
+
+__all__ = ["OfficialModel", "build_official", "build_pfenet_official", "import_from_checkout", "official_builder"]
 
 
 @dataclass
@@ -115,13 +119,73 @@ def official_builder(model_type: str) -> Callable[..., OfficialModel]:
     Raises:
         `ValueError`: the method has no official-code builder (the methods that have one are named).
     """
-    import hf_fss
-
     supported = []
-    for name in sorted(hf_fss.MODEL_CLASSES):
+    for name in sorted(MODEL_CLASSES):
         with contextlib.suppress(ImportError):
             if hasattr(importlib.import_module(f"hf_fss.models.{name}.convert_{name}"), "build_official_model"):
                 supported.append(name)
     if model_type not in supported:
         raise ValueError(f"no official-code builder for {model_type!r}; methods with one: {supported}")
     return importlib.import_module(f"hf_fss.models.{model_type}.convert_{model_type}").build_official_model
+
+
+def build_official(
+    official_format: OfficialFormat,
+    official_class: Callable[..., nn.Module],
+    constructor_kwargs: Mapping,
+    forward: Callable[..., torch.Tensor],
+    source: str,
+    shot: int,
+    image_size: int,
+    seed: int = 0,
+) -> OfficialModel:
+    """
+    The official model `official_class(**constructor_kwargs)` with the seeded random weights of its own
+    initialisation, and the hf_fss model converted from them (`convert_state_dict` with `image_size` and `shot`).
+
+    Args:
+        forward (`Callable`): `(official module, query, support, support_masks) -> logits`; see
+            [`OfficialModel`].
+        source (`str`): the checkout and class, for the record.
+        seed (`int`): seed of the official model's own initialisation.
+    """
+    torch.manual_seed(seed)
+    official = official_class(**constructor_kwargs).eval()
+    ours, _ = convert_state_dict(official_format, official.state_dict(), image_size=image_size, shot=shot)
+    return OfficialModel(official, functools.partial(forward, official), ours, source)
+
+
+def build_pfenet_official(
+    official_format: OfficialFormat,
+    source_dir: str | Path,
+    module: str,
+    attribute: str,
+    forward: Callable[..., torch.Tensor],
+    shot: int = 1,
+    image_size: int = 473,
+    seed: int = 0,
+) -> OfficialModel:
+    """
+    A PFENet-lineage official model (NTRENet, QGNet) of the official PASCAL config, `attribute(layers=50, classes=2,
+    zoom_factor=8, pretrained=False, shot=shot, ppm_scales=[60, 30, 15, 8])` of `module` in the checkout
+    `source_dir`, through `build_official`.
+
+    Raises:
+        `FileNotFoundError`: `source_dir` lacks the module's file.
+        `ValueError`: an image size the official forward refuses (it asserts `(size - 1) % 8 == 0`, e.g. 473).
+    """
+    if (image_size - 1) % 8:
+        raise ValueError(
+            f"the official {official_format.method} needs (image_size - 1) % 8 == 0 (e.g. 473), got {image_size}"
+        )
+    official_class = import_from_checkout(source_dir, module, attribute)
+    constructor_kwargs = {
+        "layers": 50,
+        "classes": 2,
+        "zoom_factor": 8,
+        "pretrained": False,
+        "shot": shot,
+        "ppm_scales": list(PFENET_PYRAMID_BINS),
+    }
+    source = f"{source_dir}: {module.replace('.', '/')}.py {attribute}"
+    return build_official(official_format, official_class, constructor_kwargs, forward, source, shot, image_size, seed)

@@ -21,23 +21,28 @@ weights: four scales default to the official `(60, 30, 15, 8)`, other counts nee
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ...backbones import pfenet_backbone_key_map
+from ...backbones import pfenet_backbone_key_map, pfenet_backbone_key_to_original
 from ..conversion import (
     PFENET_PYRAMID_BINS,
-    load_official_state_dict,
+    OfficialFormat,
+    PathLike,
+    PyramidBins,
+    convert_checkpoint,
+    convert_state_dict,
     load_original_state_dict,
     pyramid_bins_of,
-    unwrap_state_dict,
+    resnet_spec_of,
 )
+from ..official import build_pfenet_official
 from .configuration_ntrenet import NTRENetConfig
 from .modeling_ntrenet import NTRENetModel
 
 __all__ = [
+    "NTRENET_FORMAT",
     "build_official_model",
     "convert_ntrenet_checkpoint",
     "convert_ntrenet_state_dict",
@@ -47,16 +52,12 @@ __all__ = [
     "our_key_to_original",
 ]
 
+OFFICIAL_REPOSITORY = "github.com/LIUYUANWEI98/NERTNet"
 DEFAULT_PYRAMID_BINS = PFENET_PYRAMID_BINS
-_RESNET_DEPTH_BY_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101"}
-_STANDARD_RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 _RENAMED_PREFIXES = {"inital_beta_conv.": "initial_beta_conv.", "inital_inner_cls.": "initial_inner_cls."}
 _DECODER_MODULES = ("alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
 _DECODER_PREFIX = "feature_enrichment."
 _BACKBONE_PREFIX = "backbone."
-# Our ResNet stem child -> index in the official nn.Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, ...).
-_STEM_INDEX = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
-_BLOCK_RE = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
 def _is_vgg(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -85,11 +86,7 @@ def original_key_to_ours(key: str, vgg: bool) -> str:
 def our_key_to_original(key: str, vgg: bool) -> str:
     """The inverse of `original_key_to_ours` (handy to export weights in the official layout)."""
     if key.startswith(_BACKBONE_PREFIX):
-        key = key[len(_BACKBONE_PREFIX) :]
-        if not vgg and key.startswith("layer0."):
-            _, child, param = key.split(".", 2)
-            return f"layer0.{_STEM_INDEX[child]}.{param}"
-        return key
+        return pfenet_backbone_key_to_original(key[len(_BACKBONE_PREFIX) :], "vgg16_bn" if vgg else "resnet")
     if key.startswith(_DECODER_PREFIX):
         return key[len(_DECODER_PREFIX) :]
     for old, new in _RENAMED_PREFIXES.items():
@@ -122,16 +119,7 @@ def infer_ntrenet_config(
     else:
         if state_dict["layer0.0.weight"].shape[-1] != 3:
             raise ValueError("only the deep 3x3 ResNet stem of the official code is supported")
-        depths = tuple(
-            len({int(m.group(2)) for k in state_dict if (m := _BLOCK_RE.match(k)) and m.group(1) == str(stage)})
-            for stage in range(1, 5)
-        )
-        backbone = _RESNET_DEPTH_BY_LAYER3_BLOCKS.get(depths[2], "resnet50")
-        backbone_kwargs = {}
-        if stem_width != 64:
-            backbone_kwargs["base_width"] = stem_width
-        if depths != _STANDARD_RESNET_DEPTHS[backbone]:
-            backbone_kwargs["depths"] = list(depths)
+        backbone, backbone_kwargs = resnet_spec_of(state_dict, "layer{}.", "NTRENet")
         backbone_kwargs = backbone_kwargs or None
 
     pyramid_bins = pyramid_bins_of(state_dict, "init_merge1.", pyramid_bins)
@@ -146,17 +134,22 @@ def infer_ntrenet_config(
     )
 
 
+def _key_maps(config: NTRENetConfig):
+    vgg = config.backbone == "vgg16_bn"
+    return (lambda key: original_key_to_ours(key, vgg)), (lambda key: our_key_to_original(key, vgg))
+
+
+NTRENET_FORMAT = OfficialFormat("NTRENet", OFFICIAL_REPOSITORY, NTRENetModel, infer_ntrenet_config, _key_maps)
+
+
 def convert_ntrenet_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     pyramid_bins: Sequence[int | float] | None = None,
     **config_kwargs,
 ) -> tuple[NTRENetModel, NTRENetConfig]:
     """
-    Build an `NTRENetModel` holding the official weights.
-
-    Args:
-        state_dict: the official state dict (with or without `state_dict` wrapper / `module.` prefixes).
-        pyramid_bins, config_kwargs: see `infer_ntrenet_config`.
+    Build an `NTRENetModel` holding the official weights (`state_dict` with or without the `state_dict` wrapper /
+    `module.` prefixes; `pyramid_bins`, `config_kwargs`: see `infer_ntrenet_config`).
 
     Returns:
         `tuple(NTRENetModel, NTRENetConfig)`, the model in eval mode.
@@ -164,85 +157,33 @@ def convert_ntrenet_state_dict(
     Raises:
         `ValueError` listing every missing, unexpected or mis-shaped key.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    config = infer_ntrenet_config(state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
-    vgg = config.backbone == "vgg16_bn"
-    model = load_official_state_dict(
-        NTRENetModel(config),
-        state_dict,
-        lambda k: original_key_to_ours(k, vgg),
-        lambda k: our_key_to_original(k, vgg),
-        "NTRENet",
-    )
-    return model.eval(), config
+    return convert_state_dict(NTRENET_FORMAT, state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
 
 
 def convert_ntrenet_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    image_size: int = 473,
-    shot: int = 1,
-    pyramid_bins: Sequence[int | float] | None = None,
+    checkpoint: PathLike, output_dir: PathLike, image_size: int = 473, shot: int = 1, pyramid_bins: PyramidBins = None
 ) -> NTRENetModel:
     """
-    Convert an official `.pth` into `output_dir` (`config.json`, `model.safetensors`, `preprocessor_config.json` and
-    a model card saying where the weights come from), written atomically.
-
-    Args:
-        checkpoint: path of the official checkpoint.
-        output_dir: folder written by `save_pretrained`.
-        image_size (`int`, *optional*, defaults to 473): test size, saved in the config and the image processor.
-        shot (`int`, *optional*, defaults to 1): K the checkpoint was trained with (metadata).
-        pyramid_bins: scale sizes when the checkpoint does not use the official four.
+    Convert an official NTRENet `.pth` into the `save_pretrained` folder `output_dir` with its card
+    (`hf_fss.models.conversion.convert_checkpoint`): `image_size` (default 473) is the test size of the config and the
+    processor, `shot` the K the checkpoint was trained with (metadata), `pyramid_bins` the scale sizes when the
+    checkpoint does not use the official four.
     """
-    from ...hub import save_pretrained_with_card
-    from ...image_processing_fss import FewShotSegmentationImageProcessor
+    return convert_checkpoint(NTRENET_FORMAT, checkpoint, output_dir, image_size, shot, pyramid_bins=pyramid_bins)
 
-    state_dict = load_original_state_dict(checkpoint)
-    model, _ = convert_ntrenet_state_dict(state_dict, pyramid_bins=pyramid_bins, image_size=image_size, shot=shot)
-    record = {
-        "converted_from": os.path.basename(checkpoint),
-        "shot": shot,
-        "source": "github.com/LIUYUANWEI98/NERTNet",
-    }
-    save_pretrained_with_card(
-        model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
-    )
-    return model
+
+def _official_forward(official, query, support, support_masks):
+    labels = torch.zeros(query.shape[0], *query.shape[-2:], dtype=torch.long)  # unused in eval
+    return official(support, support_masks.float(), query, labels, None)  # supports first, as the official code
 
 
 def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 473, seed: int = 0):
     """
     The official NTRENet (`model/ourmodel.py` of a NERTNet checkout, built out of tree with the fixes it needs to run
     here, e.g. without CUDA) with seeded random weights, and the hf_fss model converted from them, for
-    `scripts/benchmark.py --official ntrenet=DIR`.
-
-    Args:
-        source_dir: root of the official checkout.
-        shot (`int`): K of the episodes the official forward will get (it is a constructor argument there).
-        image_size (`int`): test size; the official forward needs `(size - 1) % 8 == 0` (473).
-        seed (`int`): seed of the official model's own initialisation.
-
-    Returns:
-        [`hf_fss.models.official.OfficialModel`]
-
-    Raises:
-        `FileNotFoundError`: `source_dir` lacks `model/ourmodel.py`.
-        `ValueError`: an image size the official forward refuses.
+    `scripts/benchmark.py --official ntrenet=DIR`: see `hf_fss.models.official.build_pfenet_official` (its forward
+    takes the supports first, as the official code).
     """
-    from ..official import OfficialModel, import_from_checkout
-
-    if (image_size - 1) % 8:
-        raise ValueError(f"the official NTRENet needs (image_size - 1) % 8 == 0 (e.g. 473), got {image_size}")
-    official_class = import_from_checkout(source_dir, "model.ourmodel", "NTRENet")
-    torch.manual_seed(seed)
-    official = official_class(
-        layers=50, classes=2, zoom_factor=8, pretrained=False, shot=shot, ppm_scales=list(DEFAULT_PYRAMID_BINS)
-    ).eval()
-    ours, _ = convert_ntrenet_state_dict(official.state_dict(), image_size=image_size, shot=shot)
-
-    def forward(query, support, support_masks):
-        labels = torch.zeros(query.shape[0], *query.shape[-2:], dtype=torch.long)  # unused in eval
-        return official(support, support_masks.float(), query, labels, None)
-
-    return OfficialModel(official, forward, ours, f"{source_dir}: model/ourmodel.py NTRENet")
+    return build_pfenet_official(
+        NTRENET_FORMAT, source_dir, "model.ourmodel", "NTRENet", _official_forward, shot, image_size, seed
+    )

@@ -34,19 +34,29 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ...backbones import build_backbone, convert_backbone_state_dict, pfenet_backbone_key_map
+from ...backbones import (
+    build_backbone,
+    convert_backbone_state_dict,
+    pfenet_backbone_key_map,
+    pfenet_backbone_key_to_original,
+)
 from ...backbones.weights import MOCO_ENCODERS
 from ..conversion import (
-    PFENET_PYRAMID_BINS,
+    OfficialFormat,
+    PathLike,
+    PyramidBins,
+    convert_checkpoint,
+    convert_state_dict,
     load_checkpoint_tensors,
-    load_official_state_dict,
     pyramid_bins_of,
-    unwrap_state_dict,
+    resnet_spec_of,
 )
+from ..official import build_pfenet_official
 from .configuration_qgnet import QGNetConfig
 from .modeling_qgnet import QGNetModel
 
 __all__ = [
+    "QGNET_FORMAT",
     "build_official_model",
     "convert_moco_prior_extractor",
     "convert_qgnet_checkpoint",
@@ -57,14 +67,10 @@ __all__ = [
 ]
 
 OFFICIAL_REPOSITORY = "github.com/liuweide01/QGNet-Few-shot-segmentation"
-DEFAULT_PYRAMID_BINS = PFENET_PYRAMID_BINS
-_RESNET_BY_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101"}
-_STANDARD_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 _DECODER_MODULES = ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
 _RENAMED = {"down_learn_super.": "bridge_projection.", "down_learn_unsuper.": "prior_projection."}
 _PRIOR_STEM = {"0": "conv1", "1": "bn1"}
 _PRIOR_STEM_INDEX = {"conv1": "0", "bn1": "1"}
-_DEEP_STEM_INDEX = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
 _UNSUPER_RE = re.compile(r"^layer([0-4])_unsuper\.(.+)$")
 
 
@@ -97,11 +103,7 @@ def our_key_to_original(key: str) -> str:
             return f"layer0_unsuper.{_PRIOR_STEM_INDEX[child]}.{rest}"
         return f"{stage}_unsuper.{child}.{rest}"
     if key.startswith("backbone."):
-        key = key.removeprefix("backbone.")
-        if key.startswith("layer0."):
-            _, child, param = key.split(".", 2)
-            return f"layer0.{_DEEP_STEM_INDEX[child]}.{param}"
-        return key
+        return pfenet_backbone_key_to_original(key.removeprefix("backbone."), "resnet")
     for old, new in _RENAMED.items():
         if key.startswith(new):
             return old + key[len(new) :]
@@ -109,23 +111,6 @@ def our_key_to_original(key: str) -> str:
 
 
 # --- architecture inference --------------------------------------------------------------------------------------------
-def _resnet_spec(state_dict: Mapping[str, torch.Tensor], stage_prefix: str, what: str) -> tuple[str, dict]:
-    """(backbone name, DilatedResNet kwargs) of the ResNet whose stage `i` keys start with `stage_prefix.format(i)`."""
-    depths = []
-    for stage in range(1, 5):
-        prefix = stage_prefix.format(stage)
-        blocks = {int(k[len(prefix) :].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-        if not blocks:
-            raise ValueError(f"not a QGNet checkpoint: no {what} keys `{prefix}*`")
-        depths.append(max(blocks) + 1)
-    name = _RESNET_BY_LAYER3_BLOCKS.get(depths[2], "resnet50")
-    width = state_dict[stage_prefix.format(1) + "0.conv1.weight"].shape[0]
-    kwargs = {} if width == 64 else {"base_width": int(width)}
-    if tuple(depths) != _STANDARD_DEPTHS[name]:
-        kwargs["depths"] = depths
-    return name, kwargs
-
-
 def infer_qgnet_config(
     state_dict: Mapping[str, torch.Tensor], pyramid_bins: Sequence[int | float] | None = None, **config_kwargs
 ) -> QGNetConfig:
@@ -142,10 +127,10 @@ def infer_qgnet_config(
             raise ValueError(f"not a QGNet checkpoint: {required!r} is missing")
     if state_dict["layer0.0.weight"].shape[-1] != 3:
         raise ValueError("only the deep 3x3 ResNet stem of the official backbone is supported")
-    backbone, backbone_kwargs = _resnet_spec(state_dict, "layer{}.", "backbone")
+    backbone, backbone_kwargs = resnet_spec_of(state_dict, "layer{}.", "QGNet")
     if state_dict["layer0.0.weight"].shape[0] != backbone_kwargs.get("base_width", 64):
         raise ValueError("the backbone's stem and layer1 widths disagree; not an official QGNet checkpoint")
-    prior_backbone, prior_kwargs = _resnet_spec(state_dict, "layer{}_unsuper.", "prior extractor")
+    prior_backbone, prior_kwargs = resnet_spec_of(state_dict, "layer{}_unsuper.", "QGNet", "prior extractor")
     pyramid_bins = pyramid_bins_of(state_dict, "init_merge.", pyramid_bins)
     return QGNetConfig(
         backbone=backbone,
@@ -159,6 +144,15 @@ def infer_qgnet_config(
 
 
 # --- QGNet checkpoints -------------------------------------------------------------------------------------------------
+QGNET_FORMAT = OfficialFormat(
+    "QGNet",
+    OFFICIAL_REPOSITORY,
+    QGNetModel,
+    infer_qgnet_config,
+    lambda config: (original_key_to_ours, our_key_to_original),
+)
+
+
 def convert_qgnet_state_dict(
     state_dict: Mapping[str, torch.Tensor], pyramid_bins: Sequence[int | float] | None = None, **config_kwargs
 ) -> tuple[QGNetModel, QGNetConfig]:
@@ -175,12 +169,7 @@ def convert_qgnet_state_dict(
     Raises:
         `ValueError` listing every missing (by its official name), unexpected or mis-shaped key.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    config = infer_qgnet_config(state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
-    model = load_official_state_dict(
-        QGNetModel(config), state_dict, original_key_to_ours, our_key_to_original, "QGNet"
-    )
-    return model.eval(), config
+    return convert_state_dict(QGNET_FORMAT, state_dict, pyramid_bins=pyramid_bins, **config_kwargs)
 
 
 # --- MoCo checkpoints of the prior extractor ---------------------------------------------------------------------------
@@ -222,7 +211,7 @@ def convert_moco_prior_extractor(
         )
     if "conv1.weight" not in encoder or "conv2.weight" in encoder:
         raise ValueError(f"{prefix}conv1.weight missing or a deep stem: a torchvision 7x7-stem ResNet is expected")
-    name, kwargs = _resnet_spec(encoder, "layer{}.", f"{prefix}ResNet")
+    name, kwargs = resnet_spec_of(encoder, "layer{}.", "QGNet", f"{prefix}ResNet")
     kwargs = {"stem": "7x7", **kwargs}
     backbone = build_backbone(name, output_stride=32, **kwargs)
     expected = [k.removeprefix("layer0.") for k in backbone.state_dict() if not k.endswith("num_batches_tracked")]
@@ -270,11 +259,11 @@ prior_extractor_kwargs={json.dumps(record["prior_extractor_kwargs"])}, prior_ext
 
 
 def convert_qgnet_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
+    checkpoint: PathLike,
+    output_dir: PathLike,
     image_size: int = 473,
     shot: int = 1,
-    pyramid_bins: Sequence[int | float] | None = None,
+    pyramid_bins: PyramidBins = None,
     moco_encoder: str | None = None,
 ):
     """
@@ -287,9 +276,6 @@ def convert_qgnet_checkpoint(
     Raises:
         `ValueError`: unreadable file, unknown layout, missing / unexpected keys (named).
     """
-    from ...hub import save_pretrained_with_card
-    from ...image_processing_fss import FewShotSegmentationImageProcessor
-
     raw = load_checkpoint_tensors(checkpoint)
     if not isinstance(raw, Mapping):
         raise ValueError(f"expected a state dict or a dict holding one, got {type(raw).__name__}")
@@ -300,12 +286,11 @@ def convert_qgnet_checkpoint(
         raise ValueError(
             "--moco-encoder applies to MoCo checkpoints of the prior extractor, not to a QGNet checkpoint"
         )
-    model, _ = convert_qgnet_state_dict(raw, pyramid_bins=pyramid_bins, image_size=image_size, shot=shot)
-    record = {"converted_from": os.path.basename(checkpoint), "shot": shot, "source": OFFICIAL_REPOSITORY}
-    save_pretrained_with_card(
-        model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
-    )
-    return model
+    return convert_checkpoint(QGNET_FORMAT, checkpoint, output_dir, image_size, shot, raw, pyramid_bins=pyramid_bins)
+
+
+def _official_forward(official, query, support, support_masks):
+    return official(query, support, support_masks.float())
 
 
 def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 473, seed: int = 0):
@@ -313,33 +298,8 @@ def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_siz
     The official QGNet (`model/PFENet_QGNet.py` of a checkout of the official repository, built out of tree with
     the fixes it needs to run here: no `.cuda()` default arguments, no pretrained-weight loading when
     `pretrained=False`) with seeded random weights, and the hf_fss model converted from them, for
-    `scripts/benchmark.py --official qgnet=DIR`.
-
-    Args:
-        source_dir: root of the official checkout.
-        shot (`int`): K of the episodes the official forward will get (a constructor argument there).
-        image_size (`int`): test size; the official forward needs `(size - 1) % 8 == 0` (473).
-        seed (`int`): seed of the official model's own initialisation.
-
-    Returns:
-        [`hf_fss.models.official.OfficialModel`]
-
-    Raises:
-        `FileNotFoundError`: `source_dir` lacks `model/PFENet_QGNet.py`.
-        `ValueError`: an image size the official forward refuses.
+    `scripts/benchmark.py --official qgnet=DIR`: see `hf_fss.models.official.build_pfenet_official`.
     """
-    from ..official import OfficialModel, import_from_checkout
-
-    if (image_size - 1) % 8:
-        raise ValueError(f"the official QGNet needs (image_size - 1) % 8 == 0 (e.g. 473), got {image_size}")
-    official_class = import_from_checkout(source_dir, "model.PFENet_QGNet", "PFENet")
-    torch.manual_seed(seed)
-    official = official_class(
-        layers=50, classes=2, zoom_factor=8, pretrained=False, shot=shot, ppm_scales=list(DEFAULT_PYRAMID_BINS)
-    ).eval()
-    ours, _ = convert_qgnet_state_dict(official.state_dict(), image_size=image_size, shot=shot)
-
-    def forward(query, support, support_masks):
-        return official(query, support, support_masks.float())
-
-    return OfficialModel(official, forward, ours, f"{source_dir}: model/PFENet_QGNet.py PFENet")
+    return build_pfenet_official(
+        QGNET_FORMAT, source_dir, "model.PFENet_QGNet", "PFENet", _official_forward, shot, image_size, seed
+    )

@@ -33,11 +33,13 @@ from torch import nn
 
 from ...backbones import smcp_backbone_key_map
 from ...backbones.vgg import _VGG16_CFG, DILATED_VGG16_STAGE_BOUNDS
-from ..conversion import load_official_state_dict, load_original_state_dict, unwrap_state_dict
+from ..conversion import OfficialFormat, convert_checkpoint, convert_state_dict
+from ..official import build_official, import_from_checkout
 from .configuration_smcp import SMCPConfig
 from .modeling_smcp import SMCPModel
 
 __all__ = [
+    "SMCP_FORMAT",
     "build_official_model",
     "convert_smcp_checkpoint",
     "convert_smcp_state_dict",
@@ -46,6 +48,7 @@ __all__ = [
     "our_key_to_original",
 ]
 
+OFFICIAL_REPOSITORY = "github.com/NUST-Machine-Intelligence-Laboratory/SMCP"
 OFFICIAL_ASPP_RATES = (6, 12, 18, 24)
 # The official test-time model: models/vgg_test.py's `Encoder` (two passes, the second with the fused prototype).
 OFFICIAL_TEST_MODULE = "models.vgg_test"
@@ -109,53 +112,33 @@ def infer_smcp_config(state_dict: Mapping[str, torch.Tensor], **config_kwargs) -
     )
 
 
+SMCP_FORMAT = OfficialFormat(
+    "SMCP",
+    OFFICIAL_REPOSITORY,
+    SMCPModel,
+    infer_smcp_config,
+    lambda config: (original_key_to_ours, our_key_to_original),
+)
+
+
 def convert_smcp_state_dict(state_dict: Mapping[str, torch.Tensor], **config_kwargs) -> tuple[SMCPModel, SMCPConfig]:
     """
-    Build an `SMCPModel` holding the official weights; every key must be matched.
-
-    Args:
-        state_dict: the official state dict (with or without `module.` prefixes).
-        config_kwargs: see `infer_smcp_config`.
-
-    Returns:
-        `tuple(SMCPModel, SMCPConfig)`, the model in eval mode.
-
-    Raises:
-        `ValueError` listing every missing, unexpected or mis-shaped key.
+    An `SMCPModel` (eval mode) holding the official weights, and its config: `state_dict` with or without `module.`
+    prefixes, `config_kwargs` as in `infer_smcp_config`; every key must be matched, or a `ValueError` lists every
+    missing, unexpected or mis-shaped one.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    config = infer_smcp_config(state_dict, **config_kwargs)
-    model = load_official_state_dict(SMCPModel(config), state_dict, original_key_to_ours, our_key_to_original, "SMCP")
-    return model.eval(), config
+    return convert_state_dict(SMCP_FORMAT, state_dict, **config_kwargs)
 
 
 def convert_smcp_checkpoint(
     checkpoint: str | os.PathLike, output_dir: str | os.PathLike, image_size: int = 417, shot: int = 1
 ) -> SMCPModel:
     """
-    Convert an official `.pth` into `output_dir` (`config.json`, `model.safetensors`, `preprocessor_config.json` and
-    a model card saying where the weights come from), written atomically.
-
-    Args:
-        checkpoint: path of the official checkpoint.
-        output_dir: folder written by `save_pretrained`.
-        image_size (`int`, *optional*, defaults to 417): test size (official 417), in the config and the processor.
-        shot (`int`, *optional*, defaults to 1): K the checkpoint was trained with (metadata).
+    Convert an official SMCP `.pth` (e.g. the published `25000.pth`) into the `save_pretrained` folder `output_dir`
+    with its card (`hf_fss.models.conversion.convert_checkpoint`); `image_size` defaults to the official 417, `shot`
+    is recorded as metadata.
     """
-    from ...hub import save_pretrained_with_card
-    from ...image_processing_fss import FewShotSegmentationImageProcessor
-
-    state_dict = load_original_state_dict(checkpoint)
-    model, _ = convert_smcp_state_dict(state_dict, image_size=image_size, shot=shot)
-    record = {
-        "converted_from": os.path.basename(checkpoint),
-        "shot": shot,
-        "source": "github.com/NUST-Machine-Intelligence-Laboratory/SMCP",
-    }
-    save_pretrained_with_card(
-        model, FewShotSegmentationImageProcessor(image_size=image_size), output_dir, training=record
-    )
-    return model
+    return convert_checkpoint(SMCP_FORMAT, checkpoint, output_dir, image_size, shot)
 
 
 def _torchvision_vgg16_layout(**kwargs) -> nn.Module:
@@ -211,6 +194,16 @@ def _torchvision_for_import() -> Iterator[None]:
         del sys.modules["torchvision"], sys.modules["torchvision.models"]
 
 
+def _official_forward(official, query, support, support_masks):
+    # test.py: Encoder(support image, query, support mask == 1), logits upsampled to the query's size.
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"the official SMCP forward takes one episode per call (batch 1), got a batch of {query.shape[0]}"
+        )
+    logits = official(support[:, 0], query, (support_masks[:, 0] == 1).to(query.dtype))
+    return F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_size: int = 417, seed: int = 0):
     """
     The official SMCP test-time model (`Encoder` of `models/vgg_test.py` in a checkout of the official repository,
@@ -244,8 +237,6 @@ def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_siz
         `ValueError`: `shot` > 1 (the official forward broadcasts one support's mask against the support features
             and crashes for K > 1), or `models/vgg_test.py` is not the official file the device fix was written for.
     """
-    from ..official import OfficialModel, import_from_checkout
-
     if shot != 1:
         raise ValueError(
             f"the official SMCP code is 1-shot only (its Encoder.forward pools the prototype with one support mask "
@@ -253,16 +244,5 @@ def build_official_model(source_dir: str | os.PathLike, shot: int = 1, image_siz
         )
     with _torchvision_for_import():
         official_class = import_from_checkout(source_dir, OFFICIAL_TEST_MODULE, "Encoder", OFFICIAL_DEVICE_FIX)
-    torch.manual_seed(seed)
-    official = official_class().eval()
-    ours, _ = convert_smcp_state_dict(official.state_dict(), image_size=image_size, shot=shot)
-
-    def forward(query, support, support_masks):
-        if query.shape[0] != 1:
-            raise ValueError(
-                f"the official SMCP forward takes one episode per call (batch 1), got a batch of {query.shape[0]}"
-            )
-        logits = official(support[:, 0], query, (support_masks[:, 0] == 1).to(query.dtype))
-        return F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=False)
-
-    return OfficialModel(official, forward, ours, f"{source_dir}: models/vgg_test.py Encoder")
+    source = f"{source_dir}: models/vgg_test.py Encoder"
+    return build_official(SMCP_FORMAT, official_class, {}, _official_forward, source, shot, image_size, seed)
