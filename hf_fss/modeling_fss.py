@@ -70,6 +70,18 @@ class SupportEncoding(ModelOutput):
                 return value.shape[0]
         raise ValueError("support encoding holds no tensor")
 
+    def _map_tensors(self, function) -> SupportEncoding:
+        """A copy with `function` applied to every tensor field and to each tensor of a tuple / list field."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = function(value)
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                value = type(value)(function(v) for v in value)
+            values[f.name] = value
+        return type(self)(**values)
+
     def expand_batch(self, batch_size: int) -> SupportEncoding:
         """Repeat an encoding of one support set for `batch_size` queries (views, no copy)."""
         if self.batch_size == batch_size:
@@ -79,15 +91,15 @@ class SupportEncoding(ModelOutput):
                 f"support_encoding was computed for a batch of {self.batch_size} support sets but pixel_values "
                 f"holds {batch_size} queries; encode one support set (batch 1) or one per query"
             )
-        expanded = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value.expand(batch_size, *value.shape[1:])
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-                value = type(value)(v.expand(batch_size, *v.shape[1:]) for v in value)
-            expanded[f.name] = value
-        return type(self)(**expanded)
+        return self._map_tensors(lambda value: value.expand(batch_size, *value.shape[1:]))
+
+    def select(self, index: int | slice) -> SupportEncoding:
+        """
+        The encoding of some of the support sets (views): `index` an int (one support set, batch dimension kept) or a
+        slice of the batch dimension.
+        """
+        selected = slice(index, index + 1) if isinstance(index, int) else index
+        return self._map_tensors(lambda value: value[selected])
 
 
 def _shape(x) -> str:
@@ -308,6 +320,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         output_maps (`dict[str, str]`): name -> one-line meaning of every map `outputs.maps` may hold (each
             `(batch_size, 1, h, w)`); the Space captions the maps with it.
         binary_maps (`tuple[str, ...]`): the maps of `output_maps` that are 0/1 masks rather than values in [0, 1].
+        support_encoding_class (`type[SupportEncoding]`): the encoding `_encode_support` returns; `forward` refuses
+            any other (an encoding of another model).
         single_pass_overrides (`dict[str, object]`): for a method whose test time runs several passes (SMCP's
             pseudo-prototype fusion), the config values that make it one pass; `scripts/benchmark.py` times both.
 
@@ -328,6 +342,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     output_maps: dict[str, str] = {}
     binary_maps: tuple[str, ...] = ()
     single_pass_overrides: dict[str, object] = {}
+    support_encoding_class: type[SupportEncoding] = SupportEncoding
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)
@@ -594,6 +609,12 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             if not isinstance(support_encoding, SupportEncoding):
                 raise ValueError(
                     f"support_encoding must come from model.encode_support(...), got {type(support_encoding).__name__}"
+                )
+            if not isinstance(support_encoding, self.support_encoding_class):
+                expected = self.support_encoding_class.__name__
+                article = "an" if expected[0] in "AEFHILMNORSX" else "a"  # as the letter's name is spoken
+                raise ValueError(
+                    f"support_encoding must be {article} {expected}, got {type(support_encoding).__name__}"
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
         outputs = self._segment(pixel_values, support_encoding, labels=labels, **query_inputs)
