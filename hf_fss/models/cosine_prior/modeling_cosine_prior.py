@@ -36,7 +36,7 @@ class CosinePriorLoss(nn.Module):
 
     def __init__(self, config: CosinePriorConfig):
         super().__init__()
-        self.ignore_index = config.ignore_index
+        self.config = config
 
     def forward(self, labels: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """
@@ -48,7 +48,7 @@ class CosinePriorLoss(nn.Module):
             `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the loss (zero, keeping the graph, when every
             pixel is ignored) and `{"main": loss}` detached.
         """
-        valid = labels != self.ignore_index
+        valid = labels != self.config.ignore_index
         target = (labels == 1).to(prior.dtype)
         prob = prior[:, 0].clamp(1e-6, 1 - 1e-6)
         loss = F.binary_cross_entropy(prob[valid], target[valid]) if valid.any() else prob.sum() * 0

@@ -118,7 +118,7 @@ class QGNetLoss(nn.Module):
 
     def __init__(self, config: QGNetConfig):
         super().__init__()
-        self.aux_loss_weight = config.aux_loss_weight
+        self.config = config  # read at each call: the weight may change after construction
         self.cross_entropy = MaskedCrossEntropy(config.ignore_index)
 
     def forward(
@@ -136,7 +136,7 @@ class QGNetLoss(nn.Module):
         labels = labels.long()
         main = self.cross_entropy(logits, labels)
         aux = torch.stack([self.cross_entropy(x, labels) for x in aux_logits]).mean()
-        return main + self.aux_loss_weight * aux, {"main": main.detach(), "aux": aux.detach()}
+        return main + self.config.aux_loss_weight * aux, {"main": main.detach(), "aux": aux.detach()}
 
 
 class QGNetModel(FewShotSegmentationPreTrainedModel):

@@ -201,7 +201,7 @@ class SMCPLoss(nn.Module):
 
     def __init__(self, config: SMCPConfig):
         super().__init__()
-        self.mcl_loss_weight = config.mcl_loss_weight
+        self.config = config  # read at each call: the weight may change after construction
         self.cross_entropy = MaskedCrossEntropy(config.ignore_index, align_corners=False)
 
     def forward(
@@ -232,7 +232,7 @@ class SMCPLoss(nn.Module):
         support = self.cross_entropy(support_logits, encoding.masks.flatten(0, 1))
         total = query + support
         losses = {"query": query, "support": support}
-        if self.training and self.mcl_loss_weight > 0:
+        if self.training and self.config.mcl_loss_weight > 0:
             if semantic_logits is None or encoding.semantic_labels is None:
                 logger.warning_once(
                     "SMCP: training without `semantic_labels` and `support_semantic_labels`, so the multi-class label "
@@ -243,7 +243,7 @@ class SMCPLoss(nn.Module):
                 mcl_support = self.cross_entropy(
                     encoding.semantic_logits.flatten(0, 1), encoding.semantic_labels.flatten(0, 1)
                 )
-                total = total + self.mcl_loss_weight * (mcl_query + mcl_support)
+                total = total + self.config.mcl_loss_weight * (mcl_query + mcl_support)
                 losses.update(mcl_query=mcl_query, mcl_support=mcl_support)
         return total, {name: value.detach() for name, value in losses.items()}
 
