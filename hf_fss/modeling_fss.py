@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -14,10 +11,11 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
 from .backbones import StagedBackbone, build_backbone
 from .configuration_fss import FewShotSegmentationConfig
+from .loading import key_list, quiet_load_report, size_mismatch_message, weights_file
 
 # Arguments of `forward` every method takes; anything else must be declared by the model.
 _STANDARD_INPUTS = ("pixel_values", "support_pixel_values", "support_masks", "labels", "support_encoding")
@@ -238,70 +236,6 @@ def check_support_inputs(
             )
 
 
-def _weights_file(name_or_path, subfolder: str = "") -> str:
-    """The weights file `from_pretrained` reads, for error messages: a local path, else `repo_id/model.safetensors`."""
-    folder = os.path.join(str(name_or_path), subfolder)
-    if os.path.isfile(str(name_or_path)):
-        return str(name_or_path)
-    if os.path.isdir(folder):
-        return os.path.join(folder, SAFE_WEIGHTS_NAME)
-    try:
-        cached = cached_file(str(name_or_path), SAFE_WEIGHTS_NAME, subfolder=subfolder, local_files_only=True)
-    except OSError:
-        cached = None
-    return cached or f"{SAFE_WEIGHTS_NAME} of {name_or_path}"
-
-
-def _key_list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_load_report(quiet: bool):
-    """
-    Drop transformers' load report (one WARNING of `transformers.modeling_utils`) while loading. A filter, not a
-    level: transformers runs extra checks and warnings of its own when that logger's level is WARNING or above.
-    """
-    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
-    if quiet:
-        logger.addFilter(report_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(report_filter)
-
-
-def _size_mismatch_message(config, mismatched: list) -> str:
-    """
-    Why a checkpoint's tensors do not fit the model built from `config`: the config field whose value is the size
-    that differs when it can be told (the backbone's fields for `backbone.*`), else the first key with both shapes.
-    """
-    key, file_shape, model_shape = sorted(tuple(item) for item in mismatched)[0]
-    file_shape, model_shape = tuple(file_shape), tuple(model_shape)
-    shapes = f"{key} is {file_shape} in the file but {model_shape} in the model"
-    count = f"{len(mismatched)} tensor(s) differ in shape"
-    fix = "load the config.json saved with these weights"
-    if key.split(".")[0] in ("backbone", "prior_extractor"):
-        return f"does not fit the model's backbone / backbone_kwargs ({shapes}; {count}); {fix}"
-    if len(file_shape) == len(model_shape):
-        axis = next(i for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b)
-        own, needed = model_shape[axis], file_shape[axis]
-        fields = [
-            f.name
-            for f in dataclasses.fields(config)
-            if type(getattr(config, f.name, None)) is int and getattr(config, f.name) == own
-        ]
-        if len(fields) == 1:
-            return f"needs {fields[0]}={needed} but the config has {fields[0]}={own} ({shapes}; {count}); {fix}"
-    return f"does not fit the model ({shapes}; {count}); {fix}"
-
-
 class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     """
     Base class of the hf_fss models.
@@ -428,7 +362,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         try:
             # transformers' multi-line load report lists what is refused below in one line: kept only when the
             # caller asked to re-initialise mismatched weights, where it is the record of what was re-initialised.
-            with _quiet_load_report(not reinitialise_mismatched):
+            with quiet_load_report(not reinitialise_mismatched):
                 model, info = super().from_pretrained(
                     pretrained_model_name_or_path,
                     *args,
@@ -437,19 +371,19 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                     **kwargs,
                 )
         except SafetensorError as error:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
                 f"{weights} is not a complete safetensors file ({error}); save or download the model again"
             ) from None
         if info["mismatched_keys"] and not reinitialise_mismatched:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-            raise ValueError(f"{weights} {_size_mismatch_message(model.config, info['mismatched_keys'])}")
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise ValueError(f"{weights} {size_mismatch_message(model.config, info['mismatched_keys'])}")
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-            problems = [f"lacks {len(missing)} weight(s) of {cls.__name__}: {_key_list(missing)}"] if missing else []
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            problems = [f"lacks {len(missing)} weight(s) of {cls.__name__}: {key_list(missing)}"] if missing else []
             if unexpected:
-                problems.append(f"holds {len(unexpected)} weight(s) it does not have: {_key_list(unexpected)}")
+                problems.append(f"holds {len(unexpected)} weight(s) it does not have: {key_list(unexpected)}")
             raise ValueError(
                 f"{weights} {' and '.join(problems)}; the file is incomplete or belongs to another configuration "
                 "(compare its config.json with the one it was saved with)"
