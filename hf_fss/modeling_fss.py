@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -14,10 +11,11 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
 from .backbones import StagedBackbone, build_backbone
 from .configuration_fss import FewShotSegmentationConfig
+from .loading import key_list, quiet_load_report, size_mismatch_message, weights_file
 
 # Arguments of `forward` every method takes; anything else must be declared by the model.
 _STANDARD_INPUTS = ("pixel_values", "support_pixel_values", "support_masks", "labels", "support_encoding")
@@ -70,6 +68,18 @@ class SupportEncoding(ModelOutput):
                 return value.shape[0]
         raise ValueError("support encoding holds no tensor")
 
+    def _map_tensors(self, function) -> SupportEncoding:
+        """A copy with `function` applied to every tensor field and to each tensor of a tuple / list field."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = function(value)
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                value = type(value)(function(v) for v in value)
+            values[f.name] = value
+        return type(self)(**values)
+
     def expand_batch(self, batch_size: int) -> SupportEncoding:
         """Repeat an encoding of one support set for `batch_size` queries (views, no copy)."""
         if self.batch_size == batch_size:
@@ -79,15 +89,15 @@ class SupportEncoding(ModelOutput):
                 f"support_encoding was computed for a batch of {self.batch_size} support sets but pixel_values "
                 f"holds {batch_size} queries; encode one support set (batch 1) or one per query"
             )
-        expanded = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value.expand(batch_size, *value.shape[1:])
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-                value = type(value)(v.expand(batch_size, *v.shape[1:]) for v in value)
-            expanded[f.name] = value
-        return type(self)(**expanded)
+        return self._map_tensors(lambda value: value.expand(batch_size, *value.shape[1:]))
+
+    def select(self, index: int | slice) -> SupportEncoding:
+        """
+        The encoding of some of the support sets (views): `index` an int (one support set, batch dimension kept) or a
+        slice of the batch dimension.
+        """
+        selected = slice(index, index + 1) if isinstance(index, int) else index
+        return self._map_tensors(lambda value: value[selected])
 
 
 def _shape(x) -> str:
@@ -226,70 +236,6 @@ def check_support_inputs(
             )
 
 
-def _weights_file(name_or_path, subfolder: str = "") -> str:
-    """The weights file `from_pretrained` reads, for error messages: a local path, else `repo_id/model.safetensors`."""
-    folder = os.path.join(str(name_or_path), subfolder)
-    if os.path.isfile(str(name_or_path)):
-        return str(name_or_path)
-    if os.path.isdir(folder):
-        return os.path.join(folder, SAFE_WEIGHTS_NAME)
-    try:
-        cached = cached_file(str(name_or_path), SAFE_WEIGHTS_NAME, subfolder=subfolder, local_files_only=True)
-    except OSError:
-        cached = None
-    return cached or f"{SAFE_WEIGHTS_NAME} of {name_or_path}"
-
-
-def _key_list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_load_report(quiet: bool):
-    """
-    Drop transformers' load report (one WARNING of `transformers.modeling_utils`) while loading. A filter, not a
-    level: transformers runs extra checks and warnings of its own when that logger's level is WARNING or above.
-    """
-    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
-    if quiet:
-        logger.addFilter(report_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(report_filter)
-
-
-def _size_mismatch_message(config, mismatched: list) -> str:
-    """
-    Why a checkpoint's tensors do not fit the model built from `config`: the config field whose value is the size
-    that differs when it can be told (the backbone's fields for `backbone.*`), else the first key with both shapes.
-    """
-    key, file_shape, model_shape = sorted(tuple(item) for item in mismatched)[0]
-    file_shape, model_shape = tuple(file_shape), tuple(model_shape)
-    shapes = f"{key} is {file_shape} in the file but {model_shape} in the model"
-    count = f"{len(mismatched)} tensor(s) differ in shape"
-    fix = "load the config.json saved with these weights"
-    if key.split(".")[0] in ("backbone", "prior_extractor"):
-        return f"does not fit the model's backbone / backbone_kwargs ({shapes}; {count}); {fix}"
-    if len(file_shape) == len(model_shape):
-        axis = next(i for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b)
-        own, needed = model_shape[axis], file_shape[axis]
-        fields = [
-            f.name
-            for f in dataclasses.fields(config)
-            if type(getattr(config, f.name, None)) is int and getattr(config, f.name) == own
-        ]
-        if len(fields) == 1:
-            return f"needs {fields[0]}={needed} but the config has {fields[0]}={own} ({shapes}; {count}); {fix}"
-    return f"does not fit the model ({shapes}; {count}); {fix}"
-
-
 class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     """
     Base class of the hf_fss models.
@@ -308,6 +254,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         output_maps (`dict[str, str]`): name -> one-line meaning of every map `outputs.maps` may hold (each
             `(batch_size, 1, h, w)`); the Space captions the maps with it.
         binary_maps (`tuple[str, ...]`): the maps of `output_maps` that are 0/1 masks rather than values in [0, 1].
+        support_encoding_class (`type[SupportEncoding]`): the encoding `_encode_support` returns; `forward` refuses
+            any other (an encoding of another model).
         single_pass_overrides (`dict[str, object]`): for a method whose test time runs several passes (SMCP's
             pseudo-prototype fusion), the config values that make it one pass; `scripts/benchmark.py` times both.
 
@@ -328,6 +276,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     output_maps: dict[str, str] = {}
     binary_maps: tuple[str, ...] = ()
     single_pass_overrides: dict[str, object] = {}
+    support_encoding_class: type[SupportEncoding] = SupportEncoding
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)
@@ -413,7 +362,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         try:
             # transformers' multi-line load report lists what is refused below in one line: kept only when the
             # caller asked to re-initialise mismatched weights, where it is the record of what was re-initialised.
-            with _quiet_load_report(not reinitialise_mismatched):
+            with quiet_load_report(not reinitialise_mismatched):
                 model, info = super().from_pretrained(
                     pretrained_model_name_or_path,
                     *args,
@@ -422,19 +371,19 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                     **kwargs,
                 )
         except SafetensorError as error:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise OSError(
                 f"{weights} is not a complete safetensors file ({error}); save or download the model again"
             ) from None
         if info["mismatched_keys"] and not reinitialise_mismatched:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-            raise ValueError(f"{weights} {_size_mismatch_message(model.config, info['mismatched_keys'])}")
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise ValueError(f"{weights} {size_mismatch_message(model.config, info['mismatched_keys'])}")
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
-            weights = _weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-            problems = [f"lacks {len(missing)} weight(s) of {cls.__name__}: {_key_list(missing)}"] if missing else []
+            weights = weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            problems = [f"lacks {len(missing)} weight(s) of {cls.__name__}: {key_list(missing)}"] if missing else []
             if unexpected:
-                problems.append(f"holds {len(unexpected)} weight(s) it does not have: {_key_list(unexpected)}")
+                problems.append(f"holds {len(unexpected)} weight(s) it does not have: {key_list(unexpected)}")
             raise ValueError(
                 f"{weights} {' and '.join(problems)}; the file is incomplete or belongs to another configuration "
                 "(compare its config.json with the one it was saved with)"
@@ -594,6 +543,12 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             if not isinstance(support_encoding, SupportEncoding):
                 raise ValueError(
                     f"support_encoding must come from model.encode_support(...), got {type(support_encoding).__name__}"
+                )
+            if not isinstance(support_encoding, self.support_encoding_class):
+                expected = self.support_encoding_class.__name__
+                article = "an" if expected[0] in "AEFHILMNORSX" else "a"  # as the letter's name is spoken
+                raise ValueError(
+                    f"support_encoding must be {article} {expected}, got {type(support_encoding).__name__}"
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
         outputs = self._segment(pixel_values, support_encoding, labels=labels, **query_inputs)

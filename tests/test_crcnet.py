@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
 
 from hf_fss import CRCNetConfig, CRCNetModel, FewShotSegmentationImageProcessor
-from hf_fss.models.crcnet import modeling_crcnet
+from hf_fss.models.crcnet import finetuning
 from hf_fss.models.crcnet.configuration_crcnet import SHOT_FUSION_MODES
 
 TINY_CRCNET = {
@@ -37,14 +38,19 @@ def divergence_log(caplog):
     """The records of CRCNet's divergence log (INFO and up), with transformers' `warning_once` memory cleared so
     that a warning an earlier test emitted is emitted again."""
     logging.Logger.warning_once.cache_clear()
-    caplog.set_level(logging.INFO, logger=modeling_crcnet.__name__)
+    caplog.set_level(logging.INFO, logger=finetuning.__name__)
     yield caplog
     logging.Logger.warning_once.cache_clear()
 
 
 def _logged(caplog, level: int) -> list[str]:
-    """The messages CRCNet's module logged at `level`."""
-    return [r.getMessage() for r in caplog.records if r.name == modeling_crcnet.__name__ and r.levelno == level]
+    """The messages CRCNet's finetuning module logged at `level`."""
+    return [r.getMessage() for r in caplog.records if r.name == finetuning.__name__ and r.levelno == level]
+
+
+def _counting_finetunes():
+    """`finetuning.finetune` wrapped to count its calls (one per support set finetuned)."""
+    return mock.patch.object(finetuning, "finetune", wraps=finetuning.finetune)
 
 
 class TestCRCNet(FewShotModelTesterMixin):
@@ -325,20 +331,18 @@ class TestCRCNet(FewShotModelTesterMixin):
     def test_one_encoding_finetunes_once_for_four_queries(self):
         model = self.get_model(shot_fusion="finetune").eval()
         query, support, masks, _ = self.episode(batch_size=1, shot=2)
-        start = CRCNetModel.finetune_count
-        with torch.no_grad():
+        with _counting_finetunes() as finetunes, torch.no_grad():
             encoding = model.encode_support(support, masks)
             outputs = [model(torch.roll(query, i, dims=-1), support_encoding=encoding).logits for i in range(4)]
-        assert CRCNetModel.finetune_count - start == 1
+        assert finetunes.call_count == 1
         assert all(torch.isfinite(o).all() for o in outputs)
 
     def test_one_support_never_finetunes(self):
         model = self.get_model(shot_fusion="finetune").eval()
         query, support, masks, _ = self.episode(batch_size=1, shot=1)
-        start = CRCNetModel.finetune_count
-        with torch.no_grad():
+        with _counting_finetunes() as finetunes, torch.no_grad():
             assert model.encode_support(support, masks).adapted_parameters is None
-        assert CRCNetModel.finetune_count == start
+        assert finetunes.call_count == 0
 
     def test_the_finetuning_seed_and_optimiser_matter(self):
         _, support, masks, _ = self.episode(batch_size=1, shot=3)
@@ -364,9 +368,9 @@ class TestCRCNet(FewShotModelTesterMixin):
         processor = FewShotSegmentationImageProcessor(image_size=65)
         metrics = []
         for _ in range(2):
-            start = CRCNetModel.finetune_count
-            metrics.append(evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False))
-            assert CRCNetModel.finetune_count - start == 3  # one support set per episode
+            with _counting_finetunes() as finetunes:
+                metrics.append(evaluate_model(model, processor, split, episodes, class_ids=novel, progress=False))
+            assert finetunes.call_count == 3  # one support set per episode
         for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes"):
             assert json.dumps(metrics[0][key]) == json.dumps(metrics[1][key]), key
         assert metrics[0]["num_episodes"] == 3

@@ -84,7 +84,7 @@ def test_support_loss_reaches_the_pyramid_module_only_on_the_paper_branch(branch
     outputs = model(query, support, masks, labels=labels)
     # Only the support (SPT) loss: take it from the graph again rather than the detached losses dict.
     encoding = model.encode_support(support, masks)
-    support_loss = model._cross_entropy(model._support_logits(encoding), masks.flatten(0, 1))
+    support_loss = model.criterion.cross_entropy(model._support_logits(encoding), masks.flatten(0, 1))
     torch.testing.assert_close(support_loss.detach(), outputs.losses["support"])
     support_loss.backward()
     pyramid_grads = [p.grad for p in model.pyramid_m.parameters()]

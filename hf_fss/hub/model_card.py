@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..differences import read_differences
 from ..staging import give_plain_file_modes, make_staging_dir, remove_stale_staging
 
 __all__ = [
@@ -218,18 +218,9 @@ def _config_fields(config) -> list[tuple[str, Any]]:
 
 
 def _differences(model_type: str) -> list[str] | None:
-    """`DIFFERENCES_FROM_OFFICIAL_CODE` (or `DIFFERENCES_FROM_PAPER`) of the method's package, when it has one."""
-    try:
-        module = importlib.import_module(f"hf_fss.models.{model_type}")
-    except ImportError:
-        return None
-    # A method without official code (CRCNet) lists its choices against the paper instead.
-    differences = getattr(module, "DIFFERENCES_FROM_OFFICIAL_CODE", None) or getattr(
-        module, "DIFFERENCES_FROM_PAPER", None
-    )
-    if not differences:
-        return None
-    return [str(item) for item in differences]
+    """The method's differences from its official code (or, without one, its paper): the list beside the templates,
+    `hf_fss/model_cards/differences/<model_type>.md` (`DIFFERENCES_FROM_*` of the method's package)."""
+    return list(read_differences(model_type)) or None
 
 
 # -------------------------------------------------------------------------------------------------- results
@@ -462,6 +453,39 @@ def _model_name(config, training: Mapping[str, Any] | None, repo_id: str | None)
     return "-".join(str(p) for p in parts)
 
 
+def _card_data(config, training, metrics_list, eval_results: list[EvalResult], model_name: str) -> ModelCardData:
+    """The card's metadata: tags (method, benchmarks), Hub datasets, base model, license and the results."""
+    model_type = config.model_type
+    tags = [
+        "hf_fss",
+        "transformers",
+        "few-shot-segmentation",
+        "few-shot-semantic-segmentation",
+        model_type.replace("_", "-"),
+    ]
+    benchmarks = {_benchmark_key(_lookup(training, "benchmark"))} | {
+        _evaluation(m, training)["benchmark"] for m in metrics_list
+    }
+    tags.extend(sorted(b for b in benchmarks if b))
+    datasets = sorted({d for d in [_lookup(training, "dataset")] if _looks_like_hub_id(d)})
+    base_model = (training or {}).get("base_model")
+    if base_model is None and getattr(config, "use_pretrained_backbone", False):
+        with contextlib.suppress(ValueError):
+            candidate = config.backbone_weights
+            base_model = candidate if _looks_like_hub_id(candidate) else None
+    return ModelCardData(
+        library_name="hf_fss",  # the Hub shows its usage snippet (with `import hf_fss`), not a transformers one
+        pipeline_tag="image-segmentation",
+        license=(training or {}).get("license"),
+        tags=tags,
+        datasets=datasets or None,
+        base_model=base_model if _looks_like_hub_id(base_model) else None,
+        metrics=["mean_iou"] if eval_results else None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+
+
 def render_model_card(
     config,
     *,
@@ -509,35 +533,7 @@ def render_model_card(
         if section is not None:
             results.append(section)
 
-    tags = [
-        "hf_fss",
-        "transformers",
-        "few-shot-segmentation",
-        "few-shot-semantic-segmentation",
-        model_type.replace("_", "-"),
-    ]
-    benchmarks = {_benchmark_key(_lookup(training, "benchmark"))} | {
-        _evaluation(m, training)["benchmark"] for m in metrics_list
-    }
-    tags.extend(sorted(b for b in benchmarks if b))
-    datasets = sorted({d for d in [_lookup(training, "dataset")] if _looks_like_hub_id(d)})
-    base_model = (training or {}).get("base_model")
-    if base_model is None and getattr(config, "use_pretrained_backbone", False):
-        with contextlib.suppress(ValueError):
-            candidate = config.backbone_weights
-            base_model = candidate if _looks_like_hub_id(candidate) else None
-    card_data = ModelCardData(
-        library_name="hf_fss",  # the Hub shows its usage snippet (with `import hf_fss`), not a transformers one
-        pipeline_tag="image-segmentation",
-        license=(training or {}).get("license"),
-        tags=tags,
-        datasets=datasets or None,
-        base_model=base_model if _looks_like_hub_id(base_model) else None,
-        metrics=["mean_iou"] if eval_results else None,
-        model_name=model_name,
-        eval_results=eval_results or None,
-    )
-
+    card_data = _card_data(config, training, metrics_list, eval_results, model_name)
     model_id = repo_id or model_path
     training_rows = [(k, v) for k, v in _flatten(training)] if training else []
     config_rows = [(k, v) for k, v in _config_fields(config) if v is not None]

@@ -13,23 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import classifier, conv_relu, double_conv3x3, resize
+
 __all__ = ["FeatureEnrichmentModule"]
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # PFENet resizes with align_corners=True everywhere in the FEM.
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
-def _conv3x3_relu(channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True)]
-
-
-def _classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
-    # Indices 0 (conv), 1 (relu), 2 (dropout), 3 (conv) as in PFENet's `cls` / `inner_cls`.
-    return nn.Sequential(*_conv3x3_relu(channels), nn.Dropout2d(p=dropout), nn.Conv2d(channels, num_classes, 1))
 
 
 class FeatureEnrichmentModule(nn.Module):
@@ -89,8 +75,7 @@ class FeatureEnrichmentModule(nn.Module):
 
         if use_init_merge:
             self.init_merge = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(merge_in, reduce_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True))
-                for _ in range(num_bins)
+                conv_relu(merge_in, reduce_dim, kernel_size=1, bias=False) for _ in range(num_bins)
             )
         else:
             self.init_merge = None
@@ -99,15 +84,11 @@ class FeatureEnrichmentModule(nn.Module):
             nn.Sequential(nn.Conv2d(reduce_dim * 2, reduce_dim, kernel_size=1, bias=False), nn.ReLU())
             for _ in range(num_bins - 1)
         )
-        self.beta_conv = nn.ModuleList(
-            nn.Sequential(*_conv3x3_relu(reduce_dim), *_conv3x3_relu(reduce_dim)) for _ in range(num_bins)
-        )
-        self.inner_cls = nn.ModuleList(_classifier(reduce_dim, num_classes, dropout) for _ in range(num_bins))
-        self.res1 = nn.Sequential(
-            nn.Conv2d(reduce_dim * num_bins, reduce_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True)
-        )
-        self.res2 = nn.Sequential(*_conv3x3_relu(reduce_dim), *_conv3x3_relu(reduce_dim))
-        self.cls = _classifier(reduce_dim, num_classes, dropout)
+        self.beta_conv = nn.ModuleList(double_conv3x3(reduce_dim) for _ in range(num_bins))
+        self.inner_cls = nn.ModuleList(classifier(reduce_dim, num_classes, dropout) for _ in range(num_bins))
+        self.res1 = conv_relu(reduce_dim * num_bins, reduce_dim, kernel_size=1, bias=False)
+        self.res2 = double_conv3x3(reduce_dim)
+        self.cls = classifier(reduce_dim, num_classes, dropout)
 
     def pyramid_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """
@@ -147,7 +128,7 @@ class FeatureEnrichmentModule(nn.Module):
         if index >= 1:
             if previous is None:
                 raise ValueError("scales after the first need the previous scale's features")
-            previous = _resize(previous, size)
+            previous = resize(previous, size)
             merged = self.alpha_conv[index - 1](torch.cat([merged, previous], dim=1)) + merged
         merged = self.beta_conv[index](merged) + merged
         return merged, self.inner_cls[index](merged)
@@ -201,15 +182,15 @@ class FeatureEnrichmentModule(nn.Module):
             inputs = [
                 F.adaptive_avg_pool2d(query_features, size),
                 support_prototype.expand(-1, -1, *size),
-                _resize(prior_mask, size),
+                resize(prior_mask, size),
             ]
             if extra is not None:
                 inputs.append(
-                    F.adaptive_avg_pool2d(extra, size) if self.extra_resize == "adaptive_avg" else _resize(extra, size)
+                    F.adaptive_avg_pool2d(extra, size) if self.extra_resize == "adaptive_avg" else resize(extra, size)
                 )
             merged = self.init_merge[index](torch.cat(inputs, dim=1))
             merged, aux = self.refine_scale(index, merged, pyramid_features[-1] if index >= 1 else None)
             aux_logits.append(aux)
-            pyramid_features.append(_resize(merged, (height, width)))
+            pyramid_features.append(resize(merged, (height, width)))
 
         return self.fuse(pyramid_features), aux_logits

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .ops import resize
 
 __all__ = [
     "average_prototypes",
@@ -20,36 +21,8 @@ __all__ = [
 ]
 
 
-def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
-
-
-def resize_mask(mask: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
-    """
-    Resize a float mask (or any map) bilinearly with `align_corners=True`, as PFENet does before pooling.
-
-    Args:
-        mask (`torch.Tensor` of shape `(..., channels, height, width)`):
-            Map to resize; any number of leading dimensions (e.g. `(batch_size, shot)`) is allowed.
-        size (`int` or `tuple[int, int]`):
-            Target `(new_height, new_width)`; an int means a square size.
-
-    Returns:
-        `torch.Tensor` of shape `(..., channels, new_height, new_width)`.
-    """
-    size = _as_size(size)
-    if tuple(mask.shape[-2:]) == size:
-        # align_corners=True bilinear to the same size is the identity; skip the copy.
-        return mask
-    if mask.dim() == 4:
-        return F.interpolate(mask, size=size, mode="bilinear", align_corners=True)
-    leading = mask.shape[:-3]
-    flat = mask.reshape(-1, *mask.shape[-3:])
-    flat = F.interpolate(flat, size=size, mode="bilinear", align_corners=True)
-    return flat.reshape(*leading, *flat.shape[1:])
+# The first name of `ops.resize`, under which the methods and their users import it.
+resize_mask = resize
 
 
 def masked_average_pooling(features: torch.Tensor, mask: torch.Tensor, eps: float = 0.0005) -> torch.Tensor:

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import multi_shot_prior_mask, pfenet_support_features
+from ...modules import multi_shot_prior_mask, pfenet_support_encoding, resize
 from .configuration_cosine_prior import CosinePriorConfig
 
 
@@ -25,6 +26,35 @@ class CosinePriorSupportEncoding(SupportEncoding):
     masks: torch.FloatTensor | None = None
 
 
+class CosinePriorLoss(nn.Module):
+    """
+    Binary cross-entropy of the prior (clamped to [1e-6, 1 - 1e-6]) against the target, ignored pixels left out.
+
+    Args:
+        config (`CosinePriorConfig`): `ignore_index`.
+    """
+
+    def __init__(self, config: CosinePriorConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, labels: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`): {0, 1, 255}.
+            prior (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`): values in [0, 1].
+
+        Returns:
+            `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the loss (zero, keeping the graph, when every
+            pixel is ignored) and `{"main": loss}` detached.
+        """
+        valid = labels != self.config.ignore_index
+        target = (labels == 1).to(prior.dtype)
+        prob = prior[:, 0].clamp(1e-6, 1 - 1e-6)
+        loss = F.binary_cross_entropy(prob[valid], target[valid]) if valid.any() else prob.sum() * 0
+        return loss, {"main": loss.detach()}
+
+
 class CosinePriorModel(FewShotSegmentationPreTrainedModel):
     """
     Cosine prior mask baseline. `logits[:, 1]` is the prior (in [0, 1]) upsampled to the input size and
@@ -32,34 +62,25 @@ class CosinePriorModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = CosinePriorConfig
+    support_encoding_class = CosinePriorSupportEncoding
     output_maps = {"prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)"}
 
     def __init__(self, config: CosinePriorConfig):
         super().__init__(config)
         self.backbone = self.build_backbone()
+        self.criterion = CosinePriorLoss(config)
         self.post_init()
 
     def _encode_support(self, support_pixel_values, support_masks) -> CosinePriorSupportEncoding:
-        batch_size, shot = support_pixel_values.shape[:2]
-        support = pfenet_support_features(
-            self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
-        )
+        fields = pfenet_support_encoding(self.backbone, support_pixel_values, support_masks)
         return CosinePriorSupportEncoding(
-            shot=shot,
-            features=support.masked_layer4.unflatten(0, (batch_size, shot)),
-            masks=support.masks.unflatten(0, (batch_size, shot)),
+            shot=fields["shot"], features=fields["high_level_features"], masks=fields["masks"]
         )
 
     def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         query_layer4 = self.backbone_features(pixel_values)[-1]
         prior = multi_shot_prior_mask(query_layer4, support_encoding.features, support_encoding.masks)
-        prior_full = F.interpolate(prior, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)
+        prior_full = resize(prior, pixel_values.shape[-2:])
         logits = torch.cat([torch.full_like(prior_full, self.config.threshold), prior_full], dim=1)
-        loss = losses = None
-        if labels is not None:
-            valid = labels != self.config.ignore_index
-            target = (labels == 1).to(prior_full.dtype)
-            prob = prior_full[:, 0].clamp(1e-6, 1 - 1e-6)
-            loss = F.binary_cross_entropy(prob[valid], target[valid]) if valid.any() else prob.sum() * 0
-            losses = {"main": loss.detach()}
+        loss, losses = self.criterion(labels, prior_full) if labels is not None else (None, None)
         return FewShotSegmentationOutput(loss=loss, logits=logits, losses=losses, maps={"prior": prior})

@@ -16,94 +16,31 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from transformers.utils import logging
 
+from ...differences import read_differences
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import cosine_prior_mask, masked_average_pooling, resize_mask
+from ...modules import MaskedCrossEntropy, conv_relu, cosine_prior_mask, masked_average_pooling, resize
 from .configuration_crcnet import CRCNetConfig
+from .finetuning import finetune_support_sets
 
-__all__ = ["DIFFERENCES_FROM_PAPER", "CRCNetHead", "CRCNetModel", "CRCNetSupportEncoding", "PairPrediction"]
+__all__ = [
+    "DIFFERENCES_FROM_PAPER",
+    "CRCNetHead",
+    "CRCNetLoss",
+    "CRCNetModel",
+    "CRCNetSupportEncoding",
+    "PairPrediction",
+]
 
 logger = logging.get_logger(__name__)
 
-# Every point the paper (no official code) leaves open, and the choice made here; the model card lists them. The
-# numbers refer to the ambiguity checklist of the project's method notes (section D.3).
-DIFFERENCES_FROM_PAPER = (
-    "No official code exists: this is a reconstruction from the paper; CANet (icoz69/CaNet, same group) is the "
-    "tie-breaker where the paper is silent.",
-    "(1) Encoder levels: torchvision layer3 (dilation 2) + layer4 (dilation 4), both at 1/8, concatenated and "
-    "projected by a 3x3 conv to 256 + ReLU + Dropout2d 0.5 (CANet's layer5); `feature_levels` offers CANet's "
-    "layer2 + layer3 and the last layer alone (Table 2).",
-    "(2) Encoder training: the paper trains 'end-to-end', so the ResNet trains with its batch norm in eval mode "
-    "(`freeze_backbone=False`); `freeze_backbone=True` is CANet's frozen encoder.",
-    "(3) Cross-reference: one GAP -> FC (256/16) -> ReLU -> FC -> sigmoid shared by both branches "
-    "(`cross_reference_shared`, `cross_reference_reduction`); the branch vectors are multiplied and reweight both "
-    "feature maps.",
-    "(4) Co-occurrence heads: 2 x (3x3 conv + ReLU), CANet's ASPP (global pool, 1x1, 3x3 at 6/12/18 -> 1x1 256), "
-    "1x1 conv to 2 classes, shared by query and support (`co_occurrence_decoder_depth`, `co_occurrence_aspp`).",
-    "(5) Conditional input: the conditional modules read the encoder features F in parallel with the "
-    "cross-reference module, whose output G joins them at the refinement input (`conditional_input`).",
-    "(6) Local conditional: theta / delta are 1x1 conv 256->256 + ReLU, no 1/sqrt(d) scaling, Eq. 2 implemented "
-    "literally (similarity times mask, then row softmax; background positions keep weight e^0) on unmasked support "
-    "features; `local_attention_mask='neg_inf'` gives them no weight, `'unmasked'` drops the mask (Table 7). Global and "
-    "local outputs are concatenated and fused by a 3x3 conv to 256.",
-    "(7) Refinement module: the cache is the 2-channel softmax of the previous step at feature size (zeros at "
-    "first); the global convolution block ((7x1 -> 1x7) + (1x7 -> 7x1), summed, ReLU) runs on the features; the "
-    "combined block is a small encoder-decoder (stride-2 3x3 down, the cache concatenated at both resolutions, "
-    "upsample + skip + 3x3), then CANet's ASPP and a 1x1 classifier (`refinement_cache_format`, "
-    "`refinement_combined_block`).",
-    "(8) Refinement training: 2 steps unrolled (zeros -> p1 -> p2) with the cache detached and the first step "
-    "without gradient; 10 steps at inference (`training_refinement_steps`, `refinement_steps`); "
-    "`refinement_training='random_history'` is a CANet-like alternative.",
-    "(9) Losses on the final refinement step only (`intermediate_loss=True` averages every unrolled step); BCE "
-    "implemented as 2-class softmax cross-entropy with ignore index 255 (the same loss on p_fg).",
-    "(10) Multi-scale inference: scales 0.75, 1, 1.25 (section 5.3; section 5.1's [0.75, 1.25] taken as a typo) of "
-    "both support and query, refinement run per scale, target probabilities resized to the input and averaged.",
-    "(11) K-shot finetuning (no hyper-parameter given): a copy of the head (everything after the Siamese encoder, "
-    "whose 3x3 projection stays fixed too), SGD lr 0.0025 momentum 0.9, 50 steps of one random ordered pair of two "
-    "different supports (the paper: finetuning needs at least two images) with a random horizontal flip, the "
-    "training loss (both directions, co-occurrence terms, 2 unrolled steps), seeded; then the query is predicted "
-    "with every support and the probabilities averaged ('finetune+average'; 'finetune' uses the first support, "
-    "'average' skips finetuning).",
-    "K-shot finetuning divergence guard (not in the paper): a support set's finetuning stops when a step's loss is "
-    "not finite or exceeds `finetune_max_loss_ratio` times the first step's, or when it leaves non-finite weights; "
-    "that support set keeps the unadapted head (a warning logged once; the encoding's `finetune_diverged` marks it "
-    "and evaluate.py counts it in `unadapted_support_sets`). A model trained from random weights diverges so.",
-    "(12) Optimisation: momentum 0.9, weight decay 5e-4, batch 4, poly 0.9 schedule and 321 crops from CANet (the "
-    "paper gives SGD, lr 0.0025, 200 epochs only); set in the recipes.",
-    "(13) Box supports: the union of the class's instance boxes (the `bbox` annotation), at test time only; the "
-    "model is trained with masks (the paper's Table 14 setting).",
-    "(14) Evaluation: PFENet's protocol (1000 episodes, seed 321, labels at original size), as every hf_fss model; "
-    "the paper does not give its episode count or seeds.",
-    "(15) Initialisation (not in the method notes' checklist; the paper does not give it): every conv outside the "
-    "backbone is He-initialised (normal, fan-in, ReLU gain, zero bias; `module_init`), since the modules have no "
-    "normalisation layer; with PyTorch's default init a model trained from random weights learns more slowly (the "
-    "synthetic quickstart: 59.05 novel-class mIoU instead of 73.86).",
-    "Support prediction at inference: the support is conditioned on the predicted query probability (the query "
-    "label is unknown), at scale 1 only; training conditions it on the query label, as the paper.",
-    "K-shot training: each support-query pair of a K-shot episode is a 1-shot pair; the query losses are averaged "
-    "over the K pairs (the paper trains 1-shot).",
-    "Option `prior_mask` (default off: the paper's main model): the 'PFENet + CRC' variant of Tables 8 / 12, built "
-    "here as CRCNet plus PFENet's training-free prior mask (cosine prior of the frozen layer4 features) as one more "
-    "channel of the mask refinement input, for every (target, reference) pair; the paper does not say where its "
-    "variant feeds the prior.",
-)
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1):
-    # Every module conv: 3x3, 256 channels, ReLU (section 5.1).
-    padding = dilation * (kernel_size // 2)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation),
-        nn.ReLU(inplace=True),
-    )
-
-
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+# Every point the paper (no official code) leaves open, and the choice made here: package data
+# (hf_fss/model_cards/differences/crcnet.md), which the model card renders. The numbers refer to the ambiguity
+# checklist of the project's method notes (section D.3).
+DIFFERENCES_FROM_PAPER = read_differences("crcnet")
 
 
 class ResidualPair(nn.Module):
@@ -111,7 +48,7 @@ class ResidualPair(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.layers = nn.Sequential(_conv(channels, channels), _conv(channels, channels))
+        self.layers = nn.Sequential(conv_relu(channels, channels), conv_relu(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layers(x)
@@ -125,10 +62,10 @@ class CANetASPP(nn.Module):
 
     def __init__(self, channels: int, rates: tuple[int, ...] = (6, 12, 18)):
         super().__init__()
-        self.pooled = _conv(channels, channels, kernel_size=1)
-        self.point = _conv(channels, channels, kernel_size=1)
-        self.atrous = nn.ModuleList(_conv(channels, channels, dilation=rate) for rate in rates)
-        self.fuse = _conv(channels * (2 + len(rates)), channels, kernel_size=1)
+        self.pooled = conv_relu(channels, channels, kernel_size=1)
+        self.point = conv_relu(channels, channels, kernel_size=1)
+        self.atrous = nn.ModuleList(conv_relu(channels, channels, dilation=rate) for rate in rates)
+        self.fuse = conv_relu(channels * (2 + len(rates)), channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.pooled(x.mean(dim=(-2, -1), keepdim=True)).expand(-1, -1, *x.shape[-2:])
@@ -183,7 +120,7 @@ class CoOccurrenceHead(nn.Module):
 
     def __init__(self, channels: int, depth: int, aspp: bool):
         super().__init__()
-        self.layers = nn.Sequential(*(_conv(channels, channels) for _ in range(depth)))
+        self.layers = nn.Sequential(*(conv_relu(channels, channels) for _ in range(depth)))
         self.aspp = CANetASPP(channels) if aspp else nn.Identity()
         self.classifier = nn.Conv2d(channels, 2, kernel_size=1)
 
@@ -199,7 +136,7 @@ class GlobalConditional(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.merge = _conv(2 * channels, channels)
+        self.merge = conv_relu(2 * channels, channels)
         self.residual = ResidualPair(channels)
 
     def forward(self, target: torch.Tensor, reference: torch.Tensor, reference_mask: torch.Tensor) -> torch.Tensor:
@@ -218,8 +155,8 @@ class LocalConditional(nn.Module):
 
     def __init__(self, channels: int, key_dim: int, mask_mode: str, scaled: bool):
         super().__init__()
-        self.theta = _conv(channels, key_dim, kernel_size=1)
-        self.delta = _conv(channels, key_dim, kernel_size=1)
+        self.theta = conv_relu(channels, key_dim, kernel_size=1)
+        self.delta = conv_relu(channels, key_dim, kernel_size=1)
         self.mask_mode = mask_mode
         self.scale = 1.0 / math.sqrt(key_dim) if scaled else 1.0
 
@@ -271,13 +208,13 @@ class MaskRefinement(nn.Module):
         super().__init__()
         self.cache_channels = cache_channels
         self.combined_block = combined_block
-        self.input = _conv(in_channels, channels)
+        self.input = conv_relu(in_channels, channels)
         self.global_conv = GlobalConvolutionBlock(channels)
-        self.combine_in = _conv(channels + cache_channels, channels)
+        self.combine_in = conv_relu(channels + cache_channels, channels)
         if combined_block == "encoder_decoder":
-            self.down = _conv(channels, channels, stride=2)
-            self.combine_low = _conv(channels + cache_channels, channels)
-            self.combine_out = _conv(2 * channels, channels)
+            self.down = conv_relu(channels, channels, stride=2)
+            self.combine_low = conv_relu(channels + cache_channels, channels)
+            self.combine_out = conv_relu(2 * channels, channels)
         else:
             self.residual = ResidualPair(channels)
         self.aspp = CANetASPP(channels)
@@ -292,9 +229,9 @@ class MaskRefinement(nn.Module):
         hidden = self.combine_in(torch.cat(with_cache, dim=1))
         if self.combined_block == "encoder_decoder":
             low = self.down(hidden)
-            low_in = [low] if cache is None else [low, _upsample(cache, low.shape[-2:])]
+            low_in = [low] if cache is None else [low, resize(cache, low.shape[-2:])]
             low = self.combine_low(torch.cat(low_in, dim=1))
-            hidden = self.combine_out(torch.cat([_upsample(low, hidden.shape[-2:]), hidden], dim=1))
+            hidden = self.combine_out(torch.cat([resize(low, hidden.shape[-2:]), hidden], dim=1))
         else:
             hidden = self.residual(hidden)
         return self.classifier(self.aspp(hidden))
@@ -346,7 +283,7 @@ class CRCNetHead(nn.Module):
             )
             conditionals += 1
         if conditionals:
-            self.conditional_fuse = _conv(conditionals * dim, dim)
+            self.conditional_fuse = conv_relu(conditionals * dim, dim)
         cache_channels = 0
         if config.use_refinement_cache:
             cache_channels = 2 if config.refinement_cache_format == "probabilities" else 1
@@ -432,6 +369,57 @@ class CRCNetHead(nn.Module):
         return PairPrediction(logits, caches, target_co, reference_co)
 
 
+class CRCNetLoss(nn.Module):
+    """
+    CRCNet's training loss (Eq. 5) for N (target = query, reference = support) pairs: `L_QM + support_loss_weight
+    L_SM + co_occurrence_loss_weight (L_QMsub + L_SMsub)`, each a 2-class cross-entropy (ignore 255) at the labels'
+    size in float32 whatever the model's dtype; the refinement terms on the final step, or averaged over the steps
+    that kept autograd (`intermediate_loss`).
+
+    Args:
+        config (`CRCNetConfig`): the weights and `ignore_index`.
+    """
+
+    def __init__(self, config: CRCNetConfig):
+        super().__init__()
+        self.config = config  # read at each call: the weights may change after construction
+        self.cross_entropy = MaskedCrossEntropy(config.ignore_index, float32=True)
+
+    def _step_loss(self, step_logits: list[torch.Tensor], labels: torch.Tensor, grad_steps: int) -> torch.Tensor:
+        return torch.stack([self.cross_entropy(x, labels) for x in step_logits[-grad_steps:]]).mean()
+
+    def forward(
+        self,
+        forward: PairPrediction,
+        backward: PairPrediction,
+        query_labels: torch.Tensor,
+        support_labels: torch.Tensor,
+        grad_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            forward (`PairPrediction`): the queries predicted from the supports (with the co-occurrence logits).
+            backward (`PairPrediction`): the supports predicted from the query labels.
+            query_labels, support_labels (`torch.LongTensor` of shape `(N, H, W)`): {0, 1, 255}.
+            grad_steps (`int`): the refinement steps that kept autograd.
+
+        Returns:
+            `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the total and the detached named terms
+            (`query`, `support`, and with the cross-reference module `query_co_occurrence`, `support_co_occurrence`).
+        """
+        losses = {
+            "query": self._step_loss(forward.logits, query_labels, grad_steps),
+            "support": self._step_loss(backward.logits, support_labels, grad_steps),
+        }
+        total = losses["query"] + self.config.support_loss_weight * losses["support"]
+        if forward.target_co_occurrence is not None:
+            losses["query_co_occurrence"] = self.cross_entropy(forward.target_co_occurrence, query_labels)
+            losses["support_co_occurrence"] = self.cross_entropy(forward.reference_co_occurrence, support_labels)
+            co_occurrence = losses["query_co_occurrence"] + losses["support_co_occurrence"]
+            total = total + self.config.co_occurrence_loss_weight * co_occurrence
+        return total, {name: value.detach() for name, value in losses.items()}
+
+
 @dataclass
 class CRCNetSupportEncoding(SupportEncoding):
     """
@@ -472,17 +460,12 @@ def _resize_images(pixel_values: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0:
         return pixel_values
     size = [max(8, round(side * scale)) for side in pixel_values.shape[-2:]]
-    return _upsample(pixel_values, size)
+    return resize(pixel_values, size)
 
 
 def _shot_mean(x: torch.Tensor, shot: int) -> torch.Tensor:
     """`(N * shot, ...)` -> `(N, ...)`: the mean over the shots of each support set."""
     return x.unflatten(0, (-1, shot)).mean(dim=1)
-
-
-def _as_float32(features: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    """The (encoder, layer4) features of `_encode` in float32 (None stays None), for the float32 finetuning."""
-    return tuple(None if x is None else x.float() for x in features)
 
 
 def _probability(logits: torch.Tensor) -> torch.Tensor:
@@ -521,7 +504,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = CRCNetConfig
-    finetune_count = 0  # support sets finetuned so far (class-wide), for tests and benchmarks
+    support_encoding_class = CRCNetSupportEncoding
 
     def __init__(self, config: CRCNetConfig):
         super().__init__(config)
@@ -536,6 +519,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             nn.Dropout2d(config.encoder_dropout),
         )
         self.head = CRCNetHead(config)
+        self.criterion = CRCNetLoss(config)
         self.post_init()
 
     @property
@@ -571,7 +555,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         levels = _LEVELS[self.config.feature_levels]
         stages = self.backbone.forward_stages(pixel_values, 0, max(levels) + 1)
         size = stages[levels[-1]].shape[-2:]
-        features = self.encoder_projection(torch.cat([_upsample(stages[level], size) for level in levels], dim=1))
+        features = self.encoder_projection(torch.cat([resize(stages[level], size) for level in levels], dim=1))
         if not high_level:
             return features, None
         if len(stages) > 4:
@@ -598,12 +582,12 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         for scale in scales:
             scaled, high = self._encode(_resize_images(images, scale))
             features.append(scaled.unflatten(0, (batch_size, shot)))
-            feature_masks.append(resize_mask(targets, scaled.shape[-2:]).unflatten(0, (batch_size, shot)))
+            feature_masks.append(resize(targets, scaled.shape[-2:]).unflatten(0, (batch_size, shot)))
             if high is not None:
                 high_features.append(high.unflatten(0, (batch_size, shot)))
         adapted = diverged = None
         if not self.training and shot > 1 and self.config.shot_fusion != "average":
-            adapted, diverged = self._finetune_support_sets(support_pixel_values, support_masks)
+            adapted, diverged = finetune_support_sets(self, support_pixel_values, support_masks)
         return CRCNetSupportEncoding(
             shot=shot,
             scales=torch.tensor(scales, device=images.device).expand(batch_size, -1),
@@ -614,110 +598,6 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             high_features=tuple(high_features) if high_features else None,
             finetune_diverged=diverged,
         )
-
-    # --- K-shot finetuning (section 4.6) -------------------------------------------------------------------------
-    def _finetune_support_sets(
-        self, support_pixel_values, support_masks
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """
-        Finetune a copy of the head on each support set (batch item) and return the adapted parameters stacked over
-        the batch, in `head.named_parameters()` order and the model's dtype, and a `(batch_size,)` bool tensor, True
-        where the finetuning diverged and the unadapted head was kept. The model's own weights are never touched.
-        The encoder is fixed, so the features of the supports and of their horizontal flips are computed once,
-        without autograd, in the model's dtype; the finetuning itself runs in float32 (see `_finetune`).
-        """
-        adapted, diverged = [], []
-        unadapted = tuple(p.detach().float() for p in self.head.parameters())
-        for index, (images, masks) in enumerate(zip(support_pixel_values, support_masks)):
-            with torch.no_grad():
-                features = _as_float32(self._encode(images))
-                flipped = _as_float32(self._encode(images.flip(-1))) if self.config.finetune_flip else None
-            params = self._finetune(features, flipped, masks.long(), index)
-            diverged.append(params is None)
-            adapted.append(unadapted if params is None else params)
-        dtypes = [p.dtype for p in self.head.parameters()]
-        stacked = tuple(torch.stack(values).to(dtype) for values, dtype in zip(zip(*adapted), dtypes))
-        return stacked, torch.tensor(diverged, device=support_pixel_values.device)
-
-    def _finetune(self, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
-        """
-        `finetune_steps` optimiser steps on one random ordered pair of supports each (with a random horizontal
-        flip), the training loss of Eq. 5 on both predictions; pairs and flips from a generator seeded with
-        `finetune_seed`, so a support set always gives the same result. The head's copy, its gradients, the loss and
-        the optimiser state are float32 whatever the model's dtype (float16 gradients overflow, and bfloat16 drops
-        updates smaller than 1/256 of a weight).
-
-        Finetuning stops when a step's loss is not finite or exceeds `finetune_max_loss_ratio` times the first
-        step's, or when it leaves non-finite weights (see `_log_divergence`).
-
-        Args:
-            features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
-                or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips),
-                float32.
-            labels (`torch.LongTensor` of shape `(K, H, W)`): support masks {0, 1, 255}.
-            index (`int`): the support set's index in the batch, for the log.
-
-        Returns:
-            `tuple` of float32 tensors: the head's adapted parameters; None when the finetuning diverged.
-        """
-        config = self.config
-        shot = features[0].shape[0]
-        pairs = [(i, j) for i in range(shot) for j in range(shot) if i != j or config.finetune_pairs == "all"]
-        params = {name: p.detach().float().clone().requires_grad_(True) for name, p in self.head.named_parameters()}
-        if config.finetune_optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                params.values(), lr=config.finetune_learning_rate, momentum=config.finetune_momentum
-            )
-        else:
-            optimizer = torch.optim.Adam(params.values(), lr=config.finetune_learning_rate)
-        generator = torch.Generator().manual_seed(config.finetune_seed)
-        type(self).finetune_count += 1
-        first_loss = None
-        with torch.enable_grad():
-            for step in range(config.finetune_steps):
-                target, reference = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-                flip = flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
-                (source, high), pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
-                pair_labels = pair_labels[[target, reference]]
-                pair_high = (
-                    (None, None) if high is None else (high[target : target + 1], high[reference : reference + 1])
-                )
-                loss, _ = self._pair_losses(
-                    params,
-                    source[target : target + 1],
-                    source[reference : reference + 1],
-                    pair_labels[:1],
-                    pair_labels[1:],
-                    pair_high,
-                )
-                value = float(loss.detach())
-                first_loss = value if first_loss is None else first_loss
-                if not math.isfinite(value) or value > config.finetune_max_loss_ratio * first_loss:
-                    return self._log_divergence(index, f"at step {step + 1} the loss is {value:.4g}", first_loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-            return self._log_divergence(index, "the last step left non-finite weights", first_loss)
-        return tuple(p.detach() for p in params.values())
-
-    def _log_divergence(self, index: int, reason: str, first_loss: float | None) -> None:
-        """
-        Log that the finetuning of support set `index` diverged: the cause and the fix once per process and
-        setting (`warning_once`: an evaluation where every finetuning diverges would print one line per episode),
-        the support set and its losses at INFO level each time. Returns None (no adapted parameters).
-        """
-        config = self.config
-        logger.warning_once(
-            "CRCNet K-shot finetuning diverged (a step's loss was not finite or above finetune_max_loss_ratio="
-            f"{config.finetune_max_loss_ratio:g} x the first step's, or it left non-finite weights): such a support "
-            "set keeps the unadapted head; lower finetune_learning_rate "
-            f"({config.finetune_learning_rate:g}) or use shot_fusion='average' (logged once; the support encoding's "
-            "finetune_diverged marks each such support set and evaluate.py counts them)"
-        )
-        first = "none" if first_loss is None else f"{first_loss:.4g}"  # None: finetune_steps=0
-        logger.info(f"CRCNet K-shot finetuning of support set {index} diverged: {reason} (first step's loss {first})")
-        return None
 
     # --- predictions ---------------------------------------------------------------------------------------------
     def _run_head(self, params, *args, **kwargs) -> PairPrediction:
@@ -760,10 +640,10 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         for index in groups:
             selected = slice(None) if index is None else slice(index, index + 1)
             params = None if index is None else self._head_parameters(encoding, index)
-            sub_encoding = encoding if index is None else _select(encoding, selected)
+            sub_encoding = encoding if index is None else encoding.select(index)
             selected_query = tuple(None if x is None else x[selected] for x in query)
             prediction, shot = self._predict_query(selected_query, sub_encoding, scale_index, params)
-            target = _upsample(_probability(prediction.logits[-1]), pixel_values.shape[-2:])
+            target = resize(_probability(prediction.logits[-1]), pixel_values.shape[-2:])
             probabilities.append(_shot_mean(target, shot))
             steps.append([_shot_mean(_probability(logits), shot) for logits in prediction.logits])
             if prediction.target_co_occurrence is not None:
@@ -781,7 +661,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         query_features, query_high = query
         support = encoding.features[scale_index]
         batch_size, shot = support.shape[:2]
-        mask = resize_mask(query_probability.to(query_features.dtype), query_features.shape[-2:])
+        mask = resize(query_probability.to(query_features.dtype), query_features.shape[-2:])
         logits = []
         for index in range(batch_size) if encoding.adapted_parameters is not None else [None]:
             selected = slice(None) if index is None else slice(index, index + 1)
@@ -801,7 +681,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             )  # fmt: skip
             logits.append(prediction.logits[-1].unflatten(0, (count, shot)))
         logits = torch.cat(logits)
-        return _upsample(logits.flatten(0, 1), encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
+        return resize(logits.flatten(0, 1), encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
 
     def _infer(self, pixel_values, encoding) -> FewShotSegmentationOutput:
         scales = [float(s) for s in encoding.scales[0].tolist()]
@@ -831,17 +711,6 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             steps = config.training_refinement_steps
         return steps, steps if config.intermediate_loss else 1
 
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """2-class cross-entropy at the labels' size, in float32 whatever the model's dtype."""
-        logits = _upsample(logits.float(), labels.shape[-2:])
-        if not bool((labels != self.config.ignore_index).any()):
-            return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph
-        return F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index)
-
-    def _step_loss(self, step_logits: list[torch.Tensor], labels: torch.Tensor, grad_steps: int) -> torch.Tensor:
-        """The loss of the final step, or the mean over the steps that kept autograd (`intermediate_loss`)."""
-        return torch.stack([self._cross_entropy(x, labels) for x in step_logits[-grad_steps:]]).mean()
-
     def _pair_losses(self, params, query, support, query_labels, support_labels, high=(None, None)):
         """
         Eq. 5 for N (query, support) pairs: the query from the support (QM, QM_sub, SM_sub) and the support from the
@@ -849,11 +718,10 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         layer4 features `(N, C4, h, w)` for the prior masks (None without `prior_mask`). Returns the total loss,
         the named terms, and the two predictions.
         """
-        config = self.config
         steps, grad_steps = self._training_steps()
         query_high, support_high = high
-        support_mask = resize_mask(_target_mask(support_labels, support.dtype), support.shape[-2:])
-        query_mask = resize_mask(_target_mask(query_labels, query.dtype), query.shape[-2:])
+        support_mask = resize(_target_mask(support_labels, support.dtype), support.shape[-2:])
+        query_mask = resize(_target_mask(query_labels, query.dtype), query.shape[-2:])
         query_prior = self._prior(query_high, support_high, support_mask, query.shape[-2:])
         support_prior = self._prior(support_high, query_high, query_mask, support.shape[-2:])
         forward = self._run_head(params, query, support, support_mask, steps, grad_steps, prior=query_prior)
@@ -861,16 +729,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             params, support, query, query_mask, steps, grad_steps,
             target_is_query=False, co_occurrence=False, prior=support_prior,
         )  # fmt: skip
-        losses = {
-            "query": self._step_loss(forward.logits, query_labels, grad_steps),
-            "support": self._step_loss(backward.logits, support_labels, grad_steps),
-        }
-        total = losses["query"] + config.support_loss_weight * losses["support"]
-        if forward.target_co_occurrence is not None:
-            losses["query_co_occurrence"] = self._cross_entropy(forward.target_co_occurrence, query_labels)
-            losses["support_co_occurrence"] = self._cross_entropy(forward.reference_co_occurrence, support_labels)
-            co_occurrence = losses["query_co_occurrence"] + losses["support_co_occurrence"]
-            total = total + config.co_occurrence_loss_weight * co_occurrence
+        total, losses = self.criterion(forward, backward, query_labels, support_labels, grad_steps)
         return total, (losses, forward, backward)
 
     def _train_forward(self, pixel_values, encoding, labels) -> FewShotSegmentationOutput:
@@ -886,7 +745,7 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             masks = encoding.feature_masks[0].flatten(0, 1)
             prior = self._prior(query_high, support_high, masks, query.shape[-2:])
             forward = self.head(query_pairs, support.flatten(0, 1), masks, steps, prior=prior)
-            logits = _upsample(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
+            logits = resize(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
             return FewShotSegmentationOutput(logits=logits, maps=self._training_maps(forward, shot))
         query_labels = labels.long().unsqueeze(1).expand(-1, shot, -1, -1).flatten(0, 1)
         total, (losses, forward, backward) = self._pair_losses(
@@ -897,12 +756,12 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             encoding.labels.flatten(0, 1),
             (query_high, support_high),
         )
-        logits = _upsample(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
-        support_logits = _upsample(backward.logits[-1], encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
+        logits = resize(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
+        support_logits = resize(backward.logits[-1], encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
         return FewShotSegmentationOutput(
             loss=total,
             logits=logits,
-            losses={name: value.detach() for name, value in losses.items()},
+            losses=losses,
             support_logits=support_logits,
             maps=self._training_maps(forward, shot),
         )
@@ -932,26 +791,10 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             (`refinement_step_t`, `co_occurrence`, each `(batch_size, 1, h, w)`) and, with labels in training,
             `loss` and `losses` (`query`, `support`, `query_co_occurrence`, `support_co_occurrence`).
         """
-        if not isinstance(support_encoding, CRCNetSupportEncoding):
-            raise ValueError(
-                f"support_encoding must be a CRCNetSupportEncoding, got {type(support_encoding).__name__}"
-            )
         if self.training:
             return self._train_forward(pixel_values, support_encoding, labels)
         outputs = self._infer(pixel_values, support_encoding)
         if labels is not None:  # evaluation loss: the query term on the fused prediction
-            outputs.loss = self._cross_entropy(outputs.logits, labels.long())
+            outputs.loss = self.criterion.cross_entropy(outputs.logits, labels.long())
             outputs.losses = {"query": outputs.loss.detach()}
         return outputs
-
-
-def _select(encoding: CRCNetSupportEncoding, selected: slice) -> CRCNetSupportEncoding:
-    """The encoding of some support sets of a batch (tensors sliced along the batch dimension)."""
-    values = {}
-    for name, value in encoding.items():
-        if isinstance(value, torch.Tensor):
-            value = value[selected]
-        elif isinstance(value, tuple):
-            value = tuple(v[selected] for v in value)
-        values[name] = value
-    return CRCNetSupportEncoding(**values)

@@ -22,16 +22,22 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import logging
 
+from ...differences import read_differences
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from ...modules import (
     FeatureEnrichmentModule,
+    MaskedCrossEntropy,
     MemoryBank,
+    classifier,
+    conv_block,
+    conv_relu,
+    double_conv3x3,
     masked_average_pooling,
     memory_bank,
     multi_shot_prior_mask,
     pfenet_mid_level,
-    pfenet_support_features,
-    resize_mask,
+    pfenet_support_encoding,
+    resize,
 )
 from .configuration_ntrenet import NTRENetConfig
 
@@ -40,6 +46,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "DIFFERENCES_FROM_OFFICIAL_CODE",
     "NTRENetContrastiveBank",
+    "NTRENetLoss",
     "NTRENetModel",
     "NTRENetSupportEncoding",
     "background_mining_loss",
@@ -47,63 +54,9 @@ __all__ = [
 ]
 
 # Every place where the paper, the official code (github.com/LIUYUANWEI98/NERTNet, commit 1fe13ad) and this
-# implementation part ways, with the choice made here. The model card reuses this list.
-DIFFERENCES_FROM_OFFICIAL_CODE = (
-    "Pyramid: the paper describes BG elimination (Eq. 4), feature matching (Eq. 5-6) and DO elimination (Eq. 9) once, "
-    "at feature resolution; the official code runs all three inside PFENet's feature enrichment pyramid, at every "
-    "scale (init_merge1 / init_merge2 + initial_beta_conv + initial_inner_cls / init_merge3), with the BG map "
-    "computed once and resized to each scale. We follow the code.",
-    "Shared layers: the paper says the 1x1 conv of Eq. 5 is the one of Eq. 4 and the 3x3 head of Eq. 6 the one of "
-    "Eq. 1; the code uses separate layers (init_merge1 vs init_merge2, bg_res1 + bg_cls vs initial_beta_conv + "
-    "initial_inner_cls). We follow the code.",
-    "BG mining network: the paper's F_3x3 is 'two 3x3 convolutions' giving a one-channel probability; the code uses "
-    "down_bg (1x1 conv, ReLU, Dropout 0.5), a residual pair of 3x3 convs (bg_res1) and a two-class classifier "
-    "(bg_cls); the BG probability is the softmax of channel 1. We follow the code.",
-    "BG prototype width: the paper's ablation (Fig. 6) uses 640 channels; the code uses reduce_dim * bgpro_num with "
-    "bgpro_num=1 (256). Its shipped config sets bgpro_num=2, which crashes because init_merge1 expects 2 * reduce_dim "
-    "input channels. `background_prototype_dim` (default 256, inferred from checkpoints) sets the width and both "
-    "down_bg and init_merge1 take reduce_dim + background_prototype_dim channels, so any width works.",
-    "BG prototype initialisation: the paper says random, the code uses zeros. Default zeros; "
-    "`background_prototype_init_std > 0` draws it from N(0, std^2).",
-    "DO prototype (Eq. 8): the paper divides the DO-masked feature sum by the DO-mask area; the code pools with "
-    "AdaptiveAvgPool2d(1), dividing by the whole map area. Default: the code (`distractor_pooling='global_average'`); "
-    "the paper's form is `distractor_pooling='masked_average'`.",
-    "DO mask (Eq. 7): 1 - (BG union initial target) on binary maps, which the code computes as "
-    "relu(1 - argmax(BG) - argmax(initial)) at each scale; identical, kept.",
-    "Target loss (Eq. 12): the paper names two BCE terms; the code uses two-class cross-entropy (ignore 255) on the "
-    "final logits plus, as auxiliary terms, the mean cross-entropy of the final pyramid's inner classifiers (weight "
-    "0.4) and of the initial predictions at every scale (weight 0.6). We follow the code.",
-    "Loss weights: the paper leaves beta, lambda, gamma unnamed; the code's total is main + BG + 0.4 aux_final + "
-    "0.6 aux_initial + 0.01 contrastive (train.py's aux_weight is 1). We use these defaults.",
-    "BG mining loss (Eq. 3, alpha 0.5): per image, the mean of -log(1 - p_BG) over target pixels (ignored pixels "
-    "excluded, +1e-5 in the area) plus alpha times the mean of -log(p_BG) over all pixels, at input resolution; "
-    "averaged over the batch, and over the query and every support. The code means to divide the sum over query and "
-    "supports by K + 1 but never initialises the support sum (`aux_bg_loss`), and with K > 1 its in-place `+=` turns "
-    "the first support's features into the shot mean before its BG loss; we use each support's own features.",
-    "Prototypical contrastive loss (Eq. 10): as the code, the query prototype is pooled from the reduced query "
-    "features under argmax of the final prediction, the positive from the support features under the (nearest-"
-    "resized) support mask, and the DO masks for the bank use the ground truth (query: 1 - BG - label; support: "
-    "1 - BG - mask), not the initial prediction; the positive is not in the denominator; temperature 1, "
-    "-log(pos / sum(neg) + 1e-8).",
-    "DO prototype bank: per class, newest first, capped at 2000 (the paper says 2000 'in the latest batches'); the "
-    "batch's own DO prototypes are inserted before the loss and so are among its negatives; up to 1000 negatives "
-    "per query are drawn at random. Here the draws come from a seeded generator saved with the bank, the new "
-    "prototypes of all processes are gathered before insertion so every process holds the same bank, and the bank "
-    "is training state kept out of the released weights.",
-    "K-shot training: the code's contrastive loss fails for K > 1 (shape mismatch) and uses the last support only; "
-    "we average the per-shot target prototypes for the positive and insert every shot's DO prototype in the bank.",
-    "K-shot inference: support prototypes and per-shot prior masks are averaged over shots, as in the code.",
-    "Backbone batch norm: the code trains with the frozen backbone's BN layers in train mode (batch statistics, "
-    "running statistics drifting); we keep them in eval mode by default (`freeze_backbone_batchnorm=True`); set it "
-    "to False to reproduce the code.",
-    "Output size: the code upsamples the logits (align_corners=True) to (H - 1) / 8 * 8 + 1 and requires "
-    "H = 8k + 1; we upsample to the input size, the same for such sizes, and accept any size.",
-    "Hyper-parameters: the paper gives lr 0.03, batch 32, 200 epochs (PASCAL); the official config gives base_lr "
-    "0.0025, batch 4, 150 epochs, and its poly schedule multiplies the lr of every parameter group by 10 "
-    "(index_split=-1), i.e. 0.025. The recipes use the paper's values.",
-    "Official code bugs fixed: full-width comma in __init__, `.cuda()` calls, `supp_bg_out` and `aux_bg_loss` read "
-    "before assignment, train.py passing `neg_dict=` to a forward that expects `prototype_neg_dict`.",
-)
+# implementation part ways, with the choice made here: package data (hf_fss/model_cards/differences/ntrenet.md), which
+# the model card renders.
+DIFFERENCES_FROM_OFFICIAL_CODE = read_differences("ntrenet")
 
 
 @dataclass
@@ -272,39 +225,6 @@ class NTRENetContrastiveBank(MemoryBank):
         return self.draw_negatives(all_class_ids, offset, class_ids.shape[0])
 
 
-def _conv_block(in_channels: int, out_channels: int, dropout: float) -> nn.Sequential:
-    # 1x1 conv (no bias), ReLU, Dropout2d: the official `down_query` / `down_supp` / `down_bg`.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
-    )
-
-
-def _merge(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.ReLU(inplace=True))
-
-
-def _residual_pair(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-    )
-
-
-def _classifier(channels: int, dropout: float, num_classes: int = 2) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-        nn.Conv2d(channels, num_classes, kernel_size=1),
-    )
-
-
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
 @dataclass
 class _DecoderOutput:
     logits: torch.Tensor
@@ -312,6 +232,133 @@ class _DecoderOutput:
     aux_initial: list[torch.Tensor]
     distractor: torch.Tensor
     initial_target: torch.Tensor
+
+
+class NTRENetLoss(nn.Module):
+    """
+    NTRENet's training loss (official code; paper Eq. 3, 10, 12): cross-entropy of the final logits, plus
+    `final_aux_loss_weight` / `initial_aux_loss_weight` times the mean cross-entropy of the final / initial pyramids'
+    classifiers, `background_loss_weight` times the BG mining loss of the query and every support, and in training
+    (with `class_ids`) `contrastive_loss_weight` times the prototypical contrastive loss against `contrastive_bank`,
+    which it updates with the batch's DO prototypes. See `DIFFERENCES_FROM_OFFICIAL_CODE`.
+
+    Args:
+        config (`NTRENetConfig`): the weights, `ignore_index` and the bank's size, negatives and seed.
+    """
+
+    def __init__(self, config: NTRENetConfig):
+        super().__init__()
+        self.config = config
+        self.cross_entropy = MaskedCrossEntropy(config.ignore_index)
+        # Training state, deliberately not an nn.Module: it must stay out of state_dict() and the released weights.
+        self.contrastive_bank = NTRENetContrastiveBank(
+            size=config.contrastive_bank_size,
+            num_negatives=config.contrastive_num_negatives,
+            seed=config.contrastive_seed,
+        )
+
+    def forward(
+        self,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        decoded: _DecoderOutput,
+        query_features: torch.Tensor,
+        background_logits: torch.Tensor,
+        encoding: NTRENetSupportEncoding,
+        support_background_logits: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`): {0, 1, 255}.
+            logits (`torch.FloatTensor` of shape `(batch_size, 2, height, width)`): the final logits.
+            decoded (`_DecoderOutput`): the decoder's feature-size logits and auxiliary predictions.
+            query_features (`torch.FloatTensor` of shape `(batch_size, reduce_dim, h, w)`): `down_query` output.
+            background_logits (`torch.FloatTensor` of shape `(batch_size, 2, h, w)`): the query's BG logits.
+            encoding (`NTRENetSupportEncoding`): the supports' reduced features and masks.
+            support_background_logits (`torch.FloatTensor` of shape `(batch_size * shot, 2, h, w)`): their BG logits.
+            class_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*): without it (in training) the
+                contrastive term is skipped, with a warning.
+
+        Returns:
+            `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the total and the detached named terms (`main`,
+            `aux_final`, `aux_initial`, `background`, and in training with `class_ids` `contrastive`).
+        """
+        config = self.config
+        labels = labels.long()
+        main = self.cross_entropy(logits, labels)
+        aux_final = torch.stack([self.cross_entropy(x, labels) for x in decoded.aux_final]).mean()
+        aux_initial = torch.stack([self.cross_entropy(x, labels) for x in decoded.aux_initial]).mean()
+
+        # BG mining loss on the query and on every support (each with its own features), averaged over the K + 1.
+        shot = encoding.features.shape[1]
+        support_features = encoding.features.flatten(0, 1)
+        support_masks = encoding.masks.flatten(0, 1)  # (batch * shot, 1, H, W)
+        query_bg_loss = background_mining_loss(
+            resize(background_logits, labels.shape[-2:]), labels == 1, config.background_loss_alpha
+        )
+        support_bg_loss = background_mining_loss(
+            resize(support_background_logits, support_masks.shape[-2:]),
+            support_masks[:, 0] > 0.5,
+            config.background_loss_alpha,
+        )
+        background = (query_bg_loss + shot * support_bg_loss) / (shot + 1)
+
+        total = (
+            main
+            + config.background_loss_weight * background
+            + config.final_aux_loss_weight * aux_final
+            + config.initial_aux_loss_weight * aux_initial
+        )
+        losses = {"main": main, "aux_final": aux_final, "aux_initial": aux_initial, "background": background}
+
+        if self.training and config.contrastive_loss_weight > 0:
+            if class_ids is None:
+                logger.warning_once(
+                    "NTRENet: no `class_ids` given in training, so the prototypical contrastive loss is skipped; pass "
+                    "the episode class of each query as `class_ids=` to train with it."
+                )
+            else:
+                query = (query_features, background_logits)
+                support = (support_features, support_masks, support_background_logits)
+                contrastive = self._contrastive_loss(labels, decoded.logits, query, support, class_ids)
+                total = total + config.contrastive_loss_weight * contrastive
+                losses["contrastive"] = contrastive
+        return total, {name: value.detach() for name, value in losses.items()}
+
+    def _contrastive_loss(self, labels, feature_logits, query, support, class_ids) -> torch.Tensor:
+        """
+        Eq. 10 as in the official code; updates `contrastive_bank` with the batch's DO prototypes. `query`: the query
+        features and BG logits; `support`: the supports' features, masks and BG logits, batch and shot flattened.
+        """
+        query_features, background_logits = query
+        support_features, support_masks, support_background_logits = support
+        batch_size = query_features.shape[0]
+        shot = support_features.shape[0] // batch_size
+        feature_size = query_features.shape[-2:]
+        dtype = query_features.dtype
+        query_target = F.interpolate((labels == 1).unsqueeze(1).to(dtype), size=feature_size, mode="nearest")
+        support_target = F.interpolate(support_masks.to(dtype), size=support_features.shape[-2:], mode="nearest")
+
+        # DO regions from the ground truth: neither background (BG branch argmax) nor target.
+        query_distractor = F.relu(1 - background_logits.argmax(dim=1, keepdim=True).to(dtype) - query_target)
+        support_distractor = F.relu(
+            1 - support_background_logits.argmax(dim=1, keepdim=True).to(dtype) - support_target
+        )
+        query_do = masked_average_pooling(query_features, query_distractor).flatten(1)
+        support_do = masked_average_pooling(support_features, support_distractor).flatten(1)
+
+        prediction = feature_logits.argmax(dim=1, keepdim=True).to(dtype)
+        query_prototypes = masked_average_pooling(query_features, prediction).flatten(1)
+        positive_prototypes = masked_average_pooling(support_features, support_target).flatten(1)
+        positive_prototypes = positive_prototypes.unflatten(0, (batch_size, shot)).mean(dim=1)
+
+        negatives = self.contrastive_bank.step(
+            class_ids, query_do.detach(), support_do.detach().unflatten(0, (batch_size, shot))
+        )
+        return prototype_contrastive_loss(
+            query_prototypes, positive_prototypes, negatives, self.config.contrastive_temperature
+        )
 
 
 class NTRENetModel(FewShotSegmentationPreTrainedModel):
@@ -341,6 +388,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = NTRENetConfig
+    support_encoding_class = NTRENetSupportEncoding
     query_inputs = ("class_ids",)
     output_maps = {
         "prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)",
@@ -359,22 +407,26 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         bg_dim = config.background_prototype_dim
         num_bins = len(config.pyramid_bins)
 
-        self.down_query = _conv_block(mid_level_dim, reduce_dim, config.feature_dropout)
-        self.down_supp = _conv_block(mid_level_dim, reduce_dim, config.feature_dropout)
+        self.down_query = conv_block(mid_level_dim, reduce_dim, config.feature_dropout)
+        self.down_supp = conv_block(mid_level_dim, reduce_dim, config.feature_dropout)
 
         # Background mining module.
         self.bg_prototype = nn.Parameter(torch.zeros(1, bg_dim, 1, 1))
-        self.down_bg = _conv_block(reduce_dim + bg_dim, reduce_dim, config.feature_dropout)
-        self.bg_res1 = _residual_pair(reduce_dim)
-        self.bg_cls = _classifier(reduce_dim, config.classifier_dropout)
+        self.down_bg = conv_block(reduce_dim + bg_dim, reduce_dim, config.feature_dropout)
+        self.bg_res1 = double_conv3x3(reduce_dim)
+        self.bg_cls = classifier(reduce_dim, 2, config.classifier_dropout)
 
         # Per pyramid scale: BG elimination, support matching + initial prediction, DO elimination.
-        self.init_merge1 = nn.ModuleList(_merge(reduce_dim + bg_dim, reduce_dim) for _ in range(num_bins))
-        self.init_merge2 = nn.ModuleList(_merge(reduce_dim * 2 + 1, reduce_dim) for _ in range(num_bins))
-        self.init_merge3 = nn.ModuleList(_merge(reduce_dim * 2, reduce_dim) for _ in range(num_bins))
-        self.initial_beta_conv = nn.ModuleList(_residual_pair(reduce_dim) for _ in range(num_bins))
+        self.init_merge1 = nn.ModuleList(
+            conv_relu(reduce_dim + bg_dim, reduce_dim, 1, bias=False) for _ in range(num_bins)
+        )
+        self.init_merge2 = nn.ModuleList(
+            conv_relu(reduce_dim * 2 + 1, reduce_dim, 1, bias=False) for _ in range(num_bins)
+        )
+        self.init_merge3 = nn.ModuleList(conv_relu(reduce_dim * 2, reduce_dim, 1, bias=False) for _ in range(num_bins))
+        self.initial_beta_conv = nn.ModuleList(double_conv3x3(reduce_dim) for _ in range(num_bins))
         self.initial_inner_cls = nn.ModuleList(
-            _classifier(reduce_dim, config.classifier_dropout) for _ in range(num_bins)
+            classifier(reduce_dim, 2, config.classifier_dropout) for _ in range(num_bins)
         )
 
         # PFENet's inter-scale merge, per-scale refinement and fusion; the merges above replace its init_merge.
@@ -386,12 +438,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
             use_init_merge=False,
         )
 
-        # Training state, deliberately not an nn.Module: it must stay out of state_dict() and the released weights.
-        self.contrastive_bank = NTRENetContrastiveBank(
-            size=config.contrastive_bank_size,
-            num_negatives=config.contrastive_num_negatives,
-            seed=config.contrastive_seed,
-        )
+        self.criterion = NTRENetLoss(config)
         self.post_init()
 
     def _init_weights(self, module):
@@ -404,6 +451,11 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
                 init.normal_(module.bg_prototype, mean=0.0, std=std)
             else:
                 init.zeros_(module.bg_prototype)
+
+    @property
+    def contrastive_bank(self) -> NTRENetContrastiveBank:
+        """The DO prototype bank of the contrastive loss (held by `criterion`)."""
+        return self.criterion.contrastive_bank
 
     def training_state_objects(self) -> dict[str, object]:
         """The contrastive bank: training state the trainer checkpoints, never part of the weights."""
@@ -421,19 +473,8 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         return self.bg_cls(hidden)
 
     def _encode_support(self, support_pixel_values, support_masks) -> NTRENetSupportEncoding:
-        batch_size, shot = support_pixel_values.shape[:2]
-        support = pfenet_support_features(
-            self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
-        )
-        features = self.down_supp(pfenet_mid_level(support.stages[2], support.stages[3]))
-        prototypes = masked_average_pooling(features, support.stage3_masks)  # (batch * shot, reduce_dim, 1, 1)
-        return NTRENetSupportEncoding(
-            shot=shot,
-            prototype=prototypes.unflatten(0, (batch_size, shot)).mean(dim=1),
-            features=features.unflatten(0, (batch_size, shot)),
-            high_level_features=support.masked_layer4.unflatten(0, (batch_size, shot)),
-            masks=support.masks.unflatten(0, (batch_size, shot)),
-        )
+        fields = pfenet_support_encoding(self.backbone, support_pixel_values, support_masks, self.down_supp)
+        return NTRENetSupportEncoding(**fields)
 
     # --- decoder -------------------------------------------------------------------------------------------------
     def _distractor_prototype(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -468,14 +509,14 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
             # prediction (Eq. 6).
             merged = self.init_merge1[index](torch.cat([query_bin, background_bin], dim=1))
             merged = self.init_merge2[index](
-                torch.cat([merged, support_prototype.expand(-1, -1, *size), _upsample(prior, size)], dim=1)
+                torch.cat([merged, support_prototype.expand(-1, -1, *size), resize(prior, size)], dim=1)
             )
             merged = self.initial_beta_conv[index](merged) + merged
             initial_logits = self.initial_inner_cls[index](merged)
             aux_initial.append(initial_logits)
 
             # DO mask (Eq. 7): neither background nor initial target; DO prototype (Eq. 8) and elimination (Eq. 9).
-            background_argmax = _upsample(background_logits, size).argmax(dim=1, keepdim=True)
+            background_argmax = resize(background_logits, size).argmax(dim=1, keepdim=True)
             initial_argmax = initial_logits.argmax(dim=1, keepdim=True)
             distractor_mask = F.relu(1 - background_argmax - initial_argmax).to(query_bin.dtype)
             distractor_prototype = self._distractor_prototype(query_bin, distractor_mask)
@@ -483,10 +524,10 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
 
             merged, aux = fem.refine_scale(index, merged, pyramid[-1] if index >= 1 else None)
             aux_final.append(aux)
-            pyramid.append(_upsample(merged, (height, width)))
+            pyramid.append(resize(merged, (height, width)))
             if index == 0:
-                distractor = _upsample(distractor_mask, (height, width))
-                initial_target = _upsample(initial_logits.softmax(dim=1)[:, 1:], (height, width))
+                distractor = resize(distractor_mask, (height, width))
+                initial_target = resize(initial_logits.softmax(dim=1)[:, 1:], (height, width))
         return _DecoderOutput(
             logits=fem.fuse(pyramid),
             aux_final=aux_final,
@@ -513,8 +554,6 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
                 without it that term is skipped. Ignored outside training.
         """
         encoding = support_encoding
-        if not isinstance(encoding, NTRENetSupportEncoding):
-            raise ValueError(f"support_encoding must be an NTRENetSupportEncoding, got {type(encoding).__name__}")
         batch_size = pixel_values.shape[0]
         if class_ids is not None:
             class_ids = torch.as_tensor(class_ids, device=pixel_values.device).long().reshape(-1)
@@ -529,10 +568,10 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         prior = multi_shot_prior_mask(
             layer4, encoding.high_level_features, encoding.masks, output_size=layer3.shape[-2:]
         )
-        prior = resize_mask(prior, feature_size)
+        prior = resize(prior, feature_size)
         background_logits = self._background_logits(query_features)
         decoded = self._decode(query_features, encoding.prototype, prior, background_logits)
-        logits = _upsample(decoded.logits, pixel_values.shape[-2:])
+        logits = resize(decoded.logits, pixel_values.shape[-2:])
 
         maps = {
             "prior": prior,
@@ -542,105 +581,15 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         }
         loss = losses = None
         if labels is not None:
-            loss, losses = self._compute_losses(
-                labels, logits, decoded, query_features, background_logits, encoding, class_ids
+            support_background_logits = self._background_logits(encoding.features.flatten(0, 1))
+            loss, losses = self.criterion(
+                labels,
+                logits,
+                decoded,
+                query_features,
+                background_logits,
+                encoding,
+                support_background_logits,
+                class_ids,
             )
         return FewShotSegmentationOutput(loss=loss, logits=logits, losses=losses, maps=maps)
-
-    # --- losses --------------------------------------------------------------------------------------------------
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = _upsample(logits, labels.shape[-2:])
-        if not bool((labels != self.config.ignore_index).any()):
-            return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph (and avoid NaN)
-        return F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index)
-
-    def _compute_losses(self, labels, logits, decoded, query_features, background_logits, encoding, class_ids):
-        config = self.config
-        labels = labels.long()
-        main = self._cross_entropy(logits, labels)
-        aux_final = torch.stack([self._cross_entropy(x, labels) for x in decoded.aux_final]).mean()
-        aux_initial = torch.stack([self._cross_entropy(x, labels) for x in decoded.aux_initial]).mean()
-
-        # BG mining loss on the query and on every support (each with its own features), averaged over the K + 1.
-        shot = encoding.features.shape[1]
-        support_features = encoding.features.flatten(0, 1)
-        support_masks = encoding.masks.flatten(0, 1)  # (batch * shot, 1, H, W)
-        support_background_logits = self._background_logits(support_features)
-        query_bg_loss = background_mining_loss(
-            _upsample(background_logits, labels.shape[-2:]), labels == 1, config.background_loss_alpha
-        )
-        support_bg_loss = background_mining_loss(
-            _upsample(support_background_logits, support_masks.shape[-2:]),
-            support_masks[:, 0] > 0.5,
-            config.background_loss_alpha,
-        )
-        background = (query_bg_loss + shot * support_bg_loss) / (shot + 1)
-
-        total = (
-            main
-            + config.background_loss_weight * background
-            + config.final_aux_loss_weight * aux_final
-            + config.initial_aux_loss_weight * aux_initial
-        )
-        losses = {"main": main, "aux_final": aux_final, "aux_initial": aux_initial, "background": background}
-
-        if self.training and config.contrastive_loss_weight > 0:
-            if class_ids is None:
-                logger.warning_once(
-                    "NTRENet: no `class_ids` given in training, so the prototypical contrastive loss is skipped; pass "
-                    "the episode class of each query as `class_ids=` to train with it."
-                )
-            else:
-                contrastive = self._contrastive_loss(
-                    labels,
-                    decoded.logits,
-                    query_features,
-                    background_logits,
-                    support_features,
-                    support_masks,
-                    support_background_logits,
-                    class_ids,
-                    shot,
-                )
-                total = total + config.contrastive_loss_weight * contrastive
-                losses["contrastive"] = contrastive
-        return total, {name: value.detach() for name, value in losses.items()}
-
-    def _contrastive_loss(
-        self,
-        labels,
-        feature_logits,
-        query_features,
-        background_logits,
-        support_features,
-        support_masks,
-        support_background_logits,
-        class_ids,
-        shot,
-    ) -> torch.Tensor:
-        """Eq. 10 as in the official code; updates `contrastive_bank` with the batch's DO prototypes."""
-        batch_size = query_features.shape[0]
-        feature_size = query_features.shape[-2:]
-        dtype = query_features.dtype
-        query_target = F.interpolate((labels == 1).unsqueeze(1).to(dtype), size=feature_size, mode="nearest")
-        support_target = F.interpolate(support_masks.to(dtype), size=support_features.shape[-2:], mode="nearest")
-
-        # DO regions from the ground truth: neither background (BG branch argmax) nor target.
-        query_distractor = F.relu(1 - background_logits.argmax(dim=1, keepdim=True).to(dtype) - query_target)
-        support_distractor = F.relu(
-            1 - support_background_logits.argmax(dim=1, keepdim=True).to(dtype) - support_target
-        )
-        query_do = masked_average_pooling(query_features, query_distractor).flatten(1)
-        support_do = masked_average_pooling(support_features, support_distractor).flatten(1)
-
-        prediction = feature_logits.argmax(dim=1, keepdim=True).to(dtype)
-        query_prototypes = masked_average_pooling(query_features, prediction).flatten(1)
-        positive_prototypes = masked_average_pooling(support_features, support_target).flatten(1)
-        positive_prototypes = positive_prototypes.unflatten(0, (batch_size, shot)).mean(dim=1)
-
-        negatives = self.contrastive_bank.step(
-            class_ids, query_do.detach(), support_do.detach().unflatten(0, (batch_size, shot))
-        )
-        return prototype_contrastive_loss(
-            query_prototypes, positive_prototypes, negatives, self.config.contrastive_temperature
-        )

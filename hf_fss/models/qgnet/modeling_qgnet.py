@@ -21,71 +21,32 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
 from ...backbones import StagedBackbone, build_backbone
+from ...differences import read_differences
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
 from ...modules import (
     FeatureEnrichmentModule,
-    masked_average_pooling,
+    MaskedCrossEntropy,
+    conv_block,
     multi_shot_prior_mask,
     pfenet_mid_level,
-    pfenet_support_features,
-    resize_mask,
+    pfenet_support_encoding,
+    resize,
 )
 from ...utils import looks_local
 from .configuration_qgnet import QGNetConfig
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DIFFERENCES_FROM_OFFICIAL_CODE", "QGNetModel", "QGNetSupportEncoding", "prior_region_map"]
+__all__ = ["DIFFERENCES_FROM_OFFICIAL_CODE", "QGNetLoss", "QGNetModel", "QGNetSupportEncoding", "prior_region_map"]
 
 # Every place where the paper, the official code (github.com/liuweide01/QGNet-Few-shot-segmentation, commit 1e77b35)
-# and this implementation part ways, with the choice made here. The model card reuses this list.
-DIFFERENCES_FROM_OFFICIAL_CODE = (
-    "Learned projections: the paper's Eq. 8 compares the raw features of the two extractors; the code first passes "
-    "each stage-4 map through a trainable 3x3 conv (2048 -> 256, no bias) + ReLU + Dropout2d(0.5) (down_learn_super "
-    "/ down_learn_unsuper, 9.4 M parameters, not in the paper). Default: the code (`region_projection='learned'`, "
-    "`bridge_projection` / `prior_projection`); the paper's projection-free form is `region_projection='raw'`.",
-    "Bridge features: the paper builds both region maps from the same 'bridge features'; in the code the prior "
-    "region map uses the projected supervised stage-4 features, the guided region map PFENet's raw 2048-d stage-4 "
-    "features (support masked before and after layer 4), and the decoder's query input is down_query(layer3 + "
-    "layer2). We follow the code.",
-    "Decoder input order: [query features, support prototype, guided region map, prior region map] (514 channels at "
-    "reduce_dim 256); the order is only in the code, kept so converted weights stay valid.",
-    "Prior extractor batch norm: the code trains with the BN layers of both frozen extractors in train mode (batch "
-    "statistics, drifting running statistics, also in the prior extractor); we keep both in eval mode by default "
-    "(`freeze_backbone_batchnorm=True`, `freeze_prior_extractor_batchnorm=True`); set them to False to reproduce the "
-    "code. For checkpoint parity the BN statistics come from the trained QGNet checkpoint, not the MoCo file.",
-    "Non-square inputs: the code's `view(bsize, sp_sz * sp_sz)` in both region maps requires square feature maps and "
-    "its output size requires H = 8k + 1; here both maps are computed on (h, w) maps and the logits are upsampled to "
-    "any input size (identical for square 8k + 1 inputs).",
-    "K-shot: prototypes and guided region maps are averaged over shots as in the code; the prior region map depends "
-    "on the query only and is computed once per query, however many shots (the code also computes it once).",
-    "Backbones: the code's constructor crashes for ResNet-101 (no prior extractor built) and VGG (no VGG backbone, "
-    "768-channel down_query); here ResNet-50/101 (deep or 7x7 stem) and VGG-16-BN backbones all work, with a "
-    "ResNet-50/101 prior extractor at the backbone's output stride. No official weights exist for them.",
-    "Eq. 6 of the paper (local contrastive loss) reads exp(q_p . k_p + tau); it is a typo for / tau (as in Eq. 1 "
-    "and MoCo), which is what `scripts/pretrain_prior.py` implements (the official repository has no pretraining "
-    "code).",
-    "Prior-extractor weights: the official loader copies `module.encoder_k.*` keys from ./checkpoint_2000.pth.tar "
-    "at construction, and silently loads nothing from a checkpoint saved without `module.`; here the weights come "
-    "from `prior_extractor_weights` (safetensors, MoCo layout with or without `module.`, encoder_k or encoder_q) "
-    "and every key must match.",
-    "Loss: the paper names cross-entropy; the code adds the mean cross-entropy of the four per-scale classifiers "
-    "with weight 1.0 (`aux_loss_weight`). We follow the code.",
-    "Augmentation: the paper lists random crop, scale and flip; the code (PFENet's) also rotates by up to 10 degrees "
-    "and applies Gaussian blur. The PASCAL recipe follows the code.",
-    "Model selection: the code validates every 2 epochs on 1000 episodes of the test fold's novel classes and keeps "
-    "the best (PFENet's protocol; the paper's numbers probably come from there since test.py cannot run). The "
-    "recipes select on held-out base-class images instead; `select_on_test_fold: true` reproduces the code.",
-    "Learning rate: the paper gives 0.0025; the code's poly schedule multiplies the lr of every parameter group by "
-    "10 (index_split=-1), i.e. 0.025. The recipes use the effective 0.025.",
-    "Official code bugs fixed: `.cuda()` default arguments evaluated at import (no CPU import), `.cuda()` in the "
-    "loss, test.py importing plain PFENet (which crashes at construction with deep_base=False).",
-)
+# and this implementation part ways, with the choice made here: package data (hf_fss/model_cards/differences/qgnet.md),
+# which the model card renders.
+DIFFERENCES_FROM_OFFICIAL_CODE = read_differences("qgnet")
 
 
 @dataclass
@@ -146,17 +107,36 @@ def prior_region_map(bridge_features: torch.Tensor, prior_features: torch.Tensor
     return ((similarity - minimum) / (maximum - minimum + eps)).view(batch_size, 1, height, width)
 
 
-def _conv_block(in_channels: int, out_channels: int, dropout: float, kernel_size: int = 1) -> nn.Sequential:
-    # conv (no bias), ReLU, Dropout2d: the official down_query / down_supp (1x1) and down_learn_* (3x3).
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-    )
+class QGNetLoss(nn.Module):
+    """
+    QGNet's training loss (official code): cross-entropy of the logits plus `aux_loss_weight` times the mean
+    cross-entropy of the feature enrichment module's per-scale classifiers.
 
+    Args:
+        config (`QGNetConfig`): `aux_loss_weight` and `ignore_index`.
+    """
 
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    def __init__(self, config: QGNetConfig):
+        super().__init__()
+        self.config = config  # read at each call: the weight may change after construction
+        self.cross_entropy = MaskedCrossEntropy(config.ignore_index)
+
+    def forward(
+        self, labels: torch.Tensor, logits: torch.Tensor, aux_logits: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`): {0, 1, 255}.
+            logits (`torch.FloatTensor` of shape `(batch_size, 2, height, width)`).
+            aux_logits (list of `torch.FloatTensor` of shape `(batch_size, 2, h_i, w_i)`): one per pyramid scale.
+
+        Returns:
+            `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the total and the detached `main` and `aux`.
+        """
+        labels = labels.long()
+        main = self.cross_entropy(logits, labels)
+        aux = torch.stack([self.cross_entropy(x, labels) for x in aux_logits]).mean()
+        return main + self.config.aux_loss_weight * aux, {"main": main.detach(), "aux": aux.detach()}
 
 
 class QGNetModel(FewShotSegmentationPreTrainedModel):
@@ -180,6 +160,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = QGNetConfig
+    support_encoding_class = QGNetSupportEncoding
     output_maps = {
         "guided_region": "guided region map: similarity of the query to the support's target (PFENet prior, stage 4)",
         "prior_region": "prior region map: the query's self-similarity through the prior extractor (support-free)",
@@ -191,11 +172,11 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
         self.prior_extractor = self.build_prior_extractor()
         channels = self.backbone.channels
         reduce_dim = config.reduce_dim
-        self.down_query = _conv_block(channels[3] + channels[2], reduce_dim, config.feature_dropout)
-        self.down_supp = _conv_block(channels[3] + channels[2], reduce_dim, config.feature_dropout)
+        self.down_query = conv_block(channels[3] + channels[2], reduce_dim, config.feature_dropout)
+        self.down_supp = conv_block(channels[3] + channels[2], reduce_dim, config.feature_dropout)
         if config.region_projection == "learned":
-            self.bridge_projection = _conv_block(channels[4], reduce_dim, config.projection_dropout, kernel_size=3)
-            self.prior_projection = _conv_block(
+            self.bridge_projection = conv_block(channels[4], reduce_dim, config.projection_dropout, kernel_size=3)
+            self.prior_projection = conv_block(
                 self.prior_extractor.channels[4], reduce_dim, config.projection_dropout, kernel_size=3
             )
         elif channels[4] != self.prior_extractor.channels[4]:
@@ -212,6 +193,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             prior_channels=2,
             dropout=config.classifier_dropout,
         )
+        self.criterion = QGNetLoss(config)
         self.post_init()
 
     # --- extractors ----------------------------------------------------------------------------------------------
@@ -260,18 +242,9 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
 
     # --- support -------------------------------------------------------------------------------------------------
     def _encode_support(self, support_pixel_values, support_masks) -> QGNetSupportEncoding:
-        batch_size, shot = support_pixel_values.shape[:2]
-        support = pfenet_support_features(
-            self.backbone, support_pixel_values.flatten(0, 1), support_masks.flatten(0, 1)
-        )
-        features = self.down_supp(pfenet_mid_level(support.stages[2], support.stages[3]))
-        prototypes = masked_average_pooling(features, support.stage3_masks)  # (batch * shot, reduce_dim, 1, 1)
-        return QGNetSupportEncoding(
-            shot=shot,
-            prototype=prototypes.unflatten(0, (batch_size, shot)).mean(dim=1),
-            high_level_features=support.masked_layer4.unflatten(0, (batch_size, shot)),
-            masks=support.masks.unflatten(0, (batch_size, shot)),
-        )
+        fields = pfenet_support_encoding(self.backbone, support_pixel_values, support_masks, self.down_supp)
+        del fields["features"]  # the reduced features serve the prototype only
+        return QGNetSupportEncoding(**fields)
 
     # --- query ---------------------------------------------------------------------------------------------------
     def query_prior_region(self, pixel_values: torch.Tensor, layer4: torch.Tensor) -> torch.Tensor:
@@ -299,34 +272,22 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}.
         """
         encoding = support_encoding
-        if not isinstance(encoding, QGNetSupportEncoding):
-            raise ValueError(f"support_encoding must be a QGNetSupportEncoding, got {type(encoding).__name__}")
         _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
         query_features = self.down_query(pfenet_mid_level(layer2, layer3))
         feature_size = query_features.shape[-2:]
-        prior_region = resize_mask(self.query_prior_region(pixel_values, layer4), feature_size)
+        prior_region = resize(self.query_prior_region(pixel_values, layer4), feature_size)
         guided_region = multi_shot_prior_mask(
             layer4, encoding.high_level_features, encoding.masks, eps=self.config.prior_eps, output_size=feature_size
         )
         logits, aux_logits = self.feature_enrichment(
             query_features, encoding.prototype, torch.cat([guided_region, prior_region], dim=1)
         )
-        logits = _upsample(logits, pixel_values.shape[-2:])
+        logits = resize(logits, pixel_values.shape[-2:])
         maps = {"guided_region": guided_region, "prior_region": prior_region}
         loss = losses = None
         if labels is not None:
-            labels = labels.long()
-            main = self._cross_entropy(logits, labels)
-            aux = torch.stack([self._cross_entropy(x, labels) for x in aux_logits]).mean()
-            loss = main + self.config.aux_loss_weight * aux
-            losses = {"main": main.detach(), "aux": aux.detach()}
+            loss, losses = self.criterion(labels, logits, aux_logits)
         return FewShotSegmentationOutput(loss=loss, logits=logits, losses=losses, maps=maps)
-
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = _upsample(logits, labels.shape[-2:])
-        if not bool((labels != self.config.ignore_index).any()):
-            return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph (and avoid NaN)
-        return F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index)
 
 
 def _missing_local_path(source: str) -> bool:

@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from ...differences import read_differences
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import ASPPBranch, ASPPClassifier
+from ...modules import ASPPBranch, ASPPClassifier, MaskedCrossEntropy, conv_relu, resize
 from .configuration_smcp import SMCPConfig
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "DIFFERENCES_FROM_OFFICIAL_CODE",
+    "SMCPLoss",
     "SMCPModel",
     "SMCPPyramidModule",
     "SMCPSupportEncoding",
@@ -39,55 +41,9 @@ __all__ = [
 ]
 
 # Every place where the paper, the official code (github.com/NUST-Machine-Intelligence-Laboratory/SMCP) and this
-# implementation part ways, with the choice made here. The model card reuses this list.
-DIFFERENCES_FROM_OFFICIAL_CODE = (
-    "Self-prototype branch (SPT): the paper (section III-E) segments the support with 'the same query image "
-    "segmentation head'; the official models/vgg.py sends the support through feat_rd and classifier_2 only and "
-    "applies the pyramid module a second time to the query, discarding the result, so the support loss never "
-    "reaches the pyramid module. Default: the paper (`self_prototype_branch='paper'`); the released checkpoint's "
-    "training path is `self_prototype_branch='official'` (without the discarded second pyramid call, which changes "
-    "no output or gradient).",
-    "Pyramid module: the paper describes reduce, 1/2 and 1/4 pyramid, sum, two residual blocks of 64, 64, 512 "
-    "filters; the code adds `feat_fuse` (two 3x3 convs with ReLU) after the sum and uses 1x1, 3x3, 1x1 kernels in "
-    "the residual blocks. We follow the code.",
-    "Test-time prototype fusion (paper section III-G, Table VI): as the code (models/vgg_test.py), the first "
-    "prediction's softmax is upsampled (bilinear) to the image size and its argmax is the pseudo-mask (no confidence "
-    "threshold); the pseudo-prototype is pooled from the query features upsampled to the image size. K-shot: the "
-    "code crashes for K > 1; we average the K support prototypes and the pseudo-prototype with weight 1 / (K + 1) "
-    "(paper Fig. 9). An empty pseudo-mask makes the code's fused prototype half the support prototype; we keep the "
-    "support prototype (no fusion) for that query.",
-    "Batch size and K: the official model crashes for batch > 1 or K > 1 (the support mask broadcast in "
-    "Encoder.forward, `.data[0]` at test time); here both work, K-shot prototypes are averaged over shots.",
-    "Prototype pooling: the code upsamples the support features to the mask size (a channels x 417 x 417 tensor "
-    "per support); the default `prototype_pooling='adjoint'` applies the transposed bilinear upsampling to the mask "
-    "instead, the same sum to float rounding (parity test), at feature resolution; `'upsample'` is the literal form.",
-    "SPT with K > 1 supports: each support is segmented with its own prototype (the paper's self-prototype); the "
-    "code has no K-shot path.",
-    "SPT target: the code's support target is `label == class`, so 255 (boundary) pixels count as background; we "
-    "ignore them (255) like the query loss does.",
-    "MCL head size and labels: the code's head has 21 outputs indexed by the VOC class id, with the 5 test classes "
-    "set to 255 in the label maps (ignored, but their logits stay in the softmax); the paper (and this model) uses "
-    "|C_train| + 1 outputs (`num_base_classes + 1`), base classes renumbered 1..|C_train| by the episodic dataset. "
-    "Converting the official checkpoint gives num_base_classes=20, its 21-output head unchanged.",
-    "MCL labels of novel classes: the code sets novel-class pixels to 255 in the multi-class maps and keeps them as "
-    "background in the binary masks; hf_fss's episodic dataset applies one `novel_class_policy` to both, so the "
-    "SMCP recipes use `novel_class_policy: ignore` (novel pixels 255, i.e. ignored, in the multi-class maps as in "
-    "the code and also in the binary masks, where the code has background).",
-    "Outputs: the code returns only the second-pass logits at feature resolution and the scripts upsample them "
-    "(bilinear, align_corners=False); here the logits are upsampled to the input size in the model, and "
-    "`outputs.maps` also holds the first-pass target probability and the pseudo-mask.",
-    "Training recipe: the code trains 40k episodes with SGD (lr 2.5e-4 constant: its MultiStepLR milestone 100000 "
-    "is never reached, weight decay 5e-4, batch 1); the paper states weight decay 1e-4 and poly decay (power 0.9), "
-    "batch 4 on COCO. Two recipes: pascal5i_vgg16_code.yaml and pascal5i_vgg16_paper.yaml.",
-    "Test protocol: the code draws its test episodes from VOC trainaug (the training images; PANet's convention) "
-    "with labels resized to 417 x 417; the `panet` evaluation preset follows it (5 seeds x 1000 episodes), the "
-    "`pfenet` preset uses VOC val at the original label size.",
-    "Weak supports: the code's scribble mode silently reads the dense mask and its box mode crashes, so the paper's "
-    "Table IX scribble / box rows are not produced by it; here `--annotation scribble` / `bbox` give real "
-    "scribble / box support masks.",
-    "Official code bugs not carried over: `.cuda()` calls, Pillow 10's removed Image.ANTIALIAS in the transforms, "
-    "the undeclared `torchsnooper` import, COCO's broken `coco_fewshot(label_sets=...)` call.",
-)
+# implementation part ways, with the choice made here: package data (hf_fss/model_cards/differences/smcp.md), which the
+# model card renders.
+DIFFERENCES_FROM_OFFICIAL_CODE = read_differences("smcp")
 
 
 @dataclass
@@ -183,10 +139,6 @@ def fuse_prototypes(
     return torch.where(empty, support_prototype, fused)
 
 
-def _conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
-
-
 def _bottleneck(channels: int, inner: int) -> nn.Sequential:
     # 1x1, 3x3, 1x1 with biases (official `residule1/2`); the residual sum and its ReLU are in the module's forward.
     return nn.Sequential(
@@ -196,11 +148,6 @@ def _bottleneck(channels: int, inner: int) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Conv2d(inner, channels, kernel_size=1),
     )
-
-
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    # torch's default (align_corners=False), as every resize in the official SMCP code.
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class SMCPPyramidModule(nn.Module):
@@ -219,10 +166,10 @@ class SMCPPyramidModule(nn.Module):
     def __init__(self, channels: int, bottleneck_dim: int):
         super().__init__()
         self.avg_pooling = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
-        self.p1 = _conv_relu(channels, channels)
-        self.p2 = _conv_relu(channels, channels)
-        self.p3 = _conv_relu(channels, channels)
-        self.feat_fuse = nn.Sequential(*_conv_relu(channels, channels), *_conv_relu(channels, channels))
+        self.p1 = conv_relu(channels, channels)
+        self.p2 = conv_relu(channels, channels)
+        self.p3 = conv_relu(channels, channels)
+        self.feat_fuse = nn.Sequential(*conv_relu(channels, channels), *conv_relu(channels, channels))
         self.residule1 = _bottleneck(channels, bottleneck_dim)
         self.residule2 = _bottleneck(channels, bottleneck_dim)
 
@@ -231,10 +178,74 @@ class SMCPPyramidModule(nn.Module):
         size = features.shape[-2:]
         half = self.avg_pooling(features)
         quarter = self.avg_pooling(half)
-        out = self.p1(features) + _upsample(self.p2(half), size) + _upsample(self.p3(quarter), size)
+        out = (
+            self.p1(features)
+            + resize(self.p2(half), size, align_corners=False)
+            + resize(self.p3(quarter), size, align_corners=False)
+        )
         out = self.feat_fuse(out)
         out = F.relu(out + self.residule1(out))
         return F.relu(out + self.residule2(out))
+
+
+class SMCPLoss(nn.Module):
+    """
+    SMCP's training loss (official train.py; paper Eq. 4): `query + support + mcl_loss_weight * (mcl_query +
+    mcl_support)`, each a cross-entropy at the labels' size (bilinear resize with `align_corners=False`, as the
+    official code): the query, the supports segmented with their own prototypes (SPT) and, in training, the MCL head on
+    the query and the supports.
+
+    Args:
+        config (`SMCPConfig`): `mcl_loss_weight` and `ignore_index`.
+    """
+
+    def __init__(self, config: SMCPConfig):
+        super().__init__()
+        self.config = config  # read at each call: the weight may change after construction
+        self.cross_entropy = MaskedCrossEntropy(config.ignore_index, align_corners=False)
+
+    def forward(
+        self,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        support_logits: torch.Tensor,
+        encoding: SMCPSupportEncoding,
+        semantic_logits: torch.Tensor | None = None,
+        semantic_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`): {0, 1, 255}.
+            logits (`torch.FloatTensor` of shape `(batch_size, 2, height, width)`).
+            support_logits (`torch.FloatTensor` of shape `(batch_size * shot, 2, h, w)`): the SPT predictions.
+            encoding (`SMCPSupportEncoding`): the support masks and, in training, the supports' MCL logits and labels.
+            semantic_logits (`torch.FloatTensor` of shape `(batch_size, num_base_classes + 1, h, w)`, *optional*): the
+                query's MCL logits; without them (or the supports') the MCL terms are skipped in training, with a
+                warning.
+            semantic_labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*).
+
+        Returns:
+            `tuple(torch.FloatTensor, dict[str, torch.FloatTensor])`: the total and the detached named terms (`query`,
+            `support`, and with MCL `mcl_query`, `mcl_support`).
+        """
+        query = self.cross_entropy(logits, labels)
+        support = self.cross_entropy(support_logits, encoding.masks.flatten(0, 1))
+        total = query + support
+        losses = {"query": query, "support": support}
+        if self.training and self.config.mcl_loss_weight > 0:
+            if semantic_logits is None or encoding.semantic_labels is None:
+                logger.warning_once(
+                    "SMCP: training without `semantic_labels` and `support_semantic_labels`, so the multi-class label "
+                    "guidance (MCL) loss is skipped; the episodic dataset emits them for this model."
+                )
+            else:
+                mcl_query = self.cross_entropy(semantic_logits, semantic_labels)
+                mcl_support = self.cross_entropy(
+                    encoding.semantic_logits.flatten(0, 1), encoding.semantic_labels.flatten(0, 1)
+                )
+                total = total + self.config.mcl_loss_weight * (mcl_query + mcl_support)
+                losses.update(mcl_query=mcl_query, mcl_support=mcl_support)
+        return total, {name: value.detach() for name, value in losses.items()}
 
 
 class SMCPModel(FewShotSegmentationPreTrainedModel):
@@ -257,6 +268,7 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
     """
 
     config_class = SMCPConfig
+    support_encoding_class = SMCPSupportEncoding
     query_inputs = ("semantic_labels",)
     support_inputs = ("support_semantic_labels",)
     output_maps = {
@@ -273,9 +285,10 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
         channels = self.backbone.channels[-1]
         rates, std = config.aspp_rates, config.aspp_init_std
         self.classifier = ASPPClassifier(channels, config.num_base_classes + 1, rates, std)
-        self.feat_rd = nn.Sequential(*_conv_relu(2 * channels, config.reduce_dim))
+        self.feat_rd = nn.Sequential(*conv_relu(2 * channels, config.reduce_dim))
         self.pyramid_m = SMCPPyramidModule(config.reduce_dim, config.bottleneck_dim)
         self.classifier_2 = ASPPClassifier(config.reduce_dim, 2, rates, std)
+        self.criterion = SMCPLoss(config)
         self.post_init()
 
     def _init_weights(self, module):
@@ -338,7 +351,7 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
 
     def _pseudo_prototype(self, logits: torch.Tensor, features: torch.Tensor, image_size) -> tuple[torch.Tensor, ...]:
         """Pseudo-mask (argmax of the upsampled softmax, `(batch, 1, H, W)`) and the query prototype under it."""
-        probabilities = _upsample(logits.softmax(dim=1), image_size)
+        probabilities = resize(logits.softmax(dim=1), image_size, align_corners=False)
         pseudo_mask = probabilities.argmax(dim=1, keepdim=True).to(features.dtype)
         return pseudo_mask, self._prototype(features, pseudo_mask)
 
@@ -363,8 +376,6 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
             `ValueError`: an encoding of another model, or semantic labels of the wrong shape or out of range.
         """
         encoding = support_encoding
-        if not isinstance(encoding, SMCPSupportEncoding):
-            raise ValueError(f"support_encoding must be an SMCPSupportEncoding, got {type(encoding).__name__}")
         if semantic_labels is not None:
             shape = (pixel_values.shape[0], *pixel_values.shape[-2:])
             semantic_labels = self._check_semantic_labels("semantic_labels", semantic_labels, shape)
@@ -378,43 +389,22 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
             fused = fuse_prototypes(encoding.prototype, pseudo_prototype, encoding.shot, area)
             logits = self._head(features, fused)
             maps["pseudo_mask"] = pseudo_mask
-        logits = _upsample(logits, image_size)
+        logits = resize(logits, image_size, align_corners=False)  # as every resize of the official code
 
         loss = losses = None
         if labels is not None:
-            loss, losses = self._compute_losses(labels, logits, features, encoding, semantic_labels)
+            support_logits = self._support_logits(encoding)
+            semantic_logits = None  # the MCL head's, when the loss takes its term
+            if (
+                self.training
+                and self.config.mcl_loss_weight > 0
+                and None not in (semantic_labels, encoding.semantic_labels)
+            ):
+                semantic_logits = self.classifier(features)
+            loss, losses = self.criterion(labels, logits, support_logits, encoding, semantic_logits, semantic_labels)
         return FewShotSegmentationOutput(loss=loss, logits=logits, losses=losses, maps=maps)
-
-    # --- losses ----------------------------------------------------------------------------------------------------
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = _upsample(logits, labels.shape[-2:])
-        if not bool((labels != self.config.ignore_index).any()):
-            return logits.sum() * 0.0  # every pixel ignored: no signal, but keep the graph (and avoid NaN)
-        return F.cross_entropy(logits, labels.long(), ignore_index=self.config.ignore_index)
 
     def _support_logits(self, encoding: SMCPSupportEncoding) -> torch.Tensor:
         """SPT: every support segmented with its own prototype, `(batch * shot, 2, h, w)`."""
         use_pyramid = self.config.self_prototype_branch == "paper"
         return self._head(encoding.features.flatten(0, 1), encoding.shot_prototypes.flatten(0, 1), use_pyramid)
-
-    def _compute_losses(self, labels, logits, features, encoding: SMCPSupportEncoding, semantic_labels):
-        """`query + support + mcl_loss_weight * (mcl_query + mcl_support)` (official train.py; paper Eq. 4)."""
-        config = self.config
-        query = self._cross_entropy(logits, labels)
-        support = self._cross_entropy(self._support_logits(encoding), encoding.masks.flatten(0, 1))
-        total = query + support
-        losses = {"query": query, "support": support}
-        if self.training and config.mcl_loss_weight > 0:
-            if semantic_labels is None or encoding.semantic_labels is None:
-                logger.warning_once(
-                    "SMCP: training without `semantic_labels` and `support_semantic_labels`, so the multi-class label "
-                    "guidance (MCL) loss is skipped; the episodic dataset emits them for this model."
-                )
-            else:
-                mcl_query = self._cross_entropy(self.classifier(features), semantic_labels)
-                mcl_support = self._cross_entropy(
-                    encoding.semantic_logits.flatten(0, 1), encoding.semantic_labels.flatten(0, 1)
-                )
-                total = total + config.mcl_loss_weight * (mcl_query + mcl_support)
-                losses.update(mcl_query=mcl_query, mcl_support=mcl_support)
-        return total, {name: value.detach() for name, value in losses.items()}
