@@ -2,7 +2,7 @@
 `scripts/prepare_dataset.py folder`: a user's own images and masks in the real formats (JPEG images, palette PNG
 label maps, or FSS-1000-style per-class folders of black / white PNG masks) become a benchmark with a recorded class
 split that `train.py` / `evaluate.py` use unchanged (benchmark "folder"). The fast tests build in-process; the slow
-one runs the README's commands end to end in subprocesses.
+one runs the commands of docs/data.md end to end in subprocesses.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _object_pixels(rng, class_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_label_folder(root: Path, per_class: int = 4, seed: int = 0) -> tuple[Path, Path, Path]:
     """images/<name>.jpg + masks/<name>.png (palette PNG of class ids, 255 on the top row) + classes.txt, the layout
-    of the README's my_photos/."""
+    of docs/data.md's my_photos/."""
     rng = np.random.default_rng(seed)
     images, masks = root / "images", root / "masks"
     images.mkdir(parents=True)
@@ -183,8 +183,9 @@ def test_skip_invalid_reports_instead(tmp_path, capsys):
 
 
 def readme_commands() -> list[list[str]]:
-    """The commands of the README's "Fine-tune on your own classes" bash block, as argument lists."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The commands of the "Fine-tune on your own classes" bash block (docs/data.md, once the README's), as argument
+    lists."""
+    readme = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
     section = readme.split("## Fine-tune on your own classes", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"^```bash\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE).group(1)
     return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
@@ -198,7 +199,7 @@ def test_readme_section_is_the_tested_commands():
 
 @pytest.mark.slow
 def test_readme_commands_end_to_end(tmp_path):
-    """The README's "Fine-tune on your own classes" commands as written: build, 20 training steps, evaluation, a
+    """The "Fine-tune on your own classes" commands of docs/data.md as written: build, 20 training steps, evaluation, a
     second run with another seed and the comparison of both."""
     write_label_folder(tmp_path / "my_photos", per_class=6)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
