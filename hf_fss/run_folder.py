@@ -67,5 +67,9 @@ class RunFolderModel:
 
 
 def write_run_folder_marker(output_dir: str | os.PathLike) -> Path:
-    """Write the marker `config.json` into a training run folder (atomically; rewriting it on resume is harmless)."""
-    return atomic_write_text(Path(output_dir) / "config.json", RunFolderConfig().to_json_string())
+    """Write the marker `config.json` into a training run folder (atomically), unless it is already there: a resume
+    that is then refused must leave the folder as it was."""
+    path, text = Path(output_dir) / "config.json", RunFolderConfig().to_json_string()
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path

@@ -530,12 +530,12 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         )
     for model in args.models:
         check_model_path(model)  # before any data is built
+    benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
+    convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     for model in dict.fromkeys(args.models):
         # Every model loads (config.json, weights, preprocessor_config.json) before the episode lists are written:
         # a broken last model must not fail after the others ran and left files behind. Loaded again when scored.
         _load_model_and_processor(model, dtype=args.dtype)
-    benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
-    convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
     dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
     split_name = args.split or default_test_split(dataset, benchmark)
     if split_name not in dataset:
