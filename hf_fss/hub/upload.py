@@ -16,7 +16,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..file_utils import atomic_write_text
+from ..utils.io import atomic_write_text
 from .model_card import CARD_MARKER, render_model_card
 
 __all__ = [
