@@ -12,97 +12,16 @@ from config.json, metrics.json and training.json, in a temporary folder: the loc
 the upload succeeded. The token defaults to the logged-in one (HF_TOKEN / `hf auth login`). A failure (no network,
 no token, bad repo id, a refused folder) is one line `push_to_hub.py: error: ...` with exit status 2, and changes
 nothing on disk.
+
+The same command, installed: `hf-fss push ...` (`hf_fss.cli`).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-PROG = "push_to_hub.py"
-
-
-def _import_push_to_hub():
-    try:
-        from hf_fss.hub import push_to_hub
-    except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-        if err.name != "hf_fss":
-            raise
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from hf_fss.hub import push_to_hub
-    return push_to_hub
-
-
-def _import_cli():
-    try:
-        import hf_fss.cli as cli
-    except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-        if err.name != "hf_fss":
-            raise
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import hf_fss.cli as cli
-    return cli
-
-
-def _model_folder(model_dir: Path) -> Path:
-    """`--model-dir` itself, or for a training run folder its best/ (else final/), as evaluate.py and the Space."""
-    from hf_fss.utils import resolve_model_path, run_folder_model
-
-    # Anything else goes to check_model_folder as it is, whose error names the files it lacks.
-    return Path(resolve_model_path(model_dir)) if run_folder_model(model_dir) else model_dir
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = _import_cli().ScriptArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],  # the rest of the docstring: the description is not repeated
-    )
-    parser.add_argument("--model-dir", required=True, type=Path, help="folder written by save_pretrained_with_card")
-    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", default=None, help="branch to push to (created when missing); default main")
-    parser.add_argument("--commit-message", default=None, help="commit message")
-    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument(
-        "--keep-card", action="store_true", help="upload README.md as it is, even a generated one (no re-rendering)"
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    push_to_hub = _import_push_to_hub()
-    model_dir = _model_folder(args.model_dir)
-    try:
-        commit = push_to_hub(
-            model_dir,
-            args.repo_id,
-            private=True if args.private else None,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            token=args.token,
-            create_pr=args.create_pr,
-            update_card=False if args.keep_card else None,
-        )
-    except (ValueError, OSError) as err:  # bad folder or repo id, or the Hub's HubUploadError: one line, status 2
-        if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
-            message = _import_cli().os_error_line(err)  # a folder one may not read: the path and what to do
-        else:
-            message = " ".join(str(err).splitlines())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    url = (
-        getattr(commit, "pr_url", None)
-        or getattr(commit, "commit_url", None)
-        or f"https://huggingface.co/{args.repo_id}"
-    )
-    print(f"uploaded {model_dir} to {args.repo_id}: {url}")
-    return 0
-
+try:
+    from hf_fss.hub.upload import main, parse_args  # noqa: F401 (tests import parse_args from here)
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"push_to_hub.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main())
