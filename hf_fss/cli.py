@@ -1,7 +1,8 @@
 """
-What every command line of hf_fss shares: the allowed range of each numeric argument (`Range`, one declaration per
-flag, checked in one place), argparse parsers whose errors are one line, JSON-object flags, and the one-line
-wording of operating-system errors.
+What every command line of hf_fss shares: the `hf-fss <verb>` console command (`COMMANDS`, `main`; the same
+commands as `scripts/*.py`), the allowed range of each numeric argument (`Range`, one declaration per flag, checked
+in one place), argparse parsers whose errors are one line, JSON-object flags, and the one-line wording of
+operating-system errors.
 
 A `Range` serves both kinds of parser: as argparse's `type=` (`--shot` converted and checked as it is read) and as
 the `"range"` metadata of a dataclass field (`check_ranges(group)` in the group's `__post_init__`, so a value from a
@@ -13,13 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import importlib
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 __all__ = [
+    "COMMANDS",
     "IMAGE_SIDE",
     "NON_NEGATIVE",
     "NON_NEGATIVE_INT",
@@ -30,6 +34,7 @@ __all__ = [
     "Range",
     "ScriptArgumentParser",
     "check_ranges",
+    "main",
     "json_object",
     "os_error_line",
 ]
@@ -218,3 +223,37 @@ def os_error_line(err: OSError) -> str:
     paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
     what = _OS_ERROR_HINTS.get(err.errno) or (err.strerror or " ".join(str(err).splitlines()))
     return f"{paths}: {what}" if paths else what
+
+
+# ------------------------------------------------------------------------------------------------ hf-fss <verb>
+
+# verb -> (the `main(argv)` behind it, its script): `hf-fss train ...` is `python scripts/train.py ...`, and under
+# `accelerate launch` the same. One console command with verbs, as `transformers` and `accelerate` have.
+COMMANDS = {
+    "train": ("hf_fss.training:main", "train.py"),
+    "evaluate": ("hf_fss.evaluation.runner:main", "evaluate.py"),
+    "compare": ("hf_fss.evaluation.compare:main", "compare.py"),
+    "prepare": ("hf_fss.data.builders.prepare:main", "prepare_dataset.py"),
+    "pretrain": ("hf_fss.pretraining.training:main", "pretrain_prior.py"),
+    "convert": ("hf_fss.models.conversion:main", "convert_original_checkpoint.py"),
+    "push": ("hf_fss.hub.upload:main", "push_to_hub.py"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    `hf-fss <verb> [flags]` (`python -m hf_fss <verb>`): run the command `verb` of `COMMANDS` with the flags that
+    follow; `hf-fss <verb> --help` lists them. Returns the command's exit status; a missing or unknown verb is a
+    usage error (one line, exit status 2).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ScriptArgumentParser(prog="hf-fss", description="Few-shot semantic segmentation: the commands of hf_fss.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for verb, (_, script) in COMMANDS.items():
+        verbs.add_parser(verb, help=f"scripts/{script} (hf-fss {verb} --help)", add_help=False)
+    parser.parse_args(argv[:1])  # the verb alone: its own flags are the command's to parse
+    module_name, function_name = COMMANDS[argv[0]][0].split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    # The commands read sys.argv when given no argv, as from their script: threads follow the command line then.
+    sys.argv = [f"hf-fss {argv[0]}", *argv[1:]]
+    return command()

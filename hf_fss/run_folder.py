@@ -19,8 +19,8 @@ from pathlib import Path
 from huggingface_hub.dataclasses import strict
 from transformers import AutoModel, PreTrainedConfig
 
-from .file_utils import atomic_write_text
 from .utils import RUN_FOLDER_MODEL_TYPE, resolve_model_path
+from .utils.io import atomic_write_text
 
 __all__ = ["RunFolderConfig", "RunFolderModel", "write_run_folder_marker"]
 

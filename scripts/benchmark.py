@@ -46,10 +46,8 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import hf_fss  # noqa: E402
-from hf_fss.cli import (  # noqa: E402
+import hf_fss
+from hf_fss.cli import (
     IMAGE_SIDE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -57,9 +55,9 @@ from hf_fss.cli import (  # noqa: E402
     json_object,
     os_error_line,
 )
-from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path  # noqa: E402
-from hf_fss.models.official import official_builder  # noqa: E402
-from hf_fss.utils import set_num_threads  # noqa: E402
+from hf_fss.models.official import official_builder
+from hf_fss.utils import set_num_threads
+from hf_fss.utils.io import OutputLock, atomic_write_text, check_output_path
 
 # Model sizes: `base` is the papers' configuration (each method's default backbone), `tiny` the one the tests use.
 SIZES = {

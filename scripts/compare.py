@@ -6,21 +6,16 @@ Score several few-shot segmentation models on one identical episode list and tes
 
 Writes comparison.json, comparison.md, comparison.png and the episode lists (episodes_seed*.jsonl, reused by later
 runs) into --output-dir. The logic lives in `hf_fss.evaluation.compare`.
+
+The same command, installed: `hf-fss compare ...` (`hf_fss.cli`).
 """
 
 import sys
-from pathlib import Path
-
-# Keep this folder off the import path, so that scripts/evaluate.py does not shadow the `evaluate` library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 try:
     from hf_fss.evaluation.compare import main
-except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-    if err.name != "hf_fss":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_fss.evaluation.compare import main
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"compare.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main())

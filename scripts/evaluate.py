@@ -8,21 +8,19 @@ Evaluate a few-shot segmentation model on fixed, seeded test episodes and write 
     python scripts/evaluate.py ... --save-episodes episodes.jsonl             # or --episodes-file episodes.jsonl
 
 The loop lives in `hf_fss.evaluation.runner` (train.py validates with the same code).
+
+The same command, installed: `hf-fss evaluate ...` (`hf_fss.cli`).
 """
 
 import sys
-from pathlib import Path
 
-# This file is named like the `evaluate` library: keep its folder off the import path so the library stays importable.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Named like the `evaluate` library, which hf_fss imports only inside `evaluate.load` of its metric (never on
+# this command's path): this folder, sys.path[0] here, would shadow it.
 
 try:
     from hf_fss.evaluation.runner import main
-except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-    if err.name != "hf_fss":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_fss.evaluation.runner import main
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"evaluate.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,18 +13,16 @@ Build a few-shot segmentation benchmark from its raw release and save it as a Hu
 
 Add `--push-to-hub ORG/NAME` to upload the result, `--overwrite` to replace a non-empty output folder. The logic
 lives in `hf_fss.data.builders`.
+
+The same command, installed: `hf-fss prepare ...` (`hf_fss.cli`).
 """
 
 import sys
-from pathlib import Path
 
 try:
     from hf_fss.data.builders.prepare import main
-except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-    if err.name != "hf_fss":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_fss.data.builders.prepare import main
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"prepare_dataset.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,18 +9,16 @@ Pretrain QGNet's prior extractor with the global + local contrastive loss (paper
 `--output-dir` receives `model.safetensors` (the key encoder's backbone, hf_fss stage names), `config.json` and a
 card; `DilatedResNet(...).load_weights(folder)` and QGNet's `prior_extractor_weights` read it. The logic lives in
 `hf_fss.pretraining` (`python scripts/pretrain_prior.py --help` lists every flag).
+
+The same command, installed: `hf-fss pretrain ...` (`hf_fss.cli`).
 """
 
 import sys
-from pathlib import Path
 
 try:
     from hf_fss.pretraining.training import main
-except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-    if err.name != "hf_fss":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_fss.pretraining.training import main
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"pretrain_prior.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,19 +9,16 @@ Train a few-shot segmentation model episodically, on one CPU or many GPUs.
 
 Values: defaults < the `--config` recipe < flags (`python scripts/train.py --help` lists them). The logic lives in
 `hf_fss.training` (recipes: `hf_fss/recipes`, packaged; `--config recipes/...` finds them).
+
+The same command, installed: `hf-fss train ...` (`hf_fss.cli`).
 """
 
 import sys
-from pathlib import Path
 
 try:
     from hf_fss.training import main
-except ModuleNotFoundError as err:  # run from a checkout without `pip install -e .`
-    if err.name != "hf_fss":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_fss.training import main
+except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
+    sys.exit(f"train.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
-    # No argument: the packaged quickstart recipe (hf_fss/recipes/ntrenet/quickstart_synthetic.yaml).
     sys.exit(main())

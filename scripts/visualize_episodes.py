@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from hf_fss.cli import IMAGE_SIDE, POSITIVE_INT, SEED, ScriptArgumentParser, os_error_line  # noqa: E402
-from hf_fss.data.episodes import make_test_episodes  # noqa: E402
-from hf_fss.data.folds import fold_classes, num_folds  # noqa: E402
-from hf_fss.data.schema import IGNORE_INDEX  # noqa: E402
-from hf_fss.data.synthetic import SYNTHETIC_CLASSES, build_synthetic  # noqa: E402
-from hf_fss.file_utils import check_output_path  # noqa: E402
+from hf_fss.cli import IMAGE_SIDE, POSITIVE_INT, SEED, ScriptArgumentParser, os_error_line
+from hf_fss.data.episodes import make_test_episodes
+from hf_fss.data.folds import fold_classes, num_folds
+from hf_fss.data.schema import IGNORE_INDEX
+from hf_fss.data.synthetic import SYNTHETIC_CLASSES, build_synthetic
+from hf_fss.utils.io import check_output_path
 
 IGNORE_COLOUR = np.array([255, 255, 255], np.float32)
 HEADER = 18

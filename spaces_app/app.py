@@ -13,20 +13,21 @@ import time
 from pathlib import Path
 
 import cv2
-import gradio as gr
 import huggingface_hub
 import numpy as np
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-try:  # installed (pip install -e .), or copied next to app.py in a Space
-    import hf_fss  # noqa: F401
-except ImportError:  # a checkout of the repository that is not installed
-    sys.path.insert(0, str(REPO_ROOT))
+try:  # hf_fss installed (pip install -e ".[space]"), or copied next to app.py in a Space; no sys.path edit
+    import gradio as gr
+
+    from hf_fss import FewShotSegmentationPipeline, utils
+except ModuleNotFoundError as err:
+    extra = "[space]" if err.name == "gradio" else ""
+    sys.exit(f'app.py: error: {err.name} is not installed; run `pip install -e ".{extra}"` in the repository first')
 from transformers import pipeline  # noqa: E402
 
-from hf_fss import FewShotSegmentationPipeline, utils  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODEL_DIR, DEVICE = REPO_ROOT / "outputs" / "quickstart", "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SUPPORTS, MAX_QUERIES, CACHE_SIZE, BRUSH_OPACITY, CONCURRENCY, QUEUE_SIZE = 5, 8, 8, 0.6, 1, 64

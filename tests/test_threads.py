@@ -61,3 +61,29 @@ def test_evaluate_exposes_num_threads():
     args = build_parser().parse_args(["--model", "m", "--dataset", "synthetic", "--num-threads", "3"])
     assert args.num_threads == 3
     assert build_parser().parse_args(["--model", "m", "--dataset", "synthetic"]).num_threads is None
+
+
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        (["--num-threads", "1"], {}, 1),
+        ([], {"OMP_NUM_THREADS": "1"}, 1),
+        (["--num-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
+    ],
+)
+def test_train_runs_the_threads_of_its_flag_or_of_omp_num_threads(restore_threads, monkeypatch, flags, env, expected):
+    # `OMP_NUM_THREADS=1 python scripts/train.py` / `--num-threads 1`: one thread (accelerate launch gives each
+    # process OMP_NUM_THREADS=1 unless the flag says otherwise). From the command line, argv is None.
+    import sys
+
+    from hf_fss.training import episodic
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    torch.set_num_threads(3)
+    seen = []
+    monkeypatch.setattr(episodic, "train", lambda loop_args, args: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "synthetic", *flags])
+    assert episodic.main() == 0 and seen == [expected]

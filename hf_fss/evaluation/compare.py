@@ -57,10 +57,9 @@ from hf_fss.evaluation.runner import (
     default_test_split,
     evaluate_model,
     protocol_for,
-    write_json_atomic,
 )
-from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path
 from hf_fss.utils import check_model_path, set_num_threads
+from hf_fss.utils.io import OutputLock, atomic_write_text, check_output_path, write_json_atomic
 
 __all__ = ["compare_models", "episode_lists", "main", "paired_test"]
 

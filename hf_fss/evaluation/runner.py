@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,8 +55,8 @@ from hf_fss.data.episodes import (
 from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
-from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path, hold_on_main_process
 from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
+from hf_fss.utils.io import OutputLock, check_output_path, hold_on_main_process, write_json_atomic
 
 __all__ = [
     "class_names_of",
@@ -97,12 +96,6 @@ def needs_cpu_fallback() -> bool:
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return world_size > 1 and not has_accelerator
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as indented JSON to `path` atomically (temporary file in the same folder, then a rename)."""
-    # NaN (an undefined IoU) is written as NaN, which Python's json reads back.
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def class_names_of(split: Any) -> list[str] | None:
@@ -613,7 +606,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 def run_evaluation(args: argparse.Namespace, held: contextlib.ExitStack) -> dict[str, Any]:
     """
     Everything `scripts/evaluate.py` does after parsing; returns the metrics dict (also written to `--output`). The
-    main process holds `--output` (`hf_fss.file_utils.OutputLock`) until `held` closes, so two evaluations writing
+    main process holds `--output` (`hf_fss.utils.io.OutputLock`) until `held` closes, so two evaluations writing
     the same file do not silently lose one result: the second is refused naming the first.
     """
     from accelerate import Accelerator

@@ -12,15 +12,12 @@ filled with a placeholder. Evaluation results become `model-index` metadata (`Ev
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -29,7 +26,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..differences import read_differences
-from ..staging import give_plain_file_modes, make_staging_dir, remove_stale_staging
+from ..utils.io import give_plain_file_modes, make_staging_dir, remove_stale_staging, replace_folder
 
 __all__ = [
     "CARD_MARKER",
@@ -572,53 +569,8 @@ def _is_managed(name: str) -> bool:
     return name in MANAGED_FILES or any(p.fullmatch(name) for p in _MANAGED_PATTERNS)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False where it is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return result == 0
-
-
 def _json_dump(data: Any, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put the complete folder `new` at `target`, carrying over the entries of an old `target` it does not manage."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    carried: list[str] = []
-    try:
-        for entry in sorted(os.listdir(target)):
-            if not _is_managed(entry):
-                os.rename(target / entry, new / entry)
-                carried.append(entry)
-        if _exchange(new, target):
-            shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old folder
-            return
-        backup = make_staging_dir(target, "old")
-        backup.rmdir()
-        os.rename(target, backup)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        for entry in carried:  # give the old folder back what was moved out of it
-            if (new / entry).exists() and not (target / entry).exists():
-                os.rename(new / entry, target / entry)
-        raise
 
 
 def save_pretrained_with_card(
@@ -635,9 +587,9 @@ def save_pretrained_with_card(
 
     Writes `model.safetensors`, `config.json`, `preprocessor_config.json`, `README.md` (the rendered card) and, when
     given, `metrics.json` and `training.json` (the run record, so that `push_to_hub` can re-render the card) into a
-    hidden staging sibling folder (`hf_fss.staging`: umask-respecting mode, writer pid in its name, so the next
+    hidden staging sibling folder (`hf_fss.utils.io`: umask-respecting mode, writer pid in its name, so the next
     save removes what a killed one left behind), then moves it into place. An existing `output_dir` is replaced only once the new folder
-    is complete (an atomic exchange on Linux, two renames elsewhere); the files it holds that a save does not manage
+    is complete (two renames, `hf_fss.utils.io.replace_folder`); the files it holds that a save does not manage
     (checkpoint folders, logs, ...) are carried over, the model files, configs, card and metrics are not. A failure
     leaves the old folder as it was. Call it from one process only (the main process of a distributed run).
 
@@ -691,7 +643,8 @@ def save_pretrained_with_card(
         if missing or pickles:
             raise RuntimeError(f"save_pretrained left an incomplete folder: missing {missing}, pickle files {pickles}")
         give_plain_file_modes(staging)
-        _replace_folder(staging, target)
+        # The old folder's entries a save does not manage (checkpoints, logs) stay in the new one.
+        replace_folder(staging, target, carry=lambda name: not _is_managed(name))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -139,13 +139,6 @@ class PretrainingArguments:
     probe_test_images: int = field(
         default=300, metadata={"range": NON_NEGATIVE_INT, "help": "probe: test images (evaluation split)"}
     )
-    num_threads: int | None = field(
-        default=None,
-        metadata={
-            "range": POSITIVE_INT,
-            "help": "torch threads per process (default: the cores / processes on this machine; 1 for tiny models)",
-        },
-    )
     queue_digest_file: str | None = field(
         default=None, metadata={"help": "debug: write per-step queue hashes to <this>.<process>.json"}
     )

@@ -22,8 +22,7 @@ import torch
 from accelerate.utils import set_seed
 
 from hf_fss.cli import os_error_line
-from hf_fss.file_utils import check_output_path
-from hf_fss.training.arguments import LoopArguments, arguments_dict, parse_groups
+from hf_fss.training.arguments import LoopArguments, apply_num_threads, arguments_dict, parse_groups
 from hf_fss.training.loop import (
     LoopCallback,
     NonFiniteError,
@@ -35,7 +34,7 @@ from hf_fss.training.loop import (
     resolve_checkpoint,
     scalar_config,
 )
-from hf_fss.utils import set_num_threads
+from hf_fss.utils.io import check_output_path
 
 from .arguments import PRETRAIN_DESCRIPTION, PRETRAIN_GROUPS, PRETRAIN_QUICKSTART, PretrainingArguments
 from .data import PretrainingImages, load_unlabeled_images
@@ -155,7 +154,7 @@ def build_dataset(loop_args: LoopArguments, args: PretrainingArguments) -> tuple
 def resume_settings(args: PretrainingArguments) -> dict[str, Any]:
     """What a resumed run may not change: everything of the pretraining group but the export / probe / debug flags."""
     free = {"config", "export_encoder", "export_moco", "probe", "probe_fold", "probe_train_images"}
-    free |= {"probe_test_images", "queue_digest_file", "superpixel_cache_dir", "num_threads"}
+    free |= {"probe_test_images", "queue_digest_file", "superpixel_cache_dir"}
     return {k: v for k, v in arguments_dict(args).items() if k not in free}
 
 
@@ -325,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("hf_fss").setLevel(logging.INFO)
     try:
         loop_args, args = parse_pretraining_args(argv)
-        if argv is None or args.num_threads is not None:  # default: the cores shared among processes (hf_fss.utils)
-            set_num_threads(args.num_threads)
+        apply_num_threads(loop_args, argv)
         pretrain(loop_args, args)
     except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
         print(f"pretrain_prior.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)

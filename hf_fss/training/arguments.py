@@ -43,6 +43,7 @@ from hf_fss.cli import (
     Range,
     check_ranges,
 )
+from hf_fss.utils import set_num_threads
 
 __all__ = [
     "QUICKSTART_RECIPE",
@@ -50,6 +51,7 @@ __all__ = [
     "TRAIN_GROUPS",
     "EpisodicArguments",
     "LoopArguments",
+    "apply_num_threads",
     "arguments_dict",
     "build_parser",
     "load_recipe",
@@ -153,6 +155,14 @@ class LoopArguments:
         default=False, metadata={"help": "DistributedDataParallel(find_unused_parameters=True)"}
     )
     cpu: bool = field(default=False, metadata={"help": "train on CPU even when an accelerator is available"})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "range": POSITIVE_INT,
+            "help": "torch threads per process (default: OMP_NUM_THREADS when set, which `accelerate launch` makes 1 "
+            "for several processes, else the cores / processes on this machine)",
+        },
+    )
 
     # --- checkpoints, logging, hub -------------------------------------------------------------------------------
     checkpointing_steps: int | None = field(
@@ -195,6 +205,18 @@ class LoopArguments:
         check_ranges(self)
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("give --epochs >= 1 or --max-steps")
+
+
+def apply_num_threads(args: LoopArguments, argv: Sequence[str] | None) -> int | None:
+    """
+    Set torch's intra-op threads for a run from the command line (`argv` None): `--num-threads`, else
+    `hf_fss.utils.default_num_threads()` (`OMP_NUM_THREADS` when set, which `accelerate launch` makes 1 per process
+    of a multi-process run; else the cores shared among the processes of this machine). A call from Python with its
+    own `argv` keeps the caller's threads unless `--num-threads` is given. Returns the count set, or None.
+    """
+    if argv is None or args.num_threads is not None:
+        return set_num_threads(args.num_threads)
+    return None
 
 
 @dataclass

@@ -43,11 +43,9 @@ from hf_fss.evaluation.runner import (
     default_test_split,
     evaluate_model,
     protocol_for,
-    write_json_atomic,
 )
-from hf_fss.file_utils import check_output_path
 from hf_fss.run_folder import write_run_folder_marker
-from hf_fss.training.arguments import EpisodicArguments, LoopArguments, arguments_dict
+from hf_fss.training.arguments import EpisodicArguments, LoopArguments, apply_num_threads, arguments_dict
 from hf_fss.training.loop import (
     LoopCallback,
     NonFiniteError,
@@ -60,6 +58,7 @@ from hf_fss.training.loop import (
     resolve_checkpoint,
     scalar_config,
 )
+from hf_fss.utils.io import check_output_path, write_json_atomic
 
 __all__ = ["EpisodeSet", "SelectionState", "TrainingData", "build_data", "build_model", "main", "train"]
 
@@ -630,6 +629,7 @@ def main(argv: list[str] | None = None, quickstart_recipe: str | os.PathLike | N
     datasets.utils.logging.set_verbosity_warning()
     try:
         loop_args, episodic_args = parse_args(argv, quickstart_recipe=quickstart_recipe)
+        apply_num_threads(loop_args, argv)
         train(loop_args, episodic_args)
     except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
         print(f"train.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)

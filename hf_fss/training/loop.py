@@ -16,7 +16,7 @@ differ from the resumed run's is refused listing both values. A non-finite loss 
 the step and the loss terms (`NonFiniteError`), and non-finite weights are never saved.
 
 Checkpoints are `checkpoints/step_XXXXXXXX/` (named by optimizer step, which is what `--resume-from-checkpoint` and
-`--stop-after-steps` speak), written to a staging folder (`hf_fss.staging`; a later run removes those a killed run
+`--stop-after-steps` speak), written to a staging folder (`hf_fss.utils.io`; a later run removes those a killed run
 left) and renamed once every process wrote, so a run killed while saving never leaves a half checkpoint; `latest` is
 the newest checkpoint whose manifest verifies; `checkpoints_total_limit` keeps the newest N.
 
@@ -49,8 +49,6 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from hf_fss.evaluation.runner import needs_cpu_fallback
-from hf_fss.file_utils import OutputLock, hold_on_main_process
-from hf_fss.staging import make_staging_dir, remove_stale_staging
 from hf_fss.training.arguments import LoopArguments
 from hf_fss.training.checkpoint import (
     CHECKPOINT_PATTERN,
@@ -62,6 +60,7 @@ from hf_fss.training.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
+from hf_fss.utils.io import OutputLock, hold_on_main_process, make_staging_dir, remove_stale_staging
 
 __all__ = [
     "CheckpointError",
@@ -271,7 +270,7 @@ def resolve_checkpoint(args: LoopArguments, say=print) -> Path | None:
 
 def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: contextlib.ExitStack) -> Path:
     """
-    Create and hold the run folder (`hf_fss.file_utils.OutputLock`, by the main process, released when `held`
+    Create and hold the run folder (`hf_fss.utils.io.OutputLock`, by the main process, released when `held`
     closes); refuse one that another live run holds, or that holds another run unless resuming or
     `--overwrite-output-dir`. Nothing is changed before the folder is held.
     """
@@ -340,7 +339,7 @@ def _set_rng_state(accelerator: Accelerator, state: dict[str, Any]) -> None:
 
 def save_checkpoint(loop: TrainingLoop, step: int) -> Path:
     """
-    Write the checkpoint of `loop` at `step` into a staging folder beside `checkpoints/step_N` (`hf_fss.staging`),
+    Write the checkpoint of `loop` at `step` into a staging folder beside `checkpoints/step_N` (`hf_fss.utils.io`),
     then, once every process wrote, its manifest (last) and the rename: a run killed while saving never leaves a
     folder that `latest` would pick. `checkpoints_total_limit` keeps the newest N.
     """

@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 from datasets import DatasetDict
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
+
+try:  # the `coco` extra: only this builder needs it
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+except ModuleNotFoundError:
+    mask_utils = COCO = None
 
 from ..schema import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX
 from ..text import read_user_text
@@ -275,6 +279,8 @@ def build_coco20i(
     Skipped and reported: an image absent from disk, unreadable or truncated, or whose size or RLEs do not fit;
     annotations pointing to an image id the file does not list. Grayscale / CMYK images are converted to RGB.
     """
+    if COCO is None:
+        raise ImportError("COCO-20i needs pycocotools: pip install -e '.[coco]' (or pip install 'hf_fss[coco]')")
     root = require_dir(coco_root, "COCO root")
     splits = {}
     for split, tag in (("train", "train2014"), ("validation", "val2014")):

@@ -3,9 +3,9 @@ Command line of `scripts/prepare_dataset.py`: build a benchmark from its raw rel
 save it with `save_to_disk` and optionally push it to the Hub.
 
 The dataset is written into a hidden staging sibling of `--output-dir` (`.{name}.partial.{host}.{pid}.{random}`,
-see `hf_fss.staging`) and renamed into place only when complete, so an interrupted run never leaves a half-written
+see `hf_fss.utils.io`) and renamed into place only when complete, so an interrupted run never leaves a half-written
 output; the next run removes the staging folders killed runs left behind. A non-empty `--output-dir` is refused
-unless `--overwrite` is given, and so is one another build holds (`hf_fss.file_utils.OutputLock`, beside it).
+unless `--overwrite` is given, and so is one another build holds (`hf_fss.utils.io.OutputLock`, beside it).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from datasets import DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
 from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser, os_error_line
-from hf_fss.file_utils import OutputLock, check_output_path
-from hf_fss.staging import make_staging_dir, remove_stale_staging
+from hf_fss.utils.io import OutputLock, check_output_path, make_staging_dir, remove_stale_staging, replace_folder
 
 from ._common import build_report, format_counts
 
@@ -190,9 +189,7 @@ def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_p
     written = staging / "dataset"
     dataset.save_to_disk(str(written), num_proc=num_proc)
     verify_splits(load_from_disk(str(written)), f"the saved copy {written}")
-    if output_dir.exists():
-        output_dir.rename(staging / "replaced")  # removed with the staging folder
-    written.rename(output_dir)
+    replace_folder(written, output_dir, backup=staging / "replaced")  # a failed rename puts the old one back
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Helpers the scripts share: process-level settings (threads) and checks of command-line paths."""
+"""The environment of a command: its thread count (`default_num_threads`, `set_num_threads`) and how a path given
+on the command line is read (a local folder or a Hub id, a model folder or a training run folder)."""
 
 from __future__ import annotations
 
