@@ -67,6 +67,7 @@ __all__ = [
     "is_class_id",
     "is_leaf",
     "nest_per_query",
+    "nest_supports",
     "nest_class_ids",
 ]
 
@@ -486,3 +487,31 @@ def nest_class_ids(value: Any, name: str, counts: list[int]) -> list[list[int | 
         else:
             raise ValueError(f"`{name}[{index}]` must be an int or a list of {count} ints, got {item!r}")
     return nested
+
+
+def nest_supports(support_images: Any, support_masks: Any, support_class_ids: Any, batch_size: int | None) -> tuple:
+    """
+    The processor's support arguments -> `(images, masks, class_ids)`, each a list of B lists of K items (the same K
+    for every query; B = `batch_size`, or as many as given when `None`): one annotation and one class id per image.
+
+    Raises:
+        `ValueError` naming the argument: no `support_masks`, K differing between queries or 0, an annotation count
+            other than the image count, or a list form `nest_per_query` / `nest_class_ids` refuse.
+    """
+    if support_masks is None:
+        raise ValueError("`support_masks` is required with `support_images` (one annotation per support image)")
+    images_nested = nest_per_query(support_images, "support_images", batch_size)
+    shots = [len(row) for row in images_nested]
+    if len(set(shots)) != 1:
+        raise ValueError(f"`support_images`: every query needs the same number of support images K, got {shots}")
+    if shots[0] == 0:
+        raise ValueError("`support_images` has no support image (K=0)")
+    masks_nested = nest_per_query(support_masks, "support_masks", len(images_nested))
+    for index, (image_row, mask_row) in enumerate(zip(images_nested, masks_nested)):
+        if len(mask_row) != len(image_row):
+            raise ValueError(
+                f"`support_masks` has {len(mask_row)} masks for query {index} but `support_images` has "
+                f"{len(image_row)} images; pass one annotation per support image"
+            )
+    ids_nested = nest_class_ids(support_class_ids, "support_class_ids", shots)
+    return images_nested, masks_nested, ids_nested

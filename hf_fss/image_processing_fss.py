@@ -1,19 +1,13 @@
-"""Image processor for few-shot semantic segmentation.
+"""Image processor for few-shot semantic segmentation: settings, normalisation, batching of episodes, post-processing.
 
 Geometry follows the PFENet test protocol (`util/transform.py::test_Resize` and `ori_resize` in `test.py` of
-dvlab-research/PFENet), shared by the PFENet-derived code bases:
-
-1. an image whose longer side exceeds `image_size` is scaled (OpenCV, bilinear) so that its longer side becomes
-   `image_size`, the shorter side `int(short * image_size / long)`, and both sides are then floored to multiples of
-   `size_divisor` (473 -> 472); smaller images keep their size;
-2. the result is placed at the top-left corner of an `image_size x image_size` canvas; masks are scaled with nearest
-   neighbour and padded with the ignore value 255;
-3. pixels are normalised with the ImageNet mean and standard deviation.
-
-Post-processing maps the `image_size x image_size` logits back to the original image: for a resized image the
-logits are scaled to `L x L`, `L = max(h, w)` (bilinear, `align_corners=True`) and cropped to `h x w`, as PFENet's
-`ori_resize` evaluation does, but only the `h x w` corner is computed (memory grows with the image, not `L x L`);
-for an image that kept its size the `h x w` corner is cropped directly.
+dvlab-research/PFENet), shared by the PFENet-derived code bases, on arrays in `hf_fss.image_geometry`: an image whose
+longer side exceeds `image_size` is scaled (OpenCV, bilinear) to it, both sides floored to multiples of
+`size_divisor` (473 -> 472), smaller images keep their size; the result sits at the top-left corner of an
+`image_size x image_size` canvas (masks: nearest neighbour, padded with the ignore value 255); pixels are normalised
+with the ImageNet mean and standard deviation. Post-processing scales the logits of a resized image to `L x L`,
+`L = max(h, w)` (bilinear, `align_corners=True`) and crops `h x w`, computing only that corner (memory grows with the
+image, not `L x L`); an image that kept its size is cropped directly. Inputs are decoded by `hf_fss.annotations`.
 """
 
 from __future__ import annotations
@@ -40,7 +34,13 @@ from .annotations import (
     describe,
     is_leaf,
     nest_class_ids,
-    nest_per_query,
+    nest_supports,
+)
+from .image_geometry import (
+    SQUARE_TO_OUTPUT_LIMIT,  # noqa: F401  (re-exported: it was defined here before)
+    logits_to_original_size,
+    resize_mask,
+    resized_size,
 )
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """The ImageNet RGB mean and standard deviation, in [0, 1]: hf_fss's one normalisation (also used in training)."""
-SQUARE_TO_OUTPUT_LIMIT = 4
-"""Post-processing builds PFENet's `L x L` logits square only while it is at most this many times the output."""
 _OPTION_NAMES = (
     "image_size",
     "size_divisor",
@@ -96,56 +94,6 @@ class FewShotSegmentationImageProcessorKwargs(ImagesKwargs, total=False):
     size_divisor: int
     upscale_small_images: bool
     pad_with_mean: bool
-
-
-def _align_corners_axis(count: int, size: int, longer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Indices and weights of the first `count` samples of a `size -> longer` bilinear `align_corners=True` resize,
-    computed as `F.interpolate` does on the CPU (float32 scale `(size - 1) / (longer - 1)`, source `scale * i`)."""
-    scale = np.float32(size - 1) / np.float32(longer - 1) if longer > 1 else np.float32(0)
-    source = torch.arange(count, dtype=torch.float32, device=device) * torch.tensor(scale, device=device)
-    index0 = source.floor().long().clamp(max=size - 1)
-    weight1 = (source - index0).clamp(0, 1)
-    index1 = torch.clamp(index0 + 1, max=size - 1)
-    return index0, index1, 1 - weight1, weight1
-
-
-def _resize_then_crop(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """
-    `F.interpolate(logits, (L, L), mode="bilinear", align_corners=True)[..., :height, :width]` with `L =
-    max(height, width)`, without the `L x L` square: only the `height x width` corner is computed, from the source
-    rows and columns it reads (columns first, then rows, the order of PyTorch's own kernel), so memory grows with
-    the output, not with `L ** 2`.
-    """
-    size = logits.shape[-1]
-    longer = max(height, width)
-    row0, row1, row_w0, row_w1 = _align_corners_axis(height, size, longer, logits.device)
-    col0, col1, col_w0, col_w1 = _align_corners_axis(width, size, longer, logits.device)
-    source = logits[..., : int(row1.max()) + 1, :]
-    columns = source[..., col0] * col_w0 + source[..., col1] * col_w1  # (N, C, rows read, width)
-    return columns[..., row0, :] * row_w0[:, None] + columns[..., row1, :] * row_w1[:, None]
-
-
-def _keep_target_pieces(mask: np.ndarray, resized: np.ndarray) -> np.ndarray:
-    """
-    `resized`, the nearest-neighbour downscaled `mask`, with every 8-connected piece of the target (`mask == 1`)
-    that nearest neighbour dropped drawn back where it lies: each of its pixels marks the output pixel whose
-    footprint holds it (max pooling of that piece). Pieces nearest neighbour kept are left as they are, so ordinary
-    masks are resized exactly as PFENet does, and a target present at full size is always present after.
-    """
-    target = (mask == 1).astype(np.uint8)
-    if not target.any():
-        return resized
-    count, pieces = cv2.connectedComponents(target, connectivity=8, ltype=cv2.CV_32S)
-    height, width = mask.shape
-    new_height, new_width = resized.shape
-    sampled = cv2.resize(pieces, dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST)
-    lost = np.setdiff1d(np.arange(1, count), sampled)
-    if lost.size == 0:
-        return resized
-    ys, xs = np.nonzero(np.isin(pieces, lost))
-    resized = resized.copy()
-    resized[ys * new_height // height, xs * new_width // width] = 1
-    return resized
 
 
 def _checked_settings(image_size: Any, size_divisor: Any, image_mean: Any, image_std: Any, resample: Any) -> tuple:
@@ -275,38 +223,12 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """
-        Size `(new_height, new_width)` an image of size `(height, width)` takes on the canvas.
-
-        PFENet's `find_new_hw`: when `max(height, width) > image_size` (or it is smaller and
-        `upscale_small_images=True`) the longer side becomes `image_size` and the shorter one
-        `int(short * image_size / long)`; both are then floored to multiples of `size_divisor` (a side that would
-        floor to 0, possible only for extreme aspect ratios, keeps its unfloored length, at least 1). Otherwise the
-        size is returned unchanged.
+        Size `(new_height, new_width)` an image of size `(height, width)` takes on the canvas: PFENet's
+        `find_new_hw` with this processor's settings ([`~hf_fss.image_geometry.resized_size`] has the rule).
 
         Example: with the defaults, `(375, 500) -> (352, 472)` and `(100, 120) -> (100, 120)`.
         """
-        height, width = int(height), int(width)
-        if height < 1 or width < 1:
-            raise ValueError(f"image size must be positive, got {height}x{width} (h x w)")
-        size = self.image_size
-        longer = max(height, width)
-        if longer == size or (longer < size and not self.upscale_small_images):
-            return height, width
-        if height >= width:
-            ratio = size * 1.0 / height
-            new_height, new_width = size, int(width * ratio)
-        else:
-            ratio = size * 1.0 / width
-            new_height, new_width = int(height * ratio), size
-        divisor = self.size_divisor
-        new_height = (new_height // divisor) * divisor or max(new_height, 1)
-        new_width = (new_width // divisor) * divisor or max(new_width, 1)
-        return new_height, new_width
-
-    def _fill_value(self) -> np.ndarray:
-        if self.pad_with_mean:
-            return (np.asarray(self.image_mean, dtype=np.float64) * 255).astype(np.float32)
-        return np.zeros(3, dtype=np.float32)
+        return resized_size(height, width, self.image_size, self.size_divisor, self.upscale_small_images)
 
     def resize_and_pad_image(self, image: Any, name: str = "images") -> np.ndarray:
         """
@@ -328,12 +250,12 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         if (new_height, new_width) != (height, width):
             rgb = cv2.resize(rgb, dsize=(new_width, new_height), interpolation=_CV2_INTERPOLATION[self.resample])
         size = self.image_size
+        # PFENet subtracts mean * 255 and divides by std * 255 (computed in float64, applied in float32).
+        mean = (np.asarray(self.image_mean, dtype=np.float64) * 255).astype(np.float32)
         canvas = np.empty((size, size, 3), dtype=np.float32)
-        canvas[:] = self._fill_value()
+        canvas[:] = mean if self.pad_with_mean else 0  # black around the image, as PFENet's test_Resize
         canvas[:new_height, :new_width] = rgb
         if self.do_normalize:
-            # PFENet subtracts mean * 255 and divides by std * 255 (computed in float64, applied in float32).
-            mean = (np.asarray(self.image_mean, dtype=np.float64) * 255).astype(np.float32)
             std = (np.asarray(self.image_std, dtype=np.float64) * 255).astype(np.float32)
             canvas = (canvas - mean) / std
         else:
@@ -362,10 +284,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         height, width = mask.shape
         new_height, new_width = self.resized_size(height, width)
         if (new_height, new_width) != (height, width):
-            resized = cv2.resize(
-                mask.astype(np.float32), dsize=(new_width, new_height), interpolation=cv2.INTER_NEAREST
-            )
-            mask = _keep_target_pieces(mask, resized)
+            mask = resize_mask(mask, new_height, new_width)
         size = self.image_size
         canvas = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
         canvas[:new_height, :new_width] = mask
@@ -373,29 +292,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
     # -------------------------------------------------------------------------------------------------- inputs
 
-    def to_rgb_array(self, image: Any, name: str) -> np.ndarray:
-        """
-        Any accepted image input -> float32 array (H, W, 3) with values in [0, 255], errors naming `name`
-        ([`~hf_fss.annotations.decode_image`]). Grayscale is repeated to RGB; an image with an alpha channel is
-        composited onto white (`rgb * alpha + 255 * (1 - alpha)`).
-        """
-        return decode_image(image, name)
-
-    def annotation_to_mask(
-        self,
-        annotation: Any,
-        size: tuple[int, int],
-        class_id: int | None = None,
-        name: str = "support_masks",
-        class_ids_name: str = "support_class_ids",
-        allow_empty: bool = False,
-    ) -> np.ndarray:
-        """
-        Turn one annotation (binary mask, label map with `class_id`, or box) into a `{0, 1, 255}` mask of shape
-        `(height, width)` = `size`, dtype uint8: [`~hf_fss.annotations.decode_annotation`], which documents the
-        arguments, the rules and the errors (they name `name` and `class_ids_name`).
-        """
-        return decode_annotation(annotation, size, class_id, name, class_ids_name, allow_empty)
+    # The one decoding policy (hf_fss.annotations): any accepted image -> float32 (H, W, 3) in [0, 255]; one
+    # annotation -> uint8 (h, w) in {0, 1, 255}; errors name the argument passed as `name`.
+    to_rgb_array = staticmethod(decode_image)
+    annotation_to_mask = staticmethod(decode_annotation)
 
     # ---------------------------------------------------------------------------------------------- preprocess
 
@@ -506,14 +406,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         map_ids = [row[0] for row in nest_class_ids(class_ids, "class_ids", [1] * batch_size)]
         labels = []
         for index, (annotation, rgb, class_id) in enumerate(zip(maps, query_rgb, map_ids)):
-            mask = self.annotation_to_mask(
-                annotation,
-                rgb.shape[:2],
-                class_id,
-                name="segmentation_maps" if single else f"segmentation_maps[{index}]",
-                class_ids_name="class_ids",
-                allow_empty=True,
-            )
+            name = "segmentation_maps" if single else f"segmentation_maps[{index}]"
+            mask = self.annotation_to_mask(annotation, rgb.shape[:2], class_id, name, "class_ids", allow_empty=True)
             labels.append(self.resize_and_pad_mask(mask))
         data["labels"] = np.stack(labels)
         return batch_size
@@ -522,35 +416,16 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         self, support_images: Any, support_masks: Any, support_class_ids: Any, batch_size: int | None, data: dict
     ) -> None:
         """Support images and annotations into `data["support_pixel_values"]` and `data["support_masks"]`."""
-        if support_masks is None:
-            raise ValueError("`support_masks` is required with `support_images` (one annotation per support image)")
-        support_nested = nest_per_query(support_images, "support_images", batch_size)
-        shots = [len(row) for row in support_nested]
-        if len(set(shots)) != 1:
-            raise ValueError(f"`support_images`: every query needs the same number of support images K, got {shots}")
-        if shots[0] == 0:
-            raise ValueError("`support_images` has no support image (K=0)")
-        masks_nested = nest_per_query(support_masks, "support_masks", len(support_nested))
-        for index, (image_row, mask_row) in enumerate(zip(support_nested, masks_nested)):
-            if len(mask_row) != len(image_row):
-                raise ValueError(
-                    f"`support_masks` has {len(mask_row)} masks for query {index} but `support_images` has "
-                    f"{len(image_row)} images; pass one annotation per support image"
-                )
-        ids_nested = nest_class_ids(support_class_ids, "support_class_ids", shots)
+        support_nested, masks_nested, ids_nested = nest_supports(
+            support_images, support_masks, support_class_ids, batch_size
+        )
         support_pixels, support_labels = [], []
         for q, (image_row, mask_row, id_row) in enumerate(zip(support_nested, masks_nested, ids_nested)):
             row_pixels, row_labels = [], []
             for k, (image, annotation, class_id) in enumerate(zip(image_row, mask_row, id_row)):
                 rgb = self.to_rgb_array(image, f"support_images[{q}][{k}]")
-                mask = self.annotation_to_mask(
-                    annotation,
-                    rgb.shape[:2],
-                    class_id,
-                    name=f"support_masks[{q}][{k}] (query {q}, shot {k})",
-                    class_ids_name="support_class_ids",
-                    allow_empty=False,
-                )
+                name = f"support_masks[{q}][{k}] (query {q}, shot {k})"
+                mask = self.annotation_to_mask(annotation, rgb.shape[:2], class_id, name, "support_class_ids")
                 row_pixels.append(self.resize_and_pad_rgb(rgb))
                 row_labels.append(self.resize_and_pad_mask(mask))
             support_pixels.append(np.stack(row_pixels))
@@ -566,13 +441,8 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         resized image's logits are scaled to `L x L` (`L = max(h, w)`, bilinear, `align_corners=True`) and cropped
         to `h x w`; an image that kept its size is cropped from the canvas.
 
-        Memory grows with the output, never with `L x L` alone: the `L x L` square is built (PFENet's own
-        `F.interpolate`, bit-exact) only while it holds at most `SQUARE_TO_OUTPUT_LIMIT` (4) times the output's
-        pixels, i.e. for aspect ratios up to 4:1, every ordinary photo. A longer strip (a 40000 x 100 query would
-        need a 1.6-billion-pixel square) gets only the `h x w` corner, computed from the source rows and columns
-        it reads with the same bilinear indices and weights: equal to the square's corner up to float32 rounding
-        (a few 1e-6 on logits of magnitude 10, as PyTorch's kernel fuses multiply-adds). No size limit is needed
-        beyond the image's own.
+        Memory grows with the output, never with `L x L` alone: for aspect ratios beyond 4:1 only the `h x w`
+        corner of the square is computed ([`~hf_fss.image_geometry.logits_to_original_size`]).
 
         Args:
             logits (`torch.Tensor` of shape `(..., C, s, s)`): scores on the canvas (any `s`; other than `S`
@@ -593,29 +463,23 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         if tuple(logits.shape[-2:]) != (size, size):
             # Logits at another resolution (e.g. a stride-8 head) are first brought to the canvas size.
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
-        if self.resized_size(height, width) != (height, width):
-            longer = max(height, width)
-            if longer * longer > SQUARE_TO_OUTPUT_LIMIT * height * width:  # only the h x w corner of L x L
-                return _resize_then_crop(logits, height, width).reshape(*lead, height, width)
-            logits = F.interpolate(logits, size=(longer, longer), mode="bilinear", align_corners=True)
-        return logits[..., :height, :width].reshape(*lead, height, width)
-
-    def _logits_to_mask(self, logits: torch.Tensor, target_size: Any, threshold: float | None) -> torch.Tensor:
-        """`(C, S, S)` logits -> `(h, w)` long mask following the PFENet protocol."""
-        if target_size is not None:
-            logits = self.resize_logits(logits, target_size)
-        if threshold is not None:
-            return (logits.softmax(dim=0)[1] > threshold).long()
-        return logits.argmax(dim=0).long()
+        resized = self.resized_size(height, width) != (height, width)
+        return logits_to_original_size(logits, height, width, resized).reshape(*lead, height, width)
 
     def _masks(self, logits: torch.Tensor, sizes: Any, threshold: float | None, mismatch: str) -> list[torch.Tensor]:
-        """`(N, C, S, S)` logits -> N masks at `sizes` (N of them, else `mismatch.format(len(sizes))`) or, for `None`,
-        on the canvas."""
-        if sizes is None:
-            return [self._logits_to_mask(item, None, threshold) for item in logits]
-        if len(sizes) != len(logits):
+        """
+        `(N, C, S, S)` logits -> N long `(h, w)` masks at `sizes` (N of them, else `mismatch.format(len(sizes))`; a
+        size `None`: on the canvas): the argmax, or with `threshold` target where the softmax of channel 1 exceeds it.
+        """
+        if sizes is not None and len(sizes) != len(logits):
             raise ValueError(mismatch.format(len(sizes)))
-        return [self._logits_to_mask(item, size, threshold) for item, size in zip(logits, sizes)]
+        masks = []
+        for item, size in zip(logits, [None] * len(logits) if sizes is None else sizes):
+            item = item if size is None else self.resize_logits(item, size)
+            masks.append(
+                item.argmax(dim=0).long() if threshold is None else (item.softmax(dim=0)[1] > threshold).long()
+            )
+        return masks
 
     def post_process_semantic_segmentation(
         self,
