@@ -41,7 +41,8 @@ from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .image_processing_fss import IGNORE_INDEX, FewShotSegmentationImageProcessor, load_image_processor
+from .annotations import IGNORE_INDEX, describe, is_box, is_class_id
+from .image_processing_fss import FewShotSegmentationImageProcessor, load_image_processor
 from .modeling_fss import SupportEncoding
 
 __all__ = ["DEFAULT_THRESHOLD", "PIPELINE_TASK", "FewShotSegmentationPipeline", "SupportSets", "register_pipeline"]
@@ -64,17 +65,9 @@ class SupportSets:
         return len(self.encodings)
 
 
-def _is_box(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return len(value) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.ndim == 1 and value.shape[0] == 4
-    return False
-
-
 def _as_list(value: Any, *, boxes: bool = False) -> list[Any]:
     """One item or a list / tuple of items (a box is one item)."""
-    if boxes and _is_box(value):
+    if boxes and is_box(value):
         return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -221,11 +214,11 @@ class FewShotSegmentationPipeline(Pipeline):
         image_list = _as_list(images)
         if boxes is not None:
             flat_numbers = isinstance(boxes, (list, tuple)) and all(isinstance(v, numbers.Real) for v in boxes)
-            if flat_numbers and not _is_box(boxes):
+            if flat_numbers and not is_box(boxes):
                 raise ValueError(f"`{box_name}` must be a box (x0, y0, x1, y1) or a list of boxes, got {boxes!r}")
             annotations, annotation_name = _as_list(boxes, boxes=True), box_name
             for index, box in enumerate(annotations):
-                if not _is_box(box):
+                if not is_box(box):
                     label = annotation_name if len(annotations) == 1 else f"{annotation_name}[{index}]"
                     raise ValueError(f"`{label}` must be a box (x0, y0, x1, y1), got {box!r}")
         else:
@@ -245,31 +238,27 @@ class FewShotSegmentationPipeline(Pipeline):
                 raise ValueError(f"support_class_id has {len(id_list)} ids for {len(image_list)} support images")
         if boxes is not None and any(c is not None for c in id_list):
             raise ValueError(f"support_class_id does not apply to `{box_name}`")
+        for class_id in id_list:
+            if not is_class_id(class_id):
+                raise ValueError(
+                    f"`support_class_id` must be an int (or None) per support image, got {describe(class_id)}"
+                )
         single = len(image_list) == 1 and not isinstance(images, (list, tuple))
+        processor = self.image_processor
         pixels, labels, originals = [], [], []
         for k, (image, annotation, class_id) in enumerate(zip(image_list, annotations, id_list)):
-            shot_image = image_name if single else f"{image_name}[{k}]"
-            shot_annotation = annotation_name if single else f"{annotation_name}[{k}]"
-            try:
-                batch = self.image_processor(
-                    support_images=[image],
-                    support_masks=[annotation],
-                    support_class_ids=class_id,
-                    return_tensors="pt",
-                )
-            except ValueError as err:
-                message = str(err)
-                message = message.replace("`support_masks[0][0] (query 0, shot 0)`", f"`{shot_annotation}`")
-                message = message.replace("`support_images[0][0]`", f"`{shot_image}`")
-                message = message.replace("`support_class_ids`", "`support_class_id`")
-                if f"`{shot_annotation}`" not in message and f"`{shot_image}`" not in message:
-                    message = f"`{shot_annotation}` / `{shot_image}`: {message}"
-                raise ValueError(message) from err
-            pixels.append(batch["support_pixel_values"][0, 0])
-            labels.append(batch["support_masks"][0, 0])
-            # Decoded again (checked above) for the annotation at full size, which scores the support predictions.
-            size = self.image_processor.to_rgb_array(image, shot_image).shape[:2]
-            originals.append(self.image_processor.annotation_to_mask(annotation, size, class_id, allow_empty=True))
+            # The decoders name the pipeline's own arguments (`support_mask[1]`, `supports['cat'] image`).
+            rgb = processor.to_rgb_array(image, image_name if single else f"{image_name}[{k}]")
+            mask = processor.annotation_to_mask(
+                annotation,
+                rgb.shape[:2],
+                class_id,
+                name=annotation_name if single else f"{annotation_name}[{k}]",
+                class_ids_name="support_class_id",
+            )
+            pixels.append(torch.from_numpy(processor.resize_and_pad_rgb(rgb)))
+            labels.append(torch.from_numpy(processor.resize_and_pad_mask(mask)))
+            originals.append(mask)  # at the image's size: scores the support predictions
         return torch.stack(pixels)[None], torch.stack(labels)[None], originals
 
     def _parse_support_sets(self, supports, support_image, support_mask, support_box, support_class_id):
@@ -305,7 +294,7 @@ class FewShotSegmentationPipeline(Pipeline):
                 images, annotations = value[0], value[1]
                 class_ids = value[2] if len(value) == 3 else None
                 listed = _as_list(annotations, boxes=True)
-                as_boxes = bool(listed) and all(_is_box(a) for a in listed)  # no annotation at all is not a box
+                as_boxes = bool(listed) and all(is_box(a) for a in listed)  # no annotation at all is not a box
                 masks, boxes = (None, annotations) if as_boxes else (annotations, None)
             else:
                 raise ValueError(

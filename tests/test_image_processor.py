@@ -684,3 +684,21 @@ def test_lists_of_mixed_kinds_read_each_item_alike(processor, tmp_path):
 def test_an_image_with_a_zero_size_side_is_refused_naming_it(processor, shape):
     with pytest.raises(ValueError, match=r"`images` is empty: shape"):
         processor(images=np.zeros(shape, dtype=np.uint8))
+
+
+def test_the_decoders_name_the_argument_they_are_given_and_the_old_import_path_still_serves():
+    """Issue 23: decoding lives in hf_fss.annotations, the geometry on arrays in hf_fss.image_geometry; the caller
+    names the argument (the pipeline passes `support_mask[1]`), and image_processing_fss re-exports what it held."""
+    from hf_fss import annotations, image_geometry
+    from hf_fss.image_processing_fss import IGNORE_INDEX, MASK_THRESHOLD, SQUARE_TO_OUTPUT_LIMIT
+
+    assert (IGNORE_INDEX, MASK_THRESHOLD, SQUARE_TO_OUTPUT_LIMIT) == (255, 128, 4)
+    assert FewShotSegmentationImageProcessor.to_rgb_array is annotations.decode_image
+    with pytest.raises(ValueError, match=r"^`support_mask\[1\]` has no target pixel"):
+        annotations.decode_annotation(np.zeros((4, 4), np.uint8), (4, 4), name="support_mask[1]")
+    with pytest.raises(ValueError, match=r"pass `support_class_id` with the class to segment"):
+        label_map = np.kron(np.array([[0, 3], [7, 3]]), np.ones((4, 4), dtype=np.int64))  # regions, not a faint edge
+        annotations.decode_annotation(label_map, (8, 8), class_ids_name="support_class_id")
+    with pytest.raises(ValueError, match=r"^`query`: could not read image file"):
+        annotations.decode_image("/no/such/file.png", "query")
+    assert image_geometry.resized_size(375, 500, 473, 8, False) == (352, 472)
