@@ -137,7 +137,9 @@ def test_install_lines_give_the_cpu_only_route_beside_the_one_ci_runs():
     assert 'pip install torch==2.13.0 -e ".[test]" && bash .ci/install_browser.sh && python -m pytest -q' in ci
     assert 'pip install torch==2.13.0 -e ".[test]" && bash .ci/install_browser.sh && python -m pytest -q' in commands
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands
-    assert "pip install -e . && accelerate launch scripts/train.py" in commands  # two commands, not one
+    assert (
+        "pip install -e . && accelerate launch -q scripts/train.py" in commands
+    )  # two commands, not one; -q: the script's error line last (issue 22)
 
 
 def test_package_summaries_name_only_methods_that_exist():
