@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.utils import logging
 
+from .training import pair_losses
+
 if TYPE_CHECKING:
     from .modeling_crcnet import CRCNetModel
 
@@ -66,7 +68,7 @@ def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> t
     step's, or when it leaves non-finite weights (see `_log_divergence`).
 
     Args:
-        model (`CRCNetModel`): its head is copied, its `_pair_losses` gives the loss.
+        model (`CRCNetModel`): its head is copied, `pair_losses` gives the loss (Eq. 5).
         features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
             or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips),
             float32.
@@ -95,7 +97,8 @@ def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> t
             (source, high), pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
             pair_labels = pair_labels[[target, reference]]
             pair_high = (None, None) if high is None else (high[target : target + 1], high[reference : reference + 1])
-            loss, _ = model._pair_losses(
+            loss, _ = pair_losses(
+                model,
                 params,
                 source[target : target + 1],
                 source[reference : reference + 1],
