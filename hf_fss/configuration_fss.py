@@ -87,6 +87,9 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     """
 
     model_type = "few_shot_segmentation"
+    # Sequence fields a method keeps as tuples: config.json gives lists (JSON has no tuple), and a loaded config must
+    # equal the saved one.
+    tuple_fields = ()
 
     backbone: Backbone = "resnet50"
     backbone_kwargs: dict | None = None
@@ -99,6 +102,8 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
+        for name in self.tuple_fields:
+            setattr(self, name, tuple(getattr(self, name)))
         check_unknown_config_fields(type(self), kwargs)
         check_dtype_name(self.dtype)  # PreTrainedConfig looks it up in torch and fails with an AttributeError
         super().__post_init__(**kwargs)
@@ -179,6 +184,56 @@ class FewShotSegmentationConfig(PreTrainedConfig):
                 'weights, or use backbone_kwargs={"stem": "7x7"} to start from microsoft/resnet-50 / -101'
             )
         return default
+
+
+def check_positive(config: FewShotSegmentationConfig, *names: str, hint: str = "") -> None:
+    """
+    Part of a method's `@strict` validation: each named field (a size, a count, a rate or a temperature) is above 0.
+
+    Raises:
+        `ValueError`: naming the first field that is not, its value and `hint` (appended as it is).
+    """
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}{hint}")
+
+
+def check_non_negative(config: FewShotSegmentationConfig, *names: str, hint: str = "") -> None:
+    """
+    Part of a method's `@strict` validation: each named field (a loss weight, a momentum, a depth) is 0 or more.
+
+    Raises:
+        `ValueError`: naming the first field that is not, its value and `hint` (appended as it is).
+    """
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be non-negative, got {getattr(config, name)}{hint}")
+
+
+def check_dropout(config: FewShotSegmentationConfig, *names: str) -> None:
+    """
+    Part of a method's `@strict` validation: each named field is a dropout rate in [0, 1).
+
+    Raises:
+        `ValueError`: naming the first field that is not and its value.
+    """
+    for name in names:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
+
+
+def check_pyramid_bins(pyramid_bins: tuple[int | float, ...]) -> None:
+    """
+    Part of `@strict` validation of the methods built on PFENet's feature enrichment module (`pyramid_bins`): a
+    non-empty sequence of positive scales, those above 1 whole pool sizes (the fractions <= 1 scale the feature size).
+
+    Raises:
+        `ValueError`: naming `pyramid_bins` and its value.
+    """
+    if not pyramid_bins or any(b <= 0 for b in pyramid_bins):
+        raise ValueError(f"pyramid_bins must be a non-empty sequence of positive values, got {pyramid_bins}")
+    if any(b > 1 and b != int(b) for b in pyramid_bins):
+        raise ValueError(f"pyramid_bins above 1 are pool sizes and must be whole numbers, got {pyramid_bins}")
 
 
 def check_dtype_name(dtype) -> None:
