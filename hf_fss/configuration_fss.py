@@ -10,7 +10,7 @@ from typing import Literal, get_args
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PreTrainedConfig
+from transformers import MODEL_MAPPING, PreTrainedConfig
 
 # ImageNet weights each backbone starts from when `use_pretrained_backbone=True` and no path is given, keyed by
 # (backbone, ResNet stem). Hub repos in safetensors: transformers' ResNet layout (7x7 stem only) for ResNets,
@@ -247,17 +247,33 @@ def check_dtype_name(dtype) -> None:
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
 
 
+def _method_config_classes() -> dict[str, type[FewShotSegmentationConfig]]:
+    """
+    The config class of every hf_fss method by `model_type`: the subclasses defined in `hf_fss.models`, all imported
+    by the package top, which any `import hf_fss...` runs first. Found through the class hierarchy rather than the
+    registry `hf_fss.models.MODEL_CLASSES`, whose import would close a circle (every method imports this module); a
+    user's or a test's own subclasses are no hf_fss model.
+    """
+    found, pending = {}, [FewShotSegmentationConfig]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            pending.append(subclass)
+            if subclass.__module__.startswith(f"{__package__}.models."):
+                found[subclass.model_type] = subclass
+    return found
+
+
 def _loader_hint(model_type: str) -> str:
     """How to load a config.json of `model_type`: its hf_fss classes, or the list of hf_fss model types."""
-    from . import MODEL_CLASSES  # the registry imports every method, which imports this module
-
-    if model_type in MODEL_CLASSES:
-        config_class, model_class = MODEL_CLASSES[model_type]
+    config_classes = _method_config_classes()
+    if model_type in config_classes:
+        config_class = config_classes[model_type]
+        model_class = MODEL_MAPPING[config_class]  # AutoModel's registry, which `import hf_fss` fills
         return (
             f"load it with {model_class.__name__} / {config_class.__name__}, or with AutoModel / AutoConfig, which "
             "pick the class from model_type"
         )
-    return f"it is no hf_fss model (their model types: {', '.join(sorted(MODEL_CLASSES))})"
+    return f"it is no hf_fss model (their model types: {', '.join(sorted(config_classes))})"
 
 
 def _config_source(name_or_path) -> str:
