@@ -585,8 +585,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     # --- forward -------------------------------------------------------------------------------------------------
     def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         r"""
-        Args as `FewShotSegmentationPreTrainedModel._segment`; with labels in training, the loss is Eq. 5 (query and
-        support predictions, co-occurrence terms).
+        The arguments of `FewShotSegmentationPreTrainedModel._segment` (with a `CRCNetSupportEncoding`); with labels in
+        training, the loss is Eq. 5 (query and support predictions, co-occurrence terms).
 
         Returns:
             `FewShotSegmentationOutput` with `logits` `(batch_size, 2, height, width)`, `support_logits`
