@@ -7,15 +7,11 @@ model's own weights never change. Point (11) and the divergence guard of `DIFFER
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.utils import logging
 
 from .training import pair_losses
-
-if TYPE_CHECKING:
-    from .modeling_crcnet import CRCNetModel
 
 __all__ = ["finetune", "finetune_support_sets"]
 
@@ -28,7 +24,7 @@ def _as_float32(features: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor
 
 
 def finetune_support_sets(
-    model: CRCNetModel, support_pixel_values: torch.Tensor, support_masks: torch.Tensor
+    model, support_pixel_values: torch.Tensor, support_masks: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """
     Finetune a copy of `model.head` on each support set (batch item) and return the adapted parameters stacked over
@@ -56,7 +52,7 @@ def finetune_support_sets(
     return stacked, torch.tensor(diverged, device=support_pixel_values.device)
 
 
-def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
+def finetune(model, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
     """
     `finetune_steps` optimiser steps on one random ordered pair of supports each (with a random horizontal
     flip), the training loss of Eq. 5 on both predictions; pairs and flips from a generator seeded with

@@ -2,20 +2,16 @@
 CRCNet's inference (paper sections 4.6 and 5.3): the query predicted from every support at every scale of
 `inference_scales`, the target probabilities averaged over shots and scales, and each support predicted back from
 the query. A support set finetuned in `encode_support` (`finetuning.py`) is predicted with its own adapted head.
-Functions of a `CRCNetModel` that are not modules; the model calls `infer` from `_segment` at inference.
+Functions of a `CRCNetModel` (`model`, not imported here: the model imports this module) that are not modules; the
+model calls `infer` from `_segment` at inference, with its `CRCNetSupportEncoding`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...modeling_fss import FewShotSegmentationOutput
 from ...modules import resize
-
-if TYPE_CHECKING:
-    from .modeling_crcnet import CRCNetModel, CRCNetSupportEncoding, PairPrediction
 
 __all__ = ["infer", "repeat_shots", "scale_images"]
 
@@ -43,7 +39,7 @@ def _probability(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=1)[:, 1:]
 
 
-def _support_sets(model: CRCNetModel, encoding: CRCNetSupportEncoding, batch_size: int):
+def _support_sets(model, encoding, batch_size: int):
     """
     The groups the head runs on: the whole batch with the model's head, or, once finetuned, each support set alone
     with its adapted head. Yields (batch slice, head parameters or None).
@@ -55,10 +51,11 @@ def _support_sets(model: CRCNetModel, encoding: CRCNetSupportEncoding, batch_siz
         yield slice(index, index + 1), model._head_parameters(encoding, index)
 
 
-def _predict_query(model: CRCNetModel, query, encoding, scale_index, params) -> tuple[PairPrediction, int]:
+def _predict_query(model, query, encoding, scale_index, params) -> tuple:
     """
     The query (`query`: encoder features `(N, C, h, w)` and layer4 features or None) predicted from every
-    support of the N support sets: one batch of N * K pairs.
+    support of the N support sets: one batch of N * K pairs. Returns the `PairPrediction` and K (1 when only the
+    first support conditions the prediction).
     """
     support = encoding.features[scale_index]
     shot = support.shape[1]
@@ -73,7 +70,7 @@ def _predict_query(model: CRCNetModel, query, encoding, scale_index, params) -> 
     return model._run_head(params, query_features, support, masks, steps, prior=prior), shot
 
 
-def _infer_scale(model: CRCNetModel, pixel_values, encoding, scale_index, scale):
+def _infer_scale(model, pixel_values, encoding, scale_index, scale):
     """
     Fused target probability `(B, 1, H, W)` at one scale, plus the per-step maps and the query features. The
     probabilities (softmax, shot and scale averages) are float32 whatever the model's dtype.
@@ -95,7 +92,7 @@ def _infer_scale(model: CRCNetModel, pixel_values, encoding, scale_index, scale)
     return torch.cat(probabilities), maps, query
 
 
-def _predict_supports(model: CRCNetModel, query, query_probability, encoding, scale_index) -> torch.Tensor:
+def _predict_supports(model, query, query_probability, encoding, scale_index) -> torch.Tensor:
     """
     Each support predicted from the query (`query`: encoder features `(B, C, h, w)` and layer4 features or None)
     and its predicted probability `(B, 1, H, W)`: `(B, K, 2, H_s, W_s)` logits.
@@ -124,9 +121,7 @@ def _predict_supports(model: CRCNetModel, query, query_probability, encoding, sc
     return resize(logits.flatten(0, 1), encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
 
 
-def infer(
-    model: CRCNetModel, pixel_values: torch.Tensor, encoding: CRCNetSupportEncoding
-) -> FewShotSegmentationOutput:
+def infer(model, pixel_values: torch.Tensor, encoding) -> FewShotSegmentationOutput:
     """
     The inference output of `CRCNetModel._segment`: logits `log` of the fused (background, target) probabilities,
     the maps and support logits of the scale nearest 1.

@@ -2,22 +2,17 @@
 CRCNet's training forward (paper sections 4.5 and 5.1): every (query, support) pair of the batch as a 1-shot pair, the
 query predicted from the support and the support from the query label, the refinement unrolled as
 `refinement_training` says, and the loss of Eq. 5 (`CRCNetLoss`). K-shot finetuning (`finetuning.py`) trains a copy
-of the head with the same `pair_losses`. Functions of a `CRCNetModel` that are not modules; the model calls
-`train_forward` from `_segment` in training.
+of the head with the same `pair_losses`. Functions of a `CRCNetModel` (`model`, not imported here: the model imports
+this module) that are not modules; the model calls `train_forward` from `_segment` in training.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...modeling_fss import FewShotSegmentationOutput
 from ...modules import resize
 from .inference import repeat_shots
-
-if TYPE_CHECKING:
-    from .modeling_crcnet import CRCNetModel, CRCNetSupportEncoding, PairPrediction
 
 __all__ = ["pair_losses", "target_mask", "train_forward", "training_steps"]
 
@@ -28,7 +23,7 @@ def target_mask(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (labels == 1).unsqueeze(-3).to(dtype)
 
 
-def training_steps(model: CRCNetModel) -> tuple[int, int]:
+def training_steps(model) -> tuple[int, int]:
     """(steps, steps with gradient) of one training prediction, by `refinement_training`."""
     config = model.config
     if config.refinement_training == "random_history":
@@ -39,7 +34,7 @@ def training_steps(model: CRCNetModel) -> tuple[int, int]:
     return steps, steps if config.intermediate_loss else 1
 
 
-def pair_losses(model: CRCNetModel, params, query, support, query_labels, support_labels, high=(None, None)):
+def pair_losses(model, params, query, support, query_labels, support_labels, high=(None, None)):
     """
     Eq. 5 for N (query, support) pairs: the query from the support (QM, QM_sub, SM_sub) and the support from the
     query label (SM), with the model's head (`params` None) or a finetuned copy (a name -> tensor dict). Features
@@ -62,7 +57,7 @@ def pair_losses(model: CRCNetModel, params, query, support, query_labels, suppor
 
 
 def train_forward(
-    model: CRCNetModel, pixel_values: torch.Tensor, encoding: CRCNetSupportEncoding, labels: torch.Tensor | None
+    model, pixel_values: torch.Tensor, encoding, labels: torch.Tensor | None
 ) -> FewShotSegmentationOutput:
     """The training output of `CRCNetModel._segment`; logits (and support logits) averaged over the K pairs."""
     support = encoding.features[0]
@@ -91,7 +86,7 @@ def train_forward(
     )
 
 
-def _training_maps(prediction: PairPrediction, shot: int) -> dict[str, torch.Tensor]:
+def _training_maps(prediction, shot: int) -> dict[str, torch.Tensor]:
     """Per-step and co-occurrence target probabilities, detached, in the model's dtype, averaged over the K pairs."""
 
     def shot_mean(logits):
