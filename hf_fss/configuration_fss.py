@@ -10,7 +10,7 @@ from typing import Literal, get_args
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PreTrainedConfig
+from transformers import MODEL_MAPPING, PreTrainedConfig
 
 # ImageNet weights each backbone starts from when `use_pretrained_backbone=True` and no path is given, keyed by
 # (backbone, ResNet stem). Hub repos in safetensors: transformers' ResNet layout (7x7 stem only) for ResNets,
@@ -87,6 +87,9 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     """
 
     model_type = "few_shot_segmentation"
+    # Sequence fields a method keeps as tuples: config.json gives lists (JSON has no tuple), and a loaded config must
+    # equal the saved one.
+    tuple_fields = ()
 
     backbone: Backbone = "resnet50"
     backbone_kwargs: dict | None = None
@@ -99,6 +102,8 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
+        for name in self.tuple_fields:
+            setattr(self, name, tuple(getattr(self, name)))
         check_unknown_config_fields(type(self), kwargs)
         check_dtype_name(self.dtype)  # PreTrainedConfig looks it up in torch and fails with an AttributeError
         super().__post_init__(**kwargs)
@@ -181,6 +186,56 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         return default
 
 
+def check_positive(config: FewShotSegmentationConfig, *names: str, hint: str = "") -> None:
+    """
+    Part of a method's `@strict` validation: each named field (a size, a count, a rate or a temperature) is above 0.
+
+    Raises:
+        `ValueError`: naming the first field that is not, its value and `hint` (appended as it is).
+    """
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}{hint}")
+
+
+def check_non_negative(config: FewShotSegmentationConfig, *names: str, hint: str = "") -> None:
+    """
+    Part of a method's `@strict` validation: each named field (a loss weight, a momentum, a depth) is 0 or more.
+
+    Raises:
+        `ValueError`: naming the first field that is not, its value and `hint` (appended as it is).
+    """
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be non-negative, got {getattr(config, name)}{hint}")
+
+
+def check_dropout(config: FewShotSegmentationConfig, *names: str) -> None:
+    """
+    Part of a method's `@strict` validation: each named field is a dropout rate in [0, 1).
+
+    Raises:
+        `ValueError`: naming the first field that is not and its value.
+    """
+    for name in names:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
+
+
+def check_pyramid_bins(pyramid_bins: tuple[int | float, ...]) -> None:
+    """
+    Part of `@strict` validation of the methods built on PFENet's feature enrichment module (`pyramid_bins`): a
+    non-empty sequence of positive scales, those above 1 whole pool sizes (the fractions <= 1 scale the feature size).
+
+    Raises:
+        `ValueError`: naming `pyramid_bins` and its value.
+    """
+    if not pyramid_bins or any(b <= 0 for b in pyramid_bins):
+        raise ValueError(f"pyramid_bins must be a non-empty sequence of positive values, got {pyramid_bins}")
+    if any(b > 1 and b != int(b) for b in pyramid_bins):
+        raise ValueError(f"pyramid_bins above 1 are pool sizes and must be whole numbers, got {pyramid_bins}")
+
+
 def check_dtype_name(dtype) -> None:
     """
     Raises:
@@ -192,17 +247,33 @@ def check_dtype_name(dtype) -> None:
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
 
 
+def _method_config_classes() -> dict[str, type[FewShotSegmentationConfig]]:
+    """
+    The config class of every hf_fss method by `model_type`: the subclasses defined in `hf_fss.models`, all imported
+    by the package top, which any `import hf_fss...` runs first. Found through the class hierarchy rather than the
+    registry `hf_fss.models.MODEL_CLASSES`, whose import would close a circle (every method imports this module); a
+    user's or a test's own subclasses are no hf_fss model.
+    """
+    found, pending = {}, [FewShotSegmentationConfig]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            pending.append(subclass)
+            if subclass.__module__.startswith(f"{__package__}.models."):
+                found[subclass.model_type] = subclass
+    return found
+
+
 def _loader_hint(model_type: str) -> str:
     """How to load a config.json of `model_type`: its hf_fss classes, or the list of hf_fss model types."""
-    from . import MODEL_CLASSES  # the registry imports every method, which imports this module
-
-    if model_type in MODEL_CLASSES:
-        config_class, model_class = MODEL_CLASSES[model_type]
+    config_classes = _method_config_classes()
+    if model_type in config_classes:
+        config_class = config_classes[model_type]
+        model_class = MODEL_MAPPING[config_class]  # AutoModel's registry, which `import hf_fss` fills
         return (
             f"load it with {model_class.__name__} / {config_class.__name__}, or with AutoModel / AutoConfig, which "
             "pick the class from model_type"
         )
-    return f"it is no hf_fss model (their model types: {', '.join(sorted(MODEL_CLASSES))})"
+    return f"it is no hf_fss model (their model types: {', '.join(sorted(config_classes))})"
 
 
 def _config_source(name_or_path) -> str:

@@ -582,4 +582,14 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(f"{type(self).__name__} must implement _encode_support")
 
     def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
+        r"""
+        Segment checked queries with a support encoding; a method documents only what it adds (its declared
+        `query_inputs`, its loss terms and maps).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): the query images.
+            support_encoding (`SupportEncoding`): of the method's `support_encoding_class`, batch `batch_size`.
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}; when given,
+                the output's `loss` and `losses` are set.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement _segment")

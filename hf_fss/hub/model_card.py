@@ -6,7 +6,8 @@ The card of a method is its Jinja template `hf_fss/model_cards/<model_type>.md` 
 `importlib.resources`, so a wheel install has it), rendered with `huggingface_hub.ModelCard.from_template`.
 Only what is known goes into a card: a field without a value (no metrics yet, an unknown fold) is left out, never
 filled with a placeholder. Evaluation results become `model-index` metadata (`EvalResult`, task
-`image-segmentation`, metrics mIoU / FB-IoU / precision in percent) so that the Hub shows them.
+`image-segmentation`, metrics mIoU / FB-IoU / precision in percent) so that the Hub shows them; `card_results.py`
+derives them and the results sections from each `metrics.json`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -27,6 +27,18 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..differences import read_differences
 from ..utils.io import give_plain_file_modes, make_staging_dir, remove_stale_staging, replace_folder
+from .card_results import (
+    _BENCHMARK_NAMES,
+    _as_metrics_list,
+    _benchmark_key,
+    _evaluation,
+    _flatten,
+    _looks_like_hub_id,
+    _lookup,
+    _results,
+    _split_name,
+    _table,
+)
 
 __all__ = [
     "CARD_MARKER",
@@ -49,21 +61,6 @@ _MANAGED_PATTERNS = (
     re.compile(r"model\.safetensors\.index\.json"),
 )
 
-_BENCHMARK_NAMES = {
-    "pascal5i": "PASCAL-5i",
-    "coco20i": "COCO-20i",
-    "fss1000": "FSS-1000",
-    "folder": "a custom image folder",
-    "synthetic": "hf_fss synthetic benchmark",
-}
-# Class splits named instead of "fold N" in a card: a single split is not fold 0 of a folded benchmark.
-_SPLIT_NAMES = {"canet_40_20_20": "40 / 20 / 20 class split (CANet's setting)"}
-
-
-def _split_name(fold_convention: Any) -> str | None:
-    return _SPLIT_NAMES.get(fold_convention) if isinstance(fold_convention, str) else None
-
-
 _BACKBONE_NAMES = {
     "resnet50": "ResNet-50",
     "resnet101": "ResNet-101",
@@ -77,15 +74,6 @@ _METHOD_NAMES = {
     "smcp": "SMCP",
     "cosine_prior": "Cosine prior",
 }
-# Keys of the training record that have a meaning of their own in the card (the rest is shown as it is).
-_TRAINING_ALIASES = {
-    "benchmark": ("benchmark",),
-    "dataset": ("dataset", "dataset_name", "dataset_id"),
-    "fold": ("fold",),
-    "shot": ("shot", "train_shot"),
-    "converted_from": ("converted_from", "original_checkpoint"),
-}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ------------------------------------------------------------------------------------------------ templates
@@ -119,85 +107,7 @@ def find_model_card_template(model_type: str) -> Path:
     return path
 
 
-# -------------------------------------------------------------------------------------------------- helpers
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
-
-
-def _percent(value: float) -> float:
-    return round(100.0 * float(value), 2)
-
-
-def _format_value(value: Any) -> str:
-    """Plain text for a table cell."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "undefined"
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_format_value(v) for v in value)
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_format_value(v)}" for k, v in value.items() if v is not None)
-    return str(value)
-
-
-def _cell(value: Any) -> str:
-    return _format_value(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _flatten(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows = []
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if value is None or (isinstance(value, (list, tuple, Mapping, str)) and len(value) == 0):
-            continue
-        if isinstance(value, Mapping):
-            rows.extend(_flatten(value, prefix=f"{name}."))
-        else:
-            rows.append((name, value))
-    return rows
-
-
-def _table(rows: Sequence[tuple[Any, Any]], header: tuple[str, str]) -> str | None:
-    rows = [(k, v) for k, v in rows if v is not None]
-    if not rows:
-        return None
-    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines.extend(f"| {_cell(k)} | {_cell(v)} |" for k, v in rows)
-    return "\n".join(lines)
-
-
-def _lookup(record: Mapping[str, Any] | None, name: str) -> Any:
-    if not record:
-        return None
-    for key in _TRAINING_ALIASES.get(name, (name,)):
-        value = record.get(key)
-        if value is not None and value != "":
-            return value
-    return None
-
-
-def _benchmark_key(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        from ..data.folds import normalize_benchmark_name
-
-        return normalize_benchmark_name(value)
-    except (ImportError, ValueError):
-        return None
-
-
-def _looks_like_hub_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(_HUB_ID.match(value)) and not os.path.exists(value)
+# ----------------------------------------------------------------------------------------------------- card
 
 
 def _config_fields(config) -> list[tuple[str, Any]]:
@@ -218,163 +128,6 @@ def _differences(model_type: str) -> list[str] | None:
     """The method's differences from its official code (or, without one, its paper): the list beside the templates,
     `hf_fss/model_cards/differences/<model_type>.md` (`DIFFERENCES_FROM_*` of the method's package)."""
     return list(read_differences(model_type)) or None
-
-
-# -------------------------------------------------------------------------------------------------- results
-
-
-def _evaluation(metrics: Mapping[str, Any], training: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What a metrics.json says about the episode setting: benchmark, fold, shot, dataset, protocol."""
-    protocol = metrics.get("protocol") if isinstance(metrics.get("protocol"), Mapping) else {}
-    benchmark = _benchmark_key(metrics.get("benchmark")) or _benchmark_key(protocol.get("benchmark"))
-    dataset = metrics.get("dataset")
-    fold = metrics.get("fold")
-    shot = metrics.get("shot")
-    annotation = metrics.get("annotation")
-    # Fold and dataset are the training run's when the evaluation does not name them (a model is tested on the novel
-    # classes of the fold it was trained on); the shot is never borrowed, as it may differ between the two.
-    if benchmark is None:
-        benchmark = _benchmark_key(_lookup(training, "benchmark"))
-    if fold is None and benchmark is not None and benchmark == _benchmark_key(_lookup(training, "benchmark")):
-        fold = _lookup(training, "fold")
-    if dataset is None and benchmark is not None and benchmark == _benchmark_key(_lookup(training, "benchmark")):
-        dataset = _lookup(training, "dataset")
-    return {
-        "benchmark": benchmark,
-        "dataset": dataset,
-        "fold": fold,
-        "shot": shot,
-        "annotation": annotation,
-        "protocol": protocol,
-    }
-
-
-def _result_title(setting: Mapping[str, Any]) -> str:
-    benchmark = setting["benchmark"]
-    parts = [_BENCHMARK_NAMES.get(benchmark, benchmark) if benchmark else "Few-shot segmentation benchmark"]
-    if _split_name(setting["protocol"].get("fold_convention")):
-        parts.append(_split_name(setting["protocol"]["fold_convention"]))
-    elif setting["fold"] is not None:
-        parts.append(f"fold {setting['fold']}")
-    title = " ".join(parts)
-    details = []
-    if setting["shot"] is not None:
-        details.append(f"{setting['shot']}-shot")
-    if setting["annotation"] not in (None, "mask"):
-        details.append(f"{setting['annotation']} supports")
-    return f"{title} ({', '.join(details)})" if details else title
-
-
-def _dataset_config(setting: Mapping[str, Any]) -> str | None:
-    """`fold0-1shot-pfenet`: the Hub groups results by dataset type and config, so each setting needs its own."""
-    parts = []
-    if _split_name(setting["protocol"].get("fold_convention")):
-        parts.append(str(setting["protocol"]["fold_convention"]))
-    elif setting["fold"] is not None:
-        parts.append(f"fold{setting['fold']}")
-    if setting["shot"] is not None:
-        parts.append(f"{setting['shot']}shot")
-    if setting["annotation"] not in (None, "mask"):
-        parts.append(str(setting["annotation"]))
-    if setting["protocol"].get("name"):
-        parts.append(str(setting["protocol"]["name"]))
-    return "-".join(parts) or None
-
-
-def _eval_results(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> list[EvalResult]:
-    benchmark = setting["benchmark"]
-    dataset = setting["dataset"]
-    dataset_type = dataset if _looks_like_hub_id(dataset) else (benchmark or "few-shot-segmentation")
-    args = {
-        "fold": setting["fold"],
-        "shot": setting["shot"],
-        "annotation": setting["annotation"],
-        "protocol": setting["protocol"].get("name"),
-        "num_episodes": metrics.get("num_episodes"),
-        "seed": metrics.get("seed"),
-    }
-    args = {k: v for k, v in args.items() if v is not None and not isinstance(v, (list, Mapping))}
-    common = {
-        "task_type": "image-segmentation",
-        "task_name": "Few-shot semantic segmentation",
-        "dataset_type": dataset_type,
-        "dataset_name": _result_title(setting),
-        "dataset_config": _dataset_config(setting),
-        "dataset_split": metrics.get("split"),
-        "dataset_args": args or None,
-    }
-    results = []
-    for key, metric_type, metric_name in (
-        ("miou", "mean_iou", "mIoU"),
-        ("fbiou", "fb_iou", "FB-IoU"),
-        ("precision", "precision", "Precision"),
-    ):
-        value = metrics.get(key)
-        if _finite(value):
-            results.append(
-                EvalResult(metric_type=metric_type, metric_name=metric_name, metric_value=_percent(value), **common)
-            )
-    return results
-
-
-def _results_section(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> dict[str, Any] | None:
-    rows = []
-    for key, name in (("miou", "mIoU"), ("fbiou", "FB-IoU"), ("precision", "foreground precision")):
-        value = metrics.get(key)
-        if not _finite(value):
-            continue
-        text = f"{_percent(value):.2f}"
-        std = metrics.get(f"{key}_std")
-        if _finite(std):
-            text += f" ± {_percent(std):.2f}"
-        rows.append((name, text))
-    if not rows:
-        return None
-    per_class = metrics.get("per_class_iou") or {}
-    per_class_std = metrics.get("per_class_iou_std") or {}
-    class_rows = []
-    for name, value in per_class.items():
-        if _finite(value):
-            text = f"{_percent(value):.2f}"
-            if _finite(per_class_std.get(name)):
-                text += f" ± {_percent(per_class_std[name]):.2f}"
-        else:
-            text = "undefined (no episode)"
-        class_rows.append((name, text))
-    setting_rows = [
-        ("benchmark", _BENCHMARK_NAMES.get(setting["benchmark"], setting["benchmark"])),
-        ("dataset", setting["dataset"]),
-        ("fold", setting["fold"]),
-        ("shot", setting["shot"]),
-        ("support annotation", setting["annotation"]),
-        ("episodes", metrics.get("num_episodes")),
-        ("seed", metrics.get("seed")),
-        ("seeds", metrics.get("seeds") if metrics.get("num_runs") else None),
-        ("runs", metrics.get("num_runs")),
-    ]
-    setting_rows.extend((f"protocol.{k}", v) for k, v in _flatten(setting["protocol"]))
-    return {
-        "title": _result_title(setting),
-        "table": _table(rows, ("metric", "value (%)")),
-        "per_class_table": _table(class_rows, ("class", "IoU (%)")),
-        "num_classes": len(class_rows),
-        "setting_table": _table(setting_rows, ("setting", "value")),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------- card
-
-
-def _as_metrics_list(metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
-    if metrics is None:
-        return []
-    if isinstance(metrics, Mapping):
-        return [metrics]
-    if isinstance(metrics, Sequence) and not isinstance(metrics, (str, bytes)):
-        items = list(metrics)
-        if all(isinstance(m, Mapping) for m in items):
-            return items
-    raise ValueError(f"metrics must be a dict (a metrics.json) or a list of them, got {type(metrics).__name__}")
 
 
 def _backbone_name(config) -> str:
@@ -521,14 +274,7 @@ def render_model_card(
     method = _METHOD_NAMES.get(model_type, model_type)
     model_name = _model_name(config, training, repo_id)
 
-    eval_results: list[EvalResult] = []
-    results = []
-    for item in metrics_list:
-        setting = _evaluation(item, training)
-        eval_results.extend(_eval_results(item, setting))
-        section = _results_section(item, setting)
-        if section is not None:
-            results.append(section)
+    eval_results, results = _results(metrics_list, training)
 
     card_data = _card_data(config, training, metrics_list, eval_results, model_name)
     model_id = repo_id or model_path

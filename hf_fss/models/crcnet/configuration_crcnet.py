@@ -6,7 +6,7 @@ from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 
-from ...configuration_fss import FewShotSegmentationConfig
+from ...configuration_fss import FewShotSegmentationConfig, check_dropout, check_non_negative, check_positive
 
 CRCNetBackbone = Literal["resnet50", "resnet101"]
 FeatureLevels = Literal["layer3+layer4", "layer2+layer3", "layer4"]
@@ -22,9 +22,7 @@ FinetunePairs = Literal["distinct", "all"]
 FinetuneOptimizer = Literal["sgd", "adam"]
 ModuleInit = Literal["kaiming_normal", "torch_default"]
 
-FEATURE_LEVELS = get_args(FeatureLevels)
 SHOT_FUSION_MODES = get_args(ShotFusion)
-CONDITIONING_MODES = get_args(Conditioning)
 
 
 @strict(accept_kwargs=True)
@@ -247,9 +245,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
 
     def validate_ranges(self):
         """Part of `@strict` validation: sizes and step counts positive, rates in range."""
-        for name in ("reduce_dim", "cross_reference_reduction", "refinement_steps", "training_refinement_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_positive(
+            self, "reduce_dim", "cross_reference_reduction", "refinement_steps", "training_refinement_steps"
+        )
         if self.reduce_dim // self.cross_reference_reduction < 1:
             raise ValueError(
                 f"cross_reference_reduction ({self.cross_reference_reduction}) must not exceed reduce_dim "
@@ -257,21 +255,16 @@ class CRCNetConfig(FewShotSegmentationConfig):
             )
         if self.local_key_dim is not None and self.local_key_dim < 1:
             raise ValueError(f"local_key_dim must be positive or None (= reduce_dim), got {self.local_key_dim}")
-        for name in ("co_occurrence_decoder_depth", "finetune_steps", "shot"):
-            if getattr(self, name) < 0 or (name == "shot" and self.shot < 1):
-                raise ValueError(f"{name} must be non-negative (shot: positive), got {getattr(self, name)}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must lie in [0, 1), got {self.encoder_dropout}")
+        check_non_negative(self, "co_occurrence_decoder_depth", "finetune_steps")
+        check_positive(self, "shot")
+        check_dropout(self, "encoder_dropout")
         if not 0.0 <= self.refinement_history_probability <= 1.0:
             raise ValueError(
                 f"refinement_history_probability must lie in [0, 1], got {self.refinement_history_probability}"
             )
-        if self.finetune_learning_rate <= 0:
-            raise ValueError(f"finetune_learning_rate must be positive, got {self.finetune_learning_rate}")
+        check_positive(self, "finetune_learning_rate")
         if not self.finetune_max_loss_ratio > 1.0:  # also refuses NaN
             raise ValueError(
                 f"finetune_max_loss_ratio must be a number above 1 (e.g. 10.0), got {self.finetune_max_loss_ratio}"
             )
-        for name in ("support_loss_weight", "co_occurrence_loss_weight", "finetune_momentum"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        check_non_negative(self, "support_loss_weight", "co_occurrence_loss_weight", "finetune_momentum")

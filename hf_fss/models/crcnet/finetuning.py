@@ -7,13 +7,11 @@ model's own weights never change. Point (11) and the divergence guard of `DIFFER
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.utils import logging
 
-if TYPE_CHECKING:
-    from .modeling_crcnet import CRCNetModel
+from .training import pair_losses
 
 __all__ = ["finetune", "finetune_support_sets"]
 
@@ -26,7 +24,7 @@ def _as_float32(features: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor
 
 
 def finetune_support_sets(
-    model: CRCNetModel, support_pixel_values: torch.Tensor, support_masks: torch.Tensor
+    model, support_pixel_values: torch.Tensor, support_masks: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """
     Finetune a copy of `model.head` on each support set (batch item) and return the adapted parameters stacked over
@@ -54,7 +52,7 @@ def finetune_support_sets(
     return stacked, torch.tensor(diverged, device=support_pixel_values.device)
 
 
-def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
+def finetune(model, features, flipped, labels, index: int = 0) -> tuple[torch.Tensor, ...] | None:
     """
     `finetune_steps` optimiser steps on one random ordered pair of supports each (with a random horizontal
     flip), the training loss of Eq. 5 on both predictions; pairs and flips from a generator seeded with
@@ -66,7 +64,7 @@ def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> t
     step's, or when it leaves non-finite weights (see `_log_divergence`).
 
     Args:
-        model (`CRCNetModel`): its head is copied, its `_pair_losses` gives the loss.
+        model (`CRCNetModel`): its head is copied, `pair_losses` gives the loss (Eq. 5).
         features, flipped (`tuple`): (encoder features `(K, reduce_dim, h, w)`, layer4 features `(K, C4, h, w)`
             or None without `prior_mask`) of the supports and of their flips (`flipped` None without flips),
             float32.
@@ -95,7 +93,8 @@ def finetune(model: CRCNetModel, features, flipped, labels, index: int = 0) -> t
             (source, high), pair_labels = (flipped, labels.flip(-1)) if flip else (features, labels)
             pair_labels = pair_labels[[target, reference]]
             pair_high = (None, None) if high is None else (high[target : target + 1], high[reference : reference + 1])
-            loss, _ = model._pair_losses(
+            loss, _ = pair_losses(
+                model,
                 params,
                 source[target : target + 1],
                 source[reference : reference + 1],

@@ -8,6 +8,9 @@ the paper leaves open made a config switch (`CRCNetConfig`); `DIFFERENCES_FROM_P
 Layout: `backbone` + `encoder_projection` form the Siamese encoder (shared by support and query); `head`
 (`CRCNetHead`) holds everything after it (cross-reference, co-occurrence heads, conditional modules, mask
 refinement), the part K-shot finetuning adapts (section 4.6: "we fix the Siamese encoder and finetune the rest").
+This file holds the modules, the loss and the model; how the model runs them lives beside it: `training.py` (the
+training forward over (query, support) pairs), `inference.py` (multi-scale, K-shot fused inference) and
+`finetuning.py` (K-shot support-set finetuning).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTra
 from ...modules import MaskedCrossEntropy, conv_relu, cosine_prior_mask, masked_average_pooling, resize
 from .configuration_crcnet import CRCNetConfig
 from .finetuning import finetune_support_sets
+from .inference import infer, scale_images
+from .training import target_mask, train_forward
 
 __all__ = [
     "DIFFERENCES_FROM_PAPER",
@@ -425,8 +430,7 @@ class CRCNetSupportEncoding(SupportEncoding):
     """
     What CRCNet keeps of a support set.
 
-    Args:
-        shot (`int`): number of support images K.
+    Args (besides `shot`):
         scales (`torch.FloatTensor` of shape `(batch_size, num_scales)`): the image scales the features are at.
         features (`tuple` of `torch.FloatTensor` of shape `(batch_size, shot, reduce_dim, h_s, w_s)`):
             Siamese encoder features of the supports, one per scale.
@@ -456,51 +460,17 @@ class CRCNetSupportEncoding(SupportEncoding):
 _LEVELS = {"layer3+layer4": (3, 4), "layer2+layer3": (2, 3), "layer4": (4,)}
 
 
-def _resize_images(pixel_values: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 1.0:
-        return pixel_values
-    size = [max(8, round(side * scale)) for side in pixel_values.shape[-2:]]
-    return resize(pixel_values, size)
-
-
-def _shot_mean(x: torch.Tensor, shot: int) -> torch.Tensor:
-    """`(N * shot, ...)` -> `(N, ...)`: the mean over the shots of each support set."""
-    return x.unflatten(0, (-1, shot)).mean(dim=1)
-
-
-def _probability(logits: torch.Tensor) -> torch.Tensor:
-    """`(N, 2, h, w)` logits -> `(N, 1, h, w)` float32 target probability (softmax in float32 for any dtype)."""
-    return logits.float().softmax(dim=1)[:, 1:]
-
-
-def _repeat_shots(x: torch.Tensor | None, shot: int) -> torch.Tensor | None:
-    """`(N, ...)` -> `(N * shot, ...)`: each item repeated for the shots of its support set (None stays None)."""
-    return None if x is None else x.unsqueeze(1).expand(-1, shot, *x.shape[1:]).flatten(0, 1)
-
-
-def _target_mask(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`(..., H, W)` labels {0, 1, 255} -> `(..., 1, H, W)` target mask of `dtype`, the features' (ignored pixels are
-    background)."""
-    return (labels == 1).unsqueeze(-3).to(dtype)
-
-
 class CRCNetModel(FewShotSegmentationPreTrainedModel):
     r"""
-    CRCNet few-shot segmenter (paper section 4).
-
-    1. Siamese encoder: a dilated ResNet (`backbone`, output stride 8); the configured stages are concatenated and
-       projected by a 3x3 conv to `reduce_dim` (`encoder_projection`).
-    2. `head` (`CRCNetHead`) for a (target, reference) pair: cross-reference reweighting (G), co-occurrence heads
-       (training losses, `co_occurrence` map), global + local conditional modules on the reference mask, and the
-       mask refinement module run `refinement_steps` times with its cache.
-    3. Symmetric prediction: the query from each support, and each support from the query (`support_logits`,
-       conditioned on the query label in training and on the predicted query probability at inference).
-    4. K shots: `shot_fusion` averages the per-support probabilities and/or finetunes a copy of the head on support
-       pairs inside `encode_support` (section 4.6); inference averages the probabilities of `inference_scales`.
+    CRCNet few-shot segmenter (paper section 4): the Siamese encoder (`backbone`, a dilated ResNet of output stride 8,
+    its configured stages concatenated and projected to `reduce_dim` by `encoder_projection`), then `head`
+    (`CRCNetHead`) on each (target, reference) pair: the query from each support and each support from the query
+    (`support_logits`; conditioned on the query label in training, on the predicted query probability at
+    inference). K shots and scales are fused as `shot_fusion` and `inference_scales` say (`CRCNetConfig`); the
+    training loss is `CRCNetLoss` (Eq. 5).
 
     Logits at inference are `log` of the fused probabilities (background, target), so their softmax is the fused
     probability; in training they are the raw logits of the last refinement step (averaged over the K pairs).
-    Training loss (Eq. 5): `(L_QM + support_loss_weight L_SM) + co_occurrence_loss_weight (L_QMsub + L_SMsub)`.
     """
 
     config_class = CRCNetConfig
@@ -576,11 +546,11 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
     def _encode_support(self, support_pixel_values, support_masks) -> CRCNetSupportEncoding:
         batch_size, shot = support_pixel_values.shape[:2]
         images = support_pixel_values.flatten(0, 1)
-        targets = _target_mask(support_masks.flatten(0, 1), images.dtype)
+        targets = target_mask(support_masks.flatten(0, 1), images.dtype)
         scales = self._scales()
         features, feature_masks, high_features = [], [], []
         for scale in scales:
-            scaled, high = self._encode(_resize_images(images, scale))
+            scaled, high = self._encode(scale_images(images, scale))
             features.append(scaled.unflatten(0, (batch_size, shot)))
             feature_masks.append(resize(targets, scaled.shape[-2:]).unflatten(0, (batch_size, shot)))
             if high is not None:
@@ -612,178 +582,11 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         names = [name for name, _ in self.head.named_parameters()]
         return {name: value[index] for name, value in zip(names, encoding.adapted_parameters)}
 
-    def _predict_query(self, query, encoding, scale_index, params) -> tuple[PairPrediction, int]:
-        """
-        The query (`query`: encoder features `(N, C, h, w)` and layer4 features or None) predicted from every
-        support of the N support sets: one batch of N * K pairs.
-        """
-        support = encoding.features[scale_index]
-        batch_size, shot = support.shape[:2]
-        if params is not None and self.config.shot_fusion == "finetune":
-            shot = 1  # finetune only: the first support conditions the prediction
-        query_features, query_high = (_repeat_shots(x, shot) for x in query)
-        masks = encoding.feature_masks[scale_index][:, :shot].flatten(0, 1)
-        support_high = None if query_high is None else encoding.high_features[scale_index][:, :shot].flatten(0, 1)
-        prior = self._prior(query_high, support_high, masks, query_features.shape[-2:])
-        steps = self.config.refinement_steps
-        support = support[:, :shot].flatten(0, 1)
-        return self._run_head(params, query_features, support, masks, steps, prior=prior), shot
-
-    def _infer_scale(self, pixel_values, encoding, scale_index, scale):
-        """
-        Fused target probability `(B, 1, H, W)` at one scale, plus the per-step maps and the query features. The
-        probabilities (softmax, shot and scale averages) are float32 whatever the model's dtype.
-        """
-        query = self._encode(_resize_images(pixel_values, scale))
-        groups = range(pixel_values.shape[0]) if encoding.adapted_parameters is not None else [None]
-        probabilities, steps, co_occurrence = [], [], []
-        for index in groups:
-            selected = slice(None) if index is None else slice(index, index + 1)
-            params = None if index is None else self._head_parameters(encoding, index)
-            sub_encoding = encoding if index is None else encoding.select(index)
-            selected_query = tuple(None if x is None else x[selected] for x in query)
-            prediction, shot = self._predict_query(selected_query, sub_encoding, scale_index, params)
-            target = resize(_probability(prediction.logits[-1]), pixel_values.shape[-2:])
-            probabilities.append(_shot_mean(target, shot))
-            steps.append([_shot_mean(_probability(logits), shot) for logits in prediction.logits])
-            if prediction.target_co_occurrence is not None:
-                co_occurrence.append(_shot_mean(_probability(prediction.target_co_occurrence), shot))
-        maps = {f"refinement_step_{t + 1}": torch.cat(step) for t, step in enumerate(zip(*steps))}
-        if co_occurrence:
-            maps["co_occurrence"] = torch.cat(co_occurrence)
-        return torch.cat(probabilities), maps, query
-
-    def _predict_supports(self, query, query_probability, encoding, scale_index) -> torch.Tensor:
-        """
-        Each support predicted from the query (`query`: encoder features `(B, C, h, w)` and layer4 features or None)
-        and its predicted probability `(B, 1, H, W)`: `(B, K, 2, H_s, W_s)` logits.
-        """
-        query_features, query_high = query
-        support = encoding.features[scale_index]
-        batch_size, shot = support.shape[:2]
-        mask = resize(query_probability.to(query_features.dtype), query_features.shape[-2:])
-        logits = []
-        for index in range(batch_size) if encoding.adapted_parameters is not None else [None]:
-            selected = slice(None) if index is None else slice(index, index + 1)
-            params = None if index is None else self._head_parameters(encoding, index)
-            count = support[selected].shape[0]
-            target = support[selected].flatten(0, 1)
-            reference = _repeat_shots(query_features[selected], shot)
-            reference_mask = _repeat_shots(mask[selected], shot)
-            prior = None
-            if query_high is not None:
-                target_high = encoding.high_features[scale_index][selected].flatten(0, 1)
-                reference_high = _repeat_shots(query_high[selected], shot)
-                prior = self._prior(target_high, reference_high, reference_mask, target.shape[-2:])
-            prediction = self._run_head(
-                params, target, reference, reference_mask, self.config.refinement_steps,
-                target_is_query=False, co_occurrence=False, prior=prior,
-            )  # fmt: skip
-            logits.append(prediction.logits[-1].unflatten(0, (count, shot)))
-        logits = torch.cat(logits)
-        return resize(logits.flatten(0, 1), encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
-
-    def _infer(self, pixel_values, encoding) -> FewShotSegmentationOutput:
-        scales = [float(s) for s in encoding.scales[0].tolist()]
-        main = min(range(len(scales)), key=lambda i: abs(scales[i] - 1.0))  # maps and supports at scale ~1
-        total, maps, main_features, main_probability = 0.0, None, None, None
-        for index, scale in enumerate(scales):
-            probability, scale_maps, query_features = self._infer_scale(pixel_values, encoding, index, scale)
-            total = total + probability
-            if index == main:
-                maps, main_features, main_probability = scale_maps, query_features, probability
-        # Clamped and logged in float32: 1 - 1e-6 rounds to 1 in float16 / bfloat16 and its log1p(-p) to -inf.
-        probability = (total / len(scales)).clamp(1e-6, 1 - 1e-6)
-        logits = torch.cat([torch.log1p(-probability), torch.log(probability)], dim=1).to(pixel_values.dtype)
-        support_logits = None
-        if self.config.predict_support:
-            support_logits = self._predict_supports(main_features, main_probability, encoding, main)
-        return FewShotSegmentationOutput(logits=logits, support_logits=support_logits, maps=maps)
-
-    # --- training ------------------------------------------------------------------------------------------------
-    def _training_steps(self) -> tuple[int, int]:
-        """(steps, steps with gradient) of one training prediction, by `refinement_training`."""
-        config = self.config
-        if config.refinement_training == "random_history":
-            # CANet-like: sometimes start from the model's own (detached) prediction instead of the zero cache.
-            steps = 2 if bool(torch.rand(()) < config.refinement_history_probability) else 1
-        else:
-            steps = config.training_refinement_steps
-        return steps, steps if config.intermediate_loss else 1
-
-    def _pair_losses(self, params, query, support, query_labels, support_labels, high=(None, None)):
-        """
-        Eq. 5 for N (query, support) pairs: the query from the support (QM, QM_sub, SM_sub) and the support from the
-        query label (SM). Features `(N, C, h, w)`, labels `(N, H, W)` in {0, 1, 255}, `high` the (query, support)
-        layer4 features `(N, C4, h, w)` for the prior masks (None without `prior_mask`). Returns the total loss,
-        the named terms, and the two predictions.
-        """
-        steps, grad_steps = self._training_steps()
-        query_high, support_high = high
-        support_mask = resize(_target_mask(support_labels, support.dtype), support.shape[-2:])
-        query_mask = resize(_target_mask(query_labels, query.dtype), query.shape[-2:])
-        query_prior = self._prior(query_high, support_high, support_mask, query.shape[-2:])
-        support_prior = self._prior(support_high, query_high, query_mask, support.shape[-2:])
-        forward = self._run_head(params, query, support, support_mask, steps, grad_steps, prior=query_prior)
-        backward = self._run_head(
-            params, support, query, query_mask, steps, grad_steps,
-            target_is_query=False, co_occurrence=False, prior=support_prior,
-        )  # fmt: skip
-        total, losses = self.criterion(forward, backward, query_labels, support_labels, grad_steps)
-        return total, (losses, forward, backward)
-
-    def _train_forward(self, pixel_values, encoding, labels) -> FewShotSegmentationOutput:
-        """Every (query, support) pair of the batch as a 1-shot pair; logits averaged over the K pairs."""
-        support = encoding.features[0]
-        batch_size, shot = support.shape[:2]
-        query, query_high = self._encode(pixel_values)
-        query_pairs, query_high = _repeat_shots(query, shot), _repeat_shots(query_high, shot)
-        support_high = None if query_high is None else encoding.high_features[0].flatten(0, 1)
-        size = pixel_values.shape[-2:]
-        if labels is None:  # no query label: predict the query only
-            steps, _ = self._training_steps()
-            masks = encoding.feature_masks[0].flatten(0, 1)
-            prior = self._prior(query_high, support_high, masks, query.shape[-2:])
-            forward = self.head(query_pairs, support.flatten(0, 1), masks, steps, prior=prior)
-            logits = resize(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
-            return FewShotSegmentationOutput(logits=logits, maps=self._training_maps(forward, shot))
-        query_labels = labels.long().unsqueeze(1).expand(-1, shot, -1, -1).flatten(0, 1)
-        total, (losses, forward, backward) = self._pair_losses(
-            None,
-            query_pairs,
-            support.flatten(0, 1),
-            query_labels,
-            encoding.labels.flatten(0, 1),
-            (query_high, support_high),
-        )
-        logits = resize(forward.logits[-1], size).unflatten(0, (batch_size, shot)).mean(dim=1)
-        support_logits = resize(backward.logits[-1], encoding.labels.shape[-2:]).unflatten(0, (batch_size, shot))
-        return FewShotSegmentationOutput(
-            loss=total,
-            logits=logits,
-            losses=losses,
-            support_logits=support_logits,
-            maps=self._training_maps(forward, shot),
-        )
-
-    @staticmethod
-    def _training_maps(prediction: PairPrediction, shot: int) -> dict[str, torch.Tensor]:
-        def shot_mean(logits):
-            return logits.detach().softmax(dim=1)[:, 1:].unflatten(0, (-1, shot)).mean(dim=1)
-
-        maps = {f"refinement_step_{t + 1}": shot_mean(x) for t, x in enumerate(prediction.logits)}
-        if prediction.target_co_occurrence is not None:
-            maps["co_occurrence"] = shot_mean(prediction.target_co_occurrence)
-        return maps
-
     # --- forward -------------------------------------------------------------------------------------------------
     def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`)
-            support_encoding (`CRCNetSupportEncoding`)
-            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}; in
-                training the loss of Eq. 5 (query and support predictions, co-occurrence terms).
+        The arguments of `FewShotSegmentationPreTrainedModel._segment` (with a `CRCNetSupportEncoding`); with labels in
+        training, the loss is Eq. 5 (query and support predictions, co-occurrence terms).
 
         Returns:
             `FewShotSegmentationOutput` with `logits` `(batch_size, 2, height, width)`, `support_logits`
@@ -792,8 +595,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
             `loss` and `losses` (`query`, `support`, `query_co_occurrence`, `support_co_occurrence`).
         """
         if self.training:
-            return self._train_forward(pixel_values, support_encoding, labels)
-        outputs = self._infer(pixel_values, support_encoding)
+            return train_forward(self, pixel_values, support_encoding, labels)
+        outputs = infer(self, pixel_values, support_encoding)
         if labels is not None:  # evaluation loss: the query term on the fused prediction
             outputs.loss = self.criterion.cross_entropy(outputs.logits, labels.long())
             outputs.losses = {"query": outputs.loss.detach()}

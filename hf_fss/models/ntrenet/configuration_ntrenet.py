@@ -1,16 +1,20 @@
 """Configuration of NTRENet (Liu et al., "Learning Non-target Knowledge for Few-shot Semantic Segmentation", CVPR 2022)."""
 
-from typing import Literal, get_args
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 
-from ...configuration_fss import FewShotSegmentationConfig
+from ...configuration_fss import (
+    FewShotSegmentationConfig,
+    check_dropout,
+    check_non_negative,
+    check_positive,
+    check_pyramid_bins,
+)
 
 DistractorPooling = Literal["global_average", "masked_average"]
 NTRENetBackbone = Literal["resnet50", "resnet101", "vgg16_bn"]
-DISTRACTOR_POOLING_MODES = get_args(DistractorPooling)
 SHOT_FUSION_MODES = ("mean",)
-NTRENET_BACKBONES = get_args(NTRENetBackbone)
 
 
 @strict(accept_kwargs=True)
@@ -84,6 +88,7 @@ class NTRENetConfig(FewShotSegmentationConfig):
     """
 
     model_type = "ntrenet"
+    tuple_fields = ("pyramid_bins",)
 
     backbone: NTRENetBackbone = "resnet50"
     reduce_dim: int = 256
@@ -106,30 +111,13 @@ class NTRENetConfig(FewShotSegmentationConfig):
     contrastive_num_negatives: int = 1000
     contrastive_seed: int = 0
 
-    def __post_init__(self, **kwargs):
-        self.pyramid_bins = tuple(self.pyramid_bins)
-        super().__post_init__(**kwargs)
-
     def validate_pyramid_bins(self):
         """Part of `@strict` validation."""
-        if not self.pyramid_bins or any(b <= 0 for b in self.pyramid_bins):
-            raise ValueError(f"pyramid_bins must be a non-empty sequence of positive values, got {self.pyramid_bins}")
-        if any(b > 1 and b != int(b) for b in self.pyramid_bins):
-            raise ValueError(f"pyramid_bins above 1 are pool sizes and must be whole numbers, got {self.pyramid_bins}")
+        check_pyramid_bins(self.pyramid_bins)
 
     def validate_ranges(self):
         """Part of `@strict` validation: sizes positive, probabilities in [0, 1), temperatures positive."""
-        for name in ("reduce_dim", "background_prototype_dim", "shot", "contrastive_bank_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.contrastive_num_negatives < 1:
-            raise ValueError(f"contrastive_num_negatives must be positive, got {self.contrastive_num_negatives}")
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}")
-        if self.background_prototype_init_std < 0:
-            raise ValueError(
-                f"background_prototype_init_std must be non-negative, got {self.background_prototype_init_std}"
-            )
-        for name in ("feature_dropout", "classifier_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        check_positive(self, "reduce_dim", "background_prototype_dim", "shot", "contrastive_bank_size")
+        check_positive(self, "contrastive_num_negatives", "contrastive_temperature")
+        check_non_negative(self, "background_prototype_init_std")
+        check_dropout(self, "feature_dropout", "classifier_dropout")

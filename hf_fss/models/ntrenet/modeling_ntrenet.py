@@ -62,10 +62,10 @@ DIFFERENCES_FROM_OFFICIAL_CODE = read_differences("ntrenet")
 @dataclass
 class NTRENetSupportEncoding(SupportEncoding):
     """
-    What NTRENet keeps of a support set.
+    NTRENet's support encoding: PFENet's fields (`pfenet_support_encoding` with `down_supp`), the reduced features
+    kept for the training losses.
 
-    Args:
-        shot (`int`): number of support images K.
+    Args (besides `shot`):
         prototype (`torch.FloatTensor` of shape `(batch_size, reduce_dim, 1, 1)`):
             Support target prototype (masked average pooling of the reduced features), averaged over shots.
         features (`torch.FloatTensor` of shape `(batch_size, shot, reduce_dim, h, w)`):
@@ -537,18 +537,12 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         )
 
     # --- forward -------------------------------------------------------------------------------------------------
-    def _segment(
-        self,
-        pixel_values: torch.Tensor,
-        support_encoding: NTRENetSupportEncoding,
-        labels: torch.Tensor | None = None,
-        class_ids: torch.Tensor | None = None,
-    ) -> FewShotSegmentationOutput:
+    def _segment(self, pixel_values, support_encoding, labels=None, class_ids=None) -> FewShotSegmentationOutput:
         r"""
+        BG and DO elimination, matching and PFENet's decoder on the queries; `class_ids` (declared in `query_inputs`)
+        joins the arguments of `FewShotSegmentationPreTrainedModel._segment`:
+
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`)
-            support_encoding (`NTRENetSupportEncoding`)
-            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}.
             class_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Episode class of each query, needed in training for the contrastive loss (its bank is per class);
                 without it that term is skipped. Ignored outside training.

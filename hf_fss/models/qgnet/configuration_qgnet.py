@@ -1,18 +1,21 @@
 """Configuration of QGNet (Liu et al., "Few-Shot Segmentation with Global and Local Contrastive Learning", 2021)."""
 
-from typing import Literal, get_args
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 
 from ...backbones.weights import MOCO_ENCODERS
-from ...configuration_fss import FewShotSegmentationConfig
+from ...configuration_fss import (
+    FewShotSegmentationConfig,
+    check_dropout,
+    check_non_negative,
+    check_positive,
+    check_pyramid_bins,
+)
 
 QGNetBackbone = Literal["resnet50", "resnet101", "vgg16_bn"]
 PriorExtractorBackbone = Literal["resnet50", "resnet101"]
 RegionProjection = Literal["learned", "raw"]
-QGNET_BACKBONES = get_args(QGNetBackbone)
-PRIOR_EXTRACTOR_BACKBONES = get_args(PriorExtractorBackbone)
-REGION_PROJECTIONS = get_args(RegionProjection)
 
 
 @strict(accept_kwargs=True)
@@ -94,6 +97,7 @@ class QGNetConfig(FewShotSegmentationConfig):
     """
 
     model_type = "qgnet"
+    tuple_fields = ("pyramid_bins",)
 
     backbone: QGNetBackbone = "resnet50"
     prior_extractor_backbone: PriorExtractorBackbone = "resnet50"
@@ -113,30 +117,19 @@ class QGNetConfig(FewShotSegmentationConfig):
     aux_loss_weight: float = 1.0
 
     def __post_init__(self, **kwargs):
-        self.pyramid_bins = tuple(self.pyramid_bins)
         if self.prior_extractor_kwargs is None:
             self.prior_extractor_kwargs = {"stem": "7x7"}
         super().__post_init__(**kwargs)
 
     def validate_pyramid_bins(self):
         """Part of `@strict` validation."""
-        if not self.pyramid_bins or any(b <= 0 for b in self.pyramid_bins):
-            raise ValueError(f"pyramid_bins must be a non-empty sequence of positive values, got {self.pyramid_bins}")
-        if any(b > 1 and b != int(b) for b in self.pyramid_bins):
-            raise ValueError(f"pyramid_bins above 1 are pool sizes and must be whole numbers, got {self.pyramid_bins}")
+        check_pyramid_bins(self.pyramid_bins)
 
     def validate_ranges(self):
         """Part of `@strict` validation: sizes positive, dropout rates in [0, 1), eps positive."""
-        for name in ("reduce_dim", "shot"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("feature_dropout", "classifier_dropout", "projection_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.prior_eps <= 0:
-            raise ValueError(f"prior_eps must be positive, got {self.prior_eps}")
-        if self.aux_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight must be non-negative, got {self.aux_loss_weight}")
+        check_positive(self, "reduce_dim", "shot", "prior_eps")
+        check_dropout(self, "feature_dropout", "classifier_dropout", "projection_dropout")
+        check_non_negative(self, "aux_loss_weight")
         if self.prior_extractor_moco_encoder not in MOCO_ENCODERS:
             raise ValueError(
                 f"prior_extractor_moco_encoder must be one of {list(MOCO_ENCODERS)}, got "

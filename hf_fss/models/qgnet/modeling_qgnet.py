@@ -54,8 +54,7 @@ class QGNetSupportEncoding(SupportEncoding):
     """
     What QGNet keeps of a support set (the prior region map depends on the query only, so nothing of it is here).
 
-    Args:
-        shot (`int`): number of support images K.
+    Args (besides `shot`):
         prototype (`torch.FloatTensor` of shape `(batch_size, reduce_dim, 1, 1)`):
             Support target prototype (masked average pooling of `down_supp` features), averaged over shots.
         high_level_features (`torch.FloatTensor` of shape `(batch_size, shot, channels, h4, w4)`):
@@ -262,15 +261,8 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             bridge = layer4
         return prior_region_map(bridge, prior_layer4, eps=self.config.prior_eps)
 
-    def _segment(
-        self, pixel_values: torch.Tensor, support_encoding: QGNetSupportEncoding, labels: torch.Tensor | None = None
-    ) -> FewShotSegmentationOutput:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`)
-            support_encoding (`QGNetSupportEncoding`)
-            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}.
-        """
+    def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
+        r"""The arguments of `FewShotSegmentationPreTrainedModel._segment` (with a `QGNetSupportEncoding`)."""
         encoding = support_encoding
         _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
         query_features = self.down_query(pfenet_mid_level(layer2, layer3))

@@ -1,16 +1,14 @@
 """Configuration of SMCP (Chen et al., "Semantically Meaningful Class Prototype Learning for One-Shot Image
 Segmentation", IEEE TMM 2021)."""
 
-from typing import Literal, get_args
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 
-from ...configuration_fss import FewShotSegmentationConfig
+from ...configuration_fss import FewShotSegmentationConfig, check_non_negative, check_positive
 
 SelfPrototypeBranch = Literal["paper", "official"]
 PrototypePooling = Literal["adjoint", "upsample"]
-SELF_PROTOTYPE_BRANCHES = get_args(SelfPrototypeBranch)
-PROTOTYPE_POOLING_MODES = get_args(PrototypePooling)
 
 
 @strict(accept_kwargs=True)
@@ -81,6 +79,7 @@ class SMCPConfig(FewShotSegmentationConfig):
     """
 
     model_type = "smcp"
+    tuple_fields = ("aspp_rates",)
 
     backbone: Literal["vgg16_dilated"] = "vgg16_dilated"
     freeze_backbone: bool = False
@@ -96,20 +95,14 @@ class SMCPConfig(FewShotSegmentationConfig):
     shot: int = 1
     mcl_loss_weight: float = 0.1
 
-    def __post_init__(self, **kwargs):
-        self.aspp_rates = tuple(self.aspp_rates)
-        super().__post_init__(**kwargs)
-
     def validate_sizes(self):
         """Part of `@strict` validation: sizes and counts positive, ASPP rates positive whole numbers."""
-        for name in ("num_base_classes", "reduce_dim", "bottleneck_dim", "shot"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}; see SMCPConfig's docstring")
+        check_positive(
+            self, "num_base_classes", "reduce_dim", "bottleneck_dim", "shot", hint="; see SMCPConfig's docstring"
+        )
         if not self.aspp_rates or any(int(r) != r or r < 1 for r in self.aspp_rates):
             raise ValueError(
                 f"aspp_rates must be a non-empty sequence of positive integers (dilations), got {self.aspp_rates}"
             )
-        if self.aspp_init_std <= 0:
-            raise ValueError(f"aspp_init_std must be positive, got {self.aspp_init_std}")
-        if self.mcl_loss_weight < 0:
-            raise ValueError(f"mcl_loss_weight must be non-negative (0 disables MCL), got {self.mcl_loss_weight}")
+        check_positive(self, "aspp_init_std")
+        check_non_negative(self, "mcl_loss_weight", hint=" (0 disables MCL)")

@@ -49,10 +49,10 @@ DIFFERENCES_FROM_OFFICIAL_CODE = read_differences("smcp")
 @dataclass
 class SMCPSupportEncoding(SupportEncoding):
     """
-    What SMCP keeps of a support set.
+    SMCP's support encoding: prototypes pooled at image resolution (Eq. 1) for the query, each support's own for the
+    SPT branch, and in training the MCL head's scores and targets.
 
-    Args:
-        shot (`int`): number of support images K.
+    Args (besides `shot`):
         prototype (`torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`):
             Mean over shots of the support prototypes (Eq. 1, masked average pooling at image resolution).
         shot_prototypes (`torch.FloatTensor` of shape `(batch_size, shot, channels, 1, 1)`):
@@ -356,18 +356,12 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
         return pseudo_mask, self._prototype(features, pseudo_mask)
 
     # --- forward ---------------------------------------------------------------------------------------------------
-    def _segment(
-        self,
-        pixel_values: torch.Tensor,
-        support_encoding: SMCPSupportEncoding,
-        labels: torch.Tensor | None = None,
-        semantic_labels: torch.Tensor | None = None,
-    ) -> FewShotSegmentationOutput:
+    def _segment(self, pixel_values, support_encoding, labels=None, semantic_labels=None) -> FewShotSegmentationOutput:
         r"""
+        One pass over the queries, two with pseudo-prototype fusion at test time; `semantic_labels` (declared in
+        `query_inputs`) joins the arguments of `FewShotSegmentationPreTrainedModel._segment`:
+
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`)
-            support_encoding (`SMCPSupportEncoding`)
-            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): {0, 1, 255}.
             semantic_labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
                 The query's multi-class labels: 0 background, 1..num_base_classes base classes, 255 ignored (novel
                 classes and boundaries); for the MCL loss in training, ignored otherwise.
