@@ -34,31 +34,17 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
-from hf_fss.cli import (
-    IMAGE_SIDE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE_INT,
-    SEED,
-    Range,
-    ScriptArgumentParser,
-    os_error_line,
-)
+from hf_fss.cli import NON_NEGATIVE, POSITIVE_INT, SEED, Range, ScriptArgumentParser, os_error_line
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
-from hf_fss.data.folds import COCO_CONVENTIONS
-from hf_fss.evaluation.runner import (
-    DTYPES,
-    _load_model_and_processor,
-    _synthetic_kwargs,
+from hf_fss.evaluation.arguments import (
+    add_arguments,
     checked_fold_convention,
     class_names_of,
-    combine_seed_runs,
-    default_feature_cache_bytes,
-    default_test_split,
-    evaluate_model,
+    load_test_split,
     protocol_for,
-    write_json_atomic,
 )
+from hf_fss.evaluation.cli import DTYPES, _load_model_and_processor, write_json_atomic
+from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_bytes, evaluate_model
 from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path
 from hf_fss.utils import check_model_path, set_num_threads
 
@@ -458,19 +444,7 @@ def build_parser() -> ScriptArgumentParser:
     )
     parser.add_argument("--models", nargs="+", required=True, help="save_pretrained folders or Hub model ids")
     parser.add_argument("--names", nargs="+", default=None, help="labels of the models (default: folder names)")
-    # Required, as evaluate.py's: no silent synthetic default.
-    parser.add_argument("--dataset", required=True, help="'synthetic', a prepare_dataset.py folder or a Hub id")
-    parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder")
-    parser.add_argument(
-        "--fold", allowed=NON_NEGATIVE_INT, default=0, help="fold whose novel classes are tested (default 0)"
-    )
-    parser.add_argument(
-        "--fold-convention",
-        default=None,
-        choices=COCO_CONVENTIONS,
-        help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
-    )
-    parser.add_argument("--shot", allowed=POSITIVE_INT, default=1, help="support images per episode (default 1)")
+    add_arguments(parser)  # --dataset, --benchmark, --fold, --fold-convention, --shot, --synthetic-* (as evaluate.py)
     parser.add_argument("--split", default=None, help="split of the test episodes (default: as evaluate.py)")
     parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
     parser.add_argument(
@@ -502,16 +476,6 @@ def build_parser() -> ScriptArgumentParser:
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     parser.add_argument(
-        "--synthetic-num-train", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: train images"
-    )
-    parser.add_argument(
-        "--synthetic-num-val", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: validation images"
-    )
-    parser.add_argument(
-        "--synthetic-image-size", allowed=IMAGE_SIDE, default=None, help="synthetic benchmark: image side"
-    )
-    parser.add_argument("--synthetic-seed", allowed=SEED, default=0, help="synthetic benchmark: generation seed")
-    parser.add_argument(
         "--output-dir", default="comparison", help="where the episode lists and results go (default comparison/)"
     )
     return parser
@@ -519,8 +483,6 @@ def build_parser() -> ScriptArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, data, fold, protocol, episode lists: what every model is scored with."""
-    from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import has_class_split
     from hf_fss.data.loading import resolve_benchmark
     from hf_fss.evaluation.protocols import get_protocol
 
@@ -536,12 +498,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         _load_model_and_processor(model, dtype=args.dtype)
     benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
     convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
-    dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
-    split_name = args.split or default_test_split(dataset, benchmark)
-    if split_name not in dataset:
-        raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
-    split = dataset[split_name]
-    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
+    split_name, split, fold = load_test_split(args, benchmark, convention)
     base = get_protocol(args.protocol, benchmark=benchmark)
     seeds = args.seeds or list(base.seeds)
     num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
