@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hf_fss.data import sampling, weak_annotations
 from hf_fss.data.augmentation import TrainAugmentation
 from hf_fss.data.folds import FoldSplit
-from hf_fss.data.sampling import (
+from hf_fss.data.sampling import (  # noqa: F401  (re-exported, see __all__)
     PFENET_MIN_AREA,
     Episode,
     _default_min_area,
@@ -50,27 +51,18 @@ from hf_fss.data.sampling import (
     target_mask,
 )
 from hf_fss.data.schema import IGNORE_INDEX
-from hf_fss.data.weak_annotations import ANNOTATION_KINDS, support_annotation
+from hf_fss.data.weak_annotations import ANNOTATION_KINDS, BBOX_MODES, support_annotation  # noqa: F401
 
+# The episodic datasets, and the names of sampling and weak_annotations: `from hf_fss.data.episodes import ...`
+# keeps working for all of them.
 __all__ = [
-    "ANNOTATION_KINDS",
     "EXTRA_TRAINING_INPUTS",
     "NOVEL_CLASS_POLICIES",
-    "PFENET_MIN_AREA",
-    "Episode",
     "EpisodicTestDataset",
     "EpisodicTrainDataset",
     "collate_test_batch",
-    "eligible_images",
-    "is_binary_split",
-    "load_episodes_jsonl",
-    "make_test_episodes",
-    "save_episodes_jsonl",
-    "shard_bounds",
-    "shard_episodes",
-    "split_base_validation",
-    "support_annotation",
-    "target_mask",
+    *sampling.__all__,
+    *weak_annotations.__all__,
 ]
 
 logger = logging.getLogger(__name__)

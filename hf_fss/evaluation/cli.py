@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path, 
 from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
 
 __all__ = [
+    "add_runtime_arguments",
+    "add_scoring_arguments",
     "build_parser",
     "check_outputs",
     "load_model_with_overrides",
@@ -87,14 +89,21 @@ def _add_episode_arguments(parser: ScriptArgumentParser) -> None:
     parser.add_argument(
         "--split", default=None, help="split of the test episodes (default: validation; fss1000, folder: test)"
     )
-    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
-    parser.add_argument(
-        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
-    )
+    add_scoring_arguments(parser)
     parser.add_argument("--seed", allowed=SEED, default=None, help="episode seed (default: the protocol's seeds)")
     parser.add_argument("--seeds", allowed=SEED, nargs="+", default=None, help="several seeds: mean and std over runs")
     parser.add_argument("--episodes-file", default=None, help="JSON Lines episode list to evaluate instead")
     parser.add_argument("--save-episodes", default=None, help="export the episode list (JSON Lines) to this file")
+    parser.add_argument("--num-workers", allowed=NON_NEGATIVE_INT, default=0, help="DataLoader workers (default 0)")
+
+
+def add_scoring_arguments(parser: ScriptArgumentParser) -> None:
+    """`--protocol`, `--num-episodes`, `--annotation`, `--batch-size`: how episodes are scored (evaluate.py and
+    compare.py)."""
+    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
+    parser.add_argument(
+        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
+    )
     parser.add_argument(
         "--annotation",
         default="mask",
@@ -102,13 +111,6 @@ def _add_episode_arguments(parser: ScriptArgumentParser) -> None:
         help="support annotation derived from the mask (default mask)",
     )
     parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1, help="episodes per forward pass (default 1)")
-    parser.add_argument("--num-workers", allowed=NON_NEGATIVE_INT, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument(
-        "--num-threads",
-        allowed=POSITIVE_INT,
-        default=None,
-        help="torch threads per process (default: the cores available divided by the processes on this machine)",
-    )
 
 
 def _add_model_arguments(parser: ScriptArgumentParser) -> None:
@@ -131,6 +133,18 @@ def _add_model_arguments(parser: ScriptArgumentParser) -> None:
         default=None,
         help="override the model's `inference_scales` config field (CRCNet: e.g. 1.0 for single scale)",
     )
+    add_runtime_arguments(parser)
+
+
+def add_runtime_arguments(parser: ScriptArgumentParser, subject: str = "the model") -> None:
+    """`--num-threads`, `--feature-cache-mb`, `--dtype` and `--cpu` (evaluate.py, and compare.py for `subject`
+    "every model")."""
+    parser.add_argument(
+        "--num-threads",
+        allowed=POSITIVE_INT,
+        default=None,
+        help="torch threads per process (default: the cores available divided by the processes on this machine)",
+    )
     parser.add_argument(
         "--feature-cache-mb",
         allowed=NON_NEGATIVE,
@@ -145,7 +159,7 @@ def _add_model_arguments(parser: ScriptArgumentParser) -> None:
         "--dtype",
         default="float32",
         choices=DTYPES,
-        help="dtype the model runs in (default float32); the metric is computed in float32 whatever it is",
+        help=f"dtype {subject} runs in (default float32); the metric is computed in float32 whatever it is",
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
 
@@ -383,22 +397,32 @@ def _report(args: argparse.Namespace, metrics: Mapping[str, Any], protocol, feat
     )
 
 
+def run_command(prog: str, work: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+    """
+    `work(*args)` as a command's body: `(0, its result)`, or `(2, None)` after one line `<prog>: error: ...` on
+    stderr for bad input (a `ValueError`) or an operating-system error (an `OSError`: its path and what to do).
+    """
+    try:
+        return 0, work(*args)
+    except OSError as err:
+        print(f"{prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/evaluate.py`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        parser.check_ranges(args)
-        check_outputs(args)
-        with contextlib.ExitStack() as held:
-            run_evaluation(args, held)
-    except OSError as err:
-        print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(parser.prog, _checked_run, parser, args)[0]
+
+
+def _checked_run(parser: ScriptArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    parser.check_ranges(args)
+    check_outputs(args)
+    with contextlib.ExitStack() as held:
+        return run_evaluation(args, held)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
-from hf_fss.cli import NON_NEGATIVE, POSITIVE_INT, SEED, Range, ScriptArgumentParser, os_error_line
+from hf_fss.cli import POSITIVE_INT, SEED, Range, ScriptArgumentParser
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
 from hf_fss.evaluation.arguments import (
     add_arguments,
@@ -43,7 +43,13 @@ from hf_fss.evaluation.arguments import (
     load_test_split,
     protocol_for,
 )
-from hf_fss.evaluation.cli import DTYPES, _load_model_and_processor, write_json_atomic
+from hf_fss.evaluation.cli import (
+    _load_model_and_processor,
+    add_runtime_arguments,
+    add_scoring_arguments,
+    run_command,
+    write_json_atomic,
+)
 from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_bytes, evaluate_model
 from hf_fss.file_utils import OutputLock, atomic_write_text, check_output_path
 from hf_fss.utils import check_model_path, set_num_threads
@@ -446,35 +452,15 @@ def build_parser() -> ScriptArgumentParser:
     parser.add_argument("--names", nargs="+", default=None, help="labels of the models (default: folder names)")
     add_arguments(parser)  # --dataset, --benchmark, --fold, --fold-convention, --shot, --synthetic-* (as evaluate.py)
     parser.add_argument("--split", default=None, help="split of the test episodes (default: as evaluate.py)")
-    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
-    parser.add_argument(
-        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
-    )
     parser.add_argument(
         "--seeds", allowed=SEED, nargs="+", default=None, help="episode seeds (default: the protocol's)"
     )
-    parser.add_argument("--annotation", default="mask", choices=("mask", "bbox", "scribble"))
-    parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1, help="episodes per forward pass (default 1)")
+    add_scoring_arguments(parser)  # --protocol, --num-episodes, --annotation, --batch-size
     parser.add_argument(
         "--num-bootstrap", allowed=POSITIVE_INT, default=2000, help="bootstrap resamples (default 2000)"
     )
     parser.add_argument("--confidence", allowed=_CONFIDENCE, default=0.95, help="confidence level (default 0.95)")
-    parser.add_argument(
-        "--feature-cache-mb",
-        allowed=NON_NEGATIVE,
-        default=None,
-        help="as evaluate.py (default: on, sized to the machine)",
-    )
-    parser.add_argument(
-        "--num-threads", allowed=POSITIVE_INT, default=None, help="torch threads (default: the cores available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="dtype every model runs in (default float32), as evaluate.py; the metric is computed in float32",
-    )
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    add_runtime_arguments(parser, "every model")  # --num-threads, --feature-cache-mb, --dtype, --cpu
     parser.add_argument(
         "--output-dir", default="comparison", help="where the episode lists and results go (default comparison/)"
     )
@@ -576,21 +562,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/compare.py`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        parser.check_ranges(args)
-        check_output_path(args.output_dir, "--output-dir")  # before any work: a file there, an unwritable place
-        # Two comparisons into one folder would mix episode lists and results: the second is refused naming the first.
-        with OutputLock(args.output_dir):
-            comparison = compare_models(args)
-    except OSError as err:
-        print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(comparison))
-    print(f"-> {Path(args.output_dir) / 'comparison.json'}, comparison.md, comparison.png")
-    return 0
+    status, comparison = run_command(parser.prog, _checked_compare, parser, args)
+    if status == 0:
+        print(markdown_table(comparison))
+        print(f"-> {Path(args.output_dir) / 'comparison.json'}, comparison.md, comparison.png")
+    return status
+
+
+def _checked_compare(parser: ScriptArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    parser.check_ranges(args)
+    check_output_path(args.output_dir, "--output-dir")  # before any work: a file there, an unwritable place
+    # Two comparisons into one folder would mix episode lists and results: the second is refused naming the first.
+    with OutputLock(args.output_dir):
+        return compare_models(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
