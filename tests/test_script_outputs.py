@@ -24,6 +24,7 @@ from conftest import single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.data.builders import prepare
+from hf_fss.evaluation import cli as evaluate_cli
 from hf_fss.evaluation import compare, runner
 from hf_fss.file_utils import LOCK_NAME, OutputLock
 from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
@@ -123,7 +124,7 @@ def _held(target: Path, flag: str, beside: bool):
 
 def test_evaluate_into_an_output_another_run_writes_is_refused(tiny_model, tmp_path, capsys, monkeypatch):
     out = tmp_path / "metrics.json"
-    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: pytest.fail("evaluated despite the lock"))
+    monkeypatch.setattr(evaluate_cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated despite the lock"))
     with _held(out, "--output", beside=True) as pid:
         assert _evaluate(tiny_model, out) == 2
         line = _one_line(capsys.readouterr().err, "evaluate.py")
@@ -168,7 +169,9 @@ def test_benchmark_into_a_file_another_run_writes_is_refused(tmp_path, capsys):
 
 
 def test_evaluate_output_that_is_a_folder_is_refused_before_evaluating(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check"))
+    monkeypatch.setattr(
+        evaluate_cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check")
+    )
     folder = tmp_path / "metrics.json"
     folder.mkdir()
     assert _evaluate(tiny_model, folder) == 2
@@ -177,7 +180,9 @@ def test_evaluate_output_that_is_a_folder_is_refused_before_evaluating(tiny_mode
 
 
 def test_evaluate_output_one_may_not_write_is_refused_first(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check"))
+    monkeypatch.setattr(
+        evaluate_cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check")
+    )
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path)
     assert _evaluate(tiny_model, tmp_path / "sub" / "metrics.json") == 2
     line = _one_line(capsys.readouterr().err, "evaluate.py")
@@ -192,7 +197,7 @@ def test_evaluate_full_disk_keeps_the_earlier_metrics(tiny_model, tmp_path, caps
     def full_disk(data, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(runner, "write_json_atomic", full_disk)
+    monkeypatch.setattr(evaluate_cli, "write_json_atomic", full_disk)
     assert _evaluate(tiny_model, out) == 2
     line = _one_line(capsys.readouterr().err, "evaluate.py")
     assert line == f"evaluate.py: error: {out}: the disk is full: free some space or choose another folder"

@@ -1,30 +1,16 @@
 """
-Episodic datasets for few-shot segmentation: training episodes over a fold's base classes, fixed test episodes over
-its novel classes, a held-out base-class validation set, and support annotations weaker than masks.
+Episodic datasets for few-shot segmentation: training episodes over a fold's base classes (PFENet) and fixed test
+episodes through the model's image processor. Sampling lives in `hf_fss.data.sampling`, weak support annotations
+in `hf_fss.data.weak_annotations`; their public names are re-exported here (`from hf_fss.data.episodes import ...`
+keeps working).
 
-Conventions (PFENet `util/dataset.py` and `train.py`, HSNet `data/*.py`, PANet / SMCP `dataloaders/customized.py`):
-
-- Eligibility. An image is eligible for class `c` when `c` covers at least `2 * 32 * 32` pixels (PFENet's
-  `make_dataset`, following Shaban et al.: the object must survive a 1/32 downsampling with more than 2 pixels).
-  PFENet's `make_dataset` is shared by its train and val modes, so the rule filters the validation queries and
-  supports as well; we apply it to both (PFENet picks a val query's class among *all* novel classes of the image,
-  we pick only among its eligible ones, so every episode's query holds a sizeable target). Areas come from the
-  `class_areas` column (stored resolution). For binary benchmarks (FSS-1000) there is no such rule in HSNet (every
-  image of a class is used), so the default threshold there is one pixel.
-- Target mask for class `c`: 1 where `label == c` (`label == 1` for binary FSS-1000 rows), 255 where
-  `label == 255`, 0 elsewhere.
-- Training (PFENet): the items are the images with at least one eligible base class; an item's class is drawn
-  uniformly among its eligible base classes and its K supports uniformly (distinct, never the query) among that
-  class's eligible images. Novel classes seen in training images are background in PFENet (its labels only mark
-  the chosen class); `novel_class_policy="ignore"` makes them 255 instead and `"exclude"` drops every image that
-  contains one (the stricter protocol some later papers use).
-- Testing: a fixed, seeded list of episodes, generated identically on every process. `sampling="pair"` walks the
-  eligible (image, class) pairs in a seeded random order (every pair once before any repeats: HSNet's PASCAL
-  loader cycles through its (image, class) list, PFENet's through its image list); `sampling="class"` draws a
-  class uniformly, then a query (HSNet's COCO loader). `num_episodes=None` gives every eligible pair once in
-  dataset order (FSS-1000: every test image once as query, as in HSNet).
-- Support annotations at test time (PANet / SMCP): `"mask"` (dense), `"bbox"` and `"scribble"`; see
-  `support_annotation`.
+- Training (PFENet `util/dataset.py`): the items are the images with at least one eligible base class; an item's
+  class is drawn uniformly among its eligible base classes and its K supports uniformly (distinct, never the
+  query) among that class's eligible images. Novel classes seen in training images are background in PFENet (its
+  labels only mark the chosen class); `novel_class_policy="ignore"` makes them 255 instead and `"exclude"` drops
+  every image that contains one (the stricter protocol some later papers use).
+- Testing: the episodes of `make_test_episodes` (or a JSON Lines file); support annotations `"mask"`, `"bbox"` and
+  `"scribble"` (PANet / SMCP `dataloaders/customized.py`, see `support_annotation`).
 
 Randomness is always a `np.random.Generator` seeded from integers (`[seed, epoch, index]` for training items,
 `[seed, episode_index, shot]` for test annotations), never global state, so results do not depend on the number
@@ -33,179 +19,57 @@ or order of DataLoader workers or processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from scipy import ndimage
-from scipy.sparse.csgraph import connected_components, dijkstra
-from skimage.draw import line as draw_line
-from skimage.graph import pixel_graph
-from skimage.morphology import skeletonize
 from torch.utils.data import Dataset
 
+from hf_fss.data import sampling, weak_annotations
 from hf_fss.data.augmentation import TrainAugmentation
-from hf_fss.data.folds import FoldSplit, _as_class_tuple
+from hf_fss.data.folds import FoldSplit
+from hf_fss.data.sampling import (  # noqa: F401  (re-exported, see __all__)
+    PFENET_MIN_AREA,
+    Episode,
+    _default_min_area,
+    _draw_supports,
+    _holdout_rows,
+    _read_class_columns,
+    _read_image_ids,
+    _usable_classes,
+    eligible_images,
+    is_binary_split,
+    load_episodes_jsonl,
+    make_test_episodes,
+    save_episodes_jsonl,
+    shard_bounds,
+    shard_episodes,
+    split_base_validation,
+    target_mask,
+)
 from hf_fss.data.schema import IGNORE_INDEX
-from hf_fss.file_utils import atomic_write_text
+from hf_fss.data.weak_annotations import ANNOTATION_KINDS, BBOX_MODES, support_annotation  # noqa: F401
 
+# The episodic datasets, and the names of sampling and weak_annotations: `from hf_fss.data.episodes import ...`
+# keeps working for all of them.
 __all__ = [
-    "ANNOTATION_KINDS",
     "EXTRA_TRAINING_INPUTS",
     "NOVEL_CLASS_POLICIES",
-    "PFENET_MIN_AREA",
-    "Episode",
     "EpisodicTestDataset",
     "EpisodicTrainDataset",
     "collate_test_batch",
-    "eligible_images",
-    "is_binary_split",
-    "load_episodes_jsonl",
-    "make_test_episodes",
-    "save_episodes_jsonl",
-    "shard_bounds",
-    "shard_episodes",
-    "split_base_validation",
-    "support_annotation",
-    "target_mask",
+    *sampling.__all__,
+    *weak_annotations.__all__,
 ]
 
 logger = logging.getLogger(__name__)
 
-PFENET_MIN_AREA = 2 * 32 * 32
 NOVEL_CLASS_POLICIES = ("background", "ignore", "exclude")
-ANNOTATION_KINDS = ("mask", "bbox", "scribble")
 # Extra model inputs the episodic training dataset can emit (a model declares the ones it takes).
 EXTRA_TRAINING_INPUTS = ("class_ids", "semantic_labels", "support_semantic_labels")
-BBOX_MODES = ("instance", "union")
-
-# Label maps with more class ids than fit in a uint8 PNG store one class per row as a binary mask (FSS-1000).
-_MAX_DENSE_CLASSES = 256
-
-
-# ------------------------------------------------------------------------------------------------ basics
-
-
-@dataclass(frozen=True)
-class Episode:
-    """One test episode: the query's `image_id`, the K support `image_id`s and the class to segment."""
-
-    query: str
-    supports: tuple[str, ...]
-    class_id: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"query": self.query, "supports": list(self.supports), "class_id": self.class_id}
-
-
-def is_binary_split(split: Any) -> bool:
-    """
-    Whether rows store binary masks (1 = the row's class) rather than label maps of class ids: true for
-    benchmarks with more classes than a uint8 label map holds (FSS-1000's ClassLabel has 1001 names).
-    """
-    feature = split.features["class_ids"]
-    feature = getattr(feature, "feature", feature)
-    return getattr(feature, "num_classes", 0) > _MAX_DENSE_CLASSES
-
-
-def target_mask(label: np.ndarray, class_id: int, binary: bool = False) -> np.ndarray:
-    """
-    `(H, W)` label map -> `(H, W)` uint8 target mask: 1 where `label == class_id` (`label == 1` for a binary row),
-    255 where `label == 255`, 0 elsewhere.
-    """
-    label = np.asarray(label)
-    mask = np.zeros(label.shape, dtype=np.uint8)
-    mask[label == IGNORE_INDEX] = IGNORE_INDEX
-    mask[label == (1 if binary else class_id)] = 1
-    return mask
-
-
-def _read_class_columns(split: Any) -> tuple[list[list[int]], list[list[int]]]:
-    """`class_ids` and `class_areas` of every row, read from the columns only (no image is decoded)."""
-    columns = split.select_columns(["class_ids", "class_areas"])[:]
-    ids, areas = columns["class_ids"], columns["class_areas"]
-    for row, (row_ids, row_areas) in enumerate(zip(ids, areas)):
-        if len(row_ids) != len(row_areas):
-            raise ValueError(f"row {row}: class_ids {row_ids} and class_areas {row_areas} differ in length")
-    return ids, areas
-
-
-def _read_image_ids(split: Any) -> list[str]:
-    ids = list(split.select_columns(["image_id"])[:]["image_id"])
-    if len(set(ids)) != len(ids):
-        values, counts = np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True)
-        raise ValueError(
-            f"image_id must be unique within a split (episodes refer to images by id); repeated: "
-            f"{values[counts > 1][:5].tolist()}"
-        )
-    return ids
-
-
-def _default_min_area(min_area: int | None, binary: bool) -> int:
-    if min_area is None:
-        return 1 if binary else PFENET_MIN_AREA
-    if min_area < 1:
-        raise ValueError(f"min_area must be >= 1 (a class must be present), got {min_area}")
-    return int(min_area)
-
-
-def eligible_images(
-    class_ids: Sequence[Sequence[int]],
-    class_areas: Sequence[Sequence[int]],
-    classes: Iterable[int],
-    min_area: int,
-    excluded_rows: Iterable[int] = (),
-) -> dict[int, np.ndarray]:
-    """
-    Rows eligible for each class: `{c: sorted int64 array of rows where c covers >= min_area pixels}` for every
-    `c` in `classes` (possibly empty arrays), ignoring `excluded_rows`.
-    """
-    wanted = set(_as_class_tuple(classes))
-    excluded = {int(r) for r in excluded_rows}
-    rows: dict[int, list[int]] = {c: [] for c in sorted(wanted)}
-    for row, (row_ids, row_areas) in enumerate(zip(class_ids, class_areas)):
-        if row in excluded:
-            continue
-        for c, area in zip(row_ids, row_areas):
-            if c in wanted and area >= min_area:
-                rows[c].append(row)
-    return {c: np.asarray(sorted(set(r)), dtype=np.int64) for c, r in rows.items()}
-
-
-def _usable_classes(eligible: dict[int, np.ndarray], shot: int, what: str) -> dict[int, np.ndarray]:
-    """Keep the classes with enough eligible images for a query plus `shot` distinct supports."""
-    usable = {c: rows for c, rows in eligible.items() if len(rows) >= shot + 1}
-    dropped = sorted(set(eligible) - set(usable))
-    if dropped:
-        logger.warning(
-            "%s: classes %s have fewer than %d eligible images (a query and %d supports) and are skipped",
-            what,
-            dropped,
-            shot + 1,
-            shot,
-        )
-    return usable
-
-
-def _draw_supports(candidates: np.ndarray, query_row: int, shot: int, rng: np.random.Generator) -> list[int]:
-    """`shot` distinct rows drawn uniformly from the sorted `candidates`, never `query_row`."""
-    position = int(np.searchsorted(candidates, query_row))
-    has_query = position < len(candidates) and candidates[position] == query_row
-    pool = len(candidates) - int(has_query)
-    if pool < shot:
-        raise ValueError(f"need {shot} support images besides the query, only {pool} available")
-    picks = rng.choice(pool, size=shot, replace=False)
-    if has_query:
-        # Positions at or after the query's shift by one, which skips it without building a new array.
-        picks = np.where(picks >= position, picks + 1, picks)
-    return [int(candidates[p]) for p in picks]
 
 
 def _decode_row(split: Any, row: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -224,46 +88,6 @@ def _decode_row(split: Any, row: int) -> tuple[np.ndarray, np.ndarray, dict[str,
             f"image {example['image_id']!r}: image {image.shape[:2]} and label {label.shape} sizes differ"
         )
     return image, label, example
-
-
-# ------------------------------------------------------------------------------------------- held-out validation
-
-
-def _holdout_rows(num_rows: int, fraction: float, seed: int, min_images: int) -> np.ndarray:
-    """Sorted rows of a seeded random subset: `max(ceil(fraction * n), min_images)` rows, at most `n - 1`."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    if fraction == 0.0 or num_rows < 2:
-        return np.zeros(0, dtype=np.int64)
-    count = min(max(math.ceil(fraction * num_rows), int(min_images)), num_rows - 1)
-    order = np.random.default_rng([int(seed), num_rows]).permutation(num_rows)
-    return np.sort(order[:count]).astype(np.int64)
-
-
-def split_base_validation(
-    train_split: Any, fraction: float = 0.05, seed: int = 0, min_images: int = 100
-) -> tuple[Any, Any]:
-    """
-    Hold out a fixed, seeded subset of the training images for model selection on base classes.
-
-    Args:
-        train_split: the benchmark's `train` `datasets.Dataset`.
-        fraction: share of the images held out (default 5%).
-        seed: seed of the subset.
-        min_images: hold out at least this many images (so a few hundred validation episodes can be drawn on
-            small datasets), never all of them.
-
-    Returns:
-        `(train_part, validation_part)`, two `datasets.Dataset` views (`.select`) of disjoint rows. Build the
-        training episodes on `train_part` and the validation episodes with
-        `make_test_episodes(validation_part, fold.base, ...)` + `EpisodicTestDataset`, so queries and supports of
-        validation episodes come from the held-out images only. Selecting on the test fold instead, as the papers
-        do, is `make_test_episodes(dataset["validation"], fold.novel, ...)`.
-    """
-    held = _holdout_rows(len(train_split), fraction, seed, min_images)
-    mask = np.ones(len(train_split), dtype=bool)
-    mask[held] = False
-    return train_split.select(np.flatnonzero(mask).tolist()), train_split.select(held.tolist())
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -493,349 +317,6 @@ class EpisodicTrainDataset(Dataset):
                 [torch.from_numpy(lut[m.numpy()]) for m, _, lut in label_maps[1:]]
             )
         return item
-
-
-# ------------------------------------------------------------------------------------------------------ testing
-
-
-def make_test_episodes(
-    split: Any,
-    classes: Iterable[int],
-    num_episodes: int | None = 1000,
-    shot: int = 1,
-    seed: int = 0,
-    *,
-    min_area: int | None = None,
-    binary_labels: bool | None = None,
-    sampling: str = "pair",
-) -> list[Episode]:
-    """
-    A fixed, seeded list of test episodes, identical on every process (generated entirely from `seed`).
-
-    Args:
-        split: a benchmark split (`datasets.Dataset`), e.g. `dataset["validation"]` for PASCAL-5i / COCO-20i,
-            `dataset["test"]` for FSS-1000, or a held-out part of `train` for base-class validation.
-        classes: classes episodes are drawn for, usually `fold.novel`.
-        num_episodes: number of episodes (PASCAL-5i 1000; COCO-20i 1000 or 4000), or `None` for every eligible
-            (image, class) pair once, in dataset order (FSS-1000: every test image once as query).
-        shot: K supports per episode: distinct, never the query, each eligible for the class.
-        seed: the only source of randomness.
-        min_area: eligibility threshold (default `2 * 32 * 32`, 1 for binary FSS-1000 rows).
-        binary_labels: default `is_binary_split(split)`.
-        sampling: `"pair"` (seeded permutations of all eligible (image, class) pairs, repeated when
-            `num_episodes` exceeds their number) or `"class"` (class uniformly, then query uniformly).
-
-    Returns:
-        `list[Episode]` of length `num_episodes` (or the number of eligible pairs).
-    """
-    if shot < 1:
-        raise ValueError(f"shot must be >= 1, got {shot}")
-    if num_episodes is not None and num_episodes < 1:
-        raise ValueError(f"num_episodes must be positive or None, got {num_episodes}")
-    if sampling not in ("pair", "class"):
-        raise ValueError(f"sampling must be 'pair' or 'class', got {sampling!r}")
-    binary = is_binary_split(split) if binary_labels is None else bool(binary_labels)
-    threshold = _default_min_area(min_area, binary)
-    image_ids = _read_image_ids(split)
-    class_ids, class_areas = _read_class_columns(split)
-    eligible = _usable_classes(eligible_images(class_ids, class_areas, classes, threshold), shot, "make_test_episodes")
-    if not eligible:
-        raise ValueError(f"no class of {_as_class_tuple(classes)} has {shot + 1} eligible images in this split")
-
-    pairs = sorted((int(row), c) for c, rows in eligible.items() for row in rows.tolist())
-    rng = np.random.default_rng(int(seed))
-    if num_episodes is None:
-        chosen = pairs
-    elif sampling == "pair":
-        order: list[int] = []
-        while len(order) < num_episodes:
-            order.extend(rng.permutation(len(pairs)).tolist())
-        chosen = [pairs[i] for i in order[:num_episodes]]
-    else:
-        usable = sorted(eligible)
-        chosen = []
-        for _ in range(num_episodes):
-            c = usable[int(rng.integers(len(usable)))]
-            rows = eligible[c]
-            chosen.append((int(rows[rng.integers(len(rows))]), c))
-
-    episodes = []
-    for row, c in chosen:
-        supports = _draw_supports(eligible[c], row, shot, rng)
-        episodes.append(Episode(image_ids[row], tuple(image_ids[s] for s in supports), int(c)))
-    return episodes
-
-
-def save_episodes_jsonl(episodes: Iterable[Episode], path: str | os.PathLike) -> None:
-    """Write one JSON object per line, `{"query": id, "supports": [ids], "class_id": c}`, atomically."""
-    atomic_write_text(path, "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes))
-
-
-def load_episodes_jsonl(path: str | os.PathLike, split: Any = None) -> list[Episode]:
-    """
-    Read a list written by `save_episodes_jsonl`. Every episode must have distinct supports, none of them its query;
-    with `split`, its images must exist there and the class must be in every support image.
-
-    Raises:
-        `ValueError`: naming the file, the line, the episode's image ids and what is wrong.
-    """
-    from .text import read_user_text
-
-    episodes, numbers = [], []
-    # Read as editors save it: a BOM, CRLF or UTF-16 with a BOM are fine; another encoding is one line naming it.
-    for number, line in enumerate(read_user_text(path, "episodes file").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            episode = Episode(str(record["query"]), tuple(str(s) for s in record["supports"]), int(record["class_id"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{os.fspath(path)}:{number}: not an episode record ({err})") from err
-        _check_episode(episode, f"{os.fspath(path)}:{number}")
-        episodes.append(episode)
-        numbers.append(number)
-    if split is not None:
-        _check_episodes_against_split(episodes, [f"{os.fspath(path)}:{n}" for n in numbers], split)
-    return episodes
-
-
-def _describe(episode: Episode) -> str:
-    return f"episode (query {episode.query!r}, supports {list(episode.supports)}, class {episode.class_id})"
-
-
-def _check_episode(episode: Episode, where: str) -> None:
-    if not episode.supports:
-        raise ValueError(f"{where}: {_describe(episode)} has no support image")
-    if episode.query in episode.supports:
-        raise ValueError(
-            f"{where}: {_describe(episode)} uses its query {episode.query!r} as a support; supports must be "
-            "other images of the class"
-        )
-    if len(set(episode.supports)) != len(episode.supports):
-        raise ValueError(f"{where}: {_describe(episode)} repeats a support image; the K supports must be distinct")
-
-
-def _check_episodes_against_split(episodes: Sequence[Episode], places: Sequence[str], split: Any) -> None:
-    """Every image of every episode is in `split` and its class is in every support image (class_ids column)."""
-    row_of = {image_id: row for row, image_id in enumerate(_read_image_ids(split))}
-    class_ids, _ = _read_class_columns(split)
-    feature = split.features["class_ids"]
-    names = getattr(getattr(feature, "feature", feature), "names", None)
-    for episode, where in zip(episodes, places):
-        absent = [i for i in (episode.query, *episode.supports) if i not in row_of]
-        if absent:
-            raise ValueError(f"{where}: {_describe(episode)} names image(s) {absent} that the split does not hold")
-        c = episode.class_id
-        for image_id in episode.supports:
-            if c not in class_ids[row_of[image_id]]:
-                name = f" ({names[c]!r})" if names and 0 <= c < len(names) else ""
-                raise ValueError(
-                    f"{where}: {_describe(episode)}: class {c}{name} is not in support image {image_id!r} (its "
-                    f"classes: {list(class_ids[row_of[image_id]])})"
-                )
-
-
-def shard_bounds(num_items: int, num_shards: int, index: int) -> tuple[int, int]:
-    """`[start, stop)` of contiguous shard `index` of `num_shards` (sizes differ by at most one)."""
-    if num_shards < 1 or not 0 <= index < num_shards:
-        raise ValueError(f"need num_shards >= 1 and 0 <= index < num_shards, got {num_shards}, {index}")
-    base, extra = divmod(num_items, num_shards)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
-
-
-def shard_episodes(episodes: Sequence[Episode], num_shards: int, index: int) -> list[Episode]:
-    """Contiguous shard `index`: joining shards `0..num_shards-1` in order gives `episodes` back."""
-    start, stop = shard_bounds(len(episodes), num_shards, index)
-    return list(episodes[start:stop])
-
-
-# ---------------------------------------------------------------------------------------- support annotations
-
-
-def _longest_paths(skeleton: np.ndarray, rng: np.random.Generator, min_nodes: int) -> list[np.ndarray]:
-    """Per connected piece of a skeleton (>= min_nodes pixels): its longest path as an (N, 2) (y, x) array."""
-    if not skeleton.any():
-        return []
-    # 8-neighbour graph over the skeleton pixels, edges weighted by distance (1 or sqrt 2); nodes in raster order.
-    graph, nodes = pixel_graph(skeleton, connectivity=2)
-    coords = np.stack(np.unravel_index(nodes, skeleton.shape), axis=1)
-    count, labels = connected_components(graph, directed=False)
-    paths = []
-    for component in range(count):
-        nodes = np.flatnonzero(labels == component)
-        if len(nodes) < min_nodes:
-            continue
-        # Double sweep: the farthest node from any node is an end of a longest path (exact on trees).
-        start = int(nodes[rng.integers(len(nodes))])
-        distance = dijkstra(graph, directed=False, indices=start)
-        end_a = int(nodes[np.argmax(distance[nodes])])
-        distance, predecessors = dijkstra(graph, directed=False, indices=end_a, return_predecessors=True)
-        node = int(nodes[np.argmax(distance[nodes])])
-        path = [node]
-        while node != end_a:
-            node = int(predecessors[node])
-            path.append(node)
-        paths.append(coords[np.asarray(path)])
-    return paths
-
-
-def _region_scribble(
-    region: np.ndarray,
-    rng: np.random.Generator,
-    kernel_range: tuple[float, float],
-    max_radius: float,
-    width: int,
-    work_size: int = 128,
-) -> np.ndarray:
-    """
-    Scribbles inside a boolean region, in the spirit of the DAVIS scribble robot that PANet's automatic scribbles
-    come from (SMCP `util/scribbles.py`): open the region with a disk proportional to the square root of its area
-    (drops thin parts and specks), skeletonise it, follow the longest path of every skeleton piece, trim and
-    smooth it a little at random, draw it, and keep only pixels inside the region. The skeleton is computed on
-    the region's bounding box scaled to at most `work_size` px (the curves are smoothed anyway; this keeps it
-    fast); drawing is at full resolution. Never empty for a non-empty region (falls back to a dot at the
-    innermost pixel).
-    """
-    height, width_px = region.shape
-    out = np.zeros(region.shape, dtype=bool)
-    if not region.any():
-        return out
-    ys, xs = np.nonzero(region)
-    top, left = int(ys.min()), int(xs.min())
-    crop = region[top : int(ys.max()) + 1, left : int(xs.max()) + 1].astype(np.uint8)
-    scale = min(1.0, work_size / max(crop.shape))
-    if scale < 1.0:
-        small_size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-        crop = cv2.resize(crop, small_size, interpolation=cv2.INTER_NEAREST)
-    area = int(crop.sum())
-    radius = min(rng.uniform(*kernel_range) * math.sqrt(area) * 0.5, max_radius * scale)
-    opened = crop
-    while radius > 1.0:
-        size = 2 * int(round(radius)) + 1
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-        candidate = cv2.morphologyEx(crop, cv2.MORPH_OPEN, kernel)
-        if candidate.any():
-            opened = candidate
-            break
-        radius *= 0.9
-    skeleton = skeletonize(np.pad(opened.astype(bool), 1))[1:-1, 1:-1]
-    for path in _longest_paths(skeleton, rng, min_nodes=4):
-        length = len(path)
-        # Random trim of each end (human scribbles rarely reach the extremities), then a moving-average smoothing.
-        cut_a, cut_b = (int(rng.uniform(0.0, 0.15) * length) for _ in range(2))
-        path = path[cut_a : max(length - cut_b, cut_a + 2)].astype(np.float64)
-        window = max(1, len(path) // 8)
-        if window > 1:
-            padded = np.pad(path, ((window // 2, window - 1 - window // 2), (0, 0)), mode="edge")
-            kernel_1d = np.ones(window) / window
-            path = np.stack([np.convolve(padded[:, i], kernel_1d, mode="valid") for i in range(2)], axis=1)
-        # Back to full-resolution image coordinates (pixel centres).
-        path = (path + 0.5) / scale - 0.5 + np.array([top, left])
-        points = np.rint(path).astype(np.int64)
-        points[:, 0] = np.clip(points[:, 0], 0, height - 1)
-        points[:, 1] = np.clip(points[:, 1], 0, width_px - 1)
-        for (y0, x0), (y1, x1) in zip(points[:-1], points[1:]):
-            yy, xx = draw_line(int(y0), int(x0), int(y1), int(x1))
-            out[yy, xx] = True
-        out[points[-1, 0], points[-1, 1]] = True
-    if width > 1:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))
-        out = cv2.dilate(out.astype(np.uint8), kernel).astype(bool)
-    out &= region
-    if not out.any():
-        # Object too small or thin for a skeleton path: a dot of the line width at its innermost pixel.
-        distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(distance)), region.shape)
-        out[y, x] = True
-        if width > 1:
-            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))
-            out = cv2.dilate(out.astype(np.uint8), kernel).astype(bool) & region
-    return out
-
-
-def support_annotation(
-    mask: np.ndarray,
-    kind: str = "mask",
-    rng: np.random.Generator | None = None,
-    *,
-    bbox_mode: str = "instance",
-    scribble_width: int | None = None,
-    background_scribbles: bool = True,
-    kernel_range: tuple[float, float] = (0.1, 0.2),
-    max_radius: float = 16.0,
-) -> np.ndarray:
-    """
-    Turn a dense `(H, W)` target mask (1 target, 0 background, 255 ignore) into a support annotation of the same
-    size and values (uint8), as PANet / SMCP evaluate weak supports.
-
-    Args:
-        mask: dense target mask; it must have at least one target pixel unless `kind="mask"`.
-        kind:
-            - `"mask"`: the mask itself (a copy).
-            - `"bbox"`: boxes. PANet (SMCP `util/utils.py::get_bbox`) marks the box of the *largest instance* of
-              the class as target, leaves the boxes of the class's other instances unlabelled, and makes the rest
-              background. Without instance maps we take 8-connected components of the target as instances:
-              `bbox_mode="instance"` (default) -> 1 in the largest component's box, 255 in the other components'
-              boxes, 0 elsewhere; `bbox_mode="union"` -> 1 in the one box enclosing all target pixels, 0 elsewhere.
-              The dense mask's 255 pixels play no role (a box annotation has no void).
-            - `"scribble"`: PANet's scribble supports (`customized.py::getMask`): target = scribble pixels on the
-              object, background = scribble pixels labelled background, every other pixel unlabelled. So the
-              result is 1 on foreground scribbles, 0 on background scribbles (`background_scribbles=True`) and
-              255 elsewhere. PANet's scribbles are pre-computed by the DAVIS scribble robot; ours are generated
-              here in the same spirit (see `_region_scribble`), inside the target (`mask == 1`) and inside the
-              background (`mask == 0`), one curve per piece of the opened region (PANet keeps the foreground
-              scribbles of one randomly chosen scribble label). At least one foreground pixel is always marked.
-        rng: randomness of the scribbles (bbox and mask are deterministic); default `np.random.default_rng(0)`.
-        bbox_mode: `"instance"` or `"union"` (see above).
-        scribble_width: line width in pixels; default `max(1, round(max(H, W) / 160))` (3 px for a 500 px image)
-            so scribbles survive a resize to the model resolution.
-        background_scribbles: draw background scribbles (otherwise only foreground scribbles, rest 255).
-        kernel_range / max_radius: the opening radius is `uniform(*kernel_range) * sqrt(area) / 2`, capped at
-            `max_radius` (the robot's `kernel_size=0.15`, `max_kernel_radius=16`).
-
-    Returns:
-        `np.ndarray` `(H, W)` uint8 with values in {0, 1, 255}.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if kind not in ANNOTATION_KINDS:
-        raise ValueError(f"unknown support annotation kind {kind!r}; expected one of {ANNOTATION_KINDS}")
-    if kind == "mask":
-        return mask.astype(np.uint8, copy=True)
-    target = mask == 1
-    if not target.any():
-        raise ValueError(f"a {kind!r} annotation needs a mask with at least one target pixel")
-    rng = np.random.default_rng(0) if rng is None else rng
-
-    if kind == "bbox":
-        if bbox_mode not in BBOX_MODES:
-            raise ValueError(f"bbox_mode must be one of {BBOX_MODES}, got {bbox_mode!r}")
-        out = np.zeros(mask.shape, dtype=np.uint8)
-        if bbox_mode == "union":
-            ys, xs = np.nonzero(target)
-            out[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
-            return out
-        components, count = ndimage.label(target, structure=np.ones((3, 3), dtype=bool))
-        areas = np.bincount(components.ravel(), minlength=count + 1)[1:]
-        largest = int(np.argmax(areas))
-        boxes = ndimage.find_objects(components)
-        for i, box in enumerate(boxes):
-            if i != largest:
-                out[box] = IGNORE_INDEX
-        out[boxes[largest]] = 1
-        return out
-
-    height, width = mask.shape
-    line_width = max(1, round(max(height, width) / 160)) if scribble_width is None else int(scribble_width)
-    out = np.full(mask.shape, IGNORE_INDEX, dtype=np.uint8)
-    if background_scribbles:
-        background = mask == 0
-        if background.any():
-            out[_region_scribble(background, rng, kernel_range, max_radius, line_width)] = 0
-    out[_region_scribble(target, rng, kernel_range, max_radius, line_width)] = 1
-    return out
 
 
 # --------------------------------------------------------------------------------------------- test dataset

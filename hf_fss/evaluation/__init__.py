@@ -6,6 +6,7 @@ same code (`evaluate.load(FEW_SHOT_IOU_PATH)`, works offline).
 
 from pathlib import Path
 
+from hf_fss.evaluation.loop import evaluate_model
 from hf_fss.evaluation.metrics import (
     IGNORE_INDEX,
     FewShotSegmentationMetric,
@@ -20,7 +21,6 @@ from hf_fss.evaluation.protocols import (
     EvaluationProtocol,
     get_protocol,
 )
-from hf_fss.evaluation.runner import evaluate_model
 
 # The folder of the `evaluate` metric script (few_shot_iou/few_shot_iou.py): `evaluate.load(FEW_SHOT_IOU_PATH)`.
 FEW_SHOT_IOU_PATH = str(Path(__file__).resolve().parent / "few_shot_iou")

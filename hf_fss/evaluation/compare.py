@@ -34,30 +34,22 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_fss.backbones.feature_cache import FeatureCache
-from hf_fss.cli import (
-    IMAGE_SIDE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE_INT,
-    SEED,
-    Range,
-    ScriptArgumentParser,
-    os_error_line,
-)
+from hf_fss.cli import POSITIVE_INT, SEED, Range, ScriptArgumentParser
 from hf_fss.data.episodes import load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
-from hf_fss.data.folds import COCO_CONVENTIONS
-from hf_fss.evaluation.runner import (
-    DTYPES,
-    _load_model_and_processor,
-    _synthetic_kwargs,
+from hf_fss.evaluation.arguments import (
+    add_arguments,
     checked_fold_convention,
     class_names_of,
-    combine_seed_runs,
-    default_feature_cache_bytes,
-    default_test_split,
-    evaluate_model,
+    load_test_split,
     protocol_for,
 )
+from hf_fss.evaluation.cli import (
+    _load_model_and_processor,
+    add_runtime_arguments,
+    add_scoring_arguments,
+    run_command,
+)
+from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_bytes, evaluate_model
 from hf_fss.utils import check_model_path, set_num_threads
 from hf_fss.utils.io import OutputLock, atomic_write_text, check_output_path, write_json_atomic
 
@@ -457,59 +449,17 @@ def build_parser() -> ScriptArgumentParser:
     )
     parser.add_argument("--models", nargs="+", required=True, help="save_pretrained folders or Hub model ids")
     parser.add_argument("--names", nargs="+", default=None, help="labels of the models (default: folder names)")
-    # Required, as evaluate.py's: no silent synthetic default.
-    parser.add_argument("--dataset", required=True, help="'synthetic', a prepare_dataset.py folder or a Hub id")
-    parser.add_argument("--benchmark", default=None, help="pascal5i, coco20i, fss1000, synthetic, folder")
-    parser.add_argument(
-        "--fold", allowed=NON_NEGATIVE_INT, default=0, help="fold whose novel classes are tested (default 0)"
-    )
-    parser.add_argument(
-        "--fold-convention",
-        default=None,
-        choices=COCO_CONVENTIONS,
-        help="COCO-20i only: interleaved (default), contiguous or canet_40_20_20 (CANet's 40/20/20 split, fold 0)",
-    )
-    parser.add_argument("--shot", allowed=POSITIVE_INT, default=1, help="support images per episode (default 1)")
+    add_arguments(parser)  # --dataset, --benchmark, --fold, --fold-convention, --shot, --synthetic-* (as evaluate.py)
     parser.add_argument("--split", default=None, help="split of the test episodes (default: as evaluate.py)")
-    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
-    parser.add_argument(
-        "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
-    )
     parser.add_argument(
         "--seeds", allowed=SEED, nargs="+", default=None, help="episode seeds (default: the protocol's)"
     )
-    parser.add_argument("--annotation", default="mask", choices=("mask", "bbox", "scribble"))
-    parser.add_argument("--batch-size", allowed=POSITIVE_INT, default=1, help="episodes per forward pass (default 1)")
+    add_scoring_arguments(parser)  # --protocol, --num-episodes, --annotation, --batch-size
     parser.add_argument(
         "--num-bootstrap", allowed=POSITIVE_INT, default=2000, help="bootstrap resamples (default 2000)"
     )
     parser.add_argument("--confidence", allowed=_CONFIDENCE, default=0.95, help="confidence level (default 0.95)")
-    parser.add_argument(
-        "--feature-cache-mb",
-        allowed=NON_NEGATIVE,
-        default=None,
-        help="as evaluate.py (default: on, sized to the machine)",
-    )
-    parser.add_argument(
-        "--num-threads", allowed=POSITIVE_INT, default=None, help="torch threads (default: the cores available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="dtype every model runs in (default float32), as evaluate.py; the metric is computed in float32",
-    )
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
-    parser.add_argument(
-        "--synthetic-num-train", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: train images"
-    )
-    parser.add_argument(
-        "--synthetic-num-val", allowed=NON_NEGATIVE_INT, default=None, help="synthetic benchmark: validation images"
-    )
-    parser.add_argument(
-        "--synthetic-image-size", allowed=IMAGE_SIDE, default=None, help="synthetic benchmark: image side"
-    )
-    parser.add_argument("--synthetic-seed", allowed=SEED, default=0, help="synthetic benchmark: generation seed")
+    add_runtime_arguments(parser, "every model")  # --num-threads, --feature-cache-mb, --dtype, --cpu
     parser.add_argument(
         "--output-dir", default="comparison", help="where the episode lists and results go (default comparison/)"
     )
@@ -518,8 +468,6 @@ def build_parser() -> ScriptArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, data, fold, protocol, episode lists: what every model is scored with."""
-    from hf_fss.data import fold_classes, load_benchmark
-    from hf_fss.data.folds import has_class_split
     from hf_fss.data.loading import resolve_benchmark
     from hf_fss.evaluation.protocols import get_protocol
 
@@ -535,12 +483,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         # Every model loads (config.json, weights, preprocessor_config.json) before the episode lists are written:
         # a broken last model must not fail after the others ran and left files behind. Loaded again when scored.
         _load_model_and_processor(model, dtype=args.dtype)
-    dataset = load_benchmark(args.dataset, **(_synthetic_kwargs(args) if args.dataset == "synthetic" else {}))
-    split_name = args.split or default_test_split(dataset, benchmark)
-    if split_name not in dataset:
-        raise ValueError(f"--split {split_name!r} is not in the dataset (splits: {sorted(dataset)})")
-    split = dataset[split_name]
-    fold = fold_classes(benchmark, args.fold, convention, dataset=dataset if has_class_split(benchmark) else None)
+    split_name, split, fold = load_test_split(args, benchmark, convention)
     base = get_protocol(args.protocol, benchmark=benchmark)
     seeds = args.seeds or list(base.seeds)
     num_episodes = args.num_episodes if args.num_episodes is not None else base.num_episodes
@@ -618,21 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/compare.py`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        parser.check_ranges(args)
-        check_output_path(args.output_dir, "--output-dir")  # before any work: a file there, an unwritable place
-        # Two comparisons into one folder would mix episode lists and results: the second is refused naming the first.
-        with OutputLock(args.output_dir):
-            comparison = compare_models(args)
-    except OSError as err:
-        print(f"{parser.prog}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(comparison))
-    print(f"-> {Path(args.output_dir) / 'comparison.json'}, comparison.md, comparison.png")
-    return 0
+    status, comparison = run_command(parser.prog, _checked_compare, parser, args)
+    if status == 0:
+        print(markdown_table(comparison))
+        print(f"-> {Path(args.output_dir) / 'comparison.json'}, comparison.md, comparison.png")
+    return status
+
+
+def _checked_compare(parser: ScriptArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    parser.check_ranges(args)
+    check_output_path(args.output_dir, "--output-dir")  # before any work: a file there, an unwritable place
+    # Two comparisons into one folder would mix episode lists and results: the second is refused naming the first.
+    with OutputLock(args.output_dir):
+        return compare_models(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

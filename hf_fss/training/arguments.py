@@ -43,6 +43,7 @@ from hf_fss.cli import (
     Range,
     check_ranges,
 )
+from hf_fss.evaluation.arguments import BenchmarkArguments
 from hf_fss.utils import set_num_threads
 
 __all__ = [
@@ -220,8 +221,11 @@ def apply_num_threads(args: LoopArguments, argv: Sequence[str] | None) -> int | 
 
 
 @dataclass
-class EpisodicArguments:
-    """Episodic few-shot training: what to train, on which benchmark fold and shot, and how to select and test it."""
+class EpisodicArguments(BenchmarkArguments):
+    """
+    Episodic few-shot training: what to train, on which benchmark fold and shot (the fields of `BenchmarkArguments`,
+    shared with evaluate.py and compare.py), and how to select and test it.
+    """
 
     config: str | None = field(
         default=None, metadata={"help": "YAML recipe (e.g. recipes/ntrenet/pascal5i_resnet50.yaml); flags override it"}
@@ -234,19 +238,7 @@ class EpisodicArguments:
         default=None, metadata={"help": "model config fields, JSON (the recipe's `model:` mapping, updated per key)"}
     )
 
-    # --- data ----------------------------------------------------------------------------------------------------
-    dataset: str = field(
-        default="synthetic", metadata={"help": "'synthetic', a prepare_dataset.py folder, or a Hub dataset id"}
-    )
-    benchmark: str | None = field(
-        default=None, metadata={"help": "pascal5i, coco20i, fss1000, synthetic or folder (default: inferred)"}
-    )
-    fold: int = field(default=0, metadata={"range": NON_NEGATIVE_INT, "help": "fold whose novel classes are held out"})
-    fold_convention: str | None = field(
-        default=None,
-        metadata={"help": "COCO-20i folds: interleaved (default), contiguous or canet_40_20_20 (fold 0 only)"},
-    )
-    shot: int = field(default=1, metadata={"range": POSITIVE_INT, "help": "K, support images per training episode"})
+    # --- data (besides BenchmarkArguments' dataset, benchmark, fold, fold_convention, shot, synthetic_*) ---------
     image_size: int = field(
         default=473, metadata={"range": IMAGE_SIDE, "help": "training crop side and the model's test image size"}
     )
@@ -263,16 +255,6 @@ class EpisodicArguments:
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "augmentation: random horizontal flips"})
     gaussian_blur: bool = field(default=True, metadata={"help": "augmentation: random 5x5 Gaussian blur"})
-    synthetic_num_train: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
-    )
-    synthetic_num_val: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
-    )
-    synthetic_image_size: int | None = field(
-        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
-    )
-    synthetic_seed: int = field(default=0, metadata={"range": SEED, "help": "synthetic benchmark: generation seed"})
 
     # --- validation (model selection) and final evaluation -------------------------------------------------------
     validation_every_epochs: int = field(
@@ -418,11 +400,14 @@ class _Parser(OneLineErrors, HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
-        allowed = field.metadata.get("range")
-        if allowed is not None:  # argparse's add_argument takes no "range" keyword: checked by check_ranges
+        # argparse's add_argument takes no "range" keyword (checked by check_ranges) and no "evaluation" one (what
+        # evaluate.py / compare.py declare differently, see hf_fss.evaluation.arguments).
+        if "range" in field.metadata or "evaluation" in field.metadata:
+            allowed = field.metadata.get("range")
             field = copy.copy(field)
-            metadata = {k: v for k, v in field.metadata.items() if k != "range"}
-            metadata["help"] = f"{metadata.get('help', '')} ({allowed.describe()})".lstrip()
+            metadata = {k: v for k, v in field.metadata.items() if k not in ("range", "evaluation")}
+            if allowed is not None:
+                metadata["help"] = f"{metadata.get('help', '')} ({allowed.describe()})".lstrip()
             field.metadata = types.MappingProxyType(metadata)
         HfArgumentParser._parse_dataclass_field(parser, field)
 

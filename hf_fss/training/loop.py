@@ -48,7 +48,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from hf_fss.evaluation.runner import needs_cpu_fallback
+from hf_fss.evaluation.loop import needs_cpu_fallback
 from hf_fss.training.arguments import LoopArguments
 from hf_fss.training.checkpoint import (
     CHECKPOINT_PATTERN,
