@@ -10,12 +10,7 @@ runs) into --output-dir. The logic lives in `hf_fss.evaluation.compare`.
 The same command, installed: `hf-fss compare ...` (`hf_fss.cli`).
 """
 
-import sys
-
-try:
-    from hf_fss.evaluation.compare import main
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"compare.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.evaluation.compare import main  # `pip install -e .` (the README's first command) installs hf_fss
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

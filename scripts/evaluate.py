@@ -12,15 +12,10 @@ The loop lives in `hf_fss.evaluation.runner` (train.py validates with the same c
 The same command, installed: `hf-fss evaluate ...` (`hf_fss.cli`).
 """
 
-import sys
-
 # Named like the `evaluate` library, which hf_fss imports only inside `evaluate.load` of its metric (never on
 # this command's path): this folder, sys.path[0] here, would shadow it.
 
-try:
-    from hf_fss.evaluation.runner import main
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"evaluate.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.evaluation.runner import main  # `pip install -e .` (the README's first command) installs hf_fss
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

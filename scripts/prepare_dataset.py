@@ -17,12 +17,7 @@ lives in `hf_fss.data.builders`.
 The same command, installed: `hf-fss prepare ...` (`hf_fss.cli`).
 """
 
-import sys
-
-try:
-    from hf_fss.data.builders.prepare import main
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"prepare_dataset.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.data.builders.prepare import main  # `pip install -e .` (the README's first command) installs hf_fss
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

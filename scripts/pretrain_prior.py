@@ -13,12 +13,7 @@ card; `DilatedResNet(...).load_weights(folder)` and QGNet's `prior_extractor_wei
 The same command, installed: `hf-fss pretrain ...` (`hf_fss.cli`).
 """
 
-import sys
-
-try:
-    from hf_fss.pretraining.training import main
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"pretrain_prior.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.pretraining.training import main  # `pip install -e .` (the README's first command) installs hf_fss
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -6,12 +6,7 @@ Examples and details: `python scripts/push_to_hub.py --help` (the command line l
 The same command, installed: `hf-fss push ...` (`hf_fss.cli`).
 """
 
-import sys
-
-try:
-    from hf_fss.hub.upload import main, parse_args  # noqa: F401 (tests import parse_args from here)
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"push_to_hub.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.hub.upload import main, parse_args  # noqa: F401 (tests import parse_args from here)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

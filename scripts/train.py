@@ -13,12 +13,7 @@ Values: defaults < the `--config` recipe < flags (`python scripts/train.py --hel
 The same command, installed: `hf-fss train ...` (`hf_fss.cli`).
 """
 
-import sys
-
-try:
-    from hf_fss.training import main
-except ModuleNotFoundError as err:  # a checkout without `pip install -e .`: no sys.path edit, one line
-    sys.exit(f"train.py: error: {err.name} is not installed; run `pip install -e .` in the repository first")
+from hf_fss.training import main  # `pip install -e .` (the README's first command) installs hf_fss
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

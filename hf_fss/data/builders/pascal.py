@@ -196,6 +196,48 @@ def _in_both(train_ids: list[str], val_ids: set[str], train_file: Path, val_file
     ]
 
 
+def _voc_item(voc: Path, image_id: str, sbd: Path | None = None) -> tuple:
+    """A row source labelled by VOC's SegmentationClass (the image from VOC, else SBD's img/)."""
+    label = voc / "SegmentationClass" / f"{image_id}.png"
+    return image_id, str(_image_path(image_id, voc, sbd)), str(label), "png"
+
+
+def _sbd_train_items(sbd: Path, voc: Path, voc_train: list, val_set: set, listing: list) -> tuple[list, str]:
+    """The training rows from SBD: (SBD train + SBD val + VOC train) - VOC val, VOC's labels where VOC has them."""
+    # SBD's lists hold VOC val images by design (they are left out of train silently, as in PFENet's list).
+    sbd_ids = read_id_list(sbd / "train.txt", listing) + read_id_list(sbd / "val.txt", listing)
+    voc_labelled = set(voc_train)  # VOC val ids never reach train
+    items = []
+    for image_id in sorted((set(sbd_ids) | voc_labelled) - val_set):
+        if image_id in voc_labelled:
+            items.append(_voc_item(voc, image_id, sbd))
+        else:
+            label = sbd / "cls" / f"{image_id}.mat"
+            items.append((image_id, str(_image_path(image_id, voc, sbd)), str(label), "mat"))
+    source = (
+        f"train = (SBD train + SBD val + VOC train) - VOC val from {sbd} and {voc} "
+        "(labels: VOC SegmentationClass where VOC has them, else SBD cls/*.mat)"
+    )
+    return items, source
+
+
+def _aug_train_items(aug_label_dir, train_list, voc: Path, val_set: set, listing: list) -> tuple[list, str]:
+    """The training rows from a SegmentationClassAug folder: `train_list`'s ids (else every label) minus VOC val."""
+    aug_labels = resolve_aug_dir(aug_label_dir)
+    aug = next(iter(aug_labels.values())).parent
+    if train_list is not None:
+        listed = read_id_list(train_list, listing)
+        listing += _in_both(listed, val_set, Path(train_list), voc / "ImageSets" / "Segmentation" / "val.txt")
+        train_ids, origin = sorted(set(listed) - val_set), f"the ids of {Path(train_list)}"
+    else:
+        train_ids, origin = sorted(set(aug_labels) - val_set), f"every label in {aug}"
+    items = []
+    for image_id in train_ids:
+        label = aug_labels.get(image_id, aug / f"{image_id}.png")  # a missing one is reported with its row
+        items.append((image_id, str(_image_path(image_id, voc, None)), str(label), "png"))
+    return items, f"train = {origin} minus VOC val, labels from {aug}, images from {voc}"
+
+
 def build_pascal5i(
     voc_root: str | os.PathLike,
     sbd_root: str | os.PathLike | None = None,
@@ -243,46 +285,12 @@ def build_pascal5i(
     val_set = set(voc_val)
     train_listing += _in_both(voc_train, val_set, voc_sets / "train.txt", voc_sets / "val.txt")
 
-    def voc_item(image_id: str, sbd: Path | None = None) -> tuple:
-        label = voc / "SegmentationClass" / f"{image_id}.png"
-        return image_id, str(_image_path(image_id, voc, sbd)), str(label), "png"
-
-    sbd = None
     if sbd_root is not None:
-        sbd = resolve_sbd_root(sbd_root)
-        # SBD's lists hold VOC val images by design (they are left out of train silently, as in PFENet's list).
-        sbd_ids = read_id_list(sbd / "train.txt", train_listing) + read_id_list(sbd / "val.txt", train_listing)
-        train_ids = sorted((set(sbd_ids) | set(voc_train)) - val_set)
-        voc_labelled = set(voc_train)  # VOC val ids never reach train
-        train_items = []
-        for image_id in train_ids:
-            if image_id in voc_labelled:
-                train_items.append(voc_item(image_id, sbd))
-            else:
-                label = sbd / "cls" / f"{image_id}.mat"
-                train_items.append((image_id, str(_image_path(image_id, voc, sbd)), str(label), "mat"))
-        source = (
-            f"train = (SBD train + SBD val + VOC train) - VOC val from {sbd} and {voc} "
-            "(labels: VOC SegmentationClass where VOC has them, else SBD cls/*.mat)"
-        )
+        train_items, source = _sbd_train_items(resolve_sbd_root(sbd_root), voc, voc_train, val_set, train_listing)
     else:
-        aug_labels = resolve_aug_dir(aug_label_dir)
-        aug = next(iter(aug_labels.values())).parent
-        if train_list is not None:
-            listed = read_id_list(train_list, train_listing)
-            train_listing += _in_both(listed, val_set, Path(train_list), voc_sets / "val.txt")
-            train_ids = sorted(set(listed) - val_set)
-            origin = f"the ids of {Path(train_list)}"
-        else:
-            train_ids = sorted(set(aug_labels) - val_set)
-            origin = f"every label in {aug}"
-        train_items = []
-        for image_id in train_ids:
-            label = aug_labels.get(image_id, aug / f"{image_id}.png")  # a missing one is reported with its row
-            train_items.append((image_id, str(_image_path(image_id, voc, None)), str(label), "png"))
-        source = f"train = {origin} minus VOC val, labels from {aug}, images from {voc}"
+        train_items, source = _aug_train_items(aug_label_dir, train_list, voc, val_set, train_listing)
 
-    val_items = [voc_item(image_id) for image_id in sorted(val_set)]
+    val_items = [_voc_item(voc, image_id) for image_id in sorted(val_set)]
 
     def signature(items):
         return [[i, file_signature(Path(im)), file_signature(Path(lb)), fmt] for i, im, lb, fmt in items]
