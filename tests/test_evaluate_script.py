@@ -294,3 +294,37 @@ def test_shot_fusion_inference_scales_and_box_supports_from_the_command_line(tin
     metrics = json.loads(out.read_text())
     assert metrics["model_overrides"] == {"shot_fusion": "average", "inference_scales": [1.0]}
     assert metrics["annotation"] == "bbox" and metrics["shot"] == 2 and metrics["num_episodes"] == 2
+
+
+@pytest.mark.slow
+def test_omp_num_threads_1_gives_identical_metrics_with_one_and_two_processes(tiny_model, tmp_path):
+    """`OMP_NUM_THREADS=1 python scripts/evaluate.py` used to run 2 threads (the cores), so its metrics differed in
+    the 6th decimal from a 2-process launch at 1 thread each; now the user's OMP_NUM_THREADS is honoured."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    flags = ["--model", str(tiny_model), *DATA_FLAGS[:-2], "--fold", "0", "--shot", "1", "--num-episodes", "16"]
+    launches = {
+        1: [sys.executable, str(root / "scripts" / "evaluate.py")],
+        2: [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            str(root / "scripts" / "evaluate.py"),
+        ],  # fmt: skip
+    }
+    results = {}
+    for processes, command in launches.items():
+        out = tmp_path / f"metrics-{processes}.json"
+        subprocess.run([*command, *flags, "--output", str(out)], cwd=tmp_path, env=env, check=True, timeout=600)
+        results[processes] = json.loads(out.read_text())
+    for key in ("miou", "fbiou", "precision", "per_class_iou", "num_episodes"):
+        assert json.dumps(results[1][key]) == json.dumps(results[2][key]), key
+    assert results[1]["num_episodes"] == 16
