@@ -22,8 +22,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import weights  # the module, not the function: looked up at call time (tests patch it there)
-
 # glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap calls: every such
 # activation is page-faulted in 4 KiB at a time and unmapped when freed. Keeping each activation of a chunk below
 # this bound lets the allocator reuse its heap (issue 16: 2.35 M faults / 5.2 s of system time per 5-shot episode
@@ -78,7 +76,9 @@ class StagedBackbone(nn.Module):
         Load pretrained weights in place; see `hf_fss.backbones.load_backbone_weights` (every expected key must be
         matched, or a `ValueError` names the missing ones).
         """
-        weights.load_backbone_weights(self, name_or_path, revision=revision, moco_encoder=moco_encoder)
+        from .weights import load_backbone_weights  # looked up at call time: tests patch it in its module
+
+        load_backbone_weights(self, name_or_path, revision=revision, moco_encoder=moco_encoder)
         self.weights_source = str(name_or_path)
 
     # --- forward -----------------------------------------------------------------------------------------------
