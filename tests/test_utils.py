@@ -82,3 +82,18 @@ def test_a_missing_or_unknown_verb_is_one_line(capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("hf-fss: error:")
+
+
+@pytest.mark.slow
+def test_the_installed_hf_fss_command_answers_help_for_each_verb():
+    """`pip install -e .` (the README's commands, and CI's) installs the `hf-fss` console command itself."""
+    import shutil
+    import subprocess
+
+    from hf_fss.cli import COMMANDS
+
+    command = shutil.which("hf-fss")
+    assert command, "the hf-fss console command is not installed: run `pip install -e .`"
+    for verb in COMMANDS:
+        result = subprocess.run([command, verb, "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "usage:" in result.stdout, (verb, result.stderr[-2000:])
