@@ -550,3 +550,21 @@ def test_a_processor_image_size_below_the_model_smallest_input_is_refused_naming
     smallest = pipeline("few-shot-segmentation", model=model, image_processor=tiny.with_options(image_size=8))
     result = smallest(_image(20, 30, 0), support_image=_image(20, 30, 1), support_mask=_mask(20, 30, (5, 5, 15, 15)))
     assert result["mask"].size == (30, 20)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 3), (5, 1), (2000, 1)])  # PIL sizes are (w, h)
+def test_a_tiny_pil_query_and_support_are_segmented_at_their_size(pipe, size):
+    # Issue 22, round two, C7: a PIL image of 3x3 was refused as a channels-first array
+    result = pipe(Image.new("RGB", size), support_image=Image.new("RGB", size), support_mask=Image.new("L", size, 255))
+    assert result["mask"].size == size and result["scores"].shape == (size[1], size[0])
+
+
+def test_a_bfloat16_tensor_query_and_support_work_like_float32_ones(pipe):
+    # Issue 22, round two, C8: numpy has no bfloat16; the decoder reads it as float32
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 50)) / 256).float()
+    mask = torch.zeros(40, 50)
+    mask[5:30, 10:40] = 1
+    reference = pipe(image, support_image=image, support_mask=mask, output_type="numpy")
+    half = pipe(image.bfloat16(), support_image=image.bfloat16(), support_mask=mask.bfloat16(), output_type="numpy")
+    np.testing.assert_array_equal(half["mask"], reference["mask"])
+    np.testing.assert_array_equal(half["scores"], reference["scores"])
