@@ -744,3 +744,38 @@ def test_a_meta_tensor_is_refused_naming_the_argument(processor):
         processor(images=torch.empty(3, 30, 40, device="meta"))
     with pytest.raises(ValueError, match=r"^`support_masks\[0\]\[0\] \(query 0, shot 0\)` is a tensor on the meta"):
         processor(images=image, support_images=image, support_masks=torch.empty(30, 40, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"image_mean": [float("nan"), 0.4, 0.4]}, r"^`image_mean` must hold values in \[0, 1\]"),
+        ({"image_mean": [124, 116, 104]}, r"^`image_mean` must hold values in \[0, 1\] .*divide 0-255 values by 255"),
+        ({"image_mean": None}, r"^`image_mean` is null"),
+        ({"image_std": None}, r"^`image_std` is null"),
+        ({"image_std": "0.2"}, r"^`image_std` must be a list of 3 numbers"),
+        ({"do_normalize": "yes"}, r"^`do_normalize` must be true or false, got 'yes'"),
+        ({"upscale_small_images": 1}, r"^`upscale_small_images` must be true or false, got 1"),
+        ({"image_mea": [0.5, 0.5, 0.5]}, r"^unknown setting\(s\) \['image_mea'\]"),
+    ],
+)
+def test_hand_edited_settings_are_refused_by_auto_image_processor_and_the_loader(tmp_path, changes, message):
+    from transformers import AutoImageProcessor
+
+    from hf_fss.image_processing_fss import load_image_processor
+
+    FewShotSegmentationImageProcessor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        AutoImageProcessor.from_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=message[1:]) as error:
+        load_image_processor(tmp_path, 473)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    # The same values given in code, or per call, are refused alike (`None` there means the default).
+    settings = {k: v for k, v in changes.items() if v is not None}
+    if settings:
+        with pytest.raises((ValueError, TypeError), match=message):
+            FewShotSegmentationImageProcessor(**settings)
+    assert FewShotSegmentationImageProcessor(image_mean=None).image_mean == [0.485, 0.456, 0.406]

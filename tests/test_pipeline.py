@@ -456,6 +456,15 @@ def test_support_prediction_iou_counts_the_given_mask_and_leaves_ignored_pixels_
         ({"image_std": [0, 1, 1]}, "positive std"),
         ({"resample": 99}, "`resample` must be a PILImageResampling value, got 99"),
         ({"image_processor_type": "ViTImageProcessor"}, "names image_processor_type 'ViTImageProcessor'"),
+        # issue 22, round two, D: hand edits that were accepted silently or blamed the user's images later
+        ({"image_mean": [float("nan"), 0.4, 0.4]}, r"`image_mean` must hold values in \[0, 1\] .* got \[nan, "),
+        ({"image_mean": [124, 116, 104]}, r"`image_mean` must hold values in \[0, 1\] .*divide 0-255 values by 255"),
+        ({"image_std": [58, 57, 57]}, r"`image_std` must hold values in \[0, 1\]"),
+        ({"image_mean": None}, "`image_mean` is null; give its value, or remove the field"),
+        ({"image_std": None}, "`image_std` is null"),
+        ({"do_normalize": "yes"}, "`do_normalize` must be true or false, got 'yes'"),
+        ({"pad_with_mean": "false"}, "`pad_with_mean` must be true or false, got 'false'"),
+        ({"image_mea": [0.5, 0.5, 0.5]}, r"unknown setting\(s\) \['image_mea'\]; the settings are"),
     ],
 )
 def test_a_broken_preprocessor_config_is_refused_by_the_pipeline_and_evaluate_alike(tmp_path, model, changes, message):
