@@ -577,3 +577,21 @@ def test_a_bfloat16_tensor_query_and_support_work_like_float32_ones(pipe):
     half = pipe(image.bfloat16(), support_image=image.bfloat16(), support_mask=mask.bfloat16(), output_type="numpy")
     np.testing.assert_array_equal(half["mask"], reference["mask"])
     np.testing.assert_array_equal(half["scores"], reference["scores"])
+
+
+def test_a_config_json_dtype_that_is_not_floating_point_is_refused_by_the_pipeline_as_by_auto_model(tmp_path, model):
+    # Issue 22, round two, D: AutoModel refused "int8", the pipeline silently ran float32
+    import json
+
+    from transformers import AutoModel
+
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": "int8"}))
+    for load in (
+        lambda: pipeline("few-shot-segmentation", model=str(tmp_path)),
+        lambda: AutoModel.from_pretrained(tmp_path),
+    ):
+        with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype .* got 'int8'") as error:
+            load()
+        assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
