@@ -10,8 +10,10 @@ list per query) the same way.
 
 Inputs accepted as images: `PIL.Image.Image`, `np.ndarray` or `torch.Tensor` of shape `(H, W)`, `(H, W, 1)`,
 `(H, W, 3)` or `(H, W, 4)` (channels-first `(C, H, W)` is recognised too; a shape whose both ends are 1..4, such
-as `(3, 40, 3)`, is a `ValueError` asking for a PIL image), uint8 in `[0, 255]` or float in
-`[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`), or a file path (`str` / `os.PathLike`, also
+as `(3, 40, 3)`, is a `ValueError` asking for a PIL image; a PIL image, even 3x3, is never read channels-first),
+uint8 in `[0, 255]` or float in `[0, 1]` (float arrays with values above 1 are taken as `[0, 255]`; float16 and
+bfloat16 tensors are read as float32; a tensor on a GPU is copied to the CPU, one on the `meta` device, which holds
+no values, is a `ValueError`), or a file path (`str` / `os.PathLike`, also
 an `http(s)://` URL). Grayscale is repeated to RGB. An image with transparency (RGBA, grayscale + alpha, a
 palette with a transparent colour, an `(H, W, 4)` array) is composited onto white: `rgb * a + 255 * (1 - a)`
 with `a` the alpha in [0, 1], so a fully opaque RGBA image equals its RGB channels.
@@ -158,10 +160,33 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_numpy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return value
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    """An upright PIL image as (H, W) (16/32-bit modes) or (H, W, 3 / 4) (RGB / RGBA) array."""
+    image = _upright(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: scaled by _to_0_255
+        return np.asarray(image)
+    if image.mode not in ("RGB", "RGBA"):
+        transparent = "A" in image.getbands() or "transparency" in image.info
+        image = image.convert("RGBA" if transparent else "RGB")
+    return np.asarray(image)
+
+
+def _to_numpy(value: Any, name: str) -> Any:
+    """
+    A tensor on any device (a GPU one is copied to the CPU) as a numpy array; bfloat16, which numpy lacks, as
+    float32 (exact). Anything else is returned as it is.
+
+    Raises:
+        `ValueError` naming `name`: a tensor on the `meta` device, which holds no values.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_meta:
+        raise ValueError(f"`{name}` is a tensor on the meta device, which holds no values; pass a tensor with data")
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.numpy()
 
 
 def _channels_last(array: np.ndarray, name: str) -> np.ndarray:
@@ -198,19 +223,15 @@ def decode_image(image: Any, name: str) -> np.ndarray:
     if isinstance(image, str | os.PathLike):
         image = _open_image(image, name)
     if isinstance(image, Image.Image):
-        image = _upright(image)
-        if image.mode in ("I", "F") or image.mode.startswith("I;"):  # 16/32-bit: read as an array below
-            image = np.asarray(image)
-        elif image.mode not in ("RGB", "RGBA"):
-            transparent = "A" in image.getbands() or "transparency" in image.info
-            image = image.convert("RGBA" if transparent else "RGB")
-        image = np.asarray(image)
-    image = _to_numpy(image)
-    if not isinstance(image, np.ndarray):
-        raise ValueError(
-            f"`{name}` must be a PIL image, a numpy array, a torch tensor or a file path, got {describe(image)}"
-        )
-    array = _channels_last(image, name)
+        # A decoded PIL image is (H, W) or (H, W, C) by construction: no channels-first reading, even at 3x3.
+        array = _pil_to_array(image)
+    else:
+        array = _to_numpy(image, name)
+        if not isinstance(array, np.ndarray):
+            raise ValueError(
+                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a file path, got {describe(image)}"
+            )
+        array = _channels_last(array, name)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
@@ -267,7 +288,7 @@ def _annotation_to_array(annotation: Any, name: str) -> np.ndarray:
             annotation = annotation.convert("RGB")
         # np.array keeps palette ("P") images as indices; never a luminance conversion.
         return np.array(annotation)
-    annotation = _to_numpy(annotation)
+    annotation = _to_numpy(annotation, name)
     if not isinstance(annotation, np.ndarray):
         raise ValueError(
             f"`{name}` must be a mask (PIL image, numpy array, torch tensor or file path) or a box "
@@ -340,7 +361,7 @@ def decode_annotation(
 
 def _box_to_mask(box: Any, height: int, width: int, name: str) -> np.ndarray:
     """`(x0, y0, x1, y1)`, rounded to integers -> target on rows `y0..y1-1` and columns `x0..x1-1`, clipped."""
-    values = box if isinstance(box, list | tuple) else _to_numpy(box).tolist()
+    values = box if isinstance(box, list | tuple) else _to_numpy(box, name).tolist()
     coords = [float(v) for v in values]
     if not all(np.isfinite(coords)):
         raise ValueError(f"`{name}`: box {tuple(coords)} has non-finite coordinates")

@@ -239,12 +239,19 @@ def check_pyramid_bins(pyramid_bins: tuple[int | float, ...]) -> None:
 def check_dtype_name(dtype) -> None:
     """
     Raises:
-        `ValueError`: `dtype` is neither None, "auto", a `torch.dtype` nor the name of one (`"bfloat16"`).
+        `ValueError`: `dtype` is neither None, "auto", a `torch.dtype` nor the name of one (`"bfloat16"`), or names
+            one that is not floating point (`"int8"`: the pipeline would silently fall back to float32).
     """
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+    if dtype is None or dtype == "auto":
         return
-    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+    wanted = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(wanted, torch.dtype):
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    if not wanted.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating-point torch dtype such as 'float32' or 'bfloat16' (the model's weights), "
+            f"got {dtype!r}"
+        )
 
 
 def _method_config_classes() -> dict[str, type[FewShotSegmentationConfig]]:

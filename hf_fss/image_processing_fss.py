@@ -13,6 +13,7 @@ image, not `L x L`); an image that kept its size is cropped directly. Inputs are
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from typing import Any
@@ -96,29 +97,40 @@ class FewShotSegmentationImageProcessorKwargs(ImagesKwargs, total=False):
     pad_with_mean: bool
 
 
+_FLAG_NAMES = ("upscale_small_images", "do_normalize", "pad_with_mean")
+_METADATA_KEYS = ("feature_extractor_type", "processor_class", "_processor_class", "auto_map")
+"""Keys transformers itself writes into or reads from a processor's settings, passed on to it untouched."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def _checked_settings(image_size: Any, size_divisor: Any, image_mean: Any, image_std: Any, resample: Any) -> tuple:
     """
     The constructor's checks: `(size_divisor, image_mean, image_std, resample)`, `size_divisor=None` read as 1, the
-    mean and std as lists (the ImageNet values for `None`), `resample` as a `PILImageResampling`.
+    mean and std as lists of floats (the ImageNet values for `None`), `resample` as a `PILImageResampling`.
 
     Raises:
         `ValueError` naming the setting: `image_size` / `size_divisor` not a positive int, `size_divisor` above
-            `image_size`, a mean or std without 3 values or a std not positive, a resample without OpenCV filter.
+            `image_size`, a mean or std that is not 3 numbers in [0, 1] (NaN, or a 0-255 mean such as
+            `[124, 116, 104]`) or a std not positive, a resample without OpenCV filter.
     """
-    if not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool) or image_size < 1:
+    if not _is_int(image_size) or image_size < 1:
         raise ValueError(f"`image_size` must be a positive int, got {image_size!r}")
     if size_divisor is None:
         size_divisor = 1
-    if not isinstance(size_divisor, numbers.Integral) or isinstance(size_divisor, bool) or size_divisor < 1:
+    if not _is_int(size_divisor) or size_divisor < 1:
         raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor!r}")
     if size_divisor > image_size:
         raise ValueError(f"`size_divisor` ({size_divisor}) must not exceed `image_size` ({image_size})")
-    image_mean = list(IMAGENET_MEAN if image_mean is None else image_mean)
-    image_std = list(IMAGENET_STD if image_std is None else image_std)
-    if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
-        raise ValueError(
-            f"`image_mean` and `image_std` need 3 values (RGB) and a positive std, got {image_mean} and {image_std}"
-        )
+    image_mean, image_std = _checked_mean_std(
+        IMAGENET_MEAN if image_mean is None else image_mean, IMAGENET_STD if image_std is None else image_std
+    )
     try:
         resample = PILImageResampling(resample)
     except ValueError as err:
@@ -128,6 +140,40 @@ def _checked_settings(image_size: Any, size_divisor: Any, image_mean: Any, image
             f"`resample`={resample!r} has no OpenCV counterpart; use one of {[r.name for r in _CV2_INTERPOLATION]}"
         )
     return size_divisor, image_mean, image_std, resample
+
+
+def _checked_mean_std(image_mean: Any, image_std: Any) -> tuple[list[float], list[float]]:
+    """
+    The mean and std as lists of 3 floats in [0, 1], a std above 0. Pixels are normalised as
+    `(x / 255 - mean) / std`, so 0-255 values (`[124, 116, 104]`) would silently give near-constant images, and
+    NaN would blame the user's images later.
+
+    Raises:
+        `ValueError` naming the setting and saying the fix.
+    """
+    values = {"image_mean": image_mean, "image_std": image_std}
+    for name, given in values.items():
+        if not isinstance(given, list | tuple | np.ndarray) or not all(_is_real(v) for v in given):
+            raise ValueError(f"`{name}` must be a list of 3 numbers (RGB) in [0, 1], got {given!r}")
+    if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+        raise ValueError(
+            f"`image_mean` and `image_std` need 3 values (RGB) and a positive std, got {image_mean} and {image_std}"
+        )
+    imagenet = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+    for name, given in values.items():
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in given):
+            raise ValueError(
+                f"`{name}` must hold values in [0, 1] (the scale of pixels x / 255), got {list(given)}; divide "
+                f"0-255 values by 255 (ImageNet's is {imagenet[name]})"
+            )
+    return [float(v) for v in image_mean], [float(v) for v in image_std]
+
+
+def _checked_flag(name: str, value: Any) -> bool:
+    """A `True` / `False` setting; a string such as `"yes"` (truthy, even `"false"`) is refused naming `name`."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:
@@ -206,18 +252,44 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
+        unknown = sorted(set(kwargs) - set(_METADATA_KEYS))
+        if unknown:  # a misspelt setting (`image_mea` in a hand-edited file) would otherwise be ignored
+            raise TypeError(f"unknown setting(s) {unknown}; the settings are {list(_OPTION_NAMES)}")
         super().__init__(**kwargs)
         size_divisor, image_mean, image_std, resample = _checked_settings(
             image_size, size_divisor, image_mean, image_std, resample
         )
+        flags = {
+            name: _checked_flag(name, value)
+            for name, value in zip(_FLAG_NAMES, (upscale_small_images, do_normalize, pad_with_mean))
+        }
         self.image_size = int(image_size)
         self.size_divisor = int(size_divisor)
-        self.upscale_small_images = bool(upscale_small_images)
-        self.do_normalize = bool(do_normalize)
-        self.image_mean = [float(m) for m in image_mean]
-        self.image_std = [float(s) for s in image_std]
+        self.upscale_small_images = flags["upscale_small_images"]
+        self.do_normalize = flags["do_normalize"]
+        self.image_mean = image_mean
+        self.image_std = image_std
         self.resample = resample
-        self.pad_with_mean = bool(pad_with_mean)
+        self.pad_with_mean = flags["pad_with_mean"]
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs) -> Any:
+        """
+        The processor of a settings dict (a `preprocessor_config.json`, also through `AutoImageProcessor`).
+
+        Raises:
+            `ValueError`: a setting given as `null` (the file holds every value `save_pretrained` wrote; `null` would
+                silently become the default; `size_divisor: null` keeps its meaning 1), or any constructor check.
+            `TypeError`: an unknown setting.
+        """
+        nulls = [
+            k
+            for k in _OPTION_NAMES
+            if k != "size_divisor" and k in image_processor_dict and image_processor_dict[k] is None
+        ]
+        if nulls:
+            raise ValueError(f"`{nulls[0]}` is null; give its value, or remove the field to use the default")
+        return super().from_dict(image_processor_dict, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ geometry
 

@@ -702,3 +702,80 @@ def test_the_decoders_name_the_argument_they_are_given_and_the_old_import_path_s
     with pytest.raises(ValueError, match=r"^`query`: could not read image file"):
         annotations.decode_image("/no/such/file.png", "query")
     assert image_geometry.resized_size(375, 500, 473, 8, False) == (352, 472)
+
+
+# Issue 22, round two, C7-C9: a tiny PIL image is an image, a bf16 / fp16 tensor is read like a float32 one, a meta
+# tensor (no values) is refused naming the argument.
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 1), (2000, 1)])  # PIL sizes are (w, h)
+def test_a_tiny_pil_image_is_an_image_not_a_channels_first_array(processor, tmp_path, size):
+    rgb = _rng().integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / "tiny.png"
+    Image.fromarray(rgb).save(path)
+    mask = np.ones(rgb.shape[:2], dtype=np.uint8)
+    expected = processor.resize_and_pad_rgb(rgb.astype(np.float32))
+    for image in (Image.fromarray(rgb), str(path)):  # a PIL image and a file on disk
+        out = processor(images=image, support_images=[image], support_masks=[mask])
+        np.testing.assert_array_equal(out["pixel_values"][0], expected)
+        np.testing.assert_array_equal(out["support_pixel_values"][0, 0], expected)
+        assert (out["support_masks"][0, 0] == 1).sum() == np.prod(processor.resized_size(*rgb.shape[:2]))
+    # Upscaled like any small image when asked.
+    upscaled = processor(images=Image.fromarray(rgb), upscale_small_images=True)["pixel_values"][0]
+    height, width = processor.with_options(upscale_small_images=True).resized_size(*rgb.shape[:2])
+    assert max(height, width) == S - 1 and np.isfinite(upscaled).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_tensor_image_and_mask_work_like_float32_ones(processor, dtype):
+    # values exact in both half formats (multiples of 1/256), so the float32 reference sees the same pixels
+    image = torch.from_numpy(_rng().integers(0, 256, (3, 30, 40)) / 256).float()
+    mask = torch.zeros(30, 40)
+    mask[5:20, 10:30] = 1
+    reference = processor(images=image, support_images=image, support_masks=mask)
+    half = processor(images=image.to(dtype), support_images=image.to(dtype), support_masks=mask.to(dtype))
+    for key in ("pixel_values", "support_pixel_values", "support_masks"):
+        np.testing.assert_array_equal(half[key], reference[key])
+
+
+def test_a_meta_tensor_is_refused_naming_the_argument(processor):
+    image = torch.zeros(3, 30, 40)
+    with pytest.raises(ValueError, match=r"^`images` is a tensor on the meta device, which holds no values; pass"):
+        processor(images=torch.empty(3, 30, 40, device="meta"))
+    with pytest.raises(ValueError, match=r"^`support_masks\[0\]\[0\] \(query 0, shot 0\)` is a tensor on the meta"):
+        processor(images=image, support_images=image, support_masks=torch.empty(30, 40, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"image_mean": [float("nan"), 0.4, 0.4]}, r"^`image_mean` must hold values in \[0, 1\]"),
+        ({"image_mean": [124, 116, 104]}, r"^`image_mean` must hold values in \[0, 1\] .*divide 0-255 values by 255"),
+        ({"image_mean": None}, r"^`image_mean` is null"),
+        ({"image_std": None}, r"^`image_std` is null"),
+        ({"image_std": "0.2"}, r"^`image_std` must be a list of 3 numbers"),
+        ({"do_normalize": "yes"}, r"^`do_normalize` must be true or false, got 'yes'"),
+        ({"upscale_small_images": 1}, r"^`upscale_small_images` must be true or false, got 1"),
+        ({"image_mea": [0.5, 0.5, 0.5]}, r"^unknown setting\(s\) \['image_mea'\]"),
+    ],
+)
+def test_hand_edited_settings_are_refused_by_auto_image_processor_and_the_loader(tmp_path, changes, message):
+    from transformers import AutoImageProcessor
+
+    from hf_fss.image_processing_fss import load_image_processor
+
+    FewShotSegmentationImageProcessor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        AutoImageProcessor.from_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=message[1:]) as error:
+        load_image_processor(tmp_path, 473)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    # The same values given in code, or per call, are refused alike (`None` there means the default).
+    settings = {k: v for k, v in changes.items() if v is not None}
+    if settings:
+        with pytest.raises((ValueError, TypeError), match=message):
+            FewShotSegmentationImageProcessor(**settings)
+    assert FewShotSegmentationImageProcessor(image_mean=None).image_mean == [0.485, 0.456, 0.406]

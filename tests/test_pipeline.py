@@ -456,6 +456,15 @@ def test_support_prediction_iou_counts_the_given_mask_and_leaves_ignored_pixels_
         ({"image_std": [0, 1, 1]}, "positive std"),
         ({"resample": 99}, "`resample` must be a PILImageResampling value, got 99"),
         ({"image_processor_type": "ViTImageProcessor"}, "names image_processor_type 'ViTImageProcessor'"),
+        # issue 22, round two, D: hand edits that were accepted silently or blamed the user's images later
+        ({"image_mean": [float("nan"), 0.4, 0.4]}, r"`image_mean` must hold values in \[0, 1\] .* got \[nan, "),
+        ({"image_mean": [124, 116, 104]}, r"`image_mean` must hold values in \[0, 1\] .*divide 0-255 values by 255"),
+        ({"image_std": [58, 57, 57]}, r"`image_std` must hold values in \[0, 1\]"),
+        ({"image_mean": None}, "`image_mean` is null; give its value, or remove the field"),
+        ({"image_std": None}, "`image_std` is null"),
+        ({"do_normalize": "yes"}, "`do_normalize` must be true or false, got 'yes'"),
+        ({"pad_with_mean": "false"}, "`pad_with_mean` must be true or false, got 'false'"),
+        ({"image_mea": [0.5, 0.5, 0.5]}, r"unknown setting\(s\) \['image_mea'\]; the settings are"),
     ],
 )
 def test_a_broken_preprocessor_config_is_refused_by_the_pipeline_and_evaluate_alike(tmp_path, model, changes, message):
@@ -550,3 +559,39 @@ def test_a_processor_image_size_below_the_model_smallest_input_is_refused_naming
     smallest = pipeline("few-shot-segmentation", model=model, image_processor=tiny.with_options(image_size=8))
     result = smallest(_image(20, 30, 0), support_image=_image(20, 30, 1), support_mask=_mask(20, 30, (5, 5, 15, 15)))
     assert result["mask"].size == (30, 20)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 3), (5, 1), (2000, 1)])  # PIL sizes are (w, h)
+def test_a_tiny_pil_query_and_support_are_segmented_at_their_size(pipe, size):
+    # Issue 22, round two, C7: a PIL image of 3x3 was refused as a channels-first array
+    result = pipe(Image.new("RGB", size), support_image=Image.new("RGB", size), support_mask=Image.new("L", size, 255))
+    assert result["mask"].size == size and result["scores"].shape == (size[1], size[0])
+
+
+def test_a_bfloat16_tensor_query_and_support_work_like_float32_ones(pipe):
+    # Issue 22, round two, C8: numpy has no bfloat16; the decoder reads it as float32
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 50)) / 256).float()
+    mask = torch.zeros(40, 50)
+    mask[5:30, 10:40] = 1
+    reference = pipe(image, support_image=image, support_mask=mask, output_type="numpy")
+    half = pipe(image.bfloat16(), support_image=image.bfloat16(), support_mask=mask.bfloat16(), output_type="numpy")
+    np.testing.assert_array_equal(half["mask"], reference["mask"])
+    np.testing.assert_array_equal(half["scores"], reference["scores"])
+
+
+def test_a_config_json_dtype_that_is_not_floating_point_is_refused_by_the_pipeline_as_by_auto_model(tmp_path, model):
+    # Issue 22, round two, D: AutoModel refused "int8", the pipeline silently ran float32
+    import json
+
+    from transformers import AutoModel
+
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": "int8"}))
+    for load in (
+        lambda: pipeline("few-shot-segmentation", model=str(tmp_path)),
+        lambda: AutoModel.from_pretrained(tmp_path),
+    ):
+        with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype .* got 'int8'") as error:
+            load()
+        assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
