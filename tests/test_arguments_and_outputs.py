@@ -183,6 +183,62 @@ def test_a_stale_lock_is_taken_over_with_a_line_and_released_after_the_run(recip
         pass
 
 
+def _folder_state(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_finished_run_is_refused_without_overwrite_even_under_an_overwriting_recipe(recipe, tmp_path, capsys):
+    """The quickstart recipe's `overwrite_output_dir: true` let a second run with another --output-dir replace
+    run.json and final/ of a finished run there (beside its old best/): it covers only the recipe's own folder."""
+    overwriting = tmp_path / "quick.yaml"
+    settings = {"overwrite_output_dir": True, "output_dir": str(tmp_path / "recipe_out"), "validation_steps": None}
+    overwriting.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **settings}))
+    out = tmp_path / "out"
+    assert _run(overwriting, out, "--max-steps", "1") == 0
+    (out / "best").mkdir()  # as an earlier run with validation left it
+    (out / "best" / "config.json").write_text("{}")
+    before = _folder_state(out)
+    capsys.readouterr()
+    assert _run(overwriting, out, "--max-steps", "1", "--seed", "5") == 2
+    line = _one_line(capsys.readouterr().err, "train.py")
+    assert f"--output-dir '{out}' already holds a run (run.json, config.json, final, best" in line
+    assert "--overwrite-output-dir to start over" in line
+    assert _folder_state(out) == before
+    # With the flag the old run goes whole: no best/ of the old run beside the new final/.
+    assert _run(overwriting, out, "--max-steps", "1", "--seed", "5", "--overwrite-output-dir") == 0
+    assert not (out / "best").exists() and json.loads((out / "run.json").read_text())["arguments"]["seed"] == 5
+
+
+@pytest.mark.parametrize("trace", ["config.json", "best", "final", "baseline_metrics.json", "model.safetensors"])
+def test_any_trace_of_a_run_is_refused(recipe, tmp_path, capsys, trace):
+    out = tmp_path / "out"
+    out.mkdir()
+    if "." in trace:
+        (out / trace).write_text("{}")
+    else:
+        (out / trace).mkdir()
+    assert _run(recipe, out, "--max-steps", "1") == 2
+    assert f"already holds a run ({trace})" in _one_line(capsys.readouterr().err, "train.py")
+    assert [p.name for p in out.iterdir()] == [trace]
+
+
+def test_the_quickstart_overwrites_only_its_own_folder():
+    from hf_fss.training.arguments import parse_args
+
+    assert parse_args([])[0].overwrite_output_dir  # run again, the quickstart replaces outputs/quickstart
+    assert not parse_args(["--output-dir", "elsewhere"])[0].overwrite_output_dir
+    assert parse_args(["--output-dir", "elsewhere", "--overwrite-output-dir"])[0].overwrite_output_dir
+
+
+def test_a_run_that_fails_after_starting_leaves_no_run_folder_marker(recipe, tmp_path, capsys):
+    """The marker config.json was written at the start: a diverged run left it, a 'run folder' without a model."""
+    out = tmp_path / "out"
+    assert _run(recipe, out, "--learning-rate", "1e30", "--max-steps", "1") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # progress bars aside
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: ") and "non-finite" in errors[0], errors
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ kind 5: OS errors
 
 

@@ -205,6 +205,31 @@ def test_evaluate_full_disk_keeps_the_earlier_metrics(tiny_model, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # the lock is released
 
 
+def test_evaluate_full_disk_at_the_lock_record_leaves_no_lock(tiny_model, tmp_path, capsys, monkeypatch):
+    """A full tmpfs has room for the empty lock file but not for its holder record: the refusal left the lock file."""
+    from hf_fss.utils import io
+
+    write = io.atomic_write_text
+
+    def full_disk_for_the_record(path, text):
+        if Path(path).name.endswith(f"{LOCK_NAME}.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, text)
+
+    monkeypatch.setattr(io, "atomic_write_text", full_disk_for_the_record)
+    assert _evaluate(tiny_model, tmp_path / "m.json") == 2
+    assert "the disk is full: free some space" in _one_line(capsys.readouterr().err, "evaluate.py")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where no file can be created")
+def test_evaluate_output_where_no_file_can_be_created_is_not_in_use(tiny_model, capsys):
+    """filelock reports a lock file it cannot create as a timeout; that was shown as 'in use by another run'."""
+    assert _evaluate(tiny_model, "/proc/x.json") == 2
+    line = _one_line(capsys.readouterr().err, "evaluate.py")
+    assert "in use" not in line and "/proc/.x.json" in line and "choose a folder you may write" in line, line
+
+
 def test_compare_output_dir_that_is_a_file(tmp_path, capsys):
     out = tmp_path / "cmp"
     out.write_text("notes")

@@ -453,11 +453,22 @@ def parse_groups(
         raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help for the flags)")
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     for group in parsed:
+        _limit_recipe_overwrite(group, recipe, argv)
         if hasattr(group, "config"):
             group.config = config  # the recipe actually read (a packaged one for a relative name not on disk)
         if hasattr(group, "model_kwargs"):  # --model-kwargs updates the recipe's model mapping
             group.model_kwargs = {**recipe_model, **group.model_kwargs}
     return tuple(parsed)
+
+
+def _limit_recipe_overwrite(group: Any, recipe: dict, argv: list[str]) -> None:
+    """A recipe's `overwrite_output_dir: true` (the quickstarts', so that they can be run again) covers only the
+    folder the recipe names: with another `--output-dir` a finished run there is refused unless the flag is given."""
+    if not (recipe.get("overwrite_output_dir") and getattr(group, "overwrite_output_dir", False)):
+        return
+    flagged = any(a.split("=", 1)[0] in ("--overwrite-output-dir", "--overwrite_output_dir") for a in argv)
+    if not flagged and str(group.output_dir) != str(recipe.get("output_dir")):
+        group.overwrite_output_dir = False
 
 
 def parse_args(

@@ -268,6 +268,7 @@ class ValidationCallback(LoopCallback):
                 validation_metrics = {k: metrics[k] for k in ("miou", "fbiou", "num_episodes")}
                 training = {**self.record, "steps": step, "validation_metrics": validation_metrics}
                 hub.save_pretrained_with_card(model, self.processor, loop.output_dir / "best", training=training)
+                write_run_folder_marker(loop.output_dir)  # AutoModel / pipeline() now take the folder (its best/)
             accelerator.wait_for_everyone()
         accelerator.log({"validation/miou": metrics["miou"], "validation/fbiou": metrics["fbiou"]}, step=step)
         loop.say(
@@ -372,9 +373,9 @@ def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started
         initial_backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     needed = checkpoint_bytes(model, loop_args.optimizer)
     check_output_path(loop_args.output_dir, "--output-dir", needed_bytes=needed)
+    # The run-folder marker config.json is written once a model is saved (best/ or final/): a run that fails
+    # before leaves no marker that AutoModel would take for a model.
     output_dir = prepare_output_dir(loop_args, accelerator, held)
-    if accelerator.is_main_process:  # AutoModel / pipeline() then take the run folder (its best/, else final/)
-        write_run_folder_marker(output_dir)
     if loop_args.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             logger.warning("sync_batchnorm: SyncBatchNorm needs GPUs; keeping BatchNorm on CPU")
@@ -462,6 +463,7 @@ def _finish(loop, loop_args, args, data, processor, record, selection, initial_b
             hub.save_pretrained_with_card(
                 best_model, processor, output_dir / "best", metrics=results.get("best"), training=training
             )
+        write_run_folder_marker(output_dir)  # AutoModel / pipeline() take the run folder (its best/, else final/)
         if "baseline" in results:
             write_json_atomic(results["baseline"], output_dir / "baseline_metrics.json")
         write_json_atomic(record, output_dir / "run.json")

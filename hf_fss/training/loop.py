@@ -77,6 +77,7 @@ __all__ = [
     "load_checkpoint",
     "checkpoint_bytes",
     "prepare_output_dir",
+    "run_traces",
     "remove_stale_checkpoint_staging",
     "resolve_checkpoint",
     "save_checkpoint",
@@ -268,6 +269,18 @@ def resolve_checkpoint(args: LoopArguments, say=print) -> Path | None:
     return None
 
 
+# What a training or pretraining run leaves in its folder (models, records, the run-folder marker `config.json`).
+RUN_TRACES = (
+    "run.json", "config.json", "final", "best", "checkpoints", "baseline_metrics.json", "model.safetensors",
+    "probe.json",
+)  # fmt: skip
+
+
+def run_traces(output_dir: str | os.PathLike) -> list[Path]:
+    """The entries of `RUN_TRACES` in `output_dir` (empty: the folder holds no run, or does not exist)."""
+    return [Path(output_dir) / name for name in RUN_TRACES if os.path.lexists(Path(output_dir) / name)]
+
+
 def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: contextlib.ExitStack) -> Path:
     """
     Create and hold the run folder (`hf_fss.utils.io.OutputLock`, by the main process, released when `held`
@@ -275,17 +288,22 @@ def prepare_output_dir(args: LoopArguments, accelerator: Accelerator, held: cont
     `--overwrite-output-dir`. Nothing is changed before the folder is held.
     """
     output_dir = Path(args.output_dir)
-    previous_run = (output_dir / "run.json").exists() or (output_dir / "checkpoints").exists()
+    previous_run = run_traces(output_dir)
     if previous_run and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise ValueError(
-            f"output_dir {str(output_dir)!r} already holds a run; pass --resume-from-checkpoint latest to continue it "
-            "or --overwrite-output-dir to start over"
+            f"--output-dir {str(output_dir)!r} already holds a run ({', '.join(p.name for p in previous_run)}); "
+            "pass --resume-from-checkpoint latest to continue it or --overwrite-output-dir to start over"
         )
     hold_on_main_process(OutputLock(output_dir), accelerator, held)  # every process stops when refused
     if accelerator.is_main_process:
         if previous_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
-            # Stale checkpoints of the old run must not be picked up by a later `--resume-from-checkpoint latest`.
-            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+            # The old run goes whole: its checkpoints would be taken by a later `--resume-from-checkpoint latest`,
+            # and a best/ (or record) the new run does not rewrite would be taken for the new run's.
+            for trace in previous_run:
+                if trace.is_dir() and not trace.is_symlink():
+                    shutil.rmtree(trace)
+                else:
+                    trace.unlink()
         remove_stale_checkpoint_staging(output_dir)
     accelerator.wait_for_everyone()
     return output_dir

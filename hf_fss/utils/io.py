@@ -350,7 +350,8 @@ class OutputLock:
         for attempt in range(_LOCK_TRIES):
             try:
                 self._lock.acquire()
-            except filelock.Timeout:
+            except filelock.Timeout:  # filelock also says Timeout when it cannot create the lock file at all
+                self._check_writable()
                 holder = self._holder()
                 if holder is None and attempt + 1 < _LOCK_TRIES:  # its holder may be releasing it right now
                     time.sleep(0.05)
@@ -376,8 +377,22 @@ class OutputLock:
                 f"({self._describe(holder)})")  # fmt: skip
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": sys.argv}
-        atomic_write_text(self.record, json.dumps(record))
+        try:
+            atomic_write_text(self.record, json.dumps(record))
+        except OSError:  # a full disk has room for the empty lock file, not for the record: leave neither
+            self.release()
+            raise
         return self
+
+    def _check_writable(self) -> None:
+        """Raise the `OSError` of opening the lock file (an unwritable place, not a lock held by another run)."""
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))  # a held lock's file exists: nothing made
+        except OSError as err:
+            self._remove_created()
+            # Not a hint os_error_line knows (a /proc or sysfs folder says ENOENT): say what it means for the user.
+            what = f"{err.strerror}: no file can be created there; choose a folder you may write"
+            raise OSError(err.errno, what, str(self.path)) from None
 
     def release(self) -> None:
         """Remove the holder record and the lock file, release the lock and the empty folders it made (idempotent)."""
