@@ -44,6 +44,7 @@ def _one_line(err: str, prog: str) -> str:
     "flags, expected",
     [
         (["--max-grad-norm", "-1"], "--max-grad-norm: max_grad_norm must be a finite number > 0 (or unset), got -1.0"),
+        (["--scale-max", "1e30"], "--scale-max: scale_max must be a finite number in (0, 10], got 1e+30"),
         (["--learning-rate", "0"], "--learning-rate: learning_rate must be a finite number > 0, got 0.0"),
         (
             ["--learning-rate", "inf"],

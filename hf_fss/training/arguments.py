@@ -75,6 +75,8 @@ _SCHEDULERS = ("poly", "polynomial", "linear", "cosine", "constant", "constant_w
 _MOMENTUM = Range(0, 1, high_open=True)
 _FRACTION = Range(0, 1, high_open=True)
 _ROTATION = Range(-180, 180)
+# Random scales beyond 10x make images of tens of thousands of pixels a side (OpenCV's resize then fails).
+_SCALE = Range(0, 10, low_open=True)
 
 
 def _check_choices(group: Any, choices: dict[str, tuple]) -> None:
@@ -245,8 +247,8 @@ class EpisodicArguments(BenchmarkArguments):
     novel_class_policy: Literal["background", "ignore", "exclude"] = field(
         default="background", metadata={"help": "novel-class pixels in training images: background / ignore / drop"}
     )
-    scale_min: float = field(default=0.9, metadata={"range": POSITIVE, "help": "augmentation: smallest random scale"})
-    scale_max: float = field(default=1.1, metadata={"range": POSITIVE, "help": "augmentation: largest random scale"})
+    scale_min: float = field(default=0.9, metadata={"range": _SCALE, "help": "augmentation: smallest random scale"})
+    scale_max: float = field(default=1.1, metadata={"range": _SCALE, "help": "augmentation: largest random scale"})
     rotate_min: float = field(
         default=-10.0, metadata={"range": _ROTATION, "help": "augmentation: rotation range, degrees (symmetric)"}
     )
