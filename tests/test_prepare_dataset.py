@@ -1002,13 +1002,14 @@ def test_fss1000_symlinks_unicode_names_and_lists_are_read_right_and_counted(tmp
 
     # A listed class whose folder is a symlink, and two folders whose names differ only in their Unicode form, are
     # one line naming them; nothing is written.
-    (root / "zebra").rename(tmp_path / "zebra")
-    (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)
+    # (Issue 22 E10: a link to a folder outside the tree is a class now, so the listed link resolves into the tree.)
+    (root / "zebra").rename(root / ".zebra")
+    (root / "zebra").symlink_to(root / ".zebra", target_is_directory=True)
     bad = tmp_path / "bad"
     assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, "class 'zebra'", splits / "test.txt", "is a symlinked folder")
     (root / "zebra").unlink()
-    (tmp_path / "zebra").rename(root / "zebra")
+    (root / ".zebra").rename(root / "zebra")
     (root / "cr\u00e8me").mkdir()
     assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, root, "'cre\\u0300me' and 'cr\\xe8me' name one class more than once")
