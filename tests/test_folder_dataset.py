@@ -354,3 +354,28 @@ def test_unusable_images_are_listed_readably_on_one_line(tmp_path, capsys):
         f"image {tmp_path}/raw/images/{n}.jpg has no mask {tmp_path}/raw/masks/{n}.png" for n in ("cup_00", "leaf_01")
     )
     assert f'2 image(s) cannot be used: "{first}"; "{second}"; fix them, or pass --skip-invalid' in text
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_evaluate_result_line_of_a_folder_dataset_names_its_split_not_the_ignored_fold(tmp_path, capsys):
+    """Issue 22 F1: `evaluate.py --dataset data/mine --fold 3` printed "folder fold 3 ..." though folds are ignored."""
+    import torch
+
+    from hf_fss import FewShotSegmentationImageProcessor
+    from hf_fss.evaluation.runner import main as evaluate_main
+    from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
+
+    images, masks, _ = write_label_folder(tmp_path / "raw", per_class=2)
+    data = tmp_path / "mine"
+    assert _prepare(capsys, "--images", images, "--masks", masks, "--output-dir", data)[0] == 0
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    config = NTRENetConfig(backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]}, reduce_dim=16,
+                           background_prototype_dim=16, pyramid_bins=[1.0, 0.5], image_size=65)  # fmt: skip
+    NTRENetModel(config).save_pretrained(model)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(model)
+    out = tmp_path / "metrics.json"
+    argv = ["--model", str(model), "--dataset", str(data), "--fold", "3", "--num-episodes", "2", "--output", str(out)]
+    assert evaluate_main(argv) == 0
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("folder test split 1-shot (") and "fold 3" not in result, result
