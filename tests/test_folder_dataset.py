@@ -303,3 +303,79 @@ def test_a_class_listed_twice_is_recorded_once_and_counted(tmp_path, capsys):
     assert report["counts"] == {"list_normalised": 1, "duplicate_id": 1}
     assert f"{lists / 'train.txt'} lists class 'cup' again" in report["fixed"][1]["problem"]
     assert f"class names file {names} is saved as UTF-16" in report["fixed"][0]["problem"]
+
+
+def test_class_folders_kept_elsewhere_by_symlink_are_classes_and_empty_ones_are_reported(tmp_path, capsys):
+    """Issue 22 E10 / E11: a symlinked class folder (or image) whose target lies outside the tree used to be skipped
+    as "its images would repeat another's", and an empty class folder was dropped without a word."""
+    from hf_fss.data.builders import build_report
+
+    elsewhere = write_class_folders(tmp_path / "elsewhere")  # cup, leaf, ... kept outside the tree
+    root = tmp_path / "fss_like"
+    root.mkdir()
+    for name in ("cup", "leaf", "shoe"):
+        (elsewhere / name).rename(root / name)
+    (root / "lamp").symlink_to(elsewhere / "lamp", target_is_directory=True)  # outside: a class, followed
+    (root / "bottle").symlink_to(elsewhere / "bottle", target_is_directory=True)
+    (root / "lamp_again").symlink_to(elsewhere / "lamp", target_is_directory=True)  # the same target: a duplicate
+    (root / "mug").symlink_to(root / "cup", target_is_directory=True)  # into the tree: a duplicate
+    for suffix in (".jpg", ".png"):  # a symlinked image outside the tree is an image
+        (root / "leaf" / f"7{suffix}").symlink_to(elsewhere / "key" / f"1{suffix}")
+    (root / "empty").mkdir()
+    out = tmp_path / "mine"
+    status, text = _prepare(capsys, "--images", root, "--class-folders", "--output-dir", out)
+    assert status == 0, text
+    counts = "symlink_followed 2, symlink_skipped 2, empty_class_folder 1"
+    assert f"({counts};" in text
+    dataset = load_benchmark(str(out))
+    names = dataset["train"].features["class_ids"].feature.names
+    assert names == ["background", "bottle", "cup", "empty", "lamp", "leaf", "shoe"]
+    image_ids = {i for split in dataset.values() for i in split["image_id"]}
+    assert {"lamp/1", "bottle/3", "leaf/7"} <= image_ids and len(image_ids) == 16
+    assert not any(i.startswith(("mug/", "lamp_again/", "empty/")) for i in image_ids)
+    report = build_report(dataset["train"])
+    entries = {(e["kind"], e["id"]): e["problem"] for e in report["fixed"] + report["skipped"]}
+    assert f"symlink to {elsewhere / 'lamp'}, outside the tree: followed" in entries["symlink_followed", "lamp"]
+    assert "symlinked folder: not a class" in entries["symlink_skipped", "mug"]
+    assert "linked already" in entries["symlink_skipped", "lamp_again"]
+    assert f"class folder {root / 'empty'} holds no image" in entries["empty_class_folder", "empty"]
+
+
+def test_unusable_images_are_listed_readably_on_one_line(tmp_path, capsys):
+    """Issue 22 E12: the problems were joined with bare spaces ("...fix the mask mask p_short/masks/im004.png")."""
+
+    def two_missing(images, masks, names):
+        (masks / "cup_00.png").unlink()
+        (masks / "leaf_01.png").unlink()
+
+    text = _bad(tmp_path, capsys, two_missing).strip()
+    assert len(text.splitlines()) == 1, text
+    first, second = (
+        f"image {tmp_path}/raw/images/{n}.jpg has no mask {tmp_path}/raw/masks/{n}.png" for n in ("cup_00", "leaf_01")
+    )
+    assert f'2 image(s) cannot be used: "{first}"; "{second}"; fix them, or pass --skip-invalid' in text
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_evaluate_result_line_of_a_folder_dataset_names_its_split_not_the_ignored_fold(tmp_path, capsys):
+    """Issue 22 F1: `evaluate.py --dataset data/mine --fold 3` printed "folder fold 3 ..." though folds are ignored."""
+    import torch
+
+    from hf_fss import FewShotSegmentationImageProcessor
+    from hf_fss.evaluation.runner import main as evaluate_main
+    from hf_fss.models.ntrenet import NTRENetConfig, NTRENetModel
+
+    images, masks, _ = write_label_folder(tmp_path / "raw", per_class=2)
+    data = tmp_path / "mine"
+    assert _prepare(capsys, "--images", images, "--masks", masks, "--output-dir", data)[0] == 0
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    config = NTRENetConfig(backbone_kwargs={"base_width": 8, "depths": [1, 1, 1, 1]}, reduce_dim=16,
+                           background_prototype_dim=16, pyramid_bins=[1.0, 0.5], image_size=65)  # fmt: skip
+    NTRENetModel(config).save_pretrained(model)
+    FewShotSegmentationImageProcessor(image_size=65).save_pretrained(model)
+    out = tmp_path / "metrics.json"
+    argv = ["--model", str(model), "--dataset", str(data), "--fold", "3", "--num-episodes", "2", "--output", str(out)]
+    assert evaluate_main(argv) == 0
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("folder test split 1-shot (") and "fold 3" not in result, result

@@ -95,9 +95,44 @@ def test_a_contradicting_benchmark_is_refused_by_every_script(saved_synthetic, t
             assert main(argv) == 2, script
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and err.startswith(f"{script}: error: --benchmark {benchmark}"), err
-            assert f"contradicts --dataset {dataset!r}, which is synthetic" in err
+            # Issue 22 F3: the name 'synthetic' is the embedded benchmark, not something "recorded when it was built".
+            what = "the embedded synthetic benchmark;" if dataset == "synthetic" else "synthetic (recorded when it"
+            assert f"contradicts --dataset {dataset!r}, which is {what}" in err
             assert "or pass --benchmark synthetic" in err
             assert not out.exists(), script
+
+
+def test_a_benchmark_name_as_dataset_says_how_to_build_it(tmp_path, capsys, monkeypatch):
+    """Issue 22 F2: `--dataset pascal5i` (no such folder) asked for --benchmark, or called it no Hub dataset id."""
+    from hf_fss.evaluation.compare import main as compare_main
+    from hf_fss.evaluation.runner import main as evaluate_main
+    from hf_fss.training.episodic import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    models = [tmp_path / "model_a", tmp_path / "model_b"]
+    for model in models:
+        model.mkdir()
+    out = tmp_path / "out"
+    for dataset, kind, benchmark in (("pascal5i", "pascal5i", []), ("COCO-20i", "coco20i", ["--benchmark", "coco"]),
+                                     ("fss1000", "fss1000", [])):  # fmt: skip
+        data = ["--dataset", dataset, *benchmark]
+        runs = {
+            "train.py": (train_main, [*data, "--output-dir", str(out), "--max-steps", "1"]),
+            "evaluate.py": (evaluate_main, ["--model", str(models[0]), *data, "--output", str(out / "m.json")]),
+            "compare.py": (compare_main, ["--models", *map(str, models), *data, "--output-dir", str(out)]),
+        }
+        for script, (main, argv) in runs.items():
+            assert main(argv) == 2, script
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert err.startswith(f"{script}: error: --dataset {dataset!r} is a benchmark name, not a dataset"), err
+            assert (
+                f"scripts/prepare_dataset.py {kind} ... --output-dir data/{kind}, then pass --dataset data/{kind}"
+                in err
+            )
+            assert not out.exists(), script
+    with pytest.raises(ValueError, match="is a benchmark name"):
+        load_benchmark("pascal5i")
 
 
 def test_resolve_benchmark_takes_an_older_folder_at_its_word(saved_synthetic, tmp_path):

@@ -1002,15 +1002,39 @@ def test_fss1000_symlinks_unicode_names_and_lists_are_read_right_and_counted(tmp
 
     # A listed class whose folder is a symlink, and two folders whose names differ only in their Unicode form, are
     # one line naming them; nothing is written.
-    (root / "zebra").rename(tmp_path / "zebra")
-    (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)
+    # (Issue 22 E10: a link to a folder outside the tree is a class now, so the listed link resolves into the tree.)
+    (root / "zebra").rename(root / ".zebra")
+    (root / "zebra").symlink_to(root / ".zebra", target_is_directory=True)
     bad = tmp_path / "bad"
     assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, "class 'zebra'", splits / "test.txt", "is a symlinked folder")
     (root / "zebra").unlink()
-    (tmp_path / "zebra").rename(root / "zebra")
+    (root / ".zebra").rename(root / "zebra")
     (root / "cr\u00e8me").mkdir()
     assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", bad]) == 2
     _one_line_error(capsys.readouterr().err, root, "'cre\\u0300me' and 'cr\\xe8me' name one class more than once")
     assert not bad.exists()
     _no_leftovers(bad)
+
+
+def test_fss1000_class_folder_kept_elsewhere_by_symlink_is_a_class_and_an_empty_one_is_reported(tmp_path, capsys):
+    """Issue 22 E10 / E11 in FSS-1000's builder: a symlinked class folder outside the tree is a class (it was skipped
+    as a duplicate), and an empty class folder in no list is reported (it was dropped without a word)."""
+    from hf_fss.data.builders import build_report
+
+    fss = write_fss(tmp_path / "fss")
+    root, splits = fss["root"], fss["splits"]
+    (root / "zebra").rename(tmp_path / "zebra")
+    (root / "zebra").symlink_to(tmp_path / "zebra", target_is_directory=True)  # listed in test.txt
+    (root / "owl").mkdir()
+    out = tmp_path / "out"
+    assert _main(["fss1000", "--fss-root", root, "--split-dir", splits, "--output-dir", out]) == 0
+    summary = capsys.readouterr().out
+    assert "(symlink_followed 1, empty_class_folder 1;" in summary, summary
+    dd = datasets.load_from_disk(str(out))
+    assert dd["test"]["image_id"][:3] == ["abe's_flyingfish/1", "abe's_flyingfish/2", "abe's_flyingfish/10"]
+    assert dd["test"]["image_id"][3:] == ["zebra/1", "zebra/2", "zebra/10"]
+    report = build_report(dd["train"])
+    entries = {(e["kind"], e["id"]): e["problem"] for e in report["fixed"] + report["skipped"]}
+    assert f"symlink to {tmp_path / 'zebra'}, outside the tree: followed" in entries["symlink_followed", "zebra"]
+    assert f"class folder {root / 'owl'} holds no N.jpg image" in entries["empty_class_folder", "owl"]

@@ -17,7 +17,14 @@ from ..utils import looks_local
 from .folds import BENCHMARKS, normalize_benchmark_name
 
 # looks_local: hf_fss.utils, re-exported
-__all__ = ["check_hub_dataset", "infer_benchmark", "load_benchmark", "looks_local", "resolve_benchmark"]
+__all__ = [
+    "check_hub_dataset",
+    "infer_benchmark",
+    "load_benchmark",
+    "looks_local",
+    "refuse_benchmark_name",
+    "resolve_benchmark",
+]
 
 # How each builder's DatasetInfo.description starts (see hf_fss.data.builders and hf_fss.data.synthetic).
 _DESCRIPTION_PREFIXES = {
@@ -33,6 +40,25 @@ def _folder_not_found(dataset: str, path: Path) -> str:
     return (
         f"--dataset {dataset!r}: folder not found ({path.absolute()} does not exist); build it with "
         "scripts/prepare_dataset.py, or pass 'synthetic' or a Hub dataset id (org/name)"
+    )
+
+
+def refuse_benchmark_name(dataset: str) -> None:
+    """
+    ValueError when `dataset` names a benchmark to build (`pascal5i`, `COCO-20i`, `fss1000`, `folder`, any spelling
+    `normalize_benchmark_name` accepts) rather than a dataset: called only when no such folder exists. The message
+    says how to build it and what to pass then. `synthetic` itself is a dataset (built on the fly), not refused.
+    """
+    if dataset == "synthetic" or "/" in dataset or "\\" in dataset:
+        return
+    try:
+        kind = normalize_benchmark_name(dataset)
+    except ValueError:
+        return
+    raise ValueError(
+        f"--dataset {dataset!r} is a benchmark name, not a dataset: build it with scripts/prepare_dataset.py {kind} "
+        f"... --output-dir data/{kind}, then pass --dataset data/{kind}"
+        + (" (or --dataset synthetic, built on the fly)" if kind == "synthetic" else "")
     )
 
 
@@ -101,6 +127,7 @@ def load_benchmark(dataset: str, *, synthetic_seed: int = 0, **synthetic_kwargs)
         return datasets.load_from_disk(str(path))
     if looks_local(dataset):
         raise FileNotFoundError(_folder_not_found(dataset, path))
+    refuse_benchmark_name(dataset)
     if dataset.count("/") != 1:
         raise ValueError(
             f"--dataset {dataset!r} is neither 'synthetic', an existing folder, nor a Hub dataset id (org/name)"
@@ -130,7 +157,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
     `scripts/prepare_dataset.py` (or a loaded DatasetDict) the kind its builder recorded at the start of
     `DatasetInfo.description`. None when it cannot be told (a Hub id, a foreign folder): then `--benchmark`
     must be given, one of `BENCHMARKS`. A path that looks local and does not exist, or an `org/name` that is neither
-    a folder nor a Hub dataset, is a FileNotFoundError, so a typo is not reported as a missing `--benchmark`.
+    a folder nor a Hub dataset, is a FileNotFoundError, so a typo is not reported as a missing `--benchmark`; a
+    benchmark's name that is no folder (`pascal5i`) is a ValueError saying how to build it (`refuse_benchmark_name`).
     """
     if isinstance(dataset, datasets.DatasetDict):
         descriptions = [split.info.description or "" for split in dataset.values()]
@@ -140,6 +168,8 @@ def infer_benchmark(dataset: str | os.PathLike | datasets.DatasetDict) -> str | 
         path = Path(dataset).expanduser()
         if not path.exists() and looks_local(str(dataset)):
             raise FileNotFoundError(_folder_not_found(str(dataset), path))
+        if not path.exists():
+            refuse_benchmark_name(str(dataset))
         if not path.exists() and str(dataset).count("/") == 1:  # a Hub id, or a folder under a missing parent
             check_hub_dataset(str(dataset))
         descriptions = _saved_descriptions(path) if path.is_dir() else []
@@ -165,7 +195,8 @@ def resolve_benchmark(dataset: str | os.PathLike | datasets.DatasetDict, benchma
 
     Raises:
         ValueError: `benchmark` contradicts the recorded one (naming both), is unknown, or is None while nothing
-            is recorded (`benchmark_required_message`); one line each.
+            is recorded (`benchmark_required_message`); `dataset` is a benchmark's name, no folder
+            (`refuse_benchmark_name`); one line each.
         FileNotFoundError: `benchmark` is None and `dataset` looks like a local path that does not exist.
     """
     name = dataset if isinstance(dataset, str) else "the dataset"
@@ -181,8 +212,11 @@ def resolve_benchmark(dataset: str | os.PathLike | datasets.DatasetDict, benchma
         return given  # nothing recorded to contradict; loading the dataset reports the missing folder
     if recorded is not None and given != recorded:
         # Training or scoring one benchmark under another's folds would label the results with the wrong classes.
+        what = (
+            "the embedded synthetic benchmark" if name == "synthetic" else f"{recorded} (recorded when it was built)"
+        )
         raise ValueError(
-            f"--benchmark {benchmark} contradicts --dataset {name!r}, which is {recorded} (recorded when it was "
-            f"built); give a {given} dataset (scripts/prepare_dataset.py {given}) or pass --benchmark {recorded}"
+            f"--benchmark {benchmark} contradicts --dataset {name!r}, which is {what}; give a {given} dataset "
+            f"(scripts/prepare_dataset.py {given}) or pass --benchmark {recorded}"
         )
     return given

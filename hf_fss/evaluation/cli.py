@@ -28,6 +28,7 @@ from hf_fss.cli import (
     os_error_line,
 )
 from hf_fss.data.episodes import ANNOTATION_KINDS, load_episodes_jsonl, make_test_episodes, save_episodes_jsonl
+from hf_fss.data.folds import has_class_split
 from hf_fss.evaluation.arguments import (
     add_arguments,
     checked_fold_convention,
@@ -382,8 +383,10 @@ def _report(args: argparse.Namespace, metrics: Mapping[str, Any], protocol, feat
         )
     write_json_atomic(metrics, args.output)
     std = f" ± {100 * metrics['miou_std']:.2f}" if "miou_std" in metrics else ""
+    # FSS-1000 and folder datasets have one recorded class split: --fold does not apply to them (ignored).
+    fold = f"{metrics['split']} split" if has_class_split(metrics["benchmark"]) else f"fold {args.fold}"
     print(
-        f"{metrics['benchmark']} fold {args.fold} {args.shot}-shot ({protocol.name} protocol, "
+        f"{metrics['benchmark']} {fold} {args.shot}-shot ({protocol.name} protocol, "
         f"{len(protocol.seeds)} seed(s)): mIoU {100 * metrics['miou']:.2f}{std}, FB-IoU {100 * metrics['fbiou']:.2f}"
         f" -> {args.output}"
     )

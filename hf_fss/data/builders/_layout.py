@@ -1,11 +1,13 @@
 """
 Class folders and files as users lay them out, shared by the FSS-1000 and the own-folder builders.
 
-Symlinks are not followed into duplicates: a symlinked class folder is not a class (a link to a sibling or to the
-root would make a class of another's images), and a symlinked file whose target is a real file of the tree (or the
-target of an earlier link) is left out. Class names are compared in Unicode NFC, so a name macOS stored decomposed
-(NFD) equals its typed form; names equal up to normalisation are a ValueError. What was skipped or normalised is
-returned as `report_entry`s ("symlink_skipped", "name_normalised") for the build report.
+Symlinks are not followed into duplicates: a symlinked class folder that resolves into the tree is not a class (a
+link to a sibling or to the root would make a class of another's images), one whose target lies outside the tree is
+a class (followed); a symlinked file whose target is a real file of the tree (or the target of an earlier link) is
+left out, one to a file outside the tree is an image. Class names are compared in Unicode NFC, so a name macOS
+stored decomposed (NFD) equals its typed form; names equal up to normalisation are a ValueError. What was skipped or
+normalised is returned as `report_entry`s ("symlink_followed", "symlink_skipped", "name_normalised") for the build
+report.
 """
 
 from __future__ import annotations
@@ -49,20 +51,47 @@ def normalized_names(raw_names: Sequence[str], where: str, listing: list) -> lis
     return names
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether the resolved `path` is `root` (resolved) or lies under it."""
+    return path == root or root in path.parents
+
+
+def _followed_links(root: Path, links: list[Path], listing: list) -> list[Path]:
+    """
+    The symlinked class folders of `links` to follow: those whose target lies outside `root` (a real class kept
+    elsewhere, reported "symlink_followed"). A link into the tree, or to a folder an earlier link already took,
+    would repeat another class's images: reported "symlink_skipped" and left out.
+    """
+    tree, taken, followed = root.resolve(), set(), []
+    for link in links:
+        target = link.resolve()
+        if _inside(target, tree) or target in taken:
+            problem = (
+                f"{link} is a symlinked folder: not a class (it resolves to {target}, inside the tree or linked "
+                "already: its images would repeat another's)"
+            )
+            listing.append(report_entry(link.name, "symlink_skipped", problem))
+            continue
+        taken.add(target)
+        followed.append(link)
+        problem = f"{link} is a symlink to {target}, outside the tree: followed, a class"
+        listing.append(report_entry(link.name, "symlink_followed", problem))
+    return followed
+
+
 def class_folders(root: Path, where: str, listing: list) -> dict[str, Path]:
     """
     {NFC name: folder} of the class folders directly in `root`, by name (hidden and `__*` entries, e.g. __MACOSX,
-    ignored). A symlinked folder is not a class and is reported in `listing` ("symlink_skipped"), as is each name
-    normalised to NFC.
+    ignored). A symlinked folder is a class when its target lies outside the tree (reported "symlink_followed"),
+    and not when it resolves into the tree or to another link's target (a duplicate, reported "symlink_skipped");
+    each name normalised to NFC is reported in `listing` too.
 
     Raises:
         ValueError: two folder names equal up to Unicode normalisation (`where` names the folder in the message).
     """
     candidates = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    for link in (p for p in candidates if p.is_symlink()):
-        problem = f"{link} is a symlinked folder: not a class (its images would repeat another's)"
-        listing.append(report_entry(link.name, "symlink_skipped", problem))
-    folders = [p for p in candidates if not p.is_symlink()]
+    followed = _followed_links(root, [p for p in candidates if p.is_symlink()], listing)
+    folders = [p for p in candidates if not p.is_symlink() or p in followed]
     refuse_duplicate_names([p.name for p in folders], where)
     names = normalized_names([p.name for p in folders], where, listing)
     return dict(zip(names, folders))

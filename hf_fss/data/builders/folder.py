@@ -182,8 +182,9 @@ def _scan_label_maps(images: Path, masks: Path, names: list[str] | None, notes: 
 
 def _scan_class_folders(images: Path, masks: Path, notes: list):
     """(entries, problems, class names) of the per-class folder layout; a row's ids are [its folder's id] and its id
-    "<class>/<name>" with the class name in NFC. Symlinked class folders are not classes, duplicates by symlink are
-    left out, and folder names are read in NFC: each noted in `notes` (see `_layout.class_folders`)."""
+    "<class>/<name>" with the class name in NFC. Duplicates by symlink are left out (a symlinked class folder
+    outside the tree is followed), folder names are read in NFC, and a folder holding no image is a class without
+    rows: each noted in `notes` (see `_layout.class_folders`)."""
     by_name = list_class_folders(images, f"--images {images}, its class folders", notes)
     names = ["background", *by_name]
     if len(names) - 1 > _MAX_DENSE_ID:
@@ -192,7 +193,12 @@ def _scan_class_folders(images: Path, masks: Path, notes: list):
     for class_id, (name, folder) in enumerate(by_name.items(), start=1):
         # The FSS-1000 layout (masks in the images' folders): the .png files beside the images are the masks.
         suffixes = (".jpg", ".jpeg") if images == masks else IMAGE_SUFFIXES
-        for key, image_path in _list_images(folder, notes, suffixes, targets).items():
+        listed = _list_images(folder, notes, suffixes, targets)
+        if not listed and not any(p.suffix.lower() in suffixes for p in folder.rglob("*")):
+            # Nothing to skip or fix in it, so no other entry would say why the class has no rows.
+            problem = f"class folder {folder} holds no image ({', '.join(suffixes)}): class {name!r} has no rows"
+            notes.append(report_entry(name, "empty_class_folder", problem))
+        for key, image_path in listed.items():
             mask_path = masks / folder.name / f"{key}.png"
             row_id = f"{name}/{key}"
             if not mask_path.is_file():
@@ -266,13 +272,15 @@ def _folder_row(item, fixes: list) -> dict:
 
 
 def _raise_or_report(problems: list[tuple[str, str]], skip_invalid: bool) -> list[dict]:
+    """The "file_skipped" report entries of `problems` ([(row id, problem)]) with `skip_invalid`; else a ValueError
+    listing the first of them on one line, each quoted and separated by "; ", and the fix."""
     if problems and not skip_invalid:
-        listed = "\n  ".join(p for _, p in problems[:_MAX_LISTED_PROBLEMS])
+        listed = "; ".join(f'"{p}"' for _, p in problems[:_MAX_LISTED_PROBLEMS])
         more = len(problems) - _MAX_LISTED_PROBLEMS
         raise ValueError(
-            f"{len(problems)} image(s) cannot be used:\n  {listed}"
-            + (f"\n  ... and {more} more" if more > 0 else "")
-            + "\nfix them, or pass --skip-invalid to leave them out (they are then listed in the build report)"
+            f"{len(problems)} image(s) cannot be used: {listed}"
+            + (f"; ... and {more} more" if more > 0 else "")
+            + "; fix them, or pass --skip-invalid to leave them out (they are then listed in the build report)"
         )
     return [report_entry(key, "file_skipped", problem, row=True) for key, problem in problems]
 
@@ -302,7 +310,8 @@ def build_folder(
         seed: seed of that split.
         skip_invalid: leave out (and report) images with bad input instead of raising.
 
-    Symlinks are not followed into duplicates: a symlinked folder is not read (nor a class), a symlinked image whose
+    Symlinks are not followed into duplicates: a symlinked class folder whose target lies outside the tree is a class
+    (followed, reported), one into the tree is not (nor is a symlinked sub-folder read); a symlinked image whose
     target is already listed is left out. Class names (folders, names file, split lists) are compared in Unicode
     NFC, so a folder name macOS wrote decomposed matches its typed form. Each of these, a list saved with a BOM /
     CRLF / as UTF-16 and a class listed twice in a split list are in the train split's build report, counted by

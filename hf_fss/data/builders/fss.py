@@ -79,6 +79,15 @@ def _images(class_dir: Path, targets: dict[Path, Path] | None = None, listing: l
     return [p for p in images if not is_duplicate_link(p, targets, listing, where.format(p.name))]
 
 
+def _report_empty_folders(folders: dict[str, Path], listing: list) -> None:
+    """Report each of `folders` ({name: class folder}, none of them a class) that holds no N.jpg image in `listing`
+    ("empty_class_folder"), so a class the user meant to add is not dropped without a word."""
+    for name, folder in folders.items():
+        if not _images(folder):
+            problem = f"class folder {folder} holds no N.jpg image: not a class; add its images or remove it"
+            listing.append(report_entry(name, "empty_class_folder", problem))
+
+
 def _stray_files(class_dir: Path, images: list[Path]) -> list[Path]:
     """Entries of a class folder that are neither an N.jpg image nor its N.png mask (e.g. `beam_bridge/10.jpeg`)."""
     expected = {p.name for p in images} | {p.with_suffix(".png").name for p in images}
@@ -101,7 +110,7 @@ def read_class_list(path: Path, listing: list | None = None) -> list[str]:
 
 
 def _class_folders(root: Path, listing: list) -> dict[str, Path]:
-    """{NFC name: folder} of the class folders of `root`, symlinked ones not followed (`_layout.class_folders`)."""
+    """{NFC name: folder} of the class folders of `root`, duplicates by symlink left out (`_layout.class_folders`)."""
     return list_class_folders(root, f"FSS-1000 root {root}, its class folders", listing)
 
 
@@ -120,7 +129,8 @@ def _listed_split(root: Path, split_root: Path, folders: dict[str, Path], listin
             if name not in folders and (root / name).is_symlink():
                 raise ValueError(
                     f"class {name!r} (listed in {split_root / SPLIT_FILES[split]}) is a symlinked folder "
-                    f"{root / name}: not followed, its images would repeat another's; copy the folder there"
+                    f"{root / name} into the tree (or to a folder linked already): not followed, its images would "
+                    "repeat another's; copy the folder there"
                 )
             if name not in folders:
                 require_dir(root / name, f"FSS-1000 class folder of {name!r} (listed in {split_root})")
@@ -169,8 +179,9 @@ def build_fss1000(
     classes (folders not listed are not used, and reported). Without it, the class names are the folders holding
     `.jpg` files (hidden and `__*` folders ignored) and the split is `fallback_split(names, seed)`.
 
-    As in the own-folder builder (`_layout`), symlinks are not followed into duplicates: a symlinked class folder is
-    not a class (reported; listing one is a ValueError), and a symlinked image whose target the tree already holds
+    As in the own-folder builder (`_layout`), symlinks are not followed into duplicates: a symlinked class folder
+    that resolves into the tree is not a class (reported; listing one is a ValueError), one whose target lies outside
+    the tree is (followed, reported), and a symlinked image whose target the tree already holds
     is left out (reported). Class names, of folders and in the lists, are compared in Unicode NFC (a folder name
     macOS stored decomposed matches the list); names equal up to normalisation are a ValueError. Lists saved with
     a BOM, CRLF or as UTF-16 are read and reported, a class listed twice in a list is kept once and reported.
@@ -200,6 +211,7 @@ def build_fss1000(
             raise ValueError(f"no class folders (holding N.jpg + N.png) found in {root}")
         split_classes = fallback_split(names, seed)
         how = f"fallback class split: 520/240/240 proportions, numpy default_rng({seed}) permutation of sorted names"
+    _report_empty_folders({name: folders[name] for name in sorted(set(folders) - set(names))}, listings["train"])
 
     class_id = {name: i + 1 for i, name in enumerate(names)}
     targets = real_files(root)
