@@ -179,6 +179,27 @@ def test_evaluate_output_that_is_a_folder_is_refused_before_evaluating(tiny_mode
     assert list(folder.iterdir()) == []
 
 
+def test_evaluate_output_that_is_a_device_or_fifo_is_refused_and_left_as_it_is(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    """`--output /dev/null` (run as root) replaced the device with a JSON file through the atomic rename."""
+    import stat
+
+    from hf_fss.utils.io import atomic_write_text
+
+    monkeypatch.setattr(
+        evaluate_cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check")
+    )
+    fifo = tmp_path / "results"
+    os.mkfifo(fifo)
+    assert _evaluate(tiny_model, fifo) == 2
+    assert f"--output '{fifo}' is not a regular file or folder" in _one_line(capsys.readouterr().err, "evaluate.py")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(tmp_path.iterdir()) == [fifo]
+    with pytest.raises(OSError, match="not a regular file, so it is not replaced"):
+        atomic_write_text(fifo, "{}")  # the writers themselves never replace one either
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
 def test_evaluate_output_one_may_not_write_is_refused_first(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         evaluate_cli, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the output check")

@@ -20,6 +20,7 @@ Used by every command that writes (training checkpoints, `save_pretrained_with_c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder and a rename (parents are created)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a device (`/dev/null`), a fifo: never replaced by a file
+        raise OSError(errno.EEXIST, "exists and is not a regular file, so it is not replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
@@ -246,6 +249,9 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool = True, n
         `ValueError`: one line naming `flag`, the path and what to do.
     """
     path = Path(path)
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        # A device, fifo or socket (`--output /dev/null`): the atomic rename would replace it with a plain file.
+        raise ValueError(f"{flag} {str(path)!r} is not a regular file or folder; give a file or folder path")
     if path.exists() and path.is_dir() != folder:
         kind = "a file" if folder else "a folder"
         raise ValueError(f"{flag} {str(path)!r} is {kind}; give a {'folder' if folder else 'file'} path")
