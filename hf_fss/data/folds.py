@@ -39,6 +39,7 @@ Class ids are the values of the label maps (1-based; 0 is background), as stored
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,9 +174,14 @@ def fold_classes(
 
     Raises:
         ValueError: unknown benchmark, fold out of range (any fold but 0 under `"canet_40_20_20"`), bad
-            convention, or FSS-1000 without `dataset`.
+            convention, FSS-1000 without `dataset`, or `dataset` given as a path instead of the loaded splits.
     """
     name = normalize_benchmark_name(benchmark)
+    if isinstance(dataset, str | os.PathLike):  # a path would be read as a mapping of its characters
+        raise ValueError(
+            f"dataset must be the loaded DatasetDict, not the path {str(dataset)!r}: pass "
+            f"hf_fss.data.load_benchmark({str(dataset)!r})"
+        )
     if name == "folder":
         return _recorded_fold(dataset, convention, novel_split, base_split)
     if name == "fss1000":
