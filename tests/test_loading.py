@@ -209,10 +209,10 @@ def test_a_cached_hub_dataset_is_not_probed(tmp_path, monkeypatch):
     assert check_hub_dataset("org/cached") is None
 
 
-@pytest.mark.parametrize("benchmark", ["folder", "fss1000"])
-def test_fold_classes_given_a_path_asks_for_the_loaded_dataset(benchmark):
+@pytest.mark.parametrize("kind", ["folder", "fss1000"])
+def test_fold_classes_given_a_path_asks_for_the_loaded_dataset(kind):
     """A path as `dataset` was read as a mapping of its characters ("has ['/', 'a', 'a', ...]")."""
     from hf_fss.data import fold_classes
 
     with pytest.raises(ValueError, match=r"^dataset must be the loaded DatasetDict, not the path 'data/cf': pass "):
-        fold_classes(benchmark, dataset="data/cf")
+        fold_classes(kind, dataset="data/cf")
