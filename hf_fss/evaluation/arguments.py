@@ -24,6 +24,7 @@ from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 
 __all__ = [
     "BenchmarkArguments",
+    "SyntheticArguments",
     "add_arguments",
     "checked_fold_convention",
     "class_names_of",
@@ -38,7 +39,31 @@ _SYNTHETIC = ("num_train", "num_val", "image_size")
 
 
 @dataclass
-class BenchmarkArguments:
+class SyntheticArguments:
+    """The `--synthetic-*` group: the size and seed of the embedded synthetic benchmark (`load_benchmark("synthetic",
+    ...)`), shared by the benchmark arguments and the prior pretraining's."""
+
+    synthetic_num_train: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
+    )
+    synthetic_num_val: int | None = field(
+        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
+    )
+    synthetic_image_size: int | None = field(
+        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
+    )
+    synthetic_seed: int = field(
+        default=0,
+        metadata={
+            "range": SEED,
+            "help": "synthetic benchmark: generation seed",
+            "evaluation": {"help": "synthetic benchmark: generation seed (default 0)"},
+        },
+    )
+
+
+@dataclass
+class BenchmarkArguments(SyntheticArguments):
     """The benchmark of a run: dataset, benchmark, fold (and COCO-20i's fold convention), shot, synthetic sizes."""
 
     dataset: str = field(
@@ -88,23 +113,6 @@ class BenchmarkArguments:
             "evaluation": {"help": "support images per episode (default 1)"},
         },
     )
-    synthetic_num_train: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
-    )
-    synthetic_num_val: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
-    )
-    synthetic_image_size: int | None = field(
-        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
-    )
-    synthetic_seed: int = field(
-        default=0,
-        metadata={
-            "range": SEED,
-            "help": "synthetic benchmark: generation seed",
-            "evaluation": {"help": "synthetic benchmark: generation seed (default 0)"},
-        },
-    )
 
     def __post_init__(self):
         check_ranges(self)
@@ -112,7 +120,9 @@ class BenchmarkArguments:
 
 def add_arguments(parser: ScriptArgumentParser, group: type = BenchmarkArguments) -> None:
     """Add every field of the dataclass `group` to `parser` as `--field-name`, with its range, default and help."""
-    for spec in dataclasses.fields(group):
+    synthetic = {spec.name for spec in dataclasses.fields(SyntheticArguments)}
+    specs = dataclasses.fields(group)  # the inherited --synthetic-* group listed last, as it reads in --help
+    for spec in [s for s in specs if s.name not in synthetic] + [s for s in specs if s.name in synthetic]:
         options = {"default": spec.default, "help": spec.metadata.get("help")}
         options.update(spec.metadata.get("evaluation", {}))
         if options.get("required"):

@@ -14,10 +14,10 @@ from hf_fss.cli import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
-    SEED,
     Range,
     check_ranges,
 )
+from hf_fss.evaluation.arguments import SyntheticArguments, synthetic_kwargs
 from hf_fss.training.arguments import _FRACTION, LoopArguments, _check_choices
 
 __all__ = ["PRETRAIN_DESCRIPTION", "PRETRAIN_GROUPS", "PRETRAIN_QUICKSTART", "PretrainingArguments"]
@@ -28,7 +28,7 @@ PRETRAIN_QUICKSTART = Path(str(resources.files("hf_fss") / "recipes" / "prior" /
 
 
 @dataclass
-class PretrainingArguments:
+class PretrainingArguments(SyntheticArguments):
     """The prior extractor's global + local contrastive pretraining: data, superpixels, model, losses, export, probe."""
 
     config: str | None = field(
@@ -43,16 +43,6 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "also the benchmark's evaluation split(s): the paper's 'all images' (the test queries)"},
     )
-    synthetic_num_train: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: train images"}
-    )
-    synthetic_num_val: int | None = field(
-        default=None, metadata={"range": NON_NEGATIVE_INT, "help": "synthetic benchmark: validation images"}
-    )
-    synthetic_image_size: int | None = field(
-        default=None, metadata={"range": IMAGE_SIDE, "help": "synthetic benchmark: image side"}
-    )
-    synthetic_seed: int = field(default=0, metadata={"range": SEED, "help": "synthetic benchmark: generation seed"})
     image_size: int = field(default=224, metadata={"range": IMAGE_SIDE, "help": "side of the image views (MoCo: 224)"})
     patch_size: int | None = field(
         default=None, metadata={"range": IMAGE_SIDE, "help": "side of the patch views (default image_size)"}
@@ -173,9 +163,8 @@ class PretrainingArguments:
         return self.local_weight > 0
 
     def synthetic_kwargs(self) -> dict:
-        values = {"num_train": self.synthetic_num_train, "num_val": self.synthetic_num_val}
-        values["image_size"] = self.synthetic_image_size
-        return {"synthetic_seed": self.synthetic_seed, **{k: v for k, v in values.items() if v is not None}}
+        """`load_benchmark`'s keywords of the `--synthetic-*` flags (none unless `--dataset synthetic`)."""
+        return synthetic_kwargs(self)
 
     def default_output_dir(self) -> str:
         name = Path(self.dataset.rstrip("/")).name or "dataset"
