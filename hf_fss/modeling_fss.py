@@ -283,8 +283,10 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
 
     # --- construction -------------------------------------------------------------------------------------
     def build_backbone(self) -> StagedBackbone:
-        """The configured backbone, frozen if `config.freeze_backbone`, BN kept in eval if configured."""
-        backbone = build_backbone(self.config.backbone, **(self.config.backbone_kwargs or {}))
+        """The configured backbone (an hf_fss name or a transformers `backbone_config`), frozen if
+        `config.freeze_backbone`, BN kept in eval if configured."""
+        config = self.config
+        backbone = build_backbone(config.backbone, config.backbone_config, **(config.backbone_kwargs or {}))
         backbone.chunk_on_cpu = self.config.chunk_extractors_on_cpu
         if self.config.freeze_backbone:
             return backbone.freeze(batchnorm_eval=self.config.freeze_backbone_batchnorm)

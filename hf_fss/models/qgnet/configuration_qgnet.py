@@ -1,6 +1,6 @@
 """Configuration of QGNet (Liu et al., "Few-Shot Segmentation with Global and Local Contrastive Learning", 2021)."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 
@@ -99,7 +99,9 @@ class QGNetConfig(FewShotSegmentationConfig):
     model_type = "qgnet"
     tuple_fields = ("pyramid_bins",)
 
-    backbone: QGNetBackbone = "resnet50"
+    builtin_backbones = get_args(QGNetBackbone)
+
+    backbone: str | None = "resnet50"
     prior_extractor_backbone: PriorExtractorBackbone = "resnet50"
     prior_extractor_kwargs: dict | None = None
     prior_extractor_weights: str | None = None
