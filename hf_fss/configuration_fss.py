@@ -210,7 +210,9 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         return default
 
 
-def resolve_backbone_fields(config, field: str, backbone_config) -> tuple[str | None, dict | None]:
+def resolve_backbone_fields(
+    config, field: str, backbone_config, builtin: tuple[str, ...] | None = None
+) -> tuple[str | None, dict | None]:
     """
     Part of a config's `__post_init__`: the backbone field `field` (`backbone`, QGNet's `prior_extractor_backbone`)
     and its transformers config. A built-in name stays as it is; a Hub id or local folder has its config.json read
@@ -219,12 +221,13 @@ def resolve_backbone_fields(config, field: str, backbone_config) -> tuple[str | 
 
     Raises:
         `ValueError`: one line: an unknown name that is neither a folder nor a Hub id, a folder that does not exist or
-            is no backbone, a built-in name besides a config, `out_indices` of the wrong count.
+            is no backbone, a built-in name besides a config, `out_indices` of the wrong count. `builtin` (the
+            names the field takes) defaults to the config's `builtin_backbones`.
     """
     from .backbones.transformers_backbone import backbone_config_dict, resolve_backbone_config
 
     name = getattr(config, field)
-    builtin = config.builtin_backbones
+    builtin = config.builtin_backbones if builtin is None else builtin
     config_field = "backbone_config" if field == "backbone" else field.replace("_backbone", "_config")
     if backbone_config is not None:
         if name in builtin:

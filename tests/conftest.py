@@ -16,6 +16,7 @@ TINY_DINOV2 = {"model_type": "dinov2", "hidden_size": 16, "num_hidden_layers": 4
                "intermediate_size": 32, "patch_size": 14, "image_size": 28}  # fmt: skip
 TINY_HF_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
                   "layer_type": "basic"}  # fmt: skip
+TINY_CONVNEXT = {"model_type": "convnext", "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}
 
 
 @pytest.fixture(autouse=True)

@@ -75,6 +75,10 @@ class StagedBackbone(nn.Module):
         # An extractor has no dropout: keeping BN in eval means keeping the whole extractor in eval.
         return super().train(mode and not self.batchnorm_eval)
 
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        """The modules that run stage `index` only (e.g. to keep an unused `layer4` out of the optimizer)."""
+        return [getattr(self, f"layer{index}")]
+
     def load_weights(self, name_or_path: str, revision: str | None = None, moco_encoder: str = "encoder_k") -> None:
         """
         Load pretrained weights in place; see `hf_fss.backbones.load_backbone_weights` (every expected key must be

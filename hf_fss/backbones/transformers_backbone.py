@@ -137,9 +137,12 @@ def build_transformers_config(backbone_config: dict, overrides: dict | None = No
     values = dict(backbone_config)
     model_type = values.pop("model_type")
     config = _auto_config(model_type, values)
-    for key, value in (overrides or {}).items():
+    for key in overrides or {}:
         if not hasattr(config, key):
-            raise ValueError(f"backbone_kwargs key {key!r} is no field of {type(config).__name__}; check its spelling")
+            raise ValueError(
+                f"{key!r} (in backbone_kwargs / prior_extractor_kwargs, overrides of a transformers backbone config) "
+                f"is no field of {type(config).__name__}; check its spelling"
+            )
     if overrides:
         config = _auto_config(model_type, {**values, **overrides})
     check_out_indices(config, source)
@@ -189,6 +192,11 @@ class TransformersBackbone(StagedBackbone):
         else:
             self.channels = tuple(self.model.num_features)
             self.native_strides = self._conv_strides(config)
+            # ConvNeXt's per-stage output norms stay fixed even when the backbone trains: a method that uses some
+            # stages' outputs only (SMCP: layer4) would leave the others without a gradient.
+            norms = getattr(self.model, "hidden_states_norms", None)
+            if norms is not None:
+                norms.requires_grad_(False)
         self.strides = (METHOD_STRIDE,) * 5
         self.stem_expansion = 4
 
@@ -211,11 +219,16 @@ class TransformersBackbone(StagedBackbone):
             self.model.model.stages if self.model.config.model_type == "dinov3_convnext" else self.model.encoder.stages
         )
 
-    def _conv_stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _stem_module(self) -> nn.Module | None:
+        """`layer0`'s module: the embeddings / stem (None for DINOv3 ConvNeXt, whose stem stage is the input)."""
         model_type = self.model.config.model_type
         if model_type == "dinov3_convnext":
-            return pixel_values
-        return (self.model.embedder if model_type == "resnet" else self.model.embeddings)(pixel_values)
+            return None
+        return self.model.embedder if model_type == "resnet" else self.model.embeddings
+
+    def _conv_stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        stem = self._stem_module()
+        return pixel_values if stem is None else stem(pixel_values)
 
     def _conv_output(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Stage `index`'s feature map as the transformers backbone returns it (ConvNeXt: its stage norm)."""
@@ -296,6 +309,17 @@ class TransformersBackbone(StagedBackbone):
             outputs.append(self._vit_output(upper, tokens, grid))
         return outputs
 
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        """The blocks of ViT stage `index` (the norms are shared by the stages), or conv stage `index` and its norm."""
+        if index == 0:
+            return [] if self._stem_module() is None else [self._stem_module()]
+        if self.family == "vit":
+            lower, upper = self._stage_bounds(index)
+            return list(self._blocks()[lower:upper])
+        norms = getattr(self.model, "hidden_states_norms", None)
+        name = self.model.stage_names[index]
+        return [self._conv_stages()[index - 1]] + ([norms[name]] if norms is not None and name in norms else [])
+
     # --- policy hooks ------------------------------------------------------------------------------------------
     def activation_bytes(self, x: torch.Tensor, start: int, end: int) -> int:
         """
@@ -346,7 +370,9 @@ class TransformersBackbone(StagedBackbone):
             )
         except (OSError, ValueError, RuntimeError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"{source}: cannot load its weights into the {config.model_type} backbone ({first})")
+            raise ValueError(
+                f"{source}: cannot load its weights into the {config.model_type} backbone ({first})"
+            ) from None
         missing = [k for k in info["missing_keys"] if not k.startswith(_OPTIONAL_KEYS)]
         problems = missing + [k for k, *_ in info.get("mismatched_keys", [])]
         if problems:
