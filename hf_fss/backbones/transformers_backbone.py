@@ -74,7 +74,10 @@ def backbone_config_dict(backbone_config, source: str = "backbone_config", keep_
         `ValueError`: one line naming `source` when the architecture is not a supported backbone or when
             `out_indices` / `out_features` do not name four increasing stages.
     """
-    values = backbone_config.to_dict() if hasattr(backbone_config, "to_dict") else dict(backbone_config)
+    # A config object keeps its non-default fields only (as transformers' config.json); through JSON, so that the dict
+    # equals what a saved config.json gives back (JSON has no int keys, no tuples).
+    values = backbone_config.to_diff_dict() if hasattr(backbone_config, "to_diff_dict") else dict(backbone_config)
+    values = json.loads(json.dumps(values))
     model_type = values.pop("model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
@@ -91,7 +94,7 @@ def backbone_config_dict(backbone_config, source: str = "backbone_config", keep_
     check_out_indices(config, source)
     values.update(model_type=model_type, out_indices=list(config.out_indices))
     values.pop("out_features", None)
-    return values
+    return json.loads(json.dumps(values))
 
 
 def check_out_indices(config, source: str = "backbone_config") -> None:
@@ -346,7 +349,7 @@ class TransformersBackbone(StagedBackbone):
     def load_weights(self, name_or_path: str, revision: str | None = None, moco_encoder: str = "encoder_k") -> None:
         """
         Load pretrained weights in place from a Hub id or a local folder of a transformers checkpoint of the same
-        architecture (`AutoBackbone.from_pretrained`, safetensors only; a base model's or classification model's
+        architecture (the backbone class's `from_pretrained`, safetensors only; a base model's or classification model's
         checkpoint works: transformers strips its prefix). Every weight of the backbone must be found, except the
         stage norms a ConvNeXt classification checkpoint lacks (initialised as transformers does).
 
@@ -354,8 +357,6 @@ class TransformersBackbone(StagedBackbone):
             `ValueError`: one line when the folder / repo is of another architecture, lacks weights or holds weights
                 of other shapes.
         """
-        from transformers import AutoBackbone
-
         source = str(name_or_path)
         config = self.model.config
         found = _source_model_type(source, revision)
@@ -365,7 +366,9 @@ class TransformersBackbone(StagedBackbone):
                 "the architecture in backbone_config (or change backbone to that checkpoint)"
             )
         try:
-            loaded, info = AutoBackbone.from_pretrained(
+            # The backbone's own class: transformers 5's AutoBackbone.from_pretrained asks the Hub whether a repo exists
+            # even for a local folder (and takes a folder for a timm name when offline).
+            loaded, info = type(self.model).from_pretrained(
                 source, config=config, revision=revision, use_safetensors=True, output_loading_info=True
             )
         except (OSError, ValueError, RuntimeError) as error:
