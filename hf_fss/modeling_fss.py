@@ -390,6 +390,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 f"{weights} {' and '.join(problems)}; the file is incomplete or belongs to another configuration "
                 "(compare its config.json with the one it was saved with)"
             )
+        for extractor in model.feature_extractors().values():
+            extractor.restore_computed_buffers()
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):

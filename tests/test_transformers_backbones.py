@@ -72,6 +72,19 @@ def test_stage_outputs_are_the_transformers_feature_maps_on_the_stride_8_grid(fa
     assert layer4.shape == stages[4].shape and torch.isfinite(layer4).all()
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_load_round_trip_is_bit_identical_for_every_family(family, tmp_path):
+    """DINOv3's RoPE frequencies, a buffer no checkpoint holds, are recomputed after `from_pretrained`."""
+    torch.manual_seed(0)
+    model = CosinePriorModel(CosinePriorConfig(backbone_config=FAMILIES[family], image_size=65)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = CosinePriorModel.from_pretrained(tmp_path).eval()
+    query, support, masks, _ = random_episode(batch_size=2, shot=2, size=65)
+    with torch.no_grad():
+        assert torch.equal(loaded(query, support, masks).logits, model(query, support, masks).logits)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), loaded.buffers(), strict=True))
+
+
 def test_vit_defaults_split_the_depth_in_quarters_and_wrong_out_indices_are_one_line_errors():
     config = CosinePriorConfig(backbone_config={**TINY_DINOV2, "num_hidden_layers": 12})
     assert config.backbone_config["out_indices"] == [3, 6, 9, 12] and config.backbone is None

@@ -75,6 +75,9 @@ class StagedBackbone(nn.Module):
         # An extractor has no dropout: keeping BN in eval means keeping the whole extractor in eval.
         return super().train(mode and not self.batchnorm_eval)
 
+    def restore_computed_buffers(self) -> None:
+        """Recompute buffers that no checkpoint holds (called after `from_pretrained`); none here."""
+
     def stage_modules(self, index: int) -> list[nn.Module]:
         """The modules that run stage `index` only (e.g. to keep an unused `layer4` out of the optimizer)."""
         return [getattr(self, f"layer{index}")]

@@ -323,6 +323,16 @@ class TransformersBackbone(StagedBackbone):
         name = self.model.stage_names[index]
         return [self._conv_stages()[index - 1]] + ([norms[name]] if norms is not None and name in norms else [])
 
+    def restore_computed_buffers(self) -> None:
+        """
+        Recompute the non-persistent buffers (DINOv3's RoPE frequencies) that `from_pretrained` of a few-shot model
+        leaves uninitialised (they are in no checkpoint), with transformers' own `_init_weights` of the backbone,
+        on the parameter-free modules that hold them only.
+        """
+        for module in self.model.modules():
+            if module._non_persistent_buffers_set and not any(True for _ in module.parameters(recurse=False)):
+                self.model._init_weights(module)
+
     # --- policy hooks ------------------------------------------------------------------------------------------
     def activation_bytes(self, x: torch.Tensor, start: int, end: int) -> int:
         """
