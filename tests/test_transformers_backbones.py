@@ -200,3 +200,24 @@ def test_cached_and_chunked_evaluation_are_bit_identical_to_plain(monkeypatch):
         whole = model.backbone.forward_stages(flat, 0, 5)
     assert cache.hits > 0 and torch.equal(cached, plain) and torch.equal(chunked, plain)
     assert all(torch.equal(a, b) for a, b in zip(served, whole, strict=True))
+
+
+# --- the cosine prior on a ViT ----------------------------------------------------------------------------------
+def test_cosine_prior_masks_a_vits_support_features_and_keeps_pfenets_masked_input_elsewhere():
+    from hf_fss.modules import multi_shot_prior_mask
+
+    assert CosinePriorConfig().support_masking == "input"  # the quickstart's resnet: unchanged
+    assert CosinePriorConfig(backbone_config=TINY_HF_RESNET).support_masking == "input"
+    assert CosinePriorConfig(backbone_config=TINY_DINOV2).support_masking == "features"
+    torch.manual_seed(0)
+    model = CosinePriorModel(CosinePriorConfig(backbone_config=TINY_DINOV2, image_size=65)).eval()
+    query, support, masks, _ = random_episode(batch_size=2, shot=2, size=65)
+    with torch.no_grad():
+        logits = model(query, support, masks).logits
+        features = model.backbone(support.flatten(0, 1))[4].unflatten(0, (2, 2))
+        prior = multi_shot_prior_mask(model.backbone(query)[4], features, (masks == 1).unsqueeze(2).float())
+        pfenet = CosinePriorModel(CosinePriorConfig(backbone_config=TINY_DINOV2, support_masking="input")).eval()
+        pfenet.load_state_dict(model.state_dict())
+        other = pfenet(query, support, masks).logits
+    torch.testing.assert_close(logits[:, 1], resize(prior, (65, 65))[:, 0], rtol=0, atol=0)
+    assert not torch.equal(other, logits)
