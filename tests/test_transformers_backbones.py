@@ -28,6 +28,7 @@ FAMILIES = {
     "dinov2_with_registers": TINY_DINOV2_REGISTERS,
     "dinov3_vit": TINY_DINOV3_VIT,
     "convnext": TINY_CONVNEXT,
+    "convnextv2": {**TINY_CONVNEXT, "model_type": "convnextv2"},
     "dinov3_convnext": TINY_DINOV3_CONVNEXT,
     "resnet": TINY_HF_RESNET,
 }
