@@ -210,6 +210,10 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         return default
 
 
+class BackboneFieldError(StrictDataclassError, ValueError):
+    """A backbone field that cannot be resolved, in one line; a `StrictDataclassError` like every other field check."""
+
+
 def resolve_backbone_fields(
     config, field: str, backbone_config, builtin: tuple[str, ...] | None = None
 ) -> tuple[str | None, dict | None]:
@@ -220,10 +224,19 @@ def resolve_backbone_fields(
     `out_indices`), with a built-in default name replaced by None (the architecture comes from the config).
 
     Raises:
-        `ValueError`: one line: an unknown name that is neither a folder nor a Hub id, a folder that does not exist or
-            is no backbone, a built-in name besides a config, `out_indices` of the wrong count. `builtin` (the
-            names the field takes) defaults to the config's `builtin_backbones`.
+        `BackboneFieldError` (a `ValueError`): one line: an unknown name that is neither a folder nor a Hub id, a
+            folder that does not exist or is no backbone, a built-in name besides a config, `out_indices` of the
+            wrong count. `builtin` (the names the field takes) defaults to the config's `builtin_backbones`.
     """
+    try:
+        return _resolve_backbone_fields(config, field, backbone_config, builtin)
+    except BackboneFieldError:
+        raise
+    except ValueError as error:
+        raise BackboneFieldError(str(error)) from None
+
+
+def _resolve_backbone_fields(config, field, backbone_config, builtin) -> tuple[str | None, dict | None]:
     from .backbones.transformers_backbone import backbone_config_dict, resolve_backbone_config
 
     name = getattr(config, field)

@@ -283,8 +283,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
 
     # --- construction -------------------------------------------------------------------------------------
     def build_backbone(self) -> StagedBackbone:
-        """The configured backbone (an hf_fss name or a transformers `backbone_config`), frozen if
-        `config.freeze_backbone`, BN kept in eval if configured."""
+        """The configured backbone (or `backbone_config`), frozen if `config.freeze_backbone`, BN eval if configured."""
         config = self.config
         backbone = build_backbone(config.backbone, config.backbone_config, **(config.backbone_kwargs or {}))
         backbone.chunk_on_cpu = self.config.chunk_extractors_on_cpu
