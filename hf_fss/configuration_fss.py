@@ -261,8 +261,8 @@ def _resolve_backbone_fields(config, field, backbone_config, builtin) -> tuple[s
     if not os.path.isdir(name) and (looks_local or name.count("/") != 1):
         kind = "folder not found" if looks_local else "unknown backbone"
         raise ValueError(
-            f"{field}={name!r}: {kind}; give one of {', '.join(builtin)}, a transformers backbone's Hub id "
-            "(org/name, e.g. facebook/dinov2-small) or an existing local folder with its config.json"
+            f"{field}: {kind}; expected one of {', '.join(builtin)}, a transformers backbone's Hub id (org/name, e.g. "
+            f"facebook/dinov2-small) or an existing local folder with its config.json; got {name}"
         )
     return name, resolve_backbone_config(name, field)
 

@@ -101,7 +101,7 @@ def test_vit_defaults_split_the_depth_in_quarters_and_wrong_out_indices_are_one_
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"backbone": "resnet5"}, "backbone='resnet5': unknown backbone; give one of resnet50"),
+        ({"backbone": "resnet5"}, "backbone: unknown backbone; expected one of resnet50.*; got resnet5$"),
         ({"backbone": "./no/such/folder"}, "folder not found"),
         ({"backbone": "vgg16_bn", "backbone_config": TINY_DINOV2}, "both name an architecture"),
         ({"backbone_config": {"model_type": "bert"}}, "model_type 'bert', which is no supported backbone"),

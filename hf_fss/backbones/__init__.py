@@ -3,6 +3,8 @@ Backbones of the hf_fss models: five-stage feature extractors `layer0..layer4`.
 
 Every backbone has `channels` and `strides` (per stage), `forward(pixel_values)` returning the five stage outputs
 and `forward_stages(x, start, end)` to run a slice of the stages (e.g. `layer4` on masked `layer3` features).
+Besides the dilated ResNets and VGGs, `TransformersBackbone` adapts any supported transformers `AutoBackbone` (DINOv2,
+DINOv3, ConvNeXt, ResNet) on the methods' stride-8 grid (`transformers_backbone.py`, docs/backbones.md).
 """
 
 from __future__ import annotations
