@@ -5,7 +5,7 @@ import difflib
 import math
 import numbers
 import os
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -59,11 +59,18 @@ class FewShotSegmentationConfig(PreTrainedConfig):
 
     backbone (`str`, *optional*, defaults to `"resnet50"`):
         Feature extractor: `"resnet50"`, `"resnet101"` (dilated, output stride 8), `"vgg16_bn"` (PFENet's five
-        stages) or `"vgg16_dilated"` (SMCP's DeepLab-LargeFOV encoder).
+        stages) or `"vgg16_dilated"` (SMCP's DeepLab-LargeFOV encoder); or the Hub id / local folder of a
+        transformers backbone (`"facebook/dinov2-small"`), whose config.json is read once (`AutoConfig`, no weights)
+        into `backbone_config`; None when `backbone_config` alone gives the architecture. See docs/backbones.md.
+    backbone_config (`dict`, *optional*):
+        transformers' convention: the config of a transformers backbone (DINOv2, DINOv3 ViT / ConvNeXt, ConvNeXt,
+        ResNet; a dict with `model_type`, or a `PreTrainedConfig`), built with `AutoBackbone.from_config`. Its
+        `out_indices` / `out_features` (four) end the stages `layer1..layer4`; without them a ViT's quarters of its
+        depth, a conv net's four stages. Kept as a dict, so a saved config.json is self-contained.
     backbone_kwargs (`dict`, *optional*):
         Architecture overrides passed to the backbone constructor, e.g. `{"stem": "7x7"}` for the torchvision-style
         ResNet stem instead of PSPNet's deep 3x3 stem, or `{"base_width": 8, "depths": [1, 1, 1, 1]}` for a tiny
-        test model.
+        test model; for a transformers backbone, fields of `backbone_config` to override.
     use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
         The backbone starts from ImageNet weights: `model.load_pretrained_extractors()` loads them (the trainer calls
         it once when it builds a model from a config). Building a model never loads them and `from_pretrained` never
@@ -71,7 +78,8 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         backbone came from.
     pretrained_backbone_name_or_path (`str`, *optional*):
         Hub repo id or local folder / safetensors file of those ImageNet weights; defaults per backbone
-        (`microsoft/resnet-50`, `microsoft/resnet-101`, ...).
+        (`microsoft/resnet-50`, `microsoft/resnet-101`, ...; a transformers backbone's: the Hub id / folder in
+        `backbone`).
     freeze_backbone (`bool`, *optional*, defaults to `True`):
         Keep backbone weights fixed (no gradients), as all four papers do.
     freeze_backbone_batchnorm (`bool`, *optional*, defaults to `True`):
@@ -90,8 +98,11 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     # Sequence fields a method keeps as tuples: config.json gives lists (JSON has no tuple), and a loaded config must
     # equal the saved one.
     tuple_fields = ()
+    # The hf_fss backbone names this method takes (any transformers backbone besides).
+    builtin_backbones: ClassVar[tuple[str, ...]] = BACKBONES
 
-    backbone: Backbone = "resnet50"
+    backbone: str | None = "resnet50"
+    backbone_config: dict | PreTrainedConfig | None = None
     backbone_kwargs: dict | None = None
     use_pretrained_backbone: bool = False
     pretrained_backbone_name_or_path: str | None = None
@@ -105,6 +116,7 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         for name in self.tuple_fields:
             setattr(self, name, tuple(getattr(self, name)))
         check_unknown_config_fields(type(self), kwargs)
+        self.backbone, self.backbone_config = resolve_backbone_fields(self, "backbone", self.backbone_config)
         check_dtype_name(self.dtype)  # PreTrainedConfig looks it up in torch and fails with an AttributeError
         super().__post_init__(**kwargs)
 
@@ -171,10 +183,22 @@ class FewShotSegmentationConfig(PreTrainedConfig):
                 raise ValueError(f"{field.name} must hold finite numbers, got {value!r}")
 
     @property
+    def uses_transformers_backbone(self) -> bool:
+        """Whether the backbone is a transformers `AutoBackbone` (`backbone_config`), not an hf_fss name."""
+        return self.backbone_config is not None
+
+    @property
     def backbone_weights(self) -> str:
-        """Where ImageNet weights for the backbone come from."""
+        """Where pretrained weights for the backbone come from."""
         if self.pretrained_backbone_name_or_path:
             return self.pretrained_backbone_name_or_path
+        if self.uses_transformers_backbone:
+            if self.backbone is None:
+                raise ValueError(
+                    "backbone_config gives the architecture but no weights are named: set "
+                    "pretrained_backbone_name_or_path (or backbone) to the Hub id or folder of its checkpoint"
+                )
+            return self.backbone
         stem = (self.backbone_kwargs or {}).get("stem", "deep") if self.backbone.startswith("resnet") else None
         default = DEFAULT_BACKBONE_WEIGHTS.get((self.backbone, stem))
         if default is None:
@@ -184,6 +208,63 @@ class FewShotSegmentationConfig(PreTrainedConfig):
                 'weights, or use backbone_kwargs={"stem": "7x7"} to start from microsoft/resnet-50 / -101'
             )
         return default
+
+
+class BackboneFieldError(StrictDataclassError, ValueError):
+    """A backbone field that cannot be resolved, in one line; a `StrictDataclassError` like every other field check."""
+
+
+def resolve_backbone_fields(
+    config, field: str, backbone_config, builtin: tuple[str, ...] | None = None
+) -> tuple[str | None, dict | None]:
+    """
+    Part of a config's `__post_init__`: the backbone field `field` (`backbone`, QGNet's `prior_extractor_backbone`)
+    and its transformers config. A built-in name stays as it is; a Hub id or local folder has its config.json read
+    once (`AutoConfig`) into the returned dict; a given config is checked and kept as a dict (its `model_type`, four
+    `out_indices`), with a built-in default name replaced by None (the architecture comes from the config).
+
+    Raises:
+        `BackboneFieldError` (a `ValueError`): one line: an unknown name that is neither a folder nor a Hub id, a
+            folder that does not exist or is no backbone, a built-in name besides a config, `out_indices` of the
+            wrong count. `builtin` (the names the field takes) defaults to the config's `builtin_backbones`.
+    """
+    try:
+        return _resolve_backbone_fields(config, field, backbone_config, builtin)
+    except BackboneFieldError:
+        raise
+    except ValueError as error:
+        raise BackboneFieldError(str(error)) from None
+
+
+def _resolve_backbone_fields(config, field, backbone_config, builtin) -> tuple[str | None, dict | None]:
+    from .backbones.transformers_backbone import backbone_config_dict, resolve_backbone_config
+
+    name = getattr(config, field)
+    builtin = config.builtin_backbones if builtin is None else builtin
+    config_field = "backbone_config" if field == "backbone" else field.replace("_backbone", "_config")
+    if backbone_config is not None:
+        if name in builtin:
+            default = next(f.default for f in dataclasses.fields(config) if f.name == field)
+            if name != default:
+                raise ValueError(
+                    f"{field}={name!r} and {config_field} both name an architecture; keep one (with {config_field}, "
+                    f"{field} may be its Hub id / folder, the weights' source)"
+                )
+            name = None
+        return name, backbone_config_dict(backbone_config, config_field)
+    if name in builtin:
+        return name, None
+    if name is None:
+        names = ", ".join(builtin)
+        raise ValueError(f"{field} is None: give a backbone name ({names}), a Hub id / folder or {config_field}")
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or os.path.isabs(name)
+    if not os.path.isdir(name) and (looks_local or name.count("/") != 1):
+        kind = "folder not found" if looks_local else "unknown backbone"
+        raise ValueError(
+            f"{field}: {kind}; expected one of {', '.join(builtin)}, a transformers backbone's Hub id (org/name, e.g. "
+            f"facebook/dinov2-small) or an existing local folder with its config.json; got {name}"
+        )
+    return name, resolve_backbone_config(name, field)
 
 
 def check_positive(config: FewShotSegmentationConfig, *names: str, hint: str = "") -> None:

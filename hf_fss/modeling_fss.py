@@ -283,8 +283,9 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
 
     # --- construction -------------------------------------------------------------------------------------
     def build_backbone(self) -> StagedBackbone:
-        """The configured backbone, frozen if `config.freeze_backbone`, BN kept in eval if configured."""
-        backbone = build_backbone(self.config.backbone, **(self.config.backbone_kwargs or {}))
+        """The configured backbone (or `backbone_config`), frozen if `config.freeze_backbone`, BN eval if configured."""
+        config = self.config
+        backbone = build_backbone(config.backbone, config.backbone_config, **(config.backbone_kwargs or {}))
         backbone.chunk_on_cpu = self.config.chunk_extractors_on_cpu
         if self.config.freeze_backbone:
             return backbone.freeze(batchnorm_eval=self.config.freeze_backbone_batchnorm)
@@ -388,6 +389,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 f"{weights} {' and '.join(problems)}; the file is incomplete or belongs to another configuration "
                 "(compare its config.json with the one it was saved with)"
             )
+        for extractor in model.feature_extractors().values():
+            extractor.restore_computed_buffers()
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):

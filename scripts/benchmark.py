@@ -96,7 +96,8 @@ def build_config(
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     # `--model-kwargs` fields apply to the methods whose config has them (e.g. CRCNet's `shot_fusion`).
     overrides = {k: v for k, v in {**SIZES[size], **(model_kwargs or {})}.items() if k in defaults}
-    if size == "tiny" and "backbone_kwargs" not in overrides:
+    # A transformers backbone (`backbone_config`) is timed at the size its config gives, whatever the method's size.
+    if size == "tiny" and "backbone_kwargs" not in overrides and "backbone_config" not in overrides:
         overrides["backbone_kwargs"] = TINY_BACKBONE_KWARGS[defaults["backbone"]]
     return config_class(image_size=image_size, chunk_extractors_on_cpu=chunking, **overrides)
 

@@ -10,6 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TINY_RESNET = {"base_width": 8, "depths": [1, 1, 1, 1]}
+# Tiny transformers backbones (built with AutoBackbone.from_config, random weights): DINOv2 with a 14-pixel patch
+# (its grid is resized to the methods' stride-8 grid) and transformers' own ResNet (native strides 4 .. 32).
+TINY_DINOV2 = {"model_type": "dinov2", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+               "intermediate_size": 32, "patch_size": 14, "image_size": 28}  # fmt: skip
+TINY_HF_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
+                  "layer_type": "basic"}  # fmt: skip
+TINY_CONVNEXT = {"model_type": "convnext", "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}
 
 
 @pytest.fixture(autouse=True)

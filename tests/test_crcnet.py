@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import TINY_RESNET, single_thread
+from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, single_thread
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
 
@@ -377,6 +377,22 @@ class TestCRCNet(FewShotModelTesterMixin):
         for key, value in model.state_dict().items():
             assert torch.equal(before[key], value), key
         assert all(p.grad is None for p in model.parameters())
+
+
+class TestCRCNetDinov2(FewShotModelTesterMixin):
+    """A tiny DINOv2 encoder (trained end to end by default), with the prior mask: `layer4` on masked `layer3`."""
+
+    model_class = CRCNetModel
+    config_kwargs = {**TINY_CRCNET, "backbone_config": TINY_DINOV2, "backbone_kwargs": None, "prior_mask": True}
+    divergent_overrides = {"finetune_learning_rate": 1e4}
+
+    def test_frozen_extractors_are_bit_identical_after_a_training_step(self):
+        self.config_kwargs = {**type(self).config_kwargs, "freeze_backbone": True}
+        super().test_frozen_extractors_are_bit_identical_after_a_training_step()
+
+
+class TestCRCNetTransformersResNet(TestCRCNetDinov2):
+    config_kwargs = {**TINY_CRCNET, "backbone_config": TINY_HF_RESNET, "backbone_kwargs": None}
 
 
 class TestCRCNetPriorMask(FewShotModelTesterMixin):

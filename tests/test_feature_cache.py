@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESNET, single_thread
+from conftest import TINY_DINOV2, TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.backbones import FeatureCache
@@ -40,7 +40,15 @@ def _models():
         )
     )  # fmt: skip
     prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=SIZE))
-    return {"ntrenet": ntrenet, "cosine_prior": prior}
+    # A transformers backbone: its cache entries hold all five stages (a resized output cannot be continued exactly);
+    # the cosine prior with PFENet's masked input runs layer4 on a map (start > 0), never cached.
+    ntrenet_dinov2 = NTRENetModel(
+        NTRENetConfig(backbone_config=TINY_DINOV2, reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
+                      image_size=SIZE)
+    )  # fmt: skip
+    prior_dinov2 = CosinePriorModel(CosinePriorConfig(backbone_config=TINY_DINOV2, support_masking="input",
+                                                      image_size=SIZE))  # fmt: skip
+    return {"ntrenet": ntrenet, "cosine_prior": prior, "ntrenet_dinov2": ntrenet_dinov2, "prior_dinov2": prior_dinov2}
 
 
 def _evaluate(model, split, episodes, cache=None, batch_size=1):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RESNET, random_episode
+from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, random_episode
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
@@ -382,3 +382,11 @@ def test_every_method_is_registered():
 class TestCosinePriorModel(FewShotModelTesterMixin):
     model_class = CosinePriorModel
     config_kwargs = {"backbone_kwargs": dict(TINY_RESNET), "image_size": 65}
+
+
+class TestCosinePriorDinov2Model(TestCosinePriorModel):
+    config_kwargs = {"backbone_config": TINY_DINOV2, "image_size": 65}
+
+
+class TestCosinePriorTransformersResNetModel(TestCosinePriorModel):
+    config_kwargs = {"backbone_config": TINY_HF_RESNET, "image_size": 65}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RESNET, random_episode
+from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, random_episode
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
 from safetensors import safe_open
@@ -396,3 +396,11 @@ class TestNTRENetModel(FewShotModelTesterMixin):
 
 class TestNTRENetVGGModel(TestNTRENetModel):
     config_kwargs = {"backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 8}, **TINY}
+
+
+class TestNTRENetDinov2Model(TestNTRENetModel):
+    config_kwargs = {"backbone_config": TINY_DINOV2, **TINY}
+
+
+class TestNTRENetTransformersResNetModel(TestNTRENetModel):
+    config_kwargs = {"backbone_config": TINY_HF_RESNET, **TINY}

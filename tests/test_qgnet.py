@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import test_hub
 import torch
-from conftest import TINY_RESNET, random_episode
+from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, random_episode
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin, assert_extractor_skipped_by_sync_batchnorm
 from safetensors.torch import save_file
@@ -227,6 +227,20 @@ class TestQGNetModel(FewShotModelTesterMixin):
 
 class TestQGNetVGGModel(TestQGNetModel):
     config_kwargs = {**TINY, "backbone": "vgg16_bn", "backbone_kwargs": {"base_width": 8}}
+
+
+class TestQGNetDinov2Model(TestQGNetModel):
+    """DINOv2 as the backbone and as the prior extractor."""
+
+    config_kwargs = {**TINY, "backbone_config": TINY_DINOV2, "backbone_kwargs": None,
+                     "prior_extractor_config": TINY_DINOV2, "prior_extractor_kwargs": None}  # fmt: skip
+
+
+class TestQGNetTransformersResNetModel(TestQGNetModel):
+    """transformers' ResNet as the backbone, DINOv2 as the prior extractor."""
+
+    config_kwargs = {**TINY, "backbone_config": TINY_HF_RESNET, "backbone_kwargs": None,
+                     "prior_extractor_config": TINY_DINOV2, "prior_extractor_kwargs": None}  # fmt: skip
 
 
 # --- converter -------------------------------------------------------------------------------------------------------

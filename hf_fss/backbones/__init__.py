@@ -3,6 +3,8 @@ Backbones of the hf_fss models: five-stage feature extractors `layer0..layer4`.
 
 Every backbone has `channels` and `strides` (per stage), `forward(pixel_values)` returning the five stage outputs
 and `forward_stages(x, start, end)` to run a slice of the stages (e.g. `layer4` on masked `layer3` features).
+Besides the dilated ResNets and VGGs, `TransformersBackbone` adapts any supported transformers `AutoBackbone` (DINOv2,
+DINOv3, ConvNeXt, ResNet) on the methods' stride-8 grid (`transformers_backbone.py`, docs/backbones.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from .feature_cache import FeatureCache
 from .resnet import Bottleneck, DilatedResNet
 from .staged import CPU_CHUNK_BYTES, StagedBackbone
+from .transformers_backbone import TransformersBackbone, build_transformers_config
 from .vgg import DILATED_VGG16_STAGE_BOUNDS, VGG16_BN_STAGE_BOUNDS, VGG16BN, DilatedVGG16
 from .weights import (
     convert_backbone_state_dict,
@@ -34,19 +37,25 @@ _BACKBONES = {
 BACKBONE_NAMES = tuple(_BACKBONES)
 
 
-def build_backbone(name: str, **kwargs) -> nn.Module:
+def build_backbone(name: str | None, backbone_config: dict | None = None, **kwargs) -> nn.Module:
     """
-    Build a backbone by name, randomly initialised.
+    Build a backbone by name, or a transformers backbone from its config, randomly initialised.
 
     Args:
         name (`str`): `"resnet50"`, `"resnet101"` (`DilatedResNet`), `"vgg16_bn"` (`VGG16BN`) or `"vgg16_dilated"`
-            (`DilatedVGG16`).
+            (`DilatedVGG16`); ignored when `backbone_config` is given.
+        backbone_config (`dict`, *optional*): a transformers backbone config as `FewShotSegmentationConfig` keeps it
+            (`model_type` and fields, four `out_indices`): builds a `TransformersBackbone` (`AutoBackbone.from_config`,
+            nothing downloaded).
         **kwargs: constructor arguments of that class, e.g. `stem="7x7"`, `output_stride=16`, `base_width=8`,
-            `depths=(1, 1, 1, 1)` for ResNets, `base_width`, `fc_channels` for VGGs.
+            `depths=(1, 1, 1, 1)` for ResNets, `base_width`, `fc_channels` for VGGs; for a transformers backbone,
+            fields of its config to override (`backbone_kwargs`).
 
     Returns:
-        `nn.Module`: a `StagedBackbone`; load ImageNet weights with `load_backbone_weights`.
+        `nn.Module`: a `StagedBackbone`; load pretrained weights with its `load_weights`.
     """
+    if backbone_config is not None:
+        return TransformersBackbone(build_transformers_config(backbone_config, kwargs))
     if name not in _BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {list(BACKBONE_NAMES)}.")
     cls, fixed = _BACKBONES[name]
@@ -67,6 +76,7 @@ __all__ = [
     "DilatedVGG16",
     "FeatureCache",
     "StagedBackbone",
+    "TransformersBackbone",
     "VGG16BN",
     "build_backbone",
     "convert_backbone_state_dict",

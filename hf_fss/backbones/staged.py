@@ -58,6 +58,10 @@ class StagedBackbone(nn.Module):
     # Set by `FeatureCache.attach(model)` for the duration of an evaluation; None otherwise.
     feature_cache = None
     feature_cache_name: str | None = None
+    # Whether stage `i + 1` runs on exactly the output of stage `i` (the cache then extends an entry from its last
+    # stage). An adapter whose outputs are resized copies of its inner states (`TransformersBackbone`) says False:
+    # the cache computes all its stages from the image at once, so a served feature equals the uncached one.
+    outputs_feed_next_stage = True
 
     # --- policy ------------------------------------------------------------------------------------------------
     def freeze(self, batchnorm_eval: bool = True) -> StagedBackbone:
@@ -70,6 +74,13 @@ class StagedBackbone(nn.Module):
     def train(self, mode: bool = True) -> StagedBackbone:
         # An extractor has no dropout: keeping BN in eval means keeping the whole extractor in eval.
         return super().train(mode and not self.batchnorm_eval)
+
+    def restore_computed_buffers(self) -> None:
+        """Recompute buffers that no checkpoint holds (called after `from_pretrained`); none here."""
+
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        """The modules that run stage `index` only (e.g. to keep an unused `layer4` out of the optimizer)."""
+        return [getattr(self, f"layer{index}")]
 
     def load_weights(self, name_or_path: str, revision: str | None = None, moco_encoder: str = "encoder_k") -> None:
         """
@@ -117,7 +128,8 @@ class StagedBackbone(nn.Module):
         if cache is not None and start == 0 and end > 0 and cache.serves(self):
             keys = cache.keys_of(x)
             if keys is not None:
-                return cache.forward(self, x, end, keys, self._forward_stages)
+                stages = end if self.outputs_feed_next_stage else self.num_stages
+                return cache.forward(self, x, stages, keys, self._forward_stages)[:end]
         return self._forward_stages(x, start, end)
 
     def _forward_stages(self, x: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:

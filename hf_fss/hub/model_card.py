@@ -67,6 +67,16 @@ _BACKBONE_NAMES = {
     "vgg16_bn": "VGG-16-BN",
     "vgg16_dilated": "dilated VGG-16",
 }
+# transformers backbones by model_type (`backbone_config`).
+_TRANSFORMERS_BACKBONE_NAMES = {
+    "dinov2": "DINOv2",
+    "dinov2_with_registers": "DINOv2 with registers",
+    "dinov3_vit": "DINOv3 ViT",
+    "dinov3_convnext": "DINOv3 ConvNeXt",
+    "convnext": "ConvNeXt",
+    "convnextv2": "ConvNeXt V2",
+    "resnet": "ResNet (transformers)",
+}
 _METHOD_NAMES = {
     "ntrenet": "NTRENet",
     "qgnet": "QGNet",
@@ -131,7 +141,13 @@ def _differences(model_type: str) -> list[str] | None:
 
 
 def _backbone_name(config) -> str:
-    """The backbone's published name, marked as modified when `backbone_kwargs` change its widths or depths."""
+    """The backbone's published name, marked as modified when `backbone_kwargs` change its widths or depths; a
+    transformers backbone's family with its Hub id / folder (`backbone`) and the blocks / stages used."""
+    backbone_config = getattr(config, "backbone_config", None)
+    if backbone_config is not None:
+        family = _TRANSFORMERS_BACKBONE_NAMES.get(backbone_config["model_type"], backbone_config["model_type"])
+        source = f"{config.backbone}, " if config.backbone else "architecture from backbone_config, "
+        return f"{family} ({source}stages ending at out_indices {list(backbone_config['out_indices'])})"
     name = _BACKBONE_NAMES.get(config.backbone, config.backbone)
     resized = {k: v for k, v in (config.backbone_kwargs or {}).items() if k in ("base_width", "depths", "fc_channels")}
     if resized:
@@ -148,6 +164,13 @@ def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
     """
     if _lookup(training, "converted_from") is not None:
         return "the weights of the converted official-code checkpoint"
+    backbone_config = getattr(config, "backbone_config", None)
+    if getattr(config, "use_pretrained_backbone", False) and backbone_config is not None:
+        family = _TRANSFORMERS_BACKBONE_NAMES.get(backbone_config["model_type"], backbone_config["model_type"])
+        try:
+            return f"{family} weights from {config.backbone_weights}"
+        except ValueError:
+            return f"pretrained {family} weights"
     if getattr(config, "use_pretrained_backbone", False):
         try:
             return f"ImageNet-pretrained weights from {config.backbone_weights}"
@@ -192,7 +215,8 @@ def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
 def _model_name(config, training: Mapping[str, Any] | None, repo_id: str | None) -> str:
     if repo_id:
         return repo_id.split("/")[-1]
-    parts = [config.model_type.replace("_", "-"), config.backbone.replace("_", "-")]
+    backbone = config.backbone or config.backbone_config["model_type"]
+    parts = [config.model_type.replace("_", "-"), backbone.split("/")[-1].replace("_", "-")]
     benchmark = _benchmark_key(_lookup(training, "benchmark"))
     if benchmark:
         parts.append(benchmark)

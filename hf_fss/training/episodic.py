@@ -200,7 +200,10 @@ def _test_baseline(model, initial_backbone, processor, episodes, args, accelerat
     config = model.config
     baseline = CosinePriorModel(
         CosinePriorConfig(
-            backbone=config.backbone, backbone_kwargs=config.backbone_kwargs, image_size=config.image_size
+            backbone=config.backbone,
+            backbone_config=config.backbone_config,
+            backbone_kwargs=config.backbone_kwargs,
+            image_size=config.image_size,
         )
     )
     baseline.backbone.load_state_dict(initial_backbone)

@@ -58,7 +58,8 @@ class CosinePriorLoss(nn.Module):
 class CosinePriorModel(FewShotSegmentationPreTrainedModel):
     """
     Cosine prior mask baseline. `logits[:, 1]` is the prior (in [0, 1]) upsampled to the input size and
-    `logits[:, 0]` the constant threshold, so the argmax is "prior > threshold".
+    `logits[:, 0]` the constant threshold, so the argmax is "prior > threshold". The support's high-level features
+    follow `config.support_masking` (PFENet's masked input, or masked features of the whole image).
     """
 
     config_class = CosinePriorConfig
@@ -72,6 +73,11 @@ class CosinePriorModel(FewShotSegmentationPreTrainedModel):
         self.post_init()
 
     def _encode_support(self, support_pixel_values, support_masks) -> CosinePriorSupportEncoding:
+        if self.config.support_masking == "features":  # the whole image's layer4; the prior applies the mask
+            batch_size, shot = support_pixel_values.shape[:2]
+            features = self.backbone_features(support_pixel_values.flatten(0, 1))[-1].unflatten(0, (batch_size, shot))
+            masks = (support_masks == 1).unsqueeze(2).to(support_pixel_values.dtype)
+            return CosinePriorSupportEncoding(shot=shot, features=features, masks=masks)
         fields = pfenet_support_encoding(self.backbone, support_pixel_values, support_masks)
         return CosinePriorSupportEncoding(
             shot=fields["shot"], features=fields["high_level_features"], masks=fields["masks"]

@@ -175,7 +175,9 @@ class CRCNetConfig(FewShotSegmentationConfig):
 
     model_type = "crcnet"
 
-    backbone: CRCNetBackbone = "resnet50"
+    builtin_backbones = get_args(CRCNetBackbone)
+
+    backbone: str | None = "resnet50"
     freeze_backbone: bool = False
     image_size: int = 321
     feature_levels: FeatureLevels = "layer3+layer4"

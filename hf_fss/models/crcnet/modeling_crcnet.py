@@ -481,7 +481,8 @@ class CRCNetModel(FewShotSegmentationPreTrainedModel):
         self.backbone = self.build_backbone()
         levels = _LEVELS[config.feature_levels]
         if 4 not in levels:  # layer4 unused: keep it out of the optimiser (and of DDP's unused-parameter check)
-            self.backbone.layer4.requires_grad_(False)
+            for module in self.backbone.stage_modules(4):
+                module.requires_grad_(False)
         in_channels = sum(self.backbone.channels[level] for level in levels)
         self.encoder_projection = nn.Sequential(
             nn.Conv2d(in_channels, config.reduce_dim, kernel_size=3, padding=1),

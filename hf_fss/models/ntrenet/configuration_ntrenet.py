@@ -1,6 +1,6 @@
 """Configuration of NTRENet (Liu et al., "Learning Non-target Knowledge for Few-shot Semantic Segmentation", CVPR 2022)."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 
@@ -90,7 +90,9 @@ class NTRENetConfig(FewShotSegmentationConfig):
     model_type = "ntrenet"
     tuple_fields = ("pyramid_bins",)
 
-    backbone: NTRENetBackbone = "resnet50"
+    builtin_backbones = get_args(NTRENetBackbone)
+
+    backbone: str | None = "resnet50"
     reduce_dim: int = 256
     background_prototype_dim: int = 256
     background_prototype_init_std: float = 0.0

@@ -1,8 +1,9 @@
 """Configuration of QGNet (Liu et al., "Few-Shot Segmentation with Global and Local Contrastive Learning", 2021)."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
 
 from ...backbones.weights import MOCO_ENCODERS
 from ...configuration_fss import (
@@ -11,6 +12,7 @@ from ...configuration_fss import (
     check_non_negative,
     check_positive,
     check_pyramid_bins,
+    resolve_backbone_fields,
 )
 
 QGNetBackbone = Literal["resnet50", "resnet101", "vgg16_bn"]
@@ -32,9 +34,15 @@ class QGNetConfig(FewShotSegmentationConfig):
     Prior extractor (a second, frozen feature extractor pretrained without labels; it sees the query only):
 
     prior_extractor_backbone (`str`, *optional*, defaults to `"resnet50"`):
-        `"resnet50"` or `"resnet101"` (a dilated `DilatedResNet`).
+        `"resnet50"` or `"resnet101"` (a dilated `DilatedResNet`), or the Hub id / local folder of a transformers
+        backbone (`"facebook/dinov2-small"`: a self-supervised extractor, QGNet's idea, in one line), read once into
+        `prior_extractor_config` as `backbone` is into `backbone_config`; its weights then default to that id
+        (`prior_extractor_weights`). See docs/backbones.md.
+    prior_extractor_config (`dict`, *optional*):
+        The prior extractor as a transformers backbone config (as `backbone_config`), e.g. random DINOv2 weights.
     prior_extractor_kwargs (`dict`, *optional*, defaults to `{"stem": "7x7"}`):
-        Architecture arguments of the prior extractor (`stem`, `base_width`, `depths`, `output_stride`, `conv_init`).
+        Architecture arguments of the prior extractor (`stem`, `base_width`, `depths`, `output_stride`, `conv_init`);
+        for a transformers prior extractor, fields of `prior_extractor_config` to override (default none).
         Without `output_stride` it takes the backbone's stage-4 stride when that is 8, 16 or 32 (8 for the dilated
         ResNets, 16 for VGG-16-BN), so both maps have the same resolution as in the official code.
     prior_extractor_weights (`str`, *optional*):
@@ -99,8 +107,11 @@ class QGNetConfig(FewShotSegmentationConfig):
     model_type = "qgnet"
     tuple_fields = ("pyramid_bins",)
 
-    backbone: QGNetBackbone = "resnet50"
-    prior_extractor_backbone: PriorExtractorBackbone = "resnet50"
+    builtin_backbones = get_args(QGNetBackbone)
+
+    backbone: str | None = "resnet50"
+    prior_extractor_backbone: str | None = "resnet50"
+    prior_extractor_config: dict | PreTrainedConfig | None = None
     prior_extractor_kwargs: dict | None = None
     prior_extractor_weights: str | None = None
     prior_extractor_moco_encoder: Literal["encoder_k", "encoder_q"] = "encoder_k"
@@ -117,8 +128,16 @@ class QGNetConfig(FewShotSegmentationConfig):
     aux_loss_weight: float = 1.0
 
     def __post_init__(self, **kwargs):
+        named = self.prior_extractor_config is None and self.prior_extractor_backbone not in get_args(
+            PriorExtractorBackbone
+        )
+        self.prior_extractor_backbone, self.prior_extractor_config = resolve_backbone_fields(
+            self, "prior_extractor_backbone", self.prior_extractor_config, get_args(PriorExtractorBackbone)
+        )
+        if named and self.prior_extractor_weights is None:  # a Hub id / folder names its weights too
+            self.prior_extractor_weights = self.prior_extractor_backbone
         if self.prior_extractor_kwargs is None:
-            self.prior_extractor_kwargs = {"stem": "7x7"}
+            self.prior_extractor_kwargs = {} if self.prior_extractor_config is not None else {"stem": "7x7"}
         super().__post_init__(**kwargs)
 
     def validate_pyramid_bins(self):
@@ -139,6 +158,8 @@ class QGNetConfig(FewShotSegmentationConfig):
     def validate_prior_extractor_kwargs(self):
         """Part of `@strict` validation: the prior extractor is a ResNet with the arguments `DilatedResNet` takes."""
         allowed = {"stem", "base_width", "depths", "output_stride", "conv_init"}
+        if self.prior_extractor_config is not None:  # overrides of a transformers config, checked when it is built
+            return
         unknown = sorted(set(self.prior_extractor_kwargs or {}) - allowed)
         if unknown:
             raise ValueError(

@@ -197,11 +197,13 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
 
     # --- extractors ----------------------------------------------------------------------------------------------
     def build_prior_extractor(self) -> StagedBackbone:
-        """The frozen prior extractor: a dilated ResNet at the backbone's stage-4 stride unless configured."""
+        """The frozen prior extractor: a dilated ResNet at the backbone's stage-4 stride unless configured, or the
+        transformers backbone of `prior_extractor_config` (on the stride-8 grid)."""
         kwargs = dict(self.config.prior_extractor_kwargs or {})
-        if "output_stride" not in kwargs and self.backbone.strides[4] in (8, 16, 32):
+        transformers_prior = self.config.prior_extractor_config is not None
+        if not transformers_prior and "output_stride" not in kwargs and self.backbone.strides[4] in (8, 16, 32):
             kwargs["output_stride"] = self.backbone.strides[4]
-        extractor = build_backbone(self.config.prior_extractor_backbone, **kwargs)
+        extractor = build_backbone(self.config.prior_extractor_backbone, self.config.prior_extractor_config, **kwargs)
         extractor.chunk_on_cpu = self.config.chunk_extractors_on_cpu
         return extractor.freeze(batchnorm_eval=self.config.freeze_prior_extractor_batchnorm)
 

@@ -81,7 +81,9 @@ class SMCPConfig(FewShotSegmentationConfig):
     model_type = "smcp"
     tuple_fields = ("aspp_rates",)
 
-    backbone: Literal["vgg16_dilated"] = "vgg16_dilated"
+    builtin_backbones = ("vgg16_dilated",)
+
+    backbone: str | None = "vgg16_dilated"
     freeze_backbone: bool = False
     image_size: int = 417
     num_base_classes: int = 15

@@ -103,17 +103,19 @@ def image_resolution_prototype(
     Returns:
         `torch.FloatTensor` of shape `(batch_size, channels, 1, 1)`; zero for an empty mask.
     """
-    area = mask.sum(dim=(-2, -1), keepdim=True) + eps
+    # Sums over an image's area leave float16's range (65504) for unit-scale features (a transformers backbone's
+    # normalised ones at 417 px): they are accumulated in float32 and returned in the features' dtype.
+    area = mask.float().sum(dim=(-2, -1), keepdim=True) + eps
     if mode == "upsample":
         upsampled = F.interpolate(features, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        return (upsampled * mask).sum(dim=(-2, -1), keepdim=True) / area
+        return ((upsampled * mask).float().sum(dim=(-2, -1), keepdim=True) / area).to(features.dtype)
     if mode != "adjoint":
         raise ValueError(f"mode must be 'adjoint' or 'upsample', got {mode!r}")
     (h, w), (height, width) = features.shape[-2:], mask.shape[-2:]
     rows = _linear_interpolation_matrix(h, height).to(features.device, features.dtype)  # (h, height)
     cols = _linear_interpolation_matrix(w, width).to(features.device, features.dtype)  # (w, width)
-    weights = rows @ mask.to(features.dtype) @ cols.T  # (batch, 1, h, w)
-    return (features * weights).sum(dim=(-2, -1), keepdim=True) / area
+    weights = rows.float() @ mask.float() @ cols.float().T  # (batch, 1, h, w)
+    return ((features.float() * weights).sum(dim=(-2, -1), keepdim=True) / area).to(features.dtype)
 
 
 def fuse_prototypes(
