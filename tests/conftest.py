@@ -10,6 +10,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TINY_RESNET = {"base_width": 8, "depths": [1, 1, 1, 1]}
+# transformers' SegGptConfig of 4 layers of width 32 on two stacked 32 x 32 images (the SegGPT adapter's tests).
+TINY_SEGGPT = {
+    "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": [64, 32], "patch_size": 8,
+    "pretrain_image_size": 16, "decoder_hidden_size": 8, "merge_index": 1, "intermediate_hidden_state_indices": [1, 3],
+    "drop_path_rate": 0.0,
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,164 @@
+"""
+The SegGPT adapter (`model_type="seggpt_fss"`) on a tiny random `SegGptConfig`: the same masks and scores as
+transformers' documented SegGPT call, K = 1 and 3; loading, the pipeline, its errors and the weights it takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SEGGPT
+from huggingface_hub.errors import StrictDataclassError
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    SegGptConfig,
+    SegGptForImageSegmentation,
+    SegGptImageProcessor,
+    pipeline,
+)
+
+from hf_fss import SegGptFssConfig, SegGptFssImageProcessor, SegGptFssModel
+
+SIZE = 32  # each of SegGPT's two stacked images is SIZE x SIZE
+
+
+def tiny_seggpt_config(**overrides) -> SegGptConfig:
+    """A SegGPT of 4 layers of width 32 on 32x32 images (transformers' architecture, random weights)."""
+    return SegGptConfig(**{**TINY_SEGGPT, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SegGptFssModel(SegGptFssConfig(seggpt_config=tiny_seggpt_config())).eval()
+
+
+def _photo(seed: int, height: int, width: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.BILINEAR)
+
+
+def _mask(seed: int, height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    y, x = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
+    mask[y : y + height // 3, x : x + width // 3] = 1
+    return mask
+
+
+def _documented_seggpt(seggpt, query, prompts, masks):
+    """transformers' SegGPT usage: processor -> model (feature ensemble for K prompts) -> post-processing."""
+    processor = SegGptImageProcessor(size={"height": SIZE, "width": SIZE})
+    shot = len(prompts)
+    inputs = processor(
+        images=[query] * shot, prompt_images=prompts, prompt_masks=masks, num_labels=1, return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = seggpt(**inputs, feature_ensemble=shot > 1)
+    size = (query.height, query.width)
+    result = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=[size] * shot, num_labels=1, return_segmentation_scores=True
+    )[0]
+    canvas = processor.post_process_semantic_segmentation(outputs, num_labels=1, return_segmentation_scores=True)[0]
+    return result.segmentation, canvas.segmentation_scores
+
+
+@pytest.mark.parametrize("shot", [1, 3])
+def test_equals_the_documented_seggpt_call(model, shot):
+    query = _photo(0, 45, 61)
+    prompts = [_photo(10 + k, 37 + 5 * k, 29 + 7 * k) for k in range(shot)]
+    masks = [_mask(20 + k, p.height, p.width) for k, p in enumerate(prompts)]
+    expected_mask, expected_scores = _documented_seggpt(model.seggpt, query, prompts, masks)
+
+    processor = SegGptFssImageProcessor(image_size=SIZE)
+    inputs = processor(images=query, support_images=prompts, support_masks=masks, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.logits.shape == (1, 2, SIZE, SIZE)
+    # The logits are SegGPT's own class scores (negative squared palette distances), bit for bit.
+    assert torch.equal(outputs.logits[0], expected_scores)
+    mask = processor.post_process_semantic_segmentation(outputs, target_sizes=[(query.height, query.width)])[0]
+    assert torch.equal(mask, expected_mask.long())
+
+
+def test_support_encoding_reuse_equals_the_plain_call(model):
+    processor = SegGptFssImageProcessor(image_size=SIZE)
+    prompts = [_photo(1, 40, 40), _photo(2, 30, 50)]
+    masks = [_mask(3, 40, 40), _mask(4, 30, 50)]
+    queries = [_photo(5, 33, 33), _photo(6, 50, 20)]
+    inputs = processor(
+        images=queries, support_images=[prompts, prompts], support_masks=[masks, masks], return_tensors="pt"
+    )
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        encoding = model.encode_support(inputs["support_pixel_values"][:1], inputs["support_masks"][:1])
+        reused = model(inputs["pixel_values"], support_encoding=encoding).logits
+    assert torch.equal(plain, reused)
+
+
+def test_save_load_and_auto_classes(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    SegGptFssImageProcessor(image_size=SIZE).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is SegGptFssModel
+    architecture = lambda config: {k: v for k, v in config.seggpt_config.to_dict().items() if k != "dtype"}  # noqa: E731
+    assert architecture(loaded.config) == architecture(model.config)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is SegGptFssImageProcessor
+
+
+def test_pipeline_gives_the_documented_result(model, tmp_path):
+    query, prompt = _photo(7, 52, 40), _photo(8, 41, 47)
+    mask = _mask(9, 41, 47)
+    expected, _ = _documented_seggpt(model.seggpt, query, [prompt], [mask])
+    model.save_pretrained(tmp_path)  # no preprocessor_config.json: the pipeline builds SegGPT's processor
+    pipe = pipeline("few-shot-segmentation", model=str(tmp_path))
+    assert type(pipe.image_processor) is SegGptFssImageProcessor
+    result = pipe(query, support_image=prompt, support_mask=mask, output_type="numpy")
+    assert np.array_equal(result["mask"], expected.numpy())
+
+
+def test_from_seggpt_loads_a_local_seggpt_folder_offline(tmp_path):
+    torch.manual_seed(1)
+    official = SegGptForImageSegmentation(tiny_seggpt_config()).eval()
+    official.save_pretrained(tmp_path / "seggpt")
+    adapter = SegGptFssModel.from_seggpt(str(tmp_path / "seggpt"))
+    assert adapter.config.seggpt_name_or_path == str(tmp_path / "seggpt")
+    for name, value in official.state_dict().items():
+        assert torch.equal(adapter.seggpt.state_dict()[name], value), name
+    # A saved adapter holds SegGPT's config and weights: loading it reads neither the SegGPT folder nor the Hub.
+    adapter.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "seggpt" / "model.safetensors").unlink()
+    reloaded = SegGptFssModel.from_pretrained(tmp_path / "adapter")
+    assert torch.equal(reloaded.seggpt.decoder.decoder_pred.conv.weight, official.decoder.decoder_pred.conv.weight)
+
+
+def test_a_seggpt_folder_of_another_shape_is_refused(tmp_path):
+    SegGptForImageSegmentation(tiny_seggpt_config(hidden_size=48)).save_pretrained(tmp_path)
+    model = SegGptFssModel(SegGptFssConfig(seggpt_config=tiny_seggpt_config(), seggpt_name_or_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="another shape.*hidden_size"):
+        model.load_pretrained_extractors()
+
+
+def test_what_seggpt_cannot_do_is_a_clear_error(model):
+    pixels = torch.zeros(1, 3, SIZE, SIZE)
+    supports, masks = torch.zeros(1, 1, 3, SIZE, SIZE), torch.ones(1, 1, SIZE, SIZE, dtype=torch.long)
+    with pytest.raises(ValueError, match="computes no loss"):
+        model(pixels, supports, masks, labels=torch.zeros(1, SIZE, SIZE, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"SegGPT takes exactly \(32, 32\).*SegGptFssImageProcessor"):
+        model(torch.zeros(1, 3, 40, 40), torch.zeros(1, 1, 3, 40, 40), torch.ones(1, 1, 40, 40, dtype=torch.long))
+    assert SegGptFssModel.supports_training is False
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(StrictDataclassError, match="image_size 64 differs from SegGPT's input width 32"):
+        SegGptFssConfig(seggpt_config=tiny_seggpt_config(), image_size=64)
+    with pytest.raises(ValueError, match="did you mean 'feature_ensemble'"):
+        SegGptFssConfig(seggpt_config=tiny_seggpt_config(), feature_ensembl=False)
+    config = SegGptFssConfig(seggpt_config=tiny_seggpt_config().to_dict())
+    assert config.image_size == SIZE and isinstance(config.seggpt_config, SegGptConfig)
