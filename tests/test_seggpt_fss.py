@@ -5,10 +5,16 @@ transformers' documented SegGPT call, K = 1 and 3; loading, the pipeline, its er
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SEGGPT
+from conftest import TINY_RESNET, TINY_SEGGPT, single_thread
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from transformers import (
@@ -20,14 +26,29 @@ from transformers import (
     pipeline,
 )
 
-from hf_fss import SegGptFssConfig, SegGptFssImageProcessor, SegGptFssModel
+from hf_fss import (
+    CosinePriorConfig,
+    CosinePriorModel,
+    FewShotSegmentationImageProcessor,
+    NTRENetConfig,
+    NTRENetModel,
+    SegGptFssConfig,
+    SegGptFssImageProcessor,
+    SegGptFssModel,
+)
+from hf_fss.evaluation.compare import main as compare_main
+from hf_fss.evaluation.runner import main as evaluate_main
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # each of SegGPT's two stacked images is SIZE x SIZE
 
 
 def tiny_seggpt_config(**overrides) -> SegGptConfig:
     """A SegGPT of 4 layers of width 32 on 32x32 images (transformers' architecture, random weights)."""
     return SegGptConfig(**{**TINY_SEGGPT, **overrides})
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +183,68 @@ def test_config_errors_name_the_field():
         SegGptFssConfig(seggpt_config=tiny_seggpt_config(), feature_ensembl=False)
     config = SegGptFssConfig(seggpt_config=tiny_seggpt_config().to_dict())
     assert config.image_size == SIZE and isinstance(config.seggpt_config, SegGptConfig)
+
+
+# ------------------------------------------------------------------------------------- scripts on SegGPT
+
+
+DATA = ["--dataset", "synthetic", "--synthetic-num-train", "0", "--synthetic-num-val", "60",
+        "--synthetic-image-size", "128", "--num-threads", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def saved_models(model, tmp_path_factory):
+    """The tiny SegGPT adapter (saved without preprocessor_config.json: its own processor is built), a tiny NTRENet and
+    a tiny cosine prior, as folders."""
+    root = tmp_path_factory.mktemp("seggpt_scripts")
+    torch.manual_seed(0)
+    ntrenet = NTRENetModel(
+        NTRENetConfig(
+            backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
+            image_size=65,
+        )
+    )  # fmt: skip
+    prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=65))
+    model.save_pretrained(root / "seggpt")
+    for name, other in (("ntrenet", ntrenet), ("prior", prior)):
+        other.save_pretrained(root / name)
+        FewShotSegmentationImageProcessor(image_size=65).save_pretrained(root / name)
+    return {name: str(root / name) for name in ("seggpt", "ntrenet", "prior")}
+
+
+@pytest.mark.parametrize("shot", [1, 2])  # K = 2: the feature ensemble (the small synthetic split has few images)
+def test_evaluate_script_scores_seggpt(saved_models, tmp_path, shot):
+    out = tmp_path / "metrics.json"
+    argv = ["--model", saved_models["seggpt"], *DATA, "--fold", "0", "--shot", str(shot), "--num-episodes", "4"]
+    assert evaluate_main([*argv, "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_episodes"] == 4 and 0.0 <= metrics["miou"] <= 1.0
+
+
+def test_compare_script_scores_seggpt_ntrenet_and_the_prior_on_one_episode_list(saved_models, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["--models", saved_models["seggpt"], saved_models["ntrenet"], saved_models["prior"], *DATA,
+            "--num-episodes", "4", "--seeds", "1", "--num-bootstrap", "20", "--output-dir", str(out)]  # fmt: skip
+    assert compare_main(argv) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert list(comparison["results"]) == ["seggpt", "ntrenet", "prior"]
+    assert comparison["results"]["seggpt"]["image_size"] == SIZE
+    records = json.loads((out / "episode_records.json").read_text())
+    episodes = {name: [(r["episode_index"], r["class_id"]) for r in records[name]["1"]] for name in records}
+    assert episodes["seggpt"] == episodes["ntrenet"] == episodes["prior"]
+    assert [(p["a"], p["b"]) for p in comparison["paired"]] == [
+        ("seggpt", "ntrenet"), ("seggpt", "prior"), ("ntrenet", "prior"),
+    ]  # fmt: skip
+    assert comparison["episode_hash"] in (out / "comparison.md").read_text()
+
+
+def test_train_script_refuses_seggpt_writing_nothing(tmp_path):
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--model-type", "seggpt_fss", "--output-dir",
+         str(output_dir)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--model-type seggpt_fss cannot be trained by hf_fss" in result.stderr.strip().splitlines()[-1]
+    assert not output_dir.exists()
