@@ -5,6 +5,7 @@ transformers' documented SegGPT call, K = 1 and 3; loading, the pipeline, its er
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -248,3 +249,16 @@ def test_train_script_refuses_seggpt_writing_nothing(tmp_path):
     assert result.returncode == 2
     assert "--model-type seggpt_fss cannot be trained by hf_fss" in result.stderr.strip().splitlines()[-1]
     assert not output_dir.exists()
+
+
+def test_benchmark_builds_seggpt_large_shapes_from_config():
+    spec = importlib.util.spec_from_file_location("hf_fss_benchmark_for_seggpt", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.default_image_size("seggpt_fss", "base") == 448
+    large = benchmark.build_config("seggpt_fss", "base", 448).seggpt_config
+    # BAAI/seggpt-vit-large's architecture (its config.json): ViT-L/16 on two stacked 448 x 448 images.
+    assert (large.hidden_size, large.num_hidden_layers, large.patch_size, list(large.image_size)) == (
+        1024, 24, 16, [896, 448],
+    )  # fmt: skip
+    assert benchmark.build_config("seggpt_fss", "tiny", SIZE).seggpt_config.hidden_size == 32

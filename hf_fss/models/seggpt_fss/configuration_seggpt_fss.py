@@ -52,6 +52,18 @@ class SegGptFssConfig(PreTrainedConfig):
 
     model_type = "seggpt_fss"
     sub_configs = {"seggpt_config": SegGptConfig}
+    # The shapes `scripts/benchmark.py` times (random weights): "base" is SegGptConfig()'s default, the architecture
+    # of BAAI/seggpt-vit-large (ViT-L, 24 layers, 448 x 448 inputs); "tiny" the tests' 4-layer model on 32 x 32.
+    benchmark_sizes = {
+        "base": {},
+        "tiny": {
+            "seggpt_config": {
+                "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": [64, 32],
+                "patch_size": 8, "pretrain_image_size": 16, "decoder_hidden_size": 8, "merge_index": 1,
+                "intermediate_hidden_state_indices": [1, 3], "drop_path_rate": 0.0,
+            }
+        },
+    }  # fmt: skip
 
     seggpt_config: dict | SegGptConfig | None = None
     seggpt_name_or_path: str | None = None
