@@ -21,6 +21,8 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModel,
+    Dinov2Config,
+    Dinov2Model,
     SegGptConfig,
     SegGptForImageSegmentation,
     SegGptImageProcessor,
@@ -165,6 +167,29 @@ def test_a_seggpt_folder_of_another_shape_is_refused(tmp_path):
     model = SegGptFssModel(SegGptFssConfig(seggpt_config=tiny_seggpt_config(), seggpt_name_or_path=str(tmp_path)))
     with pytest.raises(ValueError, match="another shape.*hidden_size"):
         model.load_pretrained_extractors()
+
+
+def test_a_folder_of_another_architecture_is_refused_by_name(tmp_path):
+    Dinov2Model(
+        Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a model of type 'dinov2', not SegGPT"):
+        SegGptFssModel.from_seggpt(str(tmp_path))
+    model = SegGptFssModel(SegGptFssConfig(seggpt_config=tiny_seggpt_config(), seggpt_name_or_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="holds a model of type 'dinov2', not SegGPT"):
+        model.load_pretrained_extractors()
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+def test_eval_logits_do_not_depend_on_the_batch(model, shot):
+    generator = torch.Generator().manual_seed(shot)
+    query, support = torch.randn(3, 3, SIZE, SIZE, generator=generator), torch.randn(3, shot, 3, SIZE, SIZE)
+    masks = (torch.rand(3, shot, SIZE, SIZE, generator=generator) > 0.5).long()
+    with torch.no_grad():
+        batched = model(query, support, masks).logits
+        single = torch.cat([model(query[i : i + 1], support[i : i + 1], masks[i : i + 1]).logits for i in range(3)])
+    # Scores are squared distances in pixel values (up to 3 x 255^2): a relative tolerance.
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-2)
 
 
 def test_what_seggpt_cannot_do_is_a_clear_error(model):

@@ -10,6 +10,24 @@ from transformers import PreTrainedConfig, SegGptConfig
 from ...configuration_fss import check_dtype_name, check_unknown_config_fields
 
 
+def seggpt_config_from(name_or_path: str) -> SegGptConfig:
+    """
+    SegGPT's config from a Hub id or folder (its `config.json`).
+
+    Raises:
+        `OSError`: it cannot be read (transformers' message).
+        `ValueError`: it is another architecture's config (its `model_type` is named).
+    """
+    config_dict, _ = SegGptConfig.get_config_dict(name_or_path)
+    found = config_dict.get("model_type")
+    if found != SegGptConfig.model_type:
+        raise ValueError(
+            f"{name_or_path} holds a model of type {found!r}, not SegGPT ({SegGptConfig.model_type!r}); give a SegGPT "
+            "checkpoint such as BAAI/seggpt-vit-large"
+        )
+    return SegGptConfig.from_dict(config_dict)
+
+
 @strict(accept_kwargs=True)
 class SegGptFssConfig(PreTrainedConfig):
     r"""
@@ -80,7 +98,7 @@ class SegGptFssConfig(PreTrainedConfig):
         elif self.seggpt_config is None:
             # Resolved once: the saved config.json then holds the architecture and never reads the Hub again.
             self.seggpt_config = (
-                SegGptConfig.from_pretrained(self.seggpt_name_or_path) if self.seggpt_name_or_path else SegGptConfig()
+                seggpt_config_from(self.seggpt_name_or_path) if self.seggpt_name_or_path else SegGptConfig()
             )
         if self.image_size is None:
             self.image_size = self.seggpt_input_size[1]
@@ -98,8 +116,8 @@ class SegGptFssConfig(PreTrainedConfig):
         height, width = self.seggpt_input_size
         if height != width:
             raise ValueError(
-                f"seggpt_config.image_size {list(self.seggpt_config.image_size)} must stack two squares (height = 2 "
-                "x width), as SegGPT's image processor makes square images"
+                f"seggpt_config.image_size {self.seggpt_config.image_size} must stack two squares (height = 2 x "
+                "width), as SegGPT's image processor makes square images"
             )
         if self.image_size != width:
             raise ValueError(

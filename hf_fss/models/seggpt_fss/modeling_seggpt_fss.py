@@ -11,7 +11,7 @@ from transformers import SegGptForImageSegmentation, SegGptImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from .configuration_seggpt_fss import SegGptFssConfig
+from .configuration_seggpt_fss import SegGptFssConfig, seggpt_config_from
 from .image_processing_seggpt_fss import SegGptFssImageProcessor
 
 # SegGptImageProcessor's palette for one class (`build_palette(1)`): background black, the class white.
@@ -103,10 +103,12 @@ class SegGptFssModel(FewShotSegmentationPreTrainedModel):
         Load SegGPT's weights from `config.seggpt_name_or_path` (Hub id or folder of `SegGptForImageSegmentation`).
 
         Raises:
-            `ValueError`: the checkpoint is of another architecture, or its shapes differ from `config.seggpt_config`.
+            `ValueError`: the checkpoint is of another architecture (its `model_type` named), or its shapes differ from
+                `config.seggpt_config`.
         """
         sources = self.pretrained_weight_sources()
         for source in sources.values():
+            seggpt_config_from(source)  # another architecture's folder is refused by name before any weight is read
             loaded = SegGptForImageSegmentation.from_pretrained(source)
             if loaded.config.to_diff_dict() != self.config.seggpt_config.to_diff_dict():
                 loaded_arch = {k: v for k, v in loaded.config.to_dict().items() if not k.startswith("_")}
