@@ -513,7 +513,10 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
 
 
 def load_image_processor(
-    name_or_path: str | os.PathLike | None, image_size: int, min_size: int = 1
+    name_or_path: str | os.PathLike | None,
+    image_size: int,
+    min_size: int = 1,
+    processor_class: type[FewShotSegmentationImageProcessor] = FewShotSegmentationImageProcessor,
 ) -> FewShotSegmentationImageProcessor:
     """
     The image processor saved with a model (`preprocessor_config.json` of a folder or Hub repo), else, when there is
@@ -523,6 +526,8 @@ def load_image_processor(
     Args:
         min_size (`int`, *optional*, defaults to 1): the smallest image side the model takes (the larger side of
             `model.min_input_size()`); the processor's `image_size` (the side of the images it makes) must reach it.
+        processor_class (`type`, *optional*): the model's processor class (`model.fss_image_processor_class`: the
+            SegGPT adapter has its own); the file must name it.
 
     Raises:
         `ValueError`: the file exists but is not valid JSON, names another processor type, or holds an invalid
@@ -530,7 +535,7 @@ def load_image_processor(
             names the file.
     """
     if not name_or_path:
-        return FewShotSegmentationImageProcessor(image_size=image_size)
+        return processor_class(image_size=image_size)
     path = cached_file(
         str(name_or_path),
         IMAGE_PROCESSOR_NAME,
@@ -538,7 +543,7 @@ def load_image_processor(
         _raise_exceptions_for_connection_errors=False,
     )
     if path is None:
-        return FewShotSegmentationImageProcessor(image_size=image_size)
+        return processor_class(image_size=image_size)
     try:
         with open(path, encoding="utf-8") as handle:
             settings = json.load(handle)
@@ -546,14 +551,15 @@ def load_image_processor(
         raise ValueError(f"{path} is not a readable JSON file ({err}); save the processor again") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path} must hold a JSON object of processor settings, got {type(settings).__name__}")
-    kind = settings.get("image_processor_type", FewShotSegmentationImageProcessor.__name__)
-    if kind != FewShotSegmentationImageProcessor.__name__:
+    name = processor_class.__name__
+    kind = settings.get("image_processor_type", name)
+    if kind != name:
         raise ValueError(
-            f"{path} names image_processor_type {kind!r}, not FewShotSegmentationImageProcessor; save "
-            "FewShotSegmentationImageProcessor(image_size=...) there, or delete the file to use the model's image_size"
+            f"{path} names image_processor_type {kind!r}, not {name}; save {name}(image_size=...) there, or delete "
+            "the file to use the model's image_size"
         )
     try:
-        processor = FewShotSegmentationImageProcessor.from_pretrained(name_or_path)
+        processor = processor_class.from_pretrained(name_or_path)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}; fix the file or save the processor again") from None
     if processor.image_size < min_size:

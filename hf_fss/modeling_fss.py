@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import StagedBackbone, build_backbone
 from .configuration_fss import FewShotSegmentationConfig
+from .image_processing_fss import FewShotSegmentationImageProcessor
 from .loading import key_list, quiet_load_report, size_mismatch_message, weights_file
 
 # Arguments of `forward` every method takes; anything else must be declared by the model.
@@ -258,6 +259,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             any other (an encoding of another model).
         single_pass_overrides (`dict[str, object]`): for a method whose test time runs several passes (SMCP's
             pseudo-prototype fusion), the config values that make it one pass; `scripts/benchmark.py` times both.
+        fss_image_processor_class (`type`): its processor when its folder has none (`load_image_processor`, Auto).
+        supports_training (`bool`): False for an adapter hf_fss cannot train (SegGPT); `scripts/train.py` refuses it.
 
     Feature extractors (`StagedBackbone` children such as `backbone`) own their frozen / batch-norm policy and their
     initialisation; `load_pretrained_extractors()` loads their pretrained weights when a training run starts from a
@@ -277,6 +280,8 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     binary_maps: tuple[str, ...] = ()
     single_pass_overrides: dict[str, object] = {}
     support_encoding_class: type[SupportEncoding] = SupportEncoding
+    fss_image_processor_class: type = FewShotSegmentationImageProcessor
+    supports_training: bool = True
 
     def __init__(self, config: FewShotSegmentationConfig):
         super().__init__(config)

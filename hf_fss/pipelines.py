@@ -153,7 +153,10 @@ class FewShotSegmentationPipeline(Pipeline):
         _check_dtype(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
         min_side = max(model.min_input_size())
         if image_processor is None:
-            image_processor = load_image_processor(model.name_or_path, model.config.image_size, min_side)
+            processor_class = getattr(model, "fss_image_processor_class", FewShotSegmentationImageProcessor)
+            image_processor = load_image_processor(
+                model.name_or_path, model.config.image_size, min_side, processor_class
+            )
         if not isinstance(image_processor, FewShotSegmentationImageProcessor):
             raise ValueError(
                 f"image_processor must be a FewShotSegmentationImageProcessor, got {type(image_processor).__name__}"

@@ -94,6 +94,10 @@ def build_config(
     """
     config_class = hf_fss.MODEL_CLASSES[model_type][0]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    adapter_sizes = getattr(config_class, "benchmark_sizes", None)
+    if adapter_sizes is not None:  # an adapter of another model (SegGPT) names its own shapes; no backbone to chunk
+        overrides = {k: v for k, v in {**adapter_sizes[size], **(model_kwargs or {})}.items() if k in defaults}
+        return config_class(image_size=image_size, **overrides)
     # `--model-kwargs` fields apply to the methods whose config has them (e.g. CRCNet's `shot_fusion`).
     overrides = {k: v for k, v in {**SIZES[size], **(model_kwargs or {})}.items() if k in defaults}
     # A transformers backbone (`backbone_config`) is timed at the size its config gives, whatever the method's size.
@@ -126,7 +130,7 @@ def check_model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error(f"--model-kwargs {clash[0]!r}: set it with {FLAG_FIELDS[clash[0]]} instead")
     for model_type in args.model_types:
         for size in args.sizes:
-            image_size = args.image_size or default_image_size(model_type)
+            image_size = image_size_for(model_type, size, args.image_size)
             try:
                 build_config(model_type, size, image_size, args.chunking, args.model_kwargs)
             except (StrictDataclassError, ValueError) as err:
@@ -210,10 +214,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def default_image_size(model_type: str) -> int:
-    """The method's own test size: its config's default `image_size` (the paper's: 473, 417 for SMCP, 321 CRCNet)."""
+def default_image_size(model_type: str, size: str = "base") -> int:
+    """
+    The method's own test size: its config's default `image_size` (the paper's: 473, 417 for SMCP, 321 CRCNet); for an
+    adapter with `benchmark_sizes` (SegGPT), the input size of the `size` architecture (448 for SegGPT-large).
+    """
     config_class = hf_fss.MODEL_CLASSES[model_type][0]
+    adapter_sizes = getattr(config_class, "benchmark_sizes", None)
+    if adapter_sizes is not None:
+        return config_class(**adapter_sizes[size]).image_size
     return next(f.default for f in dataclasses.fields(config_class) if f.name == "image_size")
+
+
+def image_size_for(model_type: str, size: str, requested: int | None) -> int:
+    """
+    `--image-size` (else the method's default) for a method of free input size; an adapter of fixed geometry
+    (`benchmark_sizes`: SegGPT) always runs at its architecture's size, and a different `--image-size` is reported.
+    """
+    if getattr(hf_fss.MODEL_CLASSES[model_type][0], "benchmark_sizes", None) is None:
+        return requested or default_image_size(model_type)
+    fixed = default_image_size(model_type, size)
+    if requested and requested != fixed:
+        print(
+            f"{model_type} ({size}) takes only {fixed} x {fixed} images: --image-size {requested} does not apply to it"
+        )
+    return fixed
 
 
 def count_gflop(fn) -> float:
@@ -299,7 +324,7 @@ def single_pass_call(model, query, support, masks):
 
 
 def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
-    image_size = args.image_size or default_image_size(model_type)
+    image_size = image_size_for(model_type, size, args.image_size)
     model = build_model(model_type, size, image_size, args.chunking, args.model_kwargs).to(device)
     query, support, masks = random_episode(args.batch_size, shot, image_size, device)
     if args.channels_last:
@@ -334,7 +359,8 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         calls.get(k) for k in ("full", "query_only", "support_once", "encode_support", "single_pass")
     )
     single_s = statistics.median(single["wall_s"]) if single else None
-    trainable = any(p.requires_grad for p in model.parameters())  # a training-free baseline has no training step
+    # A training-free baseline, or an adapter hf_fss does not train (SegGPT), has no training step.
+    trainable = model.supports_training and any(p.requires_grad for p in model.parameters())
     training = time_training_step(model, query, support, masks, args, device) if args.training and trainable else None
     full_s, query_s = statistics.median(full["wall_s"]), statistics.median(query_only["wall_s"])
     row = {

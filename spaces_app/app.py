@@ -35,6 +35,10 @@ OUTPUT_DIR, OUTPUT_MAX_AGE_S, HUB_TIMEOUT_S = Path(tempfile.gettempdir()) / "hf_
 PIPE_OPTIONS = {"return_maps": True, "return_support_predictions": True, "output_type": "numpy"}
 SCALE, ORANGE = "colour bar 0 (blue) to 1 (red)", (255, 140, 0)
 CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255, 215, 0), "cyan": (0, 215, 215)}
+# Without FSS_MODELS, the Space's default when the Hub is reachable: the training-free cosine prior on DINOv2 features
+# (hf_fss's zero-training baseline for real photos; its first start downloads the backbone's weights).
+TRAINING_FREE_BACKBONE = "facebook/dinov2-small"
+TRAINING_FREE_SPEC = f"training-free cosine prior on {TRAINING_FREE_BACKBONE}"
 NO_MODEL_MESSAGE = (
     "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
     "quickstart (accelerate launch scripts/train.py), whose outputs/quickstart is used by default."
@@ -56,6 +60,48 @@ def resolve_model_specs(value: str | None = None) -> list[str]:
     return [s for s in specs if s]
 
 
+def hub_reachable(repo_id: str = TRAINING_FREE_BACKBONE) -> bool:
+    """Whether `repo_id` can be loaded: in the local Hub cache, else the Hub answers within `HUB_TIMEOUT_S`."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    try:
+        huggingface_hub.model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - offline, DNS, timeout, HTTP error: all mean "not reachable"
+        return False
+    return True
+
+
+def training_free_model():
+    """The cosine prior on `TRAINING_FREE_BACKBONE` with its pretrained weights (downloaded on first use)."""
+    from hf_fss import CosinePriorConfig, CosinePriorModel
+
+    model = CosinePriorModel(CosinePriorConfig(backbone=TRAINING_FREE_BACKBONE, use_pretrained_backbone=True))
+    model.load_pretrained_extractors()
+    return model.eval()
+
+
+def default_models() -> tuple[list[str], dict, str | None]:
+    """
+    The Space's models, their preloaded pipelines and a line saying why the default is not offered (else None).
+    `FSS_MODELS` when set; else the training-free cosine prior on DINOv2 (`TRAINING_FREE_SPEC`) when the Hub is
+    reachable, then the quickstart model if there is one; else (Hub unreachable, or loading it failed) the quickstart
+    model as before.
+    """
+    specs = resolve_model_specs()
+    if any(s.strip() for s in os.environ.get("FSS_MODELS", "").split(",")):
+        return specs, {}, None
+    fallback = "the quickstart model is offered instead" if specs else "no model is offered"
+    if not hub_reachable():
+        why = f"the Hub is not reachable for {TRAINING_FREE_BACKBONE}"
+        return specs, {}, f"The training-free cosine prior is not offered: {why}; {fallback}."
+    try:
+        pipe = pipeline("few-shot-segmentation", model=training_free_model(), device=DEVICE)
+    except Exception as err:  # noqa: BLE001 - any loading failure falls back the same way, and says why
+        why = f"loading {TRAINING_FREE_BACKBONE} failed ({type(err).__name__}: {' '.join(str(err).split())})"
+        return specs, {}, f"The training-free cosine prior is not offered: {why}; {fallback}."
+    return [TRAINING_FREE_SPEC, *specs], {TRAINING_FREE_SPEC: pipe}, None
+
+
 def _local_path(spec: str) -> Path | None:
     """The folder `spec` names (from the working dir, else the repo; a run folder: its best/, else final/, the rule
     of `hf_fss.utils.run_folder_model` that evaluate.py and compare.py follow too), or None."""
@@ -68,9 +114,9 @@ def _local_path(spec: str) -> Path | None:
 class ModelRegistry:
     """The pipelines of the models `specs`, each loaded on first use, and an LRU cache of encoded support sets."""
 
-    def __init__(self, specs: list[str]):
+    def __init__(self, specs: list[str], pipes: dict | None = None):
         self.specs, self.default = list(specs), (specs[0] if specs else None)
-        self._pipes, self._encodings, self._lock, self.hits = {}, {}, threading.Lock(), 0
+        self._pipes, self._encodings, self._lock, self.hits = dict(pipes or {}), {}, threading.Lock(), 0
 
     def get(self, spec: str | None) -> FewShotSegmentationPipeline:
         spec = spec or self.default
@@ -380,10 +426,12 @@ visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 
 
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
     """The Gradio app for the models `specs` (default: `resolve_model_specs()`), examples rendered in `examples`."""
-    registry, examples = ModelRegistry(resolve_model_specs() if specs is None else specs), examples or examples_dir()
+    specs, pipes, notice = default_models() if specs is None else (specs, {}, None)
+    registry, examples = ModelRegistry(specs, pipes), examples or examples_dir()
     palette = [("#{:02x}{:02x}{:02x}".format(*c), BRUSH_OPACITY) for c in CLASS_COLORS.values()]
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")
-    status = f"Models (`FSS_MODELS`): `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
+    status = f"Models: `{'`, `'.join(registry.specs)}`" if registry.specs else f"⚠️ {NO_MODEL_MESSAGE}"
+    status += f"\n\n⚠️ {notice}" if notice else ""  # why the training-free default is not offered
     with gr.Blocks(title="hf_fss few-shot segmentation", delete_cache=(OUTPUT_MAX_AGE_S,) * 2) as demo:
         gr.Markdown(INTRO + "\n\n" + status)
         with gr.Row():
@@ -439,7 +487,7 @@ def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> 
         segment = functools.partial(segment_api, registry)  # API parameters: segment_api's argument names
         api_run.click(segment, [*api_inputs, model_box], api_outputs, api_name="segment")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)  # more requests wait, then "queue full"
-    demo.registry, demo.examples_dir = registry, examples  # for main(), tests and launch()
+    demo.registry, demo.examples_dir, demo.status = registry, examples, status  # for main(), tests and launch()
     return demo
 
 

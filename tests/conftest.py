@@ -17,6 +17,12 @@ TINY_DINOV2 = {"model_type": "dinov2", "hidden_size": 16, "num_hidden_layers": 4
 TINY_HF_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
                   "layer_type": "basic"}  # fmt: skip
 TINY_CONVNEXT = {"model_type": "convnext", "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}
+# transformers' SegGptConfig of 4 layers of width 32 on two stacked 32 x 32 images (the SegGPT adapter's tests).
+TINY_SEGGPT = {
+    "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": [64, 32], "patch_size": 8,
+    "pretrain_image_size": 16, "decoder_hidden_size": 8, "merge_index": 1, "intermediate_hidden_state_indices": [1, 3],
+    "drop_path_rate": 0.0,
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

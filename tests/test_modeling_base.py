@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, random_episode
+from conftest import TINY_DINOV2, TINY_HF_RESNET, TINY_RESNET, TINY_SEGGPT, random_episode
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from modeling_common import FewShotModelTesterMixin
@@ -238,9 +238,11 @@ TINY_METHODS = {
         "reduce_dim": 8,
     },
     "smcp": {"backbone_kwargs": {"base_width": 4}, "reduce_dim": 8, "bottleneck_dim": 4, "num_base_classes": 3},
+    "seggpt_fss": {"seggpt_config": dict(TINY_SEGGPT)},
 }
-# What each backbone's convolutions and pooling allow: SMCP's dilated VGG-16 has three floor-mode 2x2 pools.
-SMALLEST_INPUT = {"smcp": (8, 8)}
+# What each backbone's convolutions and pooling allow: SMCP's dilated VGG-16 has three floor-mode 2x2 pools; SegGPT
+# takes exactly its input size (32 x 32 for the tiny one).
+SMALLEST_INPUT = {"smcp": (8, 8), "seggpt_fss": (32, 32)}
 
 
 def tiny_method(name):

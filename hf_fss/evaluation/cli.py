@@ -219,7 +219,9 @@ def _load_model_and_processor(
     model = load_model_with_overrides(name_or_path, overrides, dtype)
     # A converted checkpoint may come without preprocessor_config.json (the config's image_size is used); a broken
     # one is an error naming the file, as with AutoImageProcessor, never replaced by defaults.
-    return model, load_image_processor(name_or_path, model.config.image_size, max(model.min_input_size()))
+    return model, load_image_processor(
+        name_or_path, model.config.image_size, max(model.min_input_size()), model.fss_image_processor_class
+    )
 
 
 def _seeds_and_episode_count(args: argparse.Namespace, base, fixed, fold) -> tuple[list[int], int]:

@@ -308,6 +308,11 @@ class EpisodicArguments(BenchmarkArguments):
 
         if self.model_type not in hf_fss.MODEL_CLASSES:
             raise ValueError(f"unknown model type {self.model_type!r}; registered: {sorted(hf_fss.MODEL_CLASSES)}")
+        if not hf_fss.MODEL_CLASSES[self.model_type][1].supports_training:
+            raise ValueError(
+                f"--model-type {self.model_type} cannot be trained by hf_fss (an adapter of pretrained weights); "
+                "evaluate it with scripts/evaluate.py or scripts/compare.py"
+            )
         self.model_kwargs = _model_kwargs(self.model_kwargs)
         check_ranges(self)
         # What a prepare_dataset.py folder (or "synthetic") recorded; a contradicting --benchmark is refused.
