@@ -15,6 +15,7 @@ import test_ntrenet_parity
 import test_qgnet_parity
 import test_smcp_parity
 import torch
+from test_hub import hub_calls  # noqa: F401 (the recorded-HfApi fixture)
 from test_qgnet import _moco_checkpoint, _random_prior
 
 from hf_fss.hub.release import main
@@ -236,3 +237,33 @@ def test_a_broken_manifest_is_a_usage_error_naming_it(tmp_path, capsys):
     assert "row 'x' lacks" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["--checkpoints", str(tmp_path / "official"), "--output-dir", str(tmp_path / "out")])  # no --push
+
+
+# ------------------------------------------------------------------------------------- evaluation and push
+
+
+@pytest.mark.slow
+def test_push_uploads_each_release_and_an_evaluation_makes_the_reproduced_line(tmp_path, hub_calls):  # noqa: F811
+    folder = tmp_path / "official"
+    folder.mkdir()
+    torch.save({"module." + k: v for k, v in test_smcp_parity.official_state_dict().items()}, folder / "25000.pth")
+    torch.save(_moco_checkpoint(_prior(1), _prior(2)), folder / "checkpoint_2000.pth.tar")
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    argv = ["--checkpoints", str(folder), "--output-dir", str(tmp_path / "out"), "--cards", str(cards)]
+    argv += ["--push", "someorg", "--dataset", "synthetic", "--seeds", "1", "2", "--num-episodes", "1"]
+    assert main(argv) == 0
+    uploads = {call[1]: call[2] for call in hub_calls if call[0] == "upload_folder"}
+    assert sorted(uploads) == ["someorg/qgnet-prior-extractor-r50-pascal5i", "someorg/smcp-vgg16-pascal5i-fold0"]
+    assert "README.md" in uploads["someorg/smcp-vgg16-pascal5i-fold0"]["uploaded"]
+    measured = read_measured(cards, "smcp-vgg16-pascal5i-fold0")
+    runs = measured["evaluation"]
+    assert [run["seed"] for run in runs] == [1, 2] and all(run["dataset"] == "synthetic" for run in runs)
+    card = (cards / "smcp-vgg16-pascal5i-fold0.md").read_text()
+    assert (
+        "over 2 seed(s) [1, 2], 1 episode(s) per seed, protocol `panet` with num_episodes changed from the preset"
+        in card
+    )
+    assert "on synthetic" in card and "not yet reproduced" not in card
+    assert "model-index" in card and 'from_pretrained("someorg/smcp-vgg16-pascal5i-fold0")' in card
+    assert card == (tmp_path / "out" / "smcp-vgg16-pascal5i-fold0" / "README.md").read_text()

@@ -227,12 +227,22 @@ def _release_one(
 
 
 def _push(path: Path, entry: ReleaseEntry, folder: Path, organization: str, api) -> ReleaseOutcome:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     from .upload import HubUploadError, push_to_hub
 
     repo_id = f"{organization}/{entry.repo}"
+    message = f"Release {entry.repo} with hf_fss"
     try:  # the card is the release's own: uploaded as written, never re-rendered
-        push_to_hub(folder, repo_id, update_card=False, api=api, commit_message=f"Release {entry.repo} with hf_fss")
-    except (HubUploadError, ValueError, OSError) as err:
+        if entry.artifact == "prior_extractor":  # a backbone folder: no image processor, not a model push_to_hub takes
+            api = api or HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            files = ["model.safetensors", "config.json", "README.md"]
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=files, commit_message=message)
+        else:
+            push_to_hub(folder, repo_id, update_card=False, api=api, commit_message=message)
+    except (HubUploadError, HfHubHTTPError, ValueError, OSError) as err:
         return ReleaseOutcome(path.name, "failed", entry.repo, f"written to {folder} but not pushed: {err}")
     return ReleaseOutcome(path.name, "released", entry.repo, repo_id)
 

@@ -41,6 +41,8 @@ _ROW_FIELDS = {"repo", "method", "backbone", "benchmark", "fold", "shot", "image
 _ROW_FIELDS |= {"paper_miou", "paper_table", "source"}
 _METHOD_FIELDS = {"paper", "paper_url", "code", "commit", "license", "license_note", "parity", "config"}
 _WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
+# The protocol settings a card names (those that change a number, CONTRACT.md section 5).
+_PROTOCOL_FIELDS = ("label_size", "ignore_boundary", "iou_aggregation", "num_episodes", "seeds", "fold_convention")
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,10 @@ def _protocol_text(entry: ReleaseEntry) -> tuple[dict | None, str | None]:
     from ..evaluation.protocols import get_protocol
 
     protocol = get_protocol(entry.protocol, benchmark=entry.benchmark).to_dict()
-    shown = ("label_size", "ignore_boundary", "iou_aggregation", "num_episodes", "seeds", "fold_convention")
-    return protocol, ", ".join(f"{k}={protocol[k]}" for k in shown)
+    return protocol, ", ".join(f"{k}={protocol[k]}" for k in _PROTOCOL_FIELDS)
 
 
-def _reproduced(runs: Sequence[Mapping[str, Any]]) -> str | None:
+def _reproduced(runs: Sequence[Mapping[str, Any]], preset: Mapping[str, Any] | None) -> str | None:
     """`mean +- std` mIoU (percent) over the measured seeds, with protocol, hardware and date; None when unmeasured."""
     values = [
         100 * run["miou"] for run in runs if isinstance(run.get("miou"), (int, float)) and math.isfinite(run["miou"])
@@ -158,12 +159,18 @@ def _reproduced(runs: Sequence[Mapping[str, Any]]) -> str | None:
     if not values:
         return None
     spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    seeds = [run.get("seed") for run in runs]
     first = runs[0]
+    protocol = first.get("protocol") if isinstance(first.get("protocol"), Mapping) else {"name": first.get("protocol")}
+    # What the run changed from the row's preset (seeds are listed anyway): a number is comparable only under both.
+    changed = sorted(
+        k for k in _PROTOCOL_FIELDS if k != "seeds" and k in protocol and protocol[k] != (preset or {}).get(k)
+    )
+    overridden = f" with {', '.join(changed)} changed from the preset" if changed else ""
     return (
-        f"{statistics.mean(values):.1f}{spread} mIoU over {len(values)} seed(s) {seeds}, protocol "
-        f"`{first.get('protocol', {}).get('name', 'unknown') if isinstance(first.get('protocol'), Mapping) else first.get('protocol')}`"
-        f", {first.get('hardware', 'hardware not recorded')}, {first.get('date', 'date not recorded')}"
+        f"{statistics.mean(values):.1f}{spread} mIoU over {len(values)} seed(s) {[run.get('seed') for run in runs]}, "
+        f"{first.get('num_episodes', 'an unrecorded number of')} episode(s) per seed, protocol `{protocol.get('name')}`"
+        f"{overridden}, on {first.get('dataset', 'an unrecorded dataset')}, {first.get('hardware', 'hardware not recorded')}"
+        f", {first.get('date', 'date not recorded')}"
     )
 
 
@@ -192,7 +199,7 @@ def _release_section(entry: ReleaseEntry, measured: Mapping[str, Any]) -> str:
         paper_miou=entry.paper_miou,
         paper_table=entry.paper_table,
         artifact=entry.artifact,
-        reproduced=_reproduced(measured.get("evaluation", [])),
+        reproduced=_reproduced(measured.get("evaluation", []), protocol),
     )
 
 
