@@ -267,3 +267,14 @@ def test_push_uploads_each_release_and_an_evaluation_makes_the_reproduced_line(t
     assert "on synthetic" in card and "not yet reproduced" not in card
     assert "model-index" in card and 'from_pretrained("someorg/smcp-vgg16-pascal5i-fold0")' in card
     assert card == (tmp_path / "out" / "smcp-vgg16-pascal5i-fold0" / "README.md").read_text()
+
+
+def test_the_space_lists_the_released_models_and_datasets_of_the_manifest():
+    from huggingface_hub import metadata_load
+
+    from hf_fss.hub.release_manifest import space_metadata
+
+    front = metadata_load(Path(__file__).resolve().parents[1] / "spaces_app" / "README.md")
+    expected = space_metadata(CARDS)
+    assert front["models"] == expected["models"] and front["datasets"] == expected["datasets"]
+    assert len(expected["models"]) == 25 and "hf-fss/smcp-vgg16-pascal5i-fold0" in expected["models"]

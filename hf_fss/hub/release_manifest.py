@@ -34,6 +34,7 @@ __all__ = [
     "read_measured",
     "release_config",
     "render_release_card",
+    "space_metadata",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -123,6 +124,20 @@ def load_manifest(cards_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Re
             seen.add(name) if name else None
         entries.append(entry)
     return data, entries
+
+
+def space_metadata(cards_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """
+    The Space's `models:` and `datasets:` front matter (spaces_app/README.md): every released model repo of the
+    manifest (the prior extractor is no model the Space runs) and the Hub builds of their benchmarks
+    (`hub_datasets`, pushed with `prepare_dataset.py --push-to-hub`).
+    """
+    header, entries = load_manifest(cards_dir)
+    organization = header["hub_organization"]
+    models = [f"{organization}/{e.repo}" for e in entries if e.artifact == "model"]
+    benchmarks = {e.benchmark for e in entries if e.artifact == "model"}
+    datasets = sorted(repo for name, repo in header.get("hub_datasets", {}).items() if name in benchmarks)
+    return {"models": models, "datasets": datasets}
 
 
 def read_measured(cards_dir: str | os.PathLike, repo: str) -> dict[str, Any]:
