@@ -243,18 +243,33 @@ def test_a_broken_manifest_is_a_usage_error_naming_it(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_push_uploads_each_release_and_an_evaluation_makes_the_reproduced_line(tmp_path, hub_calls):  # noqa: F811
+def test_push_uploads_each_release_and_an_evaluation_makes_the_reproduced_line(tmp_path, hub_calls, capsys):  # noqa: F811
     folder = tmp_path / "official"
     folder.mkdir()
     torch.save({"module." + k: v for k, v in test_smcp_parity.official_state_dict().items()}, folder / "25000.pth")
     torch.save(_moco_checkpoint(_prior(1), _prior(2)), folder / "checkpoint_2000.pth.tar")
     cards = tmp_path / "cards"
     shutil.copytree(CARDS, cards)
+    # The test's manifest says the SMCP row is a synthetic-benchmark model: an evaluation reproduces a row only on its
+    # own benchmark (the COCO row, evaluated on the same --dataset, is not).
+    manifest = json.loads((cards / "manifest.json").read_text())
+    for row in manifest["releases"]:
+        row["benchmark"] = "synthetic" if row["repo"] == "smcp-vgg16-pascal5i-fold0" else row["benchmark"]
+    (cards / "manifest.json").write_text(json.dumps(manifest))
+    coco = {"module." + k: v for k, v in test_ntrenet_parity.official_state_dict().items()}
+    torch.save({"state_dict": coco}, folder / "ntrenet-r50-coco20i-fold0.pth")
     argv = ["--checkpoints", str(folder), "--output-dir", str(tmp_path / "out"), "--cards", str(cards)]
     argv += ["--push", "someorg", "--dataset", "synthetic", "--seeds", "1", "2", "--num-episodes", "1"]
     assert main(argv) == 0
     uploads = {call[1]: call[2] for call in hub_calls if call[0] == "upload_folder"}
-    assert sorted(uploads) == ["someorg/qgnet-prior-extractor-r50-pascal5i", "someorg/smcp-vgg16-pascal5i-fold0"]
+    assert sorted(uploads) == [
+        "someorg/ntrenet-r50-coco20i-fold0",
+        "someorg/qgnet-prior-extractor-r50-pascal5i",
+        "someorg/smcp-vgg16-pascal5i-fold0",
+    ]
+    assert "not evaluated: --dataset is synthetic, the row coco20i" in capsys.readouterr().out
+    assert "not yet reproduced" in (cards / "ntrenet-r50-coco20i-fold0.md").read_text()
+    assert not (cards / "measured" / "ntrenet-r50-coco20i-fold0.json").exists()
     assert "README.md" in uploads["someorg/smcp-vgg16-pascal5i-fold0"]["uploaded"]
     measured = read_measured(cards, "smcp-vgg16-pascal5i-fold0")
     runs = measured["evaluation"]

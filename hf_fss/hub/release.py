@@ -172,7 +172,7 @@ def _evaluate(folder: Path, entry: ReleaseEntry, args: argparse.Namespace) -> li
             "--shot",
             str(entry.shot),
         ]
-        argv += ["--protocol", entry.protocol, "--output", str(output)]
+        argv += ["--benchmark", entry.benchmark, "--protocol", entry.protocol, "--output", str(output)]
         argv += ["--seeds", *map(str, args.seeds)] if args.seeds else []
         argv += ["--num-episodes", str(args.num_episodes)] if args.num_episodes else []
         if evaluate_main(argv) != 0:
@@ -183,22 +183,43 @@ def _evaluate(folder: Path, entry: ReleaseEntry, args: argparse.Namespace) -> li
     return [{**run, **stamp} for run in metrics.get("runs", [metrics])]
 
 
-def _check_and_measure(path: Path, entry: ReleaseEntry, work: Path, args: argparse.Namespace) -> tuple[Any, dict]:
-    """Convert into `work`, verify, compare and evaluate: `(config or None, measured)`; raises on a failed check."""
+def _benchmark_of(dataset: str) -> str | None:
+    """The benchmark a prepared dataset recorded when it was built (None: a Hub id or a folder that recorded none)."""
+    from ..data.loading import infer_benchmark
+
+    try:
+        return infer_benchmark(dataset)
+    except (ValueError, OSError):
+        return None
+
+
+def _check_and_measure(
+    path: Path, entry: ReleaseEntry, work: Path, args: argparse.Namespace
+) -> tuple[Any, dict, list[str]]:
+    """
+    Convert into `work`, verify, compare and evaluate: `(config or None, measured, notes)`, the notes saying what was
+    not measured and why; raises on a failed check.
+    """
     converted = _convert(path, entry, work)
-    measured = dict(read_measured(args.cards, entry.repo))
+    measured, notes = dict(read_measured(args.cards, entry.repo)), []
     if entry.artifact == "prior_extractor":
         _verify_prior_extractor(converted, entry, work)
-        return None, measured
+        return None, measured, notes
     model = _verify_model(converted, entry, work)
     checkout = args.official.get(entry.method)
     if checkout is not None:
         parity = _parity(model, entry, path, checkout)
-        if parity is not None:
+        if parity is None:
+            notes.append(f"parity not measured: the official {entry.method} builder makes no {entry.backbone}")
+        else:
             measured["parity"] = parity
     if args.dataset:
-        measured["evaluation"] = _evaluate(work, entry, args)
-    return model.config, measured
+        recorded = _benchmark_of(args.dataset)
+        if recorded not in (None, entry.benchmark):  # a number on another benchmark reproduces nothing
+            notes.append(f"not evaluated: --dataset is {recorded}, the row {entry.benchmark}")
+        else:
+            measured["evaluation"] = _evaluate(work, entry, args)
+    return model.config, measured, notes
 
 
 def _release_one(
@@ -207,7 +228,7 @@ def _release_one(
     target = args.output_dir / entry.repo
     work = make_staging_dir(target, "tmp")
     try:
-        config, measured = _check_and_measure(path, entry, work, args)
+        config, measured, notes = _check_and_measure(path, entry, work, args)
         card = render_release_card(entry, organization, measured, config)
         atomic_write_text(work / "README.md", card)
         replace_folder(work, target)
@@ -222,11 +243,11 @@ def _release_one(
         write_json_atomic(measured, args.cards / "measured" / f"{entry.repo}.json")
     atomic_write_text(args.cards / f"{entry.repo}.md", card)
     if args.dry_run:
-        return ReleaseOutcome(path.name, "written", entry.repo, str(target))
-    return _push(path, entry, target, organization, api)
+        return ReleaseOutcome(path.name, "written", entry.repo, "; ".join([str(target), *notes]))
+    return _push(path, entry, target, organization, api, notes)
 
 
-def _push(path: Path, entry: ReleaseEntry, folder: Path, organization: str, api) -> ReleaseOutcome:
+def _push(path: Path, entry: ReleaseEntry, folder: Path, organization: str, api, notes: list[str]) -> ReleaseOutcome:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -244,7 +265,7 @@ def _push(path: Path, entry: ReleaseEntry, folder: Path, organization: str, api)
             push_to_hub(folder, repo_id, update_card=False, api=api, commit_message=message)
     except (HubUploadError, HfHubHTTPError, ValueError, OSError) as err:
         return ReleaseOutcome(path.name, "failed", entry.repo, f"written to {folder} but not pushed: {err}")
-    return ReleaseOutcome(path.name, "released", entry.repo, repo_id)
+    return ReleaseOutcome(path.name, "released", entry.repo, "; ".join([repo_id, *notes]))
 
 
 def _match(folder: Path, entries: list[ReleaseEntry]) -> tuple[list[tuple[Path, ReleaseEntry]], list[Path]]:
