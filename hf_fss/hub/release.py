@@ -303,9 +303,12 @@ def release_checkpoints(args: argparse.Namespace, api=None) -> list[ReleaseOutco
     outcomes = [
         ReleaseOutcome(p.name, "unknown", None, "not in the release manifest; nothing written") for p in unknown
     ]
+    created = not args.output_dir.exists()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for path, entry in matched:
         outcomes.append(_release_one(path, entry, args, organization, api))
+    if created and not any(args.output_dir.iterdir()):  # nothing released: the run leaves no trace
+        args.output_dir.rmdir()
     return outcomes
 
 
