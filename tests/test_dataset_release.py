@@ -89,3 +89,20 @@ def test_the_card_states_each_benchmarks_source_and_an_unknown_one_is_refused(tm
     assert "cocodataset.org" in coco and "CC BY 4.0" in coco and "license: other" in coco
     with pytest.raises(ValueError, match="no dataset card for benchmark 'voc'"):
         render_dataset_card(saved, "voc")
+
+
+def test_the_card_counts_what_the_build_fixed_and_skipped():
+    from hf_fss.data.builders._common import REPORT_MARKER
+
+    report = {
+        "fixed": [{"id": "2007_000032", "kind": "file_fixed", "problem": "label resized to its image"}],
+        "skipped": [
+            {"id": "2007_000033", "kind": "file_skipped", "problem": "truncated JPEG"},
+            {"id": "2007_000042", "kind": "file_skipped", "problem": "empty label"},
+        ],
+    }
+    info = datasets.DatasetInfo(description="PASCAL-5i validation" + REPORT_MARKER + json.dumps(report))
+    split = datasets.Dataset.from_dict({"image_id": ["2007_000039"], "class_ids": [[3, 7]]}, info=info)
+    card = str(render_dataset_card(datasets.DatasetDict({"validation": split}), "pascal5i"))
+    assert "| validation | 1 | 2 | 1 | 2 | file_fixed 1, file_skipped 2 |" in card
+    assert "fold i tests classes 5i+1 .. 5i+5" in card and "host.robots.ox.ac.uk" in card
