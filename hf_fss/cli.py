@@ -237,6 +237,7 @@ COMMANDS = {
     "pretrain": ("hf_fss.pretraining.training:main", "pretrain_prior.py"),
     "convert": ("hf_fss.models.conversion:main", "convert_original_checkpoint.py"),
     "push": ("hf_fss.hub.upload:main", "push_to_hub.py"),
+    "release": ("hf_fss.hub.release:main", "release.py"),
 }
 
 

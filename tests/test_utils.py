@@ -61,7 +61,7 @@ def test_pyproject_declares_the_console_command_and_the_extras():
     assert not any(d.startswith(("gradio", "pycocotools")) for d in project["dependencies"])
 
 
-@pytest.mark.parametrize("verb", ["train", "evaluate", "compare", "prepare", "pretrain", "convert", "push"])
+@pytest.mark.parametrize("verb", ["train", "evaluate", "compare", "prepare", "pretrain", "convert", "push", "release"])
 def test_each_verb_prints_its_help(verb, monkeypatch, capsys):
     import sys
 

@@ -39,6 +39,17 @@ def build_parser() -> ScriptArgumentParser:
     common.add_argument("--push-to-hub", metavar="REPO", help="also push the DatasetDict to this Hub dataset repo")
     common.add_argument("--private", action="store_true", help="make a newly created Hub repo private")
     common.add_argument(
+        "--export-episodes",
+        nargs="+",
+        metavar="PROTOCOL",
+        choices=("pfenet", "hsnet", "panet"),
+        default=None,
+        help="write these protocols' fixed test episode lists into <output-dir>/episodes/ (pushed with the data)",
+    )
+    common.add_argument(
+        "--episode-shots", type=int, nargs="+", default=[1, 5], help="shots of the exported lists (default 1 5)"
+    )
+    common.add_argument(
         "--num-proc", allowed=POSITIVE_INT, default=None, help="worker processes for building and saving"
     )
 
@@ -180,15 +191,21 @@ def verify_splits(dataset: DatasetDict, what: str) -> None:
         _ = split[0]  # decodes one row: an unreadable split fails here, before the rename
 
 
-def save_atomically(dataset: DatasetDict, output_dir: Path, staging: Path, num_proc: int | None = None) -> None:
+def save_atomically(
+    dataset: DatasetDict, output_dir: Path, staging: Path, num_proc: int | None = None, finish=None
+) -> None:
     """
-    save_to_disk into `staging`, read it back and check every split (`verify_splits`), then swap it in for
-    `output_dir` (whose old content, if any, is dropped). A split that fails leaves `output_dir` untouched.
+    save_to_disk into `staging`, read it back and check every split (`verify_splits`), let `finish(saved, folder)`
+    add its files (the card, episode lists), then swap it in for `output_dir` (whose old content, if any, is
+    dropped). A split or a `finish` that fails leaves `output_dir` untouched.
     """
     verify_splits(dataset, "the build")
     written = staging / "dataset"
     dataset.save_to_disk(str(written), num_proc=num_proc)
-    verify_splits(load_from_disk(str(written)), f"the saved copy {written}")
+    saved = load_from_disk(str(written))
+    verify_splits(saved, f"the saved copy {written}")
+    if finish is not None:
+        finish(saved, written)
     replace_folder(written, output_dir, backup=staging / "replaced")  # a failed rename puts the old one back
 
 
@@ -223,8 +240,39 @@ def main(argv: list[str] | None = None) -> int:
         print(split_summary(name, split))
     if args.push_to_hub:
         saved.push_to_hub(args.push_to_hub, private=args.private or None)
+        _upload_card_and_episodes(output_dir, args.push_to_hub)
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
+
+
+def _upload_card_and_episodes(output_dir: Path, repo_id: str) -> None:
+    """After `DatasetDict.push_to_hub` (data files): the card (replacing the one it wrote) and the episode lists."""
+    from huggingface_hub import HfApi
+
+    HfApi().upload_folder(
+        folder_path=str(output_dir),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=["README.md", "episodes/**"],
+        commit_message="Dataset card and test episode lists (hf_fss prepare_dataset.py)",
+    )
+
+
+def _finish(args: argparse.Namespace):
+    """What goes into the saved folder before it is swapped in: the dataset card, the exported episode lists."""
+    from hf_fss.utils.io import atomic_write_text
+
+    from .card import render_dataset_card
+
+    def finish(saved: DatasetDict, folder: Path) -> None:
+        if args.export_episodes:
+            from hf_fss.evaluation.episode_export import export_test_episodes  # the protocols sit above the data
+
+            export_test_episodes(saved, args.benchmark, folder / "episodes", args.export_episodes, args.episode_shots)
+        card = render_dataset_card(saved, args.benchmark, repo_id=args.push_to_hub)
+        atomic_write_text(folder / "README.md", str(card))
+
+    return finish
 
 
 def _build_and_save(args: argparse.Namespace, prog: str) -> None:
@@ -240,7 +288,7 @@ def _build_and_save(args: argparse.Namespace, prog: str) -> None:
     build_logger.addHandler(log_handler)
     try:
         dataset = build(args, cache_dir=staging / "cache")
-        save_atomically(dataset, output_dir, staging, num_proc=args.num_proc)
+        save_atomically(dataset, output_dir, staging, num_proc=args.num_proc, finish=_finish(args))
     finally:
         build_logger.removeHandler(log_handler)
         shutil.rmtree(staging, ignore_errors=True)
