@@ -283,18 +283,15 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     fss_image_processor_class: type = FewShotSegmentationImageProcessor
     supports_training: bool = True
 
-    def __init__(self, config: FewShotSegmentationConfig):
-        super().__init__(config)
-
     # --- construction -------------------------------------------------------------------------------------
     def build_backbone(self) -> StagedBackbone:
         """The configured backbone (or `backbone_config`), frozen if `config.freeze_backbone`, BN eval if configured."""
         config = self.config
         backbone = build_backbone(config.backbone, config.backbone_config, **(config.backbone_kwargs or {}))
-        backbone.chunk_on_cpu = self.config.chunk_extractors_on_cpu
-        if self.config.freeze_backbone:
-            return backbone.freeze(batchnorm_eval=self.config.freeze_backbone_batchnorm)
-        backbone.batchnorm_eval = self.config.freeze_backbone_batchnorm
+        backbone.chunk_on_cpu = config.chunk_extractors_on_cpu
+        if config.freeze_backbone:
+            return backbone.freeze(batchnorm_eval=config.freeze_backbone_batchnorm)
+        backbone.batchnorm_eval = config.freeze_backbone_batchnorm
         return backbone
 
     def feature_extractors(self) -> dict[str, StagedBackbone]:
