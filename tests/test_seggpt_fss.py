@@ -287,3 +287,24 @@ def test_benchmark_builds_seggpt_large_shapes_from_config():
         1024, 24, 16, [896, 448],
     )  # fmt: skip
     assert benchmark.build_config("seggpt_fss", "tiny", SIZE).seggpt_config.hidden_size == 32
+
+
+def test_card_states_where_seggpt_weights_came_from(tmp_path):
+    """A SegGPT folder gets a card of its own (`hf_fss/model_cards/seggpt_fss.md`), true to its weights."""
+    from hf_fss.hub.model_card import render_model_card, save_pretrained_with_card
+
+    random_card = str(render_model_card(SegGptFssConfig(seggpt_config=tiny_seggpt_config())))
+    assert "random initialisation: no SegGPT weights were loaded" in random_card
+    assert "base_model" not in random_card and "SegGPT weights from" not in random_card
+    hub_card = str(
+        render_model_card(
+            SegGptFssConfig(seggpt_config=tiny_seggpt_config(), seggpt_name_or_path="BAAI/seggpt-vit-large")
+        )
+    )
+    assert "SegGPT weights from BAAI/seggpt-vit-large" in hub_card and "base_model: BAAI/seggpt-vit-large" in hub_card
+    torch.manual_seed(0)
+    folder = save_pretrained_with_card(
+        SegGptFssModel(SegGptFssConfig(seggpt_config=tiny_seggpt_config())), None, tmp_path / "m"
+    )
+    assert "# seggpt-fss-vit" in (folder / "README.md").read_text()
+    assert isinstance(AutoImageProcessor.from_pretrained(folder), SegGptFssImageProcessor)

@@ -83,6 +83,7 @@ _METHOD_NAMES = {
     "crcnet": "CRCNet",
     "smcp": "SMCP",
     "cosine_prior": "Cosine prior",
+    "seggpt_fss": "SegGPT",
 }
 
 
@@ -143,6 +144,9 @@ def _differences(model_type: str) -> list[str] | None:
 def _backbone_name(config) -> str:
     """The backbone's published name, marked as modified when `backbone_kwargs` change its widths or depths; a
     transformers backbone's family with its Hub id / folder (`backbone`) and the blocks / stages used."""
+    seggpt = getattr(config, "seggpt_config", None)
+    if seggpt is not None:  # SegGPT has no separate backbone: its whole ViT is the model
+        return f"SegGPT ViT ({seggpt.num_hidden_layers} layers of width {seggpt.hidden_size})"
     backbone_config = getattr(config, "backbone_config", None)
     if backbone_config is not None:
         family = _TRANSFORMERS_BACKBONE_NAMES.get(backbone_config["model_type"], backbone_config["model_type"])
@@ -164,6 +168,10 @@ def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
     """
     if _lookup(training, "converted_from") is not None:
         return "the weights of the converted official-code checkpoint"
+    if getattr(config, "seggpt_config", None) is not None:
+        # `seggpt_name_or_path` is where `from_seggpt` / `load_pretrained_extractors()` took the weights from.
+        source = config.seggpt_name_or_path
+        return f"SegGPT weights from {source}" if source else "random initialisation: no SegGPT weights were loaded"
     backbone_config = getattr(config, "backbone_config", None)
     if getattr(config, "use_pretrained_backbone", False) and backbone_config is not None:
         family = _TRANSFORMERS_BACKBONE_NAMES.get(backbone_config["model_type"], backbone_config["model_type"])
@@ -197,7 +205,9 @@ def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
     text = f"{method} with a {backbone} backbone"
     benchmark = _benchmark_key(_lookup(training, "benchmark"))
     fold, shot = _lookup(training, "fold"), _lookup(training, "shot")
-    if config.model_type == "cosine_prior":
+    if getattr(config, "seggpt_config", None) is not None:
+        text = f"{method} ({backbone}) as a few-shot segmenter"
+    elif config.model_type == "cosine_prior":
         pass  # nothing is trained
     elif _lookup(training, "converted_from") is not None:
         text += ", converted from a checkpoint of the official code"
@@ -215,7 +225,8 @@ def _summary(config, training: Mapping[str, Any] | None, method: str) -> str:
 def _model_name(config, training: Mapping[str, Any] | None, repo_id: str | None) -> str:
     if repo_id:
         return repo_id.split("/")[-1]
-    backbone = config.backbone or config.backbone_config["model_type"]
+    backbone = getattr(config, "backbone", None) or getattr(config, "backbone_config", None) or {"model_type": "vit"}
+    backbone = backbone if isinstance(backbone, str) else backbone["model_type"]
     parts = [config.model_type.replace("_", "-"), backbone.split("/")[-1].replace("_", "-")]
     benchmark = _benchmark_key(_lookup(training, "benchmark"))
     if benchmark:
@@ -243,6 +254,8 @@ def _card_data(config, training, metrics_list, eval_results: list[EvalResult], m
     tags.extend(sorted(b for b in benchmarks if b))
     datasets = sorted({d for d in [_lookup(training, "dataset")] if _looks_like_hub_id(d)})
     base_model = (training or {}).get("base_model")
+    if base_model is None and getattr(config, "seggpt_config", None) is not None:
+        base_model = config.seggpt_name_or_path  # the SegGPT checkpoint this adapter holds unchanged
     if base_model is None and getattr(config, "use_pretrained_backbone", False):
         with contextlib.suppress(ValueError):
             candidate = config.backbone_weights
@@ -365,7 +378,8 @@ def save_pretrained_with_card(
 
     Args:
         model: an hf_fss `PreTrainedModel`.
-        processor: its `FewShotSegmentationImageProcessor`; None saves the default one for `config.image_size`.
+        processor: its image processor; None saves the model's default one (`fss_image_processor_class`) for
+            `config.image_size`.
         output_dir: the model folder.
         metrics / training / repo_id: see [`render_model_card`].
 
@@ -375,10 +389,8 @@ def save_pretrained_with_card(
     target = Path(output_dir).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"output_dir {str(target)!r} exists and is not a folder")
-    if processor is None:
-        from ..image_processing_fss import FewShotSegmentationImageProcessor
-
-        processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
+    if processor is None:  # the model's own processor class (SegGPT has its own preprocessing)
+        processor = type(model).fss_image_processor_class(image_size=model.config.image_size)
     metrics_list = _as_metrics_list(metrics)  # validated before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     # A killed save leaves its staging folder; the next save removes those whose writer is gone. The folder has
