@@ -2,41 +2,84 @@
 
 Importing the package registers every model, its configuration and the image processor with transformers'
 `AutoConfig`, `AutoModel` and `AutoImageProcessor`, so `AutoModel.from_pretrained(repo_or_dir)` returns the
-right class.
+right class, and the `"few-shot-segmentation"` task with `pipeline()`.
+
+The import is lazy (docs/development.md, "Import time"): it loads the configuration classes only. A model class,
+the image processor and the pipeline are imported when first used, by name (`from hf_fss import NTRENetModel`) or
+through the Auto classes (`AutoModel` gets a stand-in that imports the real class; the processor and the pipeline
+task are registered when transformers' `image_processing_auto` / `pipelines` module is imported, before either can
+be used).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from functools import partial
+
+from transformers import AutoConfig, AutoModel
 
 from .configuration_fss import FewShotSegmentationConfig
-from .image_processing_fss import FewShotSegmentationImageProcessor
-from .modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from .models import MODEL_CLASSES
-from .models.cosine_prior import CosinePriorConfig, CosinePriorModel
-from .models.crcnet import CRCNetConfig, CRCNetModel
-from .models.ntrenet import NTRENetConfig, NTRENetModel
-from .models.qgnet import QGNetConfig, QGNetModel
-from .models.smcp import SMCPConfig, SMCPModel
-from .pipelines import FewShotSegmentationPipeline, register_pipeline
+from .models import CONFIG_CLASSES, MODEL_CLASS_PATHS, MODEL_CLASSES
+from .models.cosine_prior import CosinePriorConfig
+from .models.crcnet import CRCNetConfig
+from .models.ntrenet import NTRENetConfig
+from .models.qgnet import QGNetConfig
+from .models.smcp import SMCPConfig
 from .run_folder import RunFolderConfig, RunFolderModel
+from .utils.lazy import after_import, lazy_class, lazy_exports
 
 __version__ = "0.1.0"
 
+# Public names whose modules import transformers' modeling / image-processing utilities: loaded on first read.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "CosinePriorModel": ".models.cosine_prior",
+        "CRCNetModel": ".models.crcnet",
+        "FewShotSegmentationImageProcessor": ".image_processing_fss",
+        "FewShotSegmentationOutput": ".modeling_fss",
+        "FewShotSegmentationPipeline": ".pipelines",
+        "FewShotSegmentationPreTrainedModel": ".modeling_fss",
+        "NTRENetModel": ".models.ntrenet",
+        "QGNetModel": ".models.qgnet",
+        "SMCPModel": ".models.smcp",
+        "SupportEncoding": ".modeling_fss",
+        "register_pipeline": ".pipelines",
+    },
+)
+
 
 def _register_auto_classes() -> None:
-    # The registry lives in hf_fss.models (MODEL_CLASSES, re-exported here); each method gets the shared processor.
-    for model_type, (config_class, model_class) in MODEL_CLASSES.items():
+    # The registry lives in hf_fss.models (MODEL_CLASSES, re-exported here). AutoModel gets a stand-in per method
+    # that imports the model class on first use and then registers the real class in its place.
+    for model_type, config_class in CONFIG_CLASSES.items():
         AutoConfig.register(model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, model_class, exist_ok=True)
-        AutoImageProcessor.register(
-            config_class, image_processor_classes={"pil": FewShotSegmentationImageProcessor}, exist_ok=True
-        )
+        register_real = partial(AutoModel.register, config_class, exist_ok=True)
+        stand_in = lazy_class(*MODEL_CLASS_PATHS[model_type], on_resolve=register_real, config_class=config_class)
+        AutoModel.register(config_class, stand_in, exist_ok=True)
     # A training run folder's marker config.json: AutoModel / pipeline() load its best/ (else final/) model.
     AutoConfig.register(RunFolderConfig.model_type, RunFolderConfig, exist_ok=True)
     AutoModel.register(RunFolderConfig, RunFolderModel, exist_ok=True)
 
 
+def _register_image_processor() -> None:
+    # Each method gets the shared processor; run once transformers' AutoImageProcessor module exists.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    from .image_processing_fss import FewShotSegmentationImageProcessor
+
+    for config_class in CONFIG_CLASSES.values():
+        AutoImageProcessor.register(
+            config_class, image_processor_classes={"pil": FewShotSegmentationImageProcessor}, exist_ok=True
+        )
+
+
+def _register_pipeline() -> None:
+    from .pipelines import register_pipeline
+
+    register_pipeline()  # pipeline("few-shot-segmentation", model=...)
+
+
 _register_auto_classes()
-register_pipeline()  # pipeline("few-shot-segmentation", model=...)
+after_import("transformers.models.auto.image_processing_auto", _register_image_processor)
+after_import("transformers.pipelines", _register_pipeline)
 
 __all__ = [
     "MODEL_CLASSES",
