@@ -119,3 +119,17 @@ def test_gpu_tests_are_skipped_exactly_when_cuda_is_unavailable(request):
 
     assert (gpu_skip_reason() is None) == torch.cuda.is_available()
     assert "gpu" in {m.split(":")[0] for m in request.config.getini("markers")}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_script_refuses_a_machine_without_cuda_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "gpu_check.sh: error: no CUDA device (torch.cuda.is_available() is False)"
+    )
+    assert list(tmp_path.iterdir()) == []
