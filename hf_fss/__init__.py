@@ -11,6 +11,7 @@ task are registered when transformers' `image_processing_auto` / `pipelines` mod
 be used).
 """
 
+import sys
 from functools import partial
 
 from transformers import AutoConfig, AutoModel
@@ -72,9 +73,12 @@ def _register_image_processor() -> None:
 
 
 def _register_pipeline() -> None:
-    from .pipelines import register_pipeline
+    # pipeline("few-shot-segmentation", model=...). hf_fss.pipelines registers the task itself when imported, and
+    # is the importer of transformers.pipelines when it is in sys.modules already (half-initialised).
+    if "hf_fss.pipelines" not in sys.modules:
+        from .pipelines import register_pipeline
 
-    register_pipeline()  # pipeline("few-shot-segmentation", model=...)
+        register_pipeline()
 
 
 _register_auto_classes()

@@ -40,6 +40,9 @@ class ModelRegistry(Mapping):
         module, name = MODEL_CLASS_PATHS[model_type]
         return CONFIG_CLASSES[model_type], getattr(importlib.import_module(module), name)
 
+    def __contains__(self, model_type: object) -> bool:  # Mapping's default reads the entry (a model import)
+        return model_type in CONFIG_CLASSES
+
     def __iter__(self) -> Iterator[str]:
         return iter(CONFIG_CLASSES)
 
