@@ -456,3 +456,8 @@ def register_pipeline() -> None:
     PIPELINE_REGISTRY.register_pipeline(
         PIPELINE_TASK, pipeline_class=FewShotSegmentationPipeline, pt_model=AutoModel, type="image"
     )
+
+
+# Importing this module imports transformers.pipelines, whose after-import hook (hf_fss/__init__.py) finds this
+# module half-initialised and leaves the registration to this line.
+register_pipeline()

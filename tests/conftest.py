@@ -25,6 +25,19 @@ TINY_SEGGPT = {
 }  # fmt: skip
 
 
+def gpu_skip_reason() -> str | None:
+    """Why `gpu`-marked tests are skipped here, or None where they run: exactly when CUDA is unavailable."""
+    return None if torch.cuda.is_available() else "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = gpu_skip_reason()
+    if reason is not None:
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -87,3 +87,30 @@ def test_train_runs_the_threads_of_its_flag_or_of_omp_num_threads(restore_thread
     monkeypatch.setattr(episodic, "train", lambda loop_args, args: seen.append(torch.get_num_threads()))
     monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "synthetic", *flags])
     assert episodic.main() == 0 and seen == [expected]
+
+
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        (["--num-threads", "1"], {}, 1),
+        ([], {"OMP_NUM_THREADS": "1"}, 1),
+        (["--num-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
+    ],
+)
+def test_pretrain_prior_runs_the_threads_of_its_flag_or_of_omp_num_threads(
+    restore_threads, monkeypatch, flags, env, expected
+):
+    # scripts/pretrain_prior.py shares train.py's --num-threads (LoopArguments) and the same default.
+    import sys
+
+    from hf_fss.pretraining import training
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    torch.set_num_threads(3)
+    seen = []
+    monkeypatch.setattr(training, "pretrain", lambda loop_args, args: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(sys, "argv", ["pretrain_prior.py", "--dataset", "synthetic", *flags])
+    assert training.main() == 0 and seen == [expected]

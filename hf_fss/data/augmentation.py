@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hf_fss.data.schema import IGNORE_INDEX
-from hf_fss.image_processing_fss import IMAGENET_MEAN, IMAGENET_STD  # the one ImageNet normalisation
+from hf_fss.processor_settings import IMAGENET_MEAN, IMAGENET_STD  # the one ImageNet normalisation
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainAugmentation", "normalize_image"]
 

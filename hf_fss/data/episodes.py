@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import Dataset
 
 from hf_fss.data import sampling, weak_annotations
-from hf_fss.data.augmentation import TrainAugmentation
 from hf_fss.data.folds import FoldSplit
 from hf_fss.data.sampling import (  # noqa: F401  (re-exported, see __all__)
     PFENET_MIN_AREA,
@@ -171,7 +170,11 @@ class EpisodicTrainDataset(Dataset):
         self.novel_class_policy = novel_class_policy
         self.binary = is_binary_split(dataset) if binary_labels is None else bool(binary_labels)
         self.min_area = _default_min_area(min_area, self.binary)
-        self.augmentation = TrainAugmentation(size=self.size) if augmentation is None else augmentation
+        if augmentation is None:
+            from hf_fss.data.augmentation import TrainAugmentation  # albumentations (~1 s at import): training only
+
+            augmentation = TrainAugmentation(size=self.size)
+        self.augmentation = augmentation
 
         # One pass over the two list columns: the class index is never rebuilt or scanned per episode.
         class_ids, class_areas = _read_class_columns(dataset)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from datasets import ClassLabel, Features, Image, Sequence, Value
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import Features
 
 IGNORE_INDEX = 255
 
@@ -35,6 +38,8 @@ def benchmark_features(class_names) -> Features:
     255 ignore); it is stored and decoded without any palette or grayscale conversion, so ids survive exactly.
     `class_ids` lists the ids present (background excluded) and `class_areas` their pixel counts.
     """
+    from datasets import ClassLabel, Features, Image, Sequence, Value  # here: `datasets` costs ~1 s at import
+
     return Features(
         {
             "image_id": Value("string"),

@@ -9,11 +9,6 @@ import math
 
 import cv2
 import numpy as np
-from scipy import ndimage
-from scipy.sparse.csgraph import connected_components, dijkstra
-from skimage.draw import line as draw_line
-from skimage.graph import pixel_graph
-from skimage.morphology import skeletonize
 
 from hf_fss.data.schema import IGNORE_INDEX
 
@@ -28,6 +23,9 @@ def _longest_paths(skeleton: np.ndarray, rng: np.random.Generator, min_nodes: in
     if not skeleton.any():
         return []
     # 8-neighbour graph over the skeleton pixels, edges weighted by distance (1 or sqrt 2); nodes in raster order.
+    from scipy.sparse.csgraph import connected_components, dijkstra  # scipy / scikit-image: imported when used
+    from skimage.graph import pixel_graph
+
     graph, nodes = pixel_graph(skeleton, connectivity=2)
     coords = np.stack(np.unravel_index(nodes, skeleton.shape), axis=1)
     count, labels = connected_components(graph, directed=False)
@@ -67,6 +65,10 @@ def _region_scribble(
     fast); drawing is at full resolution. Never empty for a non-empty region (falls back to a dot at the
     innermost pixel).
     """
+    from scipy import ndimage  # scipy / scikit-image: imported when a scribble is drawn
+    from skimage.draw import line as draw_line
+    from skimage.morphology import skeletonize
+
     height, width_px = region.shape
     out = np.zeros(region.shape, dtype=bool)
     if not region.any():
@@ -167,6 +169,8 @@ def support_annotation(
     Returns:
         `np.ndarray` `(H, W)` uint8 with values in {0, 1, 255}.
     """
+    from scipy import ndimage  # imported when used: scipy.ndimage costs ~0.6 s at import
+
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")

@@ -1,6 +1,14 @@
 """QGNet (2021): few-shot segmentation with a contrastively pretrained prior extractor and two region maps."""
 
+from ...utils.lazy import lazy_exports
 from .configuration_qgnet import QGNetConfig
-from .modeling_qgnet import DIFFERENCES_FROM_OFFICIAL_CODE, QGNetModel, QGNetSupportEncoding, prior_region_map
+
+# The modeling file (transformers' modeling_utils) is imported when one of its names is first read.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    dict.fromkeys(
+        ["DIFFERENCES_FROM_OFFICIAL_CODE", "QGNetModel", "QGNetSupportEncoding", "prior_region_map"], ".modeling_qgnet"
+    ),
+)
 
 __all__ = ["DIFFERENCES_FROM_OFFICIAL_CODE", "QGNetConfig", "QGNetModel", "QGNetSupportEncoding", "prior_region_map"]

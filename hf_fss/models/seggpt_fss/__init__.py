@@ -1,5 +1,13 @@
+"""SegGPT (ICCV 2023) as an hf_fss few-shot model: transformers' SegGptForImageSegmentation behind the contract."""
+
+from ...utils.lazy import lazy_exports
 from .configuration_seggpt_fss import SegGptFssConfig
-from .image_processing_seggpt_fss import SegGptFssImageProcessor
-from .modeling_seggpt_fss import SegGptFssModel
+
+# The modeling and image-processing files (transformers' modeling / image-processing utilities) are imported when
+# one of their names is first read.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {"SegGptFssImageProcessor": ".image_processing_seggpt_fss", "SegGptFssModel": ".modeling_seggpt_fss"},
+)
 
 __all__ = ["SegGptFssConfig", "SegGptFssImageProcessor", "SegGptFssModel"]

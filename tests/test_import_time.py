@@ -1,0 +1,95 @@
+"""`import hf_fss` loads what the call needs (docs/development.md, "Import time"), and every public name still works."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Heavy optional parts `import hf_fss` must not load: they are imported by the call that needs them.
+HEAVY = [
+    "accelerate",
+    "datasets",
+    "gradio",
+    "matplotlib",
+    "pycocotools",
+    "scipy.ndimage",
+    "skimage",
+    "albumentations",
+    "transformers.modeling_utils",
+    "transformers.image_processing_utils",
+    "transformers.pipelines",
+    "torch._dynamo",
+]
+
+
+def run_python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+
+
+def test_import_hf_fss_loads_no_heavy_optional_part():
+    code = f"import json, sys, hf_fss; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    assert json.loads(run_python(code)) == []
+
+
+def test_evaluate_help_loads_no_model_code():
+    # `scripts/evaluate.py --help` and a typo'd flag answer before the models, datasets and accelerate are imported.
+    code = (
+        "import json, runpy, sys\n"
+        "sys.argv = ['evaluate.py', '--help']\n"
+        "try:\n    runpy.run_path('scripts/evaluate.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    assert json.loads(run_python(code).splitlines()[-1]) == []
+
+
+def test_every_exported_name_resolves_and_auto_classes_are_registered():
+    import hf_fss
+
+    for name in hf_fss.__all__:
+        assert getattr(hf_fss, name) is not None, name
+    assert set(hf_fss.__all__) <= set(dir(hf_fss))
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchModel'"):
+        hf_fss.NoSuchModel  # noqa: B018
+    code = (
+        "import hf_fss\n"
+        "from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "model = AutoModel.from_config(AutoConfig.for_model('cosine_prior'))\n"
+        "assert type(model) is hf_fss.CosinePriorModel, type(model)\n"
+        "assert AutoModel.from_config(hf_fss.NTRENetConfig()).__class__ is hf_fss.NTRENetModel\n"
+        "from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING\n"
+        "assert IMAGE_PROCESSOR_MAPPING[hf_fss.SMCPConfig]['pil'] is hf_fss.FewShotSegmentationImageProcessor\n"
+        "assert PIPELINE_REGISTRY.supported_tasks['few-shot-segmentation']['impl'] is hf_fss.FewShotSegmentationPipeline\n"
+        "print('ok')"
+    )
+    assert run_python(code).strip() == "ok"
+
+
+def test_the_registry_keys_cost_no_model_import():
+    code = (
+        "import sys, hf_fss\n"
+        "assert sorted(hf_fss.MODEL_CLASSES) == ['cosine_prior', 'crcnet', 'ntrenet', 'qgnet', 'seggpt_fss', 'smcp']\n"
+        "assert 'ntrenet' in hf_fss.MODEL_CLASSES and 'transformers.modeling_utils' not in sys.modules\n"
+        "config_class, model_class = hf_fss.MODEL_CLASSES['qgnet']\n"
+        "assert model_class is hf_fss.QGNetModel and config_class is hf_fss.QGNetConfig\n"
+        "print('ok')"
+    )
+    assert run_python(code).strip() == "ok"
+
+
+def test_a_pipeline_module_imported_before_hf_fss_gets_the_task_too():
+    code = (
+        "import transformers.pipelines as p\n"
+        "import hf_fss\n"
+        "assert p.PIPELINE_REGISTRY.supported_tasks['few-shot-segmentation']['impl'] is hf_fss.FewShotSegmentationPipeline\n"
+        "print('ok')"
+    )
+    assert run_python(code).strip() == "ok"
