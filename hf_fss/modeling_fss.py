@@ -60,6 +60,9 @@ class SupportEncoding(ModelOutput):
     """
 
     shot: int | None = None
+    # Joining K single-shot encodings (evaluation's support cache) concatenates shots, but averages / keeps these.
+    shot_mean_fields = ()
+    shot_shared_fields = ()
 
     @property
     def batch_size(self) -> int:
@@ -258,6 +261,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             any other (an encoding of another model).
         single_pass_overrides (`dict[str, object]`): for a method whose test time runs several passes (SMCP's
             pseudo-prototype fusion), the config values that make it one pass; `scripts/benchmark.py` times both.
+        support_shots_separable (`bool`): in eval mode, a K-shot encoding is its K single-shot ones joined (cacheable).
 
     Feature extractors (`StagedBackbone` children such as `backbone`) own their frozen / batch-norm policy and their
     initialisation; `load_pretrained_extractors()` loads their pretrained weights when a training run starts from a
@@ -276,6 +280,7 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
     output_maps: dict[str, str] = {}
     binary_maps: tuple[str, ...] = ()
     single_pass_overrides: dict[str, object] = {}
+    support_shots_separable: bool = False
     support_encoding_class: type[SupportEncoding] = SupportEncoding
 
     def __init__(self, config: FewShotSegmentationConfig):
