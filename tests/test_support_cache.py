@@ -182,3 +182,26 @@ def test_training_validation_uses_a_fresh_cache_per_call_and_scores_as_uncached(
     assert made[1].support_misses == made[0].support_misses  # nothing carried over from the old weights
     assert json.dumps(second, sort_keys=True) == json.dumps(_evaluate(model, split, episodes), sort_keys=True)
     assert json.dumps(first, sort_keys=True) != json.dumps(second, sort_keys=True)
+
+
+@pytest.mark.parametrize("annotation", ["mask", "scribble"])
+def test_dataset_items_from_the_cache_are_identical_and_decoded_once(split, monkeypatch, annotation):
+    from hf_fss.data import EpisodicTestDataset
+    from hf_fss.data import episodes as episodes_module
+
+    episodes = make_test_episodes(split, fold_classes("synthetic", 0).novel, 20, 2, seed=11)
+    processor = FewShotSegmentationImageProcessor(image_size=SIZE)
+    plain = EpisodicTestDataset(split, episodes, processor, annotation=annotation, seed=3)
+    expected = [plain[i] for i in range(len(episodes))]
+    decoded = []
+    original = episodes_module._decode_row
+    monkeypatch.setattr(episodes_module, "_decode_row", lambda s, row: decoded.append(row) or original(s, row))
+    cache = FeatureCache(1 << 30)
+    cached = EpisodicTestDataset(split, episodes, processor, annotation=annotation, seed=3, cache=cache)
+    for _ in range(2):  # a second pass (another seed) decodes nothing
+        for i, item in enumerate(cached[i] for i in range(len(episodes))):
+            assert item.keys() == expected[i].keys()
+            for key, value in item.items():
+                assert torch.equal(value, expected[i][key]), key
+    assert sorted(decoded) == sorted(set(decoded))  # each image decoded once
+    assert len(set(decoded)) == len({i for e in episodes for i in (e.query, *e.supports)})

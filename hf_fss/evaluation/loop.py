@@ -201,7 +201,12 @@ def evaluate_model(
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
     num_processes = accelerator.num_processes if accelerator is not None else 1
-    loader = _shard_loader(split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator)
+    image_keys = _ImageKeys(split, processor, episodes, annotation)
+    # Decoded and preprocessed images from the cache too, in this process only (a worker would fill its own copy).
+    data_cache = (feature_cache, image_keys.prefix) if feature_cache is not None and num_workers == 0 else (None, ())
+    loader = _shard_loader(
+        split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator, data_cache
+    )
     device = accelerator.device if accelerator is not None else _model_device(model)
     if episode_records is not None and num_processes > 1:
         raise ValueError("episode_records needs a single process (each process would only see its shard)")
@@ -213,7 +218,6 @@ def evaluate_model(
     batches = tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     cached = feature_cache.attach(model) if feature_cache is not None else contextlib.nullcontext()
-    image_keys = _ImageKeys(split, processor, episodes, annotation)
     was_training = model.training
     model.eval()
     try:
@@ -234,13 +238,24 @@ def evaluate_model(
     return result
 
 
-def _shard_loader(split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator) -> DataLoader:
-    """The DataLoader of this process's contiguous shard of `episodes` (all of them on one process)."""
+def _shard_loader(
+    split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator, data_cache=(None, ())
+) -> DataLoader:
+    """The DataLoader of this process's contiguous shard of `episodes` (all of them on one process); `data_cache`:
+    the dataset's `(cache, cache_prefix)`."""
     num_processes = accelerator.num_processes if accelerator is not None else 1
     process_index = accelerator.process_index if accelerator is not None else 0
     start, stop = shard_bounds(len(episodes), num_processes, process_index)
+    cache, prefix = data_cache
     dataset = EpisodicTestDataset(
-        split, list(episodes[start:stop]), processor, annotation=annotation, seed=seed, episode_offset=start
+        split,
+        list(episodes[start:stop]),
+        processor,
+        annotation=annotation,
+        seed=seed,
+        episode_offset=start,
+        cache=cache,
+        cache_prefix=prefix,
     )
     # A private generator: creating the loader's iterator must not draw from the global RNG, which training
     # (dropout) consumes and checkpoints restore.
