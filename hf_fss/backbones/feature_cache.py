@@ -94,7 +94,7 @@ class FeatureCache:
         since the last block (a training step between two validations), first drops every entry.
         """
         self._state_tensors = [*model.parameters(), *model.buffers()]
-        if self._model is None or self._model() is not model or self._detached_state != self.model_state():
+        if self._model is None or self._model() is not model or self._detached_state != self._weights_identity():
             self.clear()
             self._model = weakref.ref(model)
         extractors = model.feature_extractors()
@@ -108,7 +108,7 @@ class FeatureCache:
         try:
             yield self
         finally:
-            self._detached_state = self.model_state()
+            self._detached_state = self._weights_identity()
             for name, extractor in extractors.items():
                 extractor.feature_cache = previous[name]
                 self._owners.pop(name, None)
@@ -118,10 +118,14 @@ class FeatureCache:
 
     def model_state(self) -> tuple:
         """
-        The attached model's weights state: the address and version counter of every parameter and buffer (an
-        optimizer step, `load_state_dict` or any in-place edit changes it). Empty when no model is attached.
+        The attached model's weights state within this `attach` block: the version counter of every parameter and
+        buffer (an optimizer step, `load_state_dict` or any in-place edit changes it). Empty when none is attached.
         """
-        return tuple((t.data_ptr(), t._version) for t in self._state_tensors)
+        return tuple(t._version for t in self._state_tensors)
+
+    def _weights_identity(self) -> tuple:
+        # Across blocks a parameter may also have been replaced by another tensor: its address is compared too.
+        return tuple(t.data_ptr() for t in self._state_tensors), self.model_state()
 
     @contextlib.contextmanager
     def images(self, tensors_and_keys: Iterable[tuple[torch.Tensor, Sequence[Hashable]]]) -> Iterator[None]:
