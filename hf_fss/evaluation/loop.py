@@ -183,8 +183,10 @@ def evaluate_model(
         progress: show a tqdm bar (on the local main process only).
         feature_cache: a `hf_fss.backbones.FeatureCache`: every frozen extractor of the model serves the images it
             has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
-            recomputing them; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`).
-            Pass the same cache to several calls (seeds) on one split to reuse it across them.
+            recomputing them, the support encoding of each (support image, mask, annotation) is computed once
+            (`hf_fss.evaluation.support_cache`), and with `num_workers=0` each image is decoded and preprocessed
+            once; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`). Pass the
+            same cache to several calls (seeds) on one split to reuse it across them.
         episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
             `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
             only (ValueError under several).
