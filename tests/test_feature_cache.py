@@ -76,23 +76,30 @@ def test_cached_metrics_are_bit_identical(split, shot):
         again = _evaluate(model, split, episodes, cache)  # a second seed's run over the same images: all hits
         assert json.dumps(cached, sort_keys=True) == json.dumps(plain, sort_keys=True), name
         assert json.dumps(again, sort_keys=True) == json.dumps(plain, sort_keys=True), name
-        # One extractor pass per distinct image; everything else, and the whole second run, served.
+        # One support encoding per distinct (support image, class); one extractor pass per distinct image; everything
+        # else, and the whole second run, served. The extractor is asked for a support image only when its encoding
+        # is computed (a support-cache miss).
+        pairs = {(i, e.class_id) for e in episodes for i in e.supports}
+        assert cache.support_misses == len(pairs), name
+        assert cache.support_hits == 2 * len(episodes) * shot - len(pairs), name
         assert cache.misses == len(distinct), name
-        assert cache.hits == 2 * len(episodes) * (1 + shot) - len(distinct), name
+        assert cache.hits == 2 * len(episodes) + len(pairs) - len(distinct), name
 
 
 def test_small_cache_evicts_and_stays_identical(split):
     episodes = make_test_episodes(split, fold_classes("synthetic", 0).novel, 20, 1, seed=5)
     model = _models()["ntrenet"]
     plain = _evaluate(model, split, episodes)
-    one_image = None
     probe = FeatureCache(1 << 30)
     _evaluate(model, split, episodes[:1], probe)
-    one_image = probe.bytes // 2  # query + support of one episode
-    cache = FeatureCache(3 * one_image)
+    one_episode = probe.bytes  # features, support encoding, decoded images and mask of one episode
+    unbounded = FeatureCache(1 << 30)
+    _evaluate(model, split, episodes, unbounded)
+    cache = FeatureCache(2 * one_episode)
     cached = _evaluate(model, split, episodes, cache)
     assert json.dumps(cached, sort_keys=True) == json.dumps(plain, sort_keys=True)
-    assert len(cache) <= 3 and cache.bytes <= cache.max_bytes
+    # Entries of both kinds share the bound; the least recently used were evicted.
+    assert len(cache) < len(unbounded) and cache.bytes <= cache.max_bytes
 
 
 def test_copies_changed_weights_and_in_place_edits_are_not_served():

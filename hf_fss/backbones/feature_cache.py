@@ -21,6 +21,14 @@ Correctness rules (why the cached run is bit-identical to the uncached one):
 - features are computed image by image exactly as at batch size 1 (the evaluation default); with several episodes
   per batch the misses run as one smaller batch, which on some kernels differs from the full batch in the last bits.
 
+Besides stage features the same budget and LRU order hold other episode-independent work under their own key
+namespaces (`get` / `put`): `hf_fss.evaluation.loop` stores one support encoding per (support image, class mask,
+annotation), each entry tagged with the model's state (`model_state()`: the version counters of every parameter
+and buffer) so that an entry of other weights is never served.
+
+Look-ups are cheap: `attach` lists each extractor's parameters and modules once, so a call compares version counters
+over a flat list instead of walking the module tree.
+
 Entries stay on the device where they were computed (GPU memory when there is one); the least recently used are
 evicted beyond `max_bytes`.
 """
@@ -31,6 +39,7 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +74,13 @@ class FeatureCache:
         self._registered: list[torch.Tensor] = []  # keeps registered tensors alive, so no address is reused
         self._owners: dict[str, weakref.ref] = {}
         self._model: weakref.ref | None = None
+        # Flat lists made once per `attach`, so that no look-up walks the module tree.
+        self._parameters: dict[str, list[torch.Tensor]] = {}
+        self._modules: dict[str, list[nn.Module]] = {}
+        self._state_tensors: list[torch.Tensor] = []
+        self._detached_state: tuple | None = None
+        self.support_hits = 0
+        self.support_misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -74,9 +90,11 @@ class FeatureCache:
     def attach(self, model: nn.Module) -> Iterator[FeatureCache]:
         """
         Serve every extractor of `model.feature_extractors()` from this cache inside the `with` block. Entries are
-        keyed by extractor name: attaching another model than the last one first drops every entry.
+        keyed by extractor name: attaching another model than the last one, or the same model whose weights changed
+        since the last block (a training step between two validations), first drops every entry.
         """
-        if self._model is None or self._model() is not model:
+        self._state_tensors = [*model.parameters(), *model.buffers()]
+        if self._model is None or self._model() is not model or self._detached_state != self._weights_identity():
             self.clear()
             self._model = weakref.ref(model)
         extractors = model.feature_extractors()
@@ -85,12 +103,29 @@ class FeatureCache:
             extractor.feature_cache = self
             extractor.feature_cache_name = name
             self._owners[name] = weakref.ref(extractor)
+            self._parameters[name] = list(extractor.parameters())
+            self._modules[name] = list(extractor.modules())
         try:
             yield self
         finally:
+            self._detached_state = self._weights_identity()
             for name, extractor in extractors.items():
                 extractor.feature_cache = previous[name]
                 self._owners.pop(name, None)
+                self._parameters.pop(name, None)
+                self._modules.pop(name, None)
+            self._state_tensors = []
+
+    def model_state(self) -> tuple:
+        """
+        The attached model's weights state within this `attach` block: the version counter of every parameter and
+        buffer (an optimizer step, `load_state_dict` or any in-place edit changes it). Empty when none is attached.
+        """
+        return tuple(t._version for t in self._state_tensors)
+
+    def _weights_identity(self) -> tuple:
+        # Across blocks a parameter may also have been replaced by another tensor: its address is compared too.
+        return tuple(t.data_ptr() for t in self._state_tensors), self.model_state()
 
     @contextlib.contextmanager
     def images(self, tensors_and_keys: Iterable[tuple[torch.Tensor, Sequence[Hashable]]]) -> Iterator[None]:
@@ -128,7 +163,7 @@ class FeatureCache:
             return False
         if torch.is_grad_enabled() and not getattr(extractor, "frozen", False):
             return False
-        return not any(module.training for module in extractor.modules())
+        return not any(module.training for module in self._modules[name])
 
     def keys_of(self, x: torch.Tensor) -> list[Hashable] | None:
         """The registered key of every row of `x`, or None when any row is not a registered image."""
@@ -143,7 +178,7 @@ class FeatureCache:
         through `run(x_subset, start, end)` (the extractor's uncached `forward_stages`) and are stored.
         """
         name = extractor.feature_cache_name
-        weights = tuple(p._version for p in extractor.parameters())
+        weights = tuple(p._version for p in self._parameters[name])
         rows: list[list[torch.Tensor] | None] = []
         for key in keys:
             entry = self._entries.get((name, key))
@@ -165,6 +200,27 @@ class FeatureCache:
         if len(keys) == 1:
             return list(rows[0][:end])
         return [torch.cat([row[index] for row in rows]) for index in range(end)]
+
+    # --- other episode-independent work ------------------------------------------------------------------------
+    def get(self, key: tuple, state: tuple) -> Any | None:
+        """
+        The value stored under `key` (a tuple whose first item names its kind, e.g. `("support", ...)`) for the
+        model state `state`, or None: missing, stored for another state, or one of its tensors modified in place
+        since (then the entry is dropped).
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry["weights"] != state or any(t._version != v for t, v in zip(entry["stages"], entry["versions"])):
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry["value"]
+
+    def put(self, key: tuple, value: Any, tensors: Sequence[torch.Tensor], state: tuple) -> None:
+        """Store `value` under `key` for the model state `state`; `tensors` are what it holds (counted in bytes)."""
+        self._store(key, list(tensors), state)
+        self._entries[key]["value"] = value
 
     # --- storage ----------------------------------------------------------------------------------------------
     def _extend(self, entry: dict, key: tuple, end: int, run) -> list[torch.Tensor]:
@@ -200,11 +256,14 @@ class FeatureCache:
         self.bytes = 0
 
     def stats(self) -> dict[str, int | float]:
-        """hits, misses, entries, bytes and hit rate, for logs and results."""
+        """hits, misses (extractor features per image), support_hits / support_misses (support encodings per
+        shot), entries, bytes and hit rate (of the features), for logs and results."""
         total = self.hits + self.misses
         return {
             "hits": self.hits,
             "misses": self.misses,
+            "support_hits": self.support_hits,
+            "support_misses": self.support_misses,
             "entries": len(self._entries),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,

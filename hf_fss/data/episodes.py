@@ -339,6 +339,13 @@ class EpisodicTestDataset(Dataset):
             `episode_index` match the unsharded run.
         binary_labels: default `is_binary_split(split)`.
         annotation_kwargs: extra keyword arguments of `support_annotation` (e.g. `bbox_mode="union"`).
+        cache: an evaluation cache with `get(key, state)` / `put(key, value, tensors, state)` (a
+            `hf_fss.backbones.FeatureCache`): each image is then decoded and preprocessed once (its normalised
+            canvas and label map), and each support's dense mask once per class, instead of once per episode; the
+            items are identical. Only with a `FewShotSegmentationImageProcessor` (its per-image steps are used) and
+            in the loading process (`num_workers=0`: a worker would fill its own copy).
+        cache_prefix: what the cache keys start with besides the image id: the split's and the processor's identity
+            (equal prefixes must mean the same split and processor settings).
 
     Items (S = processor image size, K = shot, H x W = the query's original size):
         - `pixel_values` `(3, S, S)` float32; `support_pixel_values` `(K, 3, S, S)` float32;
@@ -359,6 +366,8 @@ class EpisodicTestDataset(Dataset):
         episode_offset: int = 0,
         binary_labels: bool | None = None,
         annotation_kwargs: dict[str, Any] | None = None,
+        cache: Any = None,
+        cache_prefix: tuple = (),
     ):
         if annotation not in ANNOTATION_KINDS:
             raise ValueError(f"unknown support annotation {annotation!r}; expected one of {ANNOTATION_KINDS}")
@@ -370,6 +379,9 @@ class EpisodicTestDataset(Dataset):
         self.episode_offset = int(episode_offset)
         self.binary = is_binary_split(split) if binary_labels is None else bool(binary_labels)
         self.annotation_kwargs = dict(annotation_kwargs or {})
+        per_image = ("resize_and_pad_image", "resize_and_pad_mask", "annotation_to_mask")
+        self.cache = cache if all(hasattr(processor, name) for name in per_image) else None
+        self.cache_prefix = tuple(cache_prefix)
         # Only the id column is read here: a plain dict from image_id to row, built once.
         self._row_of = {image_id: row for row, image_id in enumerate(_read_image_ids(split))}
         missing = sorted({i for e in self.episodes for i in (e.query, *e.supports)} - set(self._row_of))
@@ -391,21 +403,85 @@ class EpisodicTestDataset(Dataset):
             width = max(width, math.ceil(longer / image_size))
         return width
 
+    def _cached(self, key: tuple, compute, *args) -> Any:
+        """`compute(*args)` (a tuple of tensors), stored in / served from `self.cache` under `key`."""
+        key = (key[0], *self.cache_prefix, *key[1:])
+        value = self.cache.get(key, ())
+        if value is None:
+            value = compute(*args)
+            self.cache.put(key, value, value, ())
+        return value
+
+    def _preprocessed_image(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's normalised canvas `(3, S, S)` of an image and its label map `(H, W)` uint8."""
+        image, label, _ = _decode_row(self.split, self._row_of[image_id])
+        return torch.from_numpy(self.processor.resize_and_pad_image(image)), torch.from_numpy(label.copy())
+
+    def _dense_mask(self, label: torch.Tensor, c: int, k: int) -> tuple[torch.Tensor]:
+        return (self._preprocessed_mask(target_mask(label.numpy(), c, self.binary), k),)
+
+    def _preprocessed_mask(self, mask: np.ndarray, k: int) -> torch.Tensor:
+        """A support annotation as the processor prepares it (`support_class_ids=1`): `(S, S)` int64."""
+        name = f"support_masks[0][{k}] (query 0, shot {k})"
+        mask = self.processor.annotation_to_mask(mask, mask.shape, 1, name, "support_class_ids")
+        return torch.from_numpy(np.asarray(self.processor.resize_and_pad_mask(mask))).long()
+
+    def _annotation(self, mask: np.ndarray, episode_index: int, k: int) -> np.ndarray:
+        """Support k's annotation of a dense target mask (itself for `mask`), seeded by the episode."""
+        if self.annotation == "mask":
+            return mask
+        rng = np.random.default_rng([self.seed, episode_index, k])
+        kwargs = dict(self.annotation_kwargs)
+        if self.annotation == "scribble" and kwargs.get("scribble_width") is None:
+            kwargs["scribble_width"] = self._scribble_width(mask.shape)
+        return support_annotation(mask, self.annotation, rng, **kwargs)
+
+    def _cached_item(self, episode: Episode, episode_index: int) -> dict[str, torch.Tensor]:
+        """`__getitem__` from the cache: each image decoded and preprocessed once, dense support masks once per
+        class (weak annotations depend on the episode: prepared each time)."""
+        c = episode.class_id
+        pixel_values, query_label = self._cached(("image", episode.query), self._preprocessed_image, episode.query)
+        support_pixels, support_masks = [], []
+        for k, image_id in enumerate(episode.supports):
+            pixels, label = self._cached(("image", image_id), self._preprocessed_image, image_id)
+            support_pixels.append(pixels)
+            if self.annotation == "mask":
+                support_masks.append(self._cached(("mask", image_id, c), self._dense_mask, label, c, k)[0])
+            else:
+                mask = self._annotation(target_mask(label.numpy(), c, self.binary), episode_index, k)
+                support_masks.append(self._preprocessed_mask(mask, k))
+        return self._item(
+            pixel_values,
+            torch.stack(support_pixels),
+            torch.stack(support_masks),
+            query_label.numpy(),
+            c,
+            episode_index,
+        )
+
+    def _item(self, pixel_values, support_pixel_values, support_masks, query_label, c, episode_index) -> dict:
+        height, width = query_label.shape
+        return {
+            "pixel_values": pixel_values,
+            "support_pixel_values": support_pixel_values,
+            "support_masks": support_masks,
+            "target": torch.from_numpy(target_mask(query_label, c, self.binary).astype(np.int64)),
+            "original_size": torch.tensor([height, width], dtype=torch.long),
+            "class_ids": torch.tensor(c, dtype=torch.long),
+            "episode_index": torch.tensor(episode_index, dtype=torch.long),
+        }
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         episode = self.episodes[int(index)]
         episode_index = self.episode_offset + int(index)
+        if self.cache is not None:
+            return self._cached_item(episode, episode_index)
         c = episode.class_id
         query_image, query_label, _ = _decode_row(self.split, self._row_of[episode.query])
         support_images, support_masks = [], []
         for k, image_id in enumerate(episode.supports):
             image, label, _ = _decode_row(self.split, self._row_of[image_id])
-            mask = target_mask(label, c, self.binary)
-            if self.annotation != "mask":
-                rng = np.random.default_rng([self.seed, episode_index, k])
-                kwargs = dict(self.annotation_kwargs)
-                if self.annotation == "scribble" and kwargs.get("scribble_width") is None:
-                    kwargs["scribble_width"] = self._scribble_width(mask.shape)
-                mask = support_annotation(mask, self.annotation, rng, **kwargs)
+            mask = self._annotation(target_mask(label, c, self.binary), episode_index, k)
             support_images.append(image)
             support_masks.append(mask)
         # support_class_ids=1 makes the processor read the masks as label maps (1 target, 255 ignore), which is
@@ -417,16 +493,14 @@ class EpisodicTestDataset(Dataset):
             support_class_ids=1,
             return_tensors="pt",
         )
-        height, width = query_label.shape
-        return {
-            "pixel_values": batch["pixel_values"][0],
-            "support_pixel_values": batch["support_pixel_values"][0],
-            "support_masks": batch["support_masks"][0].long(),
-            "target": torch.from_numpy(target_mask(query_label, c, self.binary).astype(np.int64)),
-            "original_size": torch.tensor([height, width], dtype=torch.long),
-            "class_ids": torch.tensor(c, dtype=torch.long),
-            "episode_index": torch.tensor(episode_index, dtype=torch.long),
-        }
+        return self._item(
+            batch["pixel_values"][0],
+            batch["support_pixel_values"][0],
+            batch["support_masks"][0].long(),
+            query_label,
+            c,
+            episode_index,
+        )
 
 
 def collate_test_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -380,7 +380,8 @@ def _report(args: argparse.Namespace, metrics: Mapping[str, Any], protocol, feat
         # Not written into metrics.json: the counts depend on the number of processes, the metrics do not.
         stats = feature_cache.stats()
         print(
-            f"feature cache: {stats['hits']} images served, {stats['misses']} computed, "
+            f"feature cache: {stats['hits']} images served, {stats['misses']} computed; support encodings: "
+            f"{stats['support_hits']} served, {stats['support_misses']} computed; "
             f"{stats['bytes'] / 2**20:.1f} of {stats['max_bytes'] / 2**20:.0f} MiB held"
         )
     write_json_atomic(metrics, args.output)

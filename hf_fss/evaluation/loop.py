@@ -29,6 +29,7 @@ from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.data.episodes import Episode, EpisodicTestDataset, collate_test_batch, shard_bounds
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
+from hf_fss.evaluation.support_cache import encode_support as cached_encode_support
 
 __all__ = [
     "combine_seed_runs",
@@ -75,15 +76,22 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _segment(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, int | None]:
+def _segment(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    cache: FeatureCache | None = None,
+    support_keys: Sequence[Any] | None = None,
+    annotation: str = "mask",
+) -> tuple[Any, int | None]:
     """
-    `model(**inputs)` in two calls, `encode_support` then the forward with the encoding (the same computation), to
-    read the encoding's `finetune_diverged` flags: returns the outputs and how many support sets of the batch kept
-    an unadapted head, None for a model whose encoding has no such flags (it does not adapt to its support set).
+    `model(**inputs)` in two calls, `encode_support` (served per support image from `cache` where that is exact, see
+    `hf_fss.evaluation.support_cache`) then the forward with the encoding (the same computation), to read the
+    encoding's `finetune_diverged` flags: returns the outputs and how many support sets of the batch kept an
+    unadapted head, None for a model whose encoding has no such flags (it does not adapt to its support set).
     """
     query_side = set(getattr(model, "query_inputs", ())) | {"pixel_values"}
     support = {k: v for k, v in inputs.items() if k not in query_side}
-    encoding = model.encode_support(**support)
+    encoding = cached_encode_support(model, support, cache, support_keys, annotation)
     outputs = model(**{k: v for k, v in inputs.items() if k in query_side}, support_encoding=encoding)
     diverged = getattr(encoding, "finetune_diverged", None)
     return outputs, None if diverged is None else int(diverged.sum())
@@ -95,14 +103,16 @@ def _model_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype) 
 
 
 class _ImageKeys:
-    """Feature-cache keys of a test batch's images: (split fingerprint, image id, processor settings, tensor shape)."""
+    """Feature-cache keys of a test batch's images: (split fingerprint, image id, processor settings, tensor shape);
+    `annotation` is the support annotation kind, part of the support encodings' keys."""
 
-    def __init__(self, split: Any, processor: Any, episodes: Sequence[Episode]):
+    def __init__(self, split: Any, processor: Any, episodes: Sequence[Episode], annotation: str = "mask"):
         to_json = getattr(processor, "to_json_string", None)
         settings = to_json() if callable(to_json) else repr(processor)
         fingerprint = getattr(split, "_fingerprint", None) or str(id(split))
         self.prefix = (fingerprint, hashlib.sha256(settings.encode()).hexdigest())
         self.episodes = episodes
+        self.annotation = annotation
 
     def of(self, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
         episodes = [self.episodes[int(i)] for i in batch["episode_index"]]
@@ -173,8 +183,10 @@ def evaluate_model(
         progress: show a tqdm bar (on the local main process only).
         feature_cache: a `hf_fss.backbones.FeatureCache`: every frozen extractor of the model serves the images it
             has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
-            recomputing them; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`).
-            Pass the same cache to several calls (seeds) on one split to reuse it across them.
+            recomputing them, the support encoding of each (support image, mask, annotation) is computed once
+            (`hf_fss.evaluation.support_cache`), and with `num_workers=0` each image is decoded and preprocessed
+            once; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`). Pass the
+            same cache to several calls (seeds) on one split to reuse it across them.
         episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
             `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
             only (ValueError under several).
@@ -191,7 +203,12 @@ def evaluate_model(
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
     num_processes = accelerator.num_processes if accelerator is not None else 1
-    loader = _shard_loader(split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator)
+    image_keys = _ImageKeys(split, processor, episodes, annotation)
+    # Decoded and preprocessed images from the cache too, in this process only (a worker would fill its own copy).
+    data_cache = (feature_cache, image_keys.prefix) if feature_cache is not None and num_workers == 0 else (None, ())
+    loader = _shard_loader(
+        split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator, data_cache
+    )
     device = accelerator.device if accelerator is not None else _model_device(model)
     if episode_records is not None and num_processes > 1:
         raise ValueError("episode_records needs a single process (each process would only see its shard)")
@@ -203,7 +220,6 @@ def evaluate_model(
     batches = tqdm(loader, desc=description, disable=not show, leave=False, dynamic_ncols=True)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     cached = feature_cache.attach(model) if feature_cache is not None else contextlib.nullcontext()
-    image_keys = _ImageKeys(split, processor, episodes)
     was_training = model.training
     model.eval()
     try:
@@ -224,13 +240,24 @@ def evaluate_model(
     return result
 
 
-def _shard_loader(split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator) -> DataLoader:
-    """The DataLoader of this process's contiguous shard of `episodes` (all of them on one process)."""
+def _shard_loader(
+    split, episodes, processor, annotation, seed, batch_size, num_workers, accelerator, data_cache=(None, ())
+) -> DataLoader:
+    """The DataLoader of this process's contiguous shard of `episodes` (all of them on one process); `data_cache`:
+    the dataset's `(cache, cache_prefix)`."""
     num_processes = accelerator.num_processes if accelerator is not None else 1
     process_index = accelerator.process_index if accelerator is not None else 0
     start, stop = shard_bounds(len(episodes), num_processes, process_index)
+    cache, prefix = data_cache
     dataset = EpisodicTestDataset(
-        split, list(episodes[start:stop]), processor, annotation=annotation, seed=seed, episode_offset=start
+        split,
+        list(episodes[start:stop]),
+        processor,
+        annotation=annotation,
+        seed=seed,
+        episode_offset=start,
+        cache=cache,
+        cache_prefix=prefix,
     )
     # A private generator: creating the loader's iterator must not draw from the global RNG, which training
     # (dropout) consumes and checkpoints restore.
@@ -264,13 +291,11 @@ def _score_batches(
     for batch in batches:
         names = model_input_names(model, batch)
         inputs = {key: _model_input(batch[key], device, dtype) for key in names}
-        registered = (
-            feature_cache.images(image_keys.of(batch, inputs))
-            if feature_cache is not None
-            else contextlib.nullcontext()
-        )
+        keys = image_keys.of(batch, inputs) if feature_cache is not None else None
+        registered = feature_cache.images(keys) if feature_cache is not None else contextlib.nullcontext()
         with registered:
-            outputs, diverged = _segment(model, inputs)
+            support_keys = keys[1][1] if keys is not None else None
+            outputs, diverged = _segment(model, inputs, feature_cache, support_keys, image_keys.annotation)
         if diverged is not None:
             unadapted = (unadapted or 0) + diverged
         sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]

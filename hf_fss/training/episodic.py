@@ -38,8 +38,9 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel
 
 from hf_fss import hub
+from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.cli import os_error_line
-from hf_fss.evaluation.loop import evaluate_model
+from hf_fss.evaluation.loop import default_feature_cache_bytes, evaluate_model
 from hf_fss.run_folder import write_run_folder_marker
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, apply_num_threads, arguments_dict
 from hf_fss.training.episodic_data import EpisodeSet, TrainingData, build_data
@@ -176,7 +177,12 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArguments, accelerator, num_workers=0):
-    """`evaluate_model` of `model` on a fixed `EpisodeSet`, sharded over the run's processes."""
+    """
+    `evaluate_model` of `model` on a fixed `EpisodeSet`, sharded over the run's processes, with the evaluation
+    caches (extractor features per image, support encodings per support image and class): a fresh cache per call,
+    since the weights change between two validations, freed when the call returns.
+    """
+    cache_bytes = default_feature_cache_bytes(accelerator.device)
     return evaluate_model(
         model,
         processor,
@@ -190,6 +196,7 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
         num_workers=num_workers,
         accelerator=accelerator,
         description="test" if episodes.description.startswith("test") else "validation",
+        feature_cache=FeatureCache(cache_bytes) if cache_bytes > 0 else None,
     )
 
 

@@ -64,6 +64,7 @@ class CosinePriorModel(FewShotSegmentationPreTrainedModel):
 
     config_class = CosinePriorConfig
     support_encoding_class = CosinePriorSupportEncoding
+    support_shots_separable = True
     output_maps = {"prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)"}
 
     def __init__(self, config: CosinePriorConfig):

@@ -76,6 +76,8 @@ class NTRENetSupportEncoding(SupportEncoding):
             1 on the target, else 0 (ignored pixels are 0), at the support image resolution.
     """
 
+    shot_mean_fields = ("prototype",)  # the mean of the per-shot prototypes, as `pfenet_support_encoding` computes it
+
     prototype: torch.FloatTensor | None = None
     features: torch.FloatTensor | None = None
     high_level_features: torch.FloatTensor | None = None
@@ -389,6 +391,7 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
 
     config_class = NTRENetConfig
     support_encoding_class = NTRENetSupportEncoding
+    support_shots_separable = True
     query_inputs = ("class_ids",)
     output_maps = {
         "prior": "PFENet prior mask: similarity of the query to the support's target (stage 4)",

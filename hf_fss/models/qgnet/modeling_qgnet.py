@@ -63,6 +63,8 @@ class QGNetSupportEncoding(SupportEncoding):
             1 on the target, else 0 (ignored pixels are 0), at the support image resolution.
     """
 
+    shot_mean_fields = ("prototype",)  # the mean of the per-shot prototypes, as `pfenet_support_encoding` computes it
+
     prototype: torch.FloatTensor | None = None
     high_level_features: torch.FloatTensor | None = None
     masks: torch.FloatTensor | None = None
@@ -160,6 +162,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
 
     config_class = QGNetConfig
     support_encoding_class = QGNetSupportEncoding
+    support_shots_separable = True
     output_maps = {
         "guided_region": "guided region map: similarity of the query to the support's target (PFENet prior, stage 4)",
         "prior_region": "prior region map: the query's self-similarity through the prior extractor (support-free)",

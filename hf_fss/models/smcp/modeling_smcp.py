@@ -67,6 +67,8 @@ class SMCPSupportEncoding(SupportEncoding):
             The supports' multi-class labels (`support_semantic_labels`), only in training.
     """
 
+    shot_mean_fields = ("prototype",)  # the mean of `shot_prototypes`
+
     prototype: torch.FloatTensor | None = None
     shot_prototypes: torch.FloatTensor | None = None
     features: torch.FloatTensor | None = None
@@ -271,6 +273,7 @@ class SMCPModel(FewShotSegmentationPreTrainedModel):
 
     config_class = SMCPConfig
     support_encoding_class = SMCPSupportEncoding
+    support_shots_separable = True  # in eval mode: the MCL scores and labels exist only in training
     query_inputs = ("semantic_labels",)
     support_inputs = ("support_semantic_labels",)
     output_maps = {
