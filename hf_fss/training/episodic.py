@@ -190,6 +190,8 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
         num_workers=num_workers,
         accelerator=accelerator,
         description="test" if episodes.description.startswith("test") else "validation",
+        precision=args.dtype,
+        channels_last=args.channels_last,
     )
 
 
