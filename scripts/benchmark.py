@@ -18,11 +18,16 @@ means large temporary tensors are mapped fresh from the OS on every call (and ha
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
 
+`--dtype bfloat16|float16` (autocast, weights float32) and `--channels-last` run hf_fss as evaluate.py does with them
+(`hf_fss.utils.inference_precision`, on CPU too) and add, per method, its full episode against a float32 contiguous
+copy of the model, interleaved: speed-up in wall and CPU time, max logit difference, pixel agreement (argmax equal).
+
 Against the official code: `--official METHOD=DIR` (repeatable, one per method; ntrenet, qgnet and smcp have a
 builder: `build_official_model` in their converter) builds the official model from the checkout DIR (built out of
 tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights into the hf_fss model, and
 times both on the same episodes, interleaved (official, hf_fss, official, ...), full episode per call, reporting the
-medians, the ratio hf_fss / official and the largest logit difference. A shot the official code cannot run (SMCP's is
+medians, the ratio hf_fss / official (wall and CPU time), the largest logit difference and the pixel agreement; the
+official code always runs in float32, hf_fss in `--dtype` / `--channels-last`. A shot the official code cannot run (SMCP's is
 1-shot only) is listed as not run, with the reason:
 
     python scripts/benchmark.py --official ntrenet=../official/ntrenet --shots 1 5 --iterations 5 --num-threads 2
