@@ -235,3 +235,13 @@ def test_space_precision_setting(ntrenet_dir, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:  # main refuses it before building the demo
         app.main()
     assert exit_info.value.code == 2
+
+
+def test_from_pretrained_and_the_pipeline_take_torch_dtype_as_dtype(ntrenet_dir):
+    from transformers import AutoModel, pipeline
+
+    assert AutoModel.from_pretrained(ntrenet_dir, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    low = pipeline("few-shot-segmentation", model=str(ntrenet_dir), torch_dtype="bfloat16")
+    assert low.model.dtype == torch.bfloat16
+    images, supports = _images()
+    assert low(images[0], **supports)["scores"].dtype == np.float32
