@@ -427,10 +427,19 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
                 )
             support_encoding = support_encoding.expand_batch(batch_size)
         outputs = self._segment(pixel_values, support_encoding, labels=labels, **query_inputs)
+        self._logits_in_model_dtype(outputs)
         if not self.training:  # in training the loop's non-finite loss check names the step instead
             self._check_finite_logits(outputs.logits)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
+
+    def _logits_in_model_dtype(self, outputs: FewShotSegmentationOutput) -> None:
+        """Logits (and support logits) in the model's dtype: float32 for a float32 model run under a caller's
+        bfloat16 / float16 `torch.autocast`, whose last convolution leaves them in the autocast dtype."""
+        for name in ("logits", "support_logits"):
+            value = getattr(outputs, name, None)
+            if value is not None and value.is_floating_point() and value.dtype != self.dtype:
+                setattr(outputs, name, value.to(self.dtype))
 
     def _check_finite_logits(self, logits: torch.Tensor | None) -> None:
         """

@@ -44,6 +44,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .annotations import IGNORE_INDEX, describe, is_box, is_class_id
 from .image_processing_fss import FewShotSegmentationImageProcessor, load_image_processor
 from .modeling_fss import SupportEncoding
+from .utils.precision import check_precision, inference_precision
 
 __all__ = ["DEFAULT_THRESHOLD", "PIPELINE_TASK", "FewShotSegmentationPipeline", "SupportSets", "register_pipeline"]
 
@@ -106,7 +107,10 @@ class FewShotSegmentationPipeline(Pipeline):
 
     `pipeline(..., dtype=torch.bfloat16)` (or `torch.float16`) loads a folder or Hub id in that dtype; a model instance
     must already have it (else a `ValueError`). Images are fed in the model's dtype; scores, masks and maps are computed
-    in float32.
+    in float32. `pipeline(..., precision="bfloat16")` (or `"float16"`; default `"float32"`) keeps the weights as
+    loaded and runs the support encoding and the forward under `torch.autocast` of that dtype
+    (`hf_fss.utils.inference_precision`, as `evaluate.py --dtype`); a dtype autocast cannot run on the pipeline's
+    device is a `ValueError`.
 
     Call arguments:
         images: a query image (PIL image, array, tensor, path or URL) or a list of them. Images and masks are
@@ -151,6 +155,7 @@ class FewShotSegmentationPipeline(Pipeline):
                 names another processor type or has such an image_size (the file is named).
         """
         _check_dtype(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
+        precision = kwargs.pop("precision", "float32")
         min_side = max(model.min_input_size())
         if image_processor is None:
             processor_class = getattr(model, "fss_image_processor_class", FewShotSegmentationImageProcessor)
@@ -167,6 +172,8 @@ class FewShotSegmentationPipeline(Pipeline):
                 f"of at least {min_side}x{min_side}; give it image_size >= {min_side}"
             )
         super().__init__(model, *args, image_processor=image_processor, **kwargs)
+        check_precision(precision, self.device, name="`precision`")
+        self.precision = str(precision).removeprefix("torch.")
         self.model.eval()
 
     # -------------------------------------------------------------------------------------------- parameters
@@ -324,7 +331,7 @@ class FewShotSegmentationPipeline(Pipeline):
         labels, encodings, originals = [], [], []
         for name, (images, masks, boxes, class_ids, names) in sets:
             pixel_values, mask_values, given = self._support_set(images, masks, boxes, class_ids, names)
-            with self.device_placement(), torch.no_grad():
+            with self.device_placement(), torch.no_grad(), inference_precision(self.model, self.precision):
                 encoding = self.model.encode_support(
                     pixel_values.to(self.device, dtype=self.model.dtype), mask_values.to(self.device)
                 )
@@ -383,7 +390,8 @@ class FewShotSegmentationPipeline(Pipeline):
         if support_sets is None:
             raise ValueError("no support set: call the pipeline with `support_image` and `support_mask`")
         pixel_values = model_inputs["pixel_values"]
-        outputs = [self.model(pixel_values=pixel_values, support_encoding=enc) for enc in support_sets.encodings]
+        with inference_precision(self.model, self.precision):  # logits come back in the model's dtype
+            outputs = [self.model(pixel_values=pixel_values, support_encoding=enc) for enc in support_sets.encodings]
         result = {"logits": torch.cat([o.logits for o in outputs]), "original_size": model_inputs["original_size"]}
         if return_maps:  # name -> (C, 1, h, w), the names every class's output has
             names = [name for name in (outputs[0].maps or {}) if all(name in (o.maps or {}) for o in outputs)]

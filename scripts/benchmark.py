@@ -18,11 +18,16 @@ means large temporary tensors are mapped fresh from the OS on every call (and ha
     python scripts/benchmark.py                                  # every method, tiny and base sizes, CPU
     python scripts/benchmark.py --model-types ntrenet --sizes base --shots 1 5 --device cuda --output bench.json
 
+`--dtype bfloat16|float16` (autocast, weights float32) and `--channels-last` run hf_fss as evaluate.py does with them
+(`hf_fss.utils.inference_precision`, on CPU too) and add, per method, its full episode against a float32 contiguous
+copy of the model, interleaved: speed-up in wall and CPU time, max logit difference, pixel agreement (argmax equal).
+
 Against the official code: `--official METHOD=DIR` (repeatable, one per method; ntrenet, qgnet and smcp have a
 builder: `build_official_model` in their converter) builds the official model from the checkout DIR (built out of
 tree with the fixes it needs to run here; hf_fss ships none of it), converts its weights into the hf_fss model, and
 times both on the same episodes, interleaved (official, hf_fss, official, ...), full episode per call, reporting the
-medians, the ratio hf_fss / official and the largest logit difference. A shot the official code cannot run (SMCP's is
+medians, the ratio hf_fss / official (wall and CPU time), the largest logit difference and the pixel agreement; the
+official code always runs in float32, hf_fss in `--dtype` / `--channels-last`. A shot the official code cannot run (SMCP's is
 1-shot only) is listed as not run, with the reason:
 
     python scripts/benchmark.py --official ntrenet=../official/ntrenet --shots 1 5 --iterations 5 --num-threads 2
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -55,9 +61,11 @@ from hf_fss.cli import (
     json_object,
     os_error_line,
 )
+from hf_fss.evaluation.arguments import PrecisionArguments, add_arguments
 from hf_fss.models.official import official_builder
 from hf_fss.utils import set_num_threads
 from hf_fss.utils.io import OutputLock, atomic_write_text, check_output_path
+from hf_fss.utils.precision import channels_last_input, check_precision, inference_precision, logit_agreement
 
 # Model sizes: `base` is the papers' configuration (each method's default backbone), `tiny` the one the tests use.
 SIZES = {
@@ -271,23 +279,22 @@ def time_training_step(model, query, support, masks, args, device) -> dict[str, 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9)
 
     def step():
-        with _autocast(args, device):
-            loss = model(query, support, masks, labels=labels, **extra).loss
+        loss = model(query, support, masks, labels=labels, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
     try:
-        return measure_calls(step, args.iterations, args.warmup, device)
+        with _precision(model, args):
+            return measure_calls(step, args.iterations, args.warmup, device)
     finally:
         model.eval()
 
 
-def _autocast(args, device):
-    if args.autocast == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, args.autocast))
+def _precision(model, args):
+    """`--dtype` / `--channels-last` for `model`: the helper evaluation and the pipeline use (`inference_precision`)."""
+    return inference_precision(model, args.dtype, args.channels_last)
 
 
 class _ConfigOverrides:
@@ -323,17 +330,46 @@ def single_pass_call(model, query, support, masks):
     return call
 
 
+def _reduced(args) -> bool:
+    return args.dtype != "float32" or args.channels_last
+
+
+def float32_reference(model, query, support, masks, device):
+    """With --dtype / --channels-last: a float32, contiguous copy of `model` and a call of it on the episode (autocast
+    off), timed interleaved with the others as `full_float32`; `model` keeps its weights."""
+    reference, query = copy.deepcopy(model), query.contiguous()
+
+    def call():
+        with torch.autocast(device.type, enabled=False):
+            return reference(query, support, masks)
+
+    return call
+
+
+def _precision_row(calls, full_call, reference_call) -> dict:
+    """The `full_float32` timing, the speed-up in wall and CPU time and the agreement with the float32 logits."""
+    full, plain = calls["full"], calls["full_float32"]
+    cpu = [u + s for u, s in zip(full["user_s"], full["system_s"])]
+    cpu_float32 = [u + s for u, s in zip(plain["user_s"], plain["system_s"])]
+    return {
+        **summarize_calls("full_float32", plain),
+        "speedup_vs_float32": statistics.median(plain["wall_s"]) / statistics.median(full["wall_s"]),
+        "cpu_speedup_vs_float32": statistics.median(cpu_float32) / statistics.median(cpu),
+        **{f"{k}_vs_float32": v for k, v in logit_agreement(full_call().logits, reference_call().logits).items()},
+    }
+
+
 def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
     image_size = image_size_for(model_type, size, args.image_size)
     model = build_model(model_type, size, image_size, args.chunking, args.model_kwargs).to(device)
     query, support, masks = random_episode(args.batch_size, shot, image_size, device)
-    if args.channels_last:
-        model, query = model.to(memory_format=torch.channels_last), query.contiguous(memory_format=torch.channels_last)
+    reference = float32_reference(model, query, support, masks, device) if _reduced(args) else None
+    query = channels_last_input(query, args.channels_last)
     run = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # As evaluation and the pipeline: no_grad (a method may adapt to its supports inside).
-    with torch.no_grad(), _autocast(args, device):
+    with torch.no_grad(), _precision(model, args):
         encoding = model.encode_support(support, masks)
 
         def support_once():  # one support set serving QUERIES_PER_SUPPORT queries
@@ -352,9 +388,12 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         single_pass = single_pass_call(model, query, support, masks)
         if single_pass is not None:
             fns["single_pass"] = single_pass
-        # Interleaved, so that the ratios (support reuse, extra passes) hold under a changing load.
+        if reference is not None:
+            fns["full_float32"] = reference
+        # Interleaved, so that the ratios (support reuse, extra passes, precision) hold under a changing load.
         calls = measure_interleaved(fns, args.iterations, args.warmup, device)
         gflop = count_gflop(lambda: model(query, support, masks))
+        precision = _precision_row(calls, fns["full"], reference) if reference is not None else {}
     full, query_only, served, encode, single = (
         calls.get(k) for k in ("full", "query_only", "support_once", "encode_support", "single_pass")
     )
@@ -383,6 +422,9 @@ def benchmark(model_type, size, shot, args, device, matmul_peak: float) -> dict:
         "single_pass_latency_ms": None if single_s is None else 1000 * single_s,
         "test_time_passes_cost": None if single_s is None else full_s / single_s,
         "peak_memory_mb": peak_memory_mb(device),
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        **precision,
     }
     if training is not None:
         row.update(summarize_calls("training_step", training))
@@ -401,22 +443,40 @@ def compare_official(model_type: str, source_dir: str, shot: int, args, device) 
         return {"model_type": model_type, "shot": shot, "image_size": image_size, "not_run": str(error)}
     official, ours = built.module.to(device), built.ours.to(device)
     query, support, masks = random_episode(args.batch_size, shot, image_size, device)
-    with torch.no_grad():
-        difference = (built.forward(query, support, masks) - ours(query, support, masks).logits).abs().max().item()
-        fns = {"official": lambda: built.forward(query, support, masks), "hf_fss": lambda: ours(query, support, masks)}
-        calls = {who: c["wall_s"] for who, c in measure_interleaved(fns, args.iterations, args.warmup, device).items()}
+    ours_query = channels_last_input(query, args.channels_last)
+    # The official code in float32 as published (autocast off); hf_fss in --dtype / --channels-last.
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        reference = built.forward(query, support, masks)
+    with torch.no_grad(), _precision(ours, args):
+        agreement = logit_agreement(ours(ours_query, support, masks).logits, reference)
+
+        def official_call():
+            with torch.autocast(device.type, enabled=False):
+                return built.forward(query, support, masks)
+
+        fns = {"official": official_call, "hf_fss": lambda: ours(ours_query, support, masks)}
+        measured = measure_interleaved(fns, args.iterations, args.warmup, device)
     del official
+    calls = {who: c["wall_s"] for who, c in measured.items()}
+    cpu = {who: [u + s for u, s in zip(c["user_s"], c["system_s"])] for who, c in measured.items()}
     medians = {who: statistics.median(values) for who, values in calls.items()}
+    cpu_medians = {who: statistics.median(values) for who, values in cpu.items()}
     return {
         "model_type": model_type,
         "shot": shot,
         "image_size": image_size,
         "official_source": built.source,
+        "hf_fss_dtype": args.dtype,
+        "hf_fss_channels_last": args.channels_last,
         "official_latency_ms": 1000 * medians["official"],
         "hf_fss_latency_ms": 1000 * medians["hf_fss"],
         "hf_fss_over_official": medians["hf_fss"] / medians["official"],
-        "max_abs_logit_difference": difference,
+        "official_cpu_ms": 1000 * cpu_medians["official"],
+        "hf_fss_cpu_ms": 1000 * cpu_medians["hf_fss"],
+        "hf_fss_cpu_over_official": cpu_medians["hf_fss"] / cpu_medians["official"],
+        **agreement,
         "calls_s": calls,
+        "cpu_s": cpu,
     }
 
 
@@ -487,8 +547,7 @@ def main(argv=None) -> int:
         "table); repeatable",
     )
     parser.add_argument("--no-training", dest="training", action="store_false", help="skip the training-step timing")
-    parser.add_argument("--channels-last", action="store_true", help="model and query in channels_last memory format")
-    parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none", help="autocast dtype")
+    add_arguments(parser, PrecisionArguments)  # --dtype, --channels-last: hf_fss's side (the official code: float32)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     parser.add_argument(
         "--model-kwargs",
@@ -517,6 +576,7 @@ def _run(args: argparse.Namespace, official: dict[str, str]) -> int:
     """Time what `args` selects (or the official code against hf_fss), print the table, write `--output`."""
     set_num_threads(args.threads)
     device = torch.device(args.device)
+    check_precision(args.dtype, device)  # ValueError: one line, exit 2, nothing written
     if official:
         return _report_official(official, args, device)
 
@@ -528,6 +588,7 @@ def _run(args: argparse.Namespace, official: dict[str, str]) -> int:
         for shot in args.shots
     ]
     _print_rows(rows)
+    _print_precision_rows(rows, args)
     print(f"matmul peak {peak:.1f} GFLOP/s (fp32 2048x2048, {torch.get_num_threads()} threads, {device})")
     _write_record(args.output, device, rows, matmul_peak_gflops=peak, model_kwargs=args.model_kwargs)
     return 0
@@ -557,10 +618,28 @@ def _print_rows(rows: list[dict]) -> None:
         )
 
 
+def _print_precision_rows(rows: list[dict], args) -> None:
+    """With --dtype / --channels-last: each full episode against a float32 contiguous copy, timed interleaved."""
+    if not _reduced(args):
+        return
+    layout = " channels_last" if args.channels_last else ""
+    print(f"\n{args.dtype}{layout} against float32 (full episode, interleaved):")
+    print(
+        f"{'method':<13}{'size':<5}{'K':>2}{'fp32 ms':>9}{'ms':>9}{'x wall':>8}{'x cpu':>7}{'max|diff|':>11}{'agree %':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['model_type']:<13}{r['size']:<5}{r['shot']:>2}{r['full_float32_latency_ms']:>9.1f}"
+            f"{r['full_latency_ms']:>9.1f}{r['speedup_vs_float32']:>8.2f}{r['cpu_speedup_vs_float32']:>7.2f}"
+            f"{r['max_abs_logit_difference_vs_float32']:>11.1e}{100 * r['pixel_agreement_vs_float32']:>9.2f}"
+        )
+
+
 def _report_official(sources: dict[str, str], args, device) -> int:
     rows = [compare_official(m, folder, shot, args, device) for m, folder in sources.items() for shot in args.shots]
     print(
-        f"{'method':<10}{'K':>3}{'size':>6}{'official ms':>13}{'hf_fss ms':>11}{'hf_fss/official':>17}{'max|diff|':>11}"
+        f"{'method':<10}{'K':>3}{'size':>6}{'official ms':>13}{'hf_fss ms':>11}{'hf_fss/official':>17}"
+        f"{'cpu ratio':>11}{'max|diff|':>11}{'agree %':>9}"
     )
     for r in rows:
         if "not_run" in r:
@@ -568,9 +647,15 @@ def _report_official(sources: dict[str, str], args, device) -> int:
             continue
         print(
             f"{r['model_type']:<10}{r['shot']:>3}{r['image_size']:>6}{r['official_latency_ms']:>13.1f}"
-            f"{r['hf_fss_latency_ms']:>11.1f}{r['hf_fss_over_official']:>17.3f}{r['max_abs_logit_difference']:>11.1e}"
+            f"{r['hf_fss_latency_ms']:>11.1f}{r['hf_fss_over_official']:>17.3f}{r['hf_fss_cpu_over_official']:>11.3f}"
+            f"{r['max_abs_logit_difference']:>11.1e}{100 * r['pixel_agreement']:>9.2f}"
         )
-    print(f"medians of {args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}")
+    layout = " channels_last" if args.channels_last else ""
+    print(
+        f"hf_fss in {args.dtype}{layout}, the official code in float32; cpu ratio = hf_fss / official process CPU "
+        f"time; max|diff| and agree % (argmax equal) against the official float32 logits; medians of "
+        f"{args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}"
+    )
     _write_record(args.output, device, rows)
     return 0 if any("not_run" not in r for r in rows) else 1
 

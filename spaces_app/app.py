@@ -51,6 +51,14 @@ def examples_dir() -> Path:
     return Path(os.environ.get("FSS_EXAMPLES_DIR") or cache).expanduser()
 
 
+def resolve_precision(value: str | None = None) -> str:
+    """`value` or `$FSS_PRECISION`: `float32` (the default) or `bfloat16` / `float16`, the autocast dtype every model
+    runs in (the pipeline's `precision`); anything else is a one-line `ValueError` naming the variable."""
+    precision = (value if value is not None else os.environ.get("FSS_PRECISION", "")).strip() or "float32"
+    utils.check_precision(precision, DEVICE, name="FSS_PRECISION")
+    return precision
+
+
 def resolve_model_specs(value: str | None = None) -> list[str]:
     """`value` or `$FSS_MODELS` (comma-separated Hub ids or folders), else the quickstart's model, else none."""
     specs = [s.strip() for s in (value if value is not None else os.environ.get("FSS_MODELS", "")).split(",")]
@@ -165,7 +173,7 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
             huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
         # A local folder holding no model is named as such, not reported as a config.json without "model_type".
         model = utils.resolve_model_path(local) if local else spec
-        return pipeline("few-shot-segmentation", model=model, device=DEVICE)
+        return pipeline("few-shot-segmentation", model=model, device=DEVICE, precision=resolve_precision())
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
         hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"
         raise user_error(f"Could not load model {spec!r}{hint}: {type(err).__name__}: {err}") from err
@@ -497,7 +505,13 @@ def launch(demo: gr.Blocks, **kwargs):
 
 
 def main() -> None:
-    """`python spaces_app/app.py`: models from `FSS_MODELS`, address from `GRADIO_SERVER_NAME` / `_PORT`."""
+    """`python spaces_app/app.py`: models from `FSS_MODELS`, precision from `FSS_PRECISION`, address from
+    `GRADIO_SERVER_NAME` / `_PORT`."""
+    try:
+        resolve_precision()  # before anything starts: a bad value is one line, exit status 2
+    except ValueError as err:
+        print(f"app.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     demo = build_demo()
     with contextlib.suppress(gr.Error):  # load the first model now; a failure is logged, and the app still starts
         demo.registry.get(None)

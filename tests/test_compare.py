@@ -169,8 +169,9 @@ def test_compare_runs_every_model_in_the_given_dtype_and_records_it(models, tmp_
 
     dtypes = []
 
-    def evaluate_model(model, *args, **kwargs):  # records the dtype each model is scored in (warm-ups included)
-        dtypes.append(model.dtype)
+    def evaluate_model(model, *args, **kwargs):  # records the precision each model is scored in (warm-ups included)
+        # --dtype is an autocast dtype: the weights stay float32 (changed with issue 25: it cast the weights)
+        dtypes.append((model.dtype, kwargs["precision"], kwargs["channels_last"]))
         return real_evaluate_model(model, *args, **kwargs)
 
     real_evaluate_model = compare.evaluate_model
@@ -178,16 +179,17 @@ def test_compare_runs_every_model_in_the_given_dtype_and_records_it(models, tmp_
     out = tmp_path / "cmp"
     argv = ["--models", models["ntrenet"], models["prior"], *DATA, "--num-episodes", "2", "--seeds", "1",
             "--num-bootstrap", "20", "--output-dir", str(out)]  # fmt: skip
-    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert main([*argv, "--dtype", "bfloat16", "--channels-last"]) == 0
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["setup"]["dtype"] == "bfloat16" and len(dtypes) >= 2 and set(dtypes) == {torch.bfloat16}
+    assert comparison["setup"]["dtype"] == "bfloat16" and comparison["setup"]["channels_last"] is True
+    assert len(dtypes) >= 2 and set(dtypes) == {(torch.float32, "bfloat16", True)}
     first_run, dtypes[:] = len(dtypes), []
-    assert "models in bfloat16" in (out / "comparison.md").read_text()
+    assert "models in bfloat16 channels_last" in (out / "comparison.md").read_text()
     for result in comparison["results"].values():
         assert np.isfinite(result["metrics"]["miou"]) and result["metrics"]["num_episodes"] == 2
     assert main(argv) == 0  # the default: float32, recorded too
     assert json.loads((out / "comparison.json").read_text())["setup"]["dtype"] == "float32"
-    assert len(dtypes) == first_run and set(dtypes) == {torch.float32}
+    assert len(dtypes) == first_run and set(dtypes) == {(torch.float32, "float32", False)}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # argparse: a name outside the choices, one line, nothing written
         main([*argv[:-1], str(tmp_path / "other"), "--dtype", "bf16"])

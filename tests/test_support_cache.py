@@ -171,7 +171,7 @@ def test_training_validation_uses_a_fresh_cache_per_call_and_scores_as_uncached(
         autocast=contextlib.nullcontext,
     )  # fmt: skip
     model = _model("cosine_prior").train()
-    args = SimpleNamespace(eval_batch_size=1)
+    args = SimpleNamespace(eval_batch_size=1, dtype="float32", channels_last=False)
     processor = FewShotSegmentationImageProcessor(image_size=SIZE)
     first = episodic.evaluate_episodes(model, processor, episode_set, args, accelerator)
     assert model.training  # the training state is restored

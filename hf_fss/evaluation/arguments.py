@@ -16,14 +16,16 @@ import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hf_fss.cli import IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, ScriptArgumentParser, check_ranges
 from hf_fss.data.folds import COCO_CONVENTIONS
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
+from hf_fss.utils.precision import PRECISIONS, check_precision
 
 __all__ = [
     "BenchmarkArguments",
+    "PrecisionArguments",
     "SyntheticArguments",
     "add_arguments",
     "checked_fold_convention",
@@ -63,7 +65,38 @@ class SyntheticArguments:
 
 
 @dataclass
-class BenchmarkArguments(SyntheticArguments):
+class PrecisionArguments:
+    """`--dtype` and `--channels-last`: the precision the model is evaluated in (`hf_fss.utils.precision`), shared by
+    evaluate.py, compare.py, benchmark.py and train.py's validation and end-of-run tests."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "evaluation (validation, end-of-run tests) in float32 or under bfloat16 / float16 autocast; the "
+            "weights, the methods' similarities and priors, and the metric stay float32 (training precision is "
+            "accelerate's --mixed_precision)",
+            "evaluation": {
+                "choices": PRECISIONS,
+                "help": "float32 (default), or bfloat16 / float16 autocast; the weights, the methods' similarities "
+                "and priors, the logits and the metric stay float32 (docs/precision.md)",
+            },
+        },
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "evaluation with the model's weights and the query images in channels_last memory format",
+            "evaluation": {
+                "action": "store_true",
+                "help": "model weights and query images in channels_last memory format (same values; faster "
+                "convolutions with bfloat16 on CPU)",
+            },
+        },
+    )
+
+
+@dataclass
+class BenchmarkArguments(PrecisionArguments, SyntheticArguments):
     """The benchmark of a run: dataset, benchmark, fold (and COCO-20i's fold convention), shot, synthetic sizes."""
 
     dataset: str = field(
@@ -116,6 +149,7 @@ class BenchmarkArguments(SyntheticArguments):
 
     def __post_init__(self):
         check_ranges(self)
+        check_precision(self.dtype, "cpu")  # a recipe's value too; the device's own check comes when it runs
 
 
 def add_arguments(parser: ScriptArgumentParser, group: type = BenchmarkArguments) -> None:

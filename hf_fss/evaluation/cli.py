@@ -40,6 +40,7 @@ from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_byte
 from hf_fss.evaluation.protocols import get_protocol
 from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
 from hf_fss.utils.io import OutputLock, check_output_path, hold_on_main_process, write_json_atomic
+from hf_fss.utils.precision import PRECISIONS, check_precision
 
 __all__ = [
     "add_runtime_arguments",
@@ -53,8 +54,8 @@ __all__ = [
     "write_json_atomic",
 ]
 
-# `--dtype` choices: the weights' and images' dtype during evaluation.
-DTYPES = ("float32", "bfloat16", "float16")
+# `--dtype` choices (declared in `PrecisionArguments`): float32, or the autocast dtype of the evaluation.
+DTYPES = PRECISIONS
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -130,8 +131,8 @@ def _add_model_arguments(parser: ScriptArgumentParser) -> None:
 
 
 def add_runtime_arguments(parser: ScriptArgumentParser, subject: str = "the model") -> None:
-    """`--num-threads`, `--feature-cache-mb`, `--dtype` and `--cpu` (evaluate.py, and compare.py for `subject`
-    "every model")."""
+    """`--num-threads`, `--feature-cache-mb` and `--cpu` (evaluate.py, and compare.py for `subject` "every model");
+    `--dtype` and `--channels-last` come with the benchmark arguments (`PrecisionArguments`)."""
     parser.add_argument(
         "--num-threads",
         allowed=POSITIVE_INT,
@@ -147,12 +148,6 @@ def add_runtime_arguments(parser: ScriptArgumentParser, subject: str = "the mode
             "seeds (same metrics, bit for bit, at --batch-size 1); default: half the free GPU memory, or a quarter "
             "of the available RAM up to 4 GiB on CPU; 0 turns it off"
         ),
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help=f"dtype {subject} runs in (default float32); the metric is computed in float32 whatever it is",
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when an accelerator is available")
 
@@ -299,12 +294,13 @@ def run_evaluation(args: argparse.Namespace, held: contextlib.ExitStack) -> dict
     set_num_threads(args.num_threads)
 
     accelerator = Accelerator(cpu=args.cpu or needs_cpu_fallback())
+    check_precision(args.dtype, accelerator.device)  # before any data is built
     hold_on_main_process(OutputLock(args.output, "--output", beside=True), accelerator, held)
     split_name, split, fold = load_test_split(args, benchmark, convention)
     # The episode file is checked against the split before the model is loaded.
     fixed = load_episodes_jsonl(args.episodes_file, split=split) if args.episodes_file is not None else None
     overrides = model_config_overrides(args)
-    model, processor = _load_model_and_processor(args.model, overrides, args.dtype)
+    model, processor = _load_model_and_processor(args.model, overrides)
     model.to(accelerator.device)
 
     base = get_protocol(args.protocol, benchmark=benchmark)
@@ -334,6 +330,8 @@ def run_evaluation(args: argparse.Namespace, held: contextlib.ExitStack) -> dict
             accelerator=accelerator,
             description=f"seed {seed}",
             feature_cache=feature_cache,
+            precision=args.dtype,
+            channels_last=args.channels_last,
         )
         accelerator.print(
             f"seed {seed}: mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  "
@@ -365,6 +363,7 @@ def _metrics_record(
             "annotation": args.annotation,
             "model_overrides": setting["model_overrides"],
             "dtype": args.dtype,
+            "channels_last": args.channels_last,
             "episodes_file": args.episodes_file,
             "num_processes": num_processes,
         }

@@ -52,6 +52,7 @@ from hf_fss.evaluation.cli import (
 from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_bytes, evaluate_model
 from hf_fss.utils import check_model_path, set_num_threads
 from hf_fss.utils.io import OutputLock, atomic_write_text, check_output_path, write_json_atomic
+from hf_fss.utils.precision import check_precision
 
 __all__ = ["compare_models", "episode_lists", "main", "paired_test"]
 
@@ -253,6 +254,8 @@ def _score(model, processor, context: Mapping[str, Any], args: argparse.Namespac
         annotation=args.annotation,
         seed=seed,
         batch_size=args.batch_size,
+        precision=args.dtype,
+        channels_last=args.channels_last,
         **kwargs,
     )
 
@@ -278,7 +281,7 @@ def _release_memory(device: torch.device) -> None:
 
 def _warm_up_process(name_or_path: str, context: Mapping[str, Any], args: argparse.Namespace) -> None:
     """Pay the process's one-time costs (imports, thread pools, first allocations) before any model is measured."""
-    model, processor = _load_model_and_processor(name_or_path, dtype=args.dtype)
+    model, processor = _load_model_and_processor(name_or_path)
     _warm_up(model.to(context["device"]), processor, context, args)
     del model, processor
     _release_memory(context["device"])
@@ -290,7 +293,7 @@ def _evaluate_one(name_or_path: str, context: Mapping[str, Any], args: argparse.
     device = context["device"]
     _release_memory(device)
     with PeakMemory(device) as memory:
-        model, processor = _load_model_and_processor(name_or_path, dtype=args.dtype)
+        model, processor = _load_model_and_processor(name_or_path)
         model.to(device)
         _warm_up(model, processor, context, args)
         cache_bytes = context["cache_bytes"]
@@ -383,7 +386,7 @@ def markdown_table(comparison: Mapping[str, Any]) -> str:
         "",
         f"{setup['benchmark']} fold {setup['fold']}, {setup['shot']}-shot, protocol {setup['protocol']['name']}, "
         f"seeds {setup['seeds']}, {setup['episodes_per_seed']} episodes per seed, models in "
-        f"{setup.get('dtype', 'float32')}; episode list sha256 "
+        f"{setup.get('dtype', 'float32')}{' channels_last' if setup.get('channels_last') else ''}; episode list sha256 "
         f"`{comparison['episode_hash']}`. mIoU, FB-IoU, precision and class IoU in %; ± is the std over seeds.",
     ]
     if comparison["paired"]:
@@ -459,7 +462,7 @@ def build_parser() -> ScriptArgumentParser:
         "--num-bootstrap", allowed=POSITIVE_INT, default=2000, help="bootstrap resamples (default 2000)"
     )
     parser.add_argument("--confidence", allowed=_CONFIDENCE, default=0.95, help="confidence level (default 0.95)")
-    add_runtime_arguments(parser, "every model")  # --num-threads, --feature-cache-mb, --dtype, --cpu
+    add_runtime_arguments(parser, "every model")  # --num-threads, --feature-cache-mb, --cpu
     parser.add_argument(
         "--output-dir", default="comparison", help="where the episode lists and results go (default comparison/)"
     )
@@ -479,10 +482,11 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         check_model_path(model)  # before any data is built
     benchmark = resolve_benchmark(args.dataset, args.benchmark)  # a contradicting --benchmark is refused
     convention = checked_fold_convention(args.fold_convention, benchmark, args.fold)
+    check_precision(args.dtype, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     for model in dict.fromkeys(args.models):
         # Every model loads (config.json, weights, preprocessor_config.json) before the episode lists are written:
         # a broken last model must not fail after the others ran and left files behind. Loaded again when scored.
-        _load_model_and_processor(model, dtype=args.dtype)
+        _load_model_and_processor(model)
     split_name, split, fold = load_test_split(args, benchmark, convention)
     base = get_protocol(args.protocol, benchmark=benchmark)
     seeds = args.seeds or list(base.seeds)
@@ -543,6 +547,7 @@ def compare_models(args: argparse.Namespace) -> dict[str, Any]:
             "protocol": context["protocol"].to_dict(),
             "device": str(context["device"]),
             "dtype": args.dtype,
+            "channels_last": args.channels_last,
             "batch_size": args.batch_size,
         },
         "results": {name: {k: v for k, v in r.items() if k != "records"} for name, r in results.items()},

@@ -30,6 +30,7 @@ from hf_fss.data.episodes import Episode, EpisodicTestDataset, collate_test_batc
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
 from hf_fss.evaluation.support_cache import encode_support as cached_encode_support
+from hf_fss.utils.precision import channels_last_input, inference_precision
 
 __all__ = [
     "combine_seed_runs",
@@ -97,9 +98,12 @@ def _segment(
     return outputs, None if diverged is None else int(diverged.sum())
 
 
-def _model_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A batch tensor on `device`; images (floating point) in the model's `dtype`, masks and ids unchanged."""
-    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+def _model_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """A batch tensor on `device`; images (floating point) in the model's `dtype` (4-D ones in channels_last memory
+    format when asked), masks and ids unchanged."""
+    if not value.is_floating_point():
+        return value.to(device)
+    return channels_last_input(value.to(device, dtype), channels_last)
 
 
 class _ImageKeys:
@@ -117,7 +121,10 @@ class _ImageKeys:
     def of(self, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
         episodes = [self.episodes[int(i)] for i in batch["episode_index"]]
         query, support = inputs["pixel_values"], inputs["support_pixel_values"]
-        geometry = (tuple(query.shape[-3:]), str(query.dtype))
+        # The autocast dtype too: features computed under bfloat16 autocast must not serve a float32 run.
+        device_type = query.device.type
+        autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
+        geometry = (tuple(query.shape[-3:]), str(query.dtype), autocast)
         return [
             (query, [(*self.prefix, e.query, geometry) for e in episodes]),
             (support, [(*self.prefix, image_id, geometry) for e in episodes for image_id in e.supports]),
@@ -160,6 +167,8 @@ def evaluate_model(
     description: str = "evaluating",
     feature_cache: FeatureCache | None = None,
     episode_records: list[dict[str, int]] | None = None,
+    precision: str = "float32",
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """
     Evaluate `model` on fixed `episodes` of `split`; returns `FewShotSegmentationMetric.compute()`.
@@ -190,6 +199,9 @@ def evaluate_model(
         episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
             `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
             only (ValueError under several).
+        precision: `"float32"`, or `"bfloat16"` / `"float16"`: the model runs under `torch.autocast` of that dtype
+            (`hf_fss.utils.inference_precision`; its weights stay as they are).
+        channels_last: the model's weights and the query images in channels_last memory format for the loop.
 
     Runs under `torch.no_grad()`, not `torch.inference_mode()`, so that a model may adapt to its support set with
     gradients inside `encode_support`; the model gets the standard inputs plus the extra inputs it declares that a
@@ -223,9 +235,17 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        with autocast, cached:
+        with autocast, cached, inference_precision(model, precision, channels_last):
             indices, unadapted = _score_batches(
-                model, processor, batches, metric, device, protocol.label_size, feature_cache, image_keys
+                model,
+                processor,
+                batches,
+                metric,
+                device,
+                protocol.label_size,
+                feature_cache,
+                image_keys,
+                channels_last,
             )
     finally:
         model.train(was_training)
@@ -280,6 +300,7 @@ def _score_batches(
     label_size: int | None,
     feature_cache: FeatureCache | None,
     image_keys: _ImageKeys,
+    channels_last: bool = False,
 ) -> tuple[list[int], int | None]:
     """
     Segment every batch and count it into `metric`; returns the episode indices seen, in order, and how many
@@ -290,7 +311,7 @@ def _score_batches(
     unadapted = None
     for batch in batches:
         names = model_input_names(model, batch)
-        inputs = {key: _model_input(batch[key], device, dtype) for key in names}
+        inputs = {key: _model_input(batch[key], device, dtype, channels_last) for key in names}
         keys = image_keys.of(batch, inputs) if feature_cache is not None else None
         registered = feature_cache.images(keys) if feature_cache is not None else contextlib.nullcontext()
         with registered:

@@ -6,7 +6,7 @@ from .aspp import ASPPBranch, ASPPClassifier
 from .feature_enrichment import FeatureEnrichmentModule
 from .losses import MaskedCrossEntropy
 from .memory_bank import MemoryBank, gather_rows
-from .ops import classifier, conv_block, conv_relu, double_conv3x3, resize
+from .ops import autocast_off, classifier, conv_block, conv_relu, double_conv3x3, resize
 from .pfenet import PFENetSupportFeatures, pfenet_mid_level, pfenet_support_encoding, pfenet_support_features
 from .prototypes import (
     average_prototypes,
@@ -17,6 +17,7 @@ from .prototypes import (
 )
 
 __all__ = [
+    "autocast_off",
     "ASPPBranch",
     "ASPPClassifier",
     "FeatureEnrichmentModule",

@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["classifier", "conv_block", "conv_relu", "double_conv3x3", "resize"]
+__all__ = ["autocast_off", "classifier", "conv_block", "conv_relu", "double_conv3x3", "resize"]
+
+
+def autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    """
+    `torch.autocast(<tensor's device type>, enabled=False)`: inside it every op runs in its inputs' dtype, so a block
+    that casts its inputs with `.float()` stays float32 even when the caller runs the model under
+    `torch.autocast(dtype=torch.bfloat16)` (autocast would otherwise cast a `bmm` back to bfloat16). For the
+    numerically sensitive parts: cosine similarities and priors, attention softmax, test-time finetuning.
+    """
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _as_size(size: int | Sequence[int]) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import resize
+from .ops import autocast_off, resize
 
 __all__ = [
     "average_prototypes",
@@ -104,8 +104,9 @@ def cosine_prior_mask(
 
     Returns:
         `torch.Tensor` of shape `(batch_size, 1, height, width)` (or `output_size`) with values in `[0, 1]`, in the
-        features' dtype. The similarities are computed in float32 whatever that dtype is: the dot products of
-        2048-channel layer-4 features overflow float16 (max 65504) on an ordinary image.
+        features' dtype. The similarities are computed in float32 whatever that dtype is, autocast disabled: the
+        dot products of 2048-channel layer-4 features overflow float16 (max 65504) on an ordinary image, and
+        bfloat16's 8-bit mantissa moves the max-over-positions and the min-max normalisation.
     """
     dtype = query_features.dtype
     query_features, support_features = query_features.float(), support_features.float()
@@ -114,6 +115,14 @@ def cosine_prior_mask(
         raise ValueError(
             f"support features {tuple(support_features.shape)} do not match query features {tuple(query_features.shape)}"
         )
+    with autocast_off(query_features):  # float32 under a caller's bfloat16 / float16 autocast too
+        prior = _cosine_prior(query_features, support_features, support_mask, eps, output_size)
+    return prior.to(dtype)
+
+
+def _cosine_prior(query_features, support_features, support_mask, eps, output_size) -> torch.Tensor:
+    """`cosine_prior_mask` of float32 features, in float32."""
+    batch_size, _, height, width = query_features.shape
     # PFENet resizes to (h', h'), assuming square features; use the real (h', w') so non-square inputs work too.
     mask = resize_mask(support_mask.to(support_features.dtype), support_features.shape[-2:])
     query = query_features.flatten(2).transpose(1, 2)  # (batch, query_positions, channels)
@@ -132,7 +141,7 @@ def cosine_prior_mask(
     prior = prior.view(batch_size, 1, height, width)
     if output_size is not None:
         prior = resize_mask(prior, output_size)
-    return prior.to(dtype)
+    return prior
 
 
 def multi_shot_prior_mask(

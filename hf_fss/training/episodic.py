@@ -197,6 +197,8 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
         accelerator=accelerator,
         description="test" if episodes.description.startswith("test") else "validation",
         feature_cache=FeatureCache(cache_bytes) if cache_bytes > 0 else None,
+        precision=args.dtype,
+        channels_last=args.channels_last,
     )
 
 

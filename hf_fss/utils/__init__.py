@@ -26,8 +26,14 @@ from .io import (
     replace_folder,
     write_json_atomic,
 )
+from .precision import PRECISIONS, channels_last_input, check_precision, inference_precision, logit_agreement
 
 __all__ = [
+    "PRECISIONS",
+    "channels_last_input",
+    "check_precision",
+    "inference_precision",
+    "logit_agreement",
     "LOCK_NAME",
     "RUN_FOLDER_MODELS",
     "RUN_FOLDER_MODEL_TYPE",

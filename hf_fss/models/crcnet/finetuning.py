@@ -11,6 +11,7 @@ import math
 import torch
 from transformers.utils import logging
 
+from ...modules import autocast_off
 from .training import pair_losses
 
 __all__ = ["finetune", "finetune_support_sets"]
@@ -44,7 +45,10 @@ def finetune_support_sets(
         with torch.no_grad():
             features = _as_float32(model._encode(images))
             flipped = _as_float32(model._encode(images.flip(-1))) if model.config.finetune_flip else None
-        params = finetune(model, features, flipped, masks.long(), index)
+        # The optimisation in float32 under a caller's autocast too: bfloat16 convolutions in its forward and backward
+        # steer the adapted head away from the float32 run (logits moved by ~1 where the encoder's moved by ~0.002).
+        with autocast_off(images):
+            params = finetune(model, features, flipped, masks.long(), index)
         diverged.append(params is None)
         adapted.append(unadapted if params is None else params)
     dtypes = [p.dtype for p in model.head.parameters()]

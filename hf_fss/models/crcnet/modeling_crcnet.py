@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from ...differences import read_differences
 from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTrainedModel, SupportEncoding
-from ...modules import MaskedCrossEntropy, conv_relu, cosine_prior_mask, masked_average_pooling, resize
+from ...modules import MaskedCrossEntropy, autocast_off, conv_relu, cosine_prior_mask, masked_average_pooling, resize
 from .configuration_crcnet import CRCNetConfig
 from .finetuning import finetune_support_sets
 from .inference import infer, scale_images
@@ -170,14 +170,16 @@ class LocalConditional(nn.Module):
         batch_size, channels, height, width = target.shape
         query = self.theta(target).flatten(2).float()  # (B, d, HW_t)
         key = self.delta(reference).flatten(2).float()  # (B, d, HW_r)
-        similarity = torch.bmm(query.transpose(1, 2), key) * self.scale  # (B, HW_t, HW_r), float32
-        mask = reference_mask.flatten(2).float()  # (B, 1, HW_r), broadcast over rows
-        if self.mask_mode == "multiply":
-            similarity = similarity * mask
-        elif self.mask_mode == "neg_inf":
-            # finfo.min rather than -inf: a mask empty at feature size gives uniform weights, not NaN.
-            similarity = similarity.masked_fill(mask <= 0, torch.finfo(similarity.dtype).min)
-        attention = similarity.softmax(dim=-1).to(reference.dtype)
+        with autocast_off(query):  # float32 under a caller's autocast too
+            similarity = torch.bmm(query.transpose(1, 2), key) * self.scale  # (B, HW_t, HW_r), float32
+            mask = reference_mask.flatten(2).float()  # (B, 1, HW_r), broadcast over rows
+            if self.mask_mode == "multiply":
+                similarity = similarity * mask
+            elif self.mask_mode == "neg_inf":
+                # finfo.min rather than -inf: a mask empty at feature size gives uniform weights, not NaN.
+                similarity = similarity.masked_fill(mask <= 0, torch.finfo(similarity.dtype).min)
+            attention = similarity.softmax(dim=-1)
+        attention = attention.to(reference.dtype)
         attended = torch.bmm(reference.flatten(2), attention.transpose(1, 2))  # (B, C, HW_t)
         return attended.reshape(batch_size, channels, height, width)
 

@@ -30,6 +30,7 @@ from ...modeling_fss import FewShotSegmentationOutput, FewShotSegmentationPreTra
 from ...modules import (
     FeatureEnrichmentModule,
     MaskedCrossEntropy,
+    autocast_off,
     conv_block,
     multi_shot_prior_mask,
     pfenet_mid_level,
@@ -96,16 +97,19 @@ def prior_region_map(bridge_features: torch.Tensor, prior_features: torch.Tensor
             "agree on batch size and channels"
         )
     batch_size, _, height, width = bridge_features.shape
-    bridge = bridge_features.flatten(2).transpose(1, 2)  # (batch, bridge positions, channels)
-    prior = prior_features.flatten(2)  # (batch, channels, prior positions)
-    norms = torch.linalg.vector_norm(bridge, dim=2, keepdim=True) * torch.linalg.vector_norm(
-        prior, dim=1, keepdim=True
-    )
-    # The official code reshapes with view(B, sp * sp), which needs square maps; flattening (h, w) works for any.
-    similarity = (torch.bmm(bridge, prior) / (norms + eps)).amax(dim=2)  # best prior position per bridge position
-    minimum = similarity.min(dim=1, keepdim=True).values
-    maximum = similarity.max(dim=1, keepdim=True).values
-    return ((similarity - minimum) / (maximum - minimum + eps)).view(batch_size, 1, height, width)
+    # Cosine similarities in float32 whatever the dtype, autocast off (as the cosine prior, `cosine_prior_mask`).
+    bridge = bridge_features.float().flatten(2).transpose(1, 2)  # (batch, bridge positions, channels)
+    prior = prior_features.float().flatten(2)  # (batch, channels, prior positions)
+    with autocast_off(bridge):
+        norms = torch.linalg.vector_norm(bridge, dim=2, keepdim=True) * torch.linalg.vector_norm(
+            prior, dim=1, keepdim=True
+        )
+        # The official code reshapes with view(B, sp * sp), which needs square maps; flattening (h, w) works for any.
+        similarity = (torch.bmm(bridge, prior) / (norms + eps)).amax(dim=2)  # best prior position per bridge position
+        minimum = similarity.min(dim=1, keepdim=True).values
+        maximum = similarity.max(dim=1, keepdim=True).values
+        region = (similarity - minimum) / (maximum - minimum + eps)
+    return region.view(batch_size, 1, height, width).to(bridge_features.dtype)
 
 
 class QGNetLoss(nn.Module):
