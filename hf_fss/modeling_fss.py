@@ -22,6 +22,18 @@ from .loading import key_list, quiet_load_report, size_mismatch_message, weights
 # Arguments of `forward` every method takes; anything else must be declared by the model.
 _STANDARD_INPUTS = ("pixel_values", "support_pixel_values", "support_masks", "labels", "support_encoding")
 
+# Bumped whenever any module anywhere gains or replaces a submodule (attribute assignment, `add_module`,
+# `register_module`: torch's global registration hook), so values derived from a module tree (`min_input_size`)
+# are computed once and recomputed only after such a change, without walking the tree on every call.
+_MODULE_TREE_GENERATION = [0]
+
+
+def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _MODULE_TREE_GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
+
 
 @dataclass
 class FewShotSegmentationOutput(ModelOutput):
@@ -180,10 +192,16 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         The smallest `(height, width)` of an image this model takes, from its feature extractors' convolutions and
         pooling (`StagedBackbone.min_input_size`): `(8, 8)` for SMCP's dilated VGG-16, `(1, 1)` for the ResNets and
         VGG16BN. The methods' own layers keep any feature map of at least one pixel (padded convolutions, adaptive
-        pools whose PFENet bins are at least 1). `forward` / `encode_support` refuse smaller images.
+        pools whose PFENet bins are at least 1). `forward` / `encode_support` refuse smaller images. Computed once
+        and kept until a submodule is added or replaced anywhere (so swapping `model.backbone` is seen).
         """
+        generation, cached = getattr(self, "_min_input_size_cache", (None, None))
+        if generation == _MODULE_TREE_GENERATION[0]:  # forward / encode_support ask on every call: no tree walk
+            return cached
         sizes = [extractor.min_input_size() for extractor in self.feature_extractors().values()] or [(1, 1)]
-        return max(h for h, _ in sizes), max(w for _, w in sizes)
+        size = max(h for h, _ in sizes), max(w for _, w in sizes)
+        self._min_input_size_cache = (_MODULE_TREE_GENERATION[0], size)
+        return size
 
     def pretrained_weight_sources(self) -> dict[str, str]:
         """Extractor name -> weights to start training from (Hub id, folder or safetensors file); empty if none."""

@@ -390,6 +390,25 @@ def test_post_process_round_trips(processor):
         processor.post_process_semantic_segmentation(support_logits, target_sizes=[[(200, 320), (200, 320)]])
 
 
+def test_post_processing_takes_torchs_argmax_on_ties_nan_and_infinity(processor):
+    # The masks come from one comparison rather than torch's slow argmax over the channel dimension (issue 25);
+    # they must equal it everywhere: ties go to the background, a NaN counts as the maximum (the first one wins).
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 3, (4, 2, S, S), generator=generator).float()
+    special = torch.rand(logits.shape, generator=generator)
+    logits[special < 0.15] = float("nan")
+    logits[special > 0.9] = float("inf")
+    logits[0] = logits[0].nan_to_num(0.0, 5.0)  # one map without NaN
+    logits[1, 0] = logits[1, 0].nan_to_num(0.0, 5.0)  # NaN targets over finite backgrounds only
+    masks = processor.post_process_semantic_segmentation(logits)
+    for mask, item in zip(masks, logits):
+        assert mask.dtype == torch.long and torch.equal(mask, item.argmax(dim=0))
+    three = torch.cat([logits, logits[:, :1] + 1], dim=1)  # more than two channels: torch's argmax itself
+    assert all(
+        torch.equal(m, i.argmax(dim=0)) for m, i in zip(processor.post_process_semantic_segmentation(three), three)
+    )
+
+
 # ------------------------------------------------------------------------------------------------------- errors
 
 

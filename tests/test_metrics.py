@@ -88,6 +88,23 @@ def test_intersection_and_union_without_ignore_index_rejects_255():
         intersection_and_union(t(A_PRED), t(A_TARGET), ignore_index=None)
 
 
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_intersection_and_union_counts_as_pfenet_on_random_maps_with_ignored_pixels(num_classes):
+    # The counts come from a bincount with an extra bin for ignored pixels (issue 25: no boolean gather); they must
+    # equal PFENet's gather-then-count on any map, whatever the prediction holds at ignored pixels.
+    generator = torch.Generator().manual_seed(num_classes)
+    pred = torch.randint(0, num_classes, (61, 47), generator=generator)
+    target = torch.randint(0, num_classes, (61, 47), generator=generator)
+    ignored = torch.rand(61, 47, generator=generator) < 0.2
+    target[ignored], pred[ignored & (torch.rand(61, 47, generator=generator) < 0.5)] = 255, 255
+    inter, union, area = intersection_and_union(pred, target, num_classes)
+    kept_pred, kept_target = pred[~ignored], target[~ignored]
+    for c in range(num_classes):
+        expected_inter = int(((kept_pred == c) & (kept_target == c)).sum())
+        assert inter[c] == expected_inter and area[c] == int((kept_target == c).sum())
+        assert union[c] == int((kept_pred == c).sum()) + int(area[c]) - expected_inter
+
+
 def test_intersection_and_union_validates_inputs():
     with pytest.raises(ValueError, match="same shape"):
         intersection_and_union(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))

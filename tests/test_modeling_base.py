@@ -267,6 +267,24 @@ def test_every_method_segments_images_of_its_smallest_input_size(name):
         assert model(query, support, masks).logits.shape == (1, 2, height, width)
 
 
+def test_min_input_size_is_computed_once_and_again_after_a_submodule_is_replaced(monkeypatch):
+    # forward / encode_support ask for it on every call: it must not walk the module tree each time (issue 25).
+    model, smcp = tiny_method("ntrenet"), tiny_method("smcp")
+    assert model.min_input_size() == (1, 1)
+    walks = []
+    original = type(model).feature_extractors
+    monkeypatch.setattr(type(model), "feature_extractors", lambda self: walks.append(1) or original(self))
+    query, support, masks, _ = random_episode(batch_size=1, shot=1, size=17)
+    masks[...] = 1
+    with torch.no_grad():
+        model(query, support, masks)
+        model.encode_support(support, masks)
+    assert walks == []
+    model.backbone = smcp.backbone  # SMCP's dilated VGG-16 takes at least 8 x 8
+    assert model.min_input_size() == (8, 8) and len(walks) == 1
+    assert model.min_input_size() == (8, 8) and len(walks) == 1
+
+
 @pytest.mark.parametrize(
     ("size", "argument"),
     [((7, 65), "pixel_values"), ((65, 2), "pixel_values"), ((7, 7), "support_pixel_values")],

@@ -106,19 +106,23 @@ def intersection_and_union(
             f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
     pred, target = pred.reshape(-1), target.reshape(-1)
-    if ignore_index is not None:
-        valid = target != ignore_index
-        pred, target = pred[valid], target[valid]
     k = int(num_classes)
+    # Ignored pixels go to an extra last bin instead of being gathered out (boolean indexing of a 417 x 417 map costs
+    # ~10 ms on one CPU thread, these elementwise ops well under 1 ms); the counts are the same.
+    cell = target * k + pred
+    out_of_range = (pred < 0) | (pred >= k) | (target < 0) | (target >= k)
+    if ignore_index is not None:
+        ignored = target == ignore_index
+        cell, out_of_range = cell.masked_fill(ignored, k * k), out_of_range & ~ignored
     # One host sync to reject out-of-range labels instead of silently dropping them (torch.histc would).
-    bad = ((pred < 0) | (pred >= k)).any() | ((target < 0) | (target >= k)).any()
-    if bool(bad):
+    if bool(out_of_range.any()):
+        counted = ~ignored if ignore_index is not None else slice(None)
         raise ValueError(
             f"labels must lie in [0, {k}) (or be {ignore_index} in the target); got pred values "
-            f"{torch.unique(pred).tolist()[:8]} and target values {torch.unique(target).tolist()[:8]}"
+            f"{torch.unique(pred[counted]).tolist()[:8]} and target values {torch.unique(target[counted]).tolist()[:8]}"
         )
     # Confusion matrix, rows = target, columns = prediction.
-    confusion = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+    confusion = torch.bincount(cell, minlength=k * k + 1)[: k * k].reshape(k, k)
     intersection = confusion.diagonal().clone()
     area_pred, area_target = confusion.sum(0), confusion.sum(1)
     return intersection, area_pred + area_target - intersection, area_target
