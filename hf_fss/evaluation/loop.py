@@ -190,12 +190,10 @@ def evaluate_model(
         accelerator: an `accelerate.Accelerator`; with several processes the episodes are sharded and the counts
             summed with `accelerator.reduce`. Its `autocast()` applies the run's mixed precision.
         progress: show a tqdm bar (on the local main process only).
-        feature_cache: a `hf_fss.backbones.FeatureCache`: every frozen extractor of the model serves the images it
-            has already seen (keyed by split fingerprint, image id and processor geometry) from it instead of
-            recomputing them, the support encoding of each (support image, mask, annotation) is computed once
-            (`hf_fss.evaluation.support_cache`), and with `num_workers=0` each image is decoded and preprocessed
-            once; the metrics are bit-identical at batch size 1 (see `hf_fss.backbones.feature_cache`). Pass the
-            same cache to several calls (seeds) on one split to reuse it across them.
+        feature_cache: a `hf_fss.backbones.FeatureCache`: frozen extractors serve the images they have seen (keyed
+            by split fingerprint, image id and processor geometry), each (support image, mask, annotation) is encoded
+            once (`hf_fss.evaluation.support_cache`) and, with `num_workers=0`, each image decoded once; metrics are
+            bit-identical at batch size 1. Give several calls (seeds) on one split the same cache to share it.
         episode_records: a list to extend with one dict per episode (`episode_index`, `class_id`, foreground
             `intersection` / `union`, `bg_intersection` / `bg_union` pixel counts), in episode order; one process
             only (ValueError under several).
@@ -237,15 +235,7 @@ def evaluate_model(
     try:
         with autocast, cached, inference_precision(model, precision, channels_last):
             indices, unadapted = _score_batches(
-                model,
-                processor,
-                batches,
-                metric,
-                device,
-                protocol.label_size,
-                feature_cache,
-                image_keys,
-                channels_last,
+                model, processor, batches, metric, device, protocol, feature_cache, image_keys, channels_last
             )
     finally:
         model.train(was_training)
@@ -297,7 +287,7 @@ def _score_batches(
     batches: Any,
     metric: FewShotSegmentationMetric,
     device: torch.device,
-    label_size: int | None,
+    protocol: EvaluationProtocol,
     feature_cache: FeatureCache | None,
     image_keys: _ImageKeys,
     channels_last: bool = False,
@@ -322,9 +312,9 @@ def _score_batches(
         sizes = [tuple(int(v) for v in size) for size in batch["original_size"]]
         predictions = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
         targets = batch["target"]
-        if isinstance(label_size, int):
-            predictions = [resize_label(p.cpu(), label_size) for p in predictions]
-            targets = [resize_label(t, label_size) for t in targets]
+        if isinstance(protocol.label_size, int):
+            predictions = [resize_label(p.cpu(), protocol.label_size) for p in predictions]
+            targets = [resize_label(t, protocol.label_size) for t in targets]
         metric.update(predictions, targets, batch["class_ids"])
         indices.extend(int(i) for i in batch["episode_index"])
     return indices, unadapted

@@ -8,17 +8,12 @@ for contrastive pretraining) comes in through `LoopCallback`s:
 - `on_step_end(loop)`: after the step is counted and logged, before its checkpoint (validation, best model);
 - `state_objects()`: objects with `state_dict` / `load_state_dict` checkpointed with the run.
 
-What a checkpoint holds: weights, optimizer, scheduler, RNG states, the loop's counter (`LoopState`), the model's
-own training state (`model.training_state_objects()`, e.g. NTRENet's contrastive bank) and the callbacks' state, as
-safetensors + JSON with a checksum manifest written last (`hf_fss.training.checkpoint`; not `accelerator.save_state`,
-which pickles): loading one never unpickles, a damaged one is refused naming the file, and one whose run settings
-differ from the resumed run's is refused listing both values. A non-finite loss stops the run with an error naming
-the step and the loss terms (`NonFiniteError`), and non-finite weights are never saved.
-
-Checkpoints are `checkpoints/step_XXXXXXXX/` (named by optimizer step, which is what `--resume-from-checkpoint` and
-`--stop-after-steps` speak), written to a staging folder (`hf_fss.utils.io`; a later run removes those a killed run
-left) and renamed once every process wrote, so a run killed while saving never leaves a half checkpoint; `latest` is
-the newest checkpoint whose manifest verifies; `checkpoints_total_limit` keeps the newest N.
+A checkpoint (`checkpoints/step_XXXXXXXX/`, by optimizer step) holds weights, optimizer, scheduler, RNG states,
+`LoopState`, the model's training state (`model.training_state_objects()`) and the callbacks' state as safetensors +
+JSON with a checksum manifest written last (`hf_fss.training.checkpoint`; never a pickle): a damaged one is refused
+naming the file, one whose run settings differ is refused listing both values. It is written to a staging folder
+(`hf_fss.utils.io`) and renamed once every process wrote, so a killed run never leaves half a checkpoint; `latest` is
+the newest whose manifest verifies. A non-finite loss stops the run naming the step and loss terms (`NonFiniteError`).
 
 Data order is reproducible and resumable: a shuffling sampler seeded by `(seed, epoch)` (`EpochShuffleSampler`)
 gives every process the same permutation (Accelerate shards it), a dataset with `set_epoch` is told the epoch (the
