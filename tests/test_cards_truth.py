@@ -183,3 +183,17 @@ def test_seggpt_and_qgnet_prior_cards_follow_what_was_loaded(tmp_path, dinov2_fo
     assert "weights loaded from" not in text and f"weights of {dinov2_folder} (prior_extractor_weights)" in text
     model.load_pretrained_extractors()
     assert f"weights loaded from `{dinov2_folder}` when training started." in render_model_card(model.config).text
+
+
+def test_training_warns_when_a_named_backbone_keeps_random_weights(dinov2_folder):
+    from hf_fss.training.episodic import random_named_backbone_note
+
+    config = NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=None)
+    note = random_named_backbone_note(config)
+    assert note == (
+        f"backbone: the architecture of {dinov2_folder} with random weights; set use_pretrained_backbone: true to "
+        "start from its weights"
+    )
+    assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=None,
+                                                    use_pretrained_backbone=True)) is None  # fmt: skip
+    assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET)) is None  # an hf_fss ResNet: nothing named
