@@ -197,3 +197,12 @@ def test_training_warns_when_a_named_backbone_keeps_random_weights(dinov2_folder
     assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=None,
                                                     use_pretrained_backbone=True)) is None  # fmt: skip
     assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET)) is None  # an hf_fss ResNet: nothing named
+
+
+def test_resnet_kwargs_left_beside_a_transformers_backbone_name_the_fix(dinov2_folder):
+    with pytest.raises(ValueError) as error:
+        NTRENetModel(NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=TINY_RESNET))
+    message = str(error.value)
+    assert "'base_width' in backbone_kwargs" in message and "no field of Dinov2Config" in message
+    assert "for hf_fss's own ResNet / VGG" in message and '"backbone_kwargs": null' in message
+    assert "\n" not in message
