@@ -92,6 +92,12 @@ class FewShotSegmentationConfig(PreTrainedConfig):
         Side of the square inputs the model is trained and evaluated on.
     ignore_index (`int`, *optional*, defaults to 255):
         Label value excluded from losses and metrics.
+    loaded_pretrained_weights (`dict`, *optional*):
+        Written by the model, not by a user: extractor name -> the Hub id / folder whose weights
+        `model.load_pretrained_extractors()` loaded into it (`{}`: none, random initialisation). A freshly built
+        model resets it to `{}`; `save_pretrained` writes it and `from_pretrained` keeps the saved one, so the model
+        card states where the saved weights came from. `None` (a config on its own, or a folder saved before the
+        record existed): the card states what the config asks for.
     """
 
     model_type = "few_shot_segmentation"
@@ -111,6 +117,7 @@ class FewShotSegmentationConfig(PreTrainedConfig):
     chunk_extractors_on_cpu: bool = True
     image_size: int = 473
     ignore_index: int = 255
+    loaded_pretrained_weights: dict | None = None
 
     def __post_init__(self, **kwargs):
         for name in self.tuple_fields:

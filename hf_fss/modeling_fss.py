@@ -185,7 +185,15 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         for extractor in self.feature_extractors().values():
             for module in extractor.modules():
                 module._is_hf_initialized = True
+        # A model just built holds random extractors whatever its config asks for: the record starts empty, and
+        # `from_pretrained` restores the saved one (the saved weights are those).
+        self._saved_weights_record = self.config.loaded_pretrained_weights
+        self.config.loaded_pretrained_weights = {}
         super().post_init()
+
+    def _record_loaded_weights(self, sources: dict[str, str]) -> None:
+        """Note in `config.loaded_pretrained_weights` (saved with the model, read by its card) what was loaded."""
+        self.config.loaded_pretrained_weights = {**(self.config.loaded_pretrained_weights or {}), **sources}
 
     def min_input_size(self) -> tuple[int, int]:
         """
@@ -218,11 +226,13 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         sources = self.pretrained_weight_sources()
         for name, source in sources.items():
             self.get_submodule(name).load_weights(source)
+            self._record_loaded_weights({name: source})
         return sources
 
     def load_pretrained_backbone(self, name_or_path: str | None = None) -> None:
         """Load ImageNet weights into `self.backbone` from a Hub repo id, a folder or a safetensors file."""
         self.backbone.load_weights(name_or_path or self.config.backbone_weights)
+        self._record_loaded_weights({"backbone": str(name_or_path or self.config.backbone_weights)})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -281,6 +291,10 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
             )
         for extractor in model.feature_extractors().values():
             extractor.restore_computed_buffers()
+        # The saved record of loaded weights; a folder saved before the record existed was written by the trainer or
+        # a converter, which loaded what the config asks for.
+        saved = model._saved_weights_record
+        model.config.loaded_pretrained_weights = saved if saved is not None else model.pretrained_weight_sources()
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):

@@ -112,3 +112,97 @@ def test_the_card_names_the_data_the_weights_were_trained_on(config_class):
     assert "Trained on the hf_fss synthetic benchmark" in synthetic and "natural photos (PASCAL VOC" not in synthetic
     pascal = render_model_card(config_class(), training={"benchmark": "pascal5i", "fold": 0, "shot": 1}).text
     assert "Trained on PASCAL-5i; other image domains are out of distribution" in pascal
+
+
+@pytest.fixture
+def dinov2_folder(tmp_path):
+    """A local folder written by `Dinov2Backbone.save_pretrained` (standing in for facebook/dinov2-small)."""
+    from conftest import TINY_DINOV2
+    from transformers import Dinov2Backbone, Dinov2Config
+
+    config = Dinov2Config(**{k: v for k, v in TINY_DINOV2.items() if k != "model_type"}, out_indices=[1, 2, 3, 4])
+    Dinov2Backbone(config).save_pretrained(tmp_path / "dinov2")
+    return str(tmp_path / "dinov2")
+
+
+def test_a_card_says_random_when_the_asked_for_weights_were_never_loaded(dinov2_folder, tmp_path):
+    from transformers import AutoModel
+
+    model = CosinePriorModel(CosinePriorConfig(backbone=dinov2_folder, use_pretrained_backbone=True, image_size=65))
+    folder = save_pretrained_with_card(model, None, tmp_path / "random")
+    text = (folder / "README.md").read_text()
+    assert "random initialisation. Warning: the config asks for the weights of " + dinov2_folder in text
+    assert f"DINOv2 weights from {dinov2_folder}" not in text
+    assert AutoModel.from_pretrained(folder).config.loaded_pretrained_weights == {}  # re-saved, still random
+
+    assert model.load_pretrained_extractors() == {"backbone": dinov2_folder}
+    folder = save_pretrained_with_card(model, None, tmp_path / "loaded")
+    assert f"DINOv2 weights from {dinov2_folder}" in (folder / "README.md").read_text()
+    reloaded = AutoModel.from_pretrained(folder)  # the saved weights are those loaded: the record is kept
+    assert reloaded.config.loaded_pretrained_weights == {"backbone": dinov2_folder}
+    resaved = save_pretrained_with_card(reloaded, None, tmp_path / "resaved")
+    assert f"DINOv2 weights from {dinov2_folder}" in (resaved / "README.md").read_text()
+    # A model built from the saved config has random weights again, whatever the record in that config said.
+    assert CosinePriorModel(reloaded.config).config.loaded_pretrained_weights == {}
+
+
+def test_a_folder_saved_before_the_record_keeps_the_card_its_config_gave(tmp_path):
+    import json
+
+    from transformers import AutoModel
+
+    model = NTRENetModel(NTRENetConfig(**TINY_NTRENET, backbone_kwargs={"stem": "7x7", **TINY_RESNET}))
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["loaded_pretrained_weights"]
+    config["use_pretrained_backbone"] = True  # what an older trainer saved after loading microsoft/resnet-50
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = AutoModel.from_pretrained(tmp_path / "old")
+    assert loaded.config.loaded_pretrained_weights == {"backbone": "microsoft/resnet-50"}
+
+
+def test_seggpt_and_qgnet_prior_cards_follow_what_was_loaded(tmp_path, dinov2_folder):
+    from conftest import TINY_SEGGPT
+    from transformers import SegGptConfig, SegGptForImageSegmentation
+
+    from hf_fss import SegGptFssConfig, SegGptFssModel
+
+    SegGptForImageSegmentation(SegGptConfig(**TINY_SEGGPT)).save_pretrained(tmp_path / "seggpt")
+    seggpt = str(tmp_path / "seggpt")
+    model = SegGptFssModel(SegGptFssConfig(seggpt_config=SegGptConfig(**TINY_SEGGPT), seggpt_name_or_path=seggpt))
+    text = render_model_card(model.config).text
+    assert f"SegGPT weights from {seggpt}" not in text and "the config asks for the weights of " + seggpt in text
+    model.load_pretrained_extractors()
+    assert f"SegGPT weights from {seggpt}" in render_model_card(model.config).text
+
+    config = QGNetConfig(**{**TINY_QGNET, "backbone_kwargs": TINY_RESNET, "prior_extractor_kwargs": None},
+                         prior_extractor_backbone=dinov2_folder, prior_extractor_weights=dinov2_folder)  # fmt: skip
+    model = QGNetModel(config)
+    text = render_model_card(model.config).text
+    assert f"Prior extractor: {dinov2_folder}, frozen," in text and "`{}`" not in text
+    assert "weights loaded from" not in text and f"weights of {dinov2_folder} (prior_extractor_weights)" in text
+    model.load_pretrained_extractors()
+    assert f"weights loaded from `{dinov2_folder}` when training started." in render_model_card(model.config).text
+
+
+def test_training_warns_when_a_named_backbone_keeps_random_weights(dinov2_folder):
+    from hf_fss.training.episodic import random_named_backbone_note
+
+    config = NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=None)
+    note = random_named_backbone_note(config)
+    assert note == (
+        f"backbone: the architecture of {dinov2_folder} with random weights; set use_pretrained_backbone: true to "
+        "start from its weights"
+    )
+    assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=None,
+                                                    use_pretrained_backbone=True)) is None  # fmt: skip
+    assert random_named_backbone_note(NTRENetConfig(**TINY_NTRENET)) is None  # an hf_fss ResNet: nothing named
+
+
+def test_resnet_kwargs_left_beside_a_transformers_backbone_name_the_fix(dinov2_folder):
+    with pytest.raises(ValueError) as error:
+        NTRENetModel(NTRENetConfig(**TINY_NTRENET, backbone=dinov2_folder, backbone_kwargs=TINY_RESNET))
+    message = str(error.value)
+    assert "'base_width' in backbone_kwargs" in message and "no field of Dinov2Config" in message
+    assert "for hf_fss's own ResNet / VGG" in message and '"backbone_kwargs": null' in message
+    assert "\n" not in message

@@ -92,8 +92,9 @@ def test_dry_run_converts_verifies_and_writes_hub_ready_folders_with_their_cards
 
 
 def _fields(config) -> dict:
-    """A config's fields, without what saving or loading adds (architectures, dtype, path, versions)."""
-    added = ("architectures", "_name_or_path", "dtype", "transformers_version")
+    """A config's fields, without what saving or loading adds (architectures, dtype, path, versions, the model's
+    record of loaded weights)."""
+    added = ("architectures", "_name_or_path", "dtype", "transformers_version", "loaded_pretrained_weights")
     return {k: v for k, v in config.to_dict().items() if k not in added}
 
 

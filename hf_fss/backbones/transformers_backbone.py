@@ -142,9 +142,14 @@ def build_transformers_config(backbone_config: dict, overrides: dict | None = No
     config = _auto_config(model_type, values)
     for key in overrides or {}:
         if not hasattr(config, key):
+            # Usually the recipe's or a saved config's kwargs of hf_fss's own ResNet / VGG, kept when only the
+            # backbone was overridden: the user never wrote them, so the fix is named.
             raise ValueError(
-                f"{key!r} (in backbone_kwargs / prior_extractor_kwargs, overrides of a transformers backbone config) "
-                f"is no field of {type(config).__name__}; check its spelling"
+                f"{key!r} in backbone_kwargs / prior_extractor_kwargs (possibly from the recipe or a saved config) is "
+                f"no field of {type(config).__name__}: such kwargs (base_width, depths, stem, ...) are for hf_fss's own "
+                'ResNet / VGG; with a transformers backbone set "backbone_kwargs": null (or '
+                '"prior_extractor_kwargs": null), or give fields of its config; a trained model\'s backbone cannot be '
+                "swapped"
             )
     if overrides:
         config = _auto_config(model_type, {**values, **overrides})

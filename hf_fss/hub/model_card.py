@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import logging
 
 from ..differences import read_differences
 from ..utils.io import give_plain_file_modes, make_staging_dir, remove_stale_staging, replace_folder
@@ -60,6 +61,8 @@ _MANAGED_PATTERNS = (
     re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors"),
     re.compile(r"model\.safetensors\.index\.json"),
 )
+
+logger = logging.get_logger(__name__)
 
 _BACKBONE_NAMES = {
     "resnet50": "ResNet-50",
@@ -132,7 +135,8 @@ def _config_fields(config) -> list[tuple[str, Any]]:
         names = [f.name for f in dataclasses.fields(config) if f.name not in base]
     else:  # pragma: no cover - every hf_fss config is a dataclass
         names = [k for k in config.to_dict() if k not in base]
-    return [(name, getattr(config, name, None)) for name in names]
+    # The record of loaded weights is the model's, stated in the card's weights line, not a setting.
+    return [(name, getattr(config, name, None)) for name in names if name != "loaded_pretrained_weights"]
 
 
 def _differences(model_type: str) -> list[str] | None:
@@ -159,32 +163,76 @@ def _backbone_name(config) -> str:
     return name
 
 
+def _loaded_source(config, name: str, requested: str | None) -> str | None:
+    """
+    Where extractor `name`'s weights came from: the model's record (`loaded_pretrained_weights`, written by
+    `load_pretrained_extractors()` and kept by save / `from_pretrained`), or, for a config without one (rendered on
+    its own), the source the config asks for.
+    """
+    record = getattr(config, "loaded_pretrained_weights", None)
+    return requested if record is None else record.get(name)
+
+
+def _not_loaded(requested: str, flag: str) -> str:
+    return (
+        f"random initialisation. Warning: the config asks for the weights of {requested} ({flag}) but they were never "
+        "loaded into this model; call model.load_pretrained_extractors() before saving"
+    )
+
+
 def _backbone_weights(config, training: Mapping[str, Any] | None) -> str:
     """
-    Where the backbone's weights come from, from the config and the run record (never assumed): a converted
-    checkpoint, ImageNet weights loaded from `config.backbone_weights`, or a random initialisation. A converted
-    checkpoint is called a checkpoint of the official code: who trained it is not in the file (QGNet's authors
-    published none).
+    Where the backbone's weights come from, from the model's record of what it loaded and the run record (never
+    assumed from the config alone once a model exists): a converted checkpoint, weights loaded from the Hub id /
+    folder recorded, or a random initialisation (with a warning when the config asked for weights that were not
+    loaded). A converted checkpoint is called a checkpoint of the official code: who trained it is not in the file
+    (QGNet's authors published none).
     """
     if _lookup(training, "converted_from") is not None:
         return "the weights of the converted official-code checkpoint"
     if getattr(config, "seggpt_config", None) is not None:
-        # `seggpt_name_or_path` is where `from_seggpt` / `load_pretrained_extractors()` took the weights from.
-        source = config.seggpt_name_or_path
-        return f"SegGPT weights from {source}" if source else "random initialisation: no SegGPT weights were loaded"
+        requested = config.seggpt_name_or_path
+        source = _loaded_source(config, "seggpt", requested)
+        if source:
+            return f"SegGPT weights from {source}"
+        if requested:
+            return _not_loaded(requested, "seggpt_name_or_path")
+        return "random initialisation: no SegGPT weights were loaded"
     backbone_config = getattr(config, "backbone_config", None)
-    if getattr(config, "use_pretrained_backbone", False) and backbone_config is not None:
+    if not getattr(config, "use_pretrained_backbone", False):
+        source = _loaded_source(config, "backbone", None)  # loaded by hand (`load_pretrained_backbone(path)`)
+        if not source:
+            return "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
+    else:
+        try:
+            requested = config.backbone_weights
+        except ValueError:
+            requested = None
+        source = _loaded_source(config, "backbone", requested)
+        if not source and getattr(config, "loaded_pretrained_weights", None) is not None:
+            return _not_loaded(requested or "the backbone's checkpoint", "use_pretrained_backbone=True")
+    if backbone_config is not None:
         family = _TRANSFORMERS_BACKBONE_NAMES.get(backbone_config["model_type"], backbone_config["model_type"])
-        try:
-            return f"{family} weights from {config.backbone_weights}"
-        except ValueError:
-            return f"pretrained {family} weights"
-    if getattr(config, "use_pretrained_backbone", False):
-        try:
-            return f"ImageNet-pretrained weights from {config.backbone_weights}"
-        except ValueError:
-            return "ImageNet-pretrained weights"
-    return "random initialisation: no pretrained weights were loaded (use_pretrained_backbone=False)"
+        return f"{family} weights from {source}" if source else f"pretrained {family} weights"
+    return f"ImageNet-pretrained weights from {source}" if source else "ImageNet-pretrained weights"
+
+
+def _prior_extractor_weights(config, training: Mapping[str, Any] | None) -> str | None:
+    """QGNet's prior extractor weights, as `_backbone_weights` (None for a method without one)."""
+    if not hasattr(config, "prior_extractor_weights"):
+        return None
+    if _lookup(training, "converted_from") is not None:
+        return "weights from the converted checkpoint."
+    requested = config.prior_extractor_weights
+    source = _loaded_source(config, "prior_extractor", requested)
+    if source:
+        return f"weights loaded from `{source}` when training started."
+    if requested:
+        return _not_loaded(requested, "prior_extractor_weights") + "."
+    return (
+        "random initialisation: no pretrained prior extractor was loaded (`prior_extractor_weights` is unset), so its "
+        "prior region map comes from random features, not from contrastive pretraining."
+    )
 
 
 def _training_data(training: Mapping[str, Any] | None) -> str:
@@ -255,10 +303,11 @@ def _card_data(config, training, metrics_list, eval_results: list[EvalResult], m
     datasets = sorted({d for d in [_lookup(training, "dataset")] if _looks_like_hub_id(d)})
     base_model = (training or {}).get("base_model")
     if base_model is None and getattr(config, "seggpt_config", None) is not None:
-        base_model = config.seggpt_name_or_path  # the SegGPT checkpoint this adapter holds unchanged
+        # the SegGPT checkpoint this adapter holds unchanged, when it was loaded
+        base_model = _loaded_source(config, "seggpt", config.seggpt_name_or_path)
     if base_model is None and getattr(config, "use_pretrained_backbone", False):
         with contextlib.suppress(ValueError):
-            candidate = config.backbone_weights
+            candidate = _loaded_source(config, "backbone", config.backbone_weights)
             base_model = candidate if _looks_like_hub_id(candidate) else None
     return ModelCardData(
         library_name="hf_fss",  # the Hub shows its usage snippet (with `import hf_fss`), not a transformers one
@@ -328,6 +377,7 @@ def render_model_card(
         summary=_summary(config, training, method),
         backbone=f"{_backbone_name(config)} (weights: {_backbone_weights(config, training)})",
         backbone_weights=_backbone_weights(config, training),
+        prior_extractor_weights=_prior_extractor_weights(config, training),
         image_size=config.image_size,
         num_parameters=f"{num_parameters:,}" if num_parameters else None,
         config_table=_table(config_rows, ("field", "value")),
@@ -399,6 +449,14 @@ def save_pretrained_with_card(
     remove_stale_staging(target, "tmp", legacy=[rf"\.{name}\.tmp-[A-Za-z0-9_]{{8}}"])
     if target.is_dir():  # a backup of the old folder is garbage only while the folder itself is in place
         remove_stale_staging(target, "old", legacy=[rf"\.{name}\.old-[A-Za-z0-9_]{{8}}"])
+    loaded = model.config.loaded_pretrained_weights or {}
+    unloaded = {name: src for name, src in model.pretrained_weight_sources().items() if name not in loaded}
+    if unloaded and not (training and "converted_from" in training):
+        # Saved as asked (transformers saves any weights), but the card says they are random, and so does this line.
+        logger.warning(
+            f"saving {type(model).__name__} with random {', '.join(unloaded)} weights: its config asks for "
+            f"{', '.join(unloaded.values())} but model.load_pretrained_extractors() was never called; the card says so"
+        )
     staging = make_staging_dir(target, "tmp")
     try:
         model.save_pretrained(staging, safe_serialization=True)

@@ -161,9 +161,26 @@ def build_model(args: EpisodicArguments, fold=None) -> tuple[Any, Any]:
         else:
             model = model_class(config_class(**kwargs))
     if args.model_name_or_path is None:
+        note = random_named_backbone_note(model.config)
+        if note:
+            logger.warning(note)
         model.load_pretrained_extractors()
     processor = FewShotSegmentationImageProcessor(image_size=model.config.image_size)
     return model, processor
+
+
+def random_named_backbone_note(config) -> str | None:
+    """
+    One line when `backbone` names a checkpoint (Hub id or folder) whose weights will not be loaded because
+    `use_pretrained_backbone` is false (the run then trains on the architecture alone, random weights); else None.
+    """
+    backbone = getattr(config, "backbone", None)
+    if getattr(config, "backbone_config", None) is None or not backbone or config.use_pretrained_backbone:
+        return None
+    return (
+        f"backbone: the architecture of {backbone} with random weights; set use_pretrained_backbone: true to start "
+        "from its weights"
+    )
 
 
 # ------------------------------------------------------------------------------------- evaluation and saving

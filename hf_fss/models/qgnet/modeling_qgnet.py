@@ -244,6 +244,7 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
         for name, weights in sources.items():
             options = {"moco_encoder": config.prior_extractor_moco_encoder} if name == "prior_extractor" else {}
             self.get_submodule(name).load_weights(weights, **options)
+            self._record_loaded_weights({name: weights})
         if "prior_extractor" in sources:
             logger.info(f"QGNet: prior extractor loaded from {sources['prior_extractor']}")
         return sources

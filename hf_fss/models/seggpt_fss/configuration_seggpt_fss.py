@@ -54,6 +54,9 @@ class SegGptFssConfig(PreTrainedConfig):
         from `seggpt_config`; giving another value is an error.
     ignore_index (`int`, *optional*, defaults to 255):
         Label value excluded from metrics; in support masks it is treated as background (SegGPT has no ignore colour).
+    loaded_pretrained_weights (`dict`, *optional*):
+        Written by the model: `{"seggpt": source}` once `load_pretrained_extractors()` / `from_seggpt` loaded SegGPT's
+        weights, `{}` for random weights; see `FewShotSegmentationConfig`.
 
     Example:
     ```python
@@ -89,6 +92,7 @@ class SegGptFssConfig(PreTrainedConfig):
     embedding_type: Literal["instance", "semantic"] = "instance"
     image_size: int | None = None
     ignore_index: int = 255
+    loaded_pretrained_weights: dict | None = None
 
     def __post_init__(self, **kwargs):
         check_unknown_config_fields(type(self), kwargs)

@@ -120,6 +120,7 @@ class SegGptFssModel(FewShotSegmentationPreTrainedModel):
                         "the config from it: SegGptFssConfig(seggpt_name_or_path=...)"
                     )
             self.seggpt.load_state_dict(loaded.state_dict())
+            self._record_loaded_weights({"seggpt": source})
         return sources
 
     def _check_size(self, name: str, pixels: torch.Tensor) -> None:
