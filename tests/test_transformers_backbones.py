@@ -222,3 +222,33 @@ def test_cosine_prior_masks_a_vits_support_features_and_keeps_pfenets_masked_inp
         other = pfenet(query, support, masks).logits
     torch.testing.assert_close(logits[:, 1], resize(prior, (65, 65))[:, 0], rtol=0, atol=0)
     assert not torch.equal(other, logits)
+
+
+@pytest.mark.parametrize(
+    "out_indices, named",
+    [([1, 2, 3, 9], "valid indices"), ([3, 2, 1, 4], "same order"), ("abc", "'out_indices'"), ([1, 2], "four")],
+)
+def test_wrong_out_indices_are_one_line_naming_the_field(dinov2_folder, out_indices, named):
+    folder = dinov2_folder
+    with pytest.raises(ValueError) as error:
+        NTRENetModel(NTRENetConfig(backbone=str(folder), backbone_kwargs={"out_indices": out_indices}))
+    message = str(error.value)
+    assert "\n" not in message and named in message and "out_indices" in message and "_out_indices" not in message
+
+
+def test_an_unreadable_backbone_id_or_folder_names_the_field_and_the_fix(tmp_path, dinov2_folder):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"backbone='.*empty': the folder has no config.json"):
+        NTRENetConfig(backbone=str(tmp_path / "empty"))
+    # offline (the suite sets HF_HUB_OFFLINE): a Hub id is named with the way out
+    with pytest.raises(ValueError, match=r"backbone='facebook/dinov2-small': no such local folder, and the Hub"):
+        NTRENetConfig(backbone="facebook/dinov2-small")
+    model = CosinePriorModel(
+        CosinePriorConfig(
+            backbone=str(dinov2_folder),
+            use_pretrained_backbone=True,
+            pretrained_backbone_name_or_path="facebook/dinov2-small",
+        )
+    )
+    with pytest.raises(ValueError, match=r"pretrained_backbone_name_or_path.*'facebook/dinov2-small': no such local"):
+        model.load_pretrained_extractors()

@@ -46,10 +46,34 @@ METHOD_STRIDE = 8
 _OPTIONAL_KEYS = ("hidden_states_norms.",)
 
 
-def _auto_config(model_type: str, values: dict):
+def _auto_config(model_type: str, values: dict, source: str = "backbone_config"):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **values)
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        # transformers names its private field ('_out_indices') and not where the value came from
+        detail = " ".join(str(error).split()).replace("'_out_indices'", "'out_indices'").replace("_out_", "out_")
+        raise ValueError(
+            f"{source} ({model_type}): {detail}; out_indices must be four increasing stage / block indices after the "
+            "stem (a conv net: [1, 2, 3, 4])"
+        ) from None
+
+
+def _unreadable(source: str, field: str, error: BaseException) -> ValueError:
+    """One line for a backbone Hub id / folder that cannot be read, naming the field, the cause and the fix."""
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        reason = "the folder has no config.json (write it with the backbone's save_pretrained)"
+    elif os.path.isdir(source):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = f"its config.json cannot be read ({first})"
+    else:
+        reason = (
+            "no such local folder, and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1) or has no such repo; "
+            "give a local folder written by save_pretrained, or run with Hub access"
+        )
+    return ValueError(f"{field}={source!r}: {reason}")
 
 
 def default_out_indices(config) -> list[int]:
@@ -89,8 +113,8 @@ def backbone_config_dict(backbone_config, source: str = "backbone_config", keep_
         values.pop(key, None)
     if not chosen:
         values.pop("out_features", None)
-        values["out_indices"] = default_out_indices(_auto_config(model_type, dict(values)))
-    config = _auto_config(model_type, values)
+        values["out_indices"] = default_out_indices(_auto_config(model_type, dict(values), source))
+    config = _auto_config(model_type, values, source)
     check_out_indices(config, source)
     values.update(model_type=model_type, out_indices=list(config.out_indices))
     values.pop("out_features", None)
@@ -127,19 +151,17 @@ def resolve_backbone_config(name_or_path: str, source: str = "backbone") -> dict
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"{source}={name_or_path!r} is neither an hf_fss backbone name nor a readable transformers backbone "
-            f"folder / Hub id ({first}); give a name, a folder with config.json, or backbone_config"
-        ) from None
+        raise _unreadable(name_or_path, source, error) from None
     return backbone_config_dict(config, f"{source}={name_or_path!r}", keep_out_indices=False)
 
 
-def build_transformers_config(backbone_config: dict, overrides: dict | None = None, source: str = "backbone_config"):
+def build_transformers_config(
+    backbone_config: dict, overrides: dict | None = None, source: str = "backbone_config with backbone_kwargs"
+):
     """The `PreTrainedConfig` of `backbone_config` with `overrides` (`backbone_kwargs`) applied and checked."""
     values = dict(backbone_config)
     model_type = values.pop("model_type")
-    config = _auto_config(model_type, values)
+    config = _auto_config(model_type, values, source)
     for key in overrides or {}:
         if not hasattr(config, key):
             # Usually the recipe's or a saved config's kwargs of hf_fss's own ResNet / VGG, kept when only the
@@ -152,7 +174,7 @@ def build_transformers_config(backbone_config: dict, overrides: dict | None = No
                 "swapped"
             )
     if overrides:
-        config = _auto_config(model_type, {**values, **overrides})
+        config = _auto_config(model_type, {**values, **overrides}, source)
     check_out_indices(config, source)
     return config
 
@@ -407,14 +429,18 @@ class TransformersBackbone(StagedBackbone):
 
 def _source_model_type(source: str, revision: str | None) -> str | None:
     """The `model_type` in the config.json of a folder or Hub repo (None when it has none)."""
-    if os.path.isdir(source):
-        path = os.path.join(source, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"{source} has no config.json: save the backbone with save_pretrained")
-    else:
-        from huggingface_hub import hf_hub_download
+    path = os.path.join(source, "config.json")
+    try:
+        if not os.path.isdir(source):
+            from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(source, "config.json", revision=revision)
+            path = hf_hub_download(source, "config.json", revision=revision)
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(path)
+    except OSError as error:  # huggingface_hub's offline / missing-repo errors are OSErrors
+        raise _unreadable(
+            source, "pretrained backbone weights (pretrained_backbone_name_or_path, else backbone)", error
+        ) from None
     with open(path, encoding="utf-8") as handle:
         try:
             return json.load(handle).get("model_type")
