@@ -149,7 +149,18 @@ def _evaluation(metrics: Mapping[str, Any], training: Mapping[str, Any] | None) 
         "shot": shot,
         "annotation": annotation,
         "protocol": protocol,
+        "precision": _inference_precision(metrics),
     }
+
+
+def _inference_precision(metrics: Mapping[str, Any]) -> str | None:
+    """
+    "bfloat16 autocast, channels_last" from a metrics.json's `dtype` / `channels_last` (evaluate.py's and train.py's
+    `--dtype` / `--channels-last`, docs/precision.md); None for float32 without channels_last, or when not recorded.
+    """
+    dtype, channels_last = metrics.get("dtype"), metrics.get("channels_last") is True
+    parts = [f"{dtype} autocast"] if isinstance(dtype, str) and dtype not in ("float32", "") else []
+    return ", ".join(parts + (["channels_last"] if channels_last else [])) or None
 
 
 def _result_title(setting: Mapping[str, Any]) -> str:
@@ -165,6 +176,8 @@ def _result_title(setting: Mapping[str, Any]) -> str:
         details.append(f"{setting['shot']}-shot")
     if setting["annotation"] not in (None, "mask"):
         details.append(f"{setting['annotation']} supports")
+    if setting["precision"]:
+        details.append(setting["precision"])
     return f"{title} ({', '.join(details)})" if details else title
 
 
@@ -181,6 +194,8 @@ def _dataset_config(setting: Mapping[str, Any]) -> str | None:
         parts.append(str(setting["annotation"]))
     if setting["protocol"].get("name"):
         parts.append(str(setting["protocol"]["name"]))
+    if setting["precision"]:  # a reduced-precision result is grouped apart from the float32 one
+        parts.append(setting["precision"].replace(" autocast", "").replace(", ", "-"))
     return "-".join(parts) or None
 
 
@@ -195,6 +210,8 @@ def _eval_results(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> lis
         "protocol": setting["protocol"].get("name"),
         "num_episodes": metrics.get("num_episodes"),
         "seed": metrics.get("seed"),
+        "dtype": metrics.get("dtype") if setting["precision"] else None,
+        "channels_last": True if setting["precision"] and metrics.get("channels_last") is True else None,
     }
     args = {k: v for k, v in args.items() if v is not None and not isinstance(v, (list, Mapping))}
     common = {
@@ -250,6 +267,7 @@ def _results_section(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> 
         ("fold", setting["fold"]),
         ("shot", setting["shot"]),
         ("support annotation", setting["annotation"]),
+        ("inference precision", setting["precision"]),
         ("episodes", metrics.get("num_episodes")),
         ("seed", metrics.get("seed")),
         ("seeds", metrics.get("seeds") if metrics.get("num_runs") else None),

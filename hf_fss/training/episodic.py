@@ -180,10 +180,11 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
     """
     `evaluate_model` of `model` on a fixed `EpisodeSet`, sharded over the run's processes, with the evaluation
     caches (extractor features per image, support encodings per support image and class): a fresh cache per call,
-    since the weights change between two validations, freed when the call returns.
+    since the weights change between two validations, freed when the call returns. The metrics carry `dtype` and
+    `channels_last` (`--dtype`, `--channels-last`), the keys of evaluate.py's metrics.json.
     """
     cache_bytes = default_feature_cache_bytes(accelerator.device)
-    return evaluate_model(
+    metrics = evaluate_model(
         model,
         processor,
         episodes.split,
@@ -200,6 +201,9 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
         precision=args.dtype,
         channels_last=args.channels_last,
     )
+    # Recorded as evaluate.py records them (its metrics.json), so best/ and final/ say the precision they were tested in.
+    metrics.update(dtype=args.dtype, channels_last=args.channels_last)
+    return metrics
 
 
 def _test_baseline(model, initial_backbone, processor, episodes, args, accelerator, num_workers=0) -> dict:
