@@ -89,6 +89,25 @@ def _flatten(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
     return rows
 
 
+def training_schedule(max_steps: int, steps_per_epoch: int) -> str:
+    """
+    "120 steps = 1.79 epochs of 67 steps": the schedule as the training log and the card both state it (the last
+    epoch may be partial, so the epochs are a fraction, never the loop's rounded-up count).
+    """
+    return f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps"
+
+
+def _training_rows(training: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The run record as table rows; `max_steps`, `epochs` and `steps_per_epoch` as one `schedule` row."""
+    rows = _flatten(training)
+    max_steps, per_epoch = training.get("max_steps"), training.get("steps_per_epoch")
+    if not (_is_number(max_steps) and _is_number(per_epoch) and per_epoch > 0):
+        return rows
+    at = next(i for i, (k, _) in enumerate(rows) if k == "max_steps")
+    rows = [(k, v) for k, v in rows if k not in ("max_steps", "epochs", "steps_per_epoch")]
+    return [*rows[:at], ("schedule", training_schedule(max_steps, per_epoch)), *rows[at:]]
+
+
 def _table(rows: Sequence[tuple[Any, Any]], header: tuple[str, str]) -> str | None:
     rows = [(k, v) for k, v in rows if v is not None]
     if not rows:

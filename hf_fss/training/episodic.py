@@ -41,6 +41,7 @@ from hf_fss import hub
 from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.cli import os_error_line
 from hf_fss.evaluation.loop import default_feature_cache_bytes, evaluate_model
+from hf_fss.hub.card_results import training_schedule
 from hf_fss.run_folder import write_run_folder_marker
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, apply_num_threads, arguments_dict
 from hf_fss.training.episodic_data import EpisodeSet, TrainingData, build_data
@@ -411,7 +412,7 @@ def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started
         f"{args.model_type} on {args.benchmark} fold {args.fold}, {args.shot}-shot: {data.train_dataset.num_items} "
         f"training images, {accelerator.num_processes} process(es) x {loop_args.batch_size} x "
         f"{loop_args.gradient_accumulation_steps} accumulation = {record['effective_batch_size']} episodes per step, "
-        f"{loop.max_steps} steps ({loop.num_epochs} epoch(s) of {loop.updates_per_epoch} steps)",
+        f"{training_schedule(loop.max_steps, loop.updates_per_epoch)}",  # as the card states it
         main_process_only=True,
     )
     if checkpoint is not None:  # verified, settings compared, loaded: before trackers write anything
