@@ -280,9 +280,11 @@ def _nothing_to_release(folder: Path, entries: list[ReleaseEntry], found: int, c
     """The one-line error for a `--checkpoints` folder without a single file the manifest names."""
     official = sorted({e.official_file for e in entries if e.official_file})
     example = entries[0].repo + ".pth" if entries else "<repo>.pth"
+    holds = (
+        "is empty" if found == 0 else f"holds {found} file(s), none of them a checkpoint the release manifest names"
+    )
     return (
-        f"--checkpoints {folder} holds no official checkpoint the release manifest knows ({found} other file(s)): "
-        f"expected the official names ({', '.join(official) or 'none'}) or <repo>.pth such as {example} "
+        f"--checkpoints {folder} {holds}: expected the official names ({', '.join(official) or 'none'}) or <repo>.pth such as {example} "
         f"(the rows of {Path(cards_dir) / 'manifest.json'}); check the path"
     )
 
