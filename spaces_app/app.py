@@ -435,6 +435,8 @@ visible; max-height: none} .fit .caption-label {white-space: normal; max-width: 
 def build_demo(specs: list[str] | None = None, examples: Path | None = None) -> gr.Blocks:
     """The Gradio app for the models `specs` (default: `resolve_model_specs()`), examples rendered in `examples`."""
     specs, pipes, notice = default_models() if specs is None else (specs, {}, None)
+    if notice:  # the console says it too: a Space's log, or a terminal without the page open
+        print(f"hf_fss space: {notice}", file=sys.stderr, flush=True)
     registry, examples = ModelRegistry(specs, pipes), examples or examples_dir()
     palette = [("#{:02x}{:02x}{:02x}".format(*c), BRUSH_OPACITY) for c in CLASS_COLORS.values()]
     brush = gr.Brush(colors=palette, default_color=palette[0], color_mode="fixed")

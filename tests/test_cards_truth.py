@@ -206,3 +206,27 @@ def test_resnet_kwargs_left_beside_a_transformers_backbone_name_the_fix(dinov2_f
     assert "'base_width' in backbone_kwargs" in message and "no field of Dinov2Config" in message
     assert "for hf_fss's own ResNet / VGG" in message and '"backbone_kwargs": null' in message
     assert "\n" not in message
+
+
+def test_the_card_states_the_schedule_as_the_training_log_does(tmp_path, caplog):
+    import logging
+
+    import yaml
+    from conftest import reset_accelerate
+    from test_training import TINY_RECIPE
+
+    from hf_fss.training import main
+
+    text = render_model_card(
+        NTRENetConfig(), training={"max_steps": 120, "epochs": 120 / 67, "steps_per_epoch": 67}
+    ).text
+    assert "| schedule | 120 steps = 1.79 epochs of 67 steps |" in text and "1.79104" not in text
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "max_steps": 30, "evaluate_at_end": False}))
+    reset_accelerate()
+    caplog.set_level(logging.INFO, logger="hf_fss.training.episodic")
+    assert main(["--config", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    schedule = next(line for line in card.splitlines() if line.startswith("| schedule |")).split("|")[2].strip()
+    assert schedule.startswith("30 steps = ") and not schedule.endswith("= 1.00 epochs of 30 steps")
+    assert any(schedule in record.getMessage() for record in caplog.records)  # the log says the same words

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import random_episode, reset_accelerate, single_thread
+from huggingface_hub import ModelCard
 from test_modeling_base import SMALLEST_INPUT, TINY_METHODS, tiny_method
 
 from hf_fss.models.qgnet.modeling_qgnet import prior_region_map
@@ -153,6 +154,13 @@ def test_train_evaluates_in_the_given_precision(tmp_path, monkeypatch, capsys):
     assert len(seen) >= 2 and set(seen) == {("bfloat16", True)}  # validation and the final test
     results = json.loads((tmp_path / "run" / "run.json").read_text())
     assert results  # the run finished and recorded itself
+    for folder in ("best", "final"):  # recorded as evaluate.py's metrics.json records it, and said by the card
+        metrics = json.loads((tmp_path / "run" / folder / "metrics.json").read_text())
+        assert (metrics["dtype"], metrics["channels_last"]) == ("bfloat16", True)
+        card = ModelCard.load(tmp_path / "run" / folder / "README.md")
+        assert "| inference precision | bfloat16 autocast, channels_last |" in card.text
+        assert all(r.dataset_args["dtype"] == "bfloat16" for r in card.data.eval_results)
+        assert all(r.dataset_name.endswith("(bfloat16 autocast, channels_last)") for r in card.data.eval_results)
     reset_accelerate()
     with pytest.raises(SystemExit) as exit_info:  # a flag outside the choices: argparse's one line
         main(["--config", str(recipe), "--dtype", "bf16", "--output-dir", str(tmp_path / "bad")])

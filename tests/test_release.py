@@ -240,6 +240,21 @@ def test_a_broken_manifest_is_a_usage_error_naming_it(tmp_path, capsys):
         main(["--checkpoints", str(tmp_path / "official"), "--output-dir", str(tmp_path / "out")])  # no --push
 
 
+@pytest.mark.parametrize("files", [(), ("notes.txt", "model.pth")], ids=["empty", "no-release-file"])
+def test_a_folder_without_a_release_file_is_a_usage_error_naming_it(tmp_path, capsys, files):
+    folder = tmp_path / "official"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"x")
+    argv = ["--checkpoints", str(folder), "--output-dir", str(tmp_path / "out"), "--dry-run"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("release.py: error: --checkpoints") and str(folder) in err
+    assert "25000.pth" in err and "<repo>.pth" in err and "file(s) written" not in captured.out
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------- evaluation and push
 
 

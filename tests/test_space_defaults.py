@@ -116,7 +116,7 @@ def test_without_fss_models_and_with_the_hub_the_training_free_prior_is_the_defa
 
 @pytest.mark.parametrize("failure", ["unreachable", "loading"])
 def test_without_the_hub_or_when_loading_fails_the_quickstart_model_is_offered_saying_why(
-    no_fss_models, monkeypatch, tmp_path, failure
+    no_fss_models, monkeypatch, tmp_path, failure, capsys
 ):
     monkeypatch.setattr(app, "hub_reachable", lambda: failure != "unreachable")
 
@@ -132,6 +132,8 @@ def test_without_the_hub_or_when_loading_fails_the_quickstart_model_is_offered_s
     assert line.endswith("the quickstart model is offered instead.")
     if failure == "loading":
         assert "OSError: facebook/dinov2-small: connection reset" in line
+    console = [x for x in capsys.readouterr().err.splitlines() if "cosine prior is not offered" in x]
+    assert console == [f"hf_fss space: {line.removeprefix('⚠️ ')}"]  # the page's line, once, on the console
 
 
 def test_fss_models_set_skips_the_hub(folders, monkeypatch, tmp_path):

@@ -89,6 +89,25 @@ def _flatten(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
     return rows
 
 
+def training_schedule(max_steps: int, steps_per_epoch: int) -> str:
+    """
+    "120 steps = 1.79 epochs of 67 steps": the schedule as the training log and the card both state it (the last
+    epoch may be partial, so the epochs are a fraction, never the loop's rounded-up count).
+    """
+    return f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps"
+
+
+def _training_rows(training: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The run record as table rows; `max_steps`, `epochs` and `steps_per_epoch` as one `schedule` row."""
+    rows = _flatten(training)
+    max_steps, per_epoch = training.get("max_steps"), training.get("steps_per_epoch")
+    if not (_is_number(max_steps) and _is_number(per_epoch) and per_epoch > 0):
+        return rows
+    at = next(i for i, (k, _) in enumerate(rows) if k == "max_steps")
+    rows = [(k, v) for k, v in rows if k not in ("max_steps", "epochs", "steps_per_epoch")]
+    return [*rows[:at], ("schedule", training_schedule(max_steps, per_epoch)), *rows[at:]]
+
+
 def _table(rows: Sequence[tuple[Any, Any]], header: tuple[str, str]) -> str | None:
     rows = [(k, v) for k, v in rows if v is not None]
     if not rows:
@@ -149,7 +168,18 @@ def _evaluation(metrics: Mapping[str, Any], training: Mapping[str, Any] | None) 
         "shot": shot,
         "annotation": annotation,
         "protocol": protocol,
+        "precision": _inference_precision(metrics),
     }
+
+
+def _inference_precision(metrics: Mapping[str, Any]) -> str | None:
+    """
+    "bfloat16 autocast, channels_last" from a metrics.json's `dtype` / `channels_last` (evaluate.py's and train.py's
+    `--dtype` / `--channels-last`, docs/precision.md); None for float32 without channels_last, or when not recorded.
+    """
+    dtype, channels_last = metrics.get("dtype"), metrics.get("channels_last") is True
+    parts = [f"{dtype} autocast"] if isinstance(dtype, str) and dtype not in ("float32", "") else []
+    return ", ".join(parts + (["channels_last"] if channels_last else [])) or None
 
 
 def _result_title(setting: Mapping[str, Any]) -> str:
@@ -165,6 +195,8 @@ def _result_title(setting: Mapping[str, Any]) -> str:
         details.append(f"{setting['shot']}-shot")
     if setting["annotation"] not in (None, "mask"):
         details.append(f"{setting['annotation']} supports")
+    if setting["precision"]:
+        details.append(setting["precision"])
     return f"{title} ({', '.join(details)})" if details else title
 
 
@@ -181,6 +213,8 @@ def _dataset_config(setting: Mapping[str, Any]) -> str | None:
         parts.append(str(setting["annotation"]))
     if setting["protocol"].get("name"):
         parts.append(str(setting["protocol"]["name"]))
+    if setting["precision"]:  # a reduced-precision result is grouped apart from the float32 one
+        parts.append(setting["precision"].replace(" autocast", "").replace(", ", "-"))
     return "-".join(parts) or None
 
 
@@ -195,6 +229,8 @@ def _eval_results(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> lis
         "protocol": setting["protocol"].get("name"),
         "num_episodes": metrics.get("num_episodes"),
         "seed": metrics.get("seed"),
+        "dtype": metrics.get("dtype") if setting["precision"] else None,
+        "channels_last": True if setting["precision"] and metrics.get("channels_last") is True else None,
     }
     args = {k: v for k, v in args.items() if v is not None and not isinstance(v, (list, Mapping))}
     common = {
@@ -250,6 +286,7 @@ def _results_section(metrics: Mapping[str, Any], setting: Mapping[str, Any]) -> 
         ("fold", setting["fold"]),
         ("shot", setting["shot"]),
         ("support annotation", setting["annotation"]),
+        ("inference precision", setting["precision"]),
         ("episodes", metrics.get("num_episodes")),
         ("seed", metrics.get("seed")),
         ("seeds", metrics.get("seeds") if metrics.get("num_runs") else None),

@@ -33,12 +33,12 @@ from .card_results import (
     _as_metrics_list,
     _benchmark_key,
     _evaluation,
-    _flatten,
     _looks_like_hub_id,
     _lookup,
     _results,
     _split_name,
     _table,
+    _training_rows,
 )
 
 __all__ = [
@@ -364,7 +364,7 @@ def render_model_card(
 
     card_data = _card_data(config, training, metrics_list, eval_results, model_name)
     model_id = repo_id or model_path
-    training_rows = [(k, v) for k, v in _flatten(training)] if training else []
+    training_rows = _training_rows(training) if training else []
     config_rows = [(k, v) for k, v in _config_fields(config) if v is not None]
     card = ModelCard.from_template(
         card_data,

@@ -276,6 +276,19 @@ def _match(folder: Path, entries: list[ReleaseEntry]) -> tuple[list[tuple[Path, 
     return matched, unknown
 
 
+def _nothing_to_release(folder: Path, entries: list[ReleaseEntry], found: int, cards_dir: Path) -> str:
+    """The one-line error for a `--checkpoints` folder without a single file the manifest names."""
+    official = sorted({e.official_file for e in entries if e.official_file})
+    example = entries[0].repo + ".pth" if entries else "<repo>.pth"
+    holds = (
+        "is empty" if found == 0 else f"holds {found} file(s), none of them a checkpoint the release manifest names"
+    )
+    return (
+        f"--checkpoints {folder} {holds}: expected the official names ({', '.join(official) or 'none'}) or <repo>.pth such as {example} "
+        f"(the rows of {Path(cards_dir) / 'manifest.json'}); check the path"
+    )
+
+
 def render_cards(cards_dir: Path, organization: str | None = None) -> list[Path]:
     """
     Re-render every `model_cards/<repo>.md` from the manifest and what was measured (after an edit of the manifest
@@ -295,11 +308,14 @@ def release_checkpoints(args: argparse.Namespace, api=None) -> list[ReleaseOutco
     Release every file of `args.checkpoints` (see the module docstring); one outcome per file, unknown ones included.
 
     Raises:
-        `ValueError`: the manifest cannot be read (named).
+        `ValueError`: the manifest cannot be read (named), or the folder holds no file the manifest names (an empty
+            folder is most likely a wrong path); nothing is written then.
     """
     header, entries = load_manifest(args.cards)
     organization = args.push or header.get("hub_organization")
     matched, unknown = _match(args.checkpoints, entries)
+    if not matched:  # an empty folder, or none of its files a release: most likely a wrong path
+        raise ValueError(_nothing_to_release(args.checkpoints, entries, len(unknown), args.cards))
     outcomes = [
         ReleaseOutcome(p.name, "unknown", None, "not in the release manifest; nothing written") for p in unknown
     ]
@@ -324,7 +340,8 @@ Files are matched to `model_cards/manifest.json` by name (the official name, els
 checked (strict keys, architecture, reload, forward pass; logit parity with `--official METHOD=DIR`), evaluated with
 `--dataset` (the row's protocol, `--seeds`), its card `model_cards/<repo>.md` re-rendered and its folder
 `<output-dir>/<repo>` written; `--push ORG` uploads it. Exit status 0: every file released; 1: a file was unknown or
-failed a check (reported, not pushed, nothing written for it); 2: a usage error.
+failed a check (reported, not pushed, nothing written for it); 2: a usage error (a folder with no file the manifest
+names included).
 """
 
 

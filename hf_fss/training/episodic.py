@@ -41,6 +41,7 @@ from hf_fss import hub
 from hf_fss.backbones.feature_cache import FeatureCache
 from hf_fss.cli import os_error_line
 from hf_fss.evaluation.loop import default_feature_cache_bytes, evaluate_model
+from hf_fss.hub.card_results import training_schedule
 from hf_fss.run_folder import write_run_folder_marker
 from hf_fss.training.arguments import EpisodicArguments, LoopArguments, apply_num_threads, arguments_dict
 from hf_fss.training.episodic_data import EpisodeSet, TrainingData, build_data
@@ -197,10 +198,11 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
     """
     `evaluate_model` of `model` on a fixed `EpisodeSet`, sharded over the run's processes, with the evaluation
     caches (extractor features per image, support encodings per support image and class): a fresh cache per call,
-    since the weights change between two validations, freed when the call returns.
+    since the weights change between two validations, freed when the call returns. The metrics carry `dtype` and
+    `channels_last` (`--dtype`, `--channels-last`), the keys of evaluate.py's metrics.json.
     """
     cache_bytes = default_feature_cache_bytes(accelerator.device)
-    return evaluate_model(
+    metrics = evaluate_model(
         model,
         processor,
         episodes.split,
@@ -217,6 +219,9 @@ def evaluate_episodes(model, processor, episodes: EpisodeSet, args: EpisodicArgu
         precision=args.dtype,
         channels_last=args.channels_last,
     )
+    # Recorded as evaluate.py records them (its metrics.json), so best/ and final/ say the precision they were tested in.
+    metrics.update(dtype=args.dtype, channels_last=args.channels_last)
+    return metrics
 
 
 def _test_baseline(model, initial_backbone, processor, episodes, args, accelerator, num_workers=0) -> dict:
@@ -424,7 +429,7 @@ def _train(loop_args, args: EpisodicArguments, accelerator: Accelerator, started
         f"{args.model_type} on {args.benchmark} fold {args.fold}, {args.shot}-shot: {data.train_dataset.num_items} "
         f"training images, {accelerator.num_processes} process(es) x {loop_args.batch_size} x "
         f"{loop_args.gradient_accumulation_steps} accumulation = {record['effective_batch_size']} episodes per step, "
-        f"{loop.max_steps} steps ({loop.num_epochs} epoch(s) of {loop.updates_per_epoch} steps)",
+        f"{training_schedule(loop.max_steps, loop.updates_per_epoch)}",  # as the card states it
         main_process_only=True,
     )
     if checkpoint is not None:  # verified, settings compared, loaded: before trackers write anything
