@@ -40,8 +40,9 @@ CLASS_COLORS = {"blue": (30, 90, 255), "magenta": (235, 40, 220), "yellow": (255
 TRAINING_FREE_BACKBONE = "facebook/dinov2-small"
 TRAINING_FREE_SPEC = f"training-free cosine prior on {TRAINING_FREE_BACKBONE}"
 NO_MODEL_MESSAGE = (
-    "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], or run the "
-    "quickstart (accelerate launch scripts/train.py), whose outputs/quickstart is used by default."
+    "No model is configured. Start the app with FSS_MODELS=<Hub repo id or saved folder>[,...], with Hub access "
+    "(the training-free DINOv2 cosine prior is offered then), or after the quickstart (accelerate launch "
+    "scripts/train.py), whose outputs/quickstart is offered by default."
 )
 
 
