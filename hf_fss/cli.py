@@ -12,6 +12,7 @@ the `"range"` metadata of a dataclass field (`check_ranges(group)` in the group'
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import errno
 import importlib
@@ -148,8 +149,33 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+# (script name, "hf-fss <verb>") while `main` runs a verb: every command's parser then names itself as it was called.
+_VERB_PROG: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("hf_fss_verb_prog", default=None)
+
+
+def command_prog(script: str) -> str:
+    """How the running command names itself in its messages: `hf-fss <verb>` under `hf-fss`, else `script`."""
+    verb = _VERB_PROG.get()
+    return verb[1] if verb is not None and verb[0] == script else script
+
+
 class OneLineErrors:
-    """Mixin for `argparse.ArgumentParser` subclasses: a usage error is one line `<prog>: error: ...`, exit 2."""
+    """
+    Mixin for `argparse.ArgumentParser` subclasses: a usage error is one line `<prog>: error: ...`, exit 2. Under
+    `hf-fss <verb>` a prog starting with the verb's script name (`release.py`, `prepare_dataset.py synthetic`) reads
+    `hf-fss <verb> ...`, in the usage line, `--help` and errors alike.
+    """
+
+    @property
+    def prog(self) -> str:
+        prog, verb = self.__dict__.get("_script_prog", ""), _VERB_PROG.get()
+        if verb is not None and (prog == verb[0] or prog.startswith(verb[0] + " ")):
+            return verb[1] + prog[len(verb[0]) :]
+        return prog
+
+    @prog.setter
+    def prog(self, value: str) -> None:
+        self.__dict__["_script_prog"] = value
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -257,4 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = getattr(importlib.import_module(module_name), function_name)
     # The commands read sys.argv when given no argv, as from their script: threads follow the command line then.
     sys.argv = [f"hf-fss {argv[0]}", *argv[1:]]
-    return command()
+    token = _VERB_PROG.set((COMMANDS[argv[0]][1], f"hf-fss {argv[0]}"))
+    try:
+        return command()
+    finally:
+        _VERB_PROG.reset(token)

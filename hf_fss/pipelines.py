@@ -43,6 +43,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .annotations import IGNORE_INDEX, describe, is_box, is_class_id
 from .image_processing_fss import FewShotSegmentationImageProcessor, load_image_processor
+from .loading import check_fss_model
 from .modeling_fss import SupportEncoding
 from .utils.precision import check_precision, inference_precision
 
@@ -150,10 +151,13 @@ class FewShotSegmentationPipeline(Pipeline):
         `model.config.image_size` when the model has no such file.
 
         Raises:
-            `ValueError`: `image_processor` is not a `FewShotSegmentationImageProcessor` or makes images smaller
+            `ValueError`: `model` is no hf_fss few-shot model (a plain SegGPT or DINOv2: the fix is named, see
+                `hf_fss.loading.not_fss_model_message`), or `image_processor` is not a
+                `FewShotSegmentationImageProcessor` or makes images smaller
                 than the model takes (`model.min_input_size()`), or the model's `preprocessor_config.json` is broken,
                 names another processor type or has such an image_size (the file is named).
         """
+        check_fss_model(model)  # a plain transformers model (SegGPT, DINOv2) is named with the fix
         _check_dtype(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
         precision = kwargs.pop("precision", "float32")
         min_side = max(model.min_input_size())

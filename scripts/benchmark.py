@@ -590,6 +590,7 @@ def _run(args: argparse.Namespace, official: dict[str, str]) -> int:
     _print_rows(rows)
     _print_precision_rows(rows, args)
     print(f"matmul peak {peak:.1f} GFLOP/s (fp32 2048x2048, {torch.get_num_threads()} threads, {device})")
+    _print_warmup_note(args.warmup)
     _write_record(args.output, device, rows, matmul_peak_gflops=peak, model_kwargs=args.model_kwargs)
     return 0
 
@@ -656,8 +657,19 @@ def _report_official(sources: dict[str, str], args, device) -> int:
         f"time; max|diff| and agree % (argmax equal) against the official float32 logits; medians of "
         f"{args.iterations} interleaved pairs, {torch.get_num_threads()} threads, load {os.getloadavg()}"
     )
+    _print_warmup_note(args.warmup)
     _write_record(args.output, device, rows)
     return 0 if any("not_run" not in r for r in rows) else 1
+
+
+def _print_warmup_note(warmup: int) -> None:
+    """With `--warmup 0` the first timed call of each row pays one-time costs (allocator growth, lazy init, cold
+    caches) that later calls do not: with few iterations its ratios (reuse x, hf_fss/official) are not steady-state."""
+    if warmup == 0:
+        print(
+            "warning: --warmup 0: the first timed call of each row includes one-time costs, so the times and the "
+            "ratios between rows (reuse x, passes x, hf_fss/official) are not steady-state; use --warmup 1 or more"
+        )
 
 
 def _write_record(path: Path | None, device: torch.device, rows: list[dict], **extra) -> None:

@@ -22,6 +22,7 @@ try:  # hf_fss installed (pip install -e ".[space]"), or copied next to app.py i
     import gradio as gr
 
     from hf_fss import FewShotSegmentationPipeline, utils
+    from hf_fss.loading import check_fss_model_folder
 except ModuleNotFoundError as err:
     extra = "[space]" if err.name == "gradio" else ""
     sys.exit(f'app.py: error: {err.name} is not installed; run `pip install -e ".{extra}"` in the repository first')
@@ -174,6 +175,7 @@ def load_pipeline(spec: str) -> FewShotSegmentationPipeline:
             huggingface_hub.model_info(spec, timeout=HUB_TIMEOUT_S)  # reachable? (else no 20 s of retries)
         # A local folder holding no model is named as such, not reported as a config.json without "model_type".
         model = utils.resolve_model_path(local) if local else spec
+        check_fss_model_folder(model)  # a plain transformers folder or a config.json without model_type, in one line
         return pipeline("few-shot-segmentation", model=model, device=DEVICE, precision=resolve_precision())
     except Exception as err:  # noqa: BLE001 - every loading failure is reported the same way
         hint = "" if local else " (check the Hub repo id, the network, and HF_TOKEN for a private repo)"

@@ -52,7 +52,15 @@ def test_benchmark_writes_a_row_per_method_and_shot(tmp_path, capsys):
     assert "reuse x" in out and "sys ms" in out and "minflt" in out and "GFLOP" in out and "matmul peak" in out
     assert "passes x" in out and any(m.single_pass_overrides for _, m in hf_fss.MODEL_CLASSES.values())
     assert "encode ms" in out and record["model_kwargs"] == {"finetune_steps": 3, "refinement_steps": 2}
+    assert "warning: --warmup 0: the first timed call of each row includes one-time costs" in out  # ratios skewed
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
+
+
+def test_the_warmup_warning_is_printed_only_without_warmup(capsys):
+    argv = ["--model-types", "cosine_prior", "--sizes", "tiny", "--image-size", "33", "--iterations", "1"]
+    for warmup, warned in (("1", False), ("0", True)):
+        assert benchmark.main([*argv, "--warmup", warmup]) == 0
+        assert ("warning: --warmup 0" in capsys.readouterr().out) == warned
 
 
 # A stand-in for an official checkout: the official module path (model/ourmodel.py), constructor and forward

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModel,
+    Dinov2Backbone,
     Dinov2Config,
     Dinov2Model,
     SegGptConfig,
@@ -107,6 +108,25 @@ def test_equals_the_documented_seggpt_call(model, shot):
     assert torch.equal(outputs.logits[0], expected_scores)
     mask = processor.post_process_semantic_segmentation(outputs, target_sizes=[(query.height, query.width)])[0]
     assert torch.equal(mask, expected_mask.long())
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (4, 4), (100, 4), (5, 1), (100, 1), (7, 3), (100, 3)])
+def test_images_of_height_one_three_or_four_are_read_as_channels_last(width, height):
+    """transformers guesses the channel axis from the shape unless told: such heights looked channels-first."""
+    rng = np.random.default_rng(width * 10 + height)
+    query = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    support = Image.fromarray(rng.integers(0, 256, size=(height + 1, width, 3), dtype=np.uint8))
+    mask = np.ones((height + 1, width), dtype=np.uint8)
+    inputs = SegGptFssImageProcessor(image_size=SIZE)(
+        images=query, support_images=[support], support_masks=[mask], return_tensors="pt"
+    )
+    documented = SegGptImageProcessor(size={"height": SIZE, "width": SIZE})(
+        images=np.asarray(query), prompt_images=np.asarray(support), input_data_format="channels_last",
+        return_tensors="pt",
+    )  # fmt: skip
+    assert torch.equal(inputs["pixel_values"][0], documented["pixel_values"][0])
+    assert torch.equal(inputs["support_pixel_values"][0, 0], documented["prompt_pixel_values"][0])
+    assert torch.equal(inputs["support_masks"][0, 0], torch.ones(SIZE, SIZE, dtype=inputs["support_masks"].dtype))
 
 
 def test_support_encoding_reuse_equals_the_plain_call(model):
@@ -236,6 +256,55 @@ def saved_models(model, tmp_path_factory):
         other.save_pretrained(root / name)
         FewShotSegmentationImageProcessor(image_size=65).save_pretrained(root / name)
     return {name: str(root / name) for name in ("seggpt", "ntrenet", "prior")}
+
+
+def _plain_transformers_folders(root: Path) -> dict[str, str]:
+    """Folders a user may take for hf_fss models: SegGPT and DINOv2 as transformers saves them, an empty config."""
+    torch.manual_seed(0)
+    dinov2 = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28
+    )
+    SegGptForImageSegmentation(tiny_seggpt_config()).save_pretrained(root / "seggpt")
+    Dinov2Backbone(dinov2).save_pretrained(root / "dinov2_backbone")
+    Dinov2Model(dinov2).save_pretrained(root / "dinov2_model")
+    (root / "notbb").mkdir()
+    (root / "notbb" / "config.json").write_text("{}")
+    return {name: str(root / name) for name in ("seggpt", "dinov2_backbone", "dinov2_model", "notbb")}
+
+
+def _not_fss_message(name: str, folder: str) -> str:
+    """The one line every loader gives for the folders of `_plain_transformers_folders` (issue 24's wording)."""
+    if name == "notbb":
+        return f"{folder} holds no model_type in its config.json, so no hf_fss few-shot model; hf_fss loads a folder"
+    found = f"{folder} holds a {'seggpt' if name == 'seggpt' else 'dinov2'!r} model (transformers), not an hf_fss"
+    if name == "seggpt":
+        return f"{found} few-shot model; wrap it: SegGptFssModel.from_seggpt('{folder}') then save_pretrained"
+    return f"{found} few-shot model; use it as a backbone: NTRENetConfig(backbone='{folder}', use_pretrained_backbone=True)"
+
+
+def test_a_plain_transformers_folder_is_one_line_with_the_fix_in_scripts_and_pipeline(saved_models, tmp_path, capsys):
+    for name, folder in _plain_transformers_folders(tmp_path / "plain").items():
+        message = _not_fss_message(name, folder)
+        capsys.readouterr()  # the progress bars of saving and of the pipeline's loading
+        out = tmp_path / name / "metrics.json"
+        assert evaluate_main(["--model", folder, *DATA, "--fold", "0", "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"evaluate.py: error: {message}"), err
+        models = ["--models", folder, saved_models["prior"]]
+        argv = [*models, *DATA, "--num-episodes", "4", "--output-dir", str(out.parent)]
+        assert compare_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"compare.py: error: {message}"), err
+        assert not out.parent.exists()  # a failing command writes nothing
+        if name != "notbb":  # transformers' pipeline() itself refuses a config without model_type, before hf_fss
+            with pytest.raises(ValueError) as info:
+                pipeline("few-shot-segmentation", model=folder)
+            assert str(info.value) == message
+
+
+def test_from_seggpt_of_a_saved_adapter_suggests_from_pretrained(saved_models):
+    with pytest.raises(ValueError, match=r"already holds an hf_fss SegGPT adapter .*SegGptFssModel\.from_pretrained"):
+        SegGptFssModel.from_seggpt(saved_models["seggpt"])
 
 
 @pytest.mark.parametrize("shot", [1, 2])  # K = 2: the feature ensemble (the small synthetic split has few images)

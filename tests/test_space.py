@@ -309,6 +309,26 @@ def test_model_folders_and_the_default_model(model_dir, tmp_path, monkeypatch, c
     assert f"{run} is a training run folder: using its best/" in caplog.text  # the rule evaluate.py follows too
 
 
+def test_a_plain_transformers_folder_is_named_with_its_fix(tmp_path, capsys):
+    """A SegGPT folder as transformers saves it, and a config.json without model_type: one line each, with the fix."""
+    from conftest import TINY_SEGGPT
+    from transformers import SegGptConfig, SegGptForImageSegmentation
+
+    seggpt, empty = tmp_path / "seggpt", tmp_path / "notbb"
+    SegGptForImageSegmentation(SegGptConfig(**TINY_SEGGPT)).save_pretrained(seggpt)
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    fix = f"not an hf_fss few-shot model; wrap it: SegGptFssModel.from_seggpt('{seggpt}') then save_pretrained"
+    for folder, message in ((seggpt, fix), (empty, "holds no model_type in its config.json")):
+        capsys.readouterr()
+        with pytest.raises(gr.Error, match=re.escape(message)):
+            app.load_pipeline(str(folder))
+        logged = capsys.readouterr().err.strip().splitlines()
+        assert logged[-1].startswith(
+            f"hf_fss space: Model error: Could not load model '{folder}': ValueError: {folder}"
+        )
+
+
 def test_large_images_keep_their_size(registry, episode):
     """The pipeline takes any size (the processor scales to its canvas); the mask comes back at the query's size."""
     huge = Image.fromarray(episode["image"]).resize((1500, 1200), Image.Resampling.NEAREST)

@@ -71,7 +71,15 @@ def test_each_verb_prints_its_help(verb, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([verb, "--help"])
     assert exit_.value.code == 0
-    assert "--" in capsys.readouterr().out and verb in COMMANDS
+    out = capsys.readouterr().out
+    assert "--" in out and verb in COMMANDS
+    assert out.startswith(f"usage: hf-fss {verb} "), out.splitlines()[0]  # not the script's name (`release.py`)
+    # A usage error names the command as called, too; the script alone keeps its own name.
+    try:
+        status = main([verb, "--no-such-flag"])  # train / pretrain return their status, the others exit
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"hf-fss {verb}: error:")
 
 
 def test_a_missing_or_unknown_verb_is_one_line(capsys):

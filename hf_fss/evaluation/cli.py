@@ -208,10 +208,13 @@ def _load_model_and_processor(
 ) -> tuple[Any, Any]:
     # hf_fss is imported (this module is part of it), so its model types are registered with the Auto classes.
     from hf_fss.image_processing_fss import load_image_processor
+    from hf_fss.loading import check_fss_model, check_fss_model_folder
 
     check_model_path(name_or_path)
     name_or_path = resolve_model_path(name_or_path)  # a training run folder: its best/, else final/ (logged)
+    check_fss_model_folder(name_or_path)  # a plain transformers folder (SegGPT, DINOv2) is named before loading
     model = load_model_with_overrides(name_or_path, overrides, dtype)
+    check_fss_model(model)  # the same for a Hub id, known only once loaded
     # A converted checkpoint may come without preprocessor_config.json (the config's image_size is used); a broken
     # one is an error naming the file, as with AutoImageProcessor, never replaced by defaults.
     return model, load_image_processor(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..cli import ScriptArgumentParser, os_error_line
+from ..cli import ScriptArgumentParser, command_prog, os_error_line
 from ..utils.io import atomic_write_text, make_staging_dir, replace_folder, write_json_atomic
 from .release_manifest import ReleaseEntry, default_cards_dir, load_manifest, read_measured, render_release_card
 
@@ -392,7 +392,7 @@ def main(argv=None, api=None) -> int:
             return 0
         outcomes = release_checkpoints(args, api=api)
     except (ValueError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{command_prog(PROG)}: error: {err}", file=sys.stderr)
         return 2
     for outcome in outcomes:
         where = f" -> {outcome.repo}" if outcome.repo else ""

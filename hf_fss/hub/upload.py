@@ -18,7 +18,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..cli import ScriptArgumentParser, os_error_line
+from ..cli import ScriptArgumentParser, command_prog, os_error_line
 from ..utils import resolve_model_path, run_folder_model
 from ..utils.io import atomic_write_text
 from .model_card import CARD_MARKER, render_model_card
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
             message = os_error_line(err)  # a folder one may not read: the path and what to do
         else:
             message = " ".join(str(err).splitlines())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{command_prog(PROG)}: error: {message}", file=sys.stderr)
         return 2
     url = (
         getattr(commit, "pr_url", None)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import IMAGE_SIDE, POSITIVE, POSITIVE_INT, ScriptArgumentParser, os_error_line
+from ..cli import IMAGE_SIDE, POSITIVE, POSITIVE_INT, ScriptArgumentParser, command_prog, os_error_line
 from ..utils.io import check_output_path
 
 __all__ = [
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
         if err.errno is None:  # the checkpoint's own problem, in its words
             return _refuse(args, str(err))
         # A full disk or a refused write names its own path (the output's, or the checkpoint's when unreadable).
-        print(f"{PROG}: error: {os_error_line(err)}", file=sys.stderr)
+        print(f"{command_prog(PROG)}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except ValueError as err:
         return _refuse(args, str(err))
@@ -428,5 +428,5 @@ def _refuse(args: argparse.Namespace, text: str) -> int:
     message = " ".join(text.splitlines())
     if str(args.checkpoint) not in message and not message.startswith("--output-dir"):
         message = f"{args.checkpoint}: {message}"
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{command_prog(PROG)}: error: {message}", file=sys.stderr)
     return 2

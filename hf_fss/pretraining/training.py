@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from hf_fss.cli import os_error_line
+from hf_fss.cli import command_prog, os_error_line
 from hf_fss.training.arguments import LoopArguments, apply_num_threads, arguments_dict, parse_groups
 from hf_fss.training.loop import (
     LoopCallback,
@@ -327,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         apply_num_threads(loop_args, argv)
         pretrain(loop_args, args)
     except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
-        print(f"pretrain_prior.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        print(
+            f"{command_prog('pretrain_prior.py')}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr
+        )
         return 2
     except ValueError as err:
-        print(f"pretrain_prior.py: error: {err}", file=sys.stderr)
+        print(f"{command_prog('pretrain_prior.py')}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
-        print(f"pretrain_prior.py: error: {err}", file=sys.stderr)
+        print(f"{command_prog('pretrain_prior.py')}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -39,7 +39,7 @@ from transformers import AutoModel
 
 from hf_fss import hub
 from hf_fss.backbones.feature_cache import FeatureCache
-from hf_fss.cli import os_error_line
+from hf_fss.cli import command_prog, os_error_line
 from hf_fss.evaluation.loop import default_feature_cache_bytes, evaluate_model
 from hf_fss.hub.card_results import training_schedule
 from hf_fss.run_folder import write_run_folder_marker
@@ -549,12 +549,12 @@ def main(argv: list[str] | None = None, quickstart_recipe: str | os.PathLike | N
         apply_num_threads(loop_args, argv)
         train(loop_args, episodic_args)
     except OSError as err:  # a full disk, a folder made read-only mid-run: what was saved before stays intact
-        print(f"train.py: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
+        print(f"{command_prog('train.py')}: error: {os_error_line(err) if err.errno else err}", file=sys.stderr)
         return 2
     except ValueError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"{command_prog('train.py')}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"{command_prog('train.py')}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -16,10 +16,16 @@ def seggpt_config_from(name_or_path: str) -> SegGptConfig:
 
     Raises:
         `OSError`: it cannot be read (transformers' message).
-        `ValueError`: it is another architecture's config (its `model_type` is named).
+        `ValueError`: it is another architecture's config (its `model_type` is named), or an hf_fss `seggpt_fss`
+            folder (`from_pretrained` is named).
     """
     config_dict, _ = SegGptConfig.get_config_dict(name_or_path)
     found = config_dict.get("model_type")
+    if found == "seggpt_fss":  # already the adapter (a folder saved by SegGptFssModel): nothing to wrap
+        raise ValueError(
+            f"{name_or_path} already holds an hf_fss SegGPT adapter ('seggpt_fss'), not a SegGPT checkpoint to wrap; "
+            f"load it with SegGptFssModel.from_pretrained('{name_or_path}') or AutoModel.from_pretrained"
+        )
     if found != SegGptConfig.model_type:
         raise ValueError(
             f"{name_or_path} holds a model of type {found!r}, not SegGPT ({SegGptConfig.model_type!r}); give a SegGPT "

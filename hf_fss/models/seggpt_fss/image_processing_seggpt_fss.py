@@ -8,7 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import SegGptImageProcessorPil
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+)
 
 from ...image_processing_fss import FewShotSegmentationImageProcessor
 
@@ -56,7 +62,10 @@ class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
         # SegGPT's processor reads 8-bit images; the decoded arrays hold whole values in [0, 255] (16-bit ones are
         # scaled to that range by hf_fss.annotations and rounded here).
         pixels = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        return self._seggpt()(images=pixels, return_tensors="np")["pixel_values"][0].astype(np.float32)
+        # Channels last, stated: transformers would otherwise guess the layout from the shape, and take an image of
+        # height 1, 3 or 4 for a channels-first one (an error in its normalisation, or a silently wrong image).
+        outputs = self._seggpt()(images=pixels, input_data_format=ChannelDimension.LAST, return_tensors="np")
+        return outputs["pixel_values"][0].astype(np.float32)
 
     def resize_and_pad_mask(self, mask: np.ndarray) -> np.ndarray:
         """`(h, w)` mask in {0, 1, 255} -> `(S, S)` int64, stretched with PIL nearest neighbour as SegGPT's prompt masks."""
@@ -64,6 +73,7 @@ class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
         if mask.ndim != 2:
             raise ValueError(f"mask must be 2-D (height, width), got shape {mask.shape}")
         size = SizeDict(height=self.image_size, width=self.image_size)
+        # `resize` reads its input as channels first whatever its shape: a `(1, h, w)` mask is never misread.
         resized = self._seggpt().resize(mask.astype(np.uint8)[None], size, PILImageResampling.NEAREST)
         return np.asarray(resized)[0].astype(np.int64)
 

@@ -84,7 +84,8 @@ class SegGptFssModel(FewShotSegmentationPreTrainedModel):
 
         Raises:
             `OSError`: the Hub id or folder cannot be read (transformers' message).
-            `ValueError`: the folder holds another architecture than SegGPT.
+            `ValueError`: the folder holds another architecture than SegGPT, or is already a saved `SegGptFssModel`
+                (then `from_pretrained` is the call).
         """
         model = cls(SegGptFssConfig(seggpt_name_or_path=seggpt_name_or_path, **config_kwargs))
         model.load_pretrained_extractors()
