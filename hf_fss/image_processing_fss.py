@@ -112,6 +112,15 @@ def _logits_of(outputs: Any) -> torch.Tensor:
     return logits.detach().float()
 
 
+def target_height_width(target_size: Any) -> tuple[int, int]:
+    """One entry of `target_sizes` (a pair, list, tensor or array) as `(height, width)` ints; `ValueError` otherwise."""
+    if isinstance(target_size, torch.Tensor | np.ndarray):
+        target_size = target_size.tolist()
+    if not isinstance(target_size, list | tuple) or len(target_size) != 2:
+        raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
+    return int(target_size[0]), int(target_size[1])
+
+
 class FewShotSegmentationImageProcessor(BaseImageProcessor):
     r"""
     Constructs an image processor for few-shot semantic segmentation: query images, support images with their
@@ -441,11 +450,7 @@ class FewShotSegmentationImageProcessor(BaseImageProcessor):
         Returns:
             `torch.Tensor` of shape `(..., C, height, width)`.
         """
-        if isinstance(target_size, torch.Tensor | np.ndarray):
-            target_size = target_size.tolist()
-        if not isinstance(target_size, list | tuple) or len(target_size) != 2:
-            raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
-        height, width = (int(v) for v in target_size)
+        height, width = target_height_width(target_size)
         lead = logits.shape[:-2]
         logits = logits.reshape(-1, *logits.shape[-3:]) if logits.ndim >= 3 else logits[None, None]
         size = self.image_size

@@ -16,7 +16,7 @@ from transformers.image_utils import (
     SizeDict,
 )
 
-from ...image_processing_fss import FewShotSegmentationImageProcessor
+from ...image_processing_fss import FewShotSegmentationImageProcessor, target_height_width
 
 
 class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
@@ -83,11 +83,7 @@ class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
         resizes its predicted mask before reading the classes from it (scores of a nearest-resized prediction are the
         nearest-resized scores).
         """
-        if isinstance(target_size, torch.Tensor | np.ndarray):
-            target_size = target_size.tolist()
-        if not isinstance(target_size, list | tuple) or len(target_size) != 2:
-            raise ValueError(f"`target_sizes`: each size must be (height, width), got {target_size!r}")
-        height, width = (int(v) for v in target_size)
+        height, width = target_height_width(target_size)
         lead = logits.shape[:-2]
         flat = logits.reshape(-1, *logits.shape[-3:]) if logits.ndim >= 3 else logits[None, None]
         resized = F.interpolate(flat, size=(height, width), mode="nearest")
