@@ -38,9 +38,12 @@ def not_fss_model_message(name_or_path, model_type) -> str | None:
     from .models import CONFIG_CLASSES
     from .utils import RUN_FOLDER_MODEL_TYPE
 
-    if model_type in CONFIG_CLASSES or model_type == RUN_FOLDER_MODEL_TYPE:
+    if model_type in CONFIG_CLASSES or model_type == RUN_FOLDER_MODEL_TYPE or _registered_method(model_type):
         return None
-    expected = f"hf_fss loads a folder or Hub id saved by an hf_fss model (model_type one of {sorted(CONFIG_CLASSES)})"
+    expected = (
+        f"hf_fss loads a folder or Hub id saved by an hf_fss model (model_type one of {sorted(CONFIG_CLASSES)}, or "
+        "a method of your own registered with AutoConfig)"
+    )
     if not model_type:
         return f"{name_or_path} holds no model_type in its config.json, so no hf_fss few-shot model; {expected}"
     if model_type not in CONFIG_MAPPING_NAMES:
@@ -51,6 +54,18 @@ def not_fss_model_message(name_or_path, model_type) -> str | None:
     if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES:
         return f"{what}; use it as a backbone: NTRENetConfig(backbone='{name_or_path}', use_pretrained_backbone=True)"
     return f"{what}; {expected}"
+
+
+def _registered_method(model_type) -> bool:
+    """A method of the user's own, registered with `AutoConfig` as a `FewShotSegmentationConfig` subclass."""
+    from transformers import CONFIG_MAPPING
+
+    from .configuration_fss import FewShotSegmentationConfig
+
+    try:
+        return isinstance(model_type, str) and issubclass(CONFIG_MAPPING[model_type], FewShotSegmentationConfig)
+    except KeyError:
+        return False
 
 
 def check_fss_model_folder(name_or_path) -> None:

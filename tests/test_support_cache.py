@@ -180,6 +180,9 @@ def test_training_validation_uses_a_fresh_cache_per_call_and_scores_as_uncached(
     second = episodic.evaluate_episodes(model, processor, episode_set, args, accelerator)
     assert len(made) == 2 and made[0].support_hits > 0 and made[1].support_misses > 0
     assert made[1].support_misses == made[0].support_misses  # nothing carried over from the old weights
+    # train.py's evaluation adds the precision it ran in (metrics.json records it); the scores are evaluate_model's
+    for result in (first, second):
+        assert (result.pop("dtype"), result.pop("channels_last")) == ("float32", False)
     assert json.dumps(second, sort_keys=True) == json.dumps(_evaluate(model, split, episodes), sort_keys=True)
     assert json.dumps(first, sort_keys=True) != json.dumps(second, sort_keys=True)
 
