@@ -63,20 +63,16 @@ def test_evaluate_exposes_num_threads():
     assert build_parser().parse_args(["--model", "m", "--dataset", "synthetic"]).num_threads is None
 
 
-@pytest.mark.parametrize(
-    "flags, env, expected",
-    [
-        (["--num-threads", "1"], {}, 1),
-        ([], {"OMP_NUM_THREADS": "1"}, 1),
-        (["--num-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
-    ],
-)
-def test_train_runs_the_threads_of_its_flag_or_of_omp_num_threads(restore_threads, monkeypatch, flags, env, expected):
-    # `OMP_NUM_THREADS=1 python scripts/train.py` / `--num-threads 1`: one thread (accelerate launch gives each
-    # process OMP_NUM_THREADS=1 unless the flag says otherwise). From the command line, argv is None.
-    import sys
+THREAD_CASES = [
+    (["--num-threads", "1"], {}, 1),
+    ([], {"OMP_NUM_THREADS": "1"}, 1),
+    (["--num-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
+]
 
-    from hf_fss.training import episodic
+
+def _threads_of_script(monkeypatch, module, entry: str, script: str, flags, env) -> list[int]:
+    """Run `module.main()` as `script flags` under `env`, with `module.entry` replaced: the threads it ran with."""
+    import sys
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for name, value in env.items():
@@ -84,33 +80,26 @@ def test_train_runs_the_threads_of_its_flag_or_of_omp_num_threads(restore_thread
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     torch.set_num_threads(3)
     seen = []
-    monkeypatch.setattr(episodic, "train", lambda loop_args, args: seen.append(torch.get_num_threads()))
-    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "synthetic", *flags])
-    assert episodic.main() == 0 and seen == [expected]
+    monkeypatch.setattr(module, entry, lambda loop_args, args: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(sys, "argv", [script, "--dataset", "synthetic", *flags])
+    assert module.main() == 0
+    return seen
 
 
-@pytest.mark.parametrize(
-    "flags, env, expected",
-    [
-        (["--num-threads", "1"], {}, 1),
-        ([], {"OMP_NUM_THREADS": "1"}, 1),
-        (["--num-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
-    ],
-)
+@pytest.mark.parametrize("flags, env, expected", THREAD_CASES)
+def test_train_runs_the_threads_of_its_flag_or_of_omp_num_threads(restore_threads, monkeypatch, flags, env, expected):
+    # `OMP_NUM_THREADS=1 python scripts/train.py` / `--num-threads 1`: one thread (accelerate launch gives each
+    # process OMP_NUM_THREADS=1 unless the flag says otherwise). From the command line, argv is None.
+    from hf_fss.training import episodic
+
+    assert _threads_of_script(monkeypatch, episodic, "train", "train.py", flags, env) == [expected]
+
+
+@pytest.mark.parametrize("flags, env, expected", THREAD_CASES)
 def test_pretrain_prior_runs_the_threads_of_its_flag_or_of_omp_num_threads(
     restore_threads, monkeypatch, flags, env, expected
 ):
     # scripts/pretrain_prior.py shares train.py's --num-threads (LoopArguments) and the same default.
-    import sys
-
     from hf_fss.pretraining import training
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
-    torch.set_num_threads(3)
-    seen = []
-    monkeypatch.setattr(training, "pretrain", lambda loop_args, args: seen.append(torch.get_num_threads()))
-    monkeypatch.setattr(sys, "argv", ["pretrain_prior.py", "--dataset", "synthetic", *flags])
-    assert training.main() == 0 and seen == [expected]
+    assert _threads_of_script(monkeypatch, training, "pretrain", "pretrain_prior.py", flags, env) == [expected]
