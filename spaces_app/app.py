@@ -105,7 +105,8 @@ def default_models() -> tuple[list[str], dict, str | None]:
         why = f"the Hub is not reachable for {TRAINING_FREE_BACKBONE}"
         return specs, {}, f"The training-free cosine prior is not offered: {why}; {fallback}."
     try:
-        pipe = pipeline("few-shot-segmentation", model=training_free_model(), device=DEVICE)
+        model = training_free_model()
+        pipe = pipeline("few-shot-segmentation", model=model, device=DEVICE, precision=resolve_precision())
     except Exception as err:  # noqa: BLE001 - any loading failure falls back the same way, and says why
         why = f"loading {TRAINING_FREE_BACKBONE} failed ({type(err).__name__}: {' '.join(str(err).split())})"
         return specs, {}, f"The training-free cosine prior is not offered: {why}; {fallback}."
