@@ -291,9 +291,14 @@ def make_test_episodes(
     return episodes
 
 
+def episodes_jsonl_text(episodes: Iterable[Episode]) -> str:
+    """The JSON Lines text of an episode list: one `{"query": id, "supports": [ids], "class_id": c}` per line."""
+    return "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes)
+
+
 def save_episodes_jsonl(episodes: Iterable[Episode], path: str | os.PathLike) -> None:
-    """Write one JSON object per line, `{"query": id, "supports": [ids], "class_id": c}`, atomically."""
-    atomic_write_text(path, "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes))
+    """Write `episodes_jsonl_text(episodes)` to `path`, atomically."""
+    atomic_write_text(path, episodes_jsonl_text(episodes))
 
 
 def load_episodes_jsonl(path: str | os.PathLike, split: Any = None) -> list[Episode]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from hf_fss.data import fold_classes, make_test_episodes, save_episodes_jsonl
 from hf_fss.data.folds import has_class_split, num_folds
-from hf_fss.data.sampling import Episode
+from hf_fss.data.sampling import Episode, episodes_jsonl_text
 from hf_fss.evaluation.arguments import default_test_split
 from hf_fss.evaluation.protocols import get_protocol
 from hf_fss.utils.io import atomic_write_text
@@ -27,8 +27,7 @@ INDEX_NAME = "index.json"
 
 def episodes_sha256(episodes: Iterable[Episode]) -> str:
     """sha256 of an episode list's JSON Lines text (the file `save_episodes_jsonl` writes): equal lists, equal hash."""
-    text = "".join(json.dumps(episode.to_json()) + "\n" for episode in episodes)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(episodes_jsonl_text(episodes).encode("utf-8")).hexdigest()
 
 
 def export_test_episodes(
