@@ -4,75 +4,110 @@ Importing the package registers every model, its configuration and the image pro
 `AutoConfig`, `AutoModel` and `AutoImageProcessor`, so `AutoModel.from_pretrained(repo_or_dir)` returns the
 right class, and the `"few-shot-segmentation"` task with `pipeline()`.
 
-The import is lazy (docs/development.md, "Import time"): it loads the configuration classes only. A model class,
-the image processor and the pipeline are imported when first used, by name (`from hf_fss import NTRENetModel`) or
-through the Auto classes (`AutoModel` gets a stand-in that imports the real class; the processor and the pipeline
-task are registered when transformers' `image_processing_auto` / `pipelines` module is imported, before either can
-be used).
+The import itself loads neither torch nor transformers (docs/development.md, "Import time"). Every public name is
+imported on first read (`from hf_fss import NTRENetConfig`), and each registration waits for the transformers module
+it fills: the configurations when `transformers.models.auto.configuration_auto` is imported (by `AutoConfig`, or
+`AutoModel`, ...), the models when `modeling_auto` is, the processors when `image_processing_auto` is and the task
+when `transformers.pipelines` is; none of those can be used before its module exists, and a module imported before
+hf_fss is filled at `import hf_fss`. `AutoModel` holds a stand-in per method that imports the model class on first use.
 """
 
 import sys
-from functools import partial
 
-from transformers import AutoConfig, AutoModel
-
-from .configuration_fss import FewShotSegmentationConfig
-from .models import CONFIG_CLASSES, MODEL_CLASS_PATHS, MODEL_CLASSES, PROCESSOR_CLASS_PATHS
-from .models.cosine_prior import CosinePriorConfig
-from .models.crcnet import CRCNetConfig
-from .models.ntrenet import NTRENetConfig
-from .models.qgnet import QGNetConfig
-from .models.seggpt_fss import SegGptFssConfig
-from .models.smcp import SMCPConfig
-from .run_folder import RunFolderConfig, RunFolderModel
-from .utils.lazy import after_import, lazy_class, lazy_exports
+from .utils.lazy import after_import, lazy_exports
 
 __version__ = "0.1.0"
 
-# Public names whose modules import transformers' modeling / image-processing utilities: loaded on first read.
+_METHOD_EXPORTS = {
+    "cosine_prior": ("CosinePriorConfig", "CosinePriorModel"),
+    "crcnet": ("CRCNetConfig", "CRCNetModel"),
+    "ntrenet": ("NTRENetConfig", "NTRENetModel"),
+    "qgnet": ("QGNetConfig", "QGNetModel"),
+    "seggpt_fss": ("SegGptFssConfig", "SegGptFssModel", "SegGptFssImageProcessor"),
+    "smcp": ("SMCPConfig", "SMCPModel"),
+}
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "CosinePriorModel": ".models.cosine_prior",
-        "CRCNetModel": ".models.crcnet",
+        **{name: f".models.{method}" for method, names in _METHOD_EXPORTS.items() for name in names},
+        "MODEL_CLASSES": ".models",
+        "FewShotSegmentationConfig": ".configuration_fss",
         "FewShotSegmentationImageProcessor": ".image_processing_fss",
         "FewShotSegmentationOutput": ".modeling_fss",
         "FewShotSegmentationPipeline": ".pipelines",
         "FewShotSegmentationPreTrainedModel": ".modeling_fss",
-        "NTRENetModel": ".models.ntrenet",
-        "QGNetModel": ".models.qgnet",
-        "SMCPModel": ".models.smcp",
-        "SegGptFssImageProcessor": ".models.seggpt_fss",
-        "SegGptFssModel": ".models.seggpt_fss",
+        "RunFolderConfig": ".run_folder",
+        "RunFolderModel": ".run_folder",
         "SupportEncoding": ".modeling_fss",
         "register_pipeline": ".pipelines",
     },
 )
 
 
-def _register_auto_classes() -> None:
-    # The registry lives in hf_fss.models (MODEL_CLASSES, re-exported here). AutoModel gets a stand-in per method
-    # that imports the model class on first use and then registers the real class in its place.
-    for model_type, config_class in CONFIG_CLASSES.items():
+# Registrations that fired while hf_fss.models was being imported: a config module's import can import transformers'
+# auto modules itself (SegGptConfig's docstring decorator imports modeling_auto), before CONFIG_CLASSES exists.
+_waiting_for_models: list = []
+
+
+def _with_config_classes(register):
+    """A hook that calls `register(CONFIG_CLASSES)` now, or when `hf_fss.models` has finished importing."""
+
+    def hook() -> None:
+        models = sys.modules.get(f"{__name__}.models")
+        if models is not None and not getattr(models, "_imported", False):
+            _waiting_for_models.append(register)
+            return
+        from .models import CONFIG_CLASSES
+
+        register(CONFIG_CLASSES)
+
+    return hook
+
+
+def _run_waiting_registrations(config_classes: dict) -> None:
+    """Called by `hf_fss.models` as its last step."""
+    while _waiting_for_models:
+        _waiting_for_models.pop(0)(config_classes)
+
+
+def _register_configs(config_classes: dict) -> None:
+    # A run folder's marker config.json too: AutoModel / pipeline() load its best/ (else final/) model.
+    from transformers.models.auto.configuration_auto import AutoConfig
+
+    from .run_folder import RunFolderConfig
+
+    for model_type, config_class in config_classes.items():
         AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoConfig.register(RunFolderConfig.model_type, RunFolderConfig, exist_ok=True)
+
+
+def _register_models(config_classes: dict) -> None:
+    # A stand-in per method that imports the model class on first use and then registers the real class in its place.
+    from functools import partial
+
+    from transformers.models.auto.modeling_auto import AutoModel
+
+    from .models import MODEL_CLASS_PATHS
+    from .run_folder import RunFolderConfig, RunFolderModel
+    from .utils.lazy import lazy_class
+
+    for model_type, config_class in config_classes.items():
         register_real = partial(AutoModel.register, config_class, exist_ok=True)
         stand_in = lazy_class(*MODEL_CLASS_PATHS[model_type], on_resolve=register_real, config_class=config_class)
         AutoModel.register(config_class, stand_in, exist_ok=True)
-    # A training run folder's marker config.json: AutoModel / pipeline() load its best/ (else final/) model.
-    AutoConfig.register(RunFolderConfig.model_type, RunFolderConfig, exist_ok=True)
     AutoModel.register(RunFolderConfig, RunFolderModel, exist_ok=True)
 
 
-def _register_image_processor() -> None:
-    # Each method gets its processor (the shared one unless PROCESSOR_CLASS_PATHS names another); run once
-    # transformers' AutoImageProcessor module exists.
+def _register_image_processors(config_classes: dict) -> None:
+    # Each method gets its processor: the shared one unless PROCESSOR_CLASS_PATHS names another.
     import importlib
 
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from .image_processing_fss import FewShotSegmentationImageProcessor
+    from .models import PROCESSOR_CLASS_PATHS
 
-    for model_type, config_class in CONFIG_CLASSES.items():
+    for model_type, config_class in config_classes.items():
         processor_class = FewShotSegmentationImageProcessor
         if model_type in PROCESSOR_CLASS_PATHS:
             module, name = PROCESSOR_CLASS_PATHS[model_type]
@@ -89,8 +124,10 @@ def _register_pipeline() -> None:
         register_pipeline()
 
 
-_register_auto_classes()
-after_import("transformers.models.auto.image_processing_auto", _register_image_processor)
+# modeling_auto and image_processing_auto import configuration_auto first, so the configs are always registered first.
+after_import("transformers.models.auto.configuration_auto", _with_config_classes(_register_configs))
+after_import("transformers.models.auto.modeling_auto", _with_config_classes(_register_models))
+after_import("transformers.models.auto.image_processing_auto", _with_config_classes(_register_image_processors))
 after_import("transformers.pipelines", _register_pipeline)
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal, get_args
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import MODEL_MAPPING, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 # ImageNet weights each backbone starts from when `use_pretrained_backbone=True` and no path is given, keyed by
 # (backbone, ResNet stem). Hub repos in safetensors: transformers' ResNet layout (7x7 stem only) for ResNets,
@@ -360,6 +360,9 @@ def _method_config_classes() -> dict[str, type[FewShotSegmentationConfig]]:
 
 def _loader_hint(model_type: str) -> str:
     """How to load a config.json of `model_type`: its hf_fss classes, or the list of hf_fss model types."""
+    # modeling_auto imported here: this module is imported when AutoConfig first is (hf_fss/__init__.py).
+    from transformers import MODEL_MAPPING
+
     config_classes = _method_config_classes()
     if model_type in config_classes:
         config_class = config_classes[model_type]

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoModel, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from .utils import RUN_FOLDER_MODEL_TYPE, resolve_model_path
 from .utils.io import atomic_write_text
@@ -53,6 +53,8 @@ class RunFolderModel:
                 f"{pretrained_model_name_or_path} is a training run folder (config.json model_type "
                 f"{RUN_FOLDER_MODEL_TYPE!r}), not a model; upload and load its best/ or final/ model folder instead"
             )
+        from transformers import AutoModel  # imported here: this module is imported when AutoConfig first is
+
         model_dir = resolve_model_path(pretrained_model_name_or_path)  # logs which one it took
         kwargs.pop("_from_auto", None)  # AutoModel's own marker, which it sets again in the call below
         return AutoModel.from_pretrained(model_dir, *model_args, **kwargs)

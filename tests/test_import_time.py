@@ -38,6 +38,41 @@ def test_import_hf_fss_loads_no_heavy_optional_part():
     assert json.loads(run_python(code)) == []
 
 
+def test_import_hf_fss_loads_neither_torch_nor_transformers():
+    # Both are imported when a name or an Auto class is first used (hf_fss/__init__.py).
+    code = "import json, sys, hf_fss; print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))"
+    assert json.loads(run_python(code)) == []
+
+
+# The orders in which a user meets hf_fss and transformers' Auto classes; each must end with every registration made.
+IMPORT_ORDERS = {
+    "hf_fss first": "import hf_fss\nfrom transformers import AutoConfig, AutoModel",
+    # modeling_auto imports configuration_auto: the config registration waits for modeling_auto to finish.
+    "AutoModel before AutoConfig": "import hf_fss\nfrom transformers import AutoModel\nfrom transformers import AutoConfig",
+    "transformers first": "from transformers import AutoConfig, AutoModel\nimport hf_fss",
+    # SegGptConfig's import imports modeling_auto while hf_fss.models is half-imported: the registrations wait.
+    "a config first": "from hf_fss import SegGptFssConfig\nfrom transformers import AutoConfig, AutoModel",
+    "a modeling file first": "from hf_fss.models.ntrenet.modeling_ntrenet import NTRENetModel\n"
+    "from transformers import AutoConfig, AutoModel",
+    "the processor first": "import hf_fss\nfrom transformers import AutoImageProcessor, AutoConfig, AutoModel",
+}
+
+
+@pytest.mark.parametrize("imports", IMPORT_ORDERS.values(), ids=IMPORT_ORDERS.keys())
+def test_the_auto_classes_are_registered_whatever_the_import_order(imports):
+    code = (
+        f"{imports}\n"
+        "import hf_fss\n"
+        "assert type(AutoModel.from_config(AutoConfig.for_model('smcp', **{'backbone_kwargs': {'base_width': 8}}))) "
+        "is hf_fss.SMCPModel\n"
+        "assert AutoConfig.for_model('fss_run').__class__ is hf_fss.RunFolderConfig\n"
+        "from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING\n"
+        "assert IMAGE_PROCESSOR_MAPPING[hf_fss.SegGptFssConfig]['pil'] is hf_fss.SegGptFssImageProcessor\n"
+        "print('ok')"
+    )
+    assert run_python(code).strip() == "ok"
+
+
 def test_evaluate_help_loads_no_model_code():
     # `scripts/evaluate.py --help` and a typo'd flag answer before the models, datasets and accelerate are imported.
     code = (

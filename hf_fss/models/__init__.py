@@ -1,16 +1,18 @@
 """
 The few-shot segmentation methods of hf_fss, one folder each, and their registry.
 
-`MODEL_CLASSES` maps each `model_type` to its `(config class, model class)`; the package top (`import hf_fss`)
-registers them with transformers' Auto classes and re-exports the registry as `hf_fss.MODEL_CLASSES`. Its keys,
-`in` and the configuration classes (`CONFIG_CLASSES`) cost no model import; reading an entry imports that method's
-modeling file (transformers' `modeling_utils`, about 3.5 s of CPU the first time: docs/development.md).
+`MODEL_CLASSES` maps each `model_type` to its `(config class, model class)`; the package top (`hf_fss/__init__.py`)
+registers them with transformers' Auto classes when those are imported and re-exports the registry as
+`hf_fss.MODEL_CLASSES`. Its keys, `in` and the configuration classes (`CONFIG_CLASSES`) cost no model import; reading
+an entry imports that method's modeling file (transformers' `modeling_utils`, about 3.5 s of CPU the first time: docs/development.md).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
+
+from .. import _run_waiting_registrations
 
 from .cosine_prior import CosinePriorConfig
 from .crcnet import CRCNetConfig
@@ -62,5 +64,9 @@ class ModelRegistry(Mapping):
 
 # (config, model) of every registered method.
 MODEL_CLASSES = ModelRegistry()
+
+# The Auto registrations (hf_fss/__init__.py) wait for this module; those that fired while it was importing run now.
+_imported = True
+_run_waiting_registrations(CONFIG_CLASSES)
 
 __all__ = ["CONFIG_CLASSES", "MODEL_CLASSES", "MODEL_CLASS_PATHS", "PROCESSOR_CLASS_PATHS", "ModelRegistry"]

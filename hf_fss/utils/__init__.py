@@ -26,7 +26,16 @@ from .io import (
     replace_folder,
     write_json_atomic,
 )
-from .precision import PRECISIONS, channels_last_input, check_precision, inference_precision, logit_agreement
+from .lazy import lazy_exports
+
+# torch is imported by what uses it, not by `import hf_fss` (docs/development.md, "Import time").
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        name: ".precision"
+        for name in ("PRECISIONS", "channels_last_input", "check_precision", "inference_precision", "logit_agreement")
+    },
+)
 
 __all__ = [
     "PRECISIONS",

@@ -1,15 +1,15 @@
 """
 Lazy imports, so that `import hf_fss` costs what its caller uses (docs/development.md, "Import time").
 
-`transformers.modeling_utils` alone costs about 3.5 s of CPU at import (it pulls in `torch._dynamo` and
-`torch.distributed.tensor`), `transformers.image_processing_utils` as much (it imports the former), while the
-configuration classes need only `transformers.configuration_utils` (about 1.5 s, torch included). Three tools keep
-the heavy parts out of `import hf_fss` and every public name working:
+`import torch` costs about 1 s of CPU, transformers' configuration classes 0.5 s more and its `modeling_utils` about
+3.5 s (it pulls in `torch._dynamo` and `torch.distributed.tensor`). `import hf_fss` imports none of them, and every
+public name still works, through three tools:
 
 - `lazy_exports`: a module `__getattr__` (PEP 562) that imports a name's submodule on first access;
 - `lazy_class`: a stand-in class for transformers' Auto mappings that imports the real class on first use;
-- `after_import`: run a callback once a module has been imported (or now, if it already has been), e.g. register
-  the pipeline task when `transformers.pipelines` is imported, since `pipeline()` cannot run before that.
+- `after_import`: run a callback once a module has been imported (or now, if it already has been), e.g. register the
+  configurations with `AutoConfig` when `transformers.models.auto.configuration_auto` is imported, since `AutoConfig`
+  cannot be used before that.
 """
 
 from __future__ import annotations
@@ -77,25 +77,54 @@ def lazy_class(module: str, name: str, on_resolve: Callable[[type], None] | None
     return _LazyClassType(name, (), namespace)
 
 
-class _CallbackLoader(importlib.abc.Loader):
-    """Wraps a module's own loader: executes the module, then the callback."""
+class _Callbacks:
+    """The callbacks of imported modules, run when the outermost of the watched imports has finished: a watched
+    module imported inside another (transformers' `modeling_auto` imports `configuration_auto`) must not call back
+    while the outer one is half-initialised, since the callback may need it."""
 
-    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[], None]):
-        self._loader, self._callback = loader, callback
+    depth = 0  # watched imports under way
+    queue: list = []
+    draining = False
+
+    @classmethod
+    def run_when_settled(cls, callback: Callable[[], None]) -> None:
+        cls.queue.append(callback)
+        if cls.depth or cls.draining:
+            return
+        cls.draining = True
+        try:
+            while cls.queue:  # in import order; a callback's own imports queue theirs behind it
+                cls.queue.pop(0)()
+        finally:
+            cls.draining = False
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    """Wraps a module's own loader: executes the module, then hands the finder's callback on."""
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _AfterImportFinder):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        self._callback()
+        _Callbacks.depth += 1
+        try:
+            self._loader.exec_module(module)
+        finally:
+            _Callbacks.depth -= 1
+        self._finder.fire()
 
     def __getattr__(self, name: str) -> object:  # get_source, get_filename, ... for tracebacks and inspect
         return getattr(self._loader, name)
 
 
 class _AfterImportFinder(importlib.abc.MetaPathFinder):
-    """One-shot finder: wraps the loader of `fullname` the first time it is imported, then leaves `sys.meta_path`."""
+    """Wraps the loader of `fullname` until that module has been executed once, then leaves `sys.meta_path`.
+
+    It stays through mere look-ups: transformers probes modules with `importlib.util.find_spec` without importing
+    them, so a finder that left at the first look-up would miss the import."""
 
     def __init__(self, fullname: str, callback: Callable[[], None]):
         self.fullname, self.callback = fullname, callback
@@ -103,15 +132,25 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != self.fullname:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the other finders; the parent package is imported by now
-        if spec is not None and spec.loader is not None:
-            spec.loader = _CallbackLoader(spec.loader, self.callback)
-        return spec
+        for finder in [f for f in sys.meta_path if f is not self]:  # the spec the others would give
+            spec = getattr(finder, "find_spec", lambda *args: None)(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _CallbackLoader(spec.loader, self)
+                return spec
+        return None
+
+    def fire(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+            _Callbacks.run_when_settled(self.callback)
 
 
 def after_import(fullname: str, callback: Callable[[], None]) -> None:
-    """Call `callback()` once `fullname` is imported: now if it already is, else right after its import."""
+    """
+    Call `callback()` once `fullname` is imported: now if it already is, else after its import, or after the
+    outermost import watched here that contains it (see `_Callbacks`).
+    """
     if fullname in sys.modules:
         callback()
     elif not any(
