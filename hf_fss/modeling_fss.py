@@ -341,6 +341,21 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         """The five stage features of the backbone (without autograd when it is frozen)."""
         return self.backbone(pixel_values)
 
+    def _encode_query(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a method computes from the query images alone (no support), as a dict of `(batch_size, ...)`
+        tensors; a method that splits its `_segment` this way gets it cached per image in evaluation."""
+        raise NotImplementedError(f"{type(self).__name__} has no support-free query encoding")
+
+    def query_encoding(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """
+        `_encode_query(pixel_values)`, served per query image by the evaluation's feature cache when one is attached
+        to this model and the call is an evaluation's (eval mode, no autograd, registered images): the same values,
+        computed once per distinct query (`FeatureCache.query_encoding`).
+        """
+        cache = getattr(self.backbone, "feature_cache", None)
+        served = None if cache is None else cache.query_encoding(self, pixel_values, self._encode_query)
+        return self._encode_query(pixel_values) if served is None else served
+
     # --- the few-shot API ----------------------------------------------------------------------------------
     def _route_inputs(self, kwargs: dict, encoding_given: bool) -> tuple[dict, dict]:
         """Split extra keyword inputs into the declared query-side and support-side ones; refuse anything else."""

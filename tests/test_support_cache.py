@@ -80,6 +80,9 @@ def test_cached_metrics_are_bit_identical_for_every_method(split, name, shot):
     else:
         assert cache.support_misses == len(pairs)
         assert cache.support_hits == 2 * len(episodes) * shot - len(pairs)
+    if name in ("ntrenet", "qgnet"):  # their support-free query work: one encoding per distinct query image
+        queries = {e.query for e in episodes}
+        assert (cache.query_misses, cache.query_hits) == (len(queries), 2 * len(episodes) - len(queries))
 
 
 @pytest.mark.parametrize("annotation", ["bbox", "scribble"])
@@ -129,6 +132,28 @@ def test_training_mode_and_autograd_are_not_cached():
             encode_support(model.eval(), {**support, "support_masks": support["support_masks"].long()}, cache, ["a"])
         encode_support(model, support, cache, ["a"])  # autograd on
     assert (cache.support_hits, cache.support_misses) == (0, 1)
+
+
+@pytest.mark.parametrize("name", ["ntrenet", "qgnet"])
+def test_query_encodings_are_served_only_to_the_attached_model_in_evaluation(name):
+    model = _model(name).eval()
+    cache = FeatureCache(1 << 30)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with cache.attach(model), cache.images([(pixels, ["a", "b"])]):
+        with torch.no_grad():
+            first = model.query_encoding(pixels)
+            again = model.query_encoding(pixels)
+            assert (cache.query_misses, cache.query_hits) == (2, 2)
+            for key, value in model._encode_query(pixels[1:]).items():  # row b: its batch-1 computation
+                assert torch.equal(again[key][1:], value) and torch.equal(first[key], again[key]), key
+            model.query_encoding(torch.randn(1, 3, SIZE, SIZE))  # an unregistered image: computed, not stored
+            model.down_query[0].weight.mul_(2.0)  # new weights: recomputed, never served
+            changed = model.query_encoding(pixels)
+            assert cache.query_misses == 4 and not torch.equal(changed["features"], first["features"])
+        model.query_encoding(pixels)  # autograd on
+        with torch.no_grad():
+            model.train().query_encoding(pixels)
+    assert (cache.query_misses, cache.query_hits) == (4, 2)
 
 
 def test_join_shots_equals_the_k_shot_encoding():

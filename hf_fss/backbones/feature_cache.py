@@ -23,8 +23,9 @@ Correctness rules (why the cached run is bit-identical to the uncached one):
 
 Besides stage features the same budget and LRU order hold other episode-independent work under their own key
 namespaces (`get` / `put`): `hf_fss.evaluation.loop` stores one support encoding per (support image, class mask,
-annotation), each entry tagged with the model's state (`model_state()`: the version counters of every parameter
-and buffer) so that an entry of other weights is never served.
+annotation), and a model's support-free query work (`query_encoding`: NTRENet's reduced features and background
+logits, QGNet's prior region map) one per query image, each entry tagged with the model's state (`model_state()`:
+the version counters of every parameter and buffer) so that an entry of other weights is never served.
 
 Look-ups are cheap: `attach` lists each extractor's parameters and modules once, so a call compares version counters
 over a flat list instead of walking the module tree.
@@ -81,6 +82,8 @@ class FeatureCache:
         self._detached_state: tuple | None = None
         self.support_hits = 0
         self.support_misses = 0
+        self.query_hits = 0
+        self.query_misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -222,6 +225,37 @@ class FeatureCache:
         self._store(key, list(tensors), state)
         self._entries[key]["value"] = value
 
+    def query_encoding(self, model: nn.Module, pixel_values: torch.Tensor, encode) -> dict[str, torch.Tensor] | None:
+        """
+        `encode(pixel_values)` (a method's support-free query work, `FewShotSegmentationPreTrainedModel.
+        _encode_query`) served per query image: rows computed at batch 1 as in the uncached evaluation and joined
+        along the batch. None when this call may not be served: `model` is not the attached model (a copy), in
+        training mode or building a graph, or a row of `pixel_values` is no registered image.
+        """
+        model_ref = self._model() if self._model is not None else None
+        if self.max_bytes == 0 or model_ref is not model or model.training or torch.is_grad_enabled():
+            return None
+        keys = self.keys_of(pixel_values)
+        if keys is None:
+            return None
+        state = self.model_state()
+        autocast = torch.get_autocast_dtype(pixel_values.device.type)
+        context = (type(model).__name__, torch.is_autocast_enabled(pixel_values.device.type) and str(autocast))
+        rows = []
+        for i, key in enumerate(keys):
+            entry_key = ("query", key, *context)
+            value = self.get(entry_key, state)
+            if value is None:
+                self.query_misses += 1
+                value = encode(pixel_values[i : i + 1])
+                self.put(entry_key, value, list(value.values()), state)
+            else:
+                self.query_hits += 1
+            rows.append(value)
+        if len(rows) == 1:
+            return dict(rows[0])
+        return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+
     # --- storage ----------------------------------------------------------------------------------------------
     def _extend(self, entry: dict, key: tuple, end: int, run) -> list[torch.Tensor]:
         """An entry's stages up to `end`, running (and storing) the stages it lacks from its last one."""
@@ -257,13 +291,16 @@ class FeatureCache:
 
     def stats(self) -> dict[str, int | float]:
         """hits, misses (extractor features per image), support_hits / support_misses (support encodings per
-        shot), entries, bytes and hit rate (of the features), for logs and results."""
+        shot), query_hits / query_misses (query encodings per image), entries, bytes and hit rate (of the
+        features), for logs and results."""
         total = self.hits + self.misses
         return {
             "hits": self.hits,
             "misses": self.misses,
             "support_hits": self.support_hits,
             "support_misses": self.support_misses,
+            "query_hits": self.query_hits,
+            "query_misses": self.query_misses,
             "entries": len(self._entries),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,

@@ -383,7 +383,8 @@ def _report(args: argparse.Namespace, metrics: Mapping[str, Any], protocol, feat
         stats = feature_cache.stats()
         print(
             f"feature cache: {stats['hits']} images served, {stats['misses']} computed; support encodings: "
-            f"{stats['support_hits']} served, {stats['support_misses']} computed; "
+            f"{stats['support_hits']} served, {stats['support_misses']} computed; query encodings: "
+            f"{stats['query_hits']} served, {stats['query_misses']} computed; "
             f"{stats['bytes'] / 2**20:.1f} of {stats['max_bytes'] / 2**20:.0f} MiB held"
         )
     write_json_atomic(metrics, args.output)

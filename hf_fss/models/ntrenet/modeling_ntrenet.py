@@ -475,6 +475,12 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         hidden = self.bg_res1(hidden) + hidden
         return self.bg_cls(hidden)
 
+    def _encode_query(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The query's `layer4`, reduced mid-level `features` and `background_logits` (support-free)."""
+        _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
+        features = self.down_query(pfenet_mid_level(layer2, layer3))
+        return {"layer4": layer4, "features": features, "background_logits": self._background_logits(features)}
+
     def _encode_support(self, support_pixel_values, support_masks) -> NTRENetSupportEncoding:
         fields = pfenet_support_encoding(self.backbone, support_pixel_values, support_masks, self.down_supp)
         return NTRENetSupportEncoding(**fields)
@@ -559,14 +565,11 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
                     f"class_ids must hold one class id per query, shape ({batch_size},), got {tuple(class_ids.shape)}"
                 )
 
-        _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
-        query_features = self.down_query(pfenet_mid_level(layer2, layer3))
+        query = self.query_encoding(pixel_values)
+        layer4, query_features, background_logits = query["layer4"], query["features"], query["background_logits"]
         feature_size = query_features.shape[-2:]
-        prior = multi_shot_prior_mask(
-            layer4, encoding.high_level_features, encoding.masks, output_size=layer3.shape[-2:]
-        )
+        prior = multi_shot_prior_mask(layer4, encoding.high_level_features, encoding.masks, output_size=feature_size)
         prior = resize(prior, feature_size)
-        background_logits = self._background_logits(query_features)
         decoded = self._decode(query_features, encoding.prototype, prior, background_logits)
         logits = resize(decoded.logits, pixel_values.shape[-2:])
 

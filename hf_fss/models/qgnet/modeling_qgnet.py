@@ -271,13 +271,19 @@ class QGNetModel(FewShotSegmentationPreTrainedModel):
             bridge = layer4
         return prior_region_map(bridge, prior_layer4, eps=self.config.prior_eps)
 
+    def _encode_query(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The query's `layer4`, reduced mid-level `features` and `prior_region` at their size (support-free)."""
+        _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
+        features = self.down_query(pfenet_mid_level(layer2, layer3))
+        prior_region = resize(self.query_prior_region(pixel_values, layer4), features.shape[-2:])
+        return {"layer4": layer4, "features": features, "prior_region": prior_region}
+
     def _segment(self, pixel_values, support_encoding, labels=None) -> FewShotSegmentationOutput:
         r"""The arguments of `FewShotSegmentationPreTrainedModel._segment` (with a `QGNetSupportEncoding`)."""
         encoding = support_encoding
-        _, _, layer2, layer3, layer4 = self.backbone_features(pixel_values)
-        query_features = self.down_query(pfenet_mid_level(layer2, layer3))
+        query = self.query_encoding(pixel_values)
+        layer4, query_features, prior_region = query["layer4"], query["features"], query["prior_region"]
         feature_size = query_features.shape[-2:]
-        prior_region = resize(self.query_prior_region(pixel_values, layer4), feature_size)
         guided_region = multi_shot_prior_mask(
             layer4, encoding.high_level_features, encoding.masks, eps=self.config.prior_eps, output_size=feature_size
         )
