@@ -13,7 +13,6 @@ import importlib
 from collections.abc import Iterator, Mapping
 
 from .. import _run_waiting_registrations
-
 from .cosine_prior import CosinePriorConfig
 from .crcnet import CRCNetConfig
 from .ntrenet import NTRENetConfig
@@ -23,7 +22,8 @@ from .smcp import SMCPConfig
 
 # The configuration class of every registered method, by model_type (cheap: no modeling code).
 CONFIG_CLASSES = {
-    config.model_type: config for config in (CosinePriorConfig, CRCNetConfig, NTRENetConfig, QGNetConfig, SMCPConfig, SegGptFssConfig)
+    config.model_type: config
+    for config in (CosinePriorConfig, CRCNetConfig, NTRENetConfig, QGNetConfig, SMCPConfig, SegGptFssConfig)
 }
 
 # Where each method's model class lives (module, class name), imported on first use.
