@@ -341,17 +341,10 @@ class FewShotSegmentationPreTrainedModel(PreTrainedModel):
         """The five stage features of the backbone (without autograd when it is frozen)."""
         return self.backbone(pixel_values)
 
-    def _encode_query(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a method computes from the query images alone (no support), as a dict of `(batch_size, ...)`
-        tensors; a method that splits its `_segment` this way gets it cached per image in evaluation."""
-        raise NotImplementedError(f"{type(self).__name__} has no support-free query encoding")
-
     def query_encoding(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """
-        `_encode_query(pixel_values)`, served per query image by the evaluation's feature cache when one is attached
-        to this model and the call is an evaluation's (eval mode, no autograd, registered images): the same values,
-        computed once per distinct query (`FeatureCache.query_encoding`).
-        """
+        """A method's `_encode_query(pixel_values)` (its work on the queries alone: a dict of `(batch_size, ...)`
+        tensors; NTRENet, QGNet), served per query image by an attached evaluation cache where that is exact
+        (`FeatureCache.query_encoding`: eval mode, no autograd, registered images)."""
         cache = getattr(self.backbone, "feature_cache", None)
         served = None if cache is None else cache.query_encoding(self, pixel_values, self._encode_query)
         return self._encode_query(pixel_values) if served is None else served

@@ -78,12 +78,17 @@ def test_cached_metrics_are_bit_identical(split, shot):
         assert json.dumps(again, sort_keys=True) == json.dumps(plain, sort_keys=True), name
         # One support encoding per distinct (support image, class); one extractor pass per distinct image; everything
         # else, and the whole second run, served. The extractor is asked for a support image only when its encoding
-        # is computed (a support-cache miss).
+        # is computed (a support-cache miss), and for a query image every episode, or only when its query encoding
+        # is computed for a method that has one (NTRENet, QGNet).
         pairs = {(i, e.class_id) for e in episodes for i in e.supports}
+        queries = {e.query for e in episodes}
+        query_encoded = isinstance(model, NTRENetModel)
+        query_calls = len(queries) if query_encoded else 2 * len(episodes)
         assert cache.support_misses == len(pairs), name
         assert cache.support_hits == 2 * len(episodes) * shot - len(pairs), name
+        assert cache.query_misses == (len(queries) if query_encoded else 0), name
         assert cache.misses == len(distinct), name
-        assert cache.hits == 2 * len(episodes) + len(pairs) - len(distinct), name
+        assert cache.hits == query_calls + len(pairs) - len(distinct), name
 
 
 def test_small_cache_evicts_and_stays_identical(split):
