@@ -4,7 +4,8 @@ The few-shot segmentation methods of hf_fss, one folder each, and their registry
 `MODEL_CLASSES` maps each `model_type` to its `(config class, model class)`; the package top (`hf_fss/__init__.py`)
 registers them with transformers' Auto classes when those are imported and re-exports the registry as
 `hf_fss.MODEL_CLASSES`. Its keys, `in` and the configuration classes (`CONFIG_CLASSES`) cost no model import; reading
-an entry imports that method's modeling file (transformers' `modeling_utils`, about 3.5 s of CPU the first time: docs/development.md).
+an entry imports that method's modeling file (transformers' `modeling_utils`, about 3.5 s of CPU the first time:
+docs/development.md).
 """
 
 from __future__ import annotations

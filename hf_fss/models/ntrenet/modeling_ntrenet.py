@@ -569,7 +569,6 @@ class NTRENetModel(FewShotSegmentationPreTrainedModel):
         layer4, query_features, background_logits = query["layer4"], query["features"], query["background_logits"]
         feature_size = query_features.shape[-2:]
         prior = multi_shot_prior_mask(layer4, encoding.high_level_features, encoding.masks, output_size=feature_size)
-        prior = resize(prior, feature_size)
         decoded = self._decode(query_features, encoding.prototype, prior, background_logits)
         logits = resize(decoded.logits, pixel_values.shape[-2:])
 
