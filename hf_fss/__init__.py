@@ -44,70 +44,45 @@ __getattr__, __dir__ = lazy_exports(
 )
 
 
-# Registrations that fired while hf_fss.models was being imported: a config module's import can import transformers'
-# auto modules itself (SegGptConfig's docstring decorator imports modeling_auto), before CONFIG_CLASSES exists.
-_waiting_for_models: list = []
-
-
-def _with_config_classes(register):
-    """A hook that calls `register(CONFIG_CLASSES)` now, or when `hf_fss.models` has finished importing."""
-
-    def hook() -> None:
-        models = sys.modules.get(f"{__name__}.models")
-        if models is not None and not getattr(models, "_imported", False):
-            _waiting_for_models.append(register)
-            return
-        from .models import CONFIG_CLASSES
-
-        register(CONFIG_CLASSES)
-
-    return hook
-
-
-def _run_waiting_registrations(config_classes: dict) -> None:
-    """Called by `hf_fss.models` as its last step."""
-    while _waiting_for_models:
-        _waiting_for_models.pop(0)(config_classes)
-
-
-def _register_configs(config_classes: dict) -> None:
+def _register_configs() -> None:
     # A run folder's marker config.json too: AutoModel / pipeline() load its best/ (else final/) model.
     from transformers.models.auto.configuration_auto import AutoConfig
 
+    from .models import CONFIG_CLASSES
     from .run_folder import RunFolderConfig
 
-    for model_type, config_class in config_classes.items():
+    for model_type, config_class in CONFIG_CLASSES.items():
         AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoConfig.register(RunFolderConfig.model_type, RunFolderConfig, exist_ok=True)
 
 
-def _register_models(config_classes: dict) -> None:
+def _register_models() -> None:
     # A stand-in per method that imports the model class on first use and then registers the real class in its place.
     from functools import partial
 
     from transformers.models.auto.modeling_auto import AutoModel
 
-    from .models import MODEL_CLASS_PATHS
+    from .models import CONFIG_CLASSES, MODEL_CLASS_PATHS
     from .run_folder import RunFolderConfig, RunFolderModel
     from .utils.lazy import lazy_class
 
-    for model_type, config_class in config_classes.items():
+    for model_type, config_class in CONFIG_CLASSES.items():
         register_real = partial(AutoModel.register, config_class, exist_ok=True)
         stand_in = lazy_class(*MODEL_CLASS_PATHS[model_type], on_resolve=register_real, config_class=config_class)
         AutoModel.register(config_class, stand_in, exist_ok=True)
     AutoModel.register(RunFolderConfig, RunFolderModel, exist_ok=True)
 
 
-def _register_image_processors(config_classes: dict) -> None:
+def _register_image_processors() -> None:
     # Each method gets its processor: the shared one unless PROCESSOR_CLASS_PATHS names another.
     import importlib
 
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from .image_processing_fss import FewShotSegmentationImageProcessor
-    from .models import PROCESSOR_CLASS_PATHS
+    from .models import CONFIG_CLASSES, PROCESSOR_CLASS_PATHS
 
-    for model_type, config_class in config_classes.items():
+    for model_type, config_class in CONFIG_CLASSES.items():
         processor_class = FewShotSegmentationImageProcessor
         if model_type in PROCESSOR_CLASS_PATHS:
             module, name = PROCESSOR_CLASS_PATHS[model_type]
@@ -125,10 +100,13 @@ def _register_pipeline() -> None:
 
 
 # modeling_auto and image_processing_auto import configuration_auto first, so the configs are always registered first.
-after_import("transformers.models.auto.configuration_auto", _with_config_classes(_register_configs))
-after_import("transformers.models.auto.modeling_auto", _with_config_classes(_register_models))
-after_import("transformers.models.auto.image_processing_auto", _with_config_classes(_register_image_processors))
+after_import("transformers.models.auto.configuration_auto", _register_configs)
+after_import("transformers.models.auto.modeling_auto", _register_models)
+after_import("transformers.models.auto.image_processing_auto", _register_image_processors)
 after_import("transformers.pipelines", _register_pipeline)
+# Callbacks wait for the outermost watched import: watching hf_fss.models too makes a registration that fires while it
+# is being imported (SegGptConfig's docstring decorator imports modeling_auto) wait for CONFIG_CLASSES to exist.
+after_import(f"{__name__}.models", lambda: None)
 
 __all__ = [
     "MODEL_CLASSES",

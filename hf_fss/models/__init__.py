@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator, Mapping
 
-from .. import _run_waiting_registrations
 from .cosine_prior import CosinePriorConfig
 from .crcnet import CRCNetConfig
 from .ntrenet import NTRENetConfig
@@ -65,9 +64,5 @@ class ModelRegistry(Mapping):
 
 # (config, model) of every registered method.
 MODEL_CLASSES = ModelRegistry()
-
-# The Auto registrations (hf_fss/__init__.py) wait for this module; those that fired while it was importing run now.
-_imported = True
-_run_waiting_registrations(CONFIG_CLASSES)
 
 __all__ = ["CONFIG_CLASSES", "MODEL_CLASSES", "MODEL_CLASS_PATHS", "PROCESSOR_CLASS_PATHS", "ModelRegistry"]
