@@ -396,6 +396,11 @@ def test_test_episodes_novel_classes_and_supports(pascal):
     assert len(pairs) == len(everything) == sum(len(eligible.get(c, ())) for c in FOLD0.novel)
     by_class = make_test_episodes(val, FOLD0.novel, 50, shot=1, seed=0, sampling="class")
     assert all(1 <= e.class_id <= 5 for e in by_class)
+    # Too few sizeable targets: the error says what eligible means, not only that nothing is.
+    with pytest.raises(
+        ValueError, match=r"eligible for a class that covers at least 2048000 of its label pixels; use"
+    ):
+        make_test_episodes(val, FOLD0.novel, 10, shot=1, min_area=1000 * PFENET_MIN_AREA)
 
 
 def test_episode_jsonl_is_reproducible_and_shards_join(pascal, tmp_path):

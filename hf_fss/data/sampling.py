@@ -265,7 +265,12 @@ def make_test_episodes(
     class_ids, class_areas = _read_class_columns(split)
     eligible = _usable_classes(eligible_images(class_ids, class_areas, classes, threshold), shot, "make_test_episodes")
     if not eligible:
-        raise ValueError(f"no class of {_as_class_tuple(classes)} has {shot + 1} eligible images in this split")
+        rule = " (PFENet's rule)" if threshold == PFENET_MIN_AREA else ""
+        raise ValueError(
+            f"no class of {_as_class_tuple(classes)} has {shot + 1} eligible images in this split: an image is "
+            f"eligible for a class that covers at least {threshold} of its label pixels{rule}; use larger images "
+            "or more of them"
+        )
 
     pairs = sorted((int(row), c) for c, rows in eligible.items() for row in rows.tolist())
     rng = np.random.default_rng(int(seed))
