@@ -73,6 +73,37 @@ def test_the_auto_classes_are_registered_whatever_the_import_order(imports):
     assert run_python(code).strip() == "ok"
 
 
+def test_a_reload_keeps_one_watch_per_module_and_every_registration():
+    # importlib.reload (Jupyter's %autoreload) runs hf_fss/__init__.py again before transformers' auto modules exist.
+    code = (
+        "import importlib, sys, hf_fss\n"
+        "import hf_fss.utils.lazy as lazy\n"
+        "importlib.reload(hf_fss); importlib.reload(lazy); importlib.reload(hf_fss)\n"
+        "watched = [f.hf_fss_after_import for f in sys.meta_path if hasattr(f, 'hf_fss_after_import')]\n"
+        "assert len(watched) == len(set(watched)) == 5, watched  # four transformers modules and hf_fss.models\n"
+        "from transformers import AutoConfig, AutoModel\n"
+        "assert type(AutoModel.from_config(AutoConfig.for_model('cosine_prior'))) is hf_fss.CosinePriorModel\n"
+        "print('ok')"
+    )
+    assert run_python(code).strip() == "ok"
+
+
+def test_the_auto_model_stand_in_answers_for_the_real_class():
+    code = (
+        "import pickle, hf_fss\n"
+        "from transformers import AutoConfig, AutoModel\n"
+        "from transformers.models.auto.modeling_auto import MODEL_MAPPING\n"
+        "stand_in = MODEL_MAPPING[hf_fss.CosinePriorConfig]\n"
+        "assert type(stand_in) is not type and 'transformers.modeling_utils' not in sys.modules\n"
+        "model = AutoModel.from_config(AutoConfig.for_model('cosine_prior'))\n"
+        "assert MODEL_MAPPING[hf_fss.CosinePriorConfig] is hf_fss.CosinePriorModel  # the real class in its place\n"
+        "assert isinstance(model, stand_in) and issubclass(hf_fss.CosinePriorModel, stand_in)\n"
+        "assert pickle.loads(pickle.dumps(stand_in)) is hf_fss.CosinePriorModel\n"
+        "print('ok')"
+    ).replace("import pickle, hf_fss", "import pickle, sys, hf_fss")
+    assert run_python(code).strip() == "ok"
+
+
 def test_evaluate_help_loads_no_model_code():
     # `scripts/evaluate.py --help` and a typo'd flag answer before the models, datasets and accelerate are imported.
     code = (

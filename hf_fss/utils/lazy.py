@@ -14,6 +14,7 @@ public name still works, through three tools:
 
 from __future__ import annotations
 
+import copyreg
 import importlib
 import importlib.abc
 import importlib.util
@@ -56,19 +57,34 @@ class _LazyClassType(type):
     def __call__(cls, *args, **kwargs):
         return cls.resolve()(*args, **kwargs)
 
+    def __instancecheck__(cls, instance) -> bool:  # a model of the real class is an instance of its stand-in
+        return isinstance(instance, cls.resolve())
+
+    def __subclasscheck__(cls, subclass) -> bool:
+        return issubclass(subclass, cls.resolve())
+
+
+def _real_class(module: str, name: str) -> type:
+    return getattr(importlib.import_module(module), name)
+
+
+# A stand-in pickles as the real class (pickle looks a class up by its name, which the stand-in shares).
+copyreg.pickle(_LazyClassType, lambda cls: (_real_class, (cls.__module__, cls.__qualname__)))
+
 
 def lazy_class(module: str, name: str, on_resolve: Callable[[type], None] | None = None, **known) -> type:
     """
     A class standing in for `module.name` until it is used: reading an attribute it does not hold (`from_pretrained`,
     `_from_config`, ...) or calling it imports `module` and forwards to the real class; `on_resolve(real)` is called
     once then (e.g. to register the real class in place of the stand-in). `known` are attributes answered without the
-    import (e.g. `config_class`, which `AutoModel.register` reads).
+    import (e.g. `config_class`, which `AutoModel.register` reads). `isinstance` / `issubclass` against the stand-in
+    answer for the real class, and the stand-in pickles as the real class; it is not the real class itself (`is`).
     """
     resolved: list[type] = []
 
     def resolve() -> type:
         if not resolved:
-            resolved.append(getattr(importlib.import_module(module), name))
+            resolved.append(_real_class(module, name))
             if on_resolve is not None:
                 on_resolve(resolved[0])
         return resolved[0]
@@ -123,37 +139,46 @@ class _CallbackLoader(importlib.abc.Loader):
 class _AfterImportFinder(importlib.abc.MetaPathFinder):
     """Wraps the loader of `fullname` until that module has been executed once, then leaves `sys.meta_path`.
 
-    It stays through mere look-ups: transformers probes modules with `importlib.util.find_spec` without importing
-    them, so a finder that left at the first look-up would miss the import."""
+    One finder per module, found by its `hf_fss_after_import` attribute (not its class, so a reload of this file
+    finds it too); its callbacks are keyed by their module and name, so a reload of the module that registered one
+    replaces it instead of adding a second. It stays through mere look-ups: transformers probes modules with
+    `importlib.util.find_spec` without importing them, so a finder that left at the first look-up would miss the
+    import."""
 
-    def __init__(self, fullname: str, callback: Callable[[], None]):
-        self.fullname, self.callback = fullname, callback
+    def __init__(self, fullname: str):
+        self.hf_fss_after_import = fullname
+        self.callbacks: dict[tuple[str, str], Callable[[], None]] = {}
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.fullname:
+        if fullname != self.hf_fss_after_import:
             return None
-        for finder in [f for f in sys.meta_path if f is not self]:  # the spec the others would give
-            spec = getattr(finder, "find_spec", lambda *args: None)(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _CallbackLoader(spec.loader, self)
-                return spec
+        for finder in sys.meta_path:  # the spec the other finders give (never ours: they would ask each other)
+            if getattr(finder, "hf_fss_after_import", None) is None and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None:
+                        spec.loader = _CallbackLoader(spec.loader, self)
+                    return spec
         return None
 
     def fire(self) -> None:
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-            _Callbacks.run_when_settled(self.callback)
+            for callback in self.callbacks.values():
+                _Callbacks.run_when_settled(callback)
 
 
 def after_import(fullname: str, callback: Callable[[], None]) -> None:
     """
     Call `callback()` once `fullname` is imported: now if it already is, else after its import, or after the
-    outermost import watched here that contains it (see `_Callbacks`).
+    outermost import watched here that contains it (see `_Callbacks`). Registering a callback of the same module
+    and name again (a reload) replaces the earlier one.
     """
     if fullname in sys.modules:
         callback()
-    elif not any(
-        isinstance(f, _AfterImportFinder) and (f.fullname, f.callback) == (fullname, callback) for f in sys.meta_path
-    ):
-        sys.meta_path.insert(0, _AfterImportFinder(fullname, callback))
+        return
+    finder = next((f for f in sys.meta_path if getattr(f, "hf_fss_after_import", None) == fullname), None)
+    if finder is None:
+        finder = _AfterImportFinder(fullname)
+        sys.meta_path.insert(0, finder)
+    finder.callbacks[(callback.__module__, callback.__qualname__)] = callback
