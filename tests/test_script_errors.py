@@ -137,6 +137,21 @@ def test_a_missing_model_folder_is_named_not_a_repo_id(tmp_path, capsys, model):
     assert not out.exists()
 
 
+def test_an_unknown_protocol_is_refused_while_parsing(tmp_path, capsys, monkeypatch):
+    # Before any model or data is loaded: the parser knows the presets.
+    monkeypatch.setattr("hf_fss.evaluation.cli.check_model_path", lambda *a: pytest.fail("checked the model first"))
+    out = tmp_path / "metrics.json"
+    argv = ["--model", "some/model", "--dataset", "synthetic", "--protocol", "foo", "--output", str(out)]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        evaluate_main(argv)
+    assert exit_info.value.code == 2
+    assert (
+        "argument --protocol: invalid choice: 'foo' (choose from 'hsnet', 'panet', 'pfenet')"
+        in capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
 def test_a_hub_id_or_an_existing_folder_passes_the_path_check(tmp_path):
     check_model_path("org/name")
     check_model_path(str(tmp_path))

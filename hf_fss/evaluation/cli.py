@@ -37,7 +37,7 @@ from hf_fss.evaluation.arguments import (
     protocol_for,
 )
 from hf_fss.evaluation.loop import combine_seed_runs, default_feature_cache_bytes, evaluate_model, needs_cpu_fallback
-from hf_fss.evaluation.protocols import get_protocol
+from hf_fss.evaluation.protocols import PROTOCOLS, get_protocol
 from hf_fss.utils import check_model_path, resolve_model_path, set_num_threads
 from hf_fss.utils.io import OutputLock, check_output_path, hold_on_main_process, write_json_atomic
 from hf_fss.utils.precision import PRECISIONS, check_precision
@@ -94,7 +94,13 @@ def _add_episode_arguments(parser: ScriptArgumentParser) -> None:
 def add_scoring_arguments(parser: ScriptArgumentParser) -> None:
     """`--protocol`, `--num-episodes`, `--annotation`, `--batch-size`: how episodes are scored (evaluate.py and
     compare.py)."""
-    parser.add_argument("--protocol", default="pfenet", help="pfenet (default), hsnet or panet")
+    parser.add_argument(
+        "--protocol",
+        type=str.lower,
+        choices=sorted(PROTOCOLS),
+        default="pfenet",
+        help="pfenet (default), hsnet or panet",
+    )
     parser.add_argument(
         "--num-episodes", allowed=POSITIVE_INT, default=None, help="episodes per seed (default: the protocol's)"
     )
