@@ -73,6 +73,11 @@ def test_recipe_values_are_checked_as_flags(recipe, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "max_grad_norm": -1.0}))
     assert train_main(["--config", str(bad), "--output-dir", str(tmp_path / "out")]) == 2
     assert "max_grad_norm must be a finite number > 0" in _one_line(capsys.readouterr().err, "train.py")
+    bad.write_text("model:\n  backbone: resnet50\n bad: [1\n")  # PyYAML's own message spans three lines
+    assert train_main(["--config", str(bad), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "is not valid YAML at line 3, column 2: expected <block end>" in _one_line(
+        capsys.readouterr().err, "train.py"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -379,7 +379,10 @@ def load_recipe(path: str | Path, groups: Sequence[type] = TRAIN_GROUPS) -> dict
         try:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+            where = getattr(err, "problem_mark", None)  # PyYAML's message spans lines: one line, with the position
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{at}: {problem}") from err
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of argument names to values")
     names = {f.name for group in groups for f in dataclasses.fields(group)}
