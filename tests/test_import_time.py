@@ -104,6 +104,30 @@ def test_the_auto_model_stand_in_answers_for_the_real_class():
     assert run_python(code).strip() == "ok"
 
 
+def test_a_failing_callback_never_fails_the_import_and_is_tried_again(tmp_path, monkeypatch):
+    # E.g. another thread is half-way through importing what the callback needs: the user's import must succeed.
+    from hf_fss.utils.lazy import after_import
+
+    for name in ("fss_watched_first", "fss_watched_second"):
+        (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+
+    def register():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise ImportError("cannot import name 'X' from partially initialized module 'y'")
+
+    after_import("fss_watched_first", register)
+    with pytest.warns(RuntimeWarning, match="register could not run yet .*partially initialized.* tried again"):
+        import fss_watched_first  # noqa: F401
+    assert calls == [0]
+    after_import("fss_watched_second", lambda: None)
+    import fss_watched_second  # noqa: F401
+
+    assert calls == [0, 1]  # retried after the next watched import, and succeeded
+
+
 def test_evaluate_help_loads_no_model_code():
     # `scripts/evaluate.py --help` and a typo'd flag answer before the models, datasets and accelerate are imported.
     code = (
