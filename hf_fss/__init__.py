@@ -99,14 +99,13 @@ def _register_pipeline() -> None:
         register_pipeline()
 
 
-# modeling_auto and image_processing_auto import configuration_auto first, so the configs are always registered first.
+# Each runs inside the import it watches (other threads wait for it), so no Auto class is seen without its entries.
+# modeling_auto and image_processing_auto import configuration_auto first, so the configs are always registered first;
+# the configs' own imports touch no transformers auto module (hf_fss.models.seggpt_fss imports SegGptConfig on use).
 after_import("transformers.models.auto.configuration_auto", _register_configs)
 after_import("transformers.models.auto.modeling_auto", _register_models)
 after_import("transformers.models.auto.image_processing_auto", _register_image_processors)
 after_import("transformers.pipelines", _register_pipeline)
-# Callbacks wait for the outermost watched import: watching hf_fss.models too makes a registration that fires while it
-# is being imported (SegGptConfig's docstring decorator imports modeling_auto) wait for CONFIG_CLASSES to exist.
-after_import(f"{__name__}.models", lambda: None)
 
 __all__ = [
     "MODEL_CLASSES",

@@ -80,7 +80,7 @@ def test_a_reload_keeps_one_watch_per_module_and_every_registration():
         "import hf_fss.utils.lazy as lazy\n"
         "importlib.reload(hf_fss); importlib.reload(lazy); importlib.reload(hf_fss)\n"
         "watched = [f.hf_fss_after_import for f in sys.meta_path if hasattr(f, 'hf_fss_after_import')]\n"
-        "assert len(watched) == len(set(watched)) == 5, watched  # four transformers modules and hf_fss.models\n"
+        "assert len(watched) == len(set(watched)) == 4, watched  # the four transformers modules\n"
         "from transformers import AutoConfig, AutoModel\n"
         "assert type(AutoModel.from_config(AutoConfig.for_model('cosine_prior'))) is hf_fss.CosinePriorModel\n"
         "print('ok')"
@@ -102,6 +102,25 @@ def test_the_auto_model_stand_in_answers_for_the_real_class():
         "print('ok')"
     ).replace("import pickle, hf_fss", "import pickle, sys, hf_fss")
     assert run_python(code).strip() == "ok"
+
+
+def test_another_thread_never_sees_the_auto_classes_without_hf_fss(tmp_path):
+    # Thread A imports transformers.pipelines (configuration_auto comes in early in it); thread B uses AutoConfig as
+    # soon as configuration_auto is in sys.modules. The registration runs inside configuration_auto's import, whose
+    # module lock B waits on, so B sees the entries whatever the timing.
+    code = (
+        "import sys, threading, time, hf_fss\n"
+        "found = []\n"
+        "def b():\n"
+        "    while 'transformers.models.auto.configuration_auto' not in sys.modules:\n"
+        "        time.sleep(0.001)\n"
+        "    from transformers.models.auto.configuration_auto import AutoConfig\n"
+        "    found.append(type(AutoConfig.for_model('ntrenet')).__name__)\n"
+        "threads = [threading.Thread(target=b), threading.Thread(target=lambda: __import__('transformers.pipelines'))]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(found)"
+    )
+    assert run_python(code).strip() == "['NTRENetConfig']"
 
 
 def test_a_failing_callback_never_fails_the_import_and_is_tried_again(tmp_path, monkeypatch):

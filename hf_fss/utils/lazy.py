@@ -95,45 +95,27 @@ def lazy_class(module: str, name: str, on_resolve: Callable[[type], None] | None
 
 
 class _Callbacks:
-    """The callbacks of imported modules, run when the outermost of the watched imports has finished: a watched
-    module imported inside another (transformers' `modeling_auto` imports `configuration_auto`) must not call back
-    while the outer one is half-initialised, since the callback may need it. A callback that fails (e.g. a module
-    it needs is half-initialised by an import this one is nested in, or by another thread) is reported as a
-    warning, never as a failure of the import that triggered it, and tried again after the next watched import
-    or `after_import` call."""
+    """Runs the callbacks of watched imports, inside the import (other threads wait for it). A callback that fails
+    (e.g. a module it needs is half-initialised by another thread) is reported as a warning, never as a failure of the
+    import that triggered it, and is tried again after the next watched import or `after_import` call."""
 
-    depth = 0  # watched imports under way
-    queue: list = []
     failed: list = []
-    draining = False
 
     @classmethod
-    def run_when_settled(cls, callback: Callable[[], None] | None = None) -> None:
-        if callback is not None:
-            cls.queue.append(callback)
-        if cls.depth or cls.draining:
-            return
-        cls.draining = True
-        try:
-            cls.queue[:0], cls.failed[:] = cls.failed, []
-            while cls.queue:  # in import order; a callback's own imports queue theirs behind it
-                cls._run(cls.queue.pop(0))
-        finally:
-            cls.draining = False
-
-    @classmethod
-    def _run(cls, callback: Callable[[], None]) -> None:
-        try:
-            callback()
-        except Exception as err:  # noqa: BLE001 - any failure: the user's import must still succeed
-            cls.failed.append(callback)
-            warnings.warn(
-                f"{callback.__module__}.{callback.__qualname__} could not run yet ({type(err).__name__}: {err}); it is "
-                "tried again after the next import it watches. Import hf_fss and transformers' Auto classes from "
-                "one thread.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    def run(cls, callback: Callable[[], None] | None = None) -> None:
+        pending, cls.failed = [*cls.failed, *([callback] if callback is not None else [])], []
+        for each in pending:
+            try:
+                each()
+            except Exception as err:  # noqa: BLE001 - any failure: the user's import must still succeed
+                cls.failed.append(each)
+                warnings.warn(
+                    f"{each.__module__}.{each.__qualname__} could not run yet ({type(err).__name__}: {err}); it is "
+                    "tried again after the next import it watches. Import hf_fss and transformers' Auto classes "
+                    "from one thread.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
 
 class _CallbackLoader(importlib.abc.Loader):
@@ -146,11 +128,7 @@ class _CallbackLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        _Callbacks.depth += 1
-        try:
-            self._loader.exec_module(module)
-        finally:
-            _Callbacks.depth -= 1
+        self._loader.exec_module(module)
         self._finder.fire()
 
     def __getattr__(self, name: str) -> object:  # get_source, get_filename, ... for tracebacks and inspect
@@ -186,20 +164,20 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
         if self in sys.meta_path:
             sys.meta_path.remove(self)
             for callback in self.callbacks.values():
-                _Callbacks.run_when_settled(callback)
+                _Callbacks.run(callback)
 
 
 def after_import(fullname: str, callback: Callable[[], None]) -> None:
     """
-    Call `callback()` once `fullname` is imported: now if it already is, else after its import, or after the
-    outermost import watched here that contains it (see `_Callbacks`). Registering a callback of the same module
-    and name again (a reload) replaces the earlier one.
+    Call `callback()` once `fullname` is imported: now if it already is, else right after the module has executed,
+    before its import returns (see `_Callbacks` for failures). Registering a callback of the same module and name
+    again (a reload) replaces the earlier one.
     """
     module = sys.modules.get(fullname)
     if module is not None:
         if getattr(getattr(module, "__spec__", None), "_initializing", False):
             importlib.import_module(fullname)  # another thread is importing it: wait for the import to finish
-        _Callbacks.run_when_settled(callback)
+        _Callbacks.run(callback)
         return
     finder = next((f for f in sys.meta_path if getattr(f, "hf_fss_after_import", None) == fullname), None)
     if finder is None:

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig, SegGptConfig
+from transformers import PreTrainedConfig
 
 from ...configuration_fss import check_dtype_name, check_unknown_config_fields
+
+if TYPE_CHECKING:
+    from transformers import SegGptConfig
+
+
+def _seggpt_config_class() -> type:
+    # Imported when used, not with this module: importing transformers' SegGptConfig runs its docstring decorator,
+    # which needs transformers' modeling_auto whole, and hf_fss registers its configs while modeling_auto may still be
+    # importing (configuration_auto is imported by it; hf_fss/__init__.py).
+    from transformers import SegGptConfig
+
+    return SegGptConfig
+
+
+class _SubConfigs(Mapping):
+    """transformers' `sub_configs` (`{"seggpt_config": SegGptConfig}`): keys known at once, the class on first read."""
+
+    def __getitem__(self, key: str) -> type:
+        if key != "seggpt_config":
+            raise KeyError(key)
+        return _seggpt_config_class()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("seggpt_config",))
+
+    def __len__(self) -> int:
+        return 1
 
 
 def seggpt_config_from(name_or_path: str) -> SegGptConfig:
@@ -19,6 +47,7 @@ def seggpt_config_from(name_or_path: str) -> SegGptConfig:
         `ValueError`: it is another architecture's config (its `model_type` is named), or an hf_fss `seggpt_fss`
             folder (`from_pretrained` is named).
     """
+    SegGptConfig = _seggpt_config_class()
     config_dict, _ = SegGptConfig.get_config_dict(name_or_path)
     found = config_dict.get("model_type")
     if found == "seggpt_fss":  # already the adapter (a folder saved by SegGptFssModel): nothing to wrap
@@ -78,7 +107,7 @@ class SegGptFssConfig(PreTrainedConfig):
     """
 
     model_type = "seggpt_fss"
-    sub_configs = {"seggpt_config": SegGptConfig}
+    sub_configs = _SubConfigs()
     # The shapes `scripts/benchmark.py` times (random weights): "base" is SegGptConfig()'s default, the architecture
     # of BAAI/seggpt-vit-large (ViT-L, 24 layers, 448 x 448 inputs); "tiny" the tests' 4-layer model on 32 x 32.
     benchmark_sizes = {
@@ -92,7 +121,7 @@ class SegGptFssConfig(PreTrainedConfig):
         },
     }  # fmt: skip
 
-    seggpt_config: dict | SegGptConfig | None = None
+    seggpt_config: dict | PreTrainedConfig | None = None  # a SegGptConfig (checked in __post_init__)
     seggpt_name_or_path: str | None = None
     feature_ensemble: bool = True
     embedding_type: Literal["instance", "semantic"] = "instance"
@@ -103,12 +132,17 @@ class SegGptFssConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         check_unknown_config_fields(type(self), kwargs)
         check_dtype_name(self.dtype)
+        SegGptConfig = _seggpt_config_class()
         if isinstance(self.seggpt_config, dict):
             self.seggpt_config = SegGptConfig(**{k: v for k, v in self.seggpt_config.items() if k != "model_type"})
         elif self.seggpt_config is None:
             # Resolved once: the saved config.json then holds the architecture and never reads the Hub again.
             self.seggpt_config = (
                 seggpt_config_from(self.seggpt_name_or_path) if self.seggpt_name_or_path else SegGptConfig()
+            )
+        elif not isinstance(self.seggpt_config, SegGptConfig):
+            raise ValueError(
+                f"seggpt_config must be a SegGptConfig or a dict of its fields, got a {type(self.seggpt_config).__name__}"
             )
         if self.image_size is None:
             self.image_size = self.seggpt_input_size[1]
