@@ -47,14 +47,17 @@ def test_import_hf_fss_loads_neither_torch_nor_transformers():
 # The orders in which a user meets hf_fss and transformers' Auto classes; each must end with every registration made.
 IMPORT_ORDERS = {
     "hf_fss first": "import hf_fss\nfrom transformers import AutoConfig, AutoModel",
-    # modeling_auto imports configuration_auto: the config registration waits for modeling_auto to finish.
+    # modeling_auto imports configuration_auto: the configs are registered inside that nested import.
     "AutoModel before AutoConfig": "import hf_fss\nfrom transformers import AutoModel\nfrom transformers import AutoConfig",
     "transformers first": "from transformers import AutoConfig, AutoModel\nimport hf_fss",
-    # SegGptConfig's import imports modeling_auto while hf_fss.models is half-imported: the registrations wait.
+    # hf_fss.models imports transformers' SegGptConfig (which reads modeling_auto) only on use.
     "a config first": "from hf_fss import SegGptFssConfig\nfrom transformers import AutoConfig, AutoModel",
     "a modeling file first": "from hf_fss.models.ntrenet.modeling_ntrenet import NTRENetModel\n"
     "from transformers import AutoConfig, AutoModel",
     "the processor first": "import hf_fss\nfrom transformers import AutoImageProcessor, AutoConfig, AutoModel",
+    "transformers' SegGptConfig first": "from transformers import SegGptConfig\nimport hf_fss\n"
+    "from transformers import AutoConfig, AutoModel",
+    "the pipelines first": "import transformers.pipelines\nimport hf_fss\nfrom transformers import AutoConfig, AutoModel",
 }
 
 
