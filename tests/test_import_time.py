@@ -58,12 +58,17 @@ IMPORT_ORDERS = {
     "transformers' SegGptConfig first": "from transformers import SegGptConfig\nimport hf_fss\n"
     "from transformers import AutoConfig, AutoModel",
     "the pipelines first": "import transformers.pipelines\nimport hf_fss\nfrom transformers import AutoConfig, AutoModel",
+    # transformers' SegGPT processor imports image_processing_auto: hf_fss's imports it only on use.
+    "the SegGPT processor first": "from hf_fss import SegGptFssImageProcessor\n"
+    "from transformers import AutoImageProcessor, AutoConfig, AutoModel",
 }
 
 
 @pytest.mark.parametrize("imports", IMPORT_ORDERS.values(), ids=IMPORT_ORDERS.keys())
 def test_the_auto_classes_are_registered_whatever_the_import_order(imports):
     code = (
+        "import warnings\n"
+        "warnings.simplefilter('error', RuntimeWarning)  # a registration that could not run warns: a failure here\n"
         f"{imports}\n"
         "import hf_fss\n"
         "assert type(AutoModel.from_config(AutoConfig.for_model('smcp', **{'backbone_kwargs': {'base_width': 8}}))) "

@@ -231,6 +231,8 @@ def test_config_errors_name_the_field():
     assert config.image_size == SIZE and isinstance(config.seggpt_config, SegGptConfig)
     with pytest.raises(ValueError, match="seggpt_config must be a SegGptConfig or a dict of its fields, got a "):
         SegGptFssConfig(seggpt_config=NTRENetConfig())
+    with pytest.raises(ValueError, match="seggpt_config holds model_type 'bert', not SegGPT's 'seggpt'"):
+        SegGptFssConfig(seggpt_config={**tiny_seggpt_config().to_dict(), "model_type": "bert"})
     assert dict(config.sub_configs) == {"seggpt_config": SegGptConfig}  # transformers walks it (dtype, attention)
 
 

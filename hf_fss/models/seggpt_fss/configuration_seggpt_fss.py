@@ -134,6 +134,11 @@ class SegGptFssConfig(PreTrainedConfig):
         check_dtype_name(self.dtype)
         SegGptConfig = _seggpt_config_class()
         if isinstance(self.seggpt_config, dict):
+            if self.seggpt_config.get("model_type", SegGptConfig.model_type) != SegGptConfig.model_type:
+                raise ValueError(
+                    f"seggpt_config holds model_type {self.seggpt_config['model_type']!r}, not SegGPT's "
+                    f"{SegGptConfig.model_type!r}; give SegGPT's config fields"
+                )
             self.seggpt_config = SegGptConfig(**{k: v for k, v in self.seggpt_config.items() if k != "model_type"})
         elif self.seggpt_config is None:
             # Resolved once: the saved config.json then holds the architecture and never reads the Hub again.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import SegGptImageProcessorPil
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -17,6 +16,9 @@ from transformers.image_utils import (
 )
 
 from ...image_processing_fss import FewShotSegmentationImageProcessor, target_height_width
+
+if TYPE_CHECKING:
+    from transformers import SegGptImageProcessorPil
 
 
 class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
@@ -46,6 +48,10 @@ class SegGptFssImageProcessor(FewShotSegmentationImageProcessor):
         super().__init__(image_size=image_size, **kwargs)
 
     def _seggpt(self) -> SegGptImageProcessorPil:
+        # Imported here: transformers' SegGPT processor imports image_processing_auto, whose import registers this
+        # class (hf_fss/__init__.py), which must not find this module half-imported.
+        from transformers import SegGptImageProcessorPil
+
         return SegGptImageProcessorPil(
             size={"height": self.image_size, "width": self.image_size},
             do_normalize=self.do_normalize,
