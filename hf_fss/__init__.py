@@ -26,22 +26,20 @@ _METHOD_EXPORTS = {
     "seggpt_fss": ("SegGptFssConfig", "SegGptFssModel", "SegGptFssImageProcessor"),
     "smcp": ("SMCPConfig", "SMCPModel"),
 }
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        **{name: f".models.{method}" for method, names in _METHOD_EXPORTS.items() for name in names},
-        "MODEL_CLASSES": ".models",
-        "FewShotSegmentationConfig": ".configuration_fss",
-        "FewShotSegmentationImageProcessor": ".image_processing_fss",
-        "FewShotSegmentationOutput": ".modeling_fss",
-        "FewShotSegmentationPipeline": ".pipelines",
-        "FewShotSegmentationPreTrainedModel": ".modeling_fss",
-        "RunFolderConfig": ".run_folder",
-        "RunFolderModel": ".run_folder",
-        "SupportEncoding": ".modeling_fss",
-        "register_pipeline": ".pipelines",
-    },
-)
+_LAZY = {
+    **{name: f".models.{method}" for method, names in _METHOD_EXPORTS.items() for name in names},
+    "MODEL_CLASSES": ".models",
+    "FewShotSegmentationConfig": ".configuration_fss",
+    "FewShotSegmentationImageProcessor": ".image_processing_fss",
+    "FewShotSegmentationOutput": ".modeling_fss",
+    "FewShotSegmentationPipeline": ".pipelines",
+    "FewShotSegmentationPreTrainedModel": ".modeling_fss",
+    "RunFolderConfig": ".run_folder",
+    "RunFolderModel": ".run_folder",
+    "SupportEncoding": ".modeling_fss",
+    "register_pipeline": ".pipelines",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 def _register_configs() -> None:
@@ -107,27 +105,4 @@ after_import("transformers.models.auto.modeling_auto", _register_models)
 after_import("transformers.models.auto.image_processing_auto", _register_image_processors)
 after_import("transformers.pipelines", _register_pipeline)
 
-__all__ = [
-    "MODEL_CLASSES",
-    "CosinePriorConfig",
-    "CosinePriorModel",
-    "CRCNetConfig",
-    "CRCNetModel",
-    "FewShotSegmentationConfig",
-    "FewShotSegmentationImageProcessor",
-    "FewShotSegmentationOutput",
-    "FewShotSegmentationPipeline",
-    "FewShotSegmentationPreTrainedModel",
-    "NTRENetConfig",
-    "NTRENetModel",
-    "QGNetConfig",
-    "QGNetModel",
-    "RunFolderConfig",
-    "RunFolderModel",
-    "SMCPConfig",
-    "SMCPModel",
-    "SegGptFssConfig",
-    "SegGptFssImageProcessor",
-    "SegGptFssModel",
-    "SupportEncoding",
-]
+__all__ = sorted(set(_LAZY) - {"register_pipeline"})  # register_pipeline stays out of `from hf_fss import *`

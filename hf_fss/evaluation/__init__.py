@@ -13,31 +13,16 @@ from hf_fss.utils.lazy import lazy_exports
 # The folder of the `evaluate` metric script (few_shot_iou/few_shot_iou.py): `evaluate.load(FEW_SHOT_IOU_PATH)`.
 FEW_SHOT_IOU_PATH = str(Path(__file__).resolve().parent / "few_shot_iou")
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        **dict.fromkeys(["evaluate_model"], ".loop"),
-        **dict.fromkeys(
-            ["IGNORE_INDEX", "FewShotSegmentationMetric", "aggregate_seeds", "intersection_and_union", "resize_label"],
-            ".metrics",
-        ),
-        **dict.fromkeys(
-            ["FOLD_CONVENTIONS", "IOU_AGGREGATIONS", "PROTOCOLS", "EvaluationProtocol", "get_protocol"], ".protocols"
-        ),
-    },
-)
+_LAZY = {
+    **dict.fromkeys(["evaluate_model"], ".loop"),
+    **dict.fromkeys(
+        ["IGNORE_INDEX", "FewShotSegmentationMetric", "aggregate_seeds", "intersection_and_union", "resize_label"],
+        ".metrics",
+    ),
+    **dict.fromkeys(
+        ["FOLD_CONVENTIONS", "IOU_AGGREGATIONS", "PROTOCOLS", "EvaluationProtocol", "get_protocol"], ".protocols"
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-__all__ = [
-    "FEW_SHOT_IOU_PATH",
-    "FOLD_CONVENTIONS",
-    "IGNORE_INDEX",
-    "IOU_AGGREGATIONS",
-    "PROTOCOLS",
-    "EvaluationProtocol",
-    "FewShotSegmentationMetric",
-    "aggregate_seeds",
-    "evaluate_model",
-    "get_protocol",
-    "intersection_and_union",
-    "resize_label",
-]
+__all__ = ["FEW_SHOT_IOU_PATH", *sorted(_LAZY)]

@@ -29,20 +29,14 @@ from .io import (
 from .lazy import lazy_exports
 
 # torch is imported by what uses it, not by `import hf_fss` (docs/development.md, "Import time").
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        name: ".precision"
-        for name in ("PRECISIONS", "channels_last_input", "check_precision", "inference_precision", "logit_agreement")
-    },
-)
+_LAZY = {
+    name: ".precision"
+    for name in ("PRECISIONS", "channels_last_input", "check_precision", "inference_precision", "logit_agreement")
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
-    "PRECISIONS",
-    "channels_last_input",
-    "check_precision",
-    "inference_precision",
-    "logit_agreement",
+    *_LAZY,
     "LOCK_NAME",
     "RUN_FOLDER_MODELS",
     "RUN_FOLDER_MODEL_TYPE",

@@ -5,9 +5,7 @@ from .configuration_seggpt_fss import SegGptFssConfig
 
 # The modeling and image-processing files (transformers' modeling / image-processing utilities) are imported when
 # one of their names is first read.
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {"SegGptFssImageProcessor": ".image_processing_seggpt_fss", "SegGptFssModel": ".modeling_seggpt_fss"},
-)
+_LAZY = {"SegGptFssImageProcessor": ".image_processing_seggpt_fss", "SegGptFssModel": ".modeling_seggpt_fss"}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-__all__ = ["SegGptFssConfig", "SegGptFssImageProcessor", "SegGptFssModel"]
+__all__ = ["SegGptFssConfig", *sorted(_LAZY)]

@@ -5,27 +5,17 @@ from ...utils.lazy import lazy_exports
 from .configuration_smcp import SMCPConfig
 
 # The modeling file (transformers' modeling_utils) is imported when one of its names is first read.
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    dict.fromkeys(
-        [
-            "DIFFERENCES_FROM_OFFICIAL_CODE",
-            "SMCPModel",
-            "SMCPPyramidModule",
-            "SMCPSupportEncoding",
-            "fuse_prototypes",
-            "image_resolution_prototype",
-        ],
-        ".modeling_smcp",
-    ),
+_LAZY = dict.fromkeys(
+    [
+        "DIFFERENCES_FROM_OFFICIAL_CODE",
+        "SMCPModel",
+        "SMCPPyramidModule",
+        "SMCPSupportEncoding",
+        "fuse_prototypes",
+        "image_resolution_prototype",
+    ],
+    ".modeling_smcp",
 )
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-__all__ = [
-    "DIFFERENCES_FROM_OFFICIAL_CODE",
-    "SMCPConfig",
-    "SMCPModel",
-    "SMCPPyramidModule",
-    "SMCPSupportEncoding",
-    "fuse_prototypes",
-    "image_resolution_prototype",
-]
+__all__ = ["SMCPConfig", *sorted(_LAZY)]
