@@ -16,6 +16,8 @@ TINY_DINOV2 = {"model_type": "dinov2", "hidden_size": 16, "num_hidden_layers": 4
                "intermediate_size": 32, "patch_size": 14, "image_size": 28}  # fmt: skip
 TINY_HF_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
                   "layer_type": "basic"}  # fmt: skip
+# The small NTRENet head the evaluation-cache, compare and SegGPT script tests share (with a tiny backbone).
+TINY_NTRENET_HEAD = {"reduce_dim": 16, "background_prototype_dim": 16, "pyramid_bins": (1.0, 0.5)}
 TINY_CONVNEXT = {"model_type": "convnext", "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}
 # transformers' SegGptConfig of 4 layers of width 32 on two stacked 32 x 32 images (the SegGPT adapter's tests).
 TINY_SEGGPT = {

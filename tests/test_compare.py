@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESNET, single_thread
+from conftest import TINY_NTRENET_HEAD, TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.evaluation import compare
@@ -29,12 +29,7 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    ntrenet = NTRENetModel(
-        NTRENetConfig(
-            backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
-            image_size=65,
-        )
-    )  # fmt: skip
+    ntrenet = NTRENetModel(NTRENetConfig(backbone_kwargs=dict(TINY_RESNET), **TINY_NTRENET_HEAD, image_size=65))
     prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=97))
     paths = {}
     for name, model, size in (("ntrenet", ntrenet, 65), ("prior", prior, 97)):

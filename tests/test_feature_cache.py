@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_DINOV2, TINY_RESNET, single_thread
+from conftest import TINY_DINOV2, TINY_NTRENET_HEAD, TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.backbones import FeatureCache
@@ -33,19 +33,11 @@ def split():
 
 def _models():
     torch.manual_seed(0)
-    ntrenet = NTRENetModel(
-        NTRENetConfig(
-            backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
-            image_size=SIZE,
-        )
-    )  # fmt: skip
+    ntrenet = NTRENetModel(NTRENetConfig(backbone_kwargs=dict(TINY_RESNET), **TINY_NTRENET_HEAD, image_size=SIZE))
     prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=SIZE))
     # A transformers backbone: its cache entries hold all five stages (a resized output cannot be continued exactly);
     # the cosine prior with PFENet's masked input runs layer4 on a map (start > 0), never cached.
-    ntrenet_dinov2 = NTRENetModel(
-        NTRENetConfig(backbone_config=TINY_DINOV2, reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
-                      image_size=SIZE)
-    )  # fmt: skip
+    ntrenet_dinov2 = NTRENetModel(NTRENetConfig(backbone_config=TINY_DINOV2, **TINY_NTRENET_HEAD, image_size=SIZE))
     prior_dinov2 = CosinePriorModel(CosinePriorConfig(backbone_config=TINY_DINOV2, support_masking="input",
                                                       image_size=SIZE))  # fmt: skip
     return {"ntrenet": ntrenet, "cosine_prior": prior, "ntrenet_dinov2": ntrenet_dinov2, "prior_dinov2": prior_dinov2}

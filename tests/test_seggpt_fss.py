@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESNET, TINY_SEGGPT, single_thread
+from conftest import TINY_NTRENET_HEAD, TINY_RESNET, TINY_SEGGPT, single_thread
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from transformers import (
@@ -249,12 +249,7 @@ def saved_models(model, tmp_path_factory):
     a tiny cosine prior, as folders."""
     root = tmp_path_factory.mktemp("seggpt_scripts")
     torch.manual_seed(0)
-    ntrenet = NTRENetModel(
-        NTRENetConfig(
-            backbone_kwargs=dict(TINY_RESNET), reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5],
-            image_size=65,
-        )
-    )  # fmt: skip
+    ntrenet = NTRENetModel(NTRENetConfig(backbone_kwargs=dict(TINY_RESNET), **TINY_NTRENET_HEAD, image_size=65))
     prior = CosinePriorModel(CosinePriorConfig(backbone_kwargs=dict(TINY_RESNET), image_size=65))
     model.save_pretrained(root / "seggpt")
     for name, other in (("ntrenet", ntrenet), ("prior", prior)):

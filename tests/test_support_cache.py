@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESNET, single_thread
+from conftest import TINY_NTRENET_HEAD, TINY_RESNET, single_thread
 
 from hf_fss import FewShotSegmentationImageProcessor
 from hf_fss.backbones import FeatureCache
@@ -33,7 +33,7 @@ def _model(name: str):
     torch.manual_seed(0)
     tiny = {"backbone_kwargs": dict(TINY_RESNET), "image_size": SIZE}
     if name == "ntrenet":
-        return NTRENetModel(NTRENetConfig(**tiny, reduce_dim=16, background_prototype_dim=16, pyramid_bins=[1.0, 0.5]))
+        return NTRENetModel(NTRENetConfig(**tiny, **TINY_NTRENET_HEAD))
     if name == "qgnet":
         prior = {"stem": "7x7", **TINY_RESNET}
         return QGNetModel(QGNetConfig(**tiny, prior_extractor_kwargs=prior, reduce_dim=16, pyramid_bins=(2, 1)))
