@@ -45,7 +45,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FeatureCache"]
+__all__ = ["FeatureCache", "autocast_state"]
+
+
+def autocast_state(device: torch.device) -> tuple:
+    """Part of every cache key: `()` without autocast on `device`, else `(device type, autocast dtype)`, so that
+    values computed under bfloat16 autocast never serve a float32 run."""
+    if not torch.is_autocast_enabled(device.type):
+        return ()
+    return (device.type, str(torch.get_autocast_dtype(device.type)))
 
 
 def _row_signature(row: torch.Tensor) -> tuple:
@@ -239,8 +247,7 @@ class FeatureCache:
         if keys is None:
             return None
         state = self.model_state()
-        autocast = torch.get_autocast_dtype(pixel_values.device.type)
-        context = (type(model).__name__, torch.is_autocast_enabled(pixel_values.device.type) and str(autocast))
+        context = (type(model).__name__, autocast_state(pixel_values.device))
         rows = []
         for i, key in enumerate(keys):
             entry_key = ("query", key, *context)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hf_fss.backbones.feature_cache import FeatureCache
+from hf_fss.backbones.feature_cache import FeatureCache, autocast_state
 from hf_fss.data.episodes import Episode, EpisodicTestDataset, collate_test_batch, shard_bounds
 from hf_fss.evaluation.metrics import FewShotSegmentationMetric, aggregate_seeds, resize_label
 from hf_fss.evaluation.protocols import EvaluationProtocol, get_protocol
@@ -121,10 +121,7 @@ class _ImageKeys:
     def of(self, batch: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, list]]:
         episodes = [self.episodes[int(i)] for i in batch["episode_index"]]
         query, support = inputs["pixel_values"], inputs["support_pixel_values"]
-        # The autocast dtype too: features computed under bfloat16 autocast must not serve a float32 run.
-        device_type = query.device.type
-        autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
-        geometry = (tuple(query.shape[-3:]), str(query.dtype), autocast)
+        geometry = (tuple(query.shape[-3:]), str(query.dtype), autocast_state(query.device))
         return [
             (query, [(*self.prefix, e.query, geometry) for e in episodes]),
             (support, [(*self.prefix, image_id, geometry) for e in episodes for image_id in e.supports]),

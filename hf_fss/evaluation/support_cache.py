@@ -26,7 +26,7 @@ from dataclasses import fields
 
 import torch
 
-from hf_fss.backbones.feature_cache import FeatureCache
+from hf_fss.backbones.feature_cache import FeatureCache, autocast_state
 
 __all__ = ["cat_batch", "encode_support", "join_shots"]
 
@@ -85,12 +85,6 @@ def _mask_digest(mask: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest() + str(tuple(mask.shape))
 
 
-def _autocast_state(device: torch.device) -> tuple:
-    if not torch.is_autocast_enabled(device.type):
-        return ()
-    return (device.type, str(torch.get_autocast_dtype(device.type)))
-
-
 def encode_support(
     model: torch.nn.Module,
     support: dict[str, torch.Tensor],
@@ -126,7 +120,7 @@ def encode_support(
         return model.encode_support(**support)
     batch_size, shot = pixels.shape[:2]
     state = cache.model_state()
-    context = (type(model).__name__, annotation, str(pixels.dtype), _autocast_state(pixels.device))
+    context = (type(model).__name__, annotation, str(pixels.dtype), autocast_state(pixels.device))
     episodes = []
     for b in range(batch_size):
         parts = []
